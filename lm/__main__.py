@@ -1,0 +1,199 @@
+"""The `lm` command.
+
+    lm fit --config experiments/debug.yaml [--config more.yaml] [--model.init_args.lr 1e-3]   # also validate, test
+    lm generate --ckpt runs/debug/checkpoints/last.ckpt --prompt "ROMEO:"
+    lm tokenizer train --source builtin:shakespeare --kind bpe --vocab_size 4096 --out tokenizers/shakespeare
+
+fit/validate/test are Lightning's own (LightningCLI): every constructor argument of the model, the data module, the
+Trainer and the callbacks below is a config key, shown with its doc by `lm fit --help`. User errors (bad config,
+data or checkpoint) print one line and exit with code 2.
+"""
+
+import argparse
+import netrc
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from lm.callbacks import SampleText, Throughput
+from lm.errors import LMError
+from lm.module import LanguageModel
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+class LMCLI(LightningCLI):
+    """LightningCLI with lm's defaults: W&B logging, checkpoints and samples, all under trainer.default_root_dir."""
+
+    def __init__(self, args=None):
+        no_abbrev = {"allow_abbrev": False}  # LightningCLI otherwise accepts `--model.l` for `--model.lr` silently
+        super().__init__(
+            LanguageModel,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={
+                "default_root_dir": "runs/default",
+                "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "lm"}},
+                # Our train sampler shards by rank itself; Lightning's DistributedSampler would re-wrap it.
+                "use_distributed_sampler": False,
+            },
+            # Each run rewrites <root>/config.yaml; the copy inside every checkpoint is the one that matters.
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={c: no_abbrev for c in LIGHTNING_COMMANDS},
+            auto_configure_optimizers=False,  # the module owns its optimizer and schedule
+            args=args,
+        )
+
+    def subcommands(self):
+        return {name: spec for name, spec in super().subcommands().items() if name in LIGHTNING_COMMANDS}
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{step}",
+            }
+        )
+        parser.add_lightning_class_args(SampleText, "samples")
+        # One context length for the model and the data windows.
+        parser.link_arguments(
+            "model", "data.init_args.block_size", compute_fn=lambda model: model.arch.block_size, apply_on="instantiate"
+        )
+
+    def before_instantiate_classes(self):
+        """Point every writer at trainer.default_root_dir (DESIGN.md: one output root)."""
+        config = self.config[self.subcommand]
+        root = Path(config.trainer.default_root_dir)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(root / "checkpoints")
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if getattr(logger, "class_path", "").endswith("WandbLogger"):
+                args = logger.init_args
+                if args.get("save_dir") in (None, "."):
+                    args["save_dir"] = str(root)
+                    root.mkdir(parents=True, exist_ok=True)
+                if "WANDB_MODE" not in os.environ and not args.get("offline") and not _wandb_logged_in():
+                    print(f"W&B: no API key found, logging offline under {root}/wandb (`wandb sync` later)")
+                    args["offline"] = True
+
+    def after_instantiate_classes(self):
+        super().after_instantiate_classes()
+        self.trainer.callbacks.append(Throughput())
+        self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+# ---- the other verbs ---------------------------------------------------------------------------------------------
+
+
+def generate_command(argv: list[str]) -> None:
+    """lm generate: sample text from a checkpoint."""
+    p = argparse.ArgumentParser(prog="lm generate", description="Sample text from a checkpoint.")
+    p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from lm.checkpoint import load_checkpoint
+    from lm.generate import stream_tokens
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, _ = load_checkpoint(args.ckpt, map_location=device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt, end="", flush=True)
+        ids = []
+        for token in stream_tokens(
+            model,
+            prompt_ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_ids=(tokenizer.eos_id,),
+            vocab_size=tokenizer.vocab_size,
+            generator=generator,
+        ):
+            ids.append(token)
+            # Decode the whole continuation and print the new part: a BPE token can end mid-character.
+            text = tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):
+                print(text[len(tokenizer.decode(ids[:-1])) :], end="", flush=True)
+        print()
+
+
+def tokenizer_command(argv: list[str]) -> None:
+    """lm tokenizer train: train a tokenizer on a data source and save it (tokenizer.json + lm_tokenizer.json)."""
+    p = argparse.ArgumentParser(prog="lm tokenizer", description="Train a tokenizer on a data source.")
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a char or byte-level BPE tokenizer")
+    t.add_argument("--source", required=True, help="same forms as data.source: path/glob, hub id, builtin:NAME")
+    t.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    t.add_argument("--vocab_size", type=int, default=8192, help="bpe only; includes the 6 special tokens")
+    t.add_argument("--text_field", default="text")
+    t.add_argument("--out", required=True, help="directory to write")
+    args = p.parse_args(argv)
+
+    from lm.data import load_documents
+    from lm.tokenizer import build_tokenizer
+
+    spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
+    documents = load_documents(args.source, text_field=args.text_field)
+    tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
+    tok.save(args.out)
+    print(f"saved {tok.kind} tokenizer with {tok.vocab_size} ids to {args.out}")
+
+
+COMMANDS = {"generate": generate_command, "tokenizer": tokenizer_command}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # show the traceback of user errors too
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            # We pass argv explicitly (minus --debug); LightningCLI warns about that when sys.argv is set too.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            LMCLI(args=argv)
+    except LMError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

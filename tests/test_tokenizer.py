@@ -1,0 +1,186 @@
+"""Tokenizer tests: every kind round-trips, reserves the chat specials, and survives save/load, state and pickle."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lm.errors import LMError
+from lm.tokenizer import (
+    ASSISTANT,
+    BOS,
+    CHAT_TOKENS,
+    END,
+    EOS,
+    SYSTEM,
+    USER,
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    HFTokenizer,
+    Tokenizer,
+    build_tokenizer,
+)
+
+TEXT = "First Citizen:\nBefore we proceed, hear me speak.\n\n  Café — naïve 日本語 🤖 tabs\tand <|user|> text.\n"
+CORPUS = [TEXT, "All:\nSpeak, speak.\n", "x" * 50 + " ünïcödé 12345\n"] * 20
+
+
+def _texts():
+    return iter(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> dict[str, Tokenizer]:
+    return {
+        "char": build_tokenizer("char", _texts),
+        "gpt2": build_tokenizer("gpt2"),
+        "bpe": build_tokenizer("bpe:300", _texts),
+    }
+
+
+KINDS = ["char", "gpt2", "bpe"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip(tokenizers, kind):
+    tok = tokenizers[kind]
+    assert tok.kind == kind
+    for text in [TEXT, " Speak space", "\n\nCitizen\n", ""]:  # only characters the char tokenizer saw
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_specials_reserved_and_distinct(tokenizers, kind):
+    tok = tokenizers[kind]
+    ids = tok.special_ids
+    assert set(ids) == {BOS, EOS, *CHAT_TOKENS}
+    assert ids[BOS] == tok.bos_id and ids[EOS] == tok.eos_id
+    chat_ids = [tok.token_id(t) for t in CHAT_TOKENS]
+    assert len(set(chat_ids) | {tok.bos_id, tok.eos_id}) == 4 + (1 if tok.bos_id == tok.eos_id else 2)
+    assert all(0 <= i < tok.vocab_size for i in ids.values())
+    with pytest.raises(LMError):
+        tok.token_id("<|not-a-token|>")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_strings_in_text_stay_text(tokenizers, kind):
+    tok = tokenizers[kind]
+    ids = tok.encode(f"{USER}hi{END}")
+    assert not set(ids) & set(tok.special_ids.values())
+    assert tok.decode(ids) == f"{USER}hi{END}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bos_eos_flags_and_batch(tokenizers, kind):
+    tok = tokenizers[kind]
+    plain = tok.encode(TEXT)
+    assert tok.encode(TEXT, bos=True, eos=True) == [tok.bos_id, *plain, tok.eos_id]
+    texts = [TEXT, "Speak, speak.", ""]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts, bos=True, eos=True) == [tok.encode(t, bos=True, eos=True) for t in texts]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_accepts_arrays_and_skips_specials(tokenizers, kind):
+    tok = tokenizers[kind]
+    ids = tok.encode(TEXT, bos=True, eos=True)
+    assert tok.decode(np.array(ids)) == tok.decode(torch.tensor(ids)) == tok.decode(ids)
+    assert tok.decode(ids, skip_special=True) == TEXT
+    with pytest.raises(LMError):
+        tok.decode([tok.vocab_size])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_save_load_pickle(tokenizers, kind, tmp_path):
+    tok = tokenizers[kind]
+    expected = tok.encode(TEXT, bos=True)
+    state = json.loads(json.dumps(tok.to_state()))
+    copies = [Tokenizer.from_state(state), pickle.loads(pickle.dumps(tok))]
+    tok.save(tmp_path)
+    copies += [Tokenizer.load(tmp_path), Tokenizer.load(tmp_path / "lm_tokenizer.json"), build_tokenizer(str(tmp_path))]
+    for copy in copies:
+        assert type(copy) is type(tok)
+        assert copy.encode(TEXT, bos=True) == expected
+        assert copy.fingerprint == tok.fingerprint
+        assert copy.special_ids == tok.special_ids
+        assert copy.encode(USER) == tok.encode(USER)  # specials still not parsed from text after a reload
+
+
+def test_gpt2_matches_openai():
+    tok = GPT2Tokenizer()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.bos_id == tok.eos_id == tok.token_id(BOS) == tok.token_id(EOS) == 50256
+    assert [tok.token_id(t) for t in (SYSTEM, USER, ASSISTANT, END)] == [50257, 50258, 50259, 50260]
+    assert tok.vocab_size == 50261
+    assert 50258 not in tok.encode("<|user|>")
+    assert tok.decode([50256, 50258]) == "<|endoftext|><|user|>"
+    assert tok.to_state() == {"kind": "gpt2"}
+
+
+def test_char_vocabulary_and_errors():
+    tok = CharTokenizer.train(["hello\n", "world"])
+    assert tok.chars == sorted(set("hello\nworld"))
+    assert tok.vocab_size == 6 + len(tok.chars)
+    assert tok.special_ids == {BOS: 0, EOS: 1, SYSTEM: 2, USER: 3, ASSISTANT: 4, END: 5}
+    assert tok.encode("hello") == [6 + tok.chars.index(c) for c in "hello"]
+    with pytest.raises(LMError, match="'z'"):
+        tok.encode("hez")
+    with pytest.raises(LMError, match="'日'"):
+        tok.encode("日")
+    assert CharTokenizer.train(["abc"]).fingerprint != CharTokenizer.train(["abd"]).fingerprint
+    assert CharTokenizer.train(["cab"]).fingerprint == CharTokenizer.train(["abc"]).fingerprint
+
+
+def test_bpe_specials_first_and_hf_interop(tokenizers, tmp_path):
+    from tokenizers import Tokenizer as HFBackend
+
+    tok = tokenizers["bpe"]
+    assert isinstance(tok, BPETokenizer)
+    assert 262 < tok.vocab_size <= 300
+    assert [tok.token_id(t) for t in (BOS, EOS, SYSTEM, USER, ASSISTANT, END)] == [0, 1, 2, 3, 4, 5]
+    tok.save(tmp_path)
+    backend = HFBackend.from_file(str(tmp_path / "tokenizer.json"))
+    plain = TEXT.replace(USER, "")  # a raw HF tokenizer parses special-token strings out of text; ours does not
+    assert backend.encode(plain, add_special_tokens=False).ids == tok.encode(plain)
+
+    hf = build_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert isinstance(hf, HFTokenizer) and hf.kind == "hf"
+    assert hf.encode(TEXT, bos=True, eos=True) == tok.encode(TEXT, bos=True, eos=True)
+    assert hf.special_ids == tok.special_ids
+
+
+def test_hf_reuses_existing_eos_and_adds_missing(tmp_path):
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import models, pre_tokenizers
+
+    backend = HFBackend(models.WordLevel({"hello": 0, "world": 1, "</s>": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    backend.save(str(path))
+
+    tok = Tokenizer.load(path)
+    assert tok.kind == "hf"
+    assert tok.bos_id == tok.eos_id == 2  # an EOS-only tokenizer uses its EOS as BOS, like GPT-2
+    assert tok.vocab_size == 4 + len(CHAT_TOKENS)
+    assert sorted(tok.token_id(t) for t in CHAT_TOKENS) == [4, 5, 6, 7]
+    assert tok.encode("hello world", eos=True) == [0, 1, 2]
+    reloaded = Tokenizer.from_state(json.loads(json.dumps(tok.to_state())))
+    assert reloaded.special_ids == tok.special_ids and reloaded.fingerprint == tok.fingerprint
+
+
+def test_build_tokenizer_errors(tmp_path):
+    with pytest.raises(LMError, match="gpt2"):
+        build_tokenizer("nope")
+    with pytest.raises(LMError):
+        build_tokenizer("char")
+    with pytest.raises(LMError):
+        build_tokenizer("bpe:300")
+    with pytest.raises(LMError):
+        build_tokenizer("bpe:100", _texts)
+    with pytest.raises(LMError):
+        Tokenizer.load(tmp_path)  # empty directory
+    with pytest.raises(LMError):
+        Tokenizer.from_state({"kind": "sentencepiece"})
