@@ -29,11 +29,11 @@ quickstart: install
 # The whole test suite, offline, as CI runs it.
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
-	$(BIN)/ruff check lm tests benchmarks
+	$(BIN)/ruff check lm tests
 
 lint: install
-	$(BIN)/ruff check lm tests benchmarks
-	$(BIN)/ruff format --check lm tests benchmarks
+	$(BIN)/ruff check lm tests
+	$(BIN)/ruff format --check lm tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jsonargparse
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -25,6 +26,10 @@ from lm.errors import LMError
 from lm.module import LanguageModel
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+# Attribute docstrings (GPTConfig's fields) become `--help` text.
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class LMCLI(LightningCLI):

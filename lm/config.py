@@ -22,7 +22,7 @@ class GPTConfig:
     n_embd: int = 768
     """Width of the residual stream."""
     mlp_hidden: int | None = None
-    """Hidden width of the SwiGLU MLP; None means 8/3 * n_embd rounded up to a multiple of 64 (same FLOPs as a 4x GELU MLP)."""
+    """Hidden width of the SwiGLU MLP; None: 8/3 * n_embd rounded up to a multiple of 64 (~ a 4x GELU MLP's FLOPs)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm_eps: float = 1e-5
@@ -34,21 +34,28 @@ class GPTConfig:
     dropout: float = 0.0
     """Dropout on attention probabilities and on each residual branch; 0 for pretraining on large data."""
 
+    # n_kv_head and mlp_hidden stay None when not given (so a changed n_head/n_embd re-derives them); the model
+    # reads the resolved values from these properties.
+
     def __post_init__(self):
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.mlp_hidden is None:
-            self.mlp_hidden = _round_up(int(8 * self.n_embd / 3), 64)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even for RoPE")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head size n_embd/n_head = {self.head_dim} must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or _round_up(int(8 * self.n_embd / 3), 64)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -77,9 +84,4 @@ def get_config(size: str, **overrides) -> GPTConfig:
     """A copy of a named size with some fields changed, e.g. get_config("124m", tie_embeddings=True)."""
     if size not in SIZES:
         raise KeyError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    base = SIZES[size]
-    if "n_head" in overrides and "n_kv_head" not in overrides:
-        overrides["n_kv_head"] = None  # re-derive from the new n_head
-    if "n_embd" in overrides and "mlp_hidden" not in overrides:
-        overrides["mlp_hidden"] = None
-    return replace(base, **overrides)
+    return replace(SIZES[size], **overrides)

@@ -61,7 +61,7 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -81,10 +81,10 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
@@ -130,9 +130,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_width, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_width, bias=False)
+        self.down_proj = nn.Linear(config.mlp_width, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -86,7 +86,7 @@ class LanguageModel(L.LightningModule):
 
     def __init__(
         self,
-        arch: GPTConfig | None = None,
+        arch: GPTConfig = GPTConfig(),  # noqa: B008 - a dataclass default; jsonargparse copies it
         *,
         lr: float = 6e-4,
         min_lr_ratio: float = 0.1,
@@ -99,7 +99,7 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        self.arch = arch or GPTConfig()
+        self.arch = arch
         self.save_hyperparameters(ignore=["arch"])
         self.hparams["arch"] = asdict(self.arch)  # a plain dict, so checkpoints load with weights_only=True
         self.model: GPT | None = None

