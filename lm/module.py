@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from lm.config import GPTConfig, padded_vocab_size
+from lm.errors import LMError
 from lm.model import GPT
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (prompt tokens, padding)
@@ -82,6 +83,8 @@ class LanguageModel(L.LightningModule):
         weight_decay: AdamW weight decay, applied to 2-D matmul weights only (not norms or the embedding).
         betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
+        init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
+            dropout) and its tokenizer must be the data module's.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.arch = arch
@@ -106,6 +110,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer = None  # set from the data module; saved into every checkpoint
         self.run_config: str | None = None  # the resolved YAML of the run, set by the CLI; saved into checkpoints
         self.val_loss = MeanMetric()  # token-weighted across batches and ranks
+        self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -116,10 +121,35 @@ class LanguageModel(L.LightningModule):
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             self.tokenizer = datamodule.tokenizer
             self.arch = replace(self.arch, vocab_size=padded_vocab_size(self.tokenizer.vocab_size))
-            self.hparams["arch"] = asdict(self.arch)
+        init_state = self._read_init_checkpoint() if self.hparams.init_from else None
+        self.hparams["arch"] = asdict(self.arch)
         self.model = GPT(self.arch)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
         if self.hparams.compile:
             self.model.compile()  # in place: checkpoint keys stay free of `_orig_mod.`
+
+    def _read_init_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Weights of `init_from`; adopts its architecture (keeping this run's dropout) and checks the tokenizer."""
+        from lm.checkpoint import read_checkpoint  # here, not at import: checkpoint imports the tokenizer stack
+
+        path = self.hparams.init_from
+        ckpt = read_checkpoint(path)
+        info = ckpt.get("lm") or {}
+        if "model_config" not in info:
+            raise LMError(f"{path}: not an lm checkpoint (no model config inside), cannot init_from it")
+        if self.tokenizer is not None and info.get("tokenizer") is not None:
+            from lm.tokenizer import Tokenizer
+
+            theirs = Tokenizer.from_state(info["tokenizer"])
+            if theirs.fingerprint != self.tokenizer.fingerprint:
+                raise LMError(
+                    f"{path}: its tokenizer ({theirs.kind}, {theirs.vocab_size} ids) differs from the data's "
+                    f"({self.tokenizer.kind}, {self.tokenizer.vocab_size} ids); set data.init_args.tokenizer to {path}"
+                )
+        self.arch = GPTConfig(**{**info["model_config"], "dropout": self.arch.dropout})
+        prefix = "model."
+        return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -132,9 +162,24 @@ class LanguageModel(L.LightningModule):
         return next_token_loss(logits, batch["labels"])
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self.model_step(batch)
+        loss, n_tokens = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True)
-        return loss
+        # Backpropagate the token-weighted sum; on_before_optimizer_step divides the gradients by the tokens of the
+        # whole step, so accumulating 4 x B equals one batch of 4B even when micro-batches hold different numbers of
+        # supervised tokens (chat data). Lightning divides by accumulate_grad_batches; we undo that there.
+        self._step_tokens = n_tokens if self._step_tokens is None else self._step_tokens + n_tokens
+        return loss * n_tokens
+
+    def on_before_optimizer_step(self, optimizer):
+        tokens = self._step_tokens.detach().float()
+        if self.trainer.world_size > 1:
+            # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead.
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
+        scale = self.trainer.accumulate_grad_batches / tokens.clamp(min=1)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        self._step_tokens = None
 
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)

@@ -59,3 +59,38 @@ def test_optimizer_groups_decay_only_matmul_weights():
     assert {"embed_tokens.weight", "norm.weight", "layers.0.attn_norm.weight"} <= no_decay
     assert {"layers.0.attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "lm_head.weight"} <= decay
     assert decay.isdisjoint(no_decay) and len(decay) + len(no_decay) == len(by_id)
+
+
+def _fit_steps(batches, *, accumulate: int) -> dict[str, torch.Tensor]:
+    import lightning as L
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return {k: v.clone() for k, v in module.model.state_dict().items()}
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_masks():
+    """4 micro-batches of B with different numbers of supervised tokens == one batch of 4B: the loss is the mean over
+    all supervised tokens of the optimizer step, not a mean of per-micro-batch means."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (16, 16), generator=g)
+    labels = torch.randint(0, 64, (16, 16), generator=g)
+    for row in range(16):  # row r supervises only its last r + 1 positions
+        labels[row, : 15 - row] = -100
+    big = [{"input_ids": ids[i : i + 8], "labels": labels[i : i + 8]} for i in (0, 8)]
+    small = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 16, 2)]
+    a, b = _fit_steps(big, accumulate=1), _fit_steps(small, accumulate=4)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
