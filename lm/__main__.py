@@ -12,6 +12,7 @@ data or checkpoint) print one line and exit with code 2.
 import argparse
 import netrc
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,10 +21,18 @@ import jsonargparse
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm.callbacks import SampleText, Throughput
+from lm.chat import chat_command
+from lm.checkpoint import read_checkpoint
+from lm.cli_errors import OneLineErrorParser
+from lm.distributed import DestroyProcessGroup
 from lm.errors import LMError
 from lm.module import LanguageModel
+from lm.reliability import AtomicCheckpointIO, Checkpoint, PreemptionSignal, RNGState
+from lm.tasks import tasks_command
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -50,8 +59,9 @@ class LMCLI(LightningCLI):
             },
             # Each run rewrites <root>/config.yaml; the copy inside every checkpoint is the one that matters.
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={c: no_abbrev for c in LIGHTNING_COMMANDS},
+            parser_kwargs={**no_abbrev, **{c: no_abbrev for c in LIGHTNING_COMMANDS}},
             auto_configure_optimizers=False,  # the module owns its optimizer and schedule
+            parser_class=OneLineErrorParser,
             args=args,
         )
 
@@ -59,7 +69,7 @@ class LMCLI(LightningCLI):
         return {name: spec for name, spec in super().subcommands().items() if name in LIGHTNING_COMMANDS}
 
     def add_arguments_to_parser(self, parser):
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -67,6 +77,20 @@ class LMCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{step}",
+                # SIGTERM/SIGUSR1 (preemption) and crashes finish the step and write a checkpoint + last.ckpt
+                "checkpoint.save_on_exception": True,
+            }
+        )
+        # Snapshots every N steps, keeping the newest K: off until snapshots.every_n_train_steps is set.
+        parser.add_lightning_class_args(ModelCheckpoint, "snapshots")
+        parser.set_defaults(
+            {
+                "snapshots.monitor": "step",
+                "snapshots.mode": "max",
+                "snapshots.save_top_k": 3,
+                "snapshots.every_n_train_steps": 0,
+                "snapshots.every_n_epochs": 0,
+                "snapshots.filename": "snapshot-{step}",
             }
         )
         parser.add_lightning_class_args(SampleText, "samples")
@@ -76,11 +100,15 @@ class LMCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self):
-        """Point every writer at trainer.default_root_dir (DESIGN.md: one output root)."""
+        """Point every writer at trainer.default_root_dir (DESIGN.md: one output root); on resume, check the checkpoint
+        and continue its W&B run."""
         config = self.config[self.subcommand]
         root = Path(config.trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
+        if config.snapshots.dirpath is None:
+            config.snapshots.dirpath = str(root / "checkpoints")
+        resume_info = self._resume_info
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
@@ -91,10 +119,30 @@ class LMCLI(LightningCLI):
                 if "WANDB_MODE" not in os.environ and not args.get("offline") and not _wandb_logged_in():
                     print(f"W&B: no API key found, logging offline under {root}/wandb (`wandb sync` later)")
                     args["offline"] = True
+                if resume_info.get("wandb_run_id") and not args.get("id"):
+                    args["id"], args["resume"] = resume_info["wandb_run_id"], "allow"
+
+    def _parse_ckpt_path(self):
+        """Read the checkpoint named by --ckpt_path up front: a corrupted file is a one-line error before any work,
+        and its W&B run id lets the resumed run log into the same W&B run."""
+        self._resume_info = {}
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path == "last":  # where our Checkpoint callback writes it (`checkpoint.dirpath` is not resolved yet)
+            ckpt_path = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints")
+            ckpt_path = ckpt_path / "last.ckpt"
+            if not ckpt_path.is_file():
+                return  # Lightning starts from scratch (and says so): `--ckpt_path last` can be set and forgotten
+        if ckpt_path not in (None, "best", "hpc", "registry"):
+            self._resume_info = read_checkpoint(ckpt_path).get("lm") or {}
+        super()._parse_ckpt_path()
 
     def after_instantiate_classes(self):
         super().after_instantiate_classes()
-        self.trainer.callbacks.append(Throughput())
+        self.trainer.callbacks += [Throughput(), RNGState(), PreemptionSignal()]
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self.trainer.callbacks.append(DestroyProcessGroup())  # clean gloo/NCCL exit (lm/distributed.py)
         self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
 
 
@@ -179,25 +227,54 @@ def tokenizer_command(argv: list[str]) -> None:
     print(f"saved {tok.kind} tokenizer with {tok.vocab_size} ids to {args.out}")
 
 
-COMMANDS = {"generate": generate_command, "tokenizer": tokenizer_command}
+COMMANDS = {
+    "generate": generate_command,
+    "tokenizer": tokenizer_command,
+    "chat": chat_command,
+    "tasks": tasks_command,
+    # imported when used, so lm.eval / lm.export (and transformers) stay off the path of the other verbs
+    "eval": lambda argv: __import__("lm.eval", fromlist=["eval_command"]).eval_command(argv),
+    "export": lambda argv: __import__("lm.export", fromlist=["export_command"]).export_command(argv),
+    "sweep": lambda argv: __import__("lm.sweep", fromlist=["sweep_command"]).sweep_command(argv),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv  # show the traceback of user errors too
     argv = [a for a in argv if a != "--debug"]
+    OneLineErrorParser.verbose_errors = debug
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
         else:
             # We pass argv explicitly (minus --debug); LightningCLI warns about that when sys.argv is set too.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            LMCLI(args=argv)
+            cli = LMCLI(args=argv)
+            _report_stop(cli)
     except LMError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.
+        print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
+        sys.exit(128 + signal.SIGTERM)
+
+
+def _report_stop(cli: LMCLI) -> None:
+    """A run stopped by too many non-finite steps exits non-zero, naming the step and the checkpoint kept."""
+    step = getattr(cli.model, "stopped_at_step", None)
+    if step is not None:
+        last = Path(cli.config[cli.subcommand].checkpoint.dirpath) / "last.ckpt"
+        print(
+            f"error: training stopped at step {step}: {cli.model.skipped_steps} steps had a non-finite loss or "
+            f"gradient (limit model.max_skipped_steps={cli.model.hparams.max_skipped_steps}); the last good weights "
+            f"are in {last}",
+            file=sys.stderr,
+        )
+        sys.exit(3)
 
 
 if __name__ == "__main__":

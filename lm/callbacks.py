@@ -7,7 +7,8 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lm.generate import generate_text
 
@@ -79,24 +80,33 @@ class SampleText(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.prompts or self.max_new_tokens <= 0 or pl_module.tokenizer is None:
             return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # rank 0 alone cannot run a sharded model (the other ranks would have to join every all-gather)
+            rank_zero_warn("samples are not generated under FSDP; run `lm generate` on a checkpoint instead")
+            return
         was_training = pl_module.model.training
         pl_module.model.eval()
         generator = torch.Generator(pl_module.device).manual_seed(trainer.global_step)
         rows = []
         # Generation has a new shape at every step: run it eagerly rather than recompiling a compiled model.
-        with torch.compiler.set_stance("force_eager"):
-            for prompt in self.prompts:
-                text = generate_text(
-                    pl_module.model,
-                    pl_module.tokenizer,
-                    prompt,
-                    max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperature,
-                    top_k=self.top_k,
-                    generator=generator,
-                )
-                rows.append([trainer.global_step, prompt, text])
-        pl_module.model.train(was_training)
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                for prompt in self.prompts:
+                    text = generate_text(
+                        pl_module.model,
+                        pl_module.tokenizer,
+                        prompt,
+                        max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature,
+                        top_k=self.top_k,
+                        generator=generator,
+                    )
+                    rows.append([trainer.global_step, prompt, text])
+        except RuntimeError as e:  # e.g. a diverged model's NaN probabilities: report it, don't end the run
+            rank_zero_warn(f"samples skipped at step {trainer.global_step}: {e}")
+            return
+        finally:
+            pl_module.model.train(was_training)
 
         report = "\n".join(f"--- sample at step {step} ---\n{prompt}{text}" for step, prompt, text in rows)
         rank_zero_info(report)

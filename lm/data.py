@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,8 @@ def load_documents(
                 builder, data_files=[str(p) for p in paths], split="train", cache_dir=hf_cache_dir, **kwargs
             )
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
-            raise LMError(f"data source {source!r}: could not read it as {builder}: {err}") from err
+            where = _find_bad_record(paths, builder)  # only on failure: pinpoint the file and line
+            raise LMError(f"data source {source!r}: could not read it as {builder}: {where or err}") from err
         if builder == "text":
             return ds  # the text builder's column is already "text"
     else:
@@ -181,6 +182,30 @@ def load_documents(
         raise LMError(f"data source {source!r}: no column {text_field!r} (data.text_field); columns: {ds.column_names}")
     ds = ds.select_columns([text_field])
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def _find_bad_record(paths: list[Path], builder: str) -> str | None:
+    """The first undecodable byte (text) or unparsable line (JSON Lines) among paths, as "file:line: problem"."""
+    for path in paths:
+        if builder == "text":
+            data = path.read_bytes()
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = data.count(b"\n", 0, e.start) + 1
+                return f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})"
+        elif builder == "json" and path.suffix.lower() == ".jsonl":
+            with open(path, "rb") as f:
+                for line_number, raw in enumerate(f, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                        return f"{path}:{line_number}: not a JSON record ({e})"
+                    if not isinstance(record, dict):
+                        return f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,14 +363,28 @@ class RandomWindowSampler(DistributedSampler):
 
 
 class SequentialWindowSampler(DistributedSampler):
-    """Yields arrays of non-overlapping window starts 0, T, 2T, ... covering the tokens in order, at most `max_batches`.
+    """Yields batches of non-overlapping window starts 0, T, 2T, ... in order: the first `max_windows` windows of the
+    split, dealt out to the ranks (rank::world_size).
 
-    Every rank sees the whole (capped) validation set, so the val loss is identical on every rank without a reduction.
+    The windows are the same whatever the batch size or the number of ranks, so validation losses stay comparable
+    across a sweep; each rank gets the same number (the last few windows, fewer than world_size, are left out), so
+    sharded models run the same number of forward passes; `MeanMetric` then averages over all of them.
     """
 
-    def __init__(self, num_tokens: int, *, block_size: int, batch_size: int, max_batches: int | None = None):
-        starts = np.arange(0, num_tokens - block_size, block_size, dtype=np.int64)  # start + T <= n - 1
-        self.batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)][:max_batches]
+    def __init__(
+        self,
+        num_tokens: int,
+        *,
+        block_size: int,
+        batch_size: int,
+        max_windows: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        starts = np.arange(0, num_tokens - block_size, block_size, dtype=np.int64)[:max_windows]  # start + T <= n - 1
+        if len(starts) >= world_size:
+            starts = starts[rank::world_size][: len(starts) // world_size]
+        self.batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return iter(self.batches)
@@ -358,6 +397,22 @@ class SequentialWindowSampler(DistributedSampler):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in every checkpoint and restores before iterating on resume
+    (Lightning calls `state_dict`/`load_state_dict` on loaders that have them). `position` reports it."""
+
+    def __init__(self, *args, position: Callable[[], dict[str, int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self.sampler.load_state_dict(state_dict)
 
 
 class PretrainData(L.LightningDataModule):
@@ -382,7 +437,8 @@ class PretrainData(L.LightningDataModule):
         num_workers: DataLoader worker processes (batches are cheap memmap slices: 0 is usually enough).
         pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies (only used on CUDA).
         seed: Seed of the random window starts; with the epoch it fixes every training batch.
-        val_batches: Cap on validation batches per validation run; None = the whole validation split.
+        val_windows: Validate on the first this-many windows of the split (None: all of it), the same whatever the
+            batch size or number of devices.
     """
 
     def __init__(
@@ -400,7 +456,7 @@ class PretrainData(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = True,
         seed: int = 1337,
-        val_batches: int | None = None,
+        val_windows: int | None = None,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -412,7 +468,7 @@ class PretrainData(L.LightningDataModule):
         self.tokenizer_spec = tokenizer
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.cache_dir, self.num_proc, self.num_workers, self.pin_memory = cache_dir, num_proc, num_workers, pin_memory
-        self.seed, self.val_batches = seed, val_batches
+        self.seed, self.val_windows = seed, val_windows
         self.cache_path: Path | None = None
         self.tokenizer: Tokenizer | None = None
         self.train_tokens: np.ndarray | None = None
@@ -493,8 +549,8 @@ class PretrainData(L.LightningDataModule):
             text_field=self.text_field,
             hf_cache_dir=str(scratch / "hf"),
         )
-        if len(ds) == 0:
-            raise LMError(f"data source {self.source!r} holds no documents")
+        if len(ds) == 0 or not any(text for batch in ds.iter(batch_size=1000) for text in batch["text"]):
+            raise LMError(f"data source {self.source!r} holds no text (empty files or {self.text_field!r} fields)")
 
         def texts() -> Iterator[str]:
             for batch in ds.iter(batch_size=1000):
@@ -570,6 +626,9 @@ class PretrainData(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # Each new iterator draws a seed from this generator instead of torch's global RNG, so creating loaders
+            # (every epoch, every validation, after a resume) never shifts the dropout masks of training.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -583,10 +642,40 @@ class PretrainData(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-        return self._loader(self._windows(0, self.num_train), sampler)
+        return ResumableDataLoader(
+            self._windows(0, self.num_train),
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            # Each new iterator draws a seed from this generator instead of torch's global RNG, so creating loaders
+            # (every epoch, every validation, after a resume) never shifts the dropout masks of training.
+            generator=torch.Generator().manual_seed(self.seed),
+            position=self._train_position,
+        )
+
+    def _train_position(self) -> dict[str, int]:
+        """Where training is in the data: the epoch and the batches trained on in it.
+
+        Counted from the Trainer's progress (batches whose training step ran), not from the sampler: Lightning
+        fetches a batch ahead (DataLoader workers even more), so the sampler's own count would skip batches.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_yielded": progress.processed}
 
     def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = SequentialWindowSampler(
-            len(self.val_tokens), block_size=self.block_size, batch_size=self.batch_size, max_batches=self.val_batches
+            len(self.val_tokens),
+            block_size=self.block_size,
+            batch_size=self.batch_size,
+            max_windows=self.val_windows,
+            rank=rank,
+            world_size=world_size,
         )
         return self._loader(self._windows(self.num_train, self.num_train + len(self.val_tokens)), sampler)

@@ -1,8 +1,19 @@
-"""The one generation engine: KV-cache decoding with temperature / top-k / top-p sampling, stop tokens, streaming.
+"""The one generation engine: KV-cache decoding of a batch of prompts, sampling, stop conditions, streaming.
 
-`lm generate`, the sample callback (and later chat, eval and serve) all call `stream_tokens` / `generate_text`.
+`lm generate`, `lm chat`, the sample callback, the task evaluations (and later serve) all call this module:
+
+    stream_batch(model, prompts, ...)           -> per step, one new token per row (None once a row has stopped)
+    generate_batch(model, prompts, ...)         -> the new tokens of every row
+    stream_tokens(model, prompt_ids, ...)       -> new token ids of one prompt, one at a time
+    stream_text(model, tokenizer, ids, ...)     -> new text of one prompt, piece by piece, honouring stop strings
+    generate_text(model, tokenizer, prompt)     -> continuation text of one prompt
+
+Prompts of different lengths are left-padded into one batch; the KV cache's `valid` mask hides the padding from
+attention, and RoPE is relative, so every row decodes as it would alone. Sampling: temperature (0 = greedy), top-k,
+top-p, repetition penalty. Stopping: max_new_tokens, stop token ids (not yielded) and stop strings (not returned).
 
     lm generate --ckpt runs/quickstart/checkpoints/last.ckpt --prompt "ROMEO:" --max_new_tokens 200
+    python benchmarks/generation.py   # the KV cache against recomputing the prefix, on the 124m shape
 """
 
 from collections.abc import Iterator, Sequence
@@ -37,59 +48,176 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as in transformers: for every token already in the row (seen: (B, V)
+    bool), a positive logit is divided by `penalty` and a negative one multiplied, so it always becomes less likely."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> ids (B, T) padded on the left with 0, and valid (B, T) bool (False on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        valid[i, width - len(row) :] = True
+    return ids.to(device), valid.to(device)
+
+
+def _prefill(model: GPT, rows: list[list[int]], device) -> tuple[KVCache, torch.Tensor]:
+    """A fresh cache holding `rows` (left-padded when their lengths differ); returns it and the last logits (B, V)."""
+    block_size = model.config.block_size
+    cache = KVCache(model.config, len(rows), block_size, device=device, dtype=model.lm_head.weight.dtype)
+    ids, valid = _left_pad(rows, device)
+    if not valid.all():  # only padded batches need the mask; one prompt keeps SDPA's fast causal path
+        cache.valid = torch.ones(len(rows), block_size, dtype=torch.bool, device=device)
+        cache.valid[:, : ids.size(1)] = valid
+    return cache, model(ids, cache=cache)[:, -1]
+
+
 @torch.no_grad()
-def stream_tokens(
+def stream_batch(
     model: GPT,
-    prompt_ids: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float = 1.0,
     stop_ids: Sequence[int] = (),
     vocab_size: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time until max_new_tokens or a stop token (which is not yielded).
+) -> Iterator[list[int | None]]:
+    """Decode a batch of prompts (token id lists, any lengths) together; each step yields one entry per row: its new
+    token, or None once the row has stopped (a stop token, which is not yielded). Ends when every row has stopped or
+    after max_new_tokens steps.
 
-    With the cache, each step feeds one token. When the context fills up, the cache is rebuilt from the last half
-    of the context, so generation can run past block_size (like a sliding window, at the cost of one prefill).
-    Without the cache, each step recomputes the (cropped) prefix: slow, kept as the reference for tests.
+    With the cache, each step feeds one token per row. When the context fills up, the cache is rebuilt from the last
+    half of the context of every row, so generation can run past block_size (a sliding window, at the cost of one
+    prefill). Without the cache, each step recomputes every row's (cropped) prefix alone: slow, kept as the
+    reference for tests and benchmarks.
     vocab_size: the tokenizer's size; the embedding rows past it are padding and are never sampled.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token (e.g. the tokenizer's BOS)")
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    rows = [list(p) for p in prompts]
+    running = [True] * len(rows)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
+        for i, row in enumerate(rows):
+            seen[i, row] = True
+    cache, next_ids = None, None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = torch.cat([model(torch.tensor([r[-block_size:]], device=device))[:, -1] for r in rows])
+        elif cache is None or cache.pos + 1 > block_size:
+            # First step, or the context is full: (re)build the cache from the last tokens of every row.
+            keep = block_size if cache is None else block_size // 2
+            cache, logits = _prefill(model, [r[-keep:] for r in rows], device)
+        else:
+            logits = model(next_ids[:, None], cache=cache)[:, -1]
+        if vocab_size is not None:
+            logits = logits[:, :vocab_size]
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen[:, : logits.size(-1)], repetition_penalty)
+        next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), next_ids] = True
+        stopped = torch.isin(next_ids, stop).tolist()
+        step: list[int | None] = []
+        for i, token in enumerate(next_ids.tolist()):
+            running[i] = running[i] and not stopped[i]
+            step.append(token if running[i] else None)
+            rows[i].append(token)  # finished rows keep decoding (simpler than shrinking the batch); nobody reads it
+        if not any(running):
+            return
+        yield step
+
+
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
+    """The new tokens of every prompt (stop tokens excluded); see `stream_batch` for the sampling arguments."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_batch(model, prompts, **sampling):
+        for row, token in zip(out, step, strict=True):
+            if token is not None:
+                row.append(token)
+    return out
+
+
+def stream_tokens(model: GPT, prompt_ids: Sequence[int], **sampling) -> Iterator[int]:
+    """Yield the new token ids of one prompt until max_new_tokens or a stop token (which is not yielded).
+
+    Arguments as `stream_batch`: max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+    vocab_size, use_cache, generator.
     """
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (e.g. the tokenizer's BOS)")
-    device = next(model.parameters()).device
-    block_size = model.config.block_size
-    tokens = list(prompt_ids)
-    cache = None
-    pending = tokens[-block_size:]  # tokens not yet in the cache
-    for _ in range(max_new_tokens):
-        if use_cache:
-            if cache is None or cache.pos + len(pending) > block_size:
-                cache = KVCache(model.config, 1, block_size, device=device, dtype=model.lm_head.weight.dtype)
-                pending = tokens[-(block_size // 2) :] if len(tokens) >= block_size else tokens
-            logits = model(torch.tensor([pending], device=device), cache=cache)[:, -1]
-        else:
-            logits = model(torch.tensor([tokens[-block_size:]], device=device))[:, -1]
-        if vocab_size is not None:
-            logits = logits[:, :vocab_size]
-        next_id = int(sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
-        if next_id in stop_ids:
+    for (token,) in stream_batch(model, [prompt_ids], **sampling):
+        yield token
+
+
+def stream_text(
+    model: GPT, tokenizer, prompt_ids: Sequence[int], *, stop_strings: Sequence[str] = (), **sampling
+) -> Iterator[str]:
+    """Yield the continuation of one prompt as text pieces, for printing as they come.
+
+    Stops at a stop token (default: the tokenizer's EOS) or at the first stop string, which is not yielded: text that
+    could still become a stop string is held back until it cannot. A BPE token can end mid-character, so text is
+    only released once it decodes cleanly.
+    """
+    sampling.setdefault("stop_ids", (tokenizer.eos_id,))
+    sampling.setdefault("vocab_size", tokenizer.vocab_size)
+    ids: list[int] = []
+    released = 0  # characters of the decoded continuation already yielded
+    for token in stream_tokens(model, prompt_ids, **sampling):
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            if cut > released:
+                yield text[released:cut]
             return
-        tokens.append(next_id)
-        pending = [next_id]
-        yield next_id
+        # Hold back the longest tail that is a prefix of a stop string.
+        hold = max((n for s in stop_strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        if len(text) - hold > released:
+            yield text[released : len(text) - hold]
+            released = len(text) - hold
+    text = tokenizer.decode(ids)
+    if len(text) > released:
+        yield text[released:]
 
 
 def generate_text(model: GPT, tokenizer, prompt: str, **sampling) -> str:
-    """Prompt text in, continuation text out (without the prompt). Stops at the tokenizer's EOS.
+    """Prompt text in, continuation text out (without the prompt). Stops at the tokenizer's EOS and `stop_strings`.
 
     Pretraining documents are packed as `text EOS text EOS ...`, so an empty prompt starts from EOS: the state the
     model is in at the beginning of a document.
     """
     prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    return "".join(stream_text(model, tokenizer, prompt_ids, **sampling))
+
+
+def generate_texts(
+    model: GPT, tokenizer, prompts: Sequence[Sequence[int]], *, stop_strings: Sequence[str] = (), **sampling
+) -> list[str]:
+    """A batch of prompts (token ids) -> the decoded continuation of each, cut at the first stop string."""
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
-    return tokenizer.decode(list(stream_tokens(model, prompt_ids, **sampling)))
+    texts = []
+    for ids in generate_batch(model, prompts, **sampling):
+        text = tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+        texts.append(text[:cut])
+    return texts

@@ -58,6 +58,8 @@ class KVCache:
     """Preallocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim) each.
 
     `pos` is how many positions are filled; the model writes the new ones and advances it after the last layer.
+    `valid` (B, max_len) bool, when set, marks the positions holding real tokens: a batch of prompts of different
+    lengths is left-padded, and no query attends to a padding key (`lm.generate` sets it).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
@@ -66,6 +68,19 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.valid: torch.Tensor | None = None
+
+    def attn_mask(self, T: int) -> torch.Tensor:
+        """Boolean mask (B, 1, T, pos + T) for the next T queries: causal, and padding keys hidden.
+
+        A padding query may still see itself, so its softmax is never over nothing (that would be NaN, and NaN values
+        poison real rows through 0 * NaN); padding outputs are garbage that no real token ever reads.
+        """
+        end = self.pos + T
+        causal = torch.ones(T, end, dtype=torch.bool, device=self.k.device).tril(diagonal=self.pos)  # (T, end)
+        itself = torch.zeros_like(causal)
+        itself[:, self.pos : end] = torch.eye(T, dtype=torch.bool, device=self.k.device)
+        return (causal & self.valid[:, None, None, :end]) | itself  # (B, 1, T, end)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v: (B, n_kv_head, T, head_dim) at [pos, pos+T) and return everything cached so far."""
@@ -104,7 +119,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         mask, is_causal = None, True
-        if cache is not None:
+        if cache is not None and cache.valid is not None:
+            mask, is_causal = cache.attn_mask(T), False
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, past + T, head_dim)
+        elif cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, past + T, head_dim)
             if past > 0:

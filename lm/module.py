@@ -14,9 +14,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
+from lm.chat import CHAT_TEMPLATE_VERSION
 from lm.config import GPTConfig, padded_vocab_size
 from lm.errors import LMError
 from lm.model import GPT
@@ -85,6 +86,8 @@ class LanguageModel(L.LightningModule):
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
         init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
             dropout) and its tokenizer must be the data module's.
+        max_skipped_steps: Optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer state
+            untouched, counted as train/skipped_steps); after this many the run stops.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class LanguageModel(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
         init_from: str | None = None,
+        max_skipped_steps: int = 10,
     ):
         super().__init__()
         self.arch = arch
@@ -111,6 +115,8 @@ class LanguageModel(L.LightningModule):
         self.run_config: str | None = None  # the resolved YAML of the run, set by the CLI; saved into checkpoints
         self.val_loss = MeanMetric()  # token-weighted across batches and ranks
         self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
+        self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -122,6 +128,12 @@ class LanguageModel(L.LightningModule):
             self.tokenizer = datamodule.tokenizer
             self.arch = replace(self.arch, vocab_size=padded_vocab_size(self.tokenizer.vocab_size))
         init_state = self._read_init_checkpoint() if self.hparams.init_from else None
+        data_context = getattr(datamodule, "block_size", None)
+        if data_context is not None and data_context > self.arch.block_size:
+            raise LMError(
+                f"data.init_args.block_size {data_context} is longer than the model's context "
+                f"{self.arch.block_size}" + (f" (from {self.hparams.init_from})" if self.hparams.init_from else "")
+            )
         self.hparams["arch"] = asdict(self.arch)
         self.model = GPT(self.arch)
         if init_state is not None:
@@ -163,7 +175,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks (a no-op on one device)
         # Backpropagate the token-weighted sum; on_before_optimizer_step divides the gradients by the tokens of the
         # whole step, so accumulating 4 x B equals one batch of 4B even when micro-batches hold different numbers of
         # supervised tokens (chat data). Lightning divides by accumulate_grad_batches; we undo that there.
@@ -176,10 +188,28 @@ class LanguageModel(L.LightningModule):
             # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead.
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
         scale = self.trainer.accumulate_grad_batches / tokens.clamp(min=1)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         self._step_tokens = None
+        self._skip_if_not_finite(grads)
+
+    def _skip_if_not_finite(self, grads: list[torch.Tensor]):
+        """Drop this update when the loss or a gradient is NaN/inf: with every .grad None, AdamW changes neither the
+        weights nor its moments. One host sync per optimizer step. Under DDP gradients are already all-reduced, so
+        every rank takes the same decision."""
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if not torch.isfinite(norm):
+            for p in self.model.parameters():
+                p.grad = None
+            self.skipped_steps += 1
+            rank_zero_warn(
+                f"non-finite loss or gradient at step {self.global_step}: update skipped "
+                f"({self.skipped_steps} skipped so far, limit model.max_skipped_steps={self.hparams.max_skipped_steps})"
+            )
+            if self.skipped_steps > self.hparams.max_skipped_steps:
+                self.stopped_at_step = self.global_step
+                self.trainer.should_stop = True
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)
@@ -188,8 +218,10 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self):
         val_loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)  # MeanMetric already reduced across ranks
-        self.log("val/ppl", torch.exp(val_loss))
+        # MeanMetric already reduced across ranks, so every rank holds the same value: sync_dist only averages
+        # identical numbers (and keeps Lightning from warning on every rank)
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -238,5 +270,34 @@ class LanguageModel(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "model_config": asdict(self.arch),
             "tokenizer": self.tokenizer.to_state() if self.tokenizer is not None else None,
+            "chat_template_version": CHAT_TEMPLATE_VERSION,
             "run_config": self.run_config,
+            "skipped_steps": self.skipped_steps,
+            "wandb_run_id": self.wandb_run_id(),
         }
+
+    def on_load_checkpoint(self, checkpoint):
+        """Resuming: refuse a checkpoint whose tokenizer differs from the data's (its embedding would not fit)."""
+        info = checkpoint.get("lm") or {}
+        theirs = info.get("tokenizer")
+        if theirs is not None and self.tokenizer is not None:
+            from lm.tokenizer import Tokenizer
+
+            theirs = Tokenizer.from_state(theirs)
+            if theirs.fingerprint != self.tokenizer.fingerprint:
+                raise LMError(
+                    f"checkpoint tokenizer ({theirs.kind}, {theirs.vocab_size} ids) differs from the data's "
+                    f"({self.tokenizer.kind}, {self.tokenizer.vocab_size} ids): resume with the data it was trained on"
+                )
+        self.skipped_steps = int(info.get("skipped_steps", 0))
+
+    def wandb_run_id(self) -> str | None:
+        """The W&B run this run logs to, kept in checkpoints so a resumed run continues the same W&B run."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        if self._trainer is None:
+            return None
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                return logger.experiment.id
+        return None

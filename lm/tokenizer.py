@@ -37,12 +37,36 @@ STATE_FILE = "lm_tokenizer.json"  # our to_state() dict, beside a checkpoint
 HF_FILE = "tokenizer.json"  # the same bpe/hf tokenizer in the format HF tokenizers/transformers load
 
 
+_PIECE_CHARS = 1 << 16  # encode_batch cuts longer texts into pieces of about this size
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a lone newline between two non-spaces: a pre-token boundary in GPT-2's regex
+
+
+def _pieces(text: str) -> list[str]:
+    """Cut text after a newline that sits between two non-space characters, every ~_PIECE_CHARS characters.
+
+    GPT-2's pre-tokenizer regex makes such a newline a pre-token of its own (only the whitespace alternatives match
+    it, and they stop before the non-space), whether or not the text ends right after it; BPE merges never cross
+    pre-tokens, so encoding the pieces and concatenating gives the same ids as encoding the whole text. (After a
+    run of newlines it would not: "\n\n" at the end of a piece is one pre-token, in the middle of a text two.)
+    """
+    pieces, start = [], 0
+    while len(text) - start > _PIECE_CHARS:
+        cut = _CUT.search(text, start + _PIECE_CHARS)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces
+
+
 class Tokenizer:
     """Text <-> token ids. Subclasses fill in `_encode`, `_encode_batch`, `_decode`, `vocab_size` and `to_state`."""
 
     kind: str
     bos_id: int
     eos_id: int
+    cuts_at_newlines = False  # True where _pieces() boundaries are pre-token boundaries (GPT-2-style byte-level BPE)
 
     # --- what subclasses provide ---
 
@@ -77,7 +101,23 @@ class Tokenizer:
         return self._wrap(self._encode(text), bos, eos)
 
     def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
-        return [self._wrap(ids, bos, eos) for ids in self._encode_batch(list(texts))]
+        """Encode many texts at once (the fast path: tiktoken and HF tokenizers spread a batch over all cores).
+
+        For the GPT-2-style BPEs a long text is first cut into pieces where the pre-tokenizer splits anyway, so one
+        huge document (a whole book) keeps every core busy too; the ids are exactly those of encoding it whole.
+        """
+        texts = list(texts)
+        if not self.cuts_at_newlines or all(len(t) <= _PIECE_CHARS for t in texts):
+            return [self._wrap(ids, bos, eos) for ids in self._encode_batch(texts)]
+        pieces, owners = [], []
+        for i, text in enumerate(texts):
+            for piece in _pieces(text):
+                pieces.append(piece)
+                owners.append(i)
+        joined: list[list[int]] = [[] for _ in texts]
+        for owner, ids in zip(owners, self._encode_batch(pieces), strict=True):
+            joined[owner].extend(ids)
+        return [self._wrap(ids, bos, eos) for ids in joined]
 
     def decode(self, ids: Sequence[int] | Any, *, skip_special: bool = False) -> str:
         """Decode a list of ids, a 1-D numpy array or a 1-D torch tensor."""
@@ -250,6 +290,8 @@ class GPT2Tokenizer(Tokenizer):
     bytes for `datasets.map(num_proc=...)`.
     """
 
+    cuts_at_newlines = True
+
     kind = "gpt2"
     bos_id = eos_id = 50256
 
@@ -363,6 +405,7 @@ class BPETokenizer(HFTokenizer):
     """Byte-level BPE trained here (GPT-2 style, lossless on any unicode); the six specials take ids 0..5."""
 
     kind = "bpe"
+    cuts_at_newlines = True  # ByteLevel pre-tokenization with GPT-2's regex
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -382,9 +425,10 @@ class BPETokenizer(HFTokenizer):
 
 
 def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
-    """spec: "char" (train on texts), "gpt2", "bpe:N" (train byte-level BPE with vocab N on texts), or a path to a
-    tokenizer.json / a saved directory. `texts` returns an iterator of training documents; only char/bpe call it."""
-    forms = '"char", "gpt2", "bpe:N" or a path to a tokenizer.json / saved tokenizer directory'
+    """spec: "char" (train on texts), "gpt2", "bpe:N" (train byte-level BPE with vocab N on texts), a path to a
+    tokenizer.json / a saved directory, or an lm `.ckpt` (the tokenizer stored inside it). `texts` returns an
+    iterator of training documents; only char/bpe call it."""
+    forms = '"char", "gpt2", "bpe:N" or a path to a tokenizer.json / saved tokenizer directory / lm .ckpt'
     if spec == "gpt2":
         return GPT2Tokenizer()
     trained = re.fullmatch(r"bpe:(\d+)", spec)
@@ -399,6 +443,14 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None)
                 f"tokenizer {spec!r}: vocab size must exceed {len(SPECIAL_TOKENS) + 256} (6 specials + 256 bytes)"
             )
         return BPETokenizer.train(texts(), vocab_size)
+    if spec.endswith(".ckpt"):
+        # Fine-tuning keeps the pretrained model's tokenizer: it travels inside the checkpoint.
+        from lm.checkpoint import read_checkpoint  # here: lm.checkpoint imports this module
+
+        state = (read_checkpoint(spec).get("lm") or {}).get("tokenizer")
+        if state is None:
+            raise LMError(f"{spec}: not an lm checkpoint (no tokenizer inside)")
+        return Tokenizer.from_state(state)
     if Path(spec).exists():
         return Tokenizer.load(spec)
     raise LMError(f"unknown tokenizer {spec!r}: expected {forms}")

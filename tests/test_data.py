@@ -94,13 +94,27 @@ def test_batches_are_shifted_contiguous_windows(tmp_path, text_file):
         assert all((all_windows == row).all(axis=1).any() for row in rows)
     assert len(dm.train_dataloader()) == max(1, len(dm.train_tokens) // (5 * 16))
 
-    # validation: in order, non-overlapping, covering the split, capped by val_batches
+    # validation: in order, non-overlapping, covering the split, capped by val_windows
     starts = [s for b in SequentialWindowSampler(len(dm.val_tokens), block_size=16, batch_size=5) for s in b]
     assert starts == list(range(0, len(dm.val_tokens) - 16, 16))
     first = next(iter(dm.val_dataloader()))["input_ids"][0].numpy()
     assert np.array_equal(first, tokens[len(dm.train_tokens) : len(dm.train_tokens) + 16])
-    dm.val_batches = 1
-    assert len(list(dm.val_dataloader())) == 1
+    dm.val_windows = 7  # two batches of 5: the cap counts windows, not batches
+    assert [len(b["input_ids"]) for b in dm.val_dataloader()] == [5, 2]
+
+
+def test_val_windows_are_shared_out_to_ranks():
+    one = [s for b in SequentialWindowSampler(1000, block_size=10, batch_size=4, max_windows=31) for s in b]
+    ranks = [
+        [
+            s
+            for b in SequentialWindowSampler(1000, block_size=10, batch_size=4, max_windows=31, rank=r, world_size=2)
+            for s in b
+        ]
+        for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 15  # the same number per rank; window 31 is left out
+    assert sorted(ranks[0] + ranks[1]) == one[:30]
 
 
 def test_cache_reused_and_keyed(tmp_path, text_file):

@@ -1,8 +1,18 @@
+"""The generation engine: KV cache == recomputation, padded batches, sampling, stop tokens/strings, streaming."""
+
 import pytest
 import torch
 
 from lm.config import get_config
-from lm.generate import generate_text, sample_next, stream_tokens
+from lm.generate import (
+    apply_repetition_penalty,
+    generate_batch,
+    generate_text,
+    generate_texts,
+    sample_next,
+    stream_text,
+    stream_tokens,
+)
 from lm.model import GPT
 from lm.tokenizer import CharTokenizer
 
@@ -69,3 +79,85 @@ def test_generate_text_decodes_the_stream_and_stops_at_eos():
         ids = ids[: ids.index(tok.eos_id)]
     assert text == tok.decode(ids)
     assert all(i < tok.vocab_size for i in ids)
+
+
+# ---- batches, penalties, stop strings, the cache's speed ------------------------------------------------------------
+
+
+def test_batch_of_different_lengths_decodes_each_row_as_alone():
+    """Left padding + the cache's valid mask: every row's greedy tokens equal its single-prompt greedy tokens, with
+    and without the cache."""
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", block_size=64, n_kv_head=1)).eval()
+    prompts = [[1, 5, 9, 3, 7, 2, 8], [4], [6, 6, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
+    batched = generate_batch(model, prompts, max_new_tokens=20, temperature=0)
+    for prompt, row in zip(prompts, batched, strict=True):
+        alone_cached = list(stream_tokens(model, prompt, max_new_tokens=20, temperature=0))
+        alone_recomputed = list(stream_tokens(model, prompt, max_new_tokens=20, temperature=0, use_cache=False))
+        assert row == alone_cached == alone_recomputed
+
+
+def test_batch_past_the_context_matches_single_rows():
+    """The sliding-window rebuild of a padded batch keeps each row identical to decoding it alone."""
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny")).eval()  # 16-token context
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    batched = generate_batch(model, prompts, max_new_tokens=30, temperature=0)
+    assert batched == [list(stream_tokens(model, p, max_new_tokens=30, temperature=0)) for p in prompts]
+
+
+def test_rows_stop_independently(model):
+    prompts = [[1, 2, 3], [3, 2, 1, 4]]
+    free = generate_batch(model, prompts, max_new_tokens=10, temperature=0)
+    stop = free[0][3]
+    stopped = generate_batch(model, prompts, max_new_tokens=10, temperature=0, stop_ids=[stop])
+    for row, full in zip(stopped, free, strict=True):
+        assert row == (full[: full.index(stop)] if stop in full else full)
+
+
+def test_repetition_penalty_lowers_seen_tokens_only():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_repetition_penalty_changes_greedy_decoding(model):
+    plain = list(stream_tokens(model, [1, 2], max_new_tokens=12, temperature=0))
+    penalised = list(stream_tokens(model, [1, 2], max_new_tokens=12, temperature=0, repetition_penalty=50.0))
+    assert len(set(penalised)) > len(set(plain)) or len(set(penalised)) == len(penalised)
+
+
+def _text_setup():
+    tok = CharTokenizer.train(["abcdefgh \n"])
+    torch.manual_seed(0)
+    return tok, GPT(get_config("tiny", vocab_size=64, block_size=64)).eval()
+
+
+def test_stop_string_cuts_the_text_and_streaming_agrees():
+    tok, model = _text_setup()
+    free = generate_text(model, tok, "abc", max_new_tokens=30, temperature=0)
+    stop = free[5:7]
+    cut = generate_text(model, tok, "abc", max_new_tokens=30, temperature=0, stop_strings=[stop])
+    assert cut == free[: free.index(stop)]
+    pieces = list(stream_text(model, tok, tok.encode("abc"), max_new_tokens=30, temperature=0, stop_strings=[stop]))
+    assert "".join(pieces) == cut and all(pieces)
+    batch = generate_texts(model, tok, [tok.encode("abc"), tok.encode("h")], max_new_tokens=30, temperature=0)
+    assert batch[0] == free
+
+
+def test_cache_is_much_faster_than_recomputing_the_prefix():
+    """The KV cache's point, measured on a small model with a long prompt (benchmarks/generation.py does 124m)."""
+    import time
+
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", n_layer=4, n_head=4, n_embd=128, block_size=512, vocab_size=256)).eval()
+    prompt = torch.randint(0, 256, (384,)).tolist()
+    timings, outputs = {}, {}
+    for use_cache in (True, False):
+        start = time.perf_counter()
+        outputs[use_cache] = list(stream_tokens(model, prompt, max_new_tokens=64, temperature=0, use_cache=use_cache))
+        timings[use_cache] = time.perf_counter() - start
+    assert outputs[True] == outputs[False]
+    assert timings[False] > 2 * timings[True], timings

@@ -147,3 +147,16 @@ def test_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_flops_per_token_matches_lightning_measure_flops_on_the_124m_shape():
+    """MFU's numerator, checked the way Lightning measures FLOPs: a meta-device 124M model, forward + backward."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    seq_len = 1024
+    with torch.device("meta"):
+        model = GPT(SIZES["124m"])
+        x = torch.randint(0, 50304, (1, seq_len))
+    with sdpa_kernel(SDPBackend.MATH):  # attention as matmuls the counter sees
+        flops = measure_flops(model, lambda: model(x), lambda logits: logits.sum())
+    assert flops == model.flops_per_token(seq_len) * seq_len

@@ -184,3 +184,21 @@ def test_build_tokenizer_errors(tmp_path):
         Tokenizer.load(tmp_path)  # empty directory
     with pytest.raises(LMError):
         Tokenizer.from_state({"kind": "sentencepiece"})
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "bpe:400"])
+def test_long_texts_cut_into_pieces_encode_exactly_as_whole(monkeypatch, spec):
+    """encode_batch cuts long texts for multi-threaded encoding; the ids must not change, even around runs of
+    newlines and spaces where a careless cut would merge or split pre-tokens differently."""
+    import random
+
+    import lm.tokenizer as tokenizer_module
+
+    rng = random.Random(0)
+    parts = ["word", " word", "\n", "\n\n", "  \n", " ", "\t", "é", "12", "'s", "!\n", "X\nY", "<|end|>"]
+    text = "".join(rng.choice(parts) for _ in range(5000))
+    tok = build_tokenizer(spec, texts=lambda: iter([text]))
+    whole = tok._encode_batch([text])[0]
+    monkeypatch.setattr(tokenizer_module, "_PIECE_CHARS", 200)  # ~100 pieces
+    assert len(tokenizer_module._pieces(text)) > 50
+    assert tok.encode_batch([text, "short"], eos=True) == [whole + [tok.eos_id], tok.encode("short", eos=True)]

@@ -1,0 +1,184 @@
+"""The chat format, and `lm chat`: a terminal chat with a fine-tuned checkpoint.
+
+One renderer turns a conversation into token ids and a loss mask, for training and for inference alike:
+
+    BOS [<|system|> system text <|end|>] <|user|> question <|end|> <|assistant|> answer <|end|> <|user|> ...
+
+The mask is 1 on every assistant turn's content and on the `<|end|>` that closes it (so the model learns to stop),
+and 0 on BOS, the system and user turns and every turn marker. An inference prompt is the same rendering of the
+history, ending with `<|assistant|>`. Content is encoded with `tokenizer.encode`, which never turns marker strings
+typed by a user into marker tokens.
+
+    lm chat --ckpt runs/sft_hh/checkpoints/last.ckpt                         # interactive; /reset, /system TEXT
+    lm chat --ckpt runs/sft_hh/checkpoints/last.ckpt --prompt "Hi there"     # answer once and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lm.errors import LMError
+from lm.tokenizer import ASSISTANT, BOS, END, EOS, SYSTEM, USER, Tokenizer
+
+CHAT_TEMPLATE_VERSION = 1  # bump when the rendering below changes: models fine-tuned on another version mismatch
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+Message = dict[str, str]
+
+
+def check_messages(messages: Sequence[Message], *, need_reply: bool = True) -> str | None:
+    """Why a conversation is malformed, or None when it is fine.
+
+    Valid: an optional system message first, then user and assistant turns alternating, starting with the user;
+    every content a non-empty string; with need_reply, the last turn is the assistant's (something to learn).
+    """
+    if not messages:
+        return "no messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"message {i} is not a {{'role', 'content'}} object"
+        if m["role"] not in ROLES:
+            return f"message {i} has unknown role {m['role']!r} (expected one of {list(ROLES)})"
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            return f"message {i} ({m['role']}) has empty content"
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            return f"turns do not alternate user/assistant: {m['role']} where {expected} was expected"
+    if need_reply and (not turns or turns[-1]["role"] != "assistant"):
+        return "no assistant reply to learn from"
+    return None
+
+
+def render_chat(
+    messages: Sequence[Message], tokenizer: Tokenizer, *, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (same length) of a conversation. With add_generation_prompt, the ids end with the
+    assistant marker, ready for the model to write the next reply. Does not validate: see `check_messages`."""
+    ids, mask = [tokenizer.token_id(BOS)], [0]
+    end = tokenizer.token_id(END)
+    for m in messages:
+        content = tokenizer.encode(m["content"])
+        learn = int(m["role"] == "assistant")
+        ids += [tokenizer.token_id(ROLES[m["role"]]), *content, end]
+        mask += [0, *[learn] * len(content), learn]  # an assistant's END is learned: that is how it stops
+    if add_generation_prompt:
+        ids.append(tokenizer.token_id(ASSISTANT))
+        mask.append(0)
+    return ids, mask
+
+
+def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+    """The inference prompt: the history (ending with a user turn) followed by the assistant marker."""
+    return render_chat(messages, tokenizer, add_generation_prompt=True)[0]
+
+
+def fit_history(messages: list[Message], tokenizer: Tokenizer, budget: int) -> tuple[list[Message], list[int]]:
+    """Drop the oldest user/assistant exchanges (never the system message nor the last user turn) until the prompt
+    fits in `budget` tokens; returns the kept messages and their prompt. Raises LMError when even the last turn alone
+    does not fit."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system) :]
+    while True:
+        prompt = render_prompt(system + turns, tokenizer)
+        if len(prompt) <= budget:
+            return system + turns, prompt
+        if len(turns) <= 1:
+            raise LMError(f"the message is {len(prompt)} tokens long; the context leaves room for {budget}")
+        turns = turns[2:]  # one exchange: a user turn and the assistant's reply
+
+
+# ---- lm chat ------------------------------------------------------------------------------------------------------
+
+
+def chat_command(argv: list[str]) -> None:
+    """lm chat: talk to a checkpoint in the terminal, or answer one --prompt and exit."""
+    p = argparse.ArgumentParser(
+        prog="lm chat",
+        description="Chat with a fine-tuned checkpoint. Commands: /reset (forget the conversation), /system TEXT "
+        "(set the system message and reset), /quit.",
+    )
+    p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit (an SFT run)")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--system", default=None, help="system message at the start of the conversation")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--repetition_penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from lm.checkpoint import load_checkpoint
+    from lm.generate import stream_text
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, info = load_checkpoint(args.ckpt, map_location=device)
+    version = info.get("chat_template_version")
+    if version is not None and version != CHAT_TEMPLATE_VERSION:
+        print(f"warning: {args.ckpt} was trained on chat template v{version}; this is v{CHAT_TEMPLATE_VERSION}")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    max_new = min(args.max_new_tokens, model.config.block_size // 2)  # leave half the context for the history
+    sampling = dict(
+        max_new_tokens=max_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        # END closes the turn; BOS/EOS (a new conversation or document) end it too in an undertrained model.
+        stop_ids=(tokenizer.token_id(END), tokenizer.token_id(EOS), tokenizer.token_id(BOS)),
+        generator=generator,
+    )
+    system = args.system
+
+    def reply(history: list[Message]) -> str:
+        history[:], prompt = fit_history(history, tokenizer, model.config.block_size - max_new)
+        pieces = []
+        for piece in stream_text(model, tokenizer, prompt, **sampling):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        return "".join(pieces)
+
+    def fresh() -> list[Message]:
+        return [{"role": "system", "content": system}] if system else []
+
+    if args.prompt is not None:
+        reply(fresh() + [{"role": "user", "content": args.prompt}])
+        return
+
+    history = fresh()
+    print("lm chat: /reset, /system TEXT, /quit (Ctrl-D)")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history = fresh()
+            print("(conversation reset)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system") :].strip() or None
+            history = fresh()
+            print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            answer = reply(history)
+        except LMError as e:  # one message too long for the context: say so and keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer or " "})

@@ -1,0 +1,324 @@
+"""Chat (supervised fine-tuning) data: conversations -> rendered token ids with a loss mask -> padded (B, T) batches.
+
+`ChatData` reads conversations in three formats (detected from the first record, or set with `format`):
+
+    messages   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}   (OpenAI)
+    alpaca     {"instruction": ..., "input": ..., "output": ...}
+    sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}
+
+from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or a built-in task (`task:addition`,
+`task:reverse`, `task:count`; see lm.tasks). Each conversation is rendered by `lm.chat.render_chat`; labels are the
+next token where the mask is 1 and -100 elsewhere, so only the assistant's words (and their END) carry loss.
+
+    lm fit --config experiments/sft_hh.yaml --model.init_args.init_from runs/hh_base/checkpoints/last.ckpt \
+        --data.init_args.tokenizer runs/hh_base/checkpoints/last.ckpt
+
+Conversations are tokenized in `setup()` (seconds for thousands of conversations), not cached on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, render_chat
+from lm.errors import LMError
+from lm.tokenizer import Tokenizer, build_tokenizer
+
+IGNORE_INDEX = -100  # as lm.module.IGNORE_INDEX (not imported: the data side should not need the model side)
+FORMATS = ("messages", "alpaca", "sharegpt")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+Record = tuple[str, list[Message] | None, str | None]  # (where: "file:line", conversation, why it is bad)
+
+
+def detect_format(record: Any) -> str | None:
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "messages"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record and "output" in record:
+            return "alpaca"
+    return None
+
+
+def to_messages(record: Any, fmt: str) -> list[Message]:
+    """One record in `fmt` -> a list of {"role", "content"}; raises ValueError (with the reason) on a wrong shape."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "messages":
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            raise ValueError('no "messages" list')
+        return messages
+    if fmt == "alpaca":
+        if "instruction" not in record or "output" not in record:
+            raise ValueError('an alpaca record needs "instruction" and "output"')
+        extra = record.get("input") or ""
+        question = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]
+    if fmt == "sharegpt":
+        turns = record.get("conversations")
+        if not isinstance(turns, list):
+            raise ValueError('no "conversations" list')
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                raise ValueError(f'turn {i} is not a {{"from", "value"}} object')
+            if t["from"] not in SHAREGPT_ROLES:
+                raise ValueError(f"turn {i} has unknown role {t['from']!r} (expected one of {list(SHAREGPT_ROLES)})")
+            messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+        return messages
+    raise LMError(f"unknown chat format {fmt!r}: expected auto or one of {FORMATS}")
+
+
+def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
+    """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows."""
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise LMError(f"chat data file not found: {path}")
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    records.append((f"{path}:{n}", ValueError(f"invalid JSON: {e}")))
+        return records
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise LMError(f"chat data file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LMError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise LMError(f"{path}: expected a JSON list of records")
+        return [(f"{path}:record {i + 1}", r) for i, r in enumerate(data)]
+    if path.suffix == ".parquet" and not path.is_file():
+        raise LMError(f"chat data file not found: {path}")
+    import datasets
+
+    try:
+        if path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # datasets raises many types for a missing/unreachable dataset
+        raise LMError(f"could not load chat data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return [(f"{source}:record {i + 1}", r) for i, r in enumerate(ds)]
+
+
+class ChatData(L.LightningDataModule):
+    """Supervised fine-tuning data: conversations rendered with the chat template; loss on the assistant's turns.
+
+    Batches are `{"input_ids": (B, T) int64, "labels": (B, T) int64}`, padded to the longest example of the batch
+    (T <= block_size) with labels -100 on padding and on everything but assistant content and its END token.
+    Conversations longer than block_size + 1 tokens are cut at the end; one left with no assistant token is dropped
+    and counted.
+
+    Args:
+        source: A local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or task:addition / task:reverse /
+            task:count (built-in synthetic problems, see lm.tasks).
+        format: Record format: messages (OpenAI), alpaca, sharegpt, or auto (detected from the first record).
+        source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
+        tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
+            Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
+        block_size: Context length: longest example, in tokens (linked from the model by the CLI).
+        batch_size: Conversations per batch B, per device.
+        val_fraction: Share of the conversations held out for validation (a seeded shuffle picks them).
+        on_bad_record: A malformed record (unknown role, empty content, turns not alternating, no assistant reply)
+            stops the run with its file and line (error), or is logged and counted (skip).
+        supervise: Which tokens carry loss: the assistant turns (SFT), or all tokens after BOS (pretraining on the
+            same text, e.g. the task transcripts).
+        task_size: Training conversations drawn from a task: source (distinct problems of its train split).
+        task_val_size: Validation conversations drawn from the task's test split.
+        task_digits: Operand digits of the addition task.
+        seed: Seed of the train/val split, the task problems and the shuffling of training batches.
+        num_workers: DataLoader worker processes (batches are padded lists: 0 is usually enough).
+    """
+
+    def __init__(
+        self,
+        source: str = "task:addition",
+        format: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto",
+        source_split: str = "train",
+        tokenizer: str = "char",
+        block_size: int = 256,
+        batch_size: int = 32,
+        val_fraction: float = 0.05,
+        on_bad_record: Literal["error", "skip"] = "error",
+        supervise: Literal["assistant", "all"] = "assistant",
+        task_size: int = 5000,
+        task_val_size: int = 200,
+        task_digits: int = 2,
+        seed: int = 1337,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if block_size < 2 or batch_size < 1:
+            raise LMError(f"data.block_size must be >= 2 and data.batch_size >= 1, got {block_size}, {batch_size}")
+        if not 0 < val_fraction < 1:
+            raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        self.source, self.format, self.source_split = source, format, source_split
+        self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
+        self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise
+        self.task_size, self.task_val_size, self.task_digits = task_size, task_val_size, task_digits
+        self.seed, self.num_workers = seed, num_workers
+        self.chat_template_version = CHAT_TEMPLATE_VERSION
+        self.tokenizer: Tokenizer | None = None
+        self.train_examples: list[tuple[list[int], list[int]]] = []
+        self.val_examples: list[tuple[list[int], list[int]]] = []
+        self.counts: dict[str, int] = {}
+
+    # ---- reading -------------------------------------------------------------------------------------------------
+
+    def _conversations(self) -> tuple[list[list[Message]], list[list[Message]]]:
+        """Validated (train, val) conversations."""
+        if self.source.startswith("task:"):
+            from lm.tasks import make_problems
+
+            task = self.source[len("task:") :]
+            kw = dict(seed=self.seed, digits=self.task_digits)
+            train = make_problems(task, "train", self.task_size, **kw)
+            val = make_problems(task, "test", self.task_val_size, **kw)
+            return [p.messages() for p in train], [p.messages() for p in val]
+
+        records = read_records(self.source, split=self.source_split)
+        if not records:
+            raise LMError(f"chat data {self.source!r} holds no records")
+        fmt = self.format
+        if fmt == "auto":
+            first = records[0][1]
+            fmt = detect_format(first)
+            if fmt is None:
+                raise LMError(
+                    f"{records[0][0]}: cannot tell the chat format (no messages / conversations / instruction+output "
+                    f"keys); set data.init_args.format to one of {FORMATS}"
+                )
+        conversations = []
+        for where, record in records:
+            try:
+                if isinstance(record, Exception):
+                    raise record
+                messages = to_messages(record, fmt)
+                problem = check_messages(messages)
+            except ValueError as e:
+                problem = str(e)
+            if problem is not None:
+                self._bad(where, problem)
+                continue
+            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        order = list(range(len(conversations)))
+        random.Random(self.seed).shuffle(order)
+        n_val = max(1, round(self.val_fraction * len(conversations)))
+        if len(conversations) < 2:
+            raise LMError(f"chat data {self.source!r}: fewer than 2 usable conversations, nothing to split")
+        val = [conversations[i] for i in sorted(order[:n_val])]
+        train = [conversations[i] for i in sorted(order[n_val:])]
+        return train, val
+
+    def _bad(self, where: str, problem: str) -> None:
+        if self.on_bad_record == "error":
+            raise LMError(f"{where}: {problem} (set data.init_args.on_bad_record: skip to skip such records)")
+        self.counts["skipped_bad"] = self.counts.get("skipped_bad", 0) + 1
+        if self.counts["skipped_bad"] <= 5:  # the first few, so the log says what is wrong without flooding
+            rank_zero_warn(f"lm.chat_data: skipping {where}: {problem}")
+
+    # ---- tokenizing ----------------------------------------------------------------------------------------------
+
+    def _example(self, conversation: list[Message]) -> tuple[list[int], list[int]] | None:
+        """(input_ids, labels) of one conversation, cut to the context; None when nothing is left to learn."""
+        ids, mask = render_chat(conversation, self.tokenizer)
+        if self.supervise == "all":
+            mask = [0] + [1] * (len(ids) - 1)
+        ids, mask = ids[: self.block_size + 1], mask[: self.block_size + 1]
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
+        if all(label == IGNORE_INDEX for label in labels):
+            return None
+        return ids[:-1], labels
+
+    def _examples(self, conversations: list[list[Message]], split: str) -> list[tuple[list[int], list[int]]]:
+        examples = []
+        for conversation in conversations:
+            try:
+                example = self._example(conversation)
+            except LMError as e:  # e.g. a character outside a char tokenizer's vocabulary
+                self._bad(f"{self.source} ({split} conversation {len(examples) + 1})", str(e))
+                continue
+            if example is None:
+                self.counts[f"dropped_{split}_truncated"] = self.counts.get(f"dropped_{split}_truncated", 0) + 1
+                continue
+            examples.append(example)
+        if not examples:
+            raise LMError(
+                f"chat data {self.source!r}: no {split} conversation has a supervised token within the context"
+            )
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, validate, split and tokenize the conversations (on every rank: cheap and deterministic)."""
+        if self.tokenizer is not None and self.train_examples:
+            return
+        self.counts = {}
+        train, val = self._conversations()
+        texts = lambda: (m["content"] for c in train + val for m in c)  # noqa: E731 - only char/bpe specs call it
+        self.tokenizer = build_tokenizer(self.tokenizer_spec, texts=texts)
+        self.train_examples = self._examples(train, "train")
+        self.val_examples = self._examples(val, "val")
+        supervised = sum(sum(label != IGNORE_INDEX for label in ex[1]) for ex in self.train_examples)
+        tokens = sum(len(ex[0]) for ex in self.train_examples)
+        rank_zero_info(
+            f"lm.chat_data: {len(self.train_examples):,} train / {len(self.val_examples):,} val conversations from "
+            f"{self.source}, {tokens:,} train tokens of which {supervised:,} supervised; "
+            f"vocab {self.tokenizer.vocab_size:,}; {self.counts or 'nothing skipped or dropped'}"
+        )
+
+    # ---- batches -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example: pad ids are never attended by real tokens (causal) and carry no loss."""
+        width = max(len(ids) for ids, _ in examples)
+        input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, lab) in enumerate(examples):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def _loader(self, examples: list, *, shuffle: bool) -> DataLoader:
+        trainer = self.trainer  # None when the datamodule is used on its own
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # Our own DistributedSampler (the CLI turns Lightning's off): shards by rank, reshuffles per epoch (Lightning
+        # calls set_epoch), and with one process is a seeded shuffle.
+        sampler = DistributedSampler(
+            examples, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
+        )
+        return DataLoader(
+            examples,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=partial(self.collate, pad_id=self.tokenizer.eos_id),
+            num_workers=self.num_workers,
+            drop_last=shuffle,  # equal-sized training batches; validation sees every conversation
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_examples, shuffle=False)

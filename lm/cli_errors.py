@@ -1,0 +1,91 @@
+"""One-line config errors for `lm fit|validate|test`.
+
+jsonargparse reports a bad key or value after ~50 lines of usage text, wrapped in union-type noise. This parser
+prints one line instead: the full key, what was wrong, and the allowed keys (or the expected type).
+"""
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+_CLASS_OPTION = re.compile(
+    r"Problem with given class_path '([\w.]+)':\s*"
+    r"(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))"
+)
+_CLASS_VALUE = re.compile(r"Problem with given class_path '([\w.]+)':\s*Parser key \"([\w.]+)\":\s*(.+?)(?:\n|$)")
+_GROUP_KEY = re.compile(r"Parser key \"(\w+)\"")
+_TOP_OPTION = re.compile(r"(?:does not accept option '|unrecognized arguments: --)([\w.]+)")
+_TOP_VALUE = re.compile(r"Parser key \"([\w.]+)\":\s*(Expected .+?|File does not exist.+?)(?:\n|$)")
+
+
+def _init_params(class_path: str, nested: list[str]) -> list[str]:
+    """Constructor arguments of class_path, or the fields of a dataclass argument of it (nested=["arch"])."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    for attribute in nested:
+        hints = inspect.get_annotations(target.__init__, eval_str=True)
+        target = hints.get(attribute)
+        if not dataclasses.is_dataclass(target):
+            return []
+    if dataclasses.is_dataclass(target):
+        return [f.name for f in dataclasses.fields(target)]
+    return [p for p in inspect.signature(target.__init__).parameters if p not in ("self", "args", "kwargs")]
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def explain(message: str, known_keys: list[str]) -> str:
+    """Turn a jsonargparse error message into one line naming the key; falls back to the message's first line."""
+    group = _GROUP_KEY.search(message)
+    group = group.group(1) if group else "?"
+    if m := _CLASS_OPTION.search(message):
+        *nested, option = (m.group(2) or m.group(3)).split(".")
+        options = _init_params(m.group(1), nested)
+        key = ".".join([group, "init_args", *nested, option])
+        owner = ".".join([m.group(1), *nested])
+        return f"unknown key {key}{_suggest(option, options)}; {owner} accepts: {', '.join(options)}"
+    if m := _CLASS_VALUE.search(message):
+        return f"bad value for {group}.init_args.{m.group(2)}: {m.group(3).strip()}"
+    if m := _TOP_OPTION.search(message):
+        key = m.group(1)
+        prefix = key.rpartition(".")[0]
+        siblings = [k for k in known_keys if k.rpartition(".")[0] == prefix]
+        allowed = f"; {prefix or 'top level'} accepts: {', '.join(s.rpartition('.')[2] for s in siblings)}"
+        return f"unknown key {key}{_suggest(key, siblings)}{allowed if siblings else ''}"
+    if m := _TOP_VALUE.search(message):
+        return f"bad value for {m.group(1)}: {m.group(2).strip()}"
+    return message.strip().splitlines()[0]
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser, printing config errors as one line (`--debug` on the lm command shows jsonargparse's
+    full report)."""
+
+    verbose_errors = False
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.verbose_errors or not getattr(self, "exit_on_error", True):
+            return super().error(message, ex)  # inner parsers raise, and the outer one reports
+        known = [a.dest for p in _parsers(self) for a in p._actions if a.dest and not a.dest.startswith("help")]
+        print(f"error: {explain(message, known)}. See `lm fit --help`.", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parsers(parser) -> list:
+    """The parser and its subcommand parsers (`fit`, `validate`, `test`)."""
+    parsers = [parser]
+    action = getattr(parser, "_subcommands_action", None)
+    if action is not None:
+        parsers += list(action.choices.values())
+    return parsers

@@ -1,0 +1,569 @@
+"""Evaluation: language modelling (loss, perplexity, bits per byte), HellaSwag-style multiple choice (acc, acc_norm)
+and the synthetic chat tasks, from the command line (`lm eval`) or during training (`EvalCallback`).
+
+    lm eval --ckpt runs/x/checkpoints/last.ckpt --task lm --data ../shared/data/tinyshakespeare.txt
+    lm eval --ckpt runs/x/checkpoints/last.ckpt --task hellaswag --data ../shared/data/hellaswag_val_every5th.jsonl
+    lm eval --ckpt runs/x/checkpoints/last.ckpt --task addition --num_problems 200      # needs lm.tasks
+
+What is scored, exactly:
+
+- `lm` (any source `lm.data.load_documents` reads: path/glob/hub id/builtin:NAME). The token stream is
+  `EOS doc_1 EOS doc_2 EOS ... doc_n EOS`, the same packing as training with one EOS in front so that the first token
+  of the first document is predicted too (from the "start of a document" state, as `lm generate` starts). Every token
+  after that leading EOS is scored exactly once, the EOS after each document included (the model is charged for
+  knowing where a document ends, as in `val/loss`). Windows of `block_size` tokens; with `stride` S < block_size
+  each window after the first scores only its last S positions, so every token sees at least block_size - S tokens
+  of context (S = block_size, the default: non-overlapping windows, like validation). Documents run into each
+  other across a window, as in training. `loss` = nats / scored tokens, `ppl` = exp(loss),
+  `bpb` = nats / (ln 2 x UTF-8 bytes of the documents' text), an EOS counting zero bytes. bpb is comparable across
+  tokenizers; loss and ppl are not.
+- `hellaswag` (JSONL rows `{"activity_label", "ctx", "endings": [4], "label"}`), zero-shot, as
+  lm-evaluation-harness' `hellaswag` task: query = preprocess(activity_label + ": " + ctx), choices =
+  preprocess(ending), each scored as the continuation " " + choice of the query (encode query + continuation once,
+  the continuation's tokens are those after the query's own encoding). `acc`: argmax of the summed log-likelihood;
+  `acc_norm`: argmax of log-likelihood / len(choice) in characters (lm-eval's `completion_len`; HellaSwag is ASCII,
+  so this is also the byte length). Log-probabilities are a softmax over all embedding rows, padding included, as
+  the exported HF model computes them.
+- `addition`, `reverse`, `count`: exact match of greedy answers, by `lm.tasks.evaluate_task`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lm
+from lm.errors import LMError
+from lm.model import GPT
+from lm.tokenizer import Tokenizer
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring primitives (shared with the lm-evaluation-harness adapter).
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness' split of (context, continuation) into token ids: trailing spaces of the context move
+    to the continuation, the whole text is encoded once and the continuation is what follows the context's tokens.
+    An empty context becomes the EOS token (the start-of-document state)."""
+    if not context:
+        return [tokenizer.eos_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+@torch.no_grad()
+def score_continuations(
+    model: GPT, requests: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 16
+) -> list[tuple[float, bool]]:
+    """For each (context_ids, continuation_ids): the summed log-probability of the continuation given the context,
+    and whether greedy decoding would have produced it. Contexts are cut from the left to fit block_size (as
+    lm-eval's HF model does); a continuation longer than block_size is scored in pieces. Batched longest first,
+    right-padded (causal attention never sees the padding)."""
+    block_size = model.config.block_size
+    if any(len(continuation) > block_size for _, continuation in requests):
+        # lm-eval's HF model refuses these; we score them in pieces of block_size tokens, each piece with the
+        # context (and the earlier pieces) before it, and add the pieces up.
+        pieces, owner = [], []
+        for i, (context, continuation) in enumerate(requests):
+            for a in range(0, len(continuation), block_size):
+                pieces.append((context + continuation[:a], continuation[a : a + block_size]))
+                owner.append(i)
+        totals = [(0.0, True) for _ in requests]
+        for i, (logprob, greedy) in zip(owner, score_continuations(model, pieces, batch_size=batch_size), strict=True):
+            totals[i] = (totals[i][0] + logprob, totals[i][1] and greedy)
+        return totals
+    device = next(model.parameters()).device
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    sequences = []
+    for context, continuation in requests:
+        if not context or not continuation:
+            raise ValueError("score_continuations needs a non-empty context and continuation")
+        sequences.append((context + continuation)[-(block_size + 1) :][:-1])  # (<= block_size) inputs
+    order = sorted(range(len(requests)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = len(sequences[rows[0]])
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
+        logits = model(ids.to(device))  # (B, T, V)
+        for r, i in enumerate(rows):
+            target = torch.tensor(requests[i][1], device=device)
+            end = len(sequences[i])
+            logprobs = F.log_softmax(logits[r, end - len(target) : end].float(), dim=-1)  # (n, V)
+            total = logprobs.gather(-1, target[:, None]).sum().item()
+            results[i] = (total, bool((logprobs.argmax(-1) == target).all()))
+    return results  # type: ignore[return-value]
+
+
+def stream_windows(num_inputs: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) windows over input positions [0, num_inputs) (position i predicts token i + 1):
+    the model reads positions [begin, end) and positions [score_from, end) are scored. Every position is scored
+    exactly once; after the first window, each scored position has at least block_size - stride positions before
+    it in its window."""
+    if not 0 < stride <= block_size:
+        raise LMError(f"stride must be in 1..block_size ({block_size}), got {stride}")
+    windows, scored_until = [], 0
+    for begin in range(0, max(num_inputs, 1), stride):
+        end = min(begin + block_size, num_inputs)
+        if end <= scored_until:
+            break
+        windows.append((begin, end, scored_until))
+        scored_until = end
+        if end == num_inputs:
+            break
+    return windows
+
+
+@torch.no_grad()
+def stream_nats(
+    model: GPT, tokens: np.ndarray, windows: Sequence[tuple[int, int, int]], *, batch_size: int = 16
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats, float64) and number of scored tokens over the given windows."""
+    device = next(model.parameters()).device
+    nats, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        width = max(end - begin for begin, end, _ in batch)
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)
+        for r, (begin, end, score_from) in enumerate(batch):
+            inputs[r, : end - begin] = torch.from_numpy(tokens[begin:end].astype(np.int64))
+            scored = slice(score_from - begin, end - begin)
+            targets[r, scored] = torch.from_numpy(tokens[score_from + 1 : end + 1].astype(np.int64))
+        logits = model(inputs.to(device)).float()  # (B, T, V)
+        targets = targets.to(device)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        nats += float(loss.double())
+        count += int((targets != -100).sum())
+    return nats, count
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tasks. Each task prepares its data once (tokenized), scores a shard of its items and turns summed counts into
+# metrics, so the callback can split the work over ranks and add the sums with one all-reduce.
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation: which task, on which data, how much of it.
+
+    Args:
+        task: "lm" (loss/ppl/bpb on a text source), "hellaswag" (multiple choice), or a synthetic chat task
+            ("addition", "reverse", "count").
+        data: Text source for "lm" (path/glob/hub id/builtin:NAME), HellaSwag-format JSONL for "hellaswag".
+        name: Name in the metric keys (`eval/<name>/<metric>`); defaults to the task.
+        limit: Evaluate only the first N documents (lm) or items (hellaswag).
+        text_field: Column holding the text in JSONL/Parquet/hub sources (lm).
+        stride: Sliding-window stride in tokens for lm; None: block_size (non-overlapping windows).
+        num_problems: Problems per synthetic chat task.
+        seed: Seed of the synthetic chat problems.
+        batch_size: Sequences per forward pass.
+    """
+
+    task: str
+    data: str | None = None
+    name: str | None = None
+    limit: int | None = None
+    text_field: str = "text"
+    stride: int | None = None
+    num_problems: int = 100
+    seed: int = 0
+    batch_size: int = 16
+
+
+class Task:
+    """Base of the evaluation tasks; `build_task` picks the subclass from `TASKS`."""
+
+    primary: str  # the metric reported as the result's "metric"/"value"
+    shardable = True  # items can be split over ranks and their sums added
+
+    def __init__(self, spec: EvalSpec):
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.spec.task
+
+    def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
+        """Load and tokenize the data (once)."""
+
+    def num_items(self) -> int:
+        raise NotImplementedError
+
+    def score(self, model: GPT, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+        """Summed counts over this rank's share of the items."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """Item indices of one rank (rank::world_size) and how many dummy items it must add so that every rank runs
+    the same number of forward passes (FSDP needs that; DDP does not mind)."""
+    mine = list(range(rank, n, world_size))
+    return mine, math.ceil(n / world_size) - len(mine)
+
+
+class LanguageModelling(Task):
+    primary = "bpb"
+
+    def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
+        from lm.data import load_documents
+
+        if not self.spec.data:
+            raise LMError("task lm needs a text source (--data PATH | glob | hub id | builtin:shakespeare)")
+        documents = load_documents(self.spec.data, text_field=self.spec.text_field)
+        if self.spec.limit is not None:
+            documents = documents.select(range(min(self.spec.limit, len(documents))))
+        texts = [t for t in documents["text"] if t]
+        if not texts:
+            raise LMError(f"data source {self.spec.data!r}: no non-empty documents to evaluate")
+        ids = [tokenizer.eos_id]
+        for doc in tokenizer.encode_batch(texts, eos=True):
+            ids.extend(doc)
+        self.tokens = np.asarray(ids, dtype=np.int64)
+        self.num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        self.num_documents = len(texts)
+        self.windows = stream_windows(len(self.tokens) - 1, block_size, self.spec.stride or block_size)
+
+    def num_items(self) -> int:
+        return self.num_documents
+
+    def score(self, model, tokenizer, *, rank=0, world_size=1):
+        mine, missing = shard(len(self.windows), rank, world_size)
+        windows = [self.windows[i] for i in mine]
+        nats, count = stream_nats(model, self.tokens, windows, batch_size=self.spec.batch_size)
+        if missing:  # a throw-away window keeps the number of forward passes equal on every rank
+            stream_nats(model, self.tokens, self.windows[:1], batch_size=1)
+        return {"nats": nats, "tokens": count}
+
+    def metrics(self, sums):
+        loss = sums["nats"] / max(sums["tokens"], 1)
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 700.0)),
+            "bpb": sums["nats"] / (math.log(2) * self.num_bytes),
+            "tokens": sums["tokens"],
+            "bytes": self.num_bytes,
+        }
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-evaluation-harness' HellaSwag text cleaning (tasks/hellaswag/utils.py): WikiHow bracket artifacts."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Items {"query", "choices", "gold"} of a HellaSwag-format JSONL file (activity_label, ctx, endings, label)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LMError(f"{path}: HellaSwag file not found")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item = {
+                    "query": hellaswag_preprocess(row["activity_label"] + ": " + row["ctx"]),
+                    "choices": [hellaswag_preprocess(e) for e in row["endings"]],
+                    "gold": int(row["label"]),
+                }
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise LMError(
+                    f"{path}:{line_no}: not a HellaSwag row with activity_label, ctx, endings, label ({e})"
+                ) from None
+            if not 0 <= item["gold"] < len(item["choices"]):
+                raise LMError(f"{path}:{line_no}: label {item['gold']} is not an index into endings")
+            items.append(item)
+    if not items:
+        raise LMError(f"{path}: no items")
+    return items
+
+
+class MultipleChoice(Task):
+    """HellaSwag-format multiple choice by log-likelihood (acc, acc_norm), as lm-evaluation-harness scores it."""
+
+    primary = "acc_norm"
+
+    def prepare(self, tokenizer, block_size):
+        if not self.spec.data:
+            raise LMError("task hellaswag needs a JSONL file (--data ../shared/data/hellaswag_val_every5th.jsonl)")
+        self.items = read_hellaswag(self.spec.data, self.spec.limit)
+        self.requests = [
+            [encode_pair(tokenizer, item["query"], " " + choice) for choice in item["choices"]] for item in self.items
+        ]
+
+    def num_items(self):
+        return len(self.items)
+
+    def score(self, model, tokenizer, *, rank=0, world_size=1):
+        mine, missing = shard(len(self.items), rank, world_size)
+        flat = [req for i in mine + [0] * missing for req in self.requests[i]]
+        scores = score_continuations(model, flat, batch_size=self.spec.batch_size)
+        correct = correct_norm = 0.0
+        for k, i in enumerate(mine):  # the dummy items at the end are ignored
+            item, n = self.items[i], len(self.items[i]["choices"])
+            lls = np.array([s for s, _ in scores[k * n : (k + 1) * n]])
+            lengths = np.array([float(len(c)) for c in item["choices"]])
+            correct += float(np.argmax(lls) == item["gold"])
+            correct_norm += float(np.argmax(lls / lengths) == item["gold"])
+        return {"correct": correct, "correct_norm": correct_norm, "items": float(len(mine))}
+
+    def metrics(self, sums):
+        n = max(sums["items"], 1.0)
+        return {"acc": sums["correct"] / n, "acc_norm": sums["correct_norm"] / n}
+
+
+class ChatTask(Task):
+    """Synthetic chat tasks (exact match of greedy answers), implemented by `lm.tasks.evaluate_task`."""
+
+    primary = "exact_match"
+    shardable = False  # evaluate_task runs the whole set; the callback runs it on rank 0 and broadcasts
+
+    def num_items(self):
+        return self.spec.num_problems
+
+    def score(self, model, tokenizer, *, rank=0, world_size=1):
+        try:
+            tasks = importlib.import_module("lm.tasks")
+        except ModuleNotFoundError as e:
+            if e.name != "lm.tasks":
+                raise
+            raise LMError(f"task {self.spec.task!r} needs lm.tasks (the synthetic chat tasks), not installed") from None
+        result = tasks.evaluate_task(
+            model, tokenizer, task=self.spec.task, num_problems=self.spec.num_problems, seed=self.spec.seed
+        )
+        numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers.pop("num_problems", None)  # that is num_items, not a metric
+        return numbers
+
+    def metrics(self, sums):
+        metrics = dict(sums)
+        if self.primary not in metrics:  # name the main number whatever lm.tasks calls it
+            for alias in ("accuracy", "acc", "exact_match_rate", "score"):
+                if alias in metrics:
+                    metrics[self.primary] = metrics[alias]
+                    break
+        return metrics
+
+
+# The registry of task names. The chat tasks are wired to lm.tasks.evaluate_task through ChatTask.
+TASKS: dict[str, type[Task]] = {
+    "lm": LanguageModelling,
+    "hellaswag": MultipleChoice,
+    "addition": ChatTask,
+    "reverse": ChatTask,
+    "count": ChatTask,
+}
+
+
+def build_task(spec: EvalSpec) -> Task:
+    if spec.task not in TASKS:
+        raise LMError(f"unknown eval task {spec.task!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[spec.task](spec)
+
+
+def evaluate(model: GPT, tokenizer: Tokenizer, spec: EvalSpec) -> tuple[dict[str, float], int]:
+    """Run one task on one process: (metrics, number of items)."""
+    task = build_task(spec)
+    task.prepare(tokenizer, model.config.block_size)
+    was_training = model.training
+    model.eval()
+    try:
+        sums = task.score(model, tokenizer)
+    finally:
+        model.train(was_training)
+    return task.metrics(sums), task.num_items()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-training evaluation.
+
+
+class EvalCallback(L.Callback):
+    """Runs evaluation tasks during training and logs `eval/<name>/<metric>` through `pl_module.log` (so W&B and
+    every other logger get them).
+
+    Shardable tasks (lm, hellaswag) split their items over the ranks and add the counts with one sum all-reduce;
+    the chat tasks run on rank 0 and the result is broadcast, so each number is computed once and logged once.
+
+        trainer:
+          callbacks:
+            - class_path: lm.eval.EvalCallback
+              init_args:
+                tasks:
+                  - {task: hellaswag, data: ../shared/data/hellaswag_val_every5th.jsonl, limit: 500}
+                  - {task: lm, data: ../shared/data/tinyshakespeare.txt, name: tinyshakespeare}
+                every_n_validations: 1
+
+    Args:
+        tasks: The evaluations to run (task, data, limit, ... per entry).
+        every_n_validations: Run after every Nth validation (None: never at validation).
+        every_n_steps: Also run every N optimizer steps during training (None: only at validation).
+    """
+
+    def __init__(
+        self, tasks: list[EvalSpec], every_n_validations: int | None = 1, every_n_steps: int | None = None
+    ) -> None:
+        self.specs = [spec if isinstance(spec, EvalSpec) else EvalSpec(**spec) for spec in tasks]
+        self.tasks = [build_task(spec) for spec in self.specs]
+        self.every_n_validations = every_n_validations
+        self.every_n_steps = every_n_steps
+        self._validations = 0
+        self._last_step = -1
+        self._prepared = False
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not self.every_n_validations:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        # Called once per micro-batch: run once per optimizer step.
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.run(trainer, pl_module)
+
+    @torch.no_grad()
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Evaluate every task now and log the metrics; returns them (keys `eval/<name>/<metric>`)."""
+        model, tokenizer = pl_module.model, pl_module.tokenizer
+        if not self._prepared:
+            for task in self.tasks:
+                task.prepare(tokenizer, model.config.block_size)
+            self._prepared = True
+        rank, world_size = trainer.global_rank, trainer.world_size
+        was_training = model.training
+        model.eval()
+        logged = {}
+        try:
+            with trainer.precision_plugin.forward_context():
+                for task in self.tasks:
+                    if task.shardable:
+                        sums = task.score(model, tokenizer, rank=rank, world_size=world_size)
+                        if world_size > 1:
+                            keys = sorted(sums)
+                            packed = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=pl_module.device)
+                            packed = trainer.strategy.reduce(packed, reduce_op="sum")
+                            sums = dict(zip(keys, packed.tolist(), strict=True))
+                    else:
+                        sums = task.score(model, tokenizer) if rank == 0 else None
+                        if world_size > 1:
+                            sums = trainer.strategy.broadcast(sums, src=0)
+                    for metric, value in task.metrics(sums).items():
+                        logged[f"eval/{task.name}/{metric}"] = value
+        finally:
+            model.train(was_training)
+        for key, value in logged.items():
+            # Every rank holds the same reduced value, so no further sync.
+            pl_module.log(key, float(value), sync_dist=False)
+        return logged
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `lm eval`
+
+
+def result_record(spec: EvalSpec, metrics: dict[str, float], num_items: int, tokenizer: Tokenizer, info: dict) -> dict:
+    """The JSON written by `lm eval`."""
+    primary = build_task(spec).primary
+    return {
+        "task": spec.name or spec.task,
+        "metric": primary,
+        "value": metrics.get(primary),
+        "metrics": metrics,
+        "num_items": num_items,
+        "spec": asdict(spec),
+        "checkpoint": {"path": str(info.get("path")), "global_step": info.get("global_step")},
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lm_version": lm.__version__,
+    }
+
+
+def format_table(record: dict) -> str:
+    rows = [("task", "metric", "value", "items")]
+    for metric, value in record["metrics"].items():
+        shown = f"{int(value)}" if float(value).is_integer() else f"{value:.4f}"
+        rows.append((record["task"], metric, shown, str(record["num_items"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def default_out(ckpt: str | Path, task_name: str) -> Path:
+    """Next to the checkpoint: runs/x/checkpoints/last.ckpt -> runs/x/checkpoints/last.eval-<task>.json."""
+    ckpt = Path(ckpt)
+    return ckpt.with_name(f"{ckpt.stem}.eval-{task_name}.json")
+
+
+def eval_command(argv: list[str]) -> None:
+    """lm eval: evaluate a checkpoint on one task, print a table and write a JSON result."""
+    p = argparse.ArgumentParser(prog="lm eval", description="Evaluate a checkpoint on one task.")
+    p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="what to evaluate")
+    p.add_argument("--data", help="lm: a text source (path/glob/hub id/builtin:shakespeare); hellaswag: a JSONL file")
+    p.add_argument("--name", help="task name in the result (default: the task)")
+    p.add_argument("--limit", type=int, help="only the first N documents (lm) / items (hellaswag)")
+    p.add_argument("--text_field", default="text", help="lm: the text column of JSONL/Parquet/hub sources")
+    p.add_argument("--stride", type=int, help="lm: sliding-window stride in tokens (default: block_size)")
+    p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
+    p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <stem>.eval-<task>.json)")
+    args = p.parse_args(argv)
+
+    from lm.checkpoint import load_checkpoint
+
+    spec = EvalSpec(
+        task=args.task,
+        data=args.data,
+        name=args.name,
+        limit=args.limit,
+        text_field=args.text_field,
+        stride=args.stride,
+        num_problems=args.num_problems,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    build_task(spec)  # unknown task: fail before loading anything
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, info = load_checkpoint(args.ckpt, map_location=device)
+    metrics, num_items = evaluate(model, tokenizer, spec)
+    record = result_record(spec, metrics, num_items, tokenizer, info)
+    out = Path(args.out) if args.out else default_out(args.ckpt, record["task"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(format_table(record))
+    print(f"wrote {out}")

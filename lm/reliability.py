@@ -1,0 +1,113 @@
+"""What keeps long runs safe: atomic checkpoint files, RNG state in checkpoints, and SIGUSR1 as a preemption signal.
+
+The LightningCLI in `lm.__main__` installs all three on every run; `docs/reliability.md` lists every fault and the
+test that covers it.
+"""
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from lm.checkpoint import read_checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    A process killed mid-write (SIGKILL, a full disk) leaves the previous checkpoint intact instead of a truncated
+    one. Loading goes through `read_checkpoint`: weights_only=True, and a one-line error naming a corrupted file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that `last.ckpt` always holds the final step when training ends.
+
+    (Lightning writes last.ckpt at train end only if it never wrote one before, so a run whose last validation came
+    before its last step would leave a stale last.ckpt.)
+    """
+
+    def on_exception(self, trainer, pl_module, exception):
+        """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading."""
+        if self._should_save_on_exception(trainer) and self.save_last:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"lm: {type(exception).__name__} during training, saved {self.last_model_path}")
+
+    def on_train_end(self, trainer, pl_module):
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
+class RNGState(L.Callback):
+    """Saves and restores the Python, NumPy and torch RNG states, so dropout masks after a resume are the ones an
+    uninterrupted run would have drawn. Stored as plain lists and tensors so `weights_only=True` loads them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        version, py_state, gauss = random.getstate()
+        state = {
+            "python": [version, list(py_state), gauss],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, py_state, gauss = state["python"]
+        random.setstate((version, tuple(py_state), gauss))
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PreemptionSignal(L.Callback):
+    """Treats SIGUSR1 like SIGTERM: finish the current step, save a checkpoint (`checkpoint.save_on_exception`), exit.
+
+    Lightning already does this for SIGTERM, and for SIGUSR1 under SLURM with auto-requeue (there it also requeues
+    the job), so this handler is only installed outside SLURM-managed runs.
+    """
+
+    def on_train_start(self, trainer, pl_module):
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue or not hasattr(signal, "SIGUSR1"):
+            return
+
+        def handler(signum, frame):
+            rank_zero_info("lm: received SIGUSR1, saving a checkpoint after this step and stopping")
+            trainer._signal_connector.received_sigterm = True
+
+        self._previous = signal.signal(signal.SIGUSR1, handler)
+
+    def on_train_end(self, trainer, pl_module):
+        if getattr(self, "_previous", None) is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None

@@ -1,0 +1,181 @@
+"""Built-in synthetic chat tasks: skill you can measure on a tiny CPU model, with no download.
+
+    addition   "47+85"        -> "132"    (two `digits`-digit numbers)
+    reverse    "reverse pilot" -> "tolip"  (a pseudo-word of 3-7 letters, spelled backwards)
+    count      "count l in hello" -> "2"   (how often a letter occurs in a pseudo-word)
+
+Train and test problems never overlap: a problem belongs to the test split when a hash of its text falls in the
+first `TEST_PERCENT` buckets, whatever the seed. The seed only picks which problems of a split (and in which order).
+`ChatData(source="task:addition")` trains on the train split; `TaskAccuracy` (a callback) and `lm tasks eval` score
+exact-match greedy answers on the test split:
+
+    lm fit --config experiments/pretrain_addition.yaml
+    lm tasks eval --ckpt runs/sft_addition/checkpoints/last.ckpt --task addition --num_problems 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from lm.errors import LMError
+
+TEST_PERCENT = 10  # share of each task's problem space held out for testing
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+
+
+def _word(rng: random.Random) -> str:
+    # Pseudo-words (random letters) rather than a word list: an unlimited problem space, so the test split stays
+    # large and a tiny model cannot memorise its way to the answers.
+    return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 7)))
+
+
+def _addition(rng: random.Random, digits: int) -> Problem:
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    return Problem(f"{a}+{b}", str(a + b))
+
+
+def _reverse(rng: random.Random, digits: int) -> Problem:
+    word = _word(rng)
+    return Problem(f"reverse {word}", word[::-1])
+
+
+def _count(rng: random.Random, digits: int) -> Problem:
+    word = _word(rng)
+    # Half the time ask for a letter that is in the word, so the answers are not mostly "0".
+    letter = rng.choice(word) if rng.random() < 0.5 else rng.choice(string.ascii_lowercase)
+    return Problem(f"count {letter} in {word}", str(word.count(letter)))
+
+
+TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
+    "addition": _addition,
+    "reverse": _reverse,
+    "count": _count,
+}
+
+
+def split_of(problem: Problem) -> str:
+    """The split ("test" or "train"), by a hash of the question alone: a problem always lands in the same split.
+
+    Only the question: two problems that ask the same thing are the same problem."""
+    bucket = int.from_bytes(hashlib.sha256(problem.question.encode()).digest()[:8], "big") % 100
+    return "test" if bucket < TEST_PERCENT else "train"
+
+
+def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int = 2) -> list[Problem]:
+    """`num` distinct problems of one split of a task, drawn by a seeded RNG (same arguments, same list)."""
+    if task not in TASKS:
+        raise LMError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
+    if split not in ("train", "test"):
+        raise LMError(f"unknown split {split!r}: expected train or test")
+    if digits < 1:
+        raise LMError(f"digits must be at least 1, got {digits}")
+    rng = random.Random(f"{task}-{split}-{seed}")  # a string seed: stable across Python versions and processes
+    problems: dict[str, Problem] = {}
+    for _ in range(max(1000, 200 * num)):  # bounded: a small problem space cannot loop forever
+        if len(problems) == num:
+            return list(problems.values())
+        problem = TASKS[task](rng, digits)
+        if split_of(problem) == split:
+            problems.setdefault(problem.question, problem)
+    raise LMError(f"task {task!r} has fewer than {num} distinct {split} problems (digits={digits}); ask for fewer")
+
+
+def evaluate_task(
+    model, tokenizer, task: str, num_problems: int = 200, seed: int = 0, *, digits: int = 2, batch_size: int = 64
+) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers on test problems: {"exact_match": fraction, "num_problems": n}."""
+    from lm.chat import render_prompt
+    from lm.generate import generate_texts
+    from lm.tokenizer import END
+
+    problems = make_problems(task, "test", num_problems, seed=seed, digits=digits)
+    stop_ids = (tokenizer.token_id(END), tokenizer.eos_id)
+    max_new = max(len(tokenizer.encode(p.answer)) for p in problems) + 4  # enough to be wrong, but not much more
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [render_prompt([{"role": "user", "content": p.question}], tokenizer) for p in chunk]
+        answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop_ids)
+        correct += sum(a.strip() == p.answer for a, p in zip(answers, chunk, strict=True))
+    model.train(was_training)
+    return {"exact_match": correct / len(problems), "num_problems": float(len(problems))}
+
+
+class TaskAccuracy(L.Callback):
+    """Logs `eval/<task>/exact_match`: greedy answers to held-out problems of a built-in task, at validation end.
+
+    Every rank computes the same (deterministic) number, so logging needs no synchronisation.
+
+    Args:
+        task: Built-in task to score: addition, reverse or count.
+        num_problems: Test problems per evaluation.
+        every_n_validations: Evaluate at every n-th validation run (generation is slower than a validation batch).
+        digits: Operand digits of the addition task.
+        seed: Seed choosing the test problems (the same ones at every evaluation).
+    """
+
+    def __init__(
+        self,
+        task: str = "addition",
+        num_problems: int = 200,
+        every_n_validations: int = 1,
+        digits: int = 2,
+        seed: int = 0,
+    ):
+        if task not in TASKS:
+            raise LMError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
+        self.task, self.num_problems, self.every_n_validations = task, num_problems, every_n_validations
+        self.digits, self.seed = digits, seed
+        self._validations = 0
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or pl_module.tokenizer is None:
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every_n_validations:
+            return
+        with torch.compiler.set_stance("force_eager"):  # generation has a new shape every step: do not recompile
+            result = evaluate_task(
+                pl_module.model, pl_module.tokenizer, self.task, self.num_problems, self.seed, digits=self.digits
+            )
+        pl_module.log(f"eval/{self.task}/exact_match", result["exact_match"], prog_bar=True, sync_dist=False)
+
+
+def tasks_command(argv: list[str]) -> None:
+    """lm tasks eval: exact-match accuracy of a checkpoint's greedy answers on a built-in task's test problems."""
+    p = argparse.ArgumentParser(prog="lm tasks", description="Built-in synthetic chat tasks.")
+    sub = p.add_subparsers(dest="action", required=True)
+    e = sub.add_parser("eval", help="score greedy answers on held-out problems")
+    e.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
+    e.add_argument("--task", required=True, choices=sorted(TASKS))
+    e.add_argument("--num_problems", type=int, default=200)
+    e.add_argument("--digits", type=int, default=2, help="operand digits (addition)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    args = p.parse_args(argv)
+
+    from lm.checkpoint import load_checkpoint
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, _ = load_checkpoint(args.ckpt, map_location=device)
+    result = evaluate_task(model, tokenizer, args.task, args.num_problems, args.seed, digits=args.digits)
+    print(f"eval/{args.task}/exact_match {result['exact_match']:.4f} ({int(result['num_problems'])} problems)")

@@ -1,0 +1,230 @@
+"""The chat template, its loss mask, ChatData (formats, validation, truncation, batches) and SFT end to end."""
+
+import json
+
+import pytest
+import torch
+
+from lm.chat import CHAT_TEMPLATE_VERSION, check_messages, fit_history, render_chat, render_prompt
+from lm.chat_data import IGNORE_INDEX, ChatData
+from lm.errors import LMError
+from lm.tokenizer import ASSISTANT, BOS, CHAT_TOKENS, END, SPECIAL_TOKENS, SYSTEM, USER, CharTokenizer, build_tokenizer
+from tests.conftest import REPO, shared_file
+
+TOK = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?!.,0123456789+<|>"])
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "thanks"},
+    {"role": "assistant", "content": "you are welcome."},
+]
+
+
+def test_mask_is_one_exactly_on_assistant_content_and_its_end():
+    ids, mask = render_chat(CONVERSATION, TOK)
+    assert len(ids) == len(mask) and ids[0] == TOK.token_id(BOS)
+    specials = {TOK.token_id(t) for t in SPECIAL_TOKENS}
+    end = TOK.token_id(END)
+    # Walk the turns: every assistant turn (all three) is learned, content and END; nothing else is.
+    supervised = [i for i, m in enumerate(mask) if m]
+    expected, pos = [], 1
+    for message in CONVERSATION:
+        n = len(TOK.encode(message["content"]))
+        assert ids[pos] == TOK.token_id({"system": SYSTEM, "user": USER, "assistant": ASSISTANT}[message["role"]])
+        assert ids[pos + 1 + n] == end
+        if message["role"] == "assistant":
+            expected += list(range(pos + 1, pos + 2 + n))
+        pos += n + 2
+    assert pos == len(ids)
+    assert supervised == expected
+    # No marker other than an assistant's END ever carries loss.
+    assert all(ids[i] == end for i in supervised if ids[i] in specials)
+    assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "hello<|end|>4<|end|>you are welcome.<|end|>"
+
+
+def test_prompt_is_the_rendering_up_to_the_assistant_marker():
+    prompt = render_prompt(CONVERSATION[:4], TOK)
+    full, _ = render_chat(CONVERSATION, TOK)
+    assert prompt[-1] == TOK.token_id(ASSISTANT)
+    assert full[: len(prompt)] == prompt
+
+
+def test_marker_strings_in_user_text_stay_text():
+    ids, mask = render_chat([{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "ok"}], TOK)
+    assert ids.count(TOK.token_id(END)) == 2  # the user's END marker and the assistant's, not the typed string
+    assert TOK.decode(ids[2:9]) == "<|end|>"
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([{"role": "robot", "content": "x"}], "unknown role"),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}], "empty content"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+        ([{"role": "assistant", "content": "a"}], "alternate"),
+        ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}], "no assistant reply"),
+        ([], "no messages"),
+    ],
+)
+def test_malformed_conversations_are_named(messages, reason):
+    assert reason in check_messages(messages)
+
+
+def test_fit_history_drops_oldest_exchanges_but_keeps_the_system_message():
+    kept, prompt = fit_history(CONVERSATION[:6], TOK, budget=30)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "thanks"
+    assert len(prompt) <= 30 and len(kept) < 6
+    with pytest.raises(LMError):
+        fit_history(CONVERSATION[:2], TOK, budget=5)
+
+
+def _write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def _messages(i):
+    return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"instruction": "say hi", "input": "", "output": "hi"},
+        {"conversations": [{"from": "human", "value": "say hi"}, {"from": "gpt", "value": "hi"}]},
+        {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]},
+    ],
+    ids=["alpaca", "sharegpt", "messages"],
+)
+def test_formats_are_detected_and_render_the_same(tmp_path, record):
+    data = ChatData(source=_write_jsonl(tmp_path / "d.jsonl", [record] * 4), tokenizer="char", block_size=32)
+    data.setup()
+    ids, labels = data.train_examples[0]
+    assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "hi<|end|>"
+    assert data.chat_template_version == CHAT_TEMPLATE_VERSION
+
+
+def test_bad_record_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+    records = [_messages(i) for i in range(5)]
+    records[3] = {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"}]}
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(LMError, match=rf"{path}:4: turns do not alternate"):
+        ChatData(source=path, tokenizer="char", block_size=32).setup()
+    data = ChatData(source=path, tokenizer="char", block_size=32, on_bad_record="skip")
+    data.setup()
+    assert data.counts["skipped_bad"] == 1
+    assert len(data.train_examples) + len(data.val_examples) == 4
+
+
+def test_truncation_never_leaves_an_example_without_supervised_tokens(tmp_path):
+    long_question = {"messages": [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "y"}]}
+    path = _write_jsonl(tmp_path / "d.jsonl", [long_question] * 3 + [_messages(i) for i in range(20)])
+    data = ChatData(source=path, tokenizer="char", block_size=16, val_fraction=0.2)
+    data.setup()
+    assert sum(v for k, v in data.counts.items() if k.startswith("dropped")) == 3
+    for ids, labels in data.train_examples + data.val_examples:
+        assert len(ids) == len(labels) <= 16
+        assert any(label != IGNORE_INDEX for label in labels)
+
+
+def test_batches_have_the_one_shape_and_labels_are_next_tokens():
+    data = ChatData(source="task:addition", tokenizer="char", block_size=32, batch_size=8, task_size=100)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels"}
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 8
+    ids, labels = batch["input_ids"], batch["labels"]
+    keep = (labels[:, :-1] != IGNORE_INDEX) & (ids[:, 1:] != data.tokenizer.eos_id)  # EOS pads the short rows
+    assert keep.any() and torch.equal(labels[:, :-1][keep], ids[:, 1:][keep])  # a label is the next input token
+    answer_end = data.tokenizer.token_id(END)
+    assert (labels == answer_end).sum(dim=1).tolist() == [1] * 8  # one learned END per single-turn conversation
+
+
+def test_chat_batches_accumulate_like_one_big_batch():
+    """ChatData's padded micro-batches with uneven supervised-token counts: 4 x B == one batch of 4B (the module's
+    loss normalisation over the optimizer step)."""
+    from tests.test_module import _fit_steps
+
+    data = ChatData(source="task:addition", tokenizer="char", block_size=16, task_size=64, task_digits=3)
+    data.setup()
+    examples = data.train_examples[:32]
+    # Make supervision uneven across micro-batches: half the examples learn only their END token.
+    examples = [
+        (ids, lab if i % 3 else [IGNORE_INDEX] * (len(lab) - 1) + [lab[-1]]) for i, (ids, lab) in enumerate(examples)
+    ]
+    big = [ChatData.collate(examples[i : i + 16]) for i in (0, 16)]
+    small = [ChatData.collate(examples[i : i + 4]) for i in range(0, 32, 4)]
+    counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in small]
+    assert len(set(counts)) > 1
+    a, b = _fit_steps(big, accumulate=1), _fit_steps(small, accumulate=4)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_tokenizer_spec_can_be_a_checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"lm": {"tokenizer": TOK.to_state()}, "state_dict": {}}, path)
+    assert build_tokenizer(str(path)).fingerprint == TOK.fingerprint
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(LMError, match="not an lm checkpoint"):
+        build_tokenizer(str(tmp_path / "plain.ckpt"))
+
+
+def test_every_chat_marker_is_reserved():
+    assert all(TOK.token_id(t) is not None for t in CHAT_TOKENS)
+
+
+def test_hh_messages_file_loads():
+    data = ChatData(
+        source=str(shared_file("hh_rlhf_helpful_base_test.messages.jsonl")), tokenizer="gpt2", block_size=256
+    )
+    data.setup()
+    assert len(data.train_examples) > 2000
+    assert data.counts.get("skipped_bad", 0) == 0
+
+
+@pytest.mark.slow
+def test_pretrain_sft_chat_and_task_eval_through_the_cli(tmp_path):
+    """lm fit (pretrain on task text) -> lm fit (SFT from it) -> lm chat --prompt -> lm tasks eval, via the CLI."""
+    from tests.test_cli import lm
+
+    short = [
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--data.init_args.task_size",
+        "200",
+        "--data.init_args.task_val_size",
+        "20",
+        "--trainer.callbacks.init_args.num_problems",
+        "10",
+    ]
+    arch = ["--model.init_args.arch.n_layer", "1", "--model.init_args.arch.n_embd", "32"]
+    pre = lm("fit", "--config", REPO / "experiments/pretrain_addition.yaml", *arch, *short, cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    base = tmp_path / "runs/pretrain_addition/checkpoints/last.ckpt"
+    sft = lm(
+        "fit",
+        "--config",
+        REPO / "experiments/sft_addition.yaml",
+        *short,
+        "--model.init_args.init_from",
+        base,
+        "--data.init_args.tokenizer",
+        base,
+        cwd=tmp_path,
+    )
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    last = tmp_path / "runs/sft_addition/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["lm"]["model_config"]["n_layer"] == 1  # init_from's architecture
+    chat = lm("chat", "--ckpt", last, "--prompt", "12+34", "--max_new_tokens", "8", cwd=tmp_path)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert not any(t in chat.stdout for t in (END, BOS))  # stop tokens end the reply and are never printed
+    evaluated = lm("tasks", "eval", "--ckpt", last, "--task", "addition", "--num_problems", "20", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.startswith("eval/addition/exact_match ")

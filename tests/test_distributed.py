@@ -1,0 +1,140 @@
+"""Data-parallel correctness on CPU: 2 gloo processes through the real `lm fit` equal 1 process with the same batch.
+
+    pytest tests/test_distributed.py            # ~40 s on 2 cores; the DDP run is marked slow
+
+Under pytest, `strategy="ddp"` would relaunch pytest itself for rank 1, so the runs are `python -m lm fit`
+subprocesses; `StepRecorder` below is loaded into them by class path (PYTHONPATH = the repo).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lm.__main__ import main
+from lm.data import RandomWindowSampler
+from tests.conftest import REPO, cli_env
+
+OVERLAYS = sorted((REPO / "experiments" / "trainer").glob("*.yaml"))
+DEBUG = REPO / "experiments" / "debug.yaml"
+
+
+class StepRecorder(L.Callback):
+    """Writes, per rank, every step's local loss sum, supervised-token count and input windows to a JSON file.
+
+    Local values only (no collectives), so the test reduces them itself: the global loss of a step is
+    sum(loss_sum) / sum(tokens) over the ranks, which is what one process with the whole batch computes.
+    """
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        tokens = int((batch["labels"] != -100).sum())
+        # LanguageModel.training_step returns loss x tokens (the token-weighted sum); with no accumulation Lightning
+        # hands it back unchanged
+        self.steps.append(
+            {"loss_sum": float(outputs["loss"]), "tokens": tokens, "input_ids": batch["input_ids"].tolist()}
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(trainer.default_root_dir) / f"steps-rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({"world_size": trainer.world_size, "steps": self.steps}))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_trainer_overlays_parse(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DEBUG), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: lm.module.LanguageModel" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ranks_partition_the_single_process_batches(world_size):
+    """World size W x batch B draws exactly the windows of 1 process x batch W*B, step for step, split disjointly."""
+    n, T, B = 100_000, 16, 4
+    single = RandomWindowSampler(n, block_size=T, batch_size=world_size * B, seed=7)
+    ranks = [
+        RandomWindowSampler(n, block_size=T, batch_size=B, seed=7, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    for epoch in (0, 1):
+        for sampler in (single, *ranks):
+            sampler.set_epoch(epoch)
+        single_batches = list(single)
+        per_rank = [list(s) for s in ranks]
+        assert all(len(batches) == len(single_batches) == len(single) for batches in per_rank)
+        for step, whole in enumerate(single_batches):
+            # rank r holds positions [r*B, (r+1)*B) of the single process' draw: nothing duplicated, nothing dropped
+            np.testing.assert_array_equal(np.concatenate([batches[step] for batches in per_rank]), whole)
+
+
+def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
+    root = tmp_path / name
+    args = [
+        *("--config", DEBUG),
+        *("--trainer.default_root_dir", root),
+        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root),
+        *("--trainer.callbacks+=tests.test_distributed.StepRecorder",),
+        *("--trainer.max_steps", "8", "--trainer.val_check_interval", "8"),
+        *("--samples.max_new_tokens", "0", "--seed_everything", "1234"),
+        *extra,
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "lm", "fit", *map(str, args)],
+        cwd=tmp_path,
+        env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+def _val_losses(root: Path) -> list[float]:
+    (metrics,) = root.glob("*/version_*/metrics.csv")  # <save_dir>/<name>/version_0
+    header, *rows = [line.split(",") for line in metrics.read_text().splitlines()]
+    col = header.index("val/loss")
+    return [float(row[col]) for row in rows if row[col]]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    # validation: the same first 16 windows of the val split, all on one process or 8 per rank
+    one = _fit(tmp_path, "one", "--data.init_args.batch_size", "8", "--data.init_args.val_windows", "16")
+    two = _fit(
+        tmp_path,
+        "two",
+        *("--data.init_args.batch_size", "4", "--data.init_args.val_windows", "16"),
+        *("--config", REPO / "experiments/trainer/ddp_cpu.yaml"),
+    )
+
+    single = json.loads((one / "steps-rank0.json").read_text())["steps"]
+    ranks = [json.loads((two / f"steps-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(single) == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 8
+
+    for step, (whole, r0, r1) in enumerate(zip(single, ranks[0]["steps"], ranks[1]["steps"], strict=True)):
+        # the two ranks' windows are disjoint halves of the single process' batch
+        assert r0["input_ids"] + r1["input_ids"] == whole["input_ids"], f"step {step}: different data"
+        assert r0["tokens"] + r1["tokens"] == whole["tokens"]
+        # and the global loss (token-weighted over ranks) follows the same curve: same weights at every step
+        global_loss = (r0["loss_sum"] + r1["loss_sum"]) / (r0["tokens"] + r1["tokens"])
+        assert global_loss == pytest.approx(whole["loss_sum"] / whole["tokens"], rel=1e-4), f"step {step}"
+
+    # after 8 optimizer steps the weights agree, and so does the validation loss (every rank sees the same windows)
+    w1 = torch.load(one / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    w2 = torch.load(two / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert _val_losses(two) == pytest.approx(_val_losses(one), rel=1e-4)
+    # only rank 0 writes the logs and checkpoints
+    assert len(list(two.glob("*/version_*"))) == 1

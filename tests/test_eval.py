@@ -1,0 +1,228 @@
+"""`lm eval` and the in-training EvalCallback: bits per byte against a hand-written loop, HellaSwag scoring against a
+plain re-implementation, the result JSON, the chat-task hook, and the callback inside a real (tiny) Trainer."""
+
+import json
+import math
+from dataclasses import asdict
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+
+from lm.__main__ import main
+from lm.config import GPTConfig, padded_vocab_size
+from lm.eval import EvalCallback, EvalSpec, evaluate, stream_windows
+from lm.model import GPT
+from lm.tokenizer import CharTokenizer, Tokenizer
+from tests.conftest import REPO, shared_file
+
+DOCS = ["To be, or not to be, that is the question:\n", "Whether 'tis nobler in the mind to suffer\nThe slings. é\n"]
+
+
+def write_checkpoint(path, tokenizer: Tokenizer, seed: int = 0, **arch) -> GPT:
+    """A checkpoint shaped like the ones `lm fit` writes, around a random-init GPT (weights scaled up so the
+    logits are far from uniform and the comparison means something)."""
+    config = GPTConfig(vocab_size=padded_vocab_size(tokenizer.vocab_size), **arch)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+            else:
+                p.add_(0.1 * torch.randn_like(p))  # norm gains away from 1: catches a swapped norm
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    lm_info = {"format": 1, "model_config": asdict(config), "tokenizer": tokenizer.to_state(), "run_config": None}
+    torch.save({"state_dict": state, "global_step": 3, "lm": lm_info}, path)
+    return model.eval()
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    directory = tmp_path / "texts"
+    directory.mkdir()
+    for i, doc in enumerate(DOCS):
+        (directory / f"{i}.txt").write_text(doc, encoding="utf-8")
+    return directory
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A random-init tiny GPT with a char tokenizer that covers DOCS and the HellaSwag rows below."""
+    tokenizer = CharTokenizer.train([*DOCS, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,'!? "])
+    path = tmp_path / "tiny.ckpt"
+    model = write_checkpoint(path, tokenizer, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    return path, model, tokenizer
+
+
+def hand_nats(model: GPT, stream: list[int]) -> float:
+    """Every token after the first, one forward per token, context = the tokens since its window of block_size
+    began (windows start at multiples of block_size): the definition in lm/eval.py, written the slow way."""
+    T, nats = model.config.block_size, 0.0
+    with torch.no_grad():
+        for i in range(len(stream) - 1):
+            context = stream[(i // T) * T : i + 1]
+            logits = model(torch.tensor([context]))[0, -1]
+            nats -= F.log_softmax(logits.double(), dim=-1)[stream[i + 1]].item()
+    return nats
+
+
+def test_bits_per_byte_equals_hand_computed_nats_over_bytes(ckpt, text_dir, tmp_path, capsys):
+    path, model, tokenizer = ckpt
+    out = tmp_path / "lm.json"
+    main(["eval", "--ckpt", str(path), "--task", "lm", "--data", str(text_dir), "--out", str(out), "--batch_size", "3"])
+    record = json.loads(out.read_text())
+
+    stream = [tokenizer.eos_id]
+    for doc in DOCS:  # files are read in sorted order: 0.txt, 1.txt
+        stream += tokenizer.encode(doc) + [tokenizer.eos_id]
+    num_bytes = sum(len(p.read_bytes()) for p in text_dir.iterdir())
+    nats = hand_nats(model, stream)
+    assert record["metrics"]["tokens"] == len(stream) - 1  # every token once, the EOS after each document included
+    assert record["metrics"]["bytes"] == num_bytes
+    assert record["metrics"]["bpb"] == pytest.approx(nats / (math.log(2) * num_bytes), rel=1e-5)
+    assert record["metrics"]["loss"] == pytest.approx(nats / (len(stream) - 1), rel=1e-5)
+    assert (record["task"], record["metric"], record["value"]) == ("lm", "bpb", record["metrics"]["bpb"])
+    assert record["num_items"] == 2
+    assert record["checkpoint"] == {"path": str(path), "global_step": 3}
+    assert record["tokenizer"] == {
+        "kind": "char",
+        "vocab_size": tokenizer.vocab_size,
+        "fingerprint": tokenizer.fingerprint,
+    }
+    assert {"date", "lm_version"} <= record.keys()
+    printed = capsys.readouterr().out
+    assert "bpb" in printed and str(out) in printed
+
+
+def test_sliding_window_scores_every_token_once_with_more_context(ckpt, text_dir):
+    _, model, tokenizer = ckpt
+    for stride in (1, 5, 16):
+        windows = stream_windows(100, 16, stride)
+        scored = [p for _, end, start in windows for p in range(start, end)]
+        assert scored == list(range(100))
+        assert all(end - begin <= 16 for begin, end, _ in windows)
+        assert all(start - begin >= 16 - stride for begin, _, start in windows[1:])
+    flat, _ = evaluate(model, tokenizer, EvalSpec(task="lm", data=str(text_dir)))
+    sliding, _ = evaluate(model, tokenizer, EvalSpec(task="lm", data=str(text_dir), stride=4))
+    assert sliding["tokens"] == flat["tokens"] and sliding["bytes"] == flat["bytes"]
+    assert sliding["bpb"] != flat["bpb"]
+
+
+HELLASWAG_ROWS = [
+    {"activity_label": "Roof", "ctx": "A man is on a roof. he", "endings": ["is up.", "eats", "runs far away.", "x"]},
+    {"activity_label": "Jump", "ctx": "The boy lands [title] on a mat.", "endings": ["a", "bb", "sits.", "ccc dd"]},
+    {"activity_label": "Cats", "ctx": "A cat sits.", "endings": ["It naps.", "It", "Zzz", "It runs, it hides."]},
+]
+
+
+def plain_loglikelihood(model: GPT, tokenizer, query: str, continuation: str) -> float:
+    context = tokenizer.encode(query)
+    whole = tokenizer.encode(query + continuation)
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), dim=-1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole)))
+
+
+def test_hellaswag_acc_and_acc_norm_as_lm_eval_defines_them(ckpt, tmp_path):
+    path, model, tokenizer = ckpt
+    data = tmp_path / "hs.jsonl"
+    rows = [row | {"label": label} for row, label in zip(HELLASWAG_ROWS, (0, 2, 3), strict=True)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics, n = evaluate(model, tokenizer, EvalSpec(task="hellaswag", data=str(data), batch_size=5))
+    assert n == 3
+    acc = acc_norm = 0
+    for row in rows:
+        query = f"{row['activity_label']}: {row['ctx']}".replace(" [title]", ". ").replace("  ", " ")
+        lls = [plain_loglikelihood(model, tokenizer, query, " " + e) for e in row["endings"]]
+        acc += max(range(4), key=lambda i: (lls[i], -i)) == row["label"]
+        acc_norm += max(range(4), key=lambda i: (lls[i] / len(row["endings"][i]), -i)) == row["label"]
+    assert metrics == pytest.approx({"acc": acc / 3, "acc_norm": acc_norm / 3})
+
+
+def test_hellaswag_shared_slice_reads(ckpt):
+    _, model, tokenizer = ckpt
+    from lm.eval import read_hellaswag
+
+    items = read_hellaswag(shared_file("hellaswag_val_every5th.jsonl"))
+    assert len(items) == 2009 and all(len(i["choices"]) == 4 for i in items)
+    assert items[0]["query"] == "Roof shingle removal: A man is sitting on a roof. he"
+
+
+def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
+    _, model, tokenizer = ckpt
+    import lm.tasks
+
+    calls = []
+
+    def fake(model, tokenizer, task, num_problems, seed):
+        calls.append((task, num_problems, seed))
+        return {"exact_match": 0.25, "num_problems": float(num_problems)}
+
+    monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
+    metrics, n = evaluate(model, tokenizer, EvalSpec(task="addition", num_problems=8, seed=3))
+    assert calls == [("addition", 8, 3)] and n == 8 and metrics["exact_match"] == 0.25
+
+
+def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
+    path, _, _ = ckpt
+    for args in (["--task", "lm"], ["--task", "hellaswag", "--data", str(tmp_path / "missing.jsonl")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--ckpt", str(path), *args])
+        assert exit_info.value.code == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "no endings"}\n')
+    with pytest.raises(SystemExit):
+        main(["eval", "--ckpt", str(path), "--task", "hellaswag", "--data", str(bad)])
+    assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_callback_logs_eval_metrics_in_training(tmp_path):
+    """The callback inside a real Trainer: `eval/<name>/<metric>` reach the logger at each validation."""
+    from lm.data import PretrainData
+    from lm.module import LanguageModel
+
+    text_dir = tmp_path / "corpus"
+    text_dir.mkdir()
+    for i, doc in enumerate(DOCS):
+        (text_dir / f"{i}.txt").write_text(doc * 20, encoding="utf-8")
+
+    data = PretrainData(
+        source=str(text_dir), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1
+    )
+    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
+    callback = EvalCallback([{"task": "lm", "data": str(text_dir), "name": "texts"}], every_n_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path / "logs"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    metrics = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    header = metrics.splitlines()[0].split(",")
+    assert {"eval/texts/bpb", "eval/texts/loss", "eval/texts/ppl"} <= set(header)
+    expected = evaluate(module.model, module.tokenizer, EvalSpec(task="lm", data=str(text_dir)))[0]
+    assert trainer.callback_metrics["eval/texts/bpb"].item() == pytest.approx(expected["bpb"], rel=1e-5)
+
+
+def test_callback_is_configured_from_yaml(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lm.eval.EvalCallback\n      init_args:\n"
+        "        tasks: [{task: hellaswag, data: hs.jsonl, limit: 10}]\n        every_n_steps: 100\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lm.eval.EvalCallback" in printed and "task: hellaswag" in printed and "limit: 10" in printed

@@ -1,0 +1,78 @@
+"""`lm export` to a transformers directory: logits parity in fp32, the same greedy continuation, tokenizer ids."""
+
+import pytest
+import torch
+
+from lm.errors import LMError
+from lm.export import export_hf, hf_state_dict
+from lm.generate import stream_tokens
+from lm.model import GPT
+from lm.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
+from tests.test_eval import write_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll: Speak, speak!  it's 42 ü"
+
+
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer.train([TEXT])
+
+
+def assert_parity(model: GPT, out_dir, tokenizer: Tokenizer, expected_class: str) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    assert type(hf).__name__ == expected_class
+    torch.manual_seed(1)
+    ids = torch.randint(0, tokenizer.vocab_size, (3, model.config.block_size))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+    prompt = tokenizer.encode(TEXT[:10])
+    ours_greedy = list(stream_tokens(model, prompt, max_new_tokens=12, temperature=0))
+    with torch.no_grad():
+        # min_new_tokens: HF would stop at EOS, lm's engine too, but here we compare raw greedy paths.
+        generated = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=len(ours_greedy), do_sample=False, eos_token_id=None
+        )
+    assert generated[0, len(prompt) :].tolist() == ours_greedy
+
+
+def test_llama_export_matches_logits_and_greedy(tmp_path):
+    tokenizer = char_tokenizer()
+    model = write_checkpoint(tmp_path / "c.ckpt", tokenizer, block_size=24, n_layer=2, n_head=4, n_embd=64)
+    out = export_hf(tmp_path / "c.ckpt", tmp_path / "hf")
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (out / name).is_file()
+    assert_parity(model, out, tokenizer, "LlamaForCausalLM")
+
+
+def test_qwen3_export_with_qk_norm_gqa_and_tied_embeddings(tmp_path):
+    tokenizer = char_tokenizer()
+    arch = dict(block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, qk_norm=True, tie_embeddings=True)
+    model = write_checkpoint(tmp_path / "q.ckpt", tokenizer, **arch)
+    out = export_hf(tmp_path / "q.ckpt", tmp_path / "hf")
+    assert "lm_head.weight" not in hf_state_dict(model)  # tied: transformers re-ties it from the config
+    assert_parity(model, out, tokenizer, "Qwen3ForCausalLM")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+def test_exported_tokenizer_gives_the_same_ids(tmp_path, kind):
+    tokenizer = {
+        "char": char_tokenizer,
+        "bpe": lambda: BPETokenizer.train([TEXT * 3], vocab_size=300),
+        "gpt2": GPT2Tokenizer,
+    }[kind]()
+    write_checkpoint(tmp_path / "t.ckpt", tokenizer, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    out = export_hf(tmp_path / "t.ckpt", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in (TEXT, TEXT[5:40], " speak", "\n\n"):
+        assert hf_tok.encode(text) == tokenizer.encode(text), text
+        assert hf_tok.decode(tokenizer.encode(text)) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+
+
+def test_export_of_a_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(LMError, match="checkpoint not found"):
+        export_hf(tmp_path / "nope.ckpt", tmp_path / "hf")

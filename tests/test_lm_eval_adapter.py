@@ -1,0 +1,99 @@
+"""The lm-evaluation-harness adapter, offline: a local multiple-choice task over a local JSONL through
+`lm_eval.simple_evaluate`, plus loglikelihood_rolling and generate_until against lm's own code."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lm.eval import EvalSpec, evaluate
+from lm.generate import stream_tokens
+from lm.tokenizer import CharTokenizer
+from tests.test_eval import hand_nats, write_checkpoint
+
+pytest.importorskip("lm_eval")
+from lm_eval import simple_evaluate  # noqa: E402 - only after the optional-extra check
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from lm.lm_eval_adapter import LMEvalAdapter  # noqa: E402
+
+ROWS = [
+    {"activity_label": "Roof", "ctx": "A man is on a roof. he", "endings": ["is up.", "eats", "runs far.", "x"]},
+    {"activity_label": "Jump", "ctx": "The boy lands on a mat.", "endings": ["a", "bb", "sits.", "ccc dd"]},
+    {"activity_label": "Cats", "ctx": "A cat sits.", "endings": ["It naps.", "It", "Zzz", "It runs, it hides."]},
+    {"activity_label": "Dogs", "ctx": "The dog", "endings": ["barks.", "is red", "sat", "eats a bone."]},
+]
+
+TASK_YAML = """\
+task: tiny_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{activity_label}}}}: {{{{ctx}}}}"
+doc_to_target: label
+doc_to_choice: endings
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    tokenizer = CharTokenizer.train([json.dumps(ROWS), "The quick brown fox\n"])
+    path = tmp_path / "tiny.ckpt"
+    write_checkpoint(path, tokenizer, block_size=48, n_layer=2, n_head=2, n_embd=32)
+    return LMEvalAdapter(ckpt=str(path), batch_size=3, device="cpu")
+
+
+def test_simple_evaluate_on_a_local_task_matches_lm_eval_command(adapter, tmp_path):
+    data = tmp_path / "hs.jsonl"
+    rows = [row | {"label": label} for row, label in zip(ROWS, (0, 2, 3, 3), strict=True)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_hellaswag.yaml").write_text(TASK_YAML.format(data=data))
+
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    out = simple_evaluate(model=adapter, tasks=["tiny_hellaswag"], task_manager=manager, bootstrap_iters=0)
+    harness = out["results"]["tiny_hellaswag"]
+    ours, n = evaluate(adapter.model, adapter.tokenizer, EvalSpec(task="hellaswag", data=str(data)))
+    assert n == 4
+    assert harness["acc,none"] == pytest.approx(ours["acc"])
+    assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+
+
+def test_loglikelihood_rolling_scores_every_token_after_eos(adapter):
+    short, long = "The quick brown fox", "The quick brown fox\n" * 6  # the long one spans several windows
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0) for text in (short, long)]
+    got = adapter.loglikelihood_rolling(requests)
+    tokenizer, model = adapter.tokenizer, adapter.model
+    assert got[0] == pytest.approx(-hand_nats(model, [tokenizer.eos_id, *tokenizer.encode(short)]), rel=1e-5)
+    assert math.isfinite(got[1]) and got[1] < got[0]
+
+
+def test_generate_until_is_lm_greedy_cut_at_the_stop_string(adapter):
+    contexts = ["The dog", "A cat sits."]
+    requests = [
+        Instance("generate_until", {}, (c, {"until": ["s"], "max_gen_toks": 8}), i) for i, c in enumerate(contexts)
+    ]
+    got = adapter.generate_until(requests)
+    tokenizer = adapter.tokenizer
+    for context, text in zip(contexts, got, strict=True):
+        ids = list(
+            stream_tokens(
+                adapter.model,
+                tokenizer.encode(context),
+                max_new_tokens=8,
+                temperature=0,
+                vocab_size=tokenizer.vocab_size,
+            )
+        )
+        expected = tokenizer.decode(ids).split("s")[0]
+        assert text == expected
+    assert torch.is_grad_enabled()  # the adapter leaves global state alone

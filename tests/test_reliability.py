@@ -1,0 +1,191 @@
+"""Faults and what docs/reliability.md promises: one-line user errors, atomic checkpoints, skipped NaN steps."""
+
+import lightning as L
+import pytest
+import torch
+
+from lm.__main__ import main
+from lm.cli_errors import explain
+from lm.config import get_config
+from lm.data import PretrainData
+from lm.errors import LMError
+from lm.module import LanguageModel
+from lm.reliability import AtomicCheckpointIO, RNGState
+from lm.tokenizer import CharTokenizer
+from tests.conftest import REPO
+
+DEBUG = str(REPO / "experiments" / "debug.yaml")
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.init_args.lrr", "1"], "unknown key model.init_args.lrr (did you mean 'lr'?)"),
+        (["--model.init_args.arch.n_layr", "3"], "unknown key model.init_args.arch.n_layr (did you mean 'n_layer'?)"),
+        (["--trainer.max_stepz", "3"], "unknown key trainer.max_stepz (did you mean 'trainer.max_steps'?)"),
+        (["--data.init_args.sourc", "x"], "unknown key data.init_args.sourc (did you mean 'source'?)"),
+        (["--model.init_args.lr", "abc"], "bad value for model.init_args.lr: Expected a <class 'float'>"),
+        (["--trainer.max_steps", "abc"], "bad value for trainer.max_steps: Expected a <class 'int'>"),
+        (["--model.init_args.l", "3"], "unknown key model.init_args.l"),  # no silent abbreviation of `lr`
+    ],
+)
+def test_config_errors_are_one_line_naming_the_key(capsys, override, expected):
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, *override)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and expected in err
+
+
+def test_unknown_key_lists_the_allowed_ones(capsys):
+    _, err = run_cli(capsys, "fit", "--config", DEBUG, "--model.init_args.lrr", "1")
+    assert "lm.module.LanguageModel accepts: arch, lr, min_lr_ratio" in err
+
+
+def test_unknown_key_in_a_yaml_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stepz: 3\n")
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(bad))
+    assert code == 2 and "unknown key trainer.max_stepz" in err
+
+
+def test_explain_falls_back_to_the_first_line():
+    assert explain("something new\nand more", []) == "something new"
+
+
+def test_truncated_checkpoint_for_resume_is_one_line(capsys, tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--ckpt_path", str(ckpt))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(ckpt) in err and "truncated or corrupted" in err
+
+
+def data(tmp_path, name: str, content: bytes, **kwargs) -> PretrainData:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return PretrainData(source=str(path), block_size=8, batch_size=2, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_non_utf8_text_names_file_and_line(tmp_path):
+    dm = data(tmp_path, "bad.txt", b"first line\nsecond \xff line\n")
+    with pytest.raises(LMError, match=r"bad\.txt:2: not UTF-8 \(byte 0xff"):
+        dm.prepare_data()
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    dm = data(tmp_path, "bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    with pytest.raises(LMError, match=r"bad\.jsonl:3: not a JSON record"):
+        dm.prepare_data()
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    dm = data(tmp_path, "empty.txt", b"")
+    with pytest.raises(LMError, match="holds no text"):
+        dm.prepare_data()
+    assert not list((tmp_path / "cache").glob("*/meta.json"))  # nothing a later run could trust
+
+
+def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path) == {"step": 1}  # the old checkpoint, intact
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
+    callback = RNGState()
+    state = callback.state_dict()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = torch.rand(3)
+    torch.rand(5)  # move on
+    callback.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_init_from_refuses_a_different_tokenizer(tmp_path):
+    theirs = CharTokenizer.train(["abc"])
+    ckpt = tmp_path / "pretrained.ckpt"
+    config = get_config("tiny")
+    model = LanguageModel(config)
+    model.configure_model()
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.model.state_dict().items()},
+            "lm": {"model_config": vars(config), "tokenizer": theirs.to_state()},
+        },
+        ckpt,
+    )
+    fresh = LanguageModel(config, init_from=str(ckpt))
+    fresh.tokenizer = CharTokenizer.train(["xyz"])
+    with pytest.raises(LMError, match="tokenizer .* differs from the data's"):
+        fresh.configure_model()
+
+
+# ---- non-finite steps ---------------------------------------------------------------------------------------------
+
+
+def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6):
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=max_skipped)
+    snapshots = []
+    original_step = module.model_step
+
+    def model_step(batch):
+        loss, n = original_step(batch)
+        snapshots.append({k: v.clone() for k, v in module.model.state_dict().items()})
+        if module.trainer.global_step in nan_steps:
+            loss = loss * float("nan")
+        return loss, n
+
+    module.model_step = model_step
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(steps)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module, snapshots
+
+
+def test_nan_step_is_skipped_and_counted():
+    module, snapshots = fit_with_nan_steps({2}, max_skipped=5)
+    assert module.skipped_steps == 1 and module.stopped_at_step is None
+    # weights before step 2 equal weights before step 3: the NaN step changed nothing
+    for name, before in snapshots[2].items():
+        assert torch.equal(before, snapshots[3][name]), name
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    # and the steps around it did train
+    assert not torch.equal(snapshots[1]["lm_head.weight"], snapshots[2]["lm_head.weight"])
+
+
+def test_too_many_nan_steps_stop_the_run_naming_the_step():
+    module, snapshots = fit_with_nan_steps({1, 2, 3, 4, 5}, max_skipped=2)
+    assert module.skipped_steps == 3
+    assert module.stopped_at_step == 3
+    assert len(snapshots) == 4  # steps 0..3 ran; training stopped after the third skipped step
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())

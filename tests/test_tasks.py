@@ -1,0 +1,52 @@
+"""Built-in synthetic tasks: correct answers, seeded draws, train/test splits that never overlap, evaluation."""
+
+import pytest
+import torch
+
+from lm.config import get_config
+from lm.errors import LMError
+from lm.model import GPT
+from lm.tasks import TASKS, evaluate_task, make_problems, split_of
+from lm.tokenizer import CharTokenizer
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_train_and_test_never_overlap_whatever_the_seeds(task):
+    train = {p.question for seed in (0, 1) for p in make_problems(task, "train", 2000, seed=seed)}
+    test = {p.question for seed in (0, 7) for p in make_problems(task, "test", 200, seed=seed)}
+    assert train and test and train.isdisjoint(test)
+    assert {split_of(p) for p in make_problems(task, "test", 50)} == {"test"}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_problems_are_seeded_and_distinct(task):
+    a = make_problems(task, "train", 300, seed=3)
+    assert a == make_problems(task, "train", 300, seed=3)
+    assert a != make_problems(task, "train", 300, seed=4)
+    assert len({p.question for p in a}) == 300
+
+
+def test_answers_are_right():
+    for p in make_problems("addition", "train", 100, digits=3):
+        a, b = map(int, p.question.split("+"))
+        assert 100 <= a <= 999 and 100 <= b <= 999 and int(p.answer) == a + b
+    for p in make_problems("reverse", "test", 50):
+        assert p.answer == p.question.removeprefix("reverse ")[::-1]
+    for p in make_problems("count", "train", 50):
+        _, letter, _, word = p.question.split()
+        assert int(p.answer) == word.count(letter)
+
+
+def test_asking_for_more_problems_than_exist_is_a_user_error():
+    with pytest.raises(LMError, match="fewer than"):
+        make_problems("addition", "test", 50, digits=1)  # 100 one-digit pairs, ~10 held out
+    with pytest.raises(LMError, match="unknown task"):
+        make_problems("division", "train", 5)
+
+
+def test_evaluate_task_scores_greedy_answers():
+    tok = CharTokenizer.train(["0123456789+"])
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=64, block_size=32)).eval()
+    result = evaluate_task(model, tok, "addition", num_problems=30, batch_size=8)
+    assert result["num_problems"] == 30 and 0.0 <= result["exact_match"] <= 1.0
