@@ -174,11 +174,10 @@ def generate_command(argv: list[str]) -> None:
 
     import torch
 
-    from lm.checkpoint import load_checkpoint
+    from lm.checkpoint import load_for_inference
     from lm.generate import stream_tokens
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, _ = load_checkpoint(args.ckpt, map_location=device)
+    model, tokenizer, _, device = load_for_inference(args.ckpt, args.device)
     generator = torch.Generator(device).manual_seed(args.seed)
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     for i in range(args.num_samples):

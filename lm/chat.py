@@ -115,11 +115,10 @@ def chat_command(argv: list[str]) -> None:
 
     import torch
 
-    from lm.checkpoint import load_checkpoint
+    from lm.checkpoint import load_for_inference
     from lm.generate import stream_text
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, info = load_checkpoint(args.ckpt, map_location=device)
+    model, tokenizer, info, device = load_for_inference(args.ckpt, args.device)
     version = info.get("chat_template_version")
     if version is not None and version != CHAT_TEMPLATE_VERSION:
         print(f"warning: {args.ckpt} was trained on chat template v{version}; this is v{CHAT_TEMPLATE_VERSION}")

@@ -40,3 +40,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[GPT, Tokenize
     model.eval()
     info = {**info, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "path": str(path)}
     return model, Tokenizer.from_state(info["tokenizer"]), info
+
+
+def load_for_inference(path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer, dict, str]:
+    """`load_checkpoint` onto a device for the inference commands; "auto" means CUDA when there is one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, info = load_checkpoint(path, map_location=device)
+    return model, tokenizer, info, device

@@ -617,9 +617,11 @@ class PretrainData(L.LightningDataModule):
     def _windows(self, start: int, stop: int) -> TokenWindows:
         return TokenWindows(self.cache_path / "tokens.bin", self.train_tokens.dtype, start, stop, self.block_size)
 
-    def _loader(self, dataset: TokenWindows, sampler: DistributedSampler) -> DataLoader:
+    def _loader(
+        self, dataset: TokenWindows, sampler: DistributedSampler, loader_class: type[DataLoader] = DataLoader, **extra
+    ) -> DataLoader:
         # batch_size=None: the sampler already yields whole batches (arrays of starts) and the dataset builds them
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_size=None,
             sampler=sampler,
@@ -629,6 +631,7 @@ class PretrainData(L.LightningDataModule):
             # Each new iterator draws a seed from this generator instead of torch's global RNG, so creating loaders
             # (every epoch, every validation, after a resume) never shifts the dropout masks of training.
             generator=torch.Generator().manual_seed(self.seed),
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -642,17 +645,8 @@ class PretrainData(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-        return ResumableDataLoader(
-            self._windows(0, self.num_train),
-            batch_size=None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            # Each new iterator draws a seed from this generator instead of torch's global RNG, so creating loaders
-            # (every epoch, every validation, after a resume) never shifts the dropout masks of training.
-            generator=torch.Generator().manual_seed(self.seed),
-            position=self._train_position,
+        return self._loader(
+            self._windows(0, self.num_train), sampler, ResumableDataLoader, position=self._train_position
         )
 
     def _train_position(self) -> dict[str, int]:

@@ -544,7 +544,7 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <stem>.eval-<task>.json)")
     args = p.parse_args(argv)
 
-    from lm.checkpoint import load_checkpoint
+    from lm.checkpoint import load_for_inference
 
     spec = EvalSpec(
         task=args.task,
@@ -558,8 +558,7 @@ def eval_command(argv: list[str]) -> None:
         batch_size=args.batch_size,
     )
     build_task(spec)  # unknown task: fail before loading anything
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, info = load_checkpoint(args.ckpt, map_location=device)
+    model, tokenizer, info, _ = load_for_inference(args.ckpt, args.device)
     metrics, num_items = evaluate(model, tokenizer, spec)
     record = result_record(spec, metrics, num_items, tokenizer, info)
     out = Path(args.out) if args.out else default_out(args.ckpt, record["task"])

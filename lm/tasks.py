@@ -173,9 +173,8 @@ def tasks_command(argv: list[str]) -> None:
     e.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     args = p.parse_args(argv)
 
-    from lm.checkpoint import load_checkpoint
+    from lm.checkpoint import load_for_inference
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, _ = load_checkpoint(args.ckpt, map_location=device)
+    model, tokenizer, _, _ = load_for_inference(args.ckpt, args.device)
     result = evaluate_task(model, tokenizer, args.task, args.num_problems, args.seed, digits=args.digits)
     print(f"eval/{args.task}/exact_match {result['exact_match']:.4f} ({int(result['num_problems'])} problems)")
