@@ -21,6 +21,7 @@ from lm.chat import CHAT_TEMPLATE_VERSION
 from lm.config import GPTConfig, padded_vocab_size
 from lm.errors import LMError
 from lm.model import GPT
+from lm.optim import MuonWithAdamW
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (prompt tokens, padding)
 CHECKPOINT_FORMAT = 1  # bump when what `on_save_checkpoint` writes under "lm" changes
@@ -81,8 +82,10 @@ class LanguageModel(L.LightningModule):
         warmup_steps: Optimizer steps of linear warmup.
         decay_steps: Optimizer step at which the schedule reaches its minimum; None means the Trainer's total steps.
         wsd_decay_fraction: Fraction of training spent decaying at the end of a wsd schedule.
-        weight_decay: AdamW weight decay, applied to 2-D matmul weights only (not norms or the embedding).
+        weight_decay: Weight decay, applied to 2-D matmul weights only (not norms or the embedding).
         betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
+        optimizer: adamw for every parameter, or muon: Muon (torch.optim.Muon) for the 2-D weights inside the blocks and
+            AdamW for embeddings, head and norms, with the same lr and schedule.
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
         init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
             dropout) and its tokenizer must be the data module's.
@@ -102,6 +105,7 @@ class LanguageModel(L.LightningModule):
         wsd_decay_fraction: float = 0.2,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
+        optimizer: Literal["adamw", "muon"] = "adamw",
         compile: bool = False,
         init_from: str | None = None,
         max_skipped_steps: int = 10,
@@ -240,12 +244,20 @@ class LanguageModel(L.LightningModule):
             f"AdamW: {len(decay)} tensors with weight decay ({sum(p.numel() for p in decay):,} params), "
             f"{len(no_decay)} without ({sum(p.numel() for p in no_decay):,} params)"
         )
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            fused=self.device.type == "cuda",
-        )
+        adamw_groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "muon":
+            # Muon orthogonalises whole-matrix updates: only for the blocks' hidden matrices, not the embedding/head
+            hidden = [p for n, p in self.model.named_parameters() if p.dim() == 2 and n.startswith("layers.")]
+            hidden_ids = {id(p) for p in hidden}
+            adamw_groups[0]["params"] = [p for p in decay if id(p) not in hidden_ids]
+            rank_zero_info(f"Muon for {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} params)")
+            muon = torch.optim.Muon(hidden, lr=hp.lr, weight_decay=hp.weight_decay, adjust_lr_fn="match_rms_adamw")
+            adamw = torch.optim.AdamW(adamw_groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda")
+            optimizer = MuonWithAdamW(muon, adamw)
+        else:
+            optimizer = torch.optim.AdamW(
+                adamw_groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda"
+            )
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             total = hp.warmup_steps  # no max_steps/max_epochs: warmup then constant

@@ -94,3 +94,30 @@ def test_accumulation_equals_one_big_batch_with_uneven_masks():
     a, b = _fit_steps(big, accumulate=1), _fit_steps(small, accumulate=4)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tmp_path):
+    module = LanguageModel(get_config("tiny"), lr=3e-3, warmup_steps=1, decay_steps=20, optimizer="muon")
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
+    assert muon == {n for n, p in module.model.named_parameters() if p.dim() == 2 and n.startswith("layers.")}
+    assert adamw == set(names.values()) - muon  # every parameter exactly once
+    assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= adamw
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 64, (4, 16), generator=g),
+        "labels": torch.randint(0, 64, (4, 16), generator=g),
+    }
+    first = module.model_step(batch)[0].item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        module.model_step(batch)[0].backward()
+        optimizer.step()
+    assert module.model_step(batch)[0].item() < 0.6 * first  # memorising one batch: 4.17 -> 2.29
+    torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
+    optimizer.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert optimizer.param_groups[0] is optimizer.muon.param_groups[0]  # the schedule still reaches Muon's groups
