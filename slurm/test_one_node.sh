@@ -76,7 +76,7 @@ say "job B requeued by Lightning; hpc_ckpt_1.ckpt global_step=$(step_of "$ROOT_B
 wait_state "$B" 60 PENDING RUNNING
 # the checkpoint the restart will pick (train.sbatch's rule: the newest hpc_ckpt_N or last.ckpt); the requeue's
 # SIGTERM may have made last.ckpt (checkpoint.save_on_exception) a moment after hpc_ckpt_1
-RESUME_CKPT=$(ls -t "$ROOT_B"/hpc_ckpt_*.ckpt "$ROOT_B"/checkpoints/last.ckpt 2>/dev/null | head -n 1)
+RESUME_CKPT=$(ls -t "$ROOT_B"/hpc_ckpt_*.ckpt "$ROOT_B"/checkpoints/last.ckpt 2>/dev/null | head -n 1 || true)
 STEP_HPC=$(step_of "$RESUME_CKPT")
 say "job B will resume from $RESUME_CKPT (global_step=$STEP_HPC)"
 # a requeued job waits for BeginTime (cred_expire + 1 s); start it now instead
