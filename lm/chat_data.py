@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, render_chat
+from lm.data import rank_and_world_size
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
@@ -300,8 +301,7 @@ class ChatData(L.LightningDataModule):
         return {"input_ids": input_ids, "labels": labels}
 
     def _loader(self, examples: list, *, shuffle: bool) -> DataLoader:
-        trainer = self.trainer  # None when the datamodule is used on its own
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world_size = rank_and_world_size(self.trainer)
         # Our own DistributedSampler (the CLI turns Lightning's off): shards by rank, reshuffles per epoch (Lightning
         # calls set_epoch), and with one process is a seeded shuffle.
         sampler = DistributedSampler(

@@ -27,6 +27,12 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise LMError(f"{path}: not a readable checkpoint (truncated or corrupted?): {first_line}") from e
 
 
+def gpt_state_dict(ckpt: dict) -> dict:
+    """The GPT's own weights in a Lightning checkpoint (LanguageModel keeps the GPT as `self.model`)."""
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[GPT, Tokenizer, dict]:
     """Build the GPT and tokenizer stored in an `lm` checkpoint; returns (model in eval mode, tokenizer, info)."""
     ckpt = read_checkpoint(path, map_location)
@@ -34,9 +40,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[GPT, Tokenize
     if not info or info.get("tokenizer") is None:
         raise LMError(f"{path}: not an lm checkpoint (no model config/tokenizer inside)")
     model = GPT(GPTConfig(**info["model_config"]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    model.load_state_dict(gpt_state_dict(ckpt))
     model.eval()
     info = {**info, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "path": str(path)}
     return model, Tokenizer.from_state(info["tokenizer"]), info

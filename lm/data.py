@@ -399,6 +399,11 @@ class SequentialWindowSampler(DistributedSampler):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def rank_and_world_size(trainer) -> tuple[int, int]:
+    """This process's rank and the number of ranks; (0, 1) for a data module used without a Trainer."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning saves in every checkpoint and restores before iterating on resume
     (Lightning calls `state_dict`/`load_state_dict` on loaders that have them). `position` reports it."""
@@ -635,8 +640,7 @@ class PretrainData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer  # None when the datamodule is used on its own
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world_size = rank_and_world_size(self.trainer)
         sampler = RandomWindowSampler(
             len(self.train_tokens),
             block_size=self.block_size,
@@ -662,8 +666,7 @@ class PretrainData(L.LightningDataModule):
         return {"epoch": trainer.current_epoch, "batches_yielded": progress.processed}
 
     def val_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world_size = rank_and_world_size(self.trainer)
         sampler = SequentialWindowSampler(
             len(self.val_tokens),
             block_size=self.block_size,

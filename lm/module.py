@@ -18,10 +18,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from lm.chat import CHAT_TEMPLATE_VERSION
+from lm.checkpoint import gpt_state_dict, read_checkpoint
 from lm.config import GPTConfig, padded_vocab_size
 from lm.errors import LMError
 from lm.model import GPT
 from lm.optim import MuonWithAdamW
+from lm.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (prompt tokens, padding)
 CHECKPOINT_FORMAT = 1  # bump when what `on_save_checkpoint` writes under "lm" changes
@@ -147,25 +149,25 @@ class LanguageModel(L.LightningModule):
 
     def _read_init_checkpoint(self) -> dict[str, torch.Tensor]:
         """Weights of `init_from`; adopts its architecture (keeping this run's dropout) and checks the tokenizer."""
-        from lm.checkpoint import read_checkpoint  # here, not at import: checkpoint imports the tokenizer stack
-
         path = self.hparams.init_from
         ckpt = read_checkpoint(path)
         info = ckpt.get("lm") or {}
         if "model_config" not in info:
             raise LMError(f"{path}: not an lm checkpoint (no model config inside), cannot init_from it")
-        if self.tokenizer is not None and info.get("tokenizer") is not None:
-            from lm.tokenizer import Tokenizer
-
-            theirs = Tokenizer.from_state(info["tokenizer"])
-            if theirs.fingerprint != self.tokenizer.fingerprint:
-                raise LMError(
-                    f"{path}: its tokenizer ({theirs.kind}, {theirs.vocab_size} ids) differs from the data's "
-                    f"({self.tokenizer.kind}, {self.tokenizer.vocab_size} ids); set data.init_args.tokenizer to {path}"
-                )
+        self._check_tokenizer(info, f"{path}: its tokenizer", f"set data.init_args.tokenizer to {path}")
         self.arch = GPTConfig(**{**info["model_config"], "dropout": self.arch.dropout})
-        prefix = "model."
-        return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        return gpt_state_dict(ckpt)
+
+    def _check_tokenizer(self, info: dict, whose: str, advice: str) -> None:
+        """Refuse a checkpoint whose tokenizer differs from the data's: its embedding rows mean other tokens."""
+        if self.tokenizer is None or info.get("tokenizer") is None:
+            return
+        theirs = Tokenizer.from_state(info["tokenizer"])
+        if theirs.fingerprint != self.tokenizer.fingerprint:
+            raise LMError(
+                f"{whose} ({theirs.kind}, {theirs.vocab_size} ids) differs from the data's "
+                f"({self.tokenizer.kind}, {self.tokenizer.vocab_size} ids): {advice}"
+            )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -291,16 +293,7 @@ class LanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         """Resuming: refuse a checkpoint whose tokenizer differs from the data's (its embedding would not fit)."""
         info = checkpoint.get("lm") or {}
-        theirs = info.get("tokenizer")
-        if theirs is not None and self.tokenizer is not None:
-            from lm.tokenizer import Tokenizer
-
-            theirs = Tokenizer.from_state(theirs)
-            if theirs.fingerprint != self.tokenizer.fingerprint:
-                raise LMError(
-                    f"checkpoint tokenizer ({theirs.kind}, {theirs.vocab_size} ids) differs from the data's "
-                    f"({self.tokenizer.kind}, {self.tokenizer.vocab_size} ids): resume with the data it was trained on"
-                )
+        self._check_tokenizer(info, "checkpoint tokenizer", "resume with the data it was trained on")
         self.skipped_steps = int(info.get("skipped_steps", 0))
 
     def wandb_run_id(self) -> str | None:
