@@ -13,13 +13,13 @@ import argparse
 import json
 import resource
 import time
+import warnings
 from dataclasses import asdict, replace
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 
-from lm.callbacks import Throughput
+from lm.callbacks import Throughput, peak_flops
 from lm.config import SIZES
 from lm.model import GPT
 from lm.module import LanguageModel, next_token_loss
@@ -40,6 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="alternate raw/lm this many times; report the best of each")
+    p.add_argument("--tie_embeddings", action="store_true", help="share the embedding with the head (GPT-2 124M)")
+    p.add_argument(
+        "--sync_debug",
+        action="store_true",
+        help="CUDA: report every host synchronisation during the lm path's timed steps (torch sync debug mode)",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.size in ("124m", "350m") and args.n_layer == 4 and args.n_embd == 128:
@@ -49,7 +55,8 @@ def parse_args(argv=None):
 
 def make_config(args):
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
-    return replace(SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None}, dropout=0.0)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(SIZES[args.size], **overrides, dropout=0.0, tie_embeddings=args.tie_embeddings)
 
 
 def make_batches(config, args) -> list[dict[str, torch.Tensor]]:
@@ -77,15 +84,17 @@ def raw_loop(config, batches, args) -> float:
     """Seconds per step of the plain loop: forward, loss, backward, clip, AdamW step."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
-    if args.compile:
+    loss_fn = next_token_loss
+    if args.compile:  # the model and the loss, as LanguageModel compiles them
         model.compile()
+        loss_fn = torch.compile(next_token_loss)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
         lr=1e-3,
         betas=(0.9, 0.95),
-        fused=args.device.startswith("cuda"),
+        fused=True,  # as LanguageModel's
     )
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = None
@@ -96,7 +105,7 @@ def raw_loop(config, batches, args) -> float:
         x = batch["input_ids"].to(args.device, non_blocking=True)
         y = batch["labels"].to(args.device, non_blocking=True)
         with autocast:
-            loss, _ = next_token_loss(model(x), y)
+            loss, _ = loss_fn(model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -106,15 +115,29 @@ def raw_loop(config, batches, args) -> float:
 
 
 class _StepTimer(L.Callback):
-    def __init__(self, warmup: int, device: str):
+    """Times the steps after warm-up; with sync_debug, records where the host waited for the GPU meanwhile."""
+
+    def __init__(self, warmup: int, device: str, sync_debug: bool = False):
         self.warmup, self.device, self.start, self.end = warmup, device, None, None
+        self.sync_debug = sync_debug and device.startswith("cuda")
+        self.syncs: list[str] = []
+        self._recorder = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
             sync(self.device)
             self.start = time.perf_counter()
+            if self.sync_debug:
+                self._recorder = warnings.catch_warnings(record=True)
+                self._records = self._recorder.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_end(self, trainer, pl_module):
+        if self._recorder is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._recorder.__exit__(None, None, None)
+            self.syncs = [f"{w.filename}:{w.lineno}" for w in self._records if "synchroniz" in str(w.message)]
         sync(self.device)
         self.end = time.perf_counter()
 
@@ -123,7 +146,7 @@ def lightning_loop(config, batches, args) -> float:
     """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk)."""
     torch.manual_seed(0)
     module = LanguageModel(config, lr=1e-3, warmup_steps=10, weight_decay=0.1, compile=args.compile)
-    timer = _StepTimer(args.warmup, args.device)
+    timer = _StepTimer(args.warmup, args.device, args.sync_debug)
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,
@@ -139,6 +162,10 @@ def lightning_loop(config, batches, args) -> float:
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
+    if timer.sync_debug:
+        sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
+        print(f"host syncs in {args.steps} timed lm steps: {len(timer.syncs)}", sites)
+        lightning_loop.syncs = sites
     return (timer.end - timer.start) / args.steps
 
 
@@ -149,7 +176,7 @@ def main(argv=None):
     tokens_per_step = args.batch * config.block_size
     flops_per_token = GPT(config).flops_per_token(config.block_size)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = get_available_flops(torch.device(args.device), dtype) if args.device.startswith("cuda") else None
+    peak = peak_flops(torch.device(args.device), dtype)
 
     best = {"raw": float("inf"), "lm": float("inf")}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits both alike
@@ -182,6 +209,7 @@ def main(argv=None):
         "rows": rows,
         "lightning_overhead": round(overhead, 4),
         "peak_memory_mb": round(peak_memory_mb(args.device)),
+        "host_syncs": getattr(lightning_loop, "syncs", None),
     }
     print(
         f"{result['device']}, torch {result['torch']}, {result['params'] / 1e6:.2f}M params, batch {args.batch} x "

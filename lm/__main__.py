@@ -111,11 +111,12 @@ class LMCLI(LightningCLI):
         resume_info = self._resume_info
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
+            args = getattr(logger, "init_args", None)
+            if args is not None and "save_dir" in args and args.get("save_dir") in (None, "."):
+                # W&B, CSV, TensorBoard: logs of a run live under its root, not in whatever directory it started in
+                args["save_dir"] = str(root)
+                root.mkdir(parents=True, exist_ok=True)
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
-                args = logger.init_args
-                if args.get("save_dir") in (None, "."):
-                    args["save_dir"] = str(root)
-                    root.mkdir(parents=True, exist_ok=True)
                 if "WANDB_MODE" not in os.environ and not args.get("offline") and not _wandb_logged_in():
                     print(f"W&B: no API key found, logging offline under {root}/wandb (`wandb sync` later)")
                     args["offline"] = True

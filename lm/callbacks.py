@@ -10,9 +10,24 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lm import LAUNCHED_AT
 from lm.generate import generate_text
 
 _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
+
+# Dense peak FLOP/s of chips that Lightning's table misses under the name the driver reports. A plain "NVIDIA H200"
+# is the SXM part: the H100 SXM's tensor cores with faster memory (vendor datasheet).
+_MORE_PEAK_FLOPS = {"nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12}}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak FLOP/s for dtype (None for CPUs and unknown chips): the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    if name in _MORE_PEAK_FLOPS:
+        return _MORE_PEAK_FLOPS[name].get(dtype)
+    return get_available_flops(device, dtype)
 
 
 class Throughput(L.Callback):
@@ -33,7 +48,7 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer, pl_module):
         precision = str(trainer.precision).split("-")[0]
         dtype = _PRECISION_DTYPE.get(precision, torch.float32)
-        self._peak_flops = get_available_flops(pl_module.device, dtype) if pl_module.device.type == "cuda" else None
+        self._peak_flops = peak_flops(pl_module.device, dtype)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch["input_ids"].numel()
@@ -51,6 +66,16 @@ class Throughput(L.Callback):
                 pl_module.log("train/mfu", mfu)
         self._intervals += 1
         self._start, self._tokens = now, 0
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module):
+        """One line per validation with the wall time since launch: time-to-loss, start-up and compilation included."""
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or val_loss is None:
+            return
+        rank_zero_info(
+            f"step {trainer.global_step}: val/loss {val_loss:.4f}, {time.time() - LAUNCHED_AT:.1f} s since launch"
+        )
 
 
 class SampleText(L.Callback):

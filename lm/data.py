@@ -30,14 +30,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import pyarrow as pa
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -240,26 +238,51 @@ def split_point(num_tokens: int, val_fraction: float) -> int:
     return int(num_tokens * (1 - val_fraction))
 
 
-def _encode_batch(batch: dict[str, list[str]], tokenizer: Tokenizer) -> pa.Table:
-    # Module-level (not a closure) so datasets can pickle it into num_proc worker processes. Returning an Arrow table
-    # rather than a dict of Python lists matters: datasets inspects list outputs element by element (~1 s per million
-    # tokens, more than the tokenizer itself), while pa.array converts them in C.
-    ids = tokenizer.encode_batch(batch["text"], eos=True)
-    return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int32()))})
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as under Slurm or taskset), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def pack_tokens(ids_column, path: Path, dtype: np.dtype) -> int:
-    """Write an Arrow list<int> column as one flat array to `path`, chunk by chunk; returns the token count.
+BATCH_CHARS = 1 << 23  # documents are tokenized ~8M characters at a time: hundreds of pieces for the threads to
+# share, while the batch's text, the tokenizer's temporaries (HF builds an object per token) and its ids stay small
 
-    Each Arrow chunk's flattened values are already one contiguous int array, so this is a handful of vectorised
-    writes however many documents there are, never a Python loop over tokens.
+
+def document_batches(ds, max_chars: int) -> Iterator[list[str]]:
+    """The "text" column of `ds` in source order, as lists of whole documents of about max_chars characters."""
+    batch, size = [], 0
+    for rows in ds.iter(batch_size=1024):
+        for text in rows["text"]:
+            batch.append(text)
+            size += len(text)
+            if size >= max_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def write_tokens(
+    batches: Iterable[list[str]],
+    tokenizer: Tokenizer,
+    path: Path,
+    *,
+    dtype: np.dtype,
+    num_threads: int,
+    progress: Callable[[int], Any] = lambda documents: None,
+) -> int:
+    """Tokenize every document, each followed by EOS, and write all ids to `path` as one flat `dtype` array;
+    returns the number of tokens. `progress(n)` is called after each batch of n documents.
+
+    Each batch goes from the tokenizer straight into a numpy array and onto the file: no Python int per token, no
+    Arrow list column, and only one batch of ids in memory however big the corpus is.
     """
     num_tokens = 0
     with open(path, "wb") as f:
-        for chunk in ids_column.chunks:
-            flat = chunk.flatten().to_numpy(zero_copy_only=False)
-            flat.astype(dtype, copy=False).tofile(f)  # appending to a plain file: no need to know the total up front
-            num_tokens += len(flat)
+        for texts in batches:
+            ids = tokenizer.encode_to_array(texts, eos=True, num_threads=num_threads)
+            ids.astype(dtype, copy=False).tofile(f)  # appending to a plain file: no need to know the total up front
+            num_tokens += len(ids)
+            progress(len(texts))
     return num_tokens
 
 
@@ -438,7 +461,8 @@ class PretrainData(L.LightningDataModule):
         batch_size: Windows per batch B, per device.
         val_fraction: The last val_fraction of the token stream is validation, the first part training.
         cache_dir: Where tokenized data is cached; None = $XDG_CACHE_HOME/lm/data or ~/.cache/lm/data.
-        num_proc: Processes for tokenization; None = min(cpu count, 8), and 1 for sources with few documents.
+        num_proc: Threads that tokenize (tiktoken encodes outside the GIL; HF tokenizers always use their own
+            pool of one thread per core); None = every CPU this process may use.
         num_workers: DataLoader worker processes (batches are cheap memmap slices: 0 is usually enough).
         pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies (only used on CUDA).
         seed: Seed of the random window starts; with the epoch it fixes every training batch.
@@ -480,6 +504,11 @@ class PretrainData(L.LightningDataModule):
         self.val_tokens: np.ndarray | None = None
         self.meta: dict[str, Any] = {}
         self.reused_cache = False  # set by prepare_data: True when it found a complete cache and did nothing
+
+    @property
+    def num_threads(self) -> int:
+        # The config key keeps its old name, num_proc, so existing YAMLs still set it; it counts threads.
+        return self.num_proc or available_cpus()
 
     # ---- cache location --------------------------------------------------------------------------------------------
 
@@ -545,8 +574,10 @@ class PretrainData(L.LightningDataModule):
 
     def _build(self, work: Path, fixed: Tokenizer | None) -> dict[str, Any]:
         """Tokenize the source into `work`: tokens.bin and the tokenizer; returns the meta.json dict."""
+        from datasets.utils import tqdm  # datasets is imported by load_documents anyway
+
         t0 = time.perf_counter()
-        scratch = work / "scratch"  # datasets' Arrow copies of local files and the mapped ids: deleted at the end
+        scratch = work / "scratch"  # datasets' Arrow copy of local files: deleted at the end
         ds = load_documents(
             self.source,
             source_config=self.source_config,
@@ -562,22 +593,19 @@ class PretrainData(L.LightningDataModule):
                 yield from batch["text"]
 
         tok = fixed if fixed is not None else build_tokenizer(self.tokenizer_spec, texts=texts)
-        num_proc = self.num_proc or min(os.cpu_count() or 1, 8)
-        if len(ds) < 4 * 1024:
-            num_proc = 1  # with few documents the worker start-up costs more than it saves
-        mapped = ds.map(
-            partial(_encode_batch, tokenizer=tok),
-            batched=True,
-            batch_size=256,
-            num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=ds.column_names,
-            cache_file_name=str(scratch / "ids.arrow"),
-            desc="tokenizing",
-        )
         dtype = token_dtype(tok.vocab_size)
-        num_tokens = pack_tokens(mapped.data.column("ids"), work / "tokens.bin", dtype)
+        # datasets' tqdm, so that datasets.disable_progress_bars() silences this bar along with datasets' own
+        with tqdm(total=len(ds), unit=" documents", desc="tokenizing") as bar:
+            num_tokens = write_tokens(
+                document_batches(ds, BATCH_CHARS),
+                tok,
+                work / "tokens.bin",
+                dtype=dtype,
+                num_threads=self.num_threads,
+                progress=bar.update,
+            )
         num_documents = len(ds)
-        ds = mapped = None  # release the Arrow memory maps before deleting their files
+        ds = None  # release the Arrow memory map before deleting its file
         shutil.rmtree(scratch, ignore_errors=True)
         tok.save(work)
         return {

@@ -14,6 +14,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
@@ -65,12 +66,63 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     """Mean cross-entropy over supervised positions (labels != -100), and the number of those positions.
 
     The one place where loss is normalised by the supervised-token count. logits: (B, T, V), labels: (B, T).
+    The loss is taken in fp32 without holding an fp32 copy of all logits: under torch.compile (`compile: true`
+    compiles this function too) Inductor fuses the upcast into the loss kernels; in eager mode the rows go through
+    `chunked_cross_entropy`, one fp32 chunk at a time.
     """
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    logits, labels = logits.flatten(0, 1), labels.flatten()
+    if torch.compiler.is_compiling():
+        loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        loss_sum = chunked_cross_entropy(logits, labels)
     n_tokens = (labels != IGNORE_INDEX).sum()
     return loss_sum / n_tokens.clamp(min=1), n_tokens
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy whose forward pass also computes d(loss)/d(logits), chunk by chunk in fp32.
+
+    Eager `F.cross_entropy(logits.float())` keeps the fp32 logits and the fp32 log-probabilities for backward: for
+    GPT-2's vocabulary at 32 x 1024 tokens that is 2 x 6.6 GB, on top of the 3.3 GB bf16 logits. Here only one chunk
+    is ever in fp32 and what is kept for backward is the gradient itself, in the logits' dtype (softmax - one_hot).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        grad = torch.empty_like(logits)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], chunk_rows):
+            x = logits[start : start + chunk_rows].float()
+            y = labels[start : start + chunk_rows]
+            supervised = (y != IGNORE_INDEX).unsqueeze(1)
+            y = y.clamp(min=0).unsqueeze(1)  # any valid index for masked rows; their loss and gradient are zeroed
+            log_z = torch.logsumexp(x, dim=1, keepdim=True)
+            total += ((log_z - x.gather(1, y)) * supervised).sum()
+            probs = torch.exp(x.sub_(log_z))  # softmax, reusing the chunk's fp32 buffer
+            probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
+            grad[start : start + chunk_rows] = probs.mul_(supervised)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**25) -> torch.Tensor:
+    """Sum of token cross-entropies (labels == -100 ignored) for logits (N, V), labels (N,); see _ChunkedCrossEntropy.
+    chunk_elements bounds the fp32 working set (2**25 floats = 128 MiB)."""
+    chunk_rows = max(1, chunk_elements // logits.shape[1])
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        total = logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, logits.shape[0], chunk_rows):
+            chunk = logits[start : start + chunk_rows].float()
+            total += F.cross_entropy(
+                chunk, labels[start : start + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        return total
+    return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows)
 
 
 class LanguageModel(L.LightningModule):
@@ -123,6 +175,10 @@ class LanguageModel(L.LightningModule):
         self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
         self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
+        self._loss = next_token_loss  # compiled in configure_model when `compile` is on
+        self._grad_scale: torch.Tensor | None = None  # 1 / supervised tokens of the current optimizer step
+        self._grad_norm: torch.Tensor | None = None  # of the current step, after token scaling, before clipping
+        self._nonfinite_steps: torch.Tensor | None = None  # skipped steps not yet counted on the host
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -146,6 +202,9 @@ class LanguageModel(L.LightningModule):
             self.model.load_state_dict(init_state)
         if self.hparams.compile:
             self.model.compile()  # in place: checkpoint keys stay free of `_orig_mod.`
+            # The loss too: eager cross-entropy over GPT-2's vocabulary moves ~50 GB of fp32 logits per 32 x 1024
+            # batch; compiled, it is two fused passes over the bf16 logits.
+            self._loss = torch.compile(next_token_loss)
 
     def _read_init_checkpoint(self) -> dict[str, torch.Tensor]:
         """Weights of `init_from`; adopts its architecture (keeping this run's dropout) and checks the tokenizer."""
@@ -177,11 +236,15 @@ class LanguageModel(L.LightningModule):
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The one step shared by training and validation: forward, then masked next-token loss."""
         logits = self.model(batch["input_ids"])
-        return next_token_loss(logits, batch["labels"])
+        return self._loss(logits, batch["labels"])
 
     def training_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks (a no-op on one device)
+        if self._is_logging_step():
+            self.log("train/loss", loss.detach(), sync_dist=True)  # the mean over ranks (a no-op on one device)
+            # Lightning turns progress-bar values into Python numbers after every batch (a host sync for a GPU
+            # tensor), so the bar gets a CPU copy, refreshed here, where the logger reads the loss anyway.
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
         # Backpropagate the token-weighted sum; on_before_optimizer_step divides the gradients by the tokens of the
         # whole step, so accumulating 4 x B equals one batch of 4B even when micro-batches hold different numbers of
         # supervised tokens (chat data). Lightning divides by accumulate_grad_batches; we undo that there.
@@ -193,29 +256,72 @@ class LanguageModel(L.LightningModule):
         if self.trainer.world_size > 1:
             # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead.
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
-        scale = self.trainer.accumulate_grad_batches / tokens.clamp(min=1)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        # Gradients are scaled (here by tokens, then by clipping) in one pass, in configure_gradient_clipping.
+        self._grad_scale = self.trainer.accumulate_grad_batches / tokens.clamp(min=1)
         self._step_tokens = None
-        self._skip_if_not_finite(grads)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm_squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            norm_squared = self.trainer.strategy.reduce(norm_squared, reduce_op="sum")  # each rank holds a shard
+        self._grad_norm = norm_squared.sqrt() * self._grad_scale
+        if self._is_logging_step():
+            self.log("train/grad_norm", self._grad_norm)
 
-    def _skip_if_not_finite(self, grads: list[torch.Tensor]):
-        """Drop this update when the loss or a gradient is NaN/inf: with every .grad None, AdamW changes neither the
-        weights nor its moments. One host sync per optimizer step. Under DDP gradients are already all-reduced, so
-        every rank takes the same decision."""
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if not torch.isfinite(norm):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Scale the gradients to the mean over the step's tokens and clip them by the global norm of
+        on_before_optimizer_step, in one pass (one norm and one multiply per step), then drop the update if that norm
+        is NaN/inf.
+
+        Without a host sync where the optimizer can skip on the device: fused AdamW (CUDA and CPU) reads a
+        `found_inf` flag, as under a GradScaler, and leaves weights, moments and step count untouched. The skipped
+        steps are counted on the device and read at logging steps (every step on CPU, where reading is free).
+        Other optimizers (Muon) get every .grad set to None, after a sync.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        factor = self._grad_scale
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            # torch.nn.utils.clip_grad_norm_'s rule; a NaN norm makes NaN grads, which the skip below discards
+            factor = factor * (gradient_clip_val / (self._grad_norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        not_finite = ~torch.isfinite(self._grad_norm)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning may hand over its wrapper
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            optimizer.found_inf = not_finite.float()
+            counted = not_finite.int()
+            self._nonfinite_steps = counted if self._nonfinite_steps is None else self._nonfinite_steps + counted
+            if self.device.type != "cuda" or self._is_logging_step():
+                self._count_skipped_steps()
+        elif not_finite:
             for p in self.model.parameters():
                 p.grad = None
-            self.skipped_steps += 1
-            rank_zero_warn(
-                f"non-finite loss or gradient at step {self.global_step}: update skipped "
-                f"({self.skipped_steps} skipped so far, limit model.max_skipped_steps={self.hparams.max_skipped_steps})"
-            )
-            if self.skipped_steps > self.hparams.max_skipped_steps:
-                self.stopped_at_step = self.global_step
-                self.trainer.should_stop = True
-        self.log("train/skipped_steps", float(self.skipped_steps))
+            self._add_skipped_steps(1)
+
+    def _count_skipped_steps(self):
+        """Move the device-side count of skipped steps to the host (one sync), warning and stopping as needed."""
+        if self._nonfinite_steps is not None:
+            new, self._nonfinite_steps = int(self._nonfinite_steps), None
+            if new:
+                self._add_skipped_steps(new)
+
+    def _add_skipped_steps(self, new: int):
+        self.skipped_steps += new
+        rank_zero_warn(
+            f"non-finite loss or gradient at step {self.global_step}"
+            + (f" ({new} steps since the last check)" if new > 1 else "")
+            + f": update skipped ({self.skipped_steps} skipped so far, limit "
+            f"model.max_skipped_steps={self.hparams.max_skipped_steps})"
+        )
+        if self.skipped_steps > self.hparams.max_skipped_steps:
+            self.stopped_at_step = self.global_step
+            self.trainer.should_stop = True
+
+    def on_train_epoch_end(self):
+        self._count_skipped_steps()
+
+    def on_train_end(self):
+        self._count_skipped_steps()
 
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)
@@ -230,7 +336,19 @@ class LanguageModel(L.LightningModule):
         self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self._is_logging_step(after_step=True):
+            # Host numbers go in as CPU tensors: Lightning would copy a Python float to the GPU, a sync.
+            self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
+            self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
+
+    def _is_logging_step(self, after_step: bool = False) -> bool:
+        """Whether the Trainer hands this optimizer step's metrics to the logger (every log_every_n_steps).
+
+        Training metrics are logged on those steps only: what is logged in between never reaches a logger, and each
+        `self.log` costs about a millisecond of Python, which a small model's step on a GPU cannot hide.
+        """
+        step = self.global_step - 1 if after_step else self.global_step  # on_train_batch_end: already counted
+        return (step + 1) % self.trainer.log_every_n_steps == 0
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
 
@@ -254,12 +372,11 @@ class LanguageModel(L.LightningModule):
             adamw_groups[0]["params"] = [p for p in decay if id(p) not in hidden_ids]
             rank_zero_info(f"Muon for {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} params)")
             muon = torch.optim.Muon(hidden, lr=hp.lr, weight_decay=hp.weight_decay, adjust_lr_fn="match_rms_adamw")
-            adamw = torch.optim.AdamW(adamw_groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda")
+            adamw = torch.optim.AdamW(adamw_groups, lr=hp.lr, betas=tuple(hp.betas), fused=True)
             optimizer = MuonWithAdamW(muon, adamw)
         else:
-            optimizer = torch.optim.AdamW(
-                adamw_groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda"
-            )
+            # fused: one kernel for all tensors (CUDA and CPU), and it can skip a non-finite step on the device
+            optimizer = torch.optim.AdamW(adamw_groups, lr=hp.lr, betas=tuple(hp.betas), fused=True)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             total = hp.warmup_steps  # no max_steps/max_epochs: warmup then constant
@@ -280,6 +397,7 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         """Make the checkpoint self-contained: model config, tokenizer and run config travel with the weights."""
+        self._count_skipped_steps()
         checkpoint["lm"] = {
             "format": CHECKPOINT_FORMAT,
             "model_config": asdict(self.arch),

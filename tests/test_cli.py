@@ -56,6 +56,18 @@ def test_fit_debug_then_generate(tmp_path):
     assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")
 
 
+def test_other_loggers_also_write_under_the_run_root(tmp_path):
+    """A CSVLogger named on the command line (no save_dir) logs under trainer.default_root_dir, like W&B: two runs
+    started in one directory never share a log folder."""
+    fit = lm(
+        "fit", "--config", REPO / "experiments/debug.yaml", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.max_steps", "5", "--trainer.default_root_dir", "runs/csv", cwd=tmp_path,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert list((tmp_path / "runs" / "csv").glob("*/version_0/metrics.csv"))
+    assert not (tmp_path / "debug").exists()
+
+
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
     missing = lm("generate", "--ckpt", tmp_path / "nope.ckpt", cwd=tmp_path)
     assert missing.returncode == 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 
 import lightning as L
@@ -203,6 +204,34 @@ def test_token_dtype_choice(tmp_path, text_file):
     dm = make(tmp_path, text_file, tokenizer="gpt2")  # GPT-2's 50k vocabulary still fits 16 bits
     assert dm.train_tokens.dtype == np.uint16 and dm.meta["dtype"] == "uint16"
     assert dm.tokenizer.decode(all_tokens(dm).tolist()) == TEXT + "<|endoftext|>"
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe:300", "char"])
+def test_tokens_are_each_document_encoded_whole_then_eos(tmp_path, monkeypatch, tokenizer):
+    """tokens.bin against the simplest reference, `encode(document) + [eos]` per document in source order, with
+    small pieces and batches so that long documents are cut, batches hold several documents and threads share them."""
+    import lm.data
+    import lm.tokenizer
+
+    rng = random.Random(0)
+    parts = ["word", " word", "\n", "\n\n", "  \n", " ", "\t", "é", "日本", "🤖", "12", "'s", "!\n", "X\nY"]
+    parts += ["<|endoftext|>", "<|user|>", "<|eos|>"]  # special-token strings in the data stay plain text
+    docs = ["".join(rng.choice(parts) for _ in range(rng.randrange(3000))) for _ in range(30)]
+    docs[3:3] = ["", "a", "\n\n\n"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    monkeypatch.setattr(lm.tokenizer.GPT2Tokenizer, "piece_chars", 300)
+    monkeypatch.setattr(lm.tokenizer.BPETokenizer, "piece_chars", 300)
+    monkeypatch.setattr(lm.tokenizer, "_TASK_CHARS", 1000)  # several tasks per thread (tiktoken)
+    monkeypatch.setattr(lm.tokenizer, "_HF_CALL_CHARS", 2000)  # several calls per batch (HF tokenizers)
+    monkeypatch.setattr(lm.data, "BATCH_CHARS", 5000)
+
+    for num_proc in (1, 3):
+        dm = make(tmp_path, path, tokenizer=tokenizer, num_proc=num_proc, cache_dir=str(tmp_path / f"c{num_proc}"))
+        tok = dm.tokenizer
+        reference = [i for doc in docs for i in tok.encode(doc) + [tok.eos_id]]
+        assert all_tokens(dm).tolist() == reference
+        assert dm.meta["num_documents"] == len(docs) and dm.meta["num_tokens"] == len(reference)
 
 
 def test_user_errors(tmp_path, text_file):

@@ -160,3 +160,13 @@ def test_flops_per_token_matches_lightning_measure_flops_on_the_124m_shape():
     with sdpa_kernel(SDPBackend.MATH):  # attention as matmuls the counter sees
         flops = measure_flops(model, lambda: model(x), lambda logits: logits.sum())
     assert flops == model.flops_per_token(seq_len) * seq_len
+
+
+def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
+    from lm.callbacks import peak_flops
+
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # the H100 SXM's dense bf16 peak
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # from Lightning's table

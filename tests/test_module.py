@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lm.config import get_config
-from lm.module import IGNORE_INDEX, LanguageModel, lr_multiplier, next_token_loss
+from lm.module import IGNORE_INDEX, LanguageModel, chunked_cross_entropy, lr_multiplier, next_token_loss
 
 
 def schedule(step, name, **kw):
@@ -46,6 +46,63 @@ def test_loss_ignores_masked_positions_and_averages_over_supervised_tokens():
     expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     assert n.item() == 5
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch_in_value_and_gradient(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(37, 50, generator=g)).to(dtype)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[[0, 5, 36]] = IGNORE_INDEX
+    mine = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    # 200 elements per chunk = 4 rows: ten chunks, the last one short
+    loss = chunked_cross_entropy(mine, labels, chunk_elements=200)
+    expected = torch.nn.functional.cross_entropy(ref.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    (2.5 * loss).backward()
+    (2.5 * expected).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    assert mine.grad.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2}
+    torch.testing.assert_close(mine.grad, ref.grad, **tol)
+    assert mine.grad[[0, 5, 36]].abs().sum() == 0  # ignored rows get no gradient
+    with torch.no_grad():  # evaluation takes the same chunks without building a gradient
+        torch.testing.assert_close(chunked_cross_entropy(logits, labels, chunk_elements=200), expected.detach())
+
+
+def test_compiled_loss_equals_eager_loss():
+    logits = torch.randn(2, 8, 64, requires_grad=True)
+    labels = torch.randint(0, 64, (2, 8))
+    labels[0, :3] = IGNORE_INDEX
+    eager, n = next_token_loss(logits, labels)
+    compiled, n_compiled = torch.compile(next_token_loss)(logits, labels)
+    torch.testing.assert_close(compiled, eager)
+    assert n.item() == n_compiled.item() == 13
+
+
+def test_clipping_uses_the_step_norm_like_clip_grad_norm():
+    """configure_gradient_clipping reuses the norm of on_before_optimizer_step; the result equals torch's rule."""
+    import lightning as L
+
+    module = LanguageModel(get_config("tiny"), lr=1e-3, decay_steps=10)
+    module.configure_model()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    module.trainer = trainer
+    module.log = lambda *args, **kwargs: None  # hooks called by hand, outside a fit loop
+    ids = torch.randint(0, 64, (2, 16))
+    loss = module.training_step({"input_ids": ids, "labels": ids}, 0)
+    loss.backward()
+    reference = [torch.zeros_like(p) for p in module.model.parameters()]
+    for ref, p in zip(reference, module.model.parameters(), strict=True):
+        ref.grad = p.grad / 32  # the step's 32 supervised tokens
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, 0.05)
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_before_optimizer_step(optimizer)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    torch.testing.assert_close(module._grad_norm, expected_norm)
+    for p, ref in zip(module.model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.grad, ref.grad)
+    assert optimizer.found_inf.item() == 0.0  # fused AdamW: a finite step is taken
 
 
 def test_optimizer_groups_decay_only_matmul_weights():
@@ -121,3 +178,57 @@ def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tm
     torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
     optimizer.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     assert optimizer.param_groups[0] is optimizer.muon.param_groups[0]  # the schedule still reaches Muon's groups
+
+
+def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in_between():
+    """No host sync and no Lightning logging overhead per step. Lightning turns every progress-bar value into a Python
+    number after every batch and copies logged Python floats to the device; each `self.log` costs ~1 ms of Python.
+    So training logs tensors, only on the steps whose metrics reach the logger (every 4th here), and the progress bar
+    gets a CPU copy of the loss. The logger still receives every training metric at each of those steps."""
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+
+    class Capture(Logger):
+        name, version = "capture", 0
+        received: list[tuple[int, dict]] = []
+
+        def log_metrics(self, metrics, step=None):
+            self.received.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10)
+    logged = []
+    log = module.log
+
+    def recording_log(name, value, **kwargs):
+        logged.append((module.global_step, name, value, kwargs.get("prog_bar", False)))
+        log(name, value, **kwargs)
+
+    module.log = recording_log
+    ids = torch.randint(0, 64, (12, 2, 16))
+    logger = Capture()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        log_every_n_steps=4,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert all(isinstance(value, torch.Tensor) for _, _, value, _ in logged)
+    # the 4th, 8th and 12th optimizer steps (global_step counts them after the optimizer step)
+    assert {step for step, name, _, _ in logged if name in ("train/loss", "train/grad_norm")} == {3, 7, 11}
+    assert {step for step, name, _, _ in logged if name in ("train/lr", "train/skipped_steps")} == {4, 8, 12}
+    progress_bar = [(name, value) for _, name, value, prog_bar in logged if prog_bar]
+    assert [name for name, _ in progress_bar] == ["loss"] * 3
+    assert all(value.device.type == "cpu" for _, value in progress_bar)
+    steps = [(step, metrics) for step, metrics in logger.received if "train/loss" in metrics]
+    assert [step for step, _ in steps] == [3, 7, 11]
+    for _, metrics in steps:
+        assert {"train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"} <= set(metrics)

@@ -192,13 +192,38 @@ def test_long_texts_cut_into_pieces_encode_exactly_as_whole(monkeypatch, spec):
     newlines and spaces where a careless cut would merge or split pre-tokens differently."""
     import random
 
-    import lm.tokenizer as tokenizer_module
+    from lm.tokenizer import _pieces
 
     rng = random.Random(0)
     parts = ["word", " word", "\n", "\n\n", "  \n", " ", "\t", "é", "12", "'s", "!\n", "X\nY", "<|end|>"]
     text = "".join(rng.choice(parts) for _ in range(5000))
     tok = build_tokenizer(spec, texts=lambda: iter([text]))
     whole = tok._encode_batch([text])[0]
-    monkeypatch.setattr(tokenizer_module, "_PIECE_CHARS", 200)  # ~100 pieces
-    assert len(tokenizer_module._pieces(text)) > 50
+    monkeypatch.setattr(tok, "piece_chars", 200)  # ~100 pieces
+    assert len(_pieces(text, tok.piece_chars)) > 50
     assert tok.encode_batch([text, "short"], eos=True) == [whole + [tok.eos_id], tok.encode("short", eos=True)]
+    for num_threads in (1, 3):
+        flat = tok.encode_to_array([text, "short"], eos=True, num_threads=num_threads)
+        assert flat.tolist() == whole + [tok.eos_id] + tok.encode("short", eos=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_to_array_is_encode_batch_flattened(tokenizers, kind):
+    tok = tokenizers[kind]
+    texts = [*CORPUS[:6], "", TEXT * 3]
+    for bos, eos, num_threads in [(False, False, 1), (False, True, 2), (True, True, 3)]:
+        flat = tok.encode_to_array(texts, bos=bos, eos=eos, num_threads=num_threads)
+        assert flat.dtype == np.uint32
+        assert flat.tolist() == [i for ids in tok.encode_batch(texts, bos=bos, eos=eos) for i in ids]
+    assert tok.encode_to_array([], eos=True).tolist() == []
+
+
+def test_gpt2_encode_to_array_without_tiktoken_numpy_output(tokenizers, monkeypatch):
+    """tiktoken < 0.9 has no encode_to_numpy; the list route must give the same ids."""
+    import lm.tokenizer as tokenizer_module
+
+    tok, real = tokenizers["gpt2"], tokenizer_module._gpt2_encoding()
+    expected = tok.encode_to_array(CORPUS, eos=True, num_threads=2).tolist()
+    old_tiktoken = type("OldEncoding", (), {"encode_ordinary": staticmethod(real.encode_ordinary)})()
+    monkeypatch.setattr(tokenizer_module, "_gpt2_encoding", lambda: old_tiktoken)
+    assert tok.encode_to_array(CORPUS, eos=True, num_threads=2).tolist() == expected
