@@ -170,3 +170,16 @@ def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # the H100 SXM's dense bf16 peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # from Lightning's table
+
+
+def test_compiled_training_step_has_no_graph_breaks():
+    """torch.compile sees the model's forward and the loss as one graph each: no graph break in the step."""
+    from lm.module import next_token_loss
+
+    model = GPT(get_config("tiny", dropout=0.1))
+    ids = torch.randint(0, 64, (2, 16))
+    forward = torch._dynamo.explain(model)(ids)
+    assert forward.graph_break_count == 0, forward.break_reasons
+    assert forward.graph_count == 1
+    loss = torch._dynamo.explain(next_token_loss)(model(ids), ids)
+    assert loss.graph_break_count == 0, loss.break_reasons
