@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.errors import LMError
-from lm.tokenizer import Tokenizer, build_tokenizer
+from lm.tokenizer import Tokenizer, build_tokenizer, text_groups
 
 FORMAT_VERSION = 1  # bump when tokens.bin/meta.json or the builtin text cleaning change: old caches are then ignored
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -249,16 +249,7 @@ BATCH_CHARS = 1 << 23  # documents are tokenized ~8M characters at a time: hundr
 
 def document_batches(ds, max_chars: int) -> Iterator[list[str]]:
     """The "text" column of `ds` in source order, as lists of whole documents of about max_chars characters."""
-    batch, size = [], 0
-    for rows in ds.iter(batch_size=1024):
-        for text in rows["text"]:
-            batch.append(text)
-            size += len(text)
-            if size >= max_chars:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+    return text_groups((text for rows in ds.iter(batch_size=1024) for text in rows["text"]), max_chars)
 
 
 def write_tokens(
