@@ -1,16 +1,20 @@
-"""Callbacks the `lm` CLI adds to every run: throughput/MFU logging and text samples at validation end."""
+"""Callbacks the `lm` CLI adds to every run (throughput/MFU logging, text samples at validation end), and an
+exponential moving average of the weights that experiments can switch on (`EMA`)."""
 
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lm import LAUNCHED_AT
+from lm.errors import LMError
 from lm.generate import generate_text
 
 _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
@@ -142,3 +146,79 @@ class SampleText(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text(key="samples", columns=["step", "prompt", "text"], data=rows)
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average (EMA) of the weights: validation, checkpoints and the end of training use it.
+
+    After each optimizer step from `update_starting_at_step` on (every `update_every_n_steps`), the average moves
+    towards the live weights: avg = decay * avg + (1 - decay) * weights, so it spans the last ~1 / (1 - decay) updates.
+    Then `val/loss` is the average's; every checkpoint's `state_dict` holds the average (what `lm generate`,
+    `lm export` and `init_from` read) and `current_model_state` the live weights (what a resumed run continues from);
+    the model in memory after `fit` is the average. Until the first update there is no average yet: validation and
+    checkpoints use the live weights (Lightning's callback would hand them the weights from before step 0). Text
+    samples printed at validation come from the live weights.
+
+        trainer:
+          callbacks:
+            - class_path: lm.callbacks.EMA
+              init_args: {decay: 0.99, update_starting_at_step: 100}
+
+    Lightning's `WeightAveraging` (torch.optim.swa_utils.AveragedModel underneath) does the work; this is its
+    `EMAWeightAveraging` with three changes: the update is one `torch._foreach_lerp_` over all weights
+    (`get_ema_multi_avg_fn`) rather than a Python loop over tensors; buffers (the RoPE tables, rebuilt from the config)
+    are copied, not averaged; FSDP is refused, since the average is one full, unsharded copy. Cost: memory for that
+    copy, and AveragedModel reads its update counter on the host at each update (a device sync): on large GPU runs
+    update every 10 steps with decay**10.
+
+    Args:
+        decay: Weight of the old average at each update (0.99: ~the last 100 updates).
+        update_every_n_steps: Optimizer steps between updates.
+        update_starting_at_step: First optimizer step (0-based) that updates the average; before it the average just
+            waits, and the first update copies the weights. None: from the first step.
+    """
+
+    def __init__(self, decay: float = 0.99, update_every_n_steps: int = 1, update_starting_at_step: int | None = None):
+        super().__init__(use_buffers=False, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
+        self.update_every_n_steps = update_every_n_steps
+        self.update_starting_at_step = update_starting_at_step or 0
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """After optimizer steps only (step_idx is 0-based), never at epoch ends."""
+        if step_idx is None:
+            return False
+        return step_idx >= self.update_starting_at_step and step_idx % self.update_every_n_steps == 0
+
+    def _has_average(self) -> bool:
+        """Whether the average has been updated at least once (the step of the last update is 0 before that)."""
+        return self._average_model is not None and self._latest_update_step > 0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if self._has_average():
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._has_average():  # nothing updates the average during validation: the same answer as at the start
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._has_average():
+            super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self._has_average():
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        # A checkpoint from before the first update holds only the live weights; the average starts from them when
+        # its first update comes, as in the run that wrote it.
+        if "current_model_state" in checkpoint:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def setup(self, trainer, pl_module, stage):
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise LMError("lm.callbacks.EMA keeps a full copy of the weights and does not work with FSDP: use DDP")
+        with warnings.catch_warnings():
+            # The parent warns that configure_model is run unsharded; outside FSDP that is exactly what happens anyway.
+            warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model")
+            super().setup(trainer, pl_module, stage)

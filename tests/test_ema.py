@@ -1,0 +1,116 @@
+"""lm.callbacks.EMA: the average is the EMA of the live weights, validation and checkpoints read it, resume keeps it."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lm.callbacks import EMA
+from lm.checkpoint import gpt_state_dict, read_checkpoint
+from lm.config import get_config
+from lm.errors import LMError
+from lm.module import LanguageModel
+
+DECAY, START = 0.5, 2  # a short horizon, so six steps move the average far from the live weights
+
+
+class Record(L.Callback):
+    """The live weights after every optimizer step, and the weights validation ran with."""
+
+    def __init__(self):
+        self.after_step: list[dict[str, torch.Tensor]] = []
+        self.validated: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step.append({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.validated = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def fit(root, max_steps, ckpt_path=None, start=START):
+    g = torch.Generator().manual_seed(0)
+    # One batch repeated: a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
+    batch = {
+        "input_ids": torch.randint(0, 64, (4, 16), generator=g),
+        "labels": torch.randint(0, 64, (4, 16), generator=g),
+    }
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10)
+    record = Record()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        val_check_interval=3,
+        num_sanity_val_steps=0,
+        callbacks=[EMA(decay=DECAY, update_starting_at_step=start), record],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    # every step's checkpoint: last.ckpt is the state after the newest step
+    trainer.callbacks.append(ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1))
+    loader = torch.utils.data.DataLoader([batch] * 8, batch_size=None)
+    trainer.fit(
+        module,
+        train_dataloaders=loader,
+        val_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None),
+        ckpt_path=ckpt_path,
+    )
+    return module, record
+
+
+def test_average_is_the_ema_of_the_live_weights_and_every_consumer_reads_it(tmp_path):
+    module, record = fit(tmp_path, max_steps=6)
+    steps = record.after_step
+    expected = dict(steps[START])  # the first update copies the weights; before it the average waits
+    for live in steps[START + 1 :]:
+        expected = {k: DECAY * expected[k] + (1 - DECAY) * live[k] for k in expected}
+    assert not torch.allclose(expected["lm_head.weight"], steps[-1]["lm_head.weight"])  # the test can tell them apart
+
+    for k, v in expected.items():
+        torch.testing.assert_close(record.validated[k], v, msg=f"validation ran on {k} that is not the average")
+        torch.testing.assert_close(module.model.state_dict()[k], v, msg=f"after fit, {k} is not the average")
+
+    ckpt = read_checkpoint(tmp_path / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    inference = gpt_state_dict(ckpt)  # what lm generate / export / init_from load
+    for k, v in expected.items():
+        torch.testing.assert_close(inference[k], v, msg=k)
+        assert torch.equal(ckpt["current_model_state"][f"model.{k}"], steps[-1][k]), k  # the live weights, to resume
+
+
+def test_resume_continues_both_the_live_weights_and_the_average_exactly(tmp_path):
+    uninterrupted, _ = fit(tmp_path / "a", max_steps=6)
+    fit(tmp_path / "b", max_steps=4)
+    resumed, _ = fit(tmp_path / "b", max_steps=6, ckpt_path=tmp_path / "b" / "last.ckpt")
+    a, b = read_checkpoint(tmp_path / "a" / "last.ckpt"), read_checkpoint(tmp_path / "b" / "last.ckpt")
+    assert a["averaging_state"]["n_averaged"] == b["averaging_state"]["n_averaged"] == 6 - START
+    for key in ("state_dict", "current_model_state"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key}: {name}"
+
+
+def test_before_the_first_update_validation_and_checkpoints_use_the_live_weights(tmp_path):
+    """Lightning's callback would validate and save the weights from before step 0 until its first update."""
+    _, record = fit(tmp_path, max_steps=3, start=10)
+    ckpt = read_checkpoint(tmp_path / "last.ckpt")
+    assert "current_model_state" not in ckpt
+    for k, v in record.after_step[-1].items():
+        assert torch.equal(record.validated[k], v), k
+        assert torch.equal(gpt_state_dict(ckpt)[k], v), k
+    # resuming from it works, and the average then starts from the live weights at its first update
+    module, record = fit(tmp_path, max_steps=6, ckpt_path=tmp_path / "last.ckpt", start=4)
+    expected = dict(record.after_step[4 - 3])  # after_step[0] is step 3 (0-based) of the resumed run
+    expected = {k: DECAY * expected[k] + (1 - DECAY) * record.after_step[-1][k] for k in expected}
+    for k, v in expected.items():
+        torch.testing.assert_close(module.model.state_dict()[k], v, msg=k)
+
+
+def test_fsdp_is_refused_with_a_one_line_reason():
+    with pytest.raises(LMError, match="does not work with FSDP"):
+        EMA().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
