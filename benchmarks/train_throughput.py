@@ -7,6 +7,8 @@ memory, and the Lightning path's overhead over the raw loop.
     python benchmarks/train_throughput.py                                   # CPU: a 4-layer, 128-wide model
     python benchmarks/train_throughput.py --size 124m --batch 32 --device cuda --precision bf16 --compile
     python benchmarks/train_throughput.py ... --json results.json
+    python benchmarks/train_throughput.py ... --fp8                         # float8 block matmuls (lm[fp8], sm89+)
+    python benchmarks/train_throughput.py ... --profile prof/               # then where each path's step time goes
 """
 
 import argparse
@@ -15,6 +17,7 @@ import resource
 import time
 import warnings
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -22,7 +25,9 @@ import torch
 from lm.callbacks import Throughput, peak_flops
 from lm.config import SIZES
 from lm.model import GPT
-from lm.module import LanguageModel, next_token_loss
+from lm.module import LanguageModel, convert_to_fp8, next_token_loss
+
+PROFILE_STEPS = 5  # steps recorded by --profile, after the warm-up steps
 
 
 def parse_args(argv=None):
@@ -39,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="float8 matmuls in the blocks (torchao), as model.fp8 does")
     p.add_argument("--repeats", type=int, default=2, help="alternate raw/lm this many times; report the best of each")
     p.add_argument("--tie_embeddings", action="store_true", help="share the embedding with the head (GPT-2 124M)")
     p.add_argument(
@@ -47,6 +53,13 @@ def parse_args(argv=None):
         help="CUDA: report every host synchronisation during the lm path's timed steps (torch sync debug mode)",
     )
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help=f"then run each path once more under torch.profiler ({PROFILE_STEPS} steps after warm-up) and write "
+        "where the time goes (top kernels, and by category) to DIR/profile_{raw,lm}.txt",
+    )
     args = p.parse_args(argv)
     if args.size in ("124m", "350m") and args.n_layer == 4 and args.n_embd == 128:
         args.n_layer = args.n_head = args.n_embd = args.block_size = None  # keep the named size as it is
@@ -80,10 +93,12 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark, KB -> MB
 
 
-def raw_loop(config, batches, args) -> float:
+def raw_loop(config, batches, args, profiler=None) -> float:
     """Seconds per step of the plain loop: forward, loss, backward, clip, AdamW step."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
+    if args.fp8:  # before compiling, as LanguageModel.configure_model does
+        convert_to_fp8(model, torch.device(args.device))
     loss_fn = next_token_loss
     if args.compile:  # the model and the loss, as LanguageModel compiles them
         model.compile()
@@ -98,6 +113,8 @@ def raw_loop(config, batches, args) -> float:
     )
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = None
+    if profiler is not None:
+        profiler.start()
     for i, batch in enumerate(batches):
         if i == args.warmup:
             sync(args.device)
@@ -110,8 +127,12 @@ def raw_loop(config, batches, args) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if profiler is not None:
+            profiler.step()
     sync(args.device)
-    return (time.perf_counter() - start) / args.steps
+    if profiler is not None:
+        profiler.stop()
+    return (time.perf_counter() - start) / (len(batches) - args.warmup)
 
 
 class _StepTimer(L.Callback):
@@ -142,11 +163,27 @@ class _StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_loop(config, batches, args) -> float:
+class _ProfilerSteps(L.Callback):
+    """Drives a torch.profiler schedule from the Trainer's loop: one profiler step per training step."""
+
+    def __init__(self, profiler):
+        self.profiler = profiler
+
+    def on_train_start(self, trainer, pl_module):
+        self.profiler.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.profiler.step()
+
+    def on_train_end(self, trainer, pl_module):
+        self.profiler.stop()
+
+
+def lightning_loop(config, batches, args, profiler=None) -> float:
     """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk)."""
     torch.manual_seed(0)
-    module = LanguageModel(config, lr=1e-3, warmup_steps=10, weight_decay=0.1, compile=args.compile)
-    timer = _StepTimer(args.warmup, args.device, args.sync_debug)
+    module = LanguageModel(config, lr=1e-3, warmup_steps=10, weight_decay=0.1, compile=args.compile, fp8=args.fp8)
+    timer = _StepTimer(args.warmup, args.device, args.sync_debug and profiler is None)
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,
@@ -157,7 +194,7 @@ def lightning_loop(config, batches, args) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, Throughput()],
+        callbacks=[timer, Throughput()] + ([_ProfilerSteps(profiler)] if profiler is not None else []),
         log_every_n_steps=50,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
@@ -166,7 +203,86 @@ def lightning_loop(config, batches, args) -> float:
         sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
         print(f"host syncs in {args.steps} timed lm steps: {len(timer.syncs)}", sites)
         lightning_loop.syncs = sites
-    return (timer.end - timer.start) / args.steps
+    return (timer.end - timer.start) / (len(batches) - args.warmup)
+
+
+# --profile: kernel/op names -> categories; the first match wins. Attention comes before matmul (flash and cutlass
+# attention kernels contain "cutlass" or "gemm"), Inductor's kernels before matmul: its matmul templates are
+# triton_tem_*, and its other kernels are named after the ops they fuse, which may include "addmm" or "mm".
+CATEGORIES = [
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul/GEMM", ("triton_tem",)),
+    ("triton/fused elementwise", ("triton_",)),
+    ("optimizer + clip", ("adam", "foreach", "multi_tensor")),
+    ("matmul/GEMM", ("gemm", "cutlass", "sm90_xmma", "nvjet", "addmm", "matmul", "mm")),
+]
+
+
+def category(name: str) -> str:
+    name = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in name for k in keys)), "other")
+
+
+def make_profiler(args):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    # one untimed profiler warm-up step (its start-up cost), then PROFILE_STEPS recorded steps
+    wait = max(args.warmup - 1, 0)
+    schedule = torch.profiler.schedule(wait=wait, warmup=args.warmup - wait, active=PROFILE_STEPS, repeat=1)
+    return torch.profiler.profile(activities=activities, schedule=schedule)
+
+
+def profile_report(profiler, path: str, args, top: int = 25) -> str:
+    """Where a step's time goes: self time of each kernel (CUDA) or op (CPU) per step, as a share of the step.
+
+    The step is the span of the recorded timeline (first kernel start to last kernel end) divided by the steps; what
+    no kernel covers is the GPU waiting for the host. On CPU the ops are the host's own, and the rest is Python.
+    record_function ranges (ProfilerStep#, Lightning's Optimizer.step#..., which wraps its forward/backward closure)
+    are left out: on the GPU they span kernels already counted, on CPU their self time is Python between ops.
+    """
+    on_gpu = args.device.startswith("cuda")
+    device = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    on_device = [e for e in profiler.events() if e.device_type == device]
+    step_us = (max(e.time_range.end for e in on_device) - min(e.time_range.start for e in on_device)) / PROFILE_STEPS
+    rows = []
+    for e in profiler.key_averages():
+        if e.device_type != device or e.is_user_annotation or e.key.startswith("ProfilerStep"):
+            continue
+        us = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / PROFILE_STEPS
+        if us > 0:
+            rows.append((us, e.count / PROFILE_STEPS, e.key))
+    rows.sort(reverse=True)
+    by_category = dict.fromkeys([cat for cat, _ in CATEGORIES] + ["other"], 0.0)
+    for us, _, name in rows:
+        by_category[category(name)] += us
+    rest = "idle (GPU waits for host)" if on_gpu else "outside ops (Python)"
+    by_category[rest] = max(0.0, step_us - sum(by_category.values()))
+
+    what = "kernels by self CUDA time" if on_gpu else "ops by self CPU time"
+    lines = [
+        f"{path} path, {args.device}, {PROFILE_STEPS} profiled steps after {args.warmup} warm-up; precision "
+        f"{args.precision}, compile {args.compile}, fp8 {args.fp8}: {step_us / 1e3:.3f} ms/step (profiled)",
+        "",
+        f"{'category':<26} {'ms/step':>9} {'share':>7}",
+    ]
+    lines += [f"{cat:<26} {us / 1e3:>9.3f} {us / step_us:>7.1%}" for cat, us in by_category.items()]
+    lines += ["", f"top {top} {what}", f"{'ms/step':>9} {'share':>7} {'calls':>6}  name"]
+    lines += [f"{us / 1e3:>9.3f} {us / step_us:>7.1%} {calls:>6.0f}  {name[:110]}" for us, calls, name in rows[:top]]
+    return "\n".join(lines) + "\n"
+
+
+def profile_paths(config, batches, args):
+    """--profile: one more run of each path under the profiler, after the timed ones (whose numbers it leaves alone)."""
+    Path(args.profile).mkdir(parents=True, exist_ok=True)
+    batches = [batches[i % len(batches)] for i in range(args.warmup + PROFILE_STEPS)]
+    for name, loop in (("raw", raw_loop), ("lm", lightning_loop)):
+        profiler = make_profiler(args)
+        loop(config, batches, args, profiler=profiler)
+        report = profile_report(profiler, name, args)
+        (Path(args.profile) / f"profile_{name}.txt").write_text(report)
+        print(report)
 
 
 def main(argv=None):
@@ -176,7 +292,7 @@ def main(argv=None):
     tokens_per_step = args.batch * config.block_size
     flops_per_token = GPT(config).flops_per_token(config.block_size)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = peak_flops(torch.device(args.device), dtype)
+    peak = peak_flops(torch.device(args.device), dtype)  # also with --fp8: a float8 gain shows as higher MFU
 
     best = {"raw": float("inf"), "lm": float("inf")}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits both alike
@@ -204,6 +320,7 @@ def main(argv=None):
         "batch": args.batch,
         "precision": args.precision,
         "compile": args.compile,
+        "fp8": args.fp8,
         "steps": args.steps,
         "params": GPT(config).num_params(),
         "rows": rows,
@@ -213,7 +330,8 @@ def main(argv=None):
     }
     print(
         f"{result['device']}, torch {result['torch']}, {result['params'] / 1e6:.2f}M params, batch {args.batch} x "
-        f"{config.block_size}, precision {args.precision}, compile {args.compile}, {args.steps} timed steps"
+        f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, "
+        f"{args.steps} timed steps"
     )
     print(f"{'path':<6} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}")
     for row in rows:
@@ -223,6 +341,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.profile:
+        profile_paths(config, batches, args)
     return result
 
 

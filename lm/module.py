@@ -125,6 +125,48 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elem
     return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows)
 
 
+def convert_to_fp8(model: GPT, device: torch.device) -> GPT:
+    """Swap the Linear layers of the blocks for torchao's Float8Linear, in place: their matmuls (forward and both
+    backward ones) run in float8 with dynamic per-tensor scales, torchtitan's default float8 recipe. Weights,
+    gradients and optimizer state stay in high precision, so `state_dict()` keys and shapes do not change.
+
+    Call it before `compile` (the casts then fuse into the neighbouring kernels). Raises LMError when the device has
+    no float8 matmuls (CUDA compute capability < 8.9), a width is not a multiple of 16, or torchao is not installed.
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise LMError(
+                f"model.fp8 needs a GPU with float8 matmuls (compute capability >= 8.9: Ada, Hopper or newer); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set model.fp8 false"
+            )
+    elif device.type == "cpu":
+        # torch's CPU _scaled_mm computes the same numbers slowly: good for tests, never for speed
+        rank_zero_warn("model.fp8 on CPU runs float8 matmuls through torch's reference kernel: expect no speedup")
+    else:
+        raise LMError(f"model.fp8 runs on CUDA GPUs (compute capability >= 8.9) or, for tests, on CPU; not {device}")
+    # float8 GEMMs (cuBLASLt) need both dimensions of every weight to be multiples of 16. The weight-gradient matmul
+    # also contracts over the tokens of a micro-batch, so batch x sequence length must be a multiple of 16 as well.
+    odd = [
+        f"layers.{name} ({m.in_features} -> {m.out_features})"
+        for name, m in model.layers.named_modules()
+        if isinstance(m, torch.nn.Linear) and (m.in_features % 16 or m.out_features % 16)
+    ]
+    if odd:
+        raise LMError(
+            f"model.fp8 needs Linear widths that are multiples of 16; {', '.join(odd[:3])}"
+            f"{' ...' if len(odd) > 3 else ''} are not: change model.arch.n_embd / n_head / n_kv_head / mlp_hidden"
+        )
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise LMError(f"model.fp8 needs torchao ({e}): pip install 'lm[fp8]', or set model.fp8 false") from e
+    # Only the blocks: lm_head stays in bf16, as torchtitan leaves the output layer by default. Its logits go
+    # straight into the softmax, where float8's 3 mantissa bits would cost the most accuracy, and a tied head's
+    # weight is the embedding table. Convert it only if a measurement shows the loss does not suffer.
+    return convert_to_float8_training(model, module_filter_fn=lambda module, fqn: fqn.startswith("layers."))
+
+
 class LanguageModel(L.LightningModule):
     """A GPT trained on next-token prediction.
 
@@ -141,6 +183,10 @@ class LanguageModel(L.LightningModule):
         optimizer: adamw for every parameter, or muon: Muon (torch.optim.Muon) for the 2-D weights inside the blocks and
             AdamW for embeddings, head and norms, with the same lr and schedule.
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
+        fp8: Run the blocks' matmuls in float8 (torchao's float8 training, dynamic tensorwise scales; the head and
+            everything else stay in bf16). Needs a GPU of CUDA compute capability >= 8.9 (Ada, Hopper, newer), the `fp8`
+            extra (`pip install 'lm[fp8]'`), and layer widths and batch x block_size that are multiples of 16.
+            Checkpoints are the same as without it.
         init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
             dropout) and its tokenizer must be the data module's.
         max_skipped_steps: Optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer state
@@ -161,6 +207,7 @@ class LanguageModel(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         optimizer: Literal["adamw", "muon"] = "adamw",
         compile: bool = False,
+        fp8: bool = False,
         init_from: str | None = None,
         max_skipped_steps: int = 10,
     ):
@@ -200,6 +247,9 @@ class LanguageModel(L.LightningModule):
         self.model = GPT(self.arch)
         if init_state is not None:
             self.model.load_state_dict(init_state)
+        if self.hparams.fp8:  # after loading weights (keys are unchanged anyway), before compiling
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+            convert_to_fp8(self.model, device)
         if self.hparams.compile:
             self.model.compile()  # in place: checkpoint keys stay free of `_orig_mod.`
             # The loss too: eager cross-entropy over GPT-2's vocabulary moves ~50 GB of fp32 logits per 32 x 1024

@@ -232,3 +232,68 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
     assert [step for step, _ in steps] == [3, 7, 11]
     for _, metrics in steps:
         assert {"train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"} <= set(metrics)
+
+
+def _fit_two_steps(**module_kwargs) -> LanguageModel:
+    import lightning as L
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, **module_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    ids = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(0))  # 2 x 16 tokens: fp8-aligned
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:model.fp8 on CPU")
+def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
+    """torchao's CPU path (torch's reference _scaled_mm) runs the same code as on a GPU, only slowly."""
+    from torchao.float8.float8_linear import Float8Linear  # torchao comes with the dev extra (lm[fp8])
+
+    from lm.model import GPT
+
+    fp8, bf16 = _fit_two_steps(fp8=True), _fit_two_steps()
+    assert isinstance(fp8.model.layers[0].attn.q_proj, Float8Linear)
+    assert isinstance(fp8.model.layers[1].mlp.down_proj, Float8Linear)
+    assert type(fp8.model.lm_head) is torch.nn.Linear  # the head stays in bf16
+    fp8_state, bf16_state = fp8.model.state_dict(), bf16.model.state_dict()
+    assert {k: v.shape for k, v in fp8_state.items()} == {k: v.shape for k, v in bf16_state.items()}
+    assert all(type(v) is torch.Tensor for v in fp8_state.values())  # plain tensors: generate/export read them as is
+    GPT(get_config("tiny")).load_state_dict(fp8_state)  # strict
+    torch.manual_seed(0)
+    initial = GPT(get_config("tiny")).state_dict()  # what both runs started from
+    assert not torch.equal(fp8_state["layers.0.attn.q_proj.weight"], initial["layers.0.attn.q_proj.weight"])
+    # the same weights give nearly the same loss through float8 matmuls (Adam's sign-like steps make trained
+    # weights a poor comparison: a tiny gradient that flips sign moves a weight by 2 x lr)
+    fp8.model.load_state_dict(bf16_state)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fp8.model_step(batch)[0], bf16.model_step(batch)[0], rtol=0.01, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:model.fp8 on CPU")
+def test_fp8_errors_are_one_line_and_say_what_to_do(monkeypatch):
+    import sys
+
+    from lm.errors import LMError
+    from lm.model import GPT
+    from lm.module import convert_to_fp8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(LMError, match=r"compute capability >= 8.9.*A100.* is 8\.0: set model.fp8 false"):
+        convert_to_fp8(GPT(get_config("tiny")), torch.device("cuda"))
+    with pytest.raises(LMError, match=r"multiples of 16; layers\.0\.attn\.q_proj \(40 -> 40\)"):
+        convert_to_fp8(GPT(get_config("tiny", n_embd=40, n_head=2)), torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if torchao were not installed
+    with pytest.raises(LMError, match=r"needs torchao .*pip install 'lm\[fp8\]'"):
+        convert_to_fp8(GPT(get_config("tiny")), torch.device("cpu"))
