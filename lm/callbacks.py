@@ -106,7 +106,7 @@ class SampleText(L.Callback):
         self.top_k = top_k
 
     @rank_zero_only
-    def on_validation_end(self, trainer, pl_module):
+    def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.prompts or self.max_new_tokens <= 0 or pl_module.tokenizer is None:
             return
         if isinstance(trainer.strategy, FSDPStrategy):
@@ -155,9 +155,9 @@ class EMA(WeightAveraging):
     towards the live weights: avg = decay * avg + (1 - decay) * weights, so it spans the last ~1 / (1 - decay) updates.
     Then `val/loss` is the average's; every checkpoint's `state_dict` holds the average (what `lm generate`,
     `lm export` and `init_from` read) and `current_model_state` the live weights (what a resumed run continues from);
-    the model in memory after `fit` is the average. Until the first update there is no average yet: validation and
-    checkpoints use the live weights (Lightning's callback would hand them the weights from before step 0). Text
-    samples printed at validation come from the live weights.
+    the model in memory after `fit` is the average, and so are the text samples and the evaluations run at
+    validation. Until the first update there is no average yet: validation and checkpoints use the live weights
+    (Lightning's callback would hand them the weights from before step 0).
 
         trainer:
           callbacks:
@@ -198,8 +198,14 @@ class EMA(WeightAveraging):
             super().on_validation_epoch_start(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module):
+        """Swapped back in on_validation_end instead (Lightning does it here), so that every callback's
+        on_validation_epoch_end (text samples, lm.eval.EvalCallback, lm.tasks.TaskAccuracy) sees the average
+        whatever the order of the callbacks; the checkpoint callbacks, which Lightning always runs last, save after
+        the swap back."""
+
+    def on_validation_end(self, trainer, pl_module):
         if self._has_average():  # nothing updates the average during validation: the same answer as at the start
-            super().on_validation_epoch_end(trainer, pl_module)
+            self._swap_models(pl_module)
 
     def on_train_end(self, trainer, pl_module):
         if self._has_average():

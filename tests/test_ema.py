@@ -14,21 +14,29 @@ from lm.config import get_config
 from lm.errors import LMError
 from lm.module import LanguageModel
 
-DECAY, START = 0.5, 2  # a short horizon, so six steps move the average far from the live weights
+DECAY, START = 0.5, 1  # a short horizon, so six steps move the average far from the live weights
 
 
 class Record(L.Callback):
     """The live weights after every optimizer step, and the weights validation ran with."""
 
     def __init__(self):
+        self.before_step: list[dict[str, torch.Tensor]] = []
         self.after_step: list[dict[str, torch.Tensor]] = []
         self.validated: dict[str, torch.Tensor] | None = None
+        self.validation_epoch_end: dict[str, torch.Tensor] | None = None  # what samples and evaluations see
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before_step.append({k: v.clone() for k, v in pl_module.model.state_dict().items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.after_step.append({k: v.clone() for k, v in pl_module.model.state_dict().items()})
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self.validated = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.validation_epoch_end = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
 
 def fit(root, max_steps, ckpt_path=None, start=START):
@@ -72,8 +80,15 @@ def test_average_is_the_ema_of_the_live_weights_and_every_consumer_reads_it(tmp_
         expected = {k: DECAY * expected[k] + (1 - DECAY) * live[k] for k in expected}
     assert not torch.allclose(expected["lm_head.weight"], steps[-1]["lm_head.weight"])  # the test can tell them apart
 
+    # validation after step 3 swapped the live weights back before step 4 (the average differed from them then)
+    assert not torch.allclose(
+        steps[2]["lm_head.weight"], DECAY * steps[1]["lm_head.weight"] + (1 - DECAY) * steps[2]["lm_head.weight"]
+    )
+    for k, live in steps[2].items():
+        assert torch.equal(record.before_step[3][k], live), k
     for k, v in expected.items():
         torch.testing.assert_close(record.validated[k], v, msg=f"validation ran on {k} that is not the average")
+        torch.testing.assert_close(record.validation_epoch_end[k], v, msg=f"samples/evals would see a live {k}")
         torch.testing.assert_close(module.model.state_dict()[k], v, msg=f"after fit, {k} is not the average")
 
     ckpt = read_checkpoint(tmp_path / "last.ckpt")
