@@ -179,9 +179,14 @@ class EMA(WeightAveraging):
     """
 
     def __init__(self, decay: float = 0.99, update_every_n_steps: int = 1, update_starting_at_step: int | None = None):
+        if not 0.0 <= decay <= 1.0:
+            raise LMError(f"EMA decay must be in [0, 1], got {decay}")
+        if update_every_n_steps < 1:
+            raise LMError(f"EMA update_every_n_steps must be >= 1, got {update_every_n_steps}")
         super().__init__(use_buffers=False, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step or 0
+        self._swapped = False  # whether the model holds the average (during validation) and the copy the live weights
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After optimizer steps only (step_idx is 0-based), never at epoch ends."""
@@ -193,9 +198,14 @@ class EMA(WeightAveraging):
         """Whether the average has been updated at least once (the step of the last update is 0 before that)."""
         return self._average_model is not None and self._latest_update_step > 0
 
+    def _put(self, pl_module, average: bool):
+        """Put the average (average=True) or the live weights into the model; nothing if they are there already."""
+        if self._has_average() and self._swapped != average:
+            self._swap_models(pl_module)
+            self._swapped = average
+
     def on_validation_epoch_start(self, trainer, pl_module):
-        if self._has_average():
-            super().on_validation_epoch_start(trainer, pl_module)
+        self._put(pl_module, average=True)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         """Swapped back in on_validation_end instead (Lightning does it here), so that every callback's
@@ -204,16 +214,28 @@ class EMA(WeightAveraging):
         the swap back."""
 
     def on_validation_end(self, trainer, pl_module):
-        if self._has_average():  # nothing updates the average during validation: the same answer as at the start
-            self._swap_models(pl_module)
+        self._put(pl_module, average=False)
+
+    def on_exception(self, trainer, pl_module, exception):
+        # A crash or SIGTERM/SIGUSR1 in the middle of validation: the live weights go back before lm's Checkpoint
+        # (whose on_exception runs after this one) saves them.
+        self._put(pl_module, average=False)
 
     def on_train_end(self, trainer, pl_module):
+        """The average replaces the live weights in on_fit_end instead: lm's Checkpoint writes last.ckpt in its own
+        on_train_end, after this one, and that checkpoint must keep the live weights to resume from."""
+
+    def on_fit_end(self, trainer, pl_module):
         if self._has_average():
-            super().on_train_end(trainer, pl_module)
+            self._copy_average_to_current(pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if self._has_average():
-            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if not self._has_average():
+            return
+        if self._swapped:  # a save in the middle of validation, by any other path: the live weights are the state
+            self._put(pl_module, average=False)
+            checkpoint["state_dict"] = pl_module.state_dict()
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         # A checkpoint from before the first update holds only the live weights; the average starts from them when

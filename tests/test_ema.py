@@ -13,6 +13,7 @@ from lm.checkpoint import gpt_state_dict, read_checkpoint
 from lm.config import get_config
 from lm.errors import LMError
 from lm.module import LanguageModel
+from lm.reliability import Checkpoint
 
 DECAY, START = 0.5, 1  # a short horizon, so six steps move the average far from the live weights
 
@@ -20,7 +21,8 @@ DECAY, START = 0.5, 1  # a short horizon, so six steps move the average far from
 class Record(L.Callback):
     """The live weights after every optimizer step, and the weights validation ran with."""
 
-    def __init__(self):
+    def __init__(self, fail_in_validation_at: int | None = None):
+        self.fail_in_validation_at = fail_in_validation_at  # raise in the middle of the validation at this step
         self.before_step: list[dict[str, torch.Tensor]] = []
         self.after_step: list[dict[str, torch.Tensor]] = []
         self.validated: dict[str, torch.Tensor] | None = None
@@ -34,12 +36,15 @@ class Record(L.Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self.validated = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+        if trainer.global_step == self.fail_in_validation_at:
+            raise RuntimeError("crash during validation")
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self.validation_epoch_end = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
 
-def fit(root, max_steps, ckpt_path=None, start=START):
+def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=None):
+    """Train the tiny model on one repeated batch with EMA; `checkpoint` defaults to saving last.ckpt every step."""
     g = torch.Generator().manual_seed(0)
     # One batch repeated: a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
     batch = {
@@ -48,7 +53,7 @@ def fit(root, max_steps, ckpt_path=None, start=START):
     }
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10)
-    record = Record()
+    record = record or Record()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -60,8 +65,8 @@ def fit(root, max_steps, ckpt_path=None, start=START):
         enable_model_summary=False,
         default_root_dir=root,
     )
-    # every step's checkpoint: last.ckpt is the state after the newest step
-    trainer.callbacks.append(ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1))
+    every_step = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)
+    trainer.callbacks.append(checkpoint or every_step)
     loader = torch.utils.data.DataLoader([batch] * 8, batch_size=None)
     trainer.fit(
         module,
@@ -124,6 +129,48 @@ def test_before_the_first_update_validation_and_checkpoints_use_the_live_weights
     expected = {k: DECAY * expected[k] + (1 - DECAY) * record.after_step[-1][k] for k in expected}
     for k, v in expected.items():
         torch.testing.assert_close(module.model.state_dict()[k], v, msg=k)
+
+
+def ema_of(steps: list[dict[str, torch.Tensor]], start: int = START) -> dict[str, torch.Tensor]:
+    average = dict(steps[start])
+    for live in steps[start + 1 :]:
+        average = {k: DECAY * average[k] + (1 - DECAY) * live[k] for k in average}
+    return average
+
+
+def test_the_checkpoint_written_at_train_end_keeps_the_live_weights_to_resume_from(tmp_path):
+    """lm's Checkpoint writes last.ckpt in on_train_end when the last step was not saved yet (max_steps between
+    validations, max_time, too many skipped steps): the average must not have replaced the live weights by then."""
+    module, record = fit(tmp_path, max_steps=5, checkpoint=Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+    ckpt = read_checkpoint(tmp_path / "last.ckpt")
+    assert ckpt["global_step"] == 5
+    live, average = record.after_step[-1], ema_of(record.after_step)
+    assert not torch.allclose(live["lm_head.weight"], average["lm_head.weight"])
+    for k, v in live.items():
+        assert torch.equal(ckpt["current_model_state"][f"model.{k}"], v), k
+        torch.testing.assert_close(ckpt["state_dict"][f"model.{k}"], average[k], msg=k)
+        torch.testing.assert_close(module.model.state_dict()[k], average[k], msg=k)  # after fit: the average
+
+
+def test_a_crash_during_validation_saves_the_live_weights_as_the_state_to_resume_from(tmp_path):
+    """SIGTERM/SIGUSR1 or an error between validation batches, while the model holds the average."""
+    record = Record(fail_in_validation_at=6)
+    checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0, save_on_exception=True)
+    with pytest.raises(RuntimeError, match="crash during validation"):
+        fit(tmp_path, max_steps=8, checkpoint=checkpoint, record=record)
+    ckpt = read_checkpoint(tmp_path / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    live, average = record.after_step[-1], ema_of(record.after_step)
+    for k, v in live.items():
+        assert torch.equal(ckpt["current_model_state"][f"model.{k}"], v), k
+        torch.testing.assert_close(ckpt["state_dict"][f"model.{k}"], average[k], msg=k)
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(LMError, match="decay must be in"):
+        EMA(decay=1.5)
+    with pytest.raises(LMError, match="update_every_n_steps must be >= 1"):
+        EMA(update_every_n_steps=0)
 
 
 def test_fsdp_is_refused_with_a_one_line_reason():
