@@ -149,6 +149,8 @@ class ChatData(L.LightningDataModule):
         task_digits: Operand digits of the addition task.
         seed: Seed of the train/val split, the task problems and the shuffling of training batches.
         num_workers: DataLoader worker processes (batches are padded lists: 0 is usually enough).
+        pad_to_multiple_of: Pad each batch's length up to a multiple of this (at most block_size); 16 for
+            `model.fp8`, whose float8 matmuls need batch x length to be a multiple of 16.
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class ChatData(L.LightningDataModule):
         task_digits: int = 2,
         seed: int = 1337,
         num_workers: int = 0,
+        pad_to_multiple_of: int = 1,
     ):
         super().__init__()
         if block_size < 2 or batch_size < 1:
@@ -178,6 +181,9 @@ class ChatData(L.LightningDataModule):
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise
         self.task_size, self.task_val_size, self.task_digits = task_size, task_val_size, task_digits
         self.seed, self.num_workers = seed, num_workers
+        if pad_to_multiple_of < 1:
+            raise LMError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.chat_template_version = CHAT_TEMPLATE_VERSION
         self.tokenizer: Tokenizer | None = None
         self.train_examples: list[tuple[list[int], list[int]]] = []
@@ -290,9 +296,13 @@ class ChatData(L.LightningDataModule):
     # ---- batches -------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest example: pad ids are never attended by real tokens (causal) and carry no loss."""
-        width = max(len(ids) for ids, _ in examples)
+    def collate(
+        examples: list[tuple[list[int], list[int]]], pad_id: int = 0, multiple: int = 1, max_width: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example, rounded up to a multiple of `multiple` (but not past max_width): pad ids
+        are never attended by real tokens (causal) and carry no loss."""
+        longest = max(len(ids) for ids, _ in examples)
+        width = max(longest, min(-(-longest // multiple) * multiple, max_width or longest))
         input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         for i, (ids, lab) in enumerate(examples):
@@ -311,7 +321,9 @@ class ChatData(L.LightningDataModule):
             examples,
             batch_size=self.batch_size,
             sampler=sampler,
-            collate_fn=partial(self.collate, pad_id=self.tokenizer.eos_id),
+            collate_fn=partial(
+                self.collate, pad_id=self.tokenizer.eos_id, multiple=self.pad_to_multiple_of, max_width=self.block_size
+            ),
             num_workers=self.num_workers,
             drop_last=shuffle,  # equal-sized training batches; validation sees every conversation
             persistent_workers=self.num_workers > 0,

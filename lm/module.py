@@ -146,7 +146,8 @@ def convert_to_fp8(model: GPT, device: torch.device) -> GPT:
     else:
         raise LMError(f"model.fp8 runs on CUDA GPUs (compute capability >= 8.9) or, for tests, on CPU; not {device}")
     # float8 GEMMs (cuBLASLt) need both dimensions of every weight to be multiples of 16. The weight-gradient matmul
-    # also contracts over the tokens of a micro-batch, so batch x sequence length must be a multiple of 16 as well.
+    # also contracts over the tokens of a micro-batch, so batch x sequence length must be a multiple of 16 as well:
+    # training_step checks that (torch's CPU kernel accepts any size, so only a GPU would fail, mid-run).
     odd = [
         f"layers.{name} ({m.in_features} -> {m.out_features})"
         for name, m in model.layers.named_modules()
@@ -185,8 +186,8 @@ class LanguageModel(L.LightningModule):
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
         fp8: Run the blocks' matmuls in float8 (torchao's float8 training, dynamic tensorwise scales; the head and
             everything else stay in bf16). Needs a GPU of CUDA compute capability >= 8.9 (Ada, Hopper, newer), the `fp8`
-            extra (`pip install 'lm[fp8]'`), and layer widths and batch x block_size that are multiples of 16.
-            Checkpoints are the same as without it.
+            extra (`pip install 'lm[fp8]'`), and layer widths and batch x sequence length that are multiples of 16 (chat
+            data: `data.init_args.pad_to_multiple_of: 16`). Checkpoints are the same as without it.
         init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
             dropout) and its tokenizer must be the data module's.
         max_skipped_steps: Optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer state
@@ -289,6 +290,11 @@ class LanguageModel(L.LightningModule):
         return self._loss(logits, batch["labels"])
 
     def training_step(self, batch, batch_idx):
+        if self.hparams.fp8 and batch["input_ids"].numel() % 16:  # a shape, no device sync
+            raise LMError(
+                f"model.fp8: a batch of {' x '.join(map(str, batch['input_ids'].shape))} tokens; float8 matmuls need "
+                "batch x length to be a multiple of 16 (chat data: set data.init_args.pad_to_multiple_of 16)"
+            )
         loss, n_tokens = self.model_step(batch)
         if self._is_logging_step():
             self.log("train/loss", loss.detach(), sync_dist=True)  # the mean over ranks (a no-op on one device)

@@ -144,6 +144,20 @@ def test_batches_have_the_one_shape_and_labels_are_next_tokens():
     assert (labels == answer_end).sum(dim=1).tolist() == [1] * 8  # one learned END per single-turn conversation
 
 
+def test_pad_to_multiple_of_rounds_the_length_up_but_never_past_the_context():
+    examples = [([1] * 5, [IGNORE_INDEX] * 5), ([2] * 9, [3] * 9)]
+    assert ChatData.collate(examples)["input_ids"].shape == (2, 9)
+    batch = ChatData.collate(examples, pad_id=7, multiple=16, max_width=32)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 16)
+    assert (batch["input_ids"][1, 9:] == 7).all() and (batch["labels"][:, 9:] == IGNORE_INDEX).all()
+    assert ChatData.collate(examples, multiple=16, max_width=12)["input_ids"].shape == (2, 12)
+    data = ChatData(
+        source="task:addition", tokenizer="char", block_size=32, batch_size=8, task_size=50, pad_to_multiple_of=16
+    )
+    data.setup()
+    assert next(iter(data.train_dataloader()))["input_ids"].shape[1] % 16 == 0
+
+
 def test_chat_batches_accumulate_like_one_big_batch():
     """ChatData's padded micro-batches with uneven supervised-token counts: 4 x B == one batch of 4B (the module's
     loss normalisation over the optimizer step)."""

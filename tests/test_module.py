@@ -297,3 +297,13 @@ def test_fp8_errors_are_one_line_and_say_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if torchao were not installed
     with pytest.raises(LMError, match=r"needs torchao .*pip install 'lm\[fp8\]'"):
         convert_to_fp8(GPT(get_config("tiny")), torch.device("cpu"))
+
+
+def test_fp8_refuses_a_batch_whose_token_count_is_not_a_multiple_of_16():
+    """CUDA's float8 weight-gradient matmul contracts over the batch's tokens; torch's CPU kernel would not notice."""
+    from lm.errors import LMError
+
+    module = LanguageModel(get_config("tiny"), fp8=True)
+    batch = {"input_ids": torch.zeros(3, 10, dtype=torch.long), "labels": torch.zeros(3, 10, dtype=torch.long)}
+    with pytest.raises(LMError, match=r"batch of 3 x 10 tokens.*pad_to_multiple_of 16"):
+        module.training_step(batch, 0)
