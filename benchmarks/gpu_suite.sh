@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/benchmarks.md, on one GPU (about 12 minutes on an H100/H200; two calls of ~6 minutes
-# with PHASES="throughput fp8" and PHASES="time generation variants"):
+# Every GPU measurement of docs/benchmarks.md, on one GPU. Time limits per phase: time 150 s, throughput 360 s,
+# fp8 200 s, generation 120 s, variants 270 s; so run it as two calls of at most 10 minutes,
+# PHASES="throughput fp8" and PHASES="time generation variants":
 #   1. shakespeare_char, alone on the GPU: time from launch to each validation (experiments/shakespeare_char.yaml);
 #   2. training throughput of the GPT-2 124M shape, lm's Lightning path and a raw loop in one process, with a
 #      count of host synchronisations in the lm path's timed steps and a profile of where each path's step goes
@@ -41,26 +42,28 @@ fi
 
 # 2. throughput, GPT-2 124M shape (tied embedding), batch 32 x 1024, bf16, compiled, alone on the GPU
 if [[ $PHASES == *throughput* ]]; then
-  timeout 420 $PY benchmarks/train_throughput.py --size 124m --tie_embeddings --batch 32 --device cuda \
+  timeout 360 $PY benchmarks/train_throughput.py --size 124m --tie_embeddings --batch 32 --device cuda \
     --precision bf16 --compile --steps 50 --warmup 10 --repeats 1 --sync_debug --json "$OUT/throughput_124m.json" \
     --profile "$OUT/profile_124m" > "$OUT/throughput_124m.log" 2>&1
-  grep -E "^(cuda|path|raw|lm) |overhead|host syncs|rror" "$OUT/throughput_124m.log" >> "$OUT/summary.txt"
+  echo "throughput: exit $?" >> "$OUT/summary.txt"
+  grep -E "timed steps$|^path |^(raw|lm) +[0-9]|overhead|host syncs|rror" "$OUT/throughput_124m.log" >> "$OUT/summary.txt"
   head -11 "$OUT"/profile_124m/profile_*.txt >> "$OUT/summary.txt"
 fi
 
 # 2b. the same with float8 block matmuls (model.fp8; torchao must be importable)
 if [[ $PHASES == *fp8* ]]; then
-  timeout 240 $PY benchmarks/train_throughput.py --size 124m --tie_embeddings --batch 32 --device cuda \
+  timeout 200 $PY benchmarks/train_throughput.py --size 124m --tie_embeddings --batch 32 --device cuda \
     --precision bf16 --compile --fp8 --steps 50 --warmup 10 --repeats 1 --json "$OUT/throughput_124m_fp8.json" \
     > "$OUT/throughput_124m_fp8.log" 2>&1
-  echo "fp8:" >> "$OUT/summary.txt"
-  grep -E "^(cuda|raw|lm) |overhead|rror" "$OUT/throughput_124m_fp8.log" >> "$OUT/summary.txt"
+  echo "fp8: exit $?" >> "$OUT/summary.txt"
+  grep -E "timed steps$|^(raw|lm) +[0-9]|overhead|rror" "$OUT/throughput_124m_fp8.log" >> "$OUT/summary.txt"
 fi
 
 # 3. KV-cache generation, 124M shape, fp32, alone on the GPU
 if [[ $PHASES == *generation* ]]; then
   timeout 120 $PY benchmarks/generation.py --size 124m --device cuda --new_tokens 256 --json "$OUT/generation.json" \
     > "$OUT/generation.log" 2>&1
+  echo "generation: exit $?" >> "$OUT/summary.txt"
   tail -5 "$OUT/generation.log" >> "$OUT/summary.txt"
 fi
 

@@ -211,11 +211,11 @@ def lightning_loop(config, batches, args, profiler=None) -> float:
 # triton_tem_*, and its other kernels are named after the ops they fuse, which may include "addmm" or "mm".
 CATEGORIES = [
     ("communication", ("nccl",)),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul/GEMM", ("triton_tem",)),
-    ("triton/fused elementwise", ("triton_",)),
+    ("triton/fused elementwise", ("triton_",)),  # before attention: Inductor names kernels after the ops they fuse
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("optimizer + clip", ("adam", "foreach", "multi_tensor")),
-    ("matmul/GEMM", ("gemm", "cutlass", "sm90_xmma", "nvjet", "addmm", "matmul", "mm")),
+    ("matmul/GEMM", ("gemm", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm", "_scaled_mm")),
 ]
 
 
