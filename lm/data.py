@@ -20,6 +20,7 @@ random offsets from a seeded, resumable sampler; validation walks the val split 
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -247,9 +248,15 @@ BATCH_CHARS = 1 << 23  # documents are tokenized ~8M characters at a time: hundr
 # share, while the batch's text, the tokenizer's temporaries (HF builds an object per token) and its ids stay small
 
 
+def document_texts(ds) -> Iterator[str]:
+    """The "text" column of `ds` in source order, read in batches (one Python string at a time would be slow)."""
+    for rows in ds.iter(batch_size=1024):
+        yield from rows["text"]
+
+
 def document_batches(ds, max_chars: int) -> Iterator[list[str]]:
-    """The "text" column of `ds` in source order, as lists of whole documents of about max_chars characters."""
-    return text_groups((text for rows in ds.iter(batch_size=1024) for text in rows["text"]), max_chars)
+    """`document_texts(ds)` as lists of whole documents of about max_chars characters."""
+    return text_groups(document_texts(ds), max_chars)
 
 
 def write_tokens(
@@ -576,13 +583,9 @@ class PretrainData(L.LightningDataModule):
             text_field=self.text_field,
             hf_cache_dir=str(scratch / "hf"),
         )
-        if len(ds) == 0 or not any(text for batch in ds.iter(batch_size=1000) for text in batch["text"]):
+        if len(ds) == 0 or not any(document_texts(ds)):
             raise LMError(f"data source {self.source!r} holds no text (empty files or {self.text_field!r} fields)")
-
-        def texts() -> Iterator[str]:
-            for batch in ds.iter(batch_size=1000):
-                yield from batch["text"]
-
+        texts = functools.partial(document_texts, ds)  # a fresh pass over the documents per call (BPE training)
         tok = fixed if fixed is not None else build_tokenizer(self.tokenizer_spec, texts=texts)
         dtype = token_dtype(tok.vocab_size)
         # datasets' tqdm, so that datasets.disable_progress_bars() silences this bar along with datasets' own

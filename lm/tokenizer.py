@@ -474,7 +474,7 @@ class HFTokenizer(Tokenizer):
         # is half of HF's time here). num_threads: HF tokenizers always use their own pool (one thread per core).
         arrays = []
         for group in text_groups(texts, _HF_CALL_CHARS):
-            arrays += [np.array(ids, dtype=np.uint32) for ids in self._encode_batch(group)]
+            arrays += super()._encode_arrays(group, num_threads)
         return arrays
 
     def _decode(self, ids: list[int], skip_special: bool) -> str:
