@@ -118,13 +118,17 @@ def test_optimizer_groups_decay_only_matmul_weights():
     assert decay.isdisjoint(no_decay) and len(decay) + len(no_decay) == len(by_id)
 
 
-def _fit_steps(batches, *, accumulate: int) -> dict[str, torch.Tensor]:
+def _fit_two_steps(batches, *, accumulate: int = 1, precision: str = "32-true", **module_kwargs) -> LanguageModel:
+    """The tiny model after two optimizer steps of the Trainer on `batches` (clip 1.0, constant LR after 1 step)."""
     import lightning as L
 
     torch.manual_seed(0)
-    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10)
+    module = LanguageModel(
+        get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10, **module_kwargs
+    )
     trainer = L.Trainer(
         accelerator="cpu",
+        precision=precision,
         max_steps=2,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=1.0,
@@ -135,7 +139,7 @@ def _fit_steps(batches, *, accumulate: int) -> dict[str, torch.Tensor]:
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return {k: v.clone() for k, v in module.model.state_dict().items()}
+    return module
 
 
 def test_accumulation_equals_one_big_batch_with_uneven_masks():
@@ -148,7 +152,8 @@ def test_accumulation_equals_one_big_batch_with_uneven_masks():
         labels[row, : 15 - row] = -100
     big = [{"input_ids": ids[i : i + 8], "labels": labels[i : i + 8]} for i in (0, 8)]
     small = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 16, 2)]
-    a, b = _fit_steps(big, accumulate=1), _fit_steps(small, accumulate=4)
+    a = _fit_two_steps(big).model.state_dict()
+    b = _fit_two_steps(small, accumulate=4).model.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
@@ -234,26 +239,6 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
         assert {"train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"} <= set(metrics)
 
 
-def _fit_two_steps(**module_kwargs) -> LanguageModel:
-    import lightning as L
-
-    torch.manual_seed(0)
-    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, **module_kwargs)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    ids = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(0))  # 2 x 16 tokens: fp8-aligned
-    batches = [{"input_ids": x, "labels": x} for x in ids]
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return module
-
-
 @pytest.mark.filterwarnings("ignore:model.fp8 on CPU")
 def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
     """torchao's CPU path (torch's reference _scaled_mm) runs the same code as on a GPU, only slowly."""
@@ -261,7 +246,10 @@ def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
 
     from lm.model import GPT
 
-    fp8, bf16 = _fit_two_steps(fp8=True), _fit_two_steps()
+    ids = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(0))  # 2 x 16 tokens: fp8-aligned
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    fp8 = _fit_two_steps(batches, precision="bf16-mixed", fp8=True)
+    bf16 = _fit_two_steps(batches, precision="bf16-mixed")
     assert isinstance(fp8.model.layers[0].attn.q_proj, Float8Linear)
     assert isinstance(fp8.model.layers[1].mlp.down_proj, Float8Linear)
     assert type(fp8.model.lm_head) is torch.nn.Linear  # the head stays in bf16
