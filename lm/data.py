@@ -459,8 +459,8 @@ class PretrainData(L.LightningDataModule):
         batch_size: Windows per batch B, per device.
         val_fraction: The last val_fraction of the token stream is validation, the first part training.
         cache_dir: Where tokenized data is cached; None = $XDG_CACHE_HOME/lm/data or ~/.cache/lm/data.
-        num_proc: Threads that tokenize (tiktoken encodes outside the GIL; HF tokenizers always use their own
-            pool of one thread per core); None = every CPU this process may use.
+        num_proc: Threads that tokenize (tiktoken, for gpt2 and bpe:N, encodes outside the GIL; HF tokenizers use
+            their own pool of one thread per core); None = every CPU this process may use.
         num_workers: DataLoader worker processes (batches are cheap memmap slices: 0 is usually enough).
         pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies (only used on CUDA).
         seed: Seed of the random window starts; with the epoch it fixes every training batch.

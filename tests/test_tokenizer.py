@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -227,3 +228,52 @@ def test_gpt2_encode_to_array_without_tiktoken_numpy_output(tokenizers, monkeypa
     old_tiktoken = type("OldEncoding", (), {"encode_ordinary": staticmethod(real.encode_ordinary)})()
     monkeypatch.setattr(tokenizer_module, "_gpt2_encoding", lambda: old_tiktoken)
     assert tok.encode_to_array(CORPUS, eos=True, num_threads=2).tolist() == expected
+
+
+def _pseudo_words(rng, n: int) -> list[str]:
+    syllables = ["th", "e", "an", "qu", "ing", "o", "st", "re", "a", "ll", "é", "日本", "x", "'s", "12", "0"]
+    return ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 5))) for _ in range(n)]
+
+
+def test_bpe_encodes_through_tiktoken_with_the_hf_ids():
+    """BPETokenizer encodes with tiktoken (rank = id); HF's merge-list BPE on the same tokenizer.json must give the
+    same ids, also on text unlike the training text: new words, glued vocabulary pieces, random unicode, spaces."""
+    import random
+
+    rng = random.Random(0)
+    words = _pseudo_words(rng, 40_000)
+    training = [" ".join(words[i : i + 50]) + "\n" for i in range(0, len(words), 50)]
+    tok = BPETokenizer.train(training, 1500)
+    assert tok.engine == "tiktoken" and tok.vocab_size > 1000
+
+    pieces = [tok.decode([i]) for i in range(6, tok.vocab_size)]
+    unlike = [
+        " ".join(w[::-1] + rng.choice(words) for w in _pseudo_words(rng, 3000)),  # unseen words
+        "".join(rng.choice(pieces) for _ in range(5000)),  # tokens glued in an order never trained on
+        "".join(chr(rng.randrange(9, 0x3000)) for _ in range(5000)),  # random unicode, controls and whitespace
+        "".join(rng.choice(["a", "b", "ab", " ", "  ", "\n", "\t", "'", "ll"]) for _ in range(5000)),
+        TEXT,
+        "",
+    ]
+    for texts in (training[:200], unlike):
+        hf_ids = [e.ids for e in tok._tk.encode_batch(texts, add_special_tokens=False)]
+        assert tok.encode_batch(texts) == hf_ids
+        assert [tok.encode(t) for t in texts] == hf_ids
+        assert tok.encode_to_array(texts, num_threads=2).tolist() == [i for ids in hf_ids for i in ids]
+
+
+@pytest.mark.parametrize("change", ["prefix space", "merge order", "no tiktoken"])
+def test_bpe_falls_back_to_hf_where_tiktoken_would_differ(tokenizers, monkeypatch, change):
+    state = json.loads(tokenizers["bpe"].to_state()["tokenizer_json"])
+    if change == "prefix space":  # HF would add a space before each text; tiktoken would not
+        state["pre_tokenizer"]["add_prefix_space"] = True
+    elif change == "merge order":  # ids no longer grow in merge order, so tiktoken's ranks would mis-order merges
+        merges = state["model"]["merges"]
+        merges[0], merges[-1] = merges[-1], merges[0]
+    else:
+        monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` raises ImportError
+    tok = BPETokenizer.from_json(json.dumps(state))
+    assert tok.engine == "HF tokenizers"
+    expected = tok._tk.encode(TEXT, add_special_tokens=False).ids
+    assert tok.encode(TEXT) == expected
+    assert tok.encode_to_array([TEXT], num_threads=2).tolist() == expected
