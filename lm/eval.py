@@ -18,7 +18,8 @@ What is scored, exactly:
   `bpb` = nats / (ln 2 x UTF-8 bytes of the documents' text), an EOS counting zero bytes. bpb is comparable across
   tokenizers; loss and ppl are not.
 - `hellaswag` (JSONL rows `{"activity_label", "ctx", "endings": [4], "label"}`), zero-shot, as
-  lm-evaluation-harness' `hellaswag` task: query = preprocess(activity_label + ": " + ctx), choices =
+  lm-evaluation-harness' `hellaswag` task: query = preprocess(activity_label + ": " + ctx), where ctx is
+  ctx_a + " " + ctx_b.capitalize() if the row has them (the hub dataset's rows do), choices =
   preprocess(ending), each scored as the continuation " " + choice of the query (encode query + continuation once,
   the continuation's tokens are those after the query's own encoding). `acc`: argmax of the summed log-likelihood;
   `acc_norm`: argmax of log-likelihood / len(choice) in characters (lm-eval's `completion_len`; HellaSwag is ASCII,
@@ -175,6 +176,7 @@ class EvalSpec:
         stride: Sliding-window stride in tokens for lm; None: block_size (non-overlapping windows).
         num_problems: Problems per synthetic chat task.
         seed: Seed of the synthetic chat problems.
+        digits: Operand digits of the synthetic addition task (as the model was trained: data.task_digits).
         batch_size: Sequences per forward pass.
     """
 
@@ -186,6 +188,7 @@ class EvalSpec:
     stride: int | None = None
     num_problems: int = 100
     seed: int = 0
+    digits: int = 2
     batch_size: int = 16
 
 
@@ -243,7 +246,8 @@ class LanguageModelling(Task):
         self.tokens = np.asarray(ids, dtype=np.int64)
         self.num_bytes = sum(len(t.encode("utf-8")) for t in texts)
         self.num_documents = len(texts)
-        self.windows = stream_windows(len(self.tokens) - 1, block_size, self.spec.stride or block_size)
+        stride = block_size if self.spec.stride is None else self.spec.stride
+        self.windows = stream_windows(len(self.tokens) - 1, block_size, stride)
 
     def num_items(self) -> int:
         return self.num_documents
@@ -276,7 +280,11 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Items {"query", "choices", "gold"} of a HellaSwag-format JSONL file (activity_label, ctx, endings, label)."""
+    """Items {"query", "choices", "gold"} of a HellaSwag-format JSONL file (activity_label, ctx, endings, label).
+
+    As lm-evaluation-harness builds the context: `ctx_a + " " + ctx_b.capitalize()` where a row has both (the hub
+    dataset's rows do), else `ctx` (a slice that kept only it).
+    """
     path = Path(path)
     if not path.is_file():
         raise LMError(f"{path}: HellaSwag file not found")
@@ -289,8 +297,10 @@ def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str,
                 continue
             try:
                 row = json.loads(line)
+                has_parts = isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b"), str)
+                ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if has_parts else row["ctx"]
                 item = {
-                    "query": hellaswag_preprocess(row["activity_label"] + ": " + row["ctx"]),
+                    "query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
                     "choices": [hellaswag_preprocess(e) for e in row["endings"]],
                     "gold": int(row["label"]),
                 }
@@ -327,9 +337,11 @@ class MultipleChoice(Task):
         flat = [req for i in mine + [0] * missing for req in self.requests[i]]
         scores = score_continuations(model, flat, batch_size=self.spec.batch_size)
         correct = correct_norm = 0.0
-        for k, i in enumerate(mine):  # the dummy items at the end are ignored
+        first = 0  # items may have different numbers of endings
+        for i in mine:  # the dummy items at the end are ignored
             item, n = self.items[i], len(self.items[i]["choices"])
-            lls = np.array([s for s, _ in scores[k * n : (k + 1) * n]])
+            lls = np.array([s for s, _ in scores[first : first + n]])
+            first += n
             lengths = np.array([float(len(c)) for c in item["choices"]])
             correct += float(np.argmax(lls) == item["gold"])
             correct_norm += float(np.argmax(lls / lengths) == item["gold"])
@@ -357,7 +369,12 @@ class ChatTask(Task):
                 raise
             raise LMError(f"task {self.spec.task!r} needs lm.tasks (the synthetic chat tasks), not installed") from None
         result = tasks.evaluate_task(
-            model, tokenizer, task=self.spec.task, num_problems=self.spec.num_problems, seed=self.spec.seed
+            model,
+            tokenizer,
+            task=self.spec.task,
+            num_problems=self.spec.num_problems,
+            seed=self.spec.seed,
+            digits=self.spec.digits,
         )
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         numbers.pop("num_problems", None)  # that is num_items, not a metric
@@ -386,6 +403,10 @@ TASKS: dict[str, type[Task]] = {
 def build_task(spec: EvalSpec) -> Task:
     if spec.task not in TASKS:
         raise LMError(f"unknown eval task {spec.task!r}; choose one of {', '.join(TASKS)}")
+    for key in ("batch_size", "num_problems", "limit", "stride"):  # counts; limit and stride may be None
+        value = getattr(spec, key)
+        if value is not None and value < 1:
+            raise LMError(f"eval {spec.task}: {key} must be at least 1, got {value}")
     return TASKS[spec.task](spec)
 
 
@@ -539,6 +560,7 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--stride", type=int, help="lm: sliding-window stride in tokens (default: block_size)")
     p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
+    p.add_argument("--digits", type=int, default=2, help="addition: operand digits (as trained: data.task_digits)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <stem>.eval-<task>.json)")
@@ -555,6 +577,7 @@ def eval_command(argv: list[str]) -> None:
         stride=args.stride,
         num_problems=args.num_problems,
         seed=args.seed,
+        digits=args.digits,
         batch_size=args.batch_size,
     )
     build_task(spec)  # unknown task: fail before loading anything

@@ -86,6 +86,8 @@ def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int
         raise LMError(f"unknown split {split!r}: expected train or test")
     if digits < 1:
         raise LMError(f"digits must be at least 1, got {digits}")
+    if num < 1:
+        raise LMError(f"the number of problems must be at least 1, got {num}")
     rng = random.Random(f"{task}-{split}-{seed}")  # a string seed: stable across Python versions and processes
     problems: dict[str, Problem] = {}
     for _ in range(max(1000, 200 * num)):  # bounded: a small problem space cannot loop forever

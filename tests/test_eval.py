@@ -113,9 +113,10 @@ def test_sliding_window_scores_every_token_once_with_more_context(ckpt, text_dir
 
 HELLASWAG_ROWS = [
     {"activity_label": "Roof", "ctx": "A man is on a roof. he", "endings": ["is up.", "eats", "runs far away.", "x"]},
-    {"activity_label": "Jump", "ctx": "The boy lands [title] on a mat.", "endings": ["a", "bb", "sits.", "ccc dd"]},
-    {"activity_label": "Cats", "ctx": "A cat sits.", "endings": ["It naps.", "It", "Zzz", "It runs, it hides."]},
-]
+    {"activity_label": "Jump", "ctx": "The boy lands [title] on a mat.", "endings": ["a", "bb", "sits."]},
+    {"activity_label": "Cats", "ctx": "A cat sits.", "endings": ["It naps.", "It runs, it hides."]},
+    {"activity_label": "Dogs", "ctx": "A dog runs. it", "endings": ["barks.", "b", "sleeps all day", "Zzz", "ok"]},
+]  # different numbers of endings: each item's scores must be found by a running offset
 
 
 def plain_loglikelihood(model: GPT, tokenizer, query: str, continuation: str) -> float:
@@ -129,17 +130,37 @@ def plain_loglikelihood(model: GPT, tokenizer, query: str, continuation: str) ->
 def test_hellaswag_acc_and_acc_norm_as_lm_eval_defines_them(ckpt, tmp_path):
     path, model, tokenizer = ckpt
     data = tmp_path / "hs.jsonl"
-    rows = [row | {"label": label} for row, label in zip(HELLASWAG_ROWS, (0, 2, 3), strict=True)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _labelled_by_plain_scores(model, tokenizer)))
     metrics, n = evaluate(model, tokenizer, EvalSpec(task="hellaswag", data=str(data), batch_size=5))
-    assert n == 3
-    acc = acc_norm = 0
-    for row in rows:
+    assert n == 4
+    # Every label is the plain argmax of the length-normalised score, so acc_norm is exactly 1; acc counts the items
+    # whose unnormalised argmax agrees.
+    acc = sum(row["plain_acc"] for row in _labelled_by_plain_scores(model, tokenizer)) / 4
+    assert metrics == pytest.approx({"acc": acc, "acc_norm": 1.0})
+
+
+def _labelled_by_plain_scores(model, tokenizer) -> list[dict]:
+    rows = []
+    for row in HELLASWAG_ROWS:
         query = f"{row['activity_label']}: {row['ctx']}".replace(" [title]", ". ").replace("  ", " ")
         lls = [plain_loglikelihood(model, tokenizer, query, " " + e) for e in row["endings"]]
-        acc += max(range(4), key=lambda i: (lls[i], -i)) == row["label"]
-        acc_norm += max(range(4), key=lambda i: (lls[i] / len(row["endings"][i]), -i)) == row["label"]
-    assert metrics == pytest.approx({"acc": acc / 3, "acc_norm": acc_norm / 3})
+        n = len(row["endings"])
+        best_norm = max(range(n), key=lambda i: (lls[i] / len(row["endings"][i]), -i))
+        best = max(range(n), key=lambda i: (lls[i], -i))
+        rows.append(row | {"label": best_norm, "plain_acc": best == best_norm})
+    return rows
+
+
+def test_hellaswag_context_as_lm_eval_builds_it(tmp_path):
+    from lm.eval import read_hellaswag
+
+    row = {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he starts"}
+    rows = [row | {"ctx": "A man is sitting on a roof. he starts", "endings": ["pulling.", "x"], "label": 0}]
+    rows.append({k: v for k, v in rows[0].items() if k not in ("ctx_a", "ctx_b")})  # a slice with only ctx
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_hellaswag(tmp_path / "hs.jsonl")
+    assert items[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He starts"
+    assert items[1]["query"] == "Roof shingle removal: A man is sitting on a roof. he starts"
 
 
 def test_hellaswag_shared_slice_reads(ckpt):
@@ -157,13 +178,13 @@ def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
 
     calls = []
 
-    def fake(model, tokenizer, task, num_problems, seed):
-        calls.append((task, num_problems, seed))
+    def fake(model, tokenizer, task, num_problems, seed, digits):
+        calls.append((task, num_problems, seed, digits))
         return {"exact_match": 0.25, "num_problems": float(num_problems)}
 
     monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
-    metrics, n = evaluate(model, tokenizer, EvalSpec(task="addition", num_problems=8, seed=3))
-    assert calls == [("addition", 8, 3)] and n == 8 and metrics["exact_match"] == 0.25
+    metrics, n = evaluate(model, tokenizer, EvalSpec(task="addition", num_problems=8, seed=3, digits=4))
+    assert calls == [("addition", 8, 3, 4)] and n == 8 and metrics["exact_match"] == 0.25
 
 
 def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
@@ -172,6 +193,18 @@ def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["eval", "--ckpt", str(path), *args])
         assert exit_info.value.code == 2
+    text = tmp_path / "t.txt"
+    text.write_text("".join(DOCS))
+    for args in (
+        ["--task", "lm", "--data", str(text), "--batch_size", "0"],
+        ["--task", "lm", "--data", str(text), "--stride", "0"],
+        ["--task", "addition", "--num_problems", "0"],
+        ["--task", "hellaswag", "--data", str(text), "--limit", "0"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--ckpt", str(path), *args])
+        assert exit_info.value.code == 2
+        assert f"{args[-2][2:]} must be at least 1, got 0" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "no endings"}\n')
     with pytest.raises(SystemExit):

@@ -42,6 +42,8 @@ def test_asking_for_more_problems_than_exist_is_a_user_error():
         make_problems("addition", "test", 50, digits=1)  # 100 one-digit pairs, ~10 held out
     with pytest.raises(LMError, match="unknown task"):
         make_problems("division", "train", 5)
+    with pytest.raises(LMError, match="at least 1, got 0"):
+        make_problems("addition", "test", 0)
 
 
 def test_evaluate_task_scores_greedy_answers():
