@@ -3,8 +3,6 @@
 model, tokenizer, info = load_checkpoint("runs/quickstart/checkpoints/last.ckpt")
 """
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -21,10 +19,14 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise LMError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load on a file that is not a checkpoint raises almost anything (KeyError, ...)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LMError(f"{path}: not a readable checkpoint (truncated or corrupted?): {first_line}") from e
+        why = "truncated or corrupted, or no .ckpt at all?"
+        raise LMError(f"{path}: not a readable checkpoint ({why}): {first_line}") from e
+    if not isinstance(ckpt, dict):
+        raise LMError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 def gpt_state_dict(ckpt: dict) -> dict:
@@ -47,8 +49,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[GPT, Tokenize
 
 
 def load_for_inference(path: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer, dict, str]:
-    """`load_checkpoint` onto a device for the inference commands; "auto" means CUDA when there is one."""
+    """`load_checkpoint`, then the model moved to a device, for the inference commands ("auto": CUDA when there is
+    one). The file is read onto the CPU first, so a checkpoint saved on any device loads on any other."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, info = load_checkpoint(path, map_location=device)
-    return model, tokenizer, info, device
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise LMError(f"--device {device}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise LMError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    model, tokenizer, info = load_checkpoint(path)
+    return model.to(target), tokenizer, info, device

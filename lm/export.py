@@ -4,9 +4,10 @@
     python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('exported/x'))"
 
 The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with qk_norm), `model.safetensors`
-(fp32, as trained), `generation_config.json` and the tokenizer files (`tokenizer.json`, `tokenizer_config.json`,
-...) that `AutoTokenizer.from_pretrained` loads. The weights are a renaming (see lm/model.py); RoPE already uses
-transformers' rotate-half layout, so nothing is permuted. The embedding keeps its padded size (a multiple of 64):
+(fp32, as trained), `generation_config.json` (EOS and `<|end|>` both stop generation) and the tokenizer files
+(`tokenizer.json`, `tokenizer_config.json` with lm's chat template, ...) that `AutoTokenizer.from_pretrained`
+loads. The weights are a renaming (see lm/model.py); RoPE already uses transformers' rotate-half layout, so nothing
+is permuted. The embedding keeps its padded size (a multiple of 64):
 ids past the tokenizer's vocabulary are never produced by the tokenizer.
 
 Tokenizers: every kind exports to a `tokenizer.json` that gives the same ids as `lm` on ordinary text.
@@ -32,7 +33,16 @@ import torch
 from lm.config import GPTConfig
 from lm.errors import LMError
 from lm.model import GPT
-from lm.tokenizer import CHAT_TOKENS, GPT2_EOT, SPECIAL_TOKENS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer
+from lm.tokenizer import (
+    CHAT_TOKENS,
+    END,
+    GPT2_EOT,
+    SPECIAL_TOKENS,
+    CharTokenizer,
+    GPT2Tokenizer,
+    HFTokenizer,
+    Tokenizer,
+)
 
 INSTALL_HINT = 'lm export needs transformers: pip install "lm[hf]"'
 
@@ -141,6 +151,16 @@ def tokenizer_backend(tokenizer: Tokenizer):
     raise LMError(f"cannot export a {tokenizer.kind} tokenizer to transformers")
 
 
+# lm.chat.render_chat as a transformers chat template: BOS, then each message as its role marker, its text and
+# <|end|>; the generation prompt is the assistant marker. (transformers parses the markers out of the rendered string,
+# so a message that itself contains "<|user|>" tokenizes differently there than in lm, which keeps it as text.)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     try:
         from transformers import PreTrainedTokenizerFast
@@ -153,6 +173,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
         eos_token=ids_to_token[tokenizer.eos_id],
         model_max_length=int(1e30),
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
 
 
@@ -166,10 +187,13 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
 
     model, tokenizer, info = load_checkpoint(ckpt)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LMError(f"--out {out}: a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(model.config, tokenizer)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    # A chat model ends its reply with <|end|>: transformers' generate() stops at either.
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": [tokenizer.eos_id, tokenizer.token_id(END)]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     save_hf_tokenizer(tokenizer, out)

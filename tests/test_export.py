@@ -1,13 +1,16 @@
 """`lm export` to a transformers directory: logits parity in fp32, the same greedy continuation, tokenizer ids."""
 
+import json
+
 import pytest
 import torch
 
+from lm.chat import render_prompt
 from lm.errors import LMError
 from lm.export import export_hf, hf_state_dict
 from lm.generate import stream_tokens
 from lm.model import GPT
-from lm.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
+from lm.tokenizer import END, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from tests.test_eval import write_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -72,7 +75,22 @@ def test_exported_tokenizer_gives_the_same_ids(tmp_path, kind):
         assert hf_tok.decode(tokenizer.encode(text)) == text
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
 
+    # The chat template renders a conversation into the ids lm's SFT trained on and lm chat prompts with.
+    chat = [{"role": "system", "content": "Speak"}, {"role": "user", "content": TEXT[:30]}]
+    chat += [{"role": "assistant", "content": " speak"}, {"role": "user", "content": "All: \n\nhear me"}]
+    templated = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(templated, "input_ids", templated)) == render_prompt(chat, tokenizer)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_id, tokenizer.token_id(END)]
+
 
 def test_export_of_a_missing_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(LMError, match="checkpoint not found"):
         export_hf(tmp_path / "nope.ckpt", tmp_path / "hf")
+
+
+def test_export_onto_a_file_is_a_user_error(tmp_path):
+    write_checkpoint(tmp_path / "c.ckpt", char_tokenizer(), block_size=8, n_layer=1, n_head=2, n_embd=16)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LMError, match="afile: a file, not a directory"):
+        export_hf(tmp_path / "c.ckpt", tmp_path / "afile")
