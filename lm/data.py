@@ -180,6 +180,16 @@ def load_documents(
     if text_field not in ds.column_names:
         raise LMError(f"data source {source!r}: no column {text_field!r} (data.text_field); columns: {ds.column_names}")
     ds = ds.select_columns([text_field])
+    # Checked on the Arrow column (no pass over the text): a row without the field, or with null, reads as None.
+    dtype = getattr(ds.features[text_field], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise LMError(f"data source {source!r}: column {text_field!r} holds {dtype or 'lists/structs'}, not text")
+    if (nulls := ds.data.column(text_field).null_count) > 0:
+        first = ds.data.column(text_field).is_null().to_pylist().index(True)
+        raise LMError(
+            f"data source {source!r}: {nulls} documents have no {text_field!r} (missing or null), the first is "
+            f"document {first} (counting from 0)"
+        )
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 

@@ -245,6 +245,12 @@ def test_user_errors(tmp_path, text_file):
         make(tmp_path, path)
     with pytest.raises(LMError, match="context longer than the data"):
         make(tmp_path, text_file, block_size=5_000)
+    path.write_text('{"text": "hello"}\n{"text": null}\n{"other": "x"}\n')  # a null and a missing text
+    with pytest.raises(LMError, match=r"2 documents have no 'text' \(missing or null\), the first is document 1"):
+        make(tmp_path, path)
+    path.write_text('{"text": ["a", "list"]}\n')
+    with pytest.raises(LMError, match="column 'text' holds lists/structs, not text"):
+        make(tmp_path, path)
     with pytest.raises(LMError, match="builtin:shakespeare"):
         make(tmp_path, "builtin:nope")
     with pytest.raises(LMError, match="val_fraction"):
