@@ -135,7 +135,15 @@ class LMCLI(LightningCLI):
             if not ckpt_path.is_file():
                 return  # Lightning starts from scratch (and says so): `--ckpt_path last` can be set and forgotten
         if ckpt_path not in (None, "best", "hpc", "registry"):
-            self._resume_info = read_checkpoint(ckpt_path).get("lm") or {}
+            ckpt = read_checkpoint(ckpt_path)
+            # Lightning's restore reads these two keys and fails with a bare KeyError (e.g. on an exported file).
+            missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in ckpt]
+            if missing:
+                raise LMError(
+                    f"{ckpt_path}: not a Lightning checkpoint (no {' or '.join(missing)}); "
+                    "--ckpt_path takes a .ckpt written by lm fit"
+                )
+            self._resume_info = ckpt.get("lm") or {}
         super()._parse_ckpt_path()
 
     def after_instantiate_classes(self):
@@ -176,8 +184,10 @@ def generate_command(argv: list[str]) -> None:
     import torch
 
     from lm.checkpoint import load_for_inference
-    from lm.generate import stream_tokens
+    from lm.generate import check_sampling, stream_text
 
+    # The engine checks these too, but only once the first sample starts, after its prompt is printed.
+    check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model, tokenizer, _, device = load_for_inference(args.ckpt, args.device)
     generator = torch.Generator(device).manual_seed(args.seed)
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
@@ -185,23 +195,18 @@ def generate_command(argv: list[str]) -> None:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt, end="", flush=True)
-        ids = []
-        for token in stream_tokens(
+        # stop_ids and vocab_size: stream_text's defaults, the tokenizer's EOS and size.
+        for piece in stream_text(
             model,
+            tokenizer,
             prompt_ids,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            stop_ids=(tokenizer.eos_id,),
-            vocab_size=tokenizer.vocab_size,
             generator=generator,
         ):
-            ids.append(token)
-            # Decode the whole continuation and print the new part: a BPE token can end mid-character.
-            text = tokenizer.decode(ids)
-            if not text.endswith("\ufffd"):
-                print(text[len(tokenizer.decode(ids[:-1])) :], end="", flush=True)
+            print(piece, end="", flush=True)
         print()
 
 
@@ -252,10 +257,15 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             cli = LMCLI(args=argv)
             _report_stop(cli)
-    except LMError as e:
-        if debug:
+    except Exception as e:
+        # jsonargparse wraps an error raised in a constructor (a bad model.init_args value) in its own ValueError,
+        # with ours as the cause: look down the chain.
+        user_error = e
+        while user_error is not None and not isinstance(user_error, LMError):
+            user_error = user_error.__cause__
+        if user_error is None or debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.

@@ -116,8 +116,13 @@ def chat_command(argv: list[str]) -> None:
     import torch
 
     from lm.checkpoint import load_for_inference
-    from lm.generate import stream_text
+    from lm.generate import check_sampling, stream_text
 
+    # The engine checks these too, but the interactive loop below reports an LMError and keeps chatting: a bad flag
+    # would fail every message instead of stopping here.
+    check_sampling(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty
+    )
     model, tokenizer, info, device = load_for_inference(args.ckpt, args.device)
     version = info.get("chat_template_version")
     if version is not None and version != CHAT_TEMPLATE_VERSION:

@@ -9,17 +9,20 @@
     generate_text(model, tokenizer, prompt)     -> continuation text of one prompt
 
 Prompts of different lengths are left-padded into one batch; the KV cache's `valid` mask hides the padding from
-attention, and RoPE is relative, so every row decodes as it would alone. Sampling: temperature (0 = greedy), top-k,
-top-p, repetition penalty. Stopping: max_new_tokens, stop token ids (not yielded) and stop strings (not returned).
+attention, RoPE is relative, and each row keeps its own context window past block_size, so every row decodes as it
+would alone. Sampling: temperature (0 = greedy), top-k, top-p, repetition penalty; bad values raise LMError before any
+work. Stopping: max_new_tokens, stop token ids (not yielded) and stop strings (not returned).
 
     lm generate --ckpt runs/quickstart/checkpoints/last.ckpt --prompt "ROMEO:" --max_new_tokens 200
     python benchmarks/generation.py   # the KV cache against recomputing the prefix, on the 124m shape
 """
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from lm.errors import LMError
 from lm.model import GPT, KVCache
 
 
@@ -43,6 +46,7 @@ def sample_next(
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass (the top one always stays).
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop_sorted[..., 0] = False  # even for top_p <= 0: an empty set would make softmax NaN
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -55,6 +59,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def check_sampling(
+    *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0
+) -> None:
+    """Raise LMError naming the first sampling argument out of range (they come from users: CLI flags, requests)."""
+    # Each test reads "not in range" rather than "out of range": NaN fails every comparison, so it is refused too.
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise LMError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not top_k >= 1:
+        raise LMError(f"top_k must be at least 1 (or unset for no top-k filter), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LMError(f"top_p must be in (0, 1] (or unset for no top-p filter), got {top_p}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise LMError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,17 +117,22 @@ def stream_batch(
     token, or None once the row has stopped (a stop token, which is not yielded). Ends when every row has stopped or
     after max_new_tokens steps.
 
-    With the cache, each step feeds one token per row. When the context fills up, the cache is rebuilt from the last
-    half of the context of every row, so generation can run past block_size (a sliding window, at the cost of one
-    prefill). Without the cache, each step recomputes every row's (cropped) prefix alone: slow, kept as the
-    reference for tests and benchmarks.
+    With the cache, each step feeds one token per row. Every row has its own context window, rows[i][starts[i]:]:
+    a prompt longer than block_size starts with its last block_size tokens, and when a row's context outgrows
+    block_size it slides to its last block_size // 2 tokens, so generation can run past block_size. A slide rebuilds
+    the shared cache (one prefill); the rows whose context still fits keep their window, so each row sees exactly
+    the tokens it would see decoded alone. Without the cache, each step recomputes every row's (cropped) prefix
+    alone: slow, kept as the reference for tests and benchmarks.
     vocab_size: the tokenizer's size; the embedding rows past it are padding and are never sampled.
+    Raises LMError for a sampling argument out of range (see `check_sampling`).
     """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token (e.g. the tokenizer's BOS)")
     device = next(model.parameters()).device
     block_size = model.config.block_size
     rows = [list(p) for p in prompts]
+    starts = [0] * len(rows)  # where each row's context window begins (the cache holds rows[i][starts[i]:])
     running = [True] * len(rows)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     seen = None
@@ -121,9 +145,13 @@ def stream_batch(
         if not use_cache:
             logits = torch.cat([model(torch.tensor([r[-block_size:]], device=device))[:, -1] for r in rows])
         elif cache is None or cache.pos + 1 > block_size:
-            # First step, or the context is full: (re)build the cache from the last tokens of every row.
+            # First step, or the longest context outgrew block_size: slide the windows that no longer fit (at least
+            # that one) and rebuild the cache from every row's window.
             keep = block_size if cache is None else block_size // 2
-            cache, logits = _prefill(model, [r[-keep:] for r in rows], device)
+            for i, row in enumerate(rows):
+                if len(row) - starts[i] > block_size:
+                    starts[i] = len(row) - keep
+            cache, logits = _prefill(model, [r[s:] for r, s in zip(rows, starts, strict=True)], device)
         else:
             logits = model(next_ids[:, None], cache=cache)[:, -1]
         if vocab_size is not None:
@@ -166,6 +194,11 @@ def stream_tokens(model: GPT, prompt_ids: Sequence[int], **sampling) -> Iterator
         yield token
 
 
+def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Where the earliest stop string begins in text, or None when there is none."""
+    return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
+
+
 def stream_text(
     model: GPT, tokenizer, prompt_ids: Sequence[int], *, stop_strings: Sequence[str] = (), **sampling
 ) -> Iterator[str]:
@@ -184,8 +217,8 @@ def stream_text(
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
             continue
-        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = _first_stop(text, stop_strings)
+        if cut is not None:
             if cut > released:
                 yield text[released:cut]
             return
@@ -194,9 +227,13 @@ def stream_text(
         if len(text) - hold > released:
             yield text[released : len(text) - hold]
             released = len(text) - hold
+    # The stream ended (a stop token, max_new_tokens), maybe on text the loop skipped (a partial character at the
+    # end) or held back: it can still hold a stop string.
     text = tokenizer.decode(ids)
-    if len(text) > released:
-        yield text[released:]
+    cut = _first_stop(text, stop_strings)
+    end = len(text) if cut is None else cut
+    if end > released:
+        yield text[released:end]
 
 
 def generate_text(model: GPT, tokenizer, prompt: str, **sampling) -> str:
@@ -218,6 +255,6 @@ def generate_texts(
     texts = []
     for ids in generate_batch(model, prompts, **sampling):
         text = tokenizer.decode(ids)
-        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-        texts.append(text[:cut])
+        cut = _first_stop(text, stop_strings)
+        texts.append(text if cut is None else text[:cut])
     return texts

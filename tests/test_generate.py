@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+import lm.generate
 from lm.config import get_config
+from lm.errors import LMError
 from lm.generate import (
     apply_repetition_penalty,
     generate_batch,
@@ -14,7 +16,7 @@ from lm.generate import (
     stream_tokens,
 )
 from lm.model import GPT
-from lm.tokenizer import CharTokenizer
+from lm.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
 @pytest.fixture
@@ -53,6 +55,34 @@ def test_padding_rows_are_never_sampled(model):
 def test_top_k_one_is_greedy():
     logits = torch.randn(4, 50)
     assert torch.equal(sample_next(logits, temperature=1.0, top_k=1), logits.argmax(-1))
+
+
+def test_top_p_always_keeps_the_top_token():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, top_p=0.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("top_k", 0),
+        ("top_k", -3),
+        ("top_p", 0.0),
+        ("top_p", -0.5),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("temperature", float("nan")),
+        ("temperature", -1.0),
+        ("temperature", float("inf")),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -2.0),
+        ("repetition_penalty", float("nan")),
+    ],
+)
+def test_bad_sampling_arguments_are_user_errors(model, argument, value):
+    with pytest.raises(LMError, match=f"^{argument} must be") as error:
+        generate_batch(model, [[1, 2]], max_new_tokens=3, **{argument: value})
+    assert "\n" not in str(error.value)
 
 
 def test_top_p_keeps_the_smallest_set_holding_p():
@@ -97,13 +127,28 @@ def test_batch_of_different_lengths_decodes_each_row_as_alone():
         assert row == alone_cached == alone_recomputed
 
 
-def test_batch_past_the_context_matches_single_rows():
-    """The sliding-window rebuild of a padded batch keeps each row identical to decoding it alone."""
+@pytest.mark.parametrize(
+    ("prompts", "max_new_tokens"),
+    [
+        ([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], 30),
+        # The long row outgrows the context at step 2 while the short one (9 + 6 tokens) always fits: the rebuild
+        # must not slide the short row's window.
+        ([list(range(1, 16)), list(range(20, 29))], 6),
+        ([list(range(1, 21)), [5], list(range(30, 46))], 30),  # a prompt longer than the context, one exactly as long
+    ],
+)
+def test_batch_past_the_context_matches_single_rows(prompts, max_new_tokens):
+    """The sliding-window rebuild of a padded batch keeps each row identical to decoding it alone: only the rows whose
+    own context outgrew block_size slide."""
     torch.manual_seed(0)
     model = GPT(get_config("tiny")).eval()  # 16-token context
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    batched = generate_batch(model, prompts, max_new_tokens=30, temperature=0)
-    assert batched == [list(stream_tokens(model, p, max_new_tokens=30, temperature=0)) for p in prompts]
+    with torch.no_grad():  # sharper logits: at random init they are nearly flat and any context gives the same argmax
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    batched = generate_batch(model, prompts, max_new_tokens=max_new_tokens, temperature=0)
+    alone = [list(stream_tokens(model, p, max_new_tokens=max_new_tokens, temperature=0)) for p in prompts]
+    assert batched == alone
 
 
 def test_rows_stop_independently(model):
@@ -145,6 +190,17 @@ def test_stop_string_cuts_the_text_and_streaming_agrees():
     assert "".join(pieces) == cut and all(pieces)
     batch = generate_texts(model, tok, [tok.encode("abc"), tok.encode("h")], max_new_tokens=30, temperature=0)
     assert batch[0] == free
+
+
+def test_stop_string_is_cut_when_the_stream_ends_mid_character(monkeypatch):
+    """The loop skips text that ends in a partial character, so the stop string before it is found only in the final
+    flush: it must be cut there too."""
+    tok = GPT2Tokenizer()
+    ids = tok.encode("Sure.\nUser: \U0001f600")  # the emoji is two tokens
+    assert tok.decode(ids[:-1]).endswith("\ufffd")
+    for stream in (ids[:-1], ids):  # the stream ends mid-emoji (max_new_tokens), or after it
+        monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, stream=stream, **sampling: iter(stream))
+        assert "".join(stream_text(None, tok, [1], stop_strings=["\nUser: "])) == "Sure."
 
 
 def test_cache_is_much_faster_than_recomputing_the_prefix():

@@ -1,0 +1,104 @@
+"""`lm generate`, `lm chat` and `lm fit --ckpt_path` through `lm.__main__.main`, in process: what they print, and
+bad flags or files as one-line errors with exit code 2."""
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import lm.generate
+from lm.__main__ import main
+from lm.config import GPTConfig, padded_vocab_size
+from lm.model import GPT
+from lm.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+from tests.conftest import REPO
+
+
+def write_checkpoint(path, tokenizer: Tokenizer) -> None:
+    """An inference checkpoint shaped like the ones `lm fit` writes, around a tiny random-init GPT."""
+    config = GPTConfig(
+        vocab_size=padded_vocab_size(tokenizer.vocab_size), block_size=32, n_layer=1, n_head=2, n_embd=32
+    )
+    torch.manual_seed(0)
+    state = {f"model.{k}": v for k, v in GPT(config).state_dict().items()}
+    info = {"format": 1, "model_config": asdict(config), "tokenizer": tokenizer.to_state(), "run_config": None}
+    torch.save({"state_dict": state, "global_step": 1, "lm": info}, path)
+
+
+@pytest.fixture
+def char_ckpt(tmp_path):
+    path = tmp_path / "char.ckpt"
+    write_checkpoint(path, CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz .,!?\n"]))
+    return str(path)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """Exit code (0 when main returns), stdout, stderr."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+def test_generate_prints_characters_that_span_tokens(capsys, tmp_path, monkeypatch):
+    """An emoji or a CJK character is several GPT-2 tokens: printing the decoded text of each new token dropped them."""
+    path = tmp_path / "gpt2.ckpt"
+    tok = GPT2Tokenizer()
+    write_checkpoint(path, tok)
+    target = " naïve \U0001f600 café 日本"
+    ids = tok.encode(target)
+    assert len(ids) > len(target.split())  # some characters do span tokens
+    monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, **sampling: iter(ids))
+    code, out, err = run(capsys, "generate", "--ckpt", str(path), "--prompt", "X", "--device", "cpu")
+    assert (code, err) == (0, "")
+    assert out == "X" + target + "\n"
+
+
+BAD_SAMPLING = [
+    ("--top_k", "0", "top_k"),
+    ("--top_k", "-1", "top_k"),
+    ("--top_p", "0", "top_p"),
+    ("--top_p", "1.5", "top_p"),
+    ("--temperature", "nan", "temperature"),
+    ("--temperature", "-1", "temperature"),
+    ("--temperature", "inf", "temperature"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "name"), BAD_SAMPLING)
+def test_generate_refuses_bad_sampling_arguments_in_one_line(capsys, char_ckpt, flag, value, name):
+    code, out, err = run(capsys, "generate", "--ckpt", char_ckpt, "--device", "cpu", "--prompt", "ab", flag, value)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {name} must be")
+    assert out == ""  # nothing sampled, not even the prompt
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "name"), [*BAD_SAMPLING, ("--repetition_penalty", "0", "repetition_penalty")]
+)
+def test_chat_refuses_bad_sampling_arguments_in_one_line(capsys, char_ckpt, flag, value, name):
+    code, _, err = run(capsys, "chat", "--ckpt", char_ckpt, "--device", "cpu", "--prompt", "hi", flag, value)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {name} must be")
+
+
+def test_interactive_chat_stops_at_a_bad_sampling_argument(capsys, char_ckpt, monkeypatch):
+    """The interactive loop reports an LMError and keeps chatting (a message too long): a bad flag must not get there,
+    where it would fail every message."""
+    lines = iter(["hi", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, _, err = run(capsys, "chat", "--ckpt", char_ckpt, "--device", "cpu", "--top_p", "0")
+    assert code == 2
+    assert err == "error: top_p must be in (0, 1] (or unset for no top-p filter), got 0.0"
+
+
+def test_resume_from_a_file_that_is_not_a_lightning_checkpoint(capsys, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"a": 1}, path)
+    code, _, err = run(capsys, "fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--ckpt_path", str(path))
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}: not a Lightning checkpoint")
