@@ -1,6 +1,6 @@
 """Chat (supervised fine-tuning) data: conversations -> rendered token ids with a loss mask -> padded (B, T) batches.
 
-`ChatData` reads conversations in three formats (detected from the first record, or set with `format`):
+`ChatData` reads conversations in three formats (detected from the first parsable record, or set with `format`):
 
     messages   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}   (OpenAI)
     alpaca     {"instruction": ..., "input": ..., "output": ...}
@@ -38,7 +38,7 @@ IGNORE_INDEX = -100  # as lm.module.IGNORE_INDEX (not imported: the data side sh
 FORMATS = ("messages", "alpaca", "sharegpt")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
-Record = tuple[str, list[Message] | None, str | None]  # (where: "file:line", conversation, why it is bad)
+Sourced = tuple[str, list[Message]]  # (where: "file:line" or "task:addition train problem 5", conversation)
 
 
 def detect_format(record: Any) -> str | None:
@@ -127,19 +127,27 @@ class ChatData(L.LightningDataModule):
 
     Batches are `{"input_ids": (B, T) int64, "labels": (B, T) int64}`, padded to the longest example of the batch
     (T <= block_size) with labels -100 on padding and on everything but assistant content and its END token.
-    Conversations longer than block_size + 1 tokens are cut at the end; one left with no assistant token is dropped
-    and counted.
+    Conversations longer than block_size + 1 tokens are cut at the end and counted (`truncated_train`,
+    `truncated_val`); one left with no assistant token is dropped instead and counted apart (`dropped_*_truncated`).
+
+    The train/val split of a file or hub source keeps conversations that open with the same user message on the
+    same side: HH-style data holds several transcripts branching from one opening exchange, and splitting them apart
+    would put val replies' histories (and often the replies) in train. A seeded shuffle of these groups picks val
+    groups until val holds at least round(val_fraction * n) conversations (at least 1), so val may be a little larger
+    than the fraction. `task:` sources draw their val problems from the task's own test split instead.
 
     Args:
         source: A local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or task:addition / task:reverse /
             task:count (built-in synthetic problems, see lm.tasks).
-        format: Record format: messages (OpenAI), alpaca, sharegpt, or auto (detected from the first record).
+        format: Record format: messages (OpenAI), alpaca, sharegpt, or auto (detected from the first record that is
+            valid JSON).
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
             Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
         block_size: Context length: longest example, in tokens (linked from the model by the CLI).
         batch_size: Conversations per batch B, per device.
-        val_fraction: Share of the conversations held out for validation (a seeded shuffle picks them).
+        val_fraction: Share of the conversations held out for validation (a seeded shuffle picks them, whole groups
+            of conversations with the same first user message at a time).
         on_bad_record: A malformed record (unknown role, empty content, turns not alternating, no assistant reply)
             stops the run with its file and line (error), or is logged and counted (skip).
         supervise: Which tokens carry loss: the assistant turns (SFT), or all tokens after BOS (pretraining on the
@@ -192,8 +200,8 @@ class ChatData(L.LightningDataModule):
 
     # ---- reading -------------------------------------------------------------------------------------------------
 
-    def _conversations(self) -> tuple[list[list[Message]], list[list[Message]]]:
-        """Validated (train, val) conversations."""
+    def _conversations(self) -> tuple[list[Sourced], list[Sourced]]:
+        """Validated (train, val) conversations, each with where it came from (for error messages)."""
         if self.source.startswith("task:"):
             from lm.tasks import make_problems
 
@@ -201,18 +209,23 @@ class ChatData(L.LightningDataModule):
             kw = dict(seed=self.seed, digits=self.task_digits)
             train = make_problems(task, "train", self.task_size, **kw)
             val = make_problems(task, "test", self.task_val_size, **kw)
-            return [p.messages() for p in train], [p.messages() for p in val]
+            return (
+                [(f"{self.source} train problem {i + 1}", p.messages()) for i, p in enumerate(train)],
+                [(f"{self.source} test problem {i + 1}", p.messages()) for i, p in enumerate(val)],
+            )
 
         records = read_records(self.source, split=self.source_split)
         if not records:
             raise LMError(f"chat data {self.source!r} holds no records")
         fmt = self.format
-        if fmt == "auto":
-            first = records[0][1]
-            fmt = detect_format(first)
+        # Invalid JSON says nothing about the format: detect from the first record that parsed, and leave the
+        # broken ones to _bad below like any other bad record (so on_bad_record: skip applies to them too).
+        parsed = next(((where, r) for where, r in records if not isinstance(r, Exception)), None)
+        if fmt == "auto" and parsed is not None:
+            fmt = detect_format(parsed[1])
             if fmt is None:
                 raise LMError(
-                    f"{records[0][0]}: cannot tell the chat format (no messages / conversations / instruction+output "
+                    f"{parsed[0]}: cannot tell the chat format (no messages / conversations / instruction+output "
                     f"keys); set data.init_args.format to one of {FORMATS}"
                 )
         conversations = []
@@ -227,47 +240,72 @@ class ChatData(L.LightningDataModule):
             if problem is not None:
                 self._bad(where, problem)
                 continue
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
-        order = list(range(len(conversations)))
-        random.Random(self.seed).shuffle(order)
-        n_val = max(1, round(self.val_fraction * len(conversations)))
+            conversations.append((where, [{"role": m["role"], "content": m["content"]} for m in messages]))
         if len(conversations) < 2:
             raise LMError(f"chat data {self.source!r}: fewer than 2 usable conversations, nothing to split")
-        val = [conversations[i] for i in sorted(order[:n_val])]
-        train = [conversations[i] for i in sorted(order[n_val:])]
-        return train, val
+        return self._split(conversations)
+
+    def _split(self, conversations: list[Sourced]) -> tuple[list[Sourced], list[Sourced]]:
+        """(train, val) in file order; conversations with the same first user message stay on one side (see the
+        class docstring)."""
+        groups: dict[str, list[int]] = {}  # in file order, so the seeded shuffle below is deterministic
+        for i, (_, messages) in enumerate(conversations):
+            opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one
+            groups.setdefault(opening, []).append(i)
+        keys = list(groups)
+        random.Random(self.seed).shuffle(keys)
+        n, n_val = len(conversations), max(1, round(self.val_fraction * len(conversations)))
+        val: set[int] = set()
+        for key in keys:
+            if len(val) >= n_val:
+                break
+            if len(val) + len(groups[key]) < n:  # a group that would leave train empty is skipped
+                val.update(groups[key])
+        if not val:
+            raise LMError(
+                f"chat data {self.source!r}: all {n} usable conversations open with the same user message, so they "
+                f"cannot be split into train and val without sharing it; add conversations with other openings"
+            )
+        return (
+            [c for i, c in enumerate(conversations) if i not in val],
+            [c for i, c in enumerate(conversations) if i in val],
+        )
 
     def _bad(self, where: str, problem: str) -> None:
         if self.on_bad_record == "error":
             raise LMError(f"{where}: {problem} (set data.init_args.on_bad_record: skip to skip such records)")
-        self.counts["skipped_bad"] = self.counts.get("skipped_bad", 0) + 1
+        self._count("skipped_bad")
         if self.counts["skipped_bad"] <= 5:  # the first few, so the log says what is wrong without flooding
             rank_zero_warn(f"lm.chat_data: skipping {where}: {problem}")
 
     # ---- tokenizing ----------------------------------------------------------------------------------------------
 
-    def _example(self, conversation: list[Message]) -> tuple[list[int], list[int]] | None:
-        """(input_ids, labels) of one conversation, cut to the context; None when nothing is left to learn."""
+    def _example(self, conversation: list[Message]) -> tuple[tuple[list[int], list[int]] | None, bool]:
+        """((input_ids, labels) of one conversation cut to the context, or None when nothing is left to learn;
+        whether it was cut)."""
         ids, mask = render_chat(conversation, self.tokenizer)
         if self.supervise == "all":
             mask = [0] + [1] * (len(ids) - 1)
+        cut = len(ids) > self.block_size + 1
         ids, mask = ids[: self.block_size + 1], mask[: self.block_size + 1]
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
         if all(label == IGNORE_INDEX for label in labels):
-            return None
-        return ids[:-1], labels
+            return None, cut
+        return (ids[:-1], labels), cut
 
-    def _examples(self, conversations: list[list[Message]], split: str) -> list[tuple[list[int], list[int]]]:
+    def _examples(self, conversations: list[Sourced], split: str) -> list[tuple[list[int], list[int]]]:
         examples = []
-        for conversation in conversations:
+        for where, conversation in conversations:
             try:
-                example = self._example(conversation)
+                example, cut = self._example(conversation)
             except LMError as e:  # e.g. a character outside a char tokenizer's vocabulary
-                self._bad(f"{self.source} ({split} conversation {len(examples) + 1})", str(e))
+                self._bad(where, str(e))
                 continue
             if example is None:
-                self.counts[f"dropped_{split}_truncated"] = self.counts.get(f"dropped_{split}_truncated", 0) + 1
+                self._count(f"dropped_{split}_truncated")
                 continue
+            if cut:  # kept, but the model never sees its end: worth knowing when choosing block_size
+                self._count(f"truncated_{split}")
             examples.append(example)
         if not examples:
             raise LMError(
@@ -275,13 +313,16 @@ class ChatData(L.LightningDataModule):
             )
         return examples
 
+    def _count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
     def setup(self, stage: str | None = None) -> None:
         """Read, validate, split and tokenize the conversations (on every rank: cheap and deterministic)."""
         if self.tokenizer is not None and self.train_examples:
             return
         self.counts = {}
         train, val = self._conversations()
-        texts = lambda: (m["content"] for c in train + val for m in c)  # noqa: E731 - only char/bpe specs call it
+        texts = lambda: (m["content"] for _, c in train + val for m in c)  # noqa: E731 - only char/bpe specs call it
         self.tokenizer = build_tokenizer(self.tokenizer_spec, texts=texts)
         self.train_examples = self._examples(train, "train")
         self.val_examples = self._examples(val, "val")
@@ -317,6 +358,15 @@ class ChatData(L.LightningDataModule):
         sampler = DistributedSampler(
             examples, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
         )
+        per_device = len(sampler)
+        if shuffle and per_device < self.batch_size:  # drop_last would leave no batch: fit would silently not train
+            more = "raise data.init_args.task_size" if self.source.startswith("task:") else "add conversations"
+            lower = f"lower data.init_args.batch_size to at most {per_device} or " if per_device else ""
+            raise LMError(
+                f"chat data {self.source!r}: {per_device} training conversations per device ({len(examples)} over "
+                f"{world_size} device(s)) is fewer than data.batch_size {self.batch_size}, so there is no training "
+                f"batch; {lower}{more}"
+            )
         return DataLoader(
             examples,
             batch_size=self.batch_size,

@@ -1,6 +1,7 @@
 """The chat template, its loss mask, ChatData (formats, validation, truncation, batches) and SFT end to end."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,14 +94,15 @@ def _messages(i):
 @pytest.mark.parametrize(
     "record",
     [
-        {"instruction": "say hi", "input": "", "output": "hi"},
-        {"conversations": [{"from": "human", "value": "say hi"}, {"from": "gpt", "value": "hi"}]},
-        {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]},
+        lambda i: {"instruction": f"say hi {i}", "input": "", "output": "hi"},
+        lambda i: {"conversations": [{"from": "human", "value": f"say hi {i}"}, {"from": "gpt", "value": "hi"}]},
+        lambda i: {"messages": [{"role": "user", "content": f"say hi {i}"}, {"role": "assistant", "content": "hi"}]},
     ],
     ids=["alpaca", "sharegpt", "messages"],
 )
 def test_formats_are_detected_and_render_the_same(tmp_path, record):
-    data = ChatData(source=_write_jsonl(tmp_path / "d.jsonl", [record] * 4), tokenizer="char", block_size=32)
+    records = [record(i) for i in range(4)]  # distinct questions: the split keeps equal openings on one side
+    data = ChatData(source=_write_jsonl(tmp_path / "d.jsonl", records), tokenizer="char", block_size=32)
     data.setup()
     ids, labels = data.train_examples[0]
     assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "hi<|end|>"
@@ -119,12 +121,43 @@ def test_bad_record_names_file_and_line_or_is_skipped_and_counted(tmp_path):
     assert len(data.train_examples) + len(data.val_examples) == 4
 
 
-def test_truncation_never_leaves_an_example_without_supervised_tokens(tmp_path):
+def test_bad_json_on_line_one_is_a_bad_record_not_a_format_problem(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": [],}\n' + "".join(json.dumps(_messages(i)) + "\n" for i in range(4)))
+    with pytest.raises(LMError, match=rf"{path}:1: invalid JSON"):
+        ChatData(source=str(path), tokenizer="char", block_size=32).setup()
+    data = ChatData(source=str(path), tokenizer="char", block_size=32, on_bad_record="skip")
+    data.setup()
+    assert data.counts["skipped_bad"] == 1
+    assert len(data.train_examples) + len(data.val_examples) == 4
+
+
+def test_tokenizing_errors_name_the_file_line_or_the_task_problem(tmp_path):
+    CharTokenizer("abcdefghijklmnopqrstuvwxyz ").save(tmp_path / "tok")
+    records = [
+        {"messages": [{"role": "user", "content": f"q {w}"}, {"role": "assistant", "content": "ok"}]}
+        for w in "abcdefgh"
+    ]
+    records[6]["messages"][1]["content"] = "HERE"  # line 7: not in the tokenizer's vocabulary
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(LMError, match=rf"{path}:7: character 'H'"):
+        ChatData(source=path, tokenizer=str(tmp_path / "tok"), val_fraction=0.25).setup()
+    with pytest.raises(LMError, match=r"task:addition train problem 1: character"):
+        ChatData(source="task:addition", tokenizer=str(tmp_path / "tok"), task_size=10, task_val_size=5).setup()
+
+
+def test_truncation_is_counted_and_never_leaves_an_example_without_supervised_tokens(tmp_path):
     long_question = {"messages": [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "y"}]}
-    path = _write_jsonl(tmp_path / "d.jsonl", [long_question] * 3 + [_messages(i) for i in range(20)])
+    long_answers = [
+        {"messages": [{"role": "user", "content": f"a{i}"}, {"role": "assistant", "content": "z" * 40}]}
+        for i in range(4)
+    ]
+    path = _write_jsonl(tmp_path / "d.jsonl", [long_question] * 3 + long_answers + [_messages(i) for i in range(20)])
     data = ChatData(source=path, tokenizer="char", block_size=16, val_fraction=0.2)
     data.setup()
     assert sum(v for k, v in data.counts.items() if k.startswith("dropped")) == 3
+    # Cut but kept (the long answers) are counted apart from the dropped ones, per split, so the setup log shows them.
+    assert data.counts.get("truncated_train", 0) + data.counts.get("truncated_val", 0) == 4
     for ids, labels in data.train_examples + data.val_examples:
         assert len(ids) == len(labels) <= 16
         assert any(label != IGNORE_INDEX for label in labels)
@@ -142,6 +175,43 @@ def test_batches_have_the_one_shape_and_labels_are_next_tokens():
     assert keep.any() and torch.equal(labels[:, :-1][keep], ids[:, 1:][keep])  # a label is the next input token
     answer_end = data.tokenizer.token_id(END)
     assert (labels == answer_end).sum(dim=1).tolist() == [1] * 8  # one learned END per single-turn conversation
+
+
+def test_fewer_training_conversations_per_device_than_a_batch_is_an_error():
+    data = ChatData(source="task:addition", tokenizer="char", block_size=32, batch_size=32, task_size=20)
+    data.setup()
+    with pytest.raises(LMError, match=r"20 training conversations per device .* data.batch_size 32.*task_size"):
+        data.train_dataloader()  # drop_last would leave no batch and Trainer.fit would silently do nothing
+    data = ChatData(source="task:addition", tokenizer="char", block_size=32, batch_size=32, task_size=40)
+    data.setup()
+    assert len(data.train_dataloader()) == 1
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)  # the same 40 conversations over two devices
+    with pytest.raises(LMError, match=r"20 training conversations per device \(40 over 2 device"):
+        data.train_dataloader()
+
+
+def test_split_keeps_conversations_with_the_same_opening_on_one_side(tmp_path):
+    """HH-style data: several transcripts branch from one opening; val must not share an opening with train."""
+
+    def branch(opening, i):
+        turns = [("user", f"open {opening}"), ("assistant", f"reply {opening}"), ("user", f"more {i}")]
+        return {"messages": [{"role": r, "content": c} for r, c in turns + [("assistant", f"branch {i}")]]}
+
+    records = [branch(k, i) for k in range(20) for i in range(3)] + [_messages(i) for i in range(10)]
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+
+    def split(seed):
+        train, val = ChatData(source=path, val_fraction=0.2, seed=seed)._conversations()
+        return [w for w, _ in train], [w for w, _ in val], train, val
+
+    train_where, val_where, train, val = split(1337)
+    train_openings = {c[0]["content"] for _, c in train}
+    assert val and not any(c[0]["content"] in train_openings for _, c in val)
+    assert len(train) + len(val) == 70 and len(val) >= 14  # round(0.2 * 70)
+    assert split(1337)[:2] == (train_where, val_where)  # deterministic for a seed
+    one_opening = _write_jsonl(tmp_path / "one.jsonl", [branch(0, i) for i in range(5)])
+    with pytest.raises(LMError, match="all 5 usable conversations open with the same user message"):
+        ChatData(source=one_opening)._conversations()
 
 
 def test_pad_to_multiple_of_rounds_the_length_up_but_never_past_the_context():
