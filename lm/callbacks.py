@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from lm import LAUNCHED_AT
 from lm.errors import LMError
-from lm.generate import generate_text
+from lm.generate import check_sampling, generate_text
 
 _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
 
@@ -37,6 +37,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 class Throughput(L.Callback):
     """Logs `train/tokens_per_sec` (all ranks together) and `train/mfu` every `log_every_n_steps` batches.
 
+    Both measure training steps only: the time spent in validation and in saving checkpoints is left out (the window
+    restarts at the first batch after them), so a validation does not show as a dip in throughput.
+
     Time is taken on the host once per interval (with one device sync there, none per step), so the first interval,
     which includes compilation and warm-up, is skipped. MFU = model FLOPs per token (`GPT.flops_per_token`) x tokens
     per second per device / the device's peak for the training precision, from Lightning's table of chips; it is
@@ -48,11 +51,28 @@ class Throughput(L.Callback):
         self._tokens = 0
         self._intervals = 0
         self._peak_flops: float | None = None
+        self._restart = False  # validation or a checkpoint save interrupted the window: restart at the next batch
 
     def on_train_start(self, trainer, pl_module):
         precision = str(trainer.precision).split("-")[0]
         dtype = _PRECISION_DTYPE.get(precision, torch.float32)
         self._peak_flops = peak_flops(pl_module.device, dtype)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._restart = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # Called while a checkpoint is being assembled, before it is written: the restart comes at the next batch,
+        # after the write (Lightning runs checkpoint callbacks last, after this one's batch-end and validation hooks).
+        self._restart = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._restart and self._start is not None:
+            # Once per validation or save, not per step; the sync makes the window start when the device is idle.
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._start, self._tokens = time.perf_counter(), 0
+        self._restart = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch["input_ids"].numel()
@@ -100,10 +120,28 @@ class SampleText(L.Callback):
         temperature: float = 0.8,
         top_k: int | None = 200,
     ):
+        check_sampling(temperature=temperature, top_k=top_k)  # a bad value fails at startup, not at the first sample
         self.prompts = prompts if prompts is not None else [""]
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_k = top_k
+
+    def on_fit_start(self, trainer, pl_module):
+        """Encode the prompts now, on every rank, so a prompt the tokenizer cannot encode stops the run before
+        training rather than at its first validation."""
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if not self.prompts or self.max_new_tokens <= 0 or tokenizer is None:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):  # no samples under FSDP (see below): the prompts go unused
+            return
+        for prompt in self.prompts:
+            try:
+                tokenizer.encode(prompt)
+            except LMError as e:
+                raise LMError(
+                    f"samples.prompts: {prompt!r} cannot be encoded by the data's tokenizer ({e}); change "
+                    "samples.prompts, or set samples.max_new_tokens 0 to turn samples off"
+                ) from e
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer, pl_module):

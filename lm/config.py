@@ -6,6 +6,8 @@ Defaults are GPT-2 124M's shape with the modern pieces (RoPE, RMSNorm, SwiGLU) t
 
 from dataclasses import dataclass, replace
 
+from lm.errors import LMError
+
 
 @dataclass
 class GPTConfig:
@@ -38,12 +40,19 @@ class GPTConfig:
     # reads the resolved values from these properties.
 
     def __post_init__(self):
+        # LMError, not ValueError: a bad shape is a user's config error, reported in one line (DESIGN.md 8).
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LMError(f"{name} must be >= 1, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise LMError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise LMError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+            raise LMError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head size n_embd/n_head = {self.head_dim} must be even for RoPE")
+            raise LMError(f"head size n_embd/n_head = {self.head_dim} must be even for RoPE")
 
     @property
     def head_dim(self) -> int:

@@ -168,6 +168,33 @@ def convert_to_fp8(model: GPT, device: torch.device) -> GPT:
     return convert_to_float8_training(model, module_filter_fn=lambda module, fqn: fqn.startswith("layers."))
 
 
+def _check_hyperparameters(
+    *,
+    lr: float,
+    min_lr_ratio: float,
+    warmup_steps: int,
+    decay_steps: int | None,
+    wsd_decay_fraction: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    max_skipped_steps: int,
+) -> None:
+    """Refuse values no run could mean, naming the key, before torch or the schedule fail on them mid-setup."""
+    problems = {
+        "lr": (lr, not (math.isfinite(lr) and lr > 0), "a number > 0"),
+        "min_lr_ratio": (min_lr_ratio, not 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+        "warmup_steps": (warmup_steps, warmup_steps < 0, ">= 0"),
+        "decay_steps": (decay_steps, decay_steps is not None and decay_steps < 1, ">= 1, or null for the run's steps"),
+        "wsd_decay_fraction": (wsd_decay_fraction, not 0 <= wsd_decay_fraction <= 1, "in [0, 1]"),
+        "weight_decay": (weight_decay, not (math.isfinite(weight_decay) and weight_decay >= 0), ">= 0"),
+        "betas": (tuple(betas), len(betas) != 2 or not all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+        "max_skipped_steps": (max_skipped_steps, max_skipped_steps < 0, ">= 0"),
+    }
+    for key, (value, bad, expected) in problems.items():
+        if bad:
+            raise LMError(f"model.init_args.{key} must be {expected}, got {value}")
+
+
 class LanguageModel(L.LightningModule):
     """A GPT trained on next-token prediction.
 
@@ -191,7 +218,8 @@ class LanguageModel(L.LightningModule):
         init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
             dropout) and its tokenizer must be the data module's.
         max_skipped_steps: Optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer state
-            untouched, counted as train/skipped_steps); after this many the run stops.
+            untouched, counted as train/skipped_steps); after this many the run stops. Under fp16 (16-mixed) the
+            GradScaler skips overflowing steps itself: only non-finite losses are counted there.
     """
 
     def __init__(
@@ -212,6 +240,16 @@ class LanguageModel(L.LightningModule):
         init_from: str | None = None,
         max_skipped_steps: int = 10,
     ):
+        _check_hyperparameters(
+            lr=lr,
+            min_lr_ratio=min_lr_ratio,
+            warmup_steps=warmup_steps,
+            decay_steps=decay_steps,
+            wsd_decay_fraction=wsd_decay_fraction,
+            weight_decay=weight_decay,
+            betas=betas,
+            max_skipped_steps=max_skipped_steps,
+        )
         super().__init__()
         self.arch = arch
         self.save_hyperparameters(ignore=["arch"])
@@ -221,6 +259,7 @@ class LanguageModel(L.LightningModule):
         self.run_config: str | None = None  # the resolved YAML of the run, set by the CLI; saved into checkpoints
         self.val_loss = MeanMetric()  # token-weighted across batches and ranks
         self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
+        self._step_loss_sum = None  # their summed loss (loss x tokens), for train/loss over the whole step
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
         self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
         self._loss = next_token_loss  # compiled in configure_model when `compile` is on
@@ -296,32 +335,53 @@ class LanguageModel(L.LightningModule):
                 "batch x length to be a multiple of 16 (chat data: set data.init_args.pad_to_multiple_of 16)"
             )
         loss, n_tokens = self.model_step(batch)
-        if self._is_logging_step():
-            self.log("train/loss", loss.detach(), sync_dist=True)  # the mean over ranks (a no-op on one device)
-            # Lightning turns progress-bar values into Python numbers after every batch (a host sync for a GPU
-            # tensor), so the bar gets a CPU copy, refreshed here, where the logger reads the loss anyway.
-            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
         # Backpropagate the token-weighted sum; on_before_optimizer_step divides the gradients by the tokens of the
         # whole step, so accumulating 4 x B equals one batch of 4B even when micro-batches hold different numbers of
         # supervised tokens (chat data). Lightning divides by accumulate_grad_batches; we undo that there.
+        loss_sum = loss * n_tokens
+        # Summed on the device over the step's micro-batches: train/loss is logged once the step is complete.
         self._step_tokens = n_tokens if self._step_tokens is None else self._step_tokens + n_tokens
-        return loss * n_tokens
+        detached = loss_sum.detach()
+        self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
+        return loss_sum
 
     def on_before_optimizer_step(self, optimizer):
+        scaler = self._grad_scaler()
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves fp16 gradients scaled for optimizers that unscale inside their step (fused AdamW), so
+            # the norm and clipping below would see them times the loss scale; unscale them first. The scaler then
+            # only skips (or not) the step, and still records the overflow it found here.
+            scaler.unscale_(optimizer)
         tokens = self._step_tokens.detach().float()
+        loss_sum = self._step_loss_sum.float()
         if self.trainer.world_size > 1:
-            # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead.
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
+            # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead. The same all-reduce
+            # carries the summed loss: train/loss is over all ranks, and every rank sees a non-finite loss on any.
+            both = self.trainer.strategy.reduce(torch.stack([tokens, loss_sum]), reduce_op="sum")
+            tokens, loss_sum = (both / self.trainer.world_size).unbind()
         # Gradients are scaled (here by tokens, then by clipping) in one pass, in configure_gradient_clipping.
         self._grad_scale = self.trainer.accumulate_grad_batches / tokens.clamp(min=1)
-        self._step_tokens = None
+        self._step_tokens = self._step_loss_sum = None
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm_squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
         if isinstance(self.trainer.strategy, FSDPStrategy):
             norm_squared = self.trainer.strategy.reduce(norm_squared, reduce_op="sum")  # each rank holds a shard
         self._grad_norm = norm_squared.sqrt() * self._grad_scale
+        if scaler is not None:
+            # A GradScaler skips overflowing steps itself and lowers its scale: that is how fp16 training works,
+            # not a fault. Only a non-finite loss, which no scale fixes, counts towards max_skipped_steps.
+            self._nonfinite_steps_add(~torch.isfinite(loss_sum))
         if self._is_logging_step():
+            loss = loss_sum / tokens.clamp(min=1)  # over every micro-batch (and rank) of the step, weighted by tokens
+            self.log("train/loss", loss)
+            # Lightning turns progress-bar values into Python numbers after every batch (a host sync for a GPU
+            # tensor), so the bar gets a CPU copy, refreshed here, where the logger reads the loss anyway.
+            self.log("loss", loss.cpu(), prog_bar=True, logger=False)
             self.log("train/grad_norm", self._grad_norm)
+            # The LR this step uses. Read here, not after the step: Lightning steps the scheduler before
+            # on_train_batch_end, which would show the next step's LR. A CPU tensor: a Python float would be copied
+            # to the GPU (a sync).
+            self.log("train/lr", torch.tensor(optimizer.param_groups[0]["lr"]))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Scale the gradients to the mean over the step's tokens and clip them by the global norm of
@@ -331,7 +391,7 @@ class LanguageModel(L.LightningModule):
         Without a host sync where the optimizer can skip on the device: fused AdamW (CUDA and CPU) reads a
         `found_inf` flag, as under a GradScaler, and leaves weights, moments and step count untouched. The skipped
         steps are counted on the device and read at logging steps (every step on CPU, where reading is free).
-        Other optimizers (Muon) get every .grad set to None, after a sync.
+        Other optimizers (Muon) get every .grad set to None, after a sync. Under fp16 the GradScaler skips instead.
         """
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         factor = self._grad_scale
@@ -341,18 +401,32 @@ class LanguageModel(L.LightningModule):
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         if gradient_clip_val and gradient_clip_algorithm == "value":
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self._grad_scaler() is not None:
+            # fp16: the GradScaler already decided from the unscaled gradients whether this step runs (a NaN factor
+            # here makes NaN gradients only in a step it skips); non-finite losses were counted before the step.
+            if self.device.type != "cuda" or self._is_logging_step():
+                self._count_skipped_steps()
+            return
         not_finite = ~torch.isfinite(self._grad_norm)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning may hand over its wrapper
         if getattr(optimizer, "defaults", {}).get("fused"):
             optimizer.found_inf = not_finite.float()
-            counted = not_finite.int()
-            self._nonfinite_steps = counted if self._nonfinite_steps is None else self._nonfinite_steps + counted
+            self._nonfinite_steps_add(not_finite)
             if self.device.type != "cuda" or self._is_logging_step():
                 self._count_skipped_steps()
         elif not_finite:
             for p in self.model.parameters():
                 p.grad = None
             self._add_skipped_steps(1)
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The precision plugin's GradScaler (fp16 mixed precision), or None (bf16, fp32)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _nonfinite_steps_add(self, not_finite: torch.Tensor):
+        """Count a skipped step on the device (no sync); _count_skipped_steps moves the count to the host."""
+        counted = not_finite.int()
+        self._nonfinite_steps = counted if self._nonfinite_steps is None else self._nonfinite_steps + counted
 
     def _count_skipped_steps(self):
         """Move the device-side count of skipped steps to the host (one sync), warning and stopping as needed."""
@@ -393,8 +467,7 @@ class LanguageModel(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._is_logging_step(after_step=True):
-            # Host numbers go in as CPU tensors: Lightning would copy a Python float to the GPU, a sync.
-            self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
+            # A host number goes in as a CPU tensor: Lightning would copy a Python float to the GPU, a sync.
             self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
 
     def _is_logging_step(self, after_step: bool = False) -> bool:
@@ -465,10 +538,40 @@ class LanguageModel(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint):
-        """Resuming: refuse a checkpoint whose tokenizer differs from the data's (its embedding would not fit)."""
+        """Resuming: refuse a checkpoint whose tokenizer or architecture differs from this run's (its weights would
+        not fit, or would mean something else)."""
         info = checkpoint.get("lm") or {}
         self._check_tokenizer(info, "checkpoint tokenizer", "resume with the data it was trained on")
+        self._check_architecture(info)
         self.skipped_steps = int(info.get("skipped_steps", 0))
+
+    def _check_architecture(self, info: dict) -> None:
+        """Compare the checkpoint's model config with this run's, before Lightning loads the weights (a size mismatch
+        there is a wall of tensor shapes). Fields are compared as the model resolves them (n_kv_head None = n_head)."""
+        if self.model is None or "model_config" not in info:  # nothing built to load into, or not an lm checkpoint
+            return
+        theirs, ours = GPTConfig(**info["model_config"]), self.arch
+
+        def resolved(config: GPTConfig) -> dict:
+            return {**asdict(config), "n_kv_head": config.kv_heads, "mlp_hidden": config.mlp_width}
+
+        theirs_fields, ours_fields = resolved(theirs), resolved(ours)
+        # A continued run may change these: dropout is training-time only, and neither block_size nor rope_theta
+        # changes a weight (the RoPE tables are rebuilt, not saved): a longer context is a continued run. Other fields
+        # change shapes, or (n_head, norm_eps at the same shapes) what the trained weights compute.
+        changeable = {"dropout", "block_size", "rope_theta"}
+        # n_kv_head / mlp_hidden left unset on both sides differ only as a consequence of n_head / n_embd: not named.
+        derived = {k for k in ("n_kv_head", "mlp_hidden") if getattr(theirs, k) is None and getattr(ours, k) is None}
+        differ = [k for k in theirs_fields if k not in changeable | derived and theirs_fields[k] != ours_fields[k]]
+        if differ:
+            path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise LMError(
+                f"{path or 'checkpoint'}: its model has "
+                + ", ".join(f"{k}={theirs_fields[k]}" for k in differ)
+                + " but this run's has "
+                + ", ".join(f"{k}={ours_fields[k]}" for k in differ)
+                + ": resume with the checkpoint's model.init_args.arch, or start a new run"
+            )
 
     def wandb_run_id(self) -> str | None:
         """The W&B run this run logs to, kept in checkpoints so a resumed run continues the same W&B run."""

@@ -127,6 +127,25 @@ def test_kv_cache_matches_full_forward_in_chunks():
     torch.testing.assert_close(torch.cat(chunks, dim=1), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_embd": 64, "n_head": 3}, "n_embd (64) must be divisible by n_head (3)"),
+        ({"n_head": 4, "n_kv_head": 3}, "n_head (4) must be divisible by n_kv_head (3)"),
+        ({"n_embd": 30, "n_head": 2}, "head size n_embd/n_head = 15 must be even for RoPE"),
+        ({"n_head": 0}, "n_head must be >= 1, got 0"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+    ],
+)
+def test_impossible_shapes_are_user_errors(overrides, message):
+    """A config error, not a crash: LMError, which the CLI prints as one line with exit code 2."""
+    from lm.errors import LMError
+
+    with pytest.raises(LMError) as error:
+        get_config("tiny", **overrides)
+    assert str(error.value) == message
+
+
 def test_padded_vocab():
     assert padded_vocab_size(71) == 128
     assert padded_vocab_size(50261) == 50304

@@ -228,8 +228,8 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     assert all(isinstance(value, torch.Tensor) for _, _, value, _ in logged)
     # the 4th, 8th and 12th optimizer steps (global_step counts them after the optimizer step)
-    assert {step for step, name, _, _ in logged if name in ("train/loss", "train/grad_norm")} == {3, 7, 11}
-    assert {step for step, name, _, _ in logged if name in ("train/lr", "train/skipped_steps")} == {4, 8, 12}
+    assert {step for step, name, _, _ in logged if name in ("train/loss", "train/grad_norm", "train/lr")} == {3, 7, 11}
+    assert {step for step, name, _, _ in logged if name == "train/skipped_steps"} == {4, 8, 12}
     progress_bar = [(name, value) for _, name, value, prog_bar in logged if prog_bar]
     assert [name for name, _ in progress_bar] == ["loss"] * 3
     assert all(value.device.type == "cpu" for _, value in progress_bar)
@@ -295,3 +295,73 @@ def test_fp8_refuses_a_batch_whose_token_count_is_not_a_multiple_of_16():
     batch = {"input_ids": torch.zeros(3, 10, dtype=torch.long), "labels": torch.zeros(3, 10, dtype=torch.long)}
     with pytest.raises(LMError, match=r"batch of 3 x 10 tokens.*pad_to_multiple_of 16"):
         module.training_step(batch, 0)
+
+
+def test_train_loss_is_the_token_weighted_mean_over_the_step_and_lr_is_the_one_the_step_used():
+    """With gradient accumulation, train/loss covers every micro-batch of the optimizer step, weighted by supervised
+    tokens (not the last micro-batch, nor a mean of means); train/lr is the LR the optimizer stepped with (Lightning
+    steps the scheduler before on_train_batch_end, where the next step's LR would be read)."""
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+
+    class Capture(Logger):
+        name, version = "capture", 0
+
+        def __init__(self):
+            super().__init__()
+            self.received: dict[int, dict] = {}
+
+        def log_metrics(self, metrics, step=None):
+            self.received.setdefault(step, {}).update(metrics)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    class UsedLR(L.Callback):
+        def __init__(self):
+            self.lr: dict[int, float] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.lr[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(6):  # 3 optimizer steps of 2 micro-batches; the second of each step supervises 2 tokens only
+        ids = torch.randint(0, 64, (2, 16), generator=g)
+        labels = ids.clone()
+        if i % 2:
+            labels[:, :15] = IGNORE_INDEX
+        batches.append({"input_ids": ids, "labels": labels})
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=3e-3, warmup_steps=3, decay_steps=10)  # a new LR at every step
+    micro = []  # (loss, tokens) of each training micro-batch, in order
+    model_step = module.model_step
+
+    def recording_model_step(batch):
+        loss, n_tokens = model_step(batch)
+        if module.training:
+            micro.append((loss.item(), n_tokens.item()))
+        return loss, n_tokens
+
+    module.model_step = recording_model_step
+    used, logger = UsedLR(), Capture()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=[used],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert len(micro) == 6 and sorted(logger.received) == [0, 1, 2]
+    for step in range(3):
+        (loss_a, n_a), (loss_b, n_b) = micro[2 * step : 2 * step + 2]
+        expected = (loss_a * n_a + loss_b * n_b) / (n_a + n_b)
+        metrics = logger.received[step]
+        assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5), step
+        assert metrics["train/lr"] == pytest.approx(used.lr[step]), step
+    assert [used.lr[s] for s in range(3)] == pytest.approx([1e-3, 2e-3, 3e-3])  # warmup

@@ -1,5 +1,7 @@
 """Faults and what docs/reliability.md promises: one-line user errors, atomic checkpoints, skipped NaN steps."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -189,3 +191,173 @@ def test_too_many_nan_steps_stop_the_run_naming_the_step():
     assert module.stopped_at_step == 3
     assert len(snapshots) == 4  # steps 0..3 ran; training stopped after the third skipped step
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_fp16_loss_scale_overflows_are_the_scalers_business_not_skipped_steps():
+    """Under 16-mixed a GradScaler skips the steps whose scaled gradients overflow and halves its scale: normal, and
+    not counted towards max_skipped_steps. Norms and clipping see the unscaled gradients."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
+    norms = []
+    on_before_optimizer_step = module.on_before_optimizer_step
+
+    def record_norm(optimizer):
+        on_before_optimizer_step(optimizer)
+        norms.append(module._grad_norm.item())
+
+    module.on_before_optimizer_step = record_norm
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # overflows fp16 gradients in the first ~7 steps
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(12)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert scaler.get_scale() < 2.0**16  # the scaler did skip several steps
+    assert module.skipped_steps == 0 and module.stopped_at_step is None and trainer.global_step == 12
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    finite = [n for n in norms if math.isfinite(n)]
+    assert len(finite) >= 3 and max(finite) < 100  # unscaled: the tiny model's gradient norm is ~2, not ~2 x 8192
+
+
+def test_fp16_still_counts_a_non_finite_loss():
+    """A NaN loss is no overflow a smaller scale would fix: under a GradScaler it still counts and stops the run."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
+    model_step = module.model_step
+
+    def nan_from_step_2(batch):
+        loss, n = model_step(batch)
+        return (loss * float("nan") if module.trainer.global_step >= 2 else loss), n
+
+    module.model_step = nan_from_step_2
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(8)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert module.skipped_steps == 2 and module.stopped_at_step == 3
+
+
+# ---- configuration errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -1.0}, "model.init_args.lr must be a number > 0, got -1.0"),
+        ({"lr": float("nan")}, "model.init_args.lr must be a number > 0"),
+        ({"min_lr_ratio": 1.5}, "model.init_args.min_lr_ratio must be in [0, 1], got 1.5"),
+        ({"warmup_steps": -5}, "model.init_args.warmup_steps must be >= 0, got -5"),
+        ({"decay_steps": 0}, "model.init_args.decay_steps must be >= 1"),
+        ({"wsd_decay_fraction": 2.0}, "model.init_args.wsd_decay_fraction must be in [0, 1]"),
+        ({"weight_decay": -0.1}, "model.init_args.weight_decay must be >= 0, got -0.1"),
+        ({"betas": (0.9, 1.0)}, "model.init_args.betas must be two numbers in [0, 1), got (0.9, 1.0)"),
+        ({"max_skipped_steps": -1}, "model.init_args.max_skipped_steps must be >= 0, got -1"),
+    ],
+)
+def test_invalid_hyperparameters_are_one_line_errors_naming_the_key(kwargs, message):
+    with pytest.raises(LMError) as error:
+        LanguageModel(get_config("tiny"), **kwargs)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.init_args.arch.n_head", "3"], "n_embd (64) must be divisible by n_head (3)"),
+        (["--model.init_args.lr", "-1"], "model.init_args.lr must be a number > 0, got -1.0"),
+        (["--samples.top_k", "0"], "top_k must be at least 1 (or unset for no top-k filter), got 0"),
+    ],
+)
+def test_constructor_errors_on_the_command_line_are_one_line(capsys, override, expected):
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.logger", "false", *override)
+    assert code == 2 and err == f"error: {expected}"
+
+
+def test_resuming_with_another_architecture_names_the_fields(tmp_path):
+    """Before Lightning loads the weights (a wall of size mismatches): the differing fields, checkpoint vs run."""
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+
+    def trainer(steps):
+        return L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    def loader():
+        return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    first = trainer(1)
+    first.fit(LanguageModel(get_config("tiny"), warmup_steps=1), train_dataloaders=loader())
+    ckpt = tmp_path / "last.ckpt"
+    first.save_checkpoint(ckpt)
+    # dropout, block_size and rope_theta may change in a continued run
+    changed = get_config("tiny", dropout=0.1, block_size=32, rope_theta=5e5)
+    trainer(2).fit(LanguageModel(changed, warmup_steps=1), train_dataloaders=loader(), ckpt_path=ckpt)
+    for config, fields in [
+        (get_config("tiny", n_embd=64), "n_embd=32 but this run's has n_embd=64"),
+        (
+            get_config("tiny", n_layer=3, qk_norm=True),
+            "n_layer=2, qk_norm=False but this run's has n_layer=3, qk_norm=True",
+        ),
+        (get_config("tiny", n_head=4), "n_head=2 but this run's has n_head=4"),  # same shapes, other attention
+    ]:
+        with pytest.raises(LMError) as error:
+            trainer(2).fit(LanguageModel(config, warmup_steps=1), train_dataloaders=loader(), ckpt_path=ckpt)
+        assert str(error.value) == (
+            f"{ckpt}: its model has {fields}: resume with the checkpoint's model.init_args.arch, or start a new run"
+        )
+
+
+def test_a_sample_prompt_the_tokenizer_cannot_encode_stops_the_run_before_training():
+    from lm.callbacks import SampleText
+
+    module = LanguageModel(get_config("tiny"), warmup_steps=1)
+    module.tokenizer = CharTokenizer.train(["romeo and juliet: lowercase only"])
+    steps = []
+    training_step = module.training_step
+    module.training_step = lambda batch, batch_idx: steps.append(batch_idx) or training_step(batch, batch_idx)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[SampleText(prompts=["romeo:", "ROMEO:"], max_new_tokens=4)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(LMError, match=r"^samples.prompts: 'ROMEO:' cannot be encoded .*character 'R'") as error:
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert "\n" not in str(error.value) and steps == []  # refused before the first step

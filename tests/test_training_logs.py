@@ -1,0 +1,75 @@
+"""What the throughput callback logs: train/tokens_per_sec measures training steps, not validation or checkpoints."""
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from lm.callbacks import Throughput
+from lm.config import get_config
+from lm.module import LanguageModel
+
+PAUSE = 0.5  # seconds; a tiny model's optimizer step on CPU takes a few milliseconds
+
+
+class Capture(Logger):
+    name, version = "capture", 0
+
+    def __init__(self):
+        super().__init__()
+        self.tokens_per_sec: dict[int, float] = {}
+
+    def log_metrics(self, metrics, step=None):
+        if "train/tokens_per_sec" in metrics:
+            self.tokens_per_sec[step] = metrics["train/tokens_per_sec"]
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class SlowSave(L.Callback):
+    """Makes every checkpoint save take PAUSE seconds longer, as writing a large one would."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        time.sleep(PAUSE)
+
+
+def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    validation_step = module.validation_step
+
+    def slow_validation_step(batch, batch_idx):
+        time.sleep(PAUSE)
+        return validation_step(batch, batch_idx)
+
+    module.validation_step = slow_validation_step
+    ids = torch.randint(0, 64, (12, 4, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    logger = Capture()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        log_every_n_steps=2,
+        val_check_interval=4,  # validation after steps 4 and 8
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[
+            Throughput(),
+            SlowSave(),
+            ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1),  # saves after steps 6 and 12
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    rates = logger.tokens_per_sec
+    # A window every 2 steps (the first, with warm-up, is not logged), at logger steps 3, 5, ..., 11 (0-based): those
+    # ending at 5 and 9 held a validation, the one ending at 7 a checkpoint save; each took at least PAUSE, the time
+    # of ~100 training steps.
+    assert sorted(rates) == [3, 5, 7, 9, 11]
+    assert min(rates.values()) > max(rates.values()) / 4, rates  # before the fix: 5100, 240, 240, 240, 6100 tokens/s
