@@ -362,6 +362,9 @@ class RandomWindowSampler(DistributedSampler):
         self.num_batches = max(1, num_tokens // (batch_size * block_size) // world_size)  # per rank per epoch
         self.epoch = 0
         self.batches_yielded = 0  # in the current epoch
+        # Lightning's epoch minus ours. It grows by one when a run stopped mid-epoch (max_steps, max_time) is
+        # resumed: Lightning starts a new epoch then, while the data must go on with the rest of ours.
+        self.epoch_offset = 0
 
     def epoch_draws(self, epoch: int) -> np.ndarray:
         """All ranks' batches of one epoch: (num_batches * world_size, batch_size) starts in [0, n - T - 1]."""
@@ -383,14 +386,16 @@ class RandomWindowSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         # Lightning calls this at every epoch start; the same epoch again (after load_state_dict) keeps the position
+        epoch -= self.epoch_offset
         if epoch != self.epoch:
             self.epoch, self.batches_yielded = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded}
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "epoch_offset": self.epoch_offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
+        self.epoch_offset = int(state.get("epoch_offset", 0))  # absent in checkpoints written before it existed
 
 
 class SequentialWindowSampler(DistributedSampler):
@@ -682,11 +687,14 @@ class PretrainData(L.LightningDataModule):
             world_size=world_size,
         )
         return self._loader(
-            self._windows(0, self.num_train), sampler, ResumableDataLoader, position=self._train_position
+            self._windows(0, self.num_train),
+            sampler,
+            ResumableDataLoader,
+            position=functools.partial(self._train_position, sampler),
         )
 
-    def _train_position(self) -> dict[str, int]:
-        """Where training is in the data: the epoch and the batches trained on in it.
+    def _train_position(self, sampler: RandomWindowSampler) -> dict[str, int]:
+        """Where training is in the data: the sampler's epoch and the batches trained on in it.
 
         Counted from the Trainer's progress (batches whose training step ran), not from the sampler: Lightning
         fetches a batch ahead (DataLoader workers even more), so the sampler's own count would skip batches.
@@ -694,8 +702,18 @@ class PretrainData(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_yielded": progress.processed}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epochs = trainer.fit_loop.epoch_progress.current
+        offset = sampler.epoch_offset
+        if epochs.completed == epochs.started and batches > 0:
+            # Lightning closed the epoch (saving at train end) and its counter is already the next epoch's.
+            if batches < trainer.num_training_batches:
+                # Training stopped mid-epoch (max_steps, max_time): a resumed run (a longer max_steps) starts a new
+                # Lightning epoch, but must draw the rest of the epoch these batches came from: one more of offset.
+                offset += 1
+            else:
+                batches = 0  # the epoch ran to its end: the next one starts from its first batch
+        return {"epoch": trainer.current_epoch - offset, "batches_yielded": batches, "epoch_offset": offset}
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = rank_and_world_size(self.trainer)

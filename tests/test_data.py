@@ -176,7 +176,7 @@ def test_sampler_state_dict_resumes_exactly(tmp_path):
     it = iter(sampler)
     seen = [next(it) for _ in range(5)]
     state = sampler.state_dict()
-    assert state == {"epoch": 2, "batches_yielded": 5}
+    assert state == {"epoch": 2, "batches_yielded": 5, "epoch_offset": 0}
     rest = list(it)
 
     resumed = RandomWindowSampler(10_000, block_size=8, batch_size=4, seed=3)
@@ -184,7 +184,12 @@ def test_sampler_state_dict_resumes_exactly(tmp_path):
     resumed.set_epoch(2)  # Lightning calls this at the epoch start; it must not rewind
     assert np.array_equal(np.stack(list(resumed)), np.stack(rest))
     assert len(seen) + len(rest) == len(sampler)
-    assert resumed.state_dict() == {"epoch": 3, "batches_yielded": 0}
+    assert resumed.state_dict() == {"epoch": 3, "batches_yielded": 0, "epoch_offset": 0}
+
+    shifted = RandomWindowSampler(10_000, block_size=8, batch_size=4, seed=3)  # resumed after a mid-epoch stop
+    shifted.load_state_dict({**state, "epoch_offset": 1})
+    shifted.set_epoch(3)  # Lightning's epoch is one ahead: still the rest of the sampler's epoch 2
+    assert np.array_equal(np.stack(list(shifted)), np.stack(rest))
 
 
 def test_ranks_draw_disjoint_batches():
@@ -315,3 +320,42 @@ def test_trainer_fit_with_datamodule(tmp_path, text_file):
     )
     trainer.fit(Tiny(), datamodule=dm)
     assert trainer.global_step == 3 and "val/loss" in trainer.callback_metrics
+
+
+class _RecordBatches(L.LightningModule):
+    """A model-free module that records a fingerprint of every training batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, _):
+        self.seen.append(hash(batch["input_ids"].numpy().tobytes()))
+        return (batch["input_ids"].float().mean() * self.weight).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("stop", ["mid-epoch0", "mid-epoch1"])
+def test_a_finished_run_extended_draws_what_a_longer_run_draws(tmp_path, text_file, stop):
+    """max_steps ends a run mid-epoch and Lightning closes that epoch; raising max_steps and resuming from the
+    checkpoint saved at the end must draw the rest of that epoch, then the next ones, as one longer run does."""
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+
+    def fit(max_steps, ckpt_path=None):
+        dm = PretrainData(source=str(text_file), block_size=16, batch_size=64, cache_dir=str(tmp_path / "cache"))
+        trainer = L.Trainer(max_steps=max_steps, enable_checkpointing=False, limit_val_batches=0, **quiet)
+        module = _RecordBatches()
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, module.seen
+
+    longer_trainer, longer = fit(40)
+    per_epoch = longer_trainer.num_training_batches
+    assert 3 <= per_epoch < 15, per_epoch  # the longer run crosses several epochs
+    first = per_epoch // 2 if stop == "mid-epoch0" else per_epoch + per_epoch // 2
+    trainer, _ = fit(first)
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    _, resumed = fit(40, ckpt_path=tmp_path / "end.ckpt")
+    assert resumed == longer[first:]
