@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import Logger
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +30,26 @@ def cli_env(**extra) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     env.update(extra)
     return env
+
+
+class MemoryLogger(Logger):
+    """A Lightning logger that keeps what it is sent: `calls` in order, one (step, metrics) per log_metrics call."""
+
+    name, version = "memory", 0
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def by_step(self) -> dict[int, dict]:
+        """All metrics logged at each step, merged."""
+        steps: dict[int, dict] = {}
+        for step, metrics in self.calls:
+            steps.setdefault(step, {}).update(metrics)
+        return steps

@@ -3,6 +3,7 @@ import torch
 
 from lm.config import get_config
 from lm.module import IGNORE_INDEX, LanguageModel, chunked_cross_entropy, lr_multiplier, next_token_loss
+from tests.conftest import MemoryLogger
 
 
 def schedule(step, name, **kw):
@@ -191,17 +192,6 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
     So training logs tensors, only on the steps whose metrics reach the logger (every 4th here), and the progress bar
     gets a CPU copy of the loss. The logger still receives every training metric at each of those steps."""
     import lightning as L
-    from lightning.pytorch.loggers import Logger
-
-    class Capture(Logger):
-        name, version = "capture", 0
-        received: list[tuple[int, dict]] = []
-
-        def log_metrics(self, metrics, step=None):
-            self.received.append((step, dict(metrics)))
-
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
 
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10)
@@ -214,7 +204,7 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
 
     module.log = recording_log
     ids = torch.randint(0, 64, (12, 2, 16))
-    logger = Capture()
+    logger = MemoryLogger()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=12,
@@ -233,7 +223,7 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
     progress_bar = [(name, value) for _, name, value, prog_bar in logged if prog_bar]
     assert [name for name, _ in progress_bar] == ["loss"] * 3
     assert all(value.device.type == "cpu" for _, value in progress_bar)
-    steps = [(step, metrics) for step, metrics in logger.received if "train/loss" in metrics]
+    steps = [(step, metrics) for step, metrics in logger.calls if "train/loss" in metrics]
     assert [step for step, _ in steps] == [3, 7, 11]
     for _, metrics in steps:
         assert {"train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"} <= set(metrics)
@@ -302,20 +292,6 @@ def test_train_loss_is_the_token_weighted_mean_over_the_step_and_lr_is_the_one_t
     tokens (not the last micro-batch, nor a mean of means); train/lr is the LR the optimizer stepped with (Lightning
     steps the scheduler before on_train_batch_end, where the next step's LR would be read)."""
     import lightning as L
-    from lightning.pytorch.loggers import Logger
-
-    class Capture(Logger):
-        name, version = "capture", 0
-
-        def __init__(self):
-            super().__init__()
-            self.received: dict[int, dict] = {}
-
-        def log_metrics(self, metrics, step=None):
-            self.received.setdefault(step, {}).update(metrics)
-
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
 
     class UsedLR(L.Callback):
         def __init__(self):
@@ -344,7 +320,7 @@ def test_train_loss_is_the_token_weighted_mean_over_the_step_and_lr_is_the_one_t
         return loss, n_tokens
 
     module.model_step = recording_model_step
-    used, logger = UsedLR(), Capture()
+    used, logger = UsedLR(), MemoryLogger()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=3,
@@ -357,11 +333,12 @@ def test_train_loss_is_the_token_weighted_mean_over_the_step_and_lr_is_the_one_t
         enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    assert len(micro) == 6 and sorted(logger.received) == [0, 1, 2]
+    received = logger.by_step()
+    assert len(micro) == 6 and sorted(received) == [0, 1, 2]
     for step in range(3):
         (loss_a, n_a), (loss_b, n_b) = micro[2 * step : 2 * step + 2]
         expected = (loss_a * n_a + loss_b * n_b) / (n_a + n_b)
-        metrics = logger.received[step]
+        metrics = received[step]
         assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5), step
         assert metrics["train/lr"] == pytest.approx(used.lr[step]), step
     assert [used.lr[s] for s in range(3)] == pytest.approx([1e-3, 2e-3, 3e-3])  # warmup

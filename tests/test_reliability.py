@@ -143,6 +143,20 @@ def test_init_from_refuses_a_different_tokenizer(tmp_path):
 # ---- non-finite steps ---------------------------------------------------------------------------------------------
 
 
+def fit_quietly(module: LanguageModel, steps: int, *, ckpt_path=None, **trainer_kwargs) -> L.Trainer:
+    """Train `module` for `steps` steps on seeded random batches of 2 x 16 tokens, on the CPU, without logger,
+    checkpoints, progress bar or summary."""
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(steps)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, **quiet, **trainer_kwargs)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer
+
+
 def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6):
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=max_skipped)
@@ -157,20 +171,8 @@ def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6)
         return loss, n
 
     module.model_step = model_step
-    g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(steps)]
-    for b in batches:
-        b["labels"] = b["input_ids"]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        fit_quietly(module, steps)
     return module, snapshots
 
 
@@ -209,21 +211,8 @@ def test_fp16_loss_scale_overflows_are_the_scalers_business_not_skipped_steps():
 
     module.on_before_optimizer_step = record_norm
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # overflows fp16 gradients in the first ~7 steps
-    g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(12)]
-    for b in batches:
-        b["labels"] = b["input_ids"]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=12,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = fit_quietly(module, 12, plugins=[fp16], gradient_clip_val=1.0)
     assert scaler.get_scale() < 2.0**16  # the scaler did skip several steps
     assert module.skipped_steps == 0 and module.stopped_at_step is None and trainer.global_step == 12
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
@@ -244,20 +233,9 @@ def test_fp16_still_counts_a_non_finite_loss():
         return (loss * float("nan") if module.trainer.global_step >= 2 else loss), n
 
     module.model_step = nan_from_step_2
-    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(8)]
-    for b in batches:
-        b["labels"] = b["input_ids"]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=8,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        fit_quietly(module, 8, plugins=[fp16])
     assert module.skipped_steps == 2 and module.stopped_at_step == 3
 
 
@@ -299,30 +277,12 @@ def test_constructor_errors_on_the_command_line_are_one_line(capsys, override, e
 
 def test_resuming_with_another_architecture_names_the_fields(tmp_path):
     """Before Lightning loads the weights (a wall of size mismatches): the differing fields, checkpoint vs run."""
-    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
-    for b in batches:
-        b["labels"] = b["input_ids"]
-
-    def trainer(steps):
-        return L.Trainer(
-            accelerator="cpu",
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-
-    def loader():
-        return torch.utils.data.DataLoader(batches, batch_size=None)
-
-    first = trainer(1)
-    first.fit(LanguageModel(get_config("tiny"), warmup_steps=1), train_dataloaders=loader())
+    first = fit_quietly(LanguageModel(get_config("tiny"), warmup_steps=1), 1)
     ckpt = tmp_path / "last.ckpt"
     first.save_checkpoint(ckpt)
     # dropout, block_size and rope_theta may change in a continued run
     changed = get_config("tiny", dropout=0.1, block_size=32, rope_theta=5e5)
-    trainer(2).fit(LanguageModel(changed, warmup_steps=1), train_dataloaders=loader(), ckpt_path=ckpt)
+    fit_quietly(LanguageModel(changed, warmup_steps=1), 2, ckpt_path=ckpt)
     for config, fields in [
         (get_config("tiny", n_embd=64), "n_embd=32 but this run's has n_embd=64"),
         (
@@ -332,7 +292,7 @@ def test_resuming_with_another_architecture_names_the_fields(tmp_path):
         (get_config("tiny", n_head=4), "n_head=2 but this run's has n_head=4"),  # same shapes, other attention
     ]:
         with pytest.raises(LMError) as error:
-            trainer(2).fit(LanguageModel(config, warmup_steps=1), train_dataloaders=loader(), ckpt_path=ckpt)
+            fit_quietly(LanguageModel(config, warmup_steps=1), 2, ckpt_path=ckpt)
         assert str(error.value) == (
             f"{ckpt}: its model has {fields}: resume with the checkpoint's model.init_args.arch, or start a new run"
         )
@@ -346,18 +306,7 @@ def test_a_sample_prompt_the_tokenizer_cannot_encode_stops_the_run_before_traini
     steps = []
     training_step = module.training_step
     module.training_step = lambda batch, batch_idx: steps.append(batch_idx) or training_step(batch, batch_idx)
-    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
-    for b in batches:
-        b["labels"] = b["input_ids"]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        callbacks=[SampleText(prompts=["romeo:", "ROMEO:"], max_new_tokens=4)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    samples = SampleText(prompts=["romeo:", "ROMEO:"], max_new_tokens=4)
     with pytest.raises(LMError, match=r"^samples.prompts: 'ROMEO:' cannot be encoded .*character 'R'") as error:
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        fit_quietly(module, 2, callbacks=[samples])
     assert "\n" not in str(error.value) and steps == []  # refused before the first step

@@ -5,28 +5,13 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 
 from lm.callbacks import Throughput
 from lm.config import get_config
 from lm.module import LanguageModel
+from tests.conftest import MemoryLogger
 
 PAUSE = 0.5  # seconds; a tiny model's optimizer step on CPU takes a few milliseconds
-
-
-class Capture(Logger):
-    name, version = "capture", 0
-
-    def __init__(self):
-        super().__init__()
-        self.tokens_per_sec: dict[int, float] = {}
-
-    def log_metrics(self, metrics, step=None):
-        if "train/tokens_per_sec" in metrics:
-            self.tokens_per_sec[step] = metrics["train/tokens_per_sec"]
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 class SlowSave(L.Callback):
@@ -48,7 +33,7 @@ def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
     module.validation_step = slow_validation_step
     ids = torch.randint(0, 64, (12, 4, 16), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": x, "labels": x} for x in ids]
-    logger = Capture()
+    logger = MemoryLogger()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=12,
@@ -67,7 +52,7 @@ def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
-    rates = logger.tokens_per_sec
+    rates = {step: m["train/tokens_per_sec"] for step, m in logger.by_step().items() if "train/tokens_per_sec" in m}
     # A window every 2 steps (the first, with warm-up, is not logged), at logger steps 3, 5, ..., 11 (0-based): those
     # ending at 5 and 9 held a validation, the one ending at 7 a checkpoint save; each took at least PAUSE, the time
     # of ~100 training steps.
