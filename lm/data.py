@@ -184,8 +184,9 @@ def load_documents(
     dtype = getattr(ds.features[text_field], "dtype", None)
     if dtype not in ("string", "large_string"):
         raise LMError(f"data source {source!r}: column {text_field!r} holds {dtype or 'lists/structs'}, not text")
-    if (nulls := ds.data.column(text_field).null_count) > 0:
-        first = ds.data.column(text_field).is_null().to_pylist().index(True)
+    column = ds.data.column(text_field)
+    if (nulls := column.null_count) > 0:
+        first = column.is_null().to_pylist().index(True)
         raise LMError(
             f"data source {source!r}: {nulls} documents have no {text_field!r} (missing or null), the first is "
             f"document {first} (counting from 0)"

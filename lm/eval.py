@@ -304,7 +304,7 @@ def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str,
                     "choices": [hellaswag_preprocess(e) for e in row["endings"]],
                     "gold": int(row["label"]),
                 }
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a list row
                 raise LMError(
                     f"{path}:{line_no}: not a HellaSwag row with activity_label, ctx, endings, label ({e})"
                 ) from None

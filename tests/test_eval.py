@@ -206,10 +206,11 @@ def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert f"{args[-2][2:]} must be at least 1, got 0" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"ctx": "no endings"}\n')
-    with pytest.raises(SystemExit):
-        main(["eval", "--ckpt", str(path), "--task", "hellaswag", "--data", str(bad)])
-    assert f"{bad}:1:" in capsys.readouterr().err
+    for row in ('{"ctx": "no endings"}', "[1, 2]"):  # a row without the keys, a row that is no JSON object
+        bad.write_text(row + "\n")
+        with pytest.raises(SystemExit):
+            main(["eval", "--ckpt", str(path), "--task", "hellaswag", "--data", str(bad)])
+        assert f"{bad}:1:" in capsys.readouterr().err
 
 
 def test_callback_logs_eval_metrics_in_training(tmp_path):
