@@ -1,34 +1,22 @@
 """`lm generate`, `lm chat` and `lm fit --ckpt_path` through `lm.__main__.main`, in process: what they print, and
 bad flags or files as one-line errors with exit code 2."""
 
-from dataclasses import asdict
-
 import pytest
 import torch
 
 import lm.generate
 from lm.__main__ import main
-from lm.config import GPTConfig, padded_vocab_size
-from lm.model import GPT
-from lm.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+from lm.tokenizer import CharTokenizer, GPT2Tokenizer
 from tests.conftest import REPO
+from tests.test_eval import write_checkpoint
 
-
-def write_checkpoint(path, tokenizer: Tokenizer) -> None:
-    """An inference checkpoint shaped like the ones `lm fit` writes, around a tiny random-init GPT."""
-    config = GPTConfig(
-        vocab_size=padded_vocab_size(tokenizer.vocab_size), block_size=32, n_layer=1, n_head=2, n_embd=32
-    )
-    torch.manual_seed(0)
-    state = {f"model.{k}": v for k, v in GPT(config).state_dict().items()}
-    info = {"format": 1, "model_config": asdict(config), "tokenizer": tokenizer.to_state(), "run_config": None}
-    torch.save({"state_dict": state, "global_step": 1, "lm": info}, path)
+TINY = dict(block_size=32, n_layer=1, n_head=2, n_embd=32)
 
 
 @pytest.fixture
 def char_ckpt(tmp_path):
     path = tmp_path / "char.ckpt"
-    write_checkpoint(path, CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz .,!?\n"]))
+    write_checkpoint(path, CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz .,!?\n"]), **TINY)
     return str(path)
 
 
@@ -47,7 +35,7 @@ def test_generate_prints_characters_that_span_tokens(capsys, tmp_path, monkeypat
     """An emoji or a CJK character is several GPT-2 tokens: printing the decoded text of each new token dropped them."""
     path = tmp_path / "gpt2.ckpt"
     tok = GPT2Tokenizer()
-    write_checkpoint(path, tok)
+    write_checkpoint(path, tok, **TINY)
     target = " naïve \U0001f600 café 日本"
     ids = tok.encode(target)
     assert len(ids) > len(target.split())  # some characters do span tokens
