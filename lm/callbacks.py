@@ -52,11 +52,16 @@ class Throughput(L.Callback):
         self._intervals = 0
         self._peak_flops: float | None = None
         self._restart = False  # validation or a checkpoint save interrupted the window: restart at the next batch
+        self._first_step_pending = False
 
     def on_train_start(self, trainer, pl_module):
         precision = str(trainer.precision).split("-")[0]
         dtype = _PRECISION_DTYPE.get(precision, torch.float32)
         self._peak_flops = peak_flops(pl_module.device, dtype)
+        # Start-up (imports, device, data, model) and the first step (compilation, kernel choice) are most of a short
+        # run's time to loss: these two lines show which one to work on.
+        rank_zero_info(f"training starts: {time.time() - LAUNCHED_AT:.1f} s since launch")
+        self._first_step_pending = True
 
     def on_validation_start(self, trainer, pl_module):
         self._restart = True
@@ -76,6 +81,11 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch["input_ids"].numel()
+        if self._first_step_pending:
+            self._first_step_pending = False
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()  # once per fit: the step's kernels have run, not only been queued
+            rank_zero_info(f"first step done: {time.time() - LAUNCHED_AT:.1f} s since launch")
         if (batch_idx + 1) % trainer.log_every_n_steps:
             return
         if pl_module.device.type == "cuda":

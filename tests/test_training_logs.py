@@ -58,3 +58,30 @@ def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
     # of ~100 training steps.
     assert sorted(rates) == [3, 5, 7, 9, 11]
     assert min(rates.values()) > max(rates.values()) / 4, rates  # before the fix: 5100, 240, 240, 240, 6100 tokens/s
+
+
+def test_start_up_and_first_step_are_reported_once_in_seconds_since_launch(tmp_path, caplog):
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    ids = torch.randint(0, 64, (6, 2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        val_check_interval=2,  # validations between steps must not report a "first step" again
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[Throughput()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with caplog.at_level("INFO"):
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    messages = [r.getMessage() for r in caplog.records]
+    lines = [m for m in messages if "s since launch" in m and not m.startswith("step ")]  # not the validations'
+    assert [line.split(":")[0] for line in lines] == ["training starts", "first step done"], messages
+    seconds = [float(line.split(": ")[1].split(" s ")[0]) for line in lines]
+    assert 0 < seconds[0] <= seconds[1], seconds
