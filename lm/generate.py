@@ -1,6 +1,6 @@
 """The one generation engine: KV-cache decoding of a batch of prompts, sampling, stop conditions, streaming.
 
-`lm generate`, `lm chat`, the sample callback, the task evaluations (and later serve) all call this module:
+`lm generate`, `lm chat`, `lm serve`, the sample callback and the task evaluations all call this module:
 
     stream_batch(model, prompts, ...)           -> per step, one new token per row (None once a row has stopped)
     generate_batch(model, prompts, ...)         -> the new tokens of every row
@@ -19,11 +19,14 @@ work. Stopping: max_new_tokens, stop token ids (not yielded) and stop strings (n
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lm.errors import LMError
 from lm.model import GPT, KVCache
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def sample_next(
@@ -103,7 +106,7 @@ def stream_batch(
     model: GPT,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -199,21 +202,37 @@ def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
 
 
+@dataclass
+class Finish:
+    """How a stream_text stream ended, for callers that report it (lm serve's usage and finish_reason)."""
+
+    tokens: int = 0  # new tokens generated; a stop token is not counted, the tokens of a stop string are
+    reason: str = "stop"  # "length": max_new_tokens ran out first; "stop": a stop token or stop string
+
+
 def stream_text(
-    model: GPT, tokenizer, prompt_ids: Sequence[int], *, stop_strings: Sequence[str] = (), **sampling
+    model: GPT,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    stop_strings: Sequence[str] = (),
+    finish: Finish | None = None,
+    **sampling,
 ) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, for printing as they come.
 
     Stops at a stop token (default: the tokenizer's EOS) or at the first stop string, which is not yielded: text that
     could still become a stop string is held back until it cannot. A BPE token can end mid-character, so text is
-    only released once it decodes cleanly.
+    only released once it decodes cleanly. A `finish` passed in is filled in when the stream ends.
     """
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
+    finish = finish if finish is not None else Finish()
     ids: list[int] = []
     released = 0  # characters of the decoded continuation already yielded
     for token in stream_tokens(model, prompt_ids, **sampling):
         ids.append(token)
+        finish.tokens = len(ids)
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
             continue
@@ -231,6 +250,9 @@ def stream_text(
     # end) or held back: it can still hold a stop string.
     text = tokenizer.decode(ids)
     cut = _first_stop(text, stop_strings)
+    # No stop token ended it (stream_tokens ran every step) and no stop string cut it: the length limit did.
+    if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
+        finish.reason = "length"
     end = len(text) if cut is None else cut
     if end > released:
         yield text[released:end]

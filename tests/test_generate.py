@@ -7,6 +7,7 @@ import lm.generate
 from lm.config import get_config
 from lm.errors import LMError
 from lm.generate import (
+    Finish,
     apply_repetition_penalty,
     generate_batch,
     generate_text,
@@ -201,6 +202,23 @@ def test_stop_string_is_cut_when_the_stream_ends_mid_character(monkeypatch):
     for stream in (ids[:-1], ids):  # the stream ends mid-emoji (max_new_tokens), or after it
         monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, stream=stream, **sampling: iter(stream))
         assert "".join(stream_text(None, tok, [1], stop_strings=["\nUser: "])) == "Sure."
+
+
+@pytest.mark.parametrize(
+    "stream, stop_strings, expected",
+    [
+        ([6, 7, 8], [], Finish(tokens=3, reason="length")),  # "abc": every step gave a token
+        ([6, 7], [], Finish(tokens=2, reason="stop")),  # a stop token came at step 3 (it is not yielded)
+        ([6, 7, 8], ["b"], Finish(tokens=2, reason="stop")),  # a stop string, completed by the second token
+        ([6, 7, 8], ["cd"], Finish(tokens=3, reason="length")),  # a stop string begun at the end, never completed
+    ],
+)
+def test_finish_reports_why_the_stream_ended_and_how_many_tokens_it_took(monkeypatch, stream, stop_strings, expected):
+    tok = CharTokenizer("abcdefgh")
+    monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, **sampling: iter(stream))
+    finish = Finish()
+    list(stream_text(None, tok, [1], stop_strings=stop_strings, finish=finish, max_new_tokens=3))
+    assert finish == expected
 
 
 def test_cache_is_much_faster_than_recomputing_the_prefix():
