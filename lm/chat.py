@@ -39,7 +39,7 @@ def check_messages(messages: Sequence[Message], *, need_reply: bool = True) -> s
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             return f"message {i} is not a {{'role', 'content'}} object"
-        if m["role"] not in ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return f"message {i} has unknown role {m['role']!r} (expected one of {list(ROLES)})"
         if not isinstance(m["content"], str) or not m["content"].strip():
             return f"message {i} ({m['role']}) has empty content"

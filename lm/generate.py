@@ -40,7 +40,11 @@ def sample_next(
     """Pick the next token from logits (B, V) -> (B,). temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shifted so the top logit is 0 before the division, and the temperature kept above float32's underflow: a tiny
+    # temperature then sends the other logits to -inf (not the top one to +inf, or 0/0), so it tends to greedy.
+    logits = logits.float()
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -18,9 +18,13 @@ are dropped until the conversation fits in the rest, and it ends at <|end|>, EOS
 fit in the context (the engine would otherwise cut its beginning off silently); its continuation may run past it.
 
 One model on one device: the threads of the HTTP server parse requests in parallel, but generation happens behind one
-lock, so requests queue; there is no batching across requests yet. Each request samples with its own torch.Generator,
-seeded by its `seed`, so a request with a seed is reproducible; without one, the seed is drawn from a generator seeded
-by --seed, so replies differ from request to request and a restarted server gives the same sequence again.
+lock, so requests queue; there is no batching across requests yet. A client that leaves stops its generation (a
+stream at its next piece, a plain request within 0.25 s), and one that stalls for 30 s is dropped, so neither keeps
+the others waiting. A completion asks for at most --max_tokens_limit tokens (4096).
+
+Each request samples with its own torch.Generator, seeded by its `seed`, so a request with a seed is reproducible;
+without one, the seed is drawn from a generator seeded by --seed, so replies differ from request to request and a
+restarted server gives the same sequence again.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import select
 import signal
+import socket
+import sys
 import threading
 import time
 import traceback
@@ -60,7 +67,9 @@ UNSUPPORTED = {
     "logit_bias": {},
     "presence_penalty": 0,
     "frequency_penalty": 0,
+    "response_format": {"type": "text"},
 }
+MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is read
 
 
 @dataclass
@@ -81,7 +90,22 @@ class Job:
 class LMServer(ThreadingHTTPServer):
     """The HTTP server and what its request threads share: the model, the tokenizer, the defaults and the lock."""
 
-    def __init__(self, address, model: GPT, tokenizer: Tokenizer, *, model_name: str, defaults: dict, seed: int):
+    request_queue_size = 128  # socketserver's 5 resets connections in a burst of parallel requests
+
+    def __init__(
+        self,
+        address,
+        model: GPT,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        defaults: dict,
+        seed: int,
+        max_tokens_limit: int = 4096,
+    ):
+        if ":" in address[0]:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
+        self.max_tokens_limit = max_tokens_limit  # bounds a completion, which is not held to the context
         super().__init__(address, Handler)
         self.model, self.tokenizer, self.model_name, self.defaults = model, tokenizer, model_name, defaults
         self.device = next(model.parameters()).device
@@ -118,6 +142,8 @@ class LMServer(ThreadingHTTPServer):
             max_tokens = _field(body, "max_tokens", int, "an integer", d["max_tokens"])
         if max_tokens < 1:
             raise LMError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not chat and max_tokens > self.max_tokens_limit:  # a chat reply is capped at half the context below
+            raise LMError(f"max_tokens {max_tokens} is above this server's limit of {self.max_tokens_limit}")
         sampling = dict(
             # lm chat's rule: a reply takes at most half the context, the conversation keeps the rest.
             max_new_tokens=min(max_tokens, self.model.config.block_size // 2) if chat else max_tokens,
@@ -173,11 +199,24 @@ def _field(body: dict, name: str, types, what: str, default):
     return value
 
 
+class RequestError(LMError):
+    """A client error with its own HTTP status (411, 413); other LMErrors are 400s."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _log_traceback() -> None:
+    # Not log_error: http.server escapes its newlines, which would make the traceback one unreadable line.
+    sys.stderr.write(traceback.format_exc())
+
+
 def _parse_json(body: bytes) -> dict:
     try:
         request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LMError(f"the body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, too many digits, too deep a nesting
+        raise LMError(f"the body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(request, dict):
         raise LMError("the body must be a JSON object")
     return request
@@ -194,7 +233,12 @@ def _messages(value) -> list[Message]:
                 raise LMError("only text content parts are supported")
             m = {**m, "content": "".join(str(p.get("text", "")) for p in m["content"])}
         messages.append(m)
-    why = check_messages(messages, need_reply=False)
+    # A reply can be empty (the model ended its turn at once); sent back as history, it must not be refused.
+    checked = [
+        {**m, "content": "-"} if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") == "" else m
+        for m in messages
+    ]
+    why = check_messages(checked, need_reply=False)
     if why is not None:
         raise LMError(f"messages: {why}")
     if messages[-1]["role"] != "user":
@@ -207,16 +251,26 @@ class Handler(BaseHTTPRequestHandler):
 
     server: LMServer
     server_version = "lm-serve"
+    # Seconds a socket read or write may block: a client that stops reading a stream (or never sends its body)
+    # must not hold the generation lock, or a thread, for ever.
+    timeout = 30
 
     def do_GET(self):
         path = urlsplit(self.path).path
+        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lm"}
         if path == "/health":
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
-            model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lm"}
             self._send_json(200, {"object": "list", "data": [model]})
+        elif path == f"/v1/models/{self.server.model_name}":
+            self._send_json(200, model)
         else:
             self._send_error(404, f"no such endpoint: GET {path}")
+
+    def _method_not_allowed(self):
+        self._send_error(405, f"{self.command} is not supported; use GET or POST")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
 
     def do_POST(self):
         path = urlsplit(self.path).path
@@ -231,25 +285,46 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._respond(job)
         except LMError as e:
-            self._send_error(400, str(e))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; the lock is released and the next request goes on
+            self._send_error(e.status if isinstance(e, RequestError) else 400, str(e))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away or stalled; the lock is released and the next request goes on
         except Exception:  # a bug: the traceback goes to the server's log, never to the client
-            self.log_error("%s", traceback.format_exc())
+            _log_traceback()
             self._send_error(500, "internal error (see the server's log)", "server_error")
 
     def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise RequestError(411, "the request needs a Content-Length header (chunked bodies are not supported)")
+        if int(length) > MAX_BODY_BYTES:
+            raise RequestError(413, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise LMError(f"the body ended after {len(body)} of its {length} bytes")
+        return body
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection: readable with nothing to read (it sends nothing after its body)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise LMError("the request needs a Content-Length header")
-        return self.rfile.read(length)
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, TimeoutError):
+            return False
+        except OSError:
+            return True
 
     def _respond(self, job: Job) -> None:
+        pieces, checked = [], time.monotonic()
         with self.server.lock:
-            text = "".join(self.server.generate(job))
+            for piece in self.server.generate(job):
+                pieces.append(piece)
+                if time.monotonic() - checked > 0.25:  # a client that left must not keep the model busy
+                    if self._client_gone():
+                        return
+                    checked = time.monotonic()
+        text = "".join(pieces)
         response = self._envelope(job, "chat.completion" if job.chat else "text_completion")
         message = {"role": "assistant", "content": text}
         choice = {"message": message} if job.chat else {"text": text, "logprobs": None}
@@ -275,10 +350,10 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 for piece in self.server.generate(job):
                     self._send_event(chunk({"content": piece}))
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 raise
             except Exception:  # a bug, after the 200 went out: say so in the stream, the traceback goes to the log
-                self.log_error("%s", traceback.format_exc())
+                _log_traceback()
                 return self._send_event(
                     {"error": {"message": "internal error (see the server's log)", "type": "server_error"}}
                 )
@@ -340,13 +415,21 @@ def serve_command(argv: list[str]) -> None:
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--repetition_penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=1337, help="seeds the seeds of requests that set none")
+    p.add_argument(
+        "--max_tokens_limit",
+        type=int,
+        default=4096,
+        help="most tokens one completion may ask for (chat: half the context)",
+    )
     args = p.parse_args(argv)
 
     from lm.checkpoint import load_for_inference
 
     # Bad defaults would fail every request as the client's mistake: stop here instead.
-    if args.max_new_tokens < 1:
-        raise LMError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if not 1 <= args.max_new_tokens <= args.max_tokens_limit:
+        raise LMError(
+            f"--max_new_tokens must be in [1, --max_tokens_limit {args.max_tokens_limit}], got {args.max_new_tokens}"
+        )
     check_sampling(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty
     )
@@ -363,7 +446,15 @@ def serve_command(argv: list[str]) -> None:
     )
     name = args.model_name or Path(args.ckpt).stem
     try:
-        server = LMServer((args.host, args.port), model, tokenizer, model_name=name, defaults=defaults, seed=args.seed)
+        server = LMServer(
+            (args.host, args.port),
+            model,
+            tokenizer,
+            model_name=name,
+            defaults=defaults,
+            seed=args.seed,
+            max_tokens_limit=args.max_tokens_limit,
+        )
     except OSError as e:  # port taken, address not ours, ...
         raise LMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]

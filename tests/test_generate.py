@@ -58,6 +58,12 @@ def test_top_k_one_is_greedy():
     assert torch.equal(sample_next(logits, temperature=1.0, top_k=1), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-30, 1e-8])
+def test_a_tiny_temperature_tends_to_greedy_instead_of_failing(temperature):
+    logits = torch.randn(4, 50) * 10  # float32 overflows at logit / 1e-38
+    assert torch.equal(sample_next(logits, temperature=temperature, top_p=0.9), logits.argmax(-1))
+
+
 def test_top_p_always_keeps_the_top_token():
     logits = torch.randn(4, 50)
     assert torch.equal(sample_next(logits, top_p=0.0), logits.argmax(-1))

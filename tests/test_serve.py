@@ -4,6 +4,7 @@ and the command itself (one-line errors, SIGTERM)."""
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import torch
 from lm.chat import render_prompt
 from lm.checkpoint import load_for_inference
 from lm.generate import stream_text, stream_tokens
-from lm.serve import LMServer
+from lm.serve import Handler, LMServer
 from lm.tokenizer import BOS, END, EOS, CharTokenizer
 from tests.conftest import REPO, cli_env
 from tests.test_eval import write_checkpoint
@@ -41,7 +42,9 @@ def ckpt(tmp_path):
 def server(ckpt):
     """(base URL, the LMServer) of a server running in a thread; shut down and closed after the test."""
     model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
-    srv = LMServer(("127.0.0.1", 0), model, tokenizer, model_name="tiny", defaults=DEFAULTS, seed=0)
+    srv = LMServer(
+        ("127.0.0.1", 0), model, tokenizer, model_name="tiny", defaults=DEFAULTS, seed=0, max_tokens_limit=64
+    )
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)  # quick shutdown
     thread.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", srv
@@ -185,6 +188,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages: no messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 40}]}, "the message is 44 tokens long"),
     ("/v1/completions", {"prompt": "a" * 33}, "the prompt is 33 tokens long"),
+    ("/v1/completions", {"prompt": "ab", "max_tokens": 10**9}, "above this server's limit of 64"),
+    ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, "has unknown role ['user']"),
+    ("/v1/chat/completions", b"[" * 100_000, "not valid JSON"),  # too deep for the parser
+    ("/v1/chat/completions", b'{"seed": ' + b"9" * 5000 + b"}", "not valid JSON"),  # too many digits for int()
+    ("/v1/chat/completions", {"messages": HELLO, "response_format": {"type": "json_object"}}, "is not supported"),
 ]
 
 
@@ -194,6 +202,114 @@ def test_bad_requests_are_400s_and_the_server_goes_on(server, path, body, messag
     status, reply = call(url + path, body)
     assert status == 400 and reply["error"]["type"] == "invalid_request_error"
     assert message in reply["error"]["message"]
+    assert call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
+
+
+def raw(url: str, request: bytes, *, half_close: bool = True) -> bytes:
+    """Send raw bytes (for what urllib will not send) and read the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_bodies_with_a_wrong_length_are_refused_before_generation(server):
+    url, _ = server
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body = b'{"prompt": "ab", "max_tokens": 2}'
+    assert raw(url, head + b"\r\n" + body).startswith(b"HTTP/1.0 411")  # no Content-Length
+    assert raw(url, head + b"Content-Length: 99999999999\r\n\r\n").startswith(b"HTTP/1.0 413")  # not read at all
+    short = raw(url, head + b"Content-Length: 1000\r\n\r\n" + body)  # the client sent less and closed
+    assert short.startswith(b"HTTP/1.0 400") and f"the body ended after {len(body)} of its 1000 bytes".encode() in short
+    assert call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
+
+
+def test_a_reply_sent_back_as_history_is_accepted_even_when_empty(server):
+    """The model may end its turn at once; the client then sends the empty reply back with the next message."""
+    url, _ = server
+    history = [*HELLO, {"role": "assistant", "content": ""}, {"role": "user", "content": "and now"}]
+    status, reply = call(url + "/v1/chat/completions", {"messages": history, "max_tokens": 2})
+    assert status == 200 and reply["object"] == "chat.completion"
+
+
+def test_a_chat_reply_is_capped_at_half_the_context_and_a_tiny_temperature_is_greedy(server):
+    url, srv = server
+    prompt = render_prompt(HELLO, srv.tokenizer)
+    greedy, _ = engine(srv, prompt, max_new_tokens=16, temperature=0)
+    body = {"messages": HELLO, "max_tokens": 10**6, "temperature": 1e-50}
+    status, reply = call(url + "/v1/chat/completions", body)
+    assert status == 200 and reply["usage"]["completion_tokens"] <= srv.model.config.block_size // 2 == 16
+    assert reply["choices"][0]["message"]["content"] == greedy
+
+
+def test_models_by_id_and_other_methods(server):
+    url, _ = server
+    assert call(url + "/v1/models/tiny")[1]["id"] == "tiny"
+    assert call(url + "/v1/models/other")[0] == 404
+    answer = raw(url, b"DELETE /v1/models/tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 405") and b'"invalid_request_error"' in answer
+
+
+@pytest.mark.parametrize("client", ["leaves", "leaves a stream", "stops reading a stream"])
+def test_a_client_that_leaves_or_stalls_frees_the_model_for_the_next_request(server, monkeypatch, client):
+    """An endless generation for a client that disconnects, or stops reading, must not hold the lock for ever."""
+    url, srv = server
+    assert 0 < Handler.timeout <= 60  # a socket timeout is set (None would block for ever)
+    monkeypatch.setattr(Handler, "timeout", 1)  # shorter here, to keep the test short
+    generate, started = srv.generate, threading.Event()
+
+    def endless(job):
+        started.set()
+        while True:
+            if client == "stops reading a stream":
+                yield "x" * 65536  # fills the socket's buffers at once
+            else:
+                time.sleep(0.01)
+                yield "x"
+
+    srv.generate = endless
+    body = json.dumps({"prompt": "ab", "stream": client != "leaves"}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with socket.create_connection(url.removeprefix("http://").split(":"), timeout=30) as sock:
+        sock.sendall(head + body)
+        assert started.wait(10)
+        if client == "stops reading a stream":  # connected, reading nothing
+            deadline = time.monotonic() + 10
+            while srv.lock.locked() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not srv.lock.locked()
+    deadline = time.monotonic() + 10
+    while srv.lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not srv.lock.locked()
+    srv.generate = generate
+    assert call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
+
+
+def test_a_bug_is_a_500_or_an_error_event_and_the_traceback_stays_in_the_server_log(server, capfd):
+    url, srv = server
+    generate = srv.generate
+
+    def broken(job):
+        yield "a"
+        raise RuntimeError("a bug in generation")
+
+    srv.generate = broken
+    status, reply = call(url + "/v1/completions", {"prompt": "ab"})
+    assert status == 500 and reply["error"]["type"] == "server_error" and "bug" not in reply["error"]["message"]
+    status, stream = call(url + "/v1/completions", {"prompt": "ab", "stream": True})
+    *_, last = events(stream)  # the 200 went out before the bug: the stream ends with an error event
+    assert status == 200 and last == {
+        "error": {"message": "internal error (see the server's log)", "type": "server_error"}
+    }
+    log = capfd.readouterr().err
+    assert log.count("RuntimeError: a bug in generation") == 2 and "Traceback (most recent call last):\n" in log
+    srv.generate = generate
     assert call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
 
 
@@ -208,23 +324,36 @@ def test_unknown_paths_are_404s(server, body):
 def test_concurrent_requests_queue_and_each_get_their_own_reply(server):
     """Generation is serialized behind the server's lock: requests wait for it, then each gets what it would alone."""
     url, srv = server
-    bodies = [{"messages": HELLO, "temperature": 1.0, "seed": 1}, {"prompt": "to be", "temperature": 0}]
-    paths = ["/v1/chat/completions", "/v1/completions"]
-    alone = [call(url + p, b)[1]["choices"][0] for p, b in zip(paths, bodies, strict=True)]
-    together: list = [None, None]
+    bodies = [
+        {"messages": HELLO, "temperature": 1.0, "seed": 1},
+        {"prompt": "to be", "temperature": 0},
+        {"prompt": "or not", "temperature": 0, "stream": True},
+    ]
+    paths = ["/v1/chat/completions", "/v1/completions", "/v1/completions"]
+
+    def reply(i: int):
+        answer = call(url + paths[i], bodies[i])[1]
+        return answer if isinstance(answer, str) else answer["choices"][0]  # a stream's text, with its ids
+
+    alone = [reply(i) for i in range(3)]
+    together: list = [None] * 3
 
     def request(i: int) -> None:
-        together[i] = call(url + paths[i], bodies[i])[1]["choices"][0]
+        together[i] = reply(i)
 
-    threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(3)]
     with srv.lock:  # as if a long generation were running
         for t in threads:
             t.start()
         time.sleep(0.5)
-        assert together == [None, None] and all(t.is_alive() for t in threads)  # queued, not failed
+        assert together == [None] * 3 and all(t.is_alive() for t in threads)  # queued, not failed, streams too
     for t in threads:
         t.join(timeout=60)
-    assert together == alone
+
+    def text(answer) -> str:  # the ids and times of a stream differ from run to run; its text must not
+        return "".join(c["choices"][0]["text"] for c in events(answer)[:-1]) if isinstance(answer, str) else answer
+
+    assert [text(a) for a in together] == [text(a) for a in alone] and text(alone[2])
 
 
 @pytest.mark.parametrize(
