@@ -91,6 +91,41 @@ def fit_history(messages: list[Message], tokenizer: Tokenizer, budget: int) -> t
         turns = turns[2:]  # one exchange: a user turn and the assistant's reply
 
 
+# ---- replying with a checkpoint: lm chat and lm serve --------------------------------------------------------------
+
+
+def reply_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """END closes the assistant's turn; BOS/EOS (a new conversation or document) end it too in an undertrained model."""
+    return tuple(tokenizer.token_id(t) for t in (END, EOS, BOS))
+
+
+def add_reply_flags(p: argparse.ArgumentParser, *, max_new_tokens_help: str, seed_help: str | None = None) -> None:
+    """The device and sampling flags of lm chat and lm serve, with the same defaults."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help=max_new_tokens_help)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--repetition_penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=1337, help=seed_help)
+
+
+def load_chat_checkpoint(args: argparse.Namespace):
+    """(model, tokenizer, device) of args.ckpt, after checking the sampling flags (a bad one would otherwise fail
+    every message or request, not stop here) and warning when it was trained on another chat template."""
+    from lm.checkpoint import load_for_inference
+    from lm.generate import check_sampling
+
+    check_sampling(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty
+    )
+    model, tokenizer, info, device = load_for_inference(args.ckpt, args.device)
+    version = info.get("chat_template_version")
+    if version is not None and version != CHAT_TEMPLATE_VERSION:
+        print(f"warning: {args.ckpt} was trained on chat template v{version}; this is v{CHAT_TEMPLATE_VERSION}")
+    return model, tokenizer, device
+
+
 # ---- lm chat ------------------------------------------------------------------------------------------------------
 
 
@@ -104,29 +139,15 @@ def chat_command(argv: list[str]) -> None:
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit (an SFT run)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--repetition_penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    add_reply_flags(p, max_new_tokens_help="longest reply, in tokens")
     args = p.parse_args(argv)
 
     import torch
 
-    from lm.checkpoint import load_for_inference
-    from lm.generate import check_sampling, stream_text
+    from lm.generate import stream_text
 
-    # The engine checks these too, but the interactive loop below reports an LMError and keeps chatting: a bad flag
-    # would fail every message instead of stopping here.
-    check_sampling(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty
-    )
-    model, tokenizer, info, device = load_for_inference(args.ckpt, args.device)
-    version = info.get("chat_template_version")
-    if version is not None and version != CHAT_TEMPLATE_VERSION:
-        print(f"warning: {args.ckpt} was trained on chat template v{version}; this is v{CHAT_TEMPLATE_VERSION}")
+    # The interactive loop below reports an LMError and keeps chatting, so flags are checked before it starts.
+    model, tokenizer, device = load_chat_checkpoint(args)
     generator = torch.Generator(device).manual_seed(args.seed)
     max_new = min(args.max_new_tokens, model.config.block_size // 2)  # leave half the context for the history
     sampling = dict(
@@ -135,8 +156,7 @@ def chat_command(argv: list[str]) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
-        # END closes the turn; BOS/EOS (a new conversation or document) end it too in an undertrained model.
-        stop_ids=(tokenizer.token_id(END), tokenizer.token_id(EOS), tokenizer.token_id(BOS)),
+        stop_ids=reply_stop_ids(tokenizer),
         generator=generator,
     )
     system = args.system

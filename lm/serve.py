@@ -48,11 +48,11 @@ from urllib.parse import urlsplit
 
 import torch
 
-from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, fit_history
+from lm.chat import Message, add_reply_flags, check_messages, fit_history, load_chat_checkpoint, reply_stop_ids
 from lm.errors import LMError
 from lm.generate import Finish, check_sampling, stream_text
 from lm.model import GPT
-from lm.tokenizer import BOS, END, EOS, Tokenizer
+from lm.tokenizer import Tokenizer
 
 # Fields we cannot honour, with the value that asks for nothing: another value is refused rather than ignored.
 UNSUPPORTED = {
@@ -153,8 +153,8 @@ class LMServer(ThreadingHTTPServer):
             repetition_penalty=_field(body, "repetition_penalty", (int, float), "a number", d["repetition_penalty"]),
         )
         check_sampling(**{k: v for k, v in sampling.items() if k != "max_new_tokens"})
-        if chat:  # as lm chat: END closes the turn; BOS/EOS (a new conversation or document) end it too
-            sampling["stop_ids"] = tuple(self.tokenizer.token_id(t) for t in (END, EOS, BOS))
+        if chat:  # as lm chat
+            sampling["stop_ids"] = reply_stop_ids(self.tokenizer)
         stop = _field(body, "stop", (str, list), "a string or a list of strings", [])
         stop = [stop] if isinstance(stop, str) else stop
         if not all(isinstance(s, str) and s for s in stop):
@@ -407,14 +407,12 @@ def serve_command(argv: list[str]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (there is no authentication)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the one taken is printed)")
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the checkpoint's file stem)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     # What a request does not set: lm chat's defaults.
-    p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens (request: max_tokens)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--repetition_penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=1337, help="seeds the seeds of requests that set none")
+    add_reply_flags(
+        p,
+        max_new_tokens_help="longest reply, in tokens (request: max_tokens)",
+        seed_help="seeds the seeds of requests that set none",
+    )
     p.add_argument(
         "--max_tokens_limit",
         type=int,
@@ -423,20 +421,12 @@ def serve_command(argv: list[str]) -> None:
     )
     args = p.parse_args(argv)
 
-    from lm.checkpoint import load_for_inference
-
     # Bad defaults would fail every request as the client's mistake: stop here instead.
     if not 1 <= args.max_new_tokens <= args.max_tokens_limit:
         raise LMError(
             f"--max_new_tokens must be in [1, --max_tokens_limit {args.max_tokens_limit}], got {args.max_new_tokens}"
         )
-    check_sampling(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty
-    )
-    model, tokenizer, info, _ = load_for_inference(args.ckpt, args.device)
-    version = info.get("chat_template_version")
-    if version is not None and version != CHAT_TEMPLATE_VERSION:
-        print(f"warning: {args.ckpt} was trained on chat template v{version}; this is v{CHAT_TEMPLATE_VERSION}")
+    model, tokenizer, _ = load_chat_checkpoint(args)
     defaults = dict(
         max_tokens=args.max_new_tokens,
         temperature=args.temperature,
