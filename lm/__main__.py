@@ -81,6 +81,9 @@ class LMCLI(LightningCLI):
                 "checkpoint.filename": "best-{step}",
                 # SIGTERM/SIGUSR1 (preemption) and crashes finish the step and write a checkpoint + last.ckpt
                 "checkpoint.save_on_exception": True,
+                # A new run in a used root replaces last.ckpt (Lightning would write last-v1.ckpt beside the earlier
+                # run's, and every `--ckpt .../last.ckpt` would silently load the old model).
+                "checkpoint.enable_version_counter": False,
             }
         )
         # Snapshots every N steps, keeping the newest K: off until snapshots.every_n_train_steps is set.
@@ -93,6 +96,7 @@ class LMCLI(LightningCLI):
                 "snapshots.every_n_train_steps": 0,
                 "snapshots.every_n_epochs": 0,
                 "snapshots.filename": "snapshot-{step}",
+                "snapshots.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(SampleText, "samples")
@@ -111,6 +115,13 @@ class LMCLI(LightningCLI):
         if config.snapshots.dirpath is None:
             config.snapshots.dirpath = str(root / "checkpoints")
         resume_info = self._resume_info
+        earlier = sorted(Path(config.checkpoint.dirpath).glob("*.ckpt"))
+        fresh_fit = self.subcommand == "fit" and config.get("ckpt_path") is None
+        if fresh_fit and earlier and os.environ.get("RANK", "0") == "0":
+            print(
+                f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; this run "
+                "replaces last.ckpt and keeps the others (resume that run instead with --ckpt_path last)"
+            )
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             args = getattr(logger, "init_args", None)

@@ -41,7 +41,7 @@ class Throughput(L.Callback):
     restarts at the first batch after them), so a validation does not show as a dip in throughput.
 
     Time is taken on the host once per interval (with one device sync there, none per step), so the first interval,
-    which includes compilation and warm-up, is skipped. MFU = model FLOPs per token (`GPT.flops_per_token`) x tokens
+    which includes compilation and warm-up, is skipped. MFU = model FLOPs per token (`train_flops_per_token`) x tokens
     per second per device / the device's peak for the training precision, from Lightning's table of chips; it is
     not logged where the peak is unknown (CPUs).
     """
@@ -96,7 +96,7 @@ class Throughput(L.Callback):
             pl_module.log("train/tokens_per_sec", per_device * trainer.world_size)
             if self._peak_flops:
                 seq_len = batch["input_ids"].shape[1]
-                mfu = per_device * pl_module.model.flops_per_token(seq_len) / self._peak_flops
+                mfu = per_device * pl_module.train_flops_per_token(seq_len) / self._peak_flops
                 pl_module.log("train/mfu", mfu)
         self._intervals += 1
         self._start, self._tokens = now, 0

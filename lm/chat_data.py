@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,9 @@ class ChatData(L.LightningDataModule):
             `model.fp8`, whose float8 matmuls need batch x length to be a multiple of 16.
     """
 
+    kind, items = "chat data", "conversations"  # in error messages; PreferenceData says "preference data", "pairs"
+    batch_holds_pairs = False  # PreferenceData's batches are (chosen, rejected) rows, for PreferenceModel only
+
     def __init__(
         self,
         source: str = "task:addition",
@@ -214,42 +218,52 @@ class ChatData(L.LightningDataModule):
                 [(f"{self.source} test problem {i + 1}", p.messages()) for i, p in enumerate(val)],
             )
 
+        def parse(record: Any, fmt: str) -> tuple[list[Message]]:
+            messages = to_messages(record, fmt)
+            problem = check_messages(messages)
+            if problem is not None:
+                raise ValueError(problem)
+            return ([{"role": m["role"], "content": m["content"]} for m in messages],)
+
+        why = (
+            "cannot tell the chat format (no messages / conversations / instruction+output keys); set "
+            f"data.init_args.format to one of {FORMATS}"
+        )
+        conversations = self._read_valid(detect_format, why, parse)
+        if len(conversations) < 2:
+            raise LMError(f"{self.kind} {self.source!r}: fewer than 2 usable {self.items}, nothing to split")
+        return self._split(conversations)
+
+    def _read_valid(self, detect: Callable[[Any], str | None], unknown: str, parse: Callable) -> list[tuple]:
+        """(where, *parse(record, fmt)) for each record of a file or hub source. fmt is `format`, or detected from the
+        first record that is valid JSON; a record whose parse raises ValueError goes to _bad (error, or skip and
+        count), with the reason."""
         records = read_records(self.source, split=self.source_split)
         if not records:
-            raise LMError(f"chat data {self.source!r} holds no records")
+            raise LMError(f"{self.source!r} holds no records")
         fmt = self.format
         # Invalid JSON says nothing about the format: detect from the first record that parsed, and leave the
         # broken ones to _bad below like any other bad record (so on_bad_record: skip applies to them too).
         parsed = next(((where, r) for where, r in records if not isinstance(r, Exception)), None)
         if fmt == "auto" and parsed is not None:
-            fmt = detect_format(parsed[1])
+            fmt = detect(parsed[1])
             if fmt is None:
-                raise LMError(
-                    f"{parsed[0]}: cannot tell the chat format (no messages / conversations / instruction+output "
-                    f"keys); set data.init_args.format to one of {FORMATS}"
-                )
-        conversations = []
+                raise LMError(f"{parsed[0]}: {unknown}")
+        items = []
         for where, record in records:
             try:
                 if isinstance(record, Exception):
                     raise record
-                messages = to_messages(record, fmt)
-                problem = check_messages(messages)
+                items.append((where, *parse(record, fmt)))
             except ValueError as e:
-                problem = str(e)
-            if problem is not None:
-                self._bad(where, problem)
-                continue
-            conversations.append((where, [{"role": m["role"], "content": m["content"]} for m in messages]))
-        if len(conversations) < 2:
-            raise LMError(f"chat data {self.source!r}: fewer than 2 usable conversations, nothing to split")
-        return self._split(conversations)
+                self._bad(where, str(e))
+        return items
 
     def _split(self, conversations: list[Sourced]) -> tuple[list[Sourced], list[Sourced]]:
         """(train, val) in file order; conversations with the same first user message stay on one side (see the
         class docstring)."""
         groups: dict[str, list[int]] = {}  # in file order, so the seeded shuffle below is deterministic
-        for i, (_, messages) in enumerate(conversations):
+        for i, (_, messages, *_) in enumerate(conversations):  # preference pairs: (where, prompt, chosen, rejected)
             opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one
             groups.setdefault(opening, []).append(i)
         keys = list(groups)
@@ -263,8 +277,8 @@ class ChatData(L.LightningDataModule):
                 val.update(groups[key])
         if not val:
             raise LMError(
-                f"chat data {self.source!r}: all {n} usable conversations open with the same user message, so they "
-                f"cannot be split into train and val without sharing it; add conversations with other openings"
+                f"{self.kind} {self.source!r}: all {n} usable {self.items} open with the same user message, so they "
+                f"cannot be split into train and val without sharing it; add {self.items} with other openings"
             )
         return (
             [c for i, c in enumerate(conversations) if i not in val],
@@ -276,7 +290,7 @@ class ChatData(L.LightningDataModule):
             raise LMError(f"{where}: {problem} (set data.init_args.on_bad_record: skip to skip such records)")
         self._count("skipped_bad")
         if self.counts["skipped_bad"] <= 5:  # the first few, so the log says what is wrong without flooding
-            rank_zero_warn(f"lm.chat_data: skipping {where}: {problem}")
+            rank_zero_warn(f"{self.kind}: skipping {where}: {problem}")
 
     # ---- tokenizing ----------------------------------------------------------------------------------------------
 
@@ -360,10 +374,10 @@ class ChatData(L.LightningDataModule):
         )
         per_device = len(sampler)
         if shuffle and per_device < self.batch_size:  # drop_last would leave no batch: fit would silently not train
-            more = "raise data.init_args.task_size" if self.source.startswith("task:") else "add conversations"
+            more = "raise data.init_args.task_size" if self.source.startswith("task:") else f"add {self.items}"
             lower = f"lower data.init_args.batch_size to at most {per_device} or " if per_device else ""
             raise LMError(
-                f"chat data {self.source!r}: {per_device} training conversations per device ({len(examples)} over "
+                f"{self.kind} {self.source!r}: {per_device} training {self.items} per device ({len(examples)} over "
                 f"{world_size} device(s)) is fewer than data.batch_size {self.batch_size}, so there is no training "
                 f"batch; {lower}{more}"
             )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 
 from lm.chat import CHAT_TEMPLATE_VERSION
@@ -80,7 +81,7 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy whose forward pass also computes d(loss)/d(logits), chunk by chunk in fp32.
+    """Per-row cross-entropy whose forward pass also computes d(loss)/d(logits), chunk by chunk in fp32.
 
     Eager `F.cross_entropy(logits.float())` keeps the fp32 logits and the fp32 log-probabilities for backward: for
     GPT-2's vocabulary at 32 x 1024 tokens that is 2 x 6.6 GB, on top of the 3.3 GB bf16 logits. Here only one chunk
@@ -90,39 +91,45 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
         grad = torch.empty_like(logits)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], chunk_rows):
             x = logits[start : start + chunk_rows].float()
             y = labels[start : start + chunk_rows]
             supervised = (y != IGNORE_INDEX).unsqueeze(1)
             y = y.clamp(min=0).unsqueeze(1)  # any valid index for masked rows; their loss and gradient are zeroed
             log_z = torch.logsumexp(x, dim=1, keepdim=True)
-            total += ((log_z - x.gather(1, y)) * supervised).sum()
+            losses[start : start + chunk_rows] = ((log_z - x.gather(1, y)) * supervised).squeeze(1)
             probs = torch.exp(x.sub_(log_z))  # softmax, reusing the chunk's fp32 buffer
             probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
             grad[start : start + chunk_rows] = probs.mul_(supervised)
         ctx.save_for_backward(grad)
-        return total
+        return losses
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
+        return grad * grad_output.unsqueeze(1).to(grad.dtype), None, None
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**25) -> torch.Tensor:
+    """Cross-entropy of each row (N,) in fp32, 0 where labels == -100, for logits (N, V), labels (N,); see
+    _ChunkedCrossEntropy. chunk_elements bounds the fp32 working set (2**25 floats = 128 MiB)."""
+    if torch.compiler.is_compiling():  # Inductor fuses the upcast into the loss kernels itself
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    chunk_rows = max(1, chunk_elements // logits.shape[1])
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        return torch.cat(
+            [
+                F.cross_entropy(chunk.float(), chunk_labels, ignore_index=IGNORE_INDEX, reduction="none")
+                for chunk, chunk_labels in zip(logits.split(chunk_rows), labels.split(chunk_rows), strict=True)
+            ]
+        )
+    return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows)
 
 
 def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**25) -> torch.Tensor:
-    """Sum of token cross-entropies (labels == -100 ignored) for logits (N, V), labels (N,); see _ChunkedCrossEntropy.
-    chunk_elements bounds the fp32 working set (2**25 floats = 128 MiB)."""
-    chunk_rows = max(1, chunk_elements // logits.shape[1])
-    if not torch.is_grad_enabled() or not logits.requires_grad:
-        total = logits.new_zeros((), dtype=torch.float32)
-        for start in range(0, logits.shape[0], chunk_rows):
-            chunk = logits[start : start + chunk_rows].float()
-            total += F.cross_entropy(
-                chunk, labels[start : start + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-        return total
-    return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows)
+    """Sum of token cross-entropies (labels == -100 ignored) for logits (N, V), labels (N,): see token_cross_entropy."""
+    return token_cross_entropy(logits, labels, chunk_elements).sum()
 
 
 def convert_to_fp8(model: GPT, device: torch.device) -> GPT:
@@ -222,6 +229,8 @@ class LanguageModel(L.LightningModule):
             GradScaler skips overflowing steps itself: only non-finite losses are counted there.
     """
 
+    trains_on_pairs = False  # lm.preference.PreferenceModel: True (its data module must be PreferenceData)
+
     def __init__(
         self,
         arch: GPTConfig = GPTConfig(),  # noqa: B008 - a dataclass default; jsonargparse copies it
@@ -276,6 +285,14 @@ class LanguageModel(L.LightningModule):
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             self.tokenizer = datamodule.tokenizer
             self.arch = replace(self.arch, vocab_size=padded_vocab_size(self.tokenizer.vocab_size))
+        if datamodule is not None and getattr(datamodule, "batch_holds_pairs", False) != self.trains_on_pairs:
+            # The batch shape is the same, its rows are not: next-token loss on preference pairs would learn the
+            # rejected replies, and DPO on plain rows would pair unrelated sequences.
+            raise LMError(
+                f"{type(self).__name__} cannot train on {type(datamodule).__name__}: preference pairs "
+                "(lm.preference.PreferenceData) go with lm.preference.PreferenceModel, other data with "
+                "lm.module.LanguageModel"
+            )
         init_state = self._read_init_checkpoint() if self.hparams.init_from else None
         data_context = getattr(datamodule, "block_size", None)
         if data_context is not None and data_context > self.arch.block_size:
@@ -320,6 +337,10 @@ class LanguageModel(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training step per token (the numerator of train/mfu)."""
+        return self.model.flops_per_token(seq_len)
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
@@ -452,6 +473,13 @@ class LanguageModel(L.LightningModule):
 
     def on_train_end(self):
         self._count_skipped_steps()
+
+    def on_validation_epoch_start(self):
+        # bf16-true casts every submodule, these metrics' running sums too, and a bf16 sum stops growing after a few
+        # hundred batches: keep them in fp32.
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.set_dtype(torch.float32)
 
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)

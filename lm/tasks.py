@@ -78,6 +78,21 @@ def split_of(problem: Problem) -> str:
     return "test" if bucket < TEST_PERCENT else "train"
 
 
+def wrong_answer(problem: Problem, rng: random.Random) -> str:
+    """A near miss, as a model that almost knows would write it: one digit of a number changed (addition, count), or
+    two neighbouring letters of a word swapped (reverse). The rejected replies of `task:` preference pairs."""
+    answer = problem.answer
+    if answer.isdigit():
+        i = rng.randrange(len(answer))
+        digits = [d for d in "0123456789" if d != answer[i] and not (i == 0 and d == "0" and len(answer) > 1)]
+        return answer[:i] + rng.choice(digits) + answer[i + 1 :]
+    swappable = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
+    if not swappable:  # "aaa": no swap changes it
+        return answer + rng.choice([c for c in string.ascii_lowercase if c != answer[-1]])
+    i = rng.choice(swappable)
+    return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+
+
 def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int = 2) -> list[Problem]:
     """`num` distinct problems of one split of a task, drawn by a seeded RNG (same arguments, same list)."""
     if task not in TASKS:

@@ -273,8 +273,9 @@ def test_hh_messages_file_loads():
 
 
 @pytest.mark.slow
-def test_pretrain_sft_chat_and_task_eval_through_the_cli(tmp_path):
-    """lm fit (pretrain on task text) -> lm fit (SFT from it) -> lm chat --prompt -> lm tasks eval, via the CLI."""
+def test_pretrain_sft_chat_dpo_and_task_eval_through_the_cli(tmp_path):
+    """lm fit (pretrain on task text) -> lm fit (SFT from it) -> lm chat --prompt -> lm fit (DPO from the SFT model)
+    -> lm tasks eval of the DPO model, via the CLI."""
     from tests.test_cli import lm
 
     short = [
@@ -310,6 +311,23 @@ def test_pretrain_sft_chat_and_task_eval_through_the_cli(tmp_path):
     chat = lm("chat", "--ckpt", last, "--prompt", "12+34", "--max_new_tokens", "8", cwd=tmp_path)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert not any(t in chat.stdout for t in (END, BOS))  # stop tokens end the reply and are never printed
-    evaluated = lm("tasks", "eval", "--ckpt", last, "--task", "addition", "--num_problems", "20", cwd=tmp_path)
+    dpo = lm(
+        "fit",
+        "--config",
+        REPO / "experiments/dpo_addition.yaml",
+        *short,
+        "--model.init_args.init_from",
+        last,
+        "--data.init_args.tokenizer",
+        last,
+        cwd=tmp_path,
+    )
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    preferred = tmp_path / "runs/dpo_addition/checkpoints/last.ckpt"
+    sft_state, dpo_ckpt = torch.load(last, weights_only=True)["state_dict"], torch.load(preferred, weights_only=True)
+    assert dpo_ckpt["state_dict"].keys() == sft_state.keys()  # one GPT: the reference is not saved
+    assert not torch.equal(dpo_ckpt["state_dict"]["model.lm_head.weight"], sft_state["model.lm_head.weight"])
+    assert dpo_ckpt["hyper_parameters"]["beta"] == 0.1 and dpo_ckpt["lm"]["model_config"]["n_layer"] == 1
+    evaluated = lm("tasks", "eval", "--ckpt", preferred, "--task", "addition", "--num_problems", "20", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert evaluated.stdout.startswith("eval/addition/exact_match ")

@@ -30,7 +30,8 @@ def test_every_experiment_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: lm.module.LanguageModel" in printed and "default_root_dir: runs/" in printed
+    module = "lm.preference.PreferenceModel" if config.name.startswith("dpo_") else "lm.module.LanguageModel"
+    assert f"class_path: {module}" in printed and "default_root_dir: runs/" in printed
 
 
 def test_fit_debug_then_generate(tmp_path):
@@ -54,6 +55,13 @@ def test_fit_debug_then_generate(tmp_path):
     gen = lm("generate", "--ckpt", last, "--prompt", "ROMEO:", "--max_new_tokens", "50", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")
+
+    # A new run in the same root: last.ckpt is now its last step (Lightning alone would write last-v1.ckpt beside it).
+    again = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "6", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint(s) of an earlier run; this run replaces last.ckpt" in again.stdout
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    assert not list((root / "checkpoints").glob("*-v1.ckpt"))
 
 
 def test_other_loggers_also_write_under_the_run_root(tmp_path):

@@ -3,6 +3,7 @@
 import time
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -11,26 +12,49 @@ from lm.config import get_config
 from lm.module import LanguageModel
 from tests.conftest import MemoryLogger
 
-PAUSE = 0.5  # seconds; a tiny model's optimizer step on CPU takes a few milliseconds
+STEP, PAUSE = 0.01, 0.5  # seconds on the test's clock: a training step, and a validation or a checkpoint save
+
+
+class Clock:
+    """The clock Throughput reads (lm.callbacks.time.perf_counter), advanced only by what the test says each part of
+    the loop takes: the rates it logs are then exact, whatever else runs on the machine."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:  # the "seconds since launch" lines keep the real clock
+        return time.time()
 
 
 class SlowSave(L.Callback):
     """Makes every checkpoint save take PAUSE seconds longer, as writing a large one would."""
 
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        time.sleep(PAUSE)
+        self.clock.now += PAUSE
 
 
-def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
+def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
-    validation_step = module.validation_step
+    training_step, validation_step = module.training_step, module.validation_step
+
+    def timed_training_step(batch, batch_idx):
+        clock.now += STEP
+        return training_step(batch, batch_idx)
 
     def slow_validation_step(batch, batch_idx):
-        time.sleep(PAUSE)
+        clock.now += PAUSE
         return validation_step(batch, batch_idx)
 
-    module.validation_step = slow_validation_step
+    module.training_step, module.validation_step = timed_training_step, slow_validation_step
     ids = torch.randint(0, 64, (12, 4, 16), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": x, "labels": x} for x in ids]
     logger = MemoryLogger()
@@ -44,7 +68,7 @@ def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
         logger=logger,
         callbacks=[
             Throughput(),
-            SlowSave(),
+            SlowSave(clock),
             ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1),  # saves after steps 6 and 12
         ],
         enable_progress_bar=False,
@@ -54,10 +78,11 @@ def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path):
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     rates = {step: m["train/tokens_per_sec"] for step, m in logger.by_step().items() if "train/tokens_per_sec" in m}
     # A window every 2 steps (the first, with warm-up, is not logged), at logger steps 3, 5, ..., 11 (0-based): those
-    # ending at 5 and 9 held a validation, the one ending at 7 a checkpoint save; each took at least PAUSE, the time
-    # of ~100 training steps.
+    # ending at 5 and 9 held a validation, the one ending at 7 a checkpoint save, each PAUSE long (50 steps' time).
+    # Every window counts training steps only: 64 tokens per STEP. Before the fix the three were 128 / 0.52 s = 246.
     assert sorted(rates) == [3, 5, 7, 9, 11]
-    assert min(rates.values()) > max(rates.values()) / 4, rates  # before the fix: 5100, 240, 240, 240, 6100 tokens/s
+    for step, rate in rates.items():
+        assert rate == pytest.approx(64 / STEP), (step, rates)
 
 
 def test_start_up_and_first_step_are_reported_once_in_seconds_since_launch(tmp_path, caplog):

@@ -1,0 +1,415 @@
+"""Preference tuning: pair formats, batches, the DPO/IPO losses, the reference model, and DPO through the Trainer."""
+
+import json
+import math
+import random
+from dataclasses import asdict
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.chat import render_chat
+from lm.chat_data import IGNORE_INDEX
+from lm.checkpoint import load_checkpoint
+from lm.config import get_config, padded_vocab_size
+from lm.errors import LMError
+from lm.model import GPT
+from lm.preference import (
+    PreferenceData,
+    PreferenceModel,
+    detect_preference_format,
+    preference_loss,
+    reward_metrics,
+    sequence_logprobs,
+    to_pair,
+)
+from lm.tasks import TASKS, wrong_answer
+from lm.tokenizer import ASSISTANT, BOS, CharTokenizer
+from tests.conftest import MemoryLogger, shared_file
+
+TOK = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?!.,0123456789+"])
+PROMPT = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "what is 2+2?"},
+]
+CHOSEN = [{"role": "assistant", "content": "4"}]
+REJECTED = [{"role": "assistant", "content": "5, i think"}]
+
+
+def _hh(messages):
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+RECORDS = {
+    "conversational": {"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED},
+    "implicit": {"chosen": PROMPT + CHOSEN, "rejected": PROMPT + REJECTED},
+    "hh": {"chosen": _hh(PROMPT + CHOSEN), "rejected": _hh(PROMPT + REJECTED)},
+}
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+def test_formats_are_detected_and_give_the_same_pair(fmt):
+    record = RECORDS[fmt]
+    assert detect_preference_format(record) == fmt
+    assert to_pair(record, fmt) == (PROMPT, CHOSEN, REJECTED)
+
+
+def test_standard_format_is_one_user_turn_and_one_reply():
+    record = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    assert detect_preference_format(record) == "standard"
+    assert to_pair(record, "standard") == (
+        [{"role": "user", "content": "2+2?"}],
+        [{"role": "assistant", "content": "4"}],
+        [{"role": "assistant", "content": "5"}],
+    )
+
+
+def test_implicit_prompt_ends_at_the_last_user_turn_before_the_replies_differ():
+    # Both transcripts share an assistant turn after the last user turn: it belongs to the replies, not the prompt.
+    chosen = PROMPT + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "sure?"}]
+    rejected = PROMPT + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "ok"}]
+    prompt, c, r = to_pair({"chosen": chosen + CHOSEN, "rejected": rejected + REJECTED}, "implicit")
+    assert prompt == PROMPT
+    assert c[0]["role"] == "assistant" and c[-1] == CHOSEN[0] and r[-1] == REJECTED[0]
+    user_only = {"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}
+    with pytest.raises(ValueError, match="no common prompt"):
+        to_pair(user_only, "implicit")
+
+
+def test_bad_pairs_name_file_and_line_or_are_skipped_and_counted(tmp_path):
+    same = {"prompt": PROMPT, "chosen": CHOSEN, "rejected": CHOSEN}
+    user_reply = {"prompt": PROMPT, "chosen": [{"role": "user", "content": "4"}], "rejected": REJECTED}
+    good = [
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": CHOSEN, "rejected": REJECTED} for i in range(6)
+    ]
+    path = _write_jsonl(tmp_path / "p.jsonl", [*good[:3], same, user_reply, *good[3:]])
+    with pytest.raises(LMError, match=r"p.jsonl:4: chosen and rejected are the same reply"):
+        PreferenceData(source=path)._conversations()
+    data = PreferenceData(source=path, on_bad_record="skip", val_fraction=0.2)
+    train, val = data._conversations()
+    assert len(train) + len(val) == 6 and data.counts == {"skipped_bad": 2}
+    not_pairs = _write_jsonl(tmp_path / "m.jsonl", [{"messages": PROMPT + CHOSEN}] * 3)
+    with pytest.raises(LMError, match="not a preference pair"):
+        PreferenceData(source=not_pairs)._conversations()
+
+
+def test_batches_are_chosen_rows_then_rejected_rows_with_the_same_prompt_and_loss_on_replies_only(tmp_path):
+    records = [
+        {"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": CHOSEN, "rejected": REJECTED}
+        for i in range(8)
+    ]
+    data = PreferenceData(source=_write_jsonl(tmp_path / "p.jsonl", records), block_size=64, batch_size=3)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape[0] == 6  # B chosen, then B rejected
+    ids, labels = batch["input_ids"], batch["labels"]
+    tok = data.tokenizer
+    for row in range(3):
+        chosen, rejected = labels[row][labels[row] != IGNORE_INDEX], labels[row + 3][labels[row + 3] != IGNORE_INDEX]
+        assert tok.decode(chosen.tolist()) == "4<|end|>" and tok.decode(rejected.tolist()) == "5, i think<|end|>"
+        first_c = int((labels[row] != IGNORE_INDEX).nonzero()[0])
+        first_r = int((labels[row + 3] != IGNORE_INDEX).nonzero()[0])
+        assert first_c == first_r and torch.equal(ids[row, : first_c + 1], ids[row + 3, : first_r + 1])
+
+
+def test_a_long_pair_keeps_bos_and_the_end_of_its_prompt_and_is_counted():
+    data = PreferenceData(block_size=24, max_prompt_fraction=0.5)
+    data.tokenizer = TOK
+    prompt = [{"role": "user", "content": "a" * 40 + "zz"}]
+    (chosen, rejected), cut = data._pair_example(prompt, [{"role": "assistant", "content": "b" * 30}], REJECTED)
+    assert cut
+    for ids, labels in (chosen, rejected):
+        assert len(ids) <= 24 and ids[0] == TOK.token_id(BOS)
+        assert any(label != IGNORE_INDEX for label in labels)
+    assert chosen[0][:12] == rejected[0][:12]  # the same cut prompt: BOS + 11 of the prompt's last tokens
+    assert TOK.decode(chosen[0][1:12]) == "a" * 8 + "zz<|end|>" and chosen[0][12] == TOK.token_id(ASSISTANT)
+    short, cut = data._pair_example([{"role": "user", "content": "hi"}], CHOSEN, REJECTED)
+    assert not cut and short[0][0] == render_chat([{"role": "user", "content": "hi"}, *CHOSEN], TOK)[0][:-1]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_pairs_reject_a_near_miss(task):
+    rng = random.Random(0)
+    for _ in range(200):
+        problem = TASKS[task](rng, 2)
+        wrong = wrong_answer(problem, rng)
+        assert wrong != problem.answer and len(wrong) in (len(problem.answer), len(problem.answer) + 1)
+    data = PreferenceData(source=f"task:{task}", task_size=50, task_val_size=10, batch_size=4)
+    data.setup()
+    assert len(data.train_examples) == 50 and len(data.val_examples) == 10
+
+
+def test_sequence_logprobs_are_summed_log_softmax_with_the_same_gradient():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 6), generator=g)
+    labels[:, :2] = IGNORE_INDEX
+    logps, n_tokens = sequence_logprobs(logits, labels)
+    reference = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    expected = (reference * (labels != IGNORE_INDEX)).sum(1)
+    torch.testing.assert_close(logps, expected)
+    assert n_tokens.tolist() == [4] * 4
+    weights = torch.randn(4, generator=g)
+    (grad,) = torch.autograd.grad((logps * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_dpo_ipo_and_label_smoothing_losses():
+    logps = torch.tensor([-3.0, -5.0, -4.0, -4.0])  # chosen (2), then rejected (2)
+    ref = torch.tensor([-4.0, -5.0, -4.0, -3.0])
+    n = torch.tensor([2, 4, 2, 4])
+    losses, chosen, rejected = preference_loss(logps, ref, n, beta=0.5)
+    margin = torch.tensor([1.0 - 0.0, 0.0 - (-1.0)])
+    torch.testing.assert_close(losses, -F.logsigmoid(0.5 * margin))
+    torch.testing.assert_close(chosen, torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(rejected, torch.tensor([0.0, -0.5]))
+    smooth, _, _ = preference_loss(logps, ref, n, beta=0.5, label_smoothing=0.1)
+    torch.testing.assert_close(smooth, -0.9 * F.logsigmoid(0.5 * margin) - 0.1 * F.logsigmoid(-0.5 * margin))
+    ipo, _, _ = preference_loss(logps, ref, n, beta=0.5, loss_type="ipo")
+    per_token = torch.tensor([1.0 / 2 - 0.0 / 2, 0.0 / 4 - (-1.0) / 4])
+    torch.testing.assert_close(ipo, (per_token - 1.0) ** 2)
+    # The policy at its reference: every pair costs log 2, no reward, and a tie is not a win.
+    same, c, r = preference_loss(logps, logps, n, beta=0.1)
+    torch.testing.assert_close(same, torch.full((2,), math.log(2)))
+    assert reward_metrics(c, r).tolist() == [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def _sft_checkpoint(tmp_path, tokenizer=TOK):
+    """An lm checkpoint of a tiny random GPT (context 32), as init_from reads it."""
+    config = get_config("tiny", vocab_size=padded_vocab_size(tokenizer.vocab_size), block_size=32)
+    torch.manual_seed(0)
+    gpt = GPT(config)
+    path = tmp_path / "sft.ckpt"
+    state = {f"model.{k}": v for k, v in gpt.state_dict().items()}
+    torch.save({"lm": {"model_config": asdict(config), "tokenizer": tokenizer.to_state()}, "state_dict": state}, path)
+    return path, gpt
+
+
+def _trainer(tmp_path, steps, *, accumulate=1, logger=False, val=0):
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=1.0,
+        logger=logger,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=val,
+        val_check_interval=steps if val else None,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+
+
+def test_dpo_trains_the_policy_keeps_the_reference_and_saves_one_gpt(tmp_path):
+    # A preference the tiny model can pick up in a few steps: replies that agree, over replies that refuse.
+    records = [
+        {"prompt": f"is {i} fine?", "chosen": "yes, it is.", "rejected": "no. never." if i % 2 else "no!"}
+        for i in range(200)
+    ]
+    source = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    path, start = _sft_checkpoint(tmp_path, TOK)
+    data = PreferenceData(source=source, tokenizer=str(path), batch_size=16, block_size=32, val_fraction=0.1)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=3e-3, beta=0.5, warmup_steps=0)
+    logger = MemoryLogger()
+    trainer = _trainer(tmp_path, 30, logger=logger, val=2)
+    trainer.fit(module, datamodule=data)
+    steps = logger.by_step()
+    first, last = steps[0], steps[max(steps)]
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert last["train/loss"] < 0.1 and last["train/rewards/accuracy"] == 1 and last["train/rewards/margin"] > 2
+    val = next(m for m in steps.values() if "val/rewards/accuracy" in m)
+    assert val["val/rewards/accuracy"] == 1 and val["val/loss"] < 0.1 and "val/ppl" not in val
+    reference = module.reference
+    for name, weight in start.state_dict().items():  # the reference is the init checkpoint, untouched
+        torch.testing.assert_close(reference.state_dict()[name], weight)
+    assert not torch.equal(module.model.state_dict()["lm_head.weight"], start.state_dict()["lm_head.weight"])
+    saved = tmp_path / "dpo.ckpt"
+    trainer.save_checkpoint(saved)
+    keys = torch.load(saved, weights_only=True)["state_dict"].keys()
+    assert keys and all(k.startswith("model.") for k in keys)  # the policy only: lm chat/eval/export load it
+    model, tokenizer, _ = load_checkpoint(saved)
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], module.model.state_dict()["lm_head.weight"])
+    assert tokenizer.fingerprint == TOK.fingerprint
+    # Resuming rebuilds the reference from init_from, not from the resumed policy.
+    resumed = PreferenceModel(get_config("tiny"), init_from=str(path), lr=3e-3, beta=0.5, warmup_steps=0)
+    _trainer(tmp_path, 32).fit(resumed, datamodule=data, ckpt_path=saved)
+    assert resumed.global_step == 32
+    for name, weight in start.state_dict().items():
+        torch.testing.assert_close(resumed.reference.state_dict()[name], weight)
+
+
+def test_dpo_accumulation_equals_one_big_batch_of_pairs(tmp_path):
+    """2 micro-batches of 4 pairs with replies of different lengths == one batch of 8 pairs: the gradient of a step is
+    that of the mean loss over its pairs, whatever their token counts. (Compared before AdamW, whose first update is
+    about lr * sign(gradient), so float noise in gradients near 0 would decide the test.)"""
+    data = PreferenceData(source="task:reverse", task_size=64, task_val_size=8, batch_size=8, block_size=32)
+    data.setup()
+    pairs = data.train_examples[:8]
+    assert len({len(c[0]) for c, _ in pairs}) > 1
+    path, _ = _sft_checkpoint(tmp_path, data.tokenizer)
+
+    def step_gradients(batches, accumulate):
+        module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=1e-2, warmup_steps=0, beta=0.5)
+        gradients = {}
+        clip = module.configure_gradient_clipping
+
+        def clip_and_keep(*args, **kwargs):  # where the step's gradients get their final scale
+            clip(*args, **kwargs)
+            gradients.update({n: p.grad.clone() for n, p in module.model.named_parameters()})
+
+        module.configure_gradient_clipping = clip_and_keep
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        _trainer(tmp_path, 1, accumulate=accumulate).fit(module, loader)
+        return gradients
+
+    one = step_gradients([PreferenceData.collate(pairs)], 1)
+    two = step_gradients([PreferenceData.collate(pairs[:4]), PreferenceData.collate(pairs[4:])], 2)
+    assert one
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_mfu_counts_the_reference_forward(tmp_path):
+    path, gpt = _sft_checkpoint(tmp_path)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path))
+    module.configure_model()
+    assert module.train_flops_per_token(32) == pytest.approx(gpt.flops_per_token(32) * 4 / 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "init_from: preference tuning starts from a fine-tuned lm checkpoint"),
+        ({"init_from": "x.ckpt", "beta": 0.0}, "beta must be > 0"),
+        ({"init_from": "x.ckpt", "label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
+        ({"init_from": "x.ckpt", "loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(LMError, match=message):
+        PreferenceModel(get_config("tiny"), **kwargs)
+
+
+def test_hh_preference_file_loads():
+    data = PreferenceData(
+        source=str(shared_file("hh_rlhf_helpful_base_test.preference.jsonl")), tokenizer="gpt2", block_size=256
+    )
+    data.setup()
+    assert len(data.train_examples) + len(data.val_examples) == 2333  # every pair of the file is usable
+    assert data.counts.get("skipped_bad", 0) == 0 and data.counts.get("truncated_train", 0) > 0
+
+
+def _pairs_file(tmp_path, n=40):
+    records = [{"prompt": f"is {i} fine?", "chosen": "yes, it is.", "rejected": "no!" * (1 + i % 3)} for i in range(n)]
+    return _write_jsonl(tmp_path / "pairs.jsonl", records)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_the_policy_ties_its_reference_before_training_in_every_precision(tmp_path, precision):
+    """bf16-true casts the policy's RoPE tables too: the reference must follow, or step 0 compares two models."""
+    path, _ = _sft_checkpoint(tmp_path)
+    data = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path))
+    logger = MemoryLogger()
+    trainer = L.Trainer(accelerator="cpu", precision=precision, logger=logger, enable_progress_bar=False)
+    trainer.validate(module, datamodule=data)
+    metrics = logger.by_step()[0]
+    assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert metrics["val/rewards/accuracy"] == 0 and metrics["val/rewards/margin"] == 0
+
+
+def test_validation_sums_stay_fp32_under_bf16_true(tmp_path):
+    """A bf16 running sum stops growing: 400 batches of loss 1 then 3 must still average 2."""
+    path, _ = _sft_checkpoint(tmp_path)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path))
+    module.to(torch.bfloat16)  # what bf16-true's convert_module does to every submodule
+    module.on_validation_epoch_start()
+    for value in [1.0] * 200 + [3.0] * 200:
+        module.val_loss.update(torch.tensor(value, dtype=torch.bfloat16), weight=torch.tensor(8))
+    assert module.val_loss.compute().item() == pytest.approx(2.0)
+
+
+def test_sft_weight_is_per_pair_so_accumulation_still_equals_one_batch(tmp_path):
+    data = PreferenceData(source="task:reverse", task_size=64, task_val_size=8, batch_size=8, block_size=32)
+    data.setup()
+    pairs = sorted(data.train_examples[:8], key=lambda p: len(p[0][0]))  # the halves differ in reply lengths
+    path, _ = _sft_checkpoint(tmp_path, data.tokenizer)
+
+    def gradients(batches, accumulate):
+        module = PreferenceModel(get_config("tiny"), init_from=str(path), sft_weight=1.0, warmup_steps=0)
+        module.configure_model()
+        module.train()
+        total = sum(module.training_step(b, 0) for b in batches)  # summed over pairs, as Lightning accumulates it
+        total.backward()
+        module._step_tokens = module._step_loss_sum = module._step_reward_sums = None
+        return {n: p.grad / 8 for n, p in module.model.named_parameters()}
+
+    one = gradients([PreferenceData.collate(pairs)], 1)
+    two = gradients([PreferenceData.collate(pairs[:4]), PreferenceData.collate(pairs[4:])], 2)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_pairs_and_plain_rows_go_with_their_own_model(tmp_path):
+    from lm.chat_data import ChatData
+    from lm.module import LanguageModel
+
+    path, _ = _sft_checkpoint(tmp_path)
+    pairs = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
+    rows = ChatData(source="task:addition", tokenizer=str(path), block_size=32, batch_size=4, task_size=20)
+    for module, data in ((LanguageModel(get_config("tiny"), init_from=str(path)), pairs),
+                         (PreferenceModel(get_config("tiny"), init_from=str(path)), rows)):  # fmt: skip
+        with pytest.raises(LMError, match="cannot train on .*PreferenceData.* go with lm.preference.PreferenceModel"):
+            _trainer(tmp_path, 1).fit(module, datamodule=data)
+
+
+def test_ema_shares_the_reference_instead_of_copying_it(tmp_path):
+    import copy
+
+    path, _ = _sft_checkpoint(tmp_path)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path))
+    module.configure_model()
+    averaged = copy.deepcopy(module)  # what WeightAveraging (lm.callbacks.EMA) does
+    assert averaged.reference is module.reference and averaged.model is not module.model
+
+
+def test_resuming_against_a_changed_init_checkpoint_is_refused(tmp_path):
+    path, _ = _sft_checkpoint(tmp_path)
+    data = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(PreferenceModel(get_config("tiny"), init_from=str(path), warmup_steps=0), datamodule=data)
+    saved = tmp_path / "dpo.ckpt"
+    trainer.save_checkpoint(saved)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["model.lm_head.weight"] += 0.01  # the SFT run wrote its last.ckpt again
+    torch.save(ckpt, path)
+    resumed = PreferenceModel(get_config("tiny"), init_from=str(path))
+    with pytest.raises(LMError, match="not the weights this run started from"):
+        _trainer(tmp_path, 4).fit(resumed, datamodule=data, ckpt_path=saved)
+
+
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"prompt": "2+2?", "chosen": [{"role": "user", "content": "2+2?"}] + CHOSEN,
+          "rejected": [{"role": "user", "content": "2+2?"}] + REJECTED}, "implicit"),  # UltraFeedback's rows
+        ({"chosen": "4", "rejected": "5"}, None),  # strings without a prompt or HH turns: cannot tell
+    ],
+)  # fmt: skip
+def test_format_detection_of_other_hub_layouts(record, fmt):
+    assert detect_preference_format(record) == fmt
+    if fmt:
+        assert to_pair(record, fmt) == ([{"role": "user", "content": "2+2?"}], CHOSEN, REJECTED)
