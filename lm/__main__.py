@@ -115,9 +115,9 @@ class LMCLI(LightningCLI):
         if config.snapshots.dirpath is None:
             config.snapshots.dirpath = str(root / "checkpoints")
         resume_info = self._resume_info
-        earlier = sorted(Path(config.checkpoint.dirpath).glob("*.ckpt"))
         fresh_fit = self.subcommand == "fit" and config.get("ckpt_path") is None
-        if fresh_fit and earlier and os.environ.get("RANK", "0") == "0":
+        earlier = list(Path(config.checkpoint.dirpath).glob("*.ckpt")) if fresh_fit else []
+        if earlier and os.environ.get("RANK", "0") == "0":
             print(
                 f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; this run "
                 "replaces last.ckpt and keeps the others (resume that run instead with --ckpt_path last)"

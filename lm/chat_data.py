@@ -162,7 +162,7 @@ class ChatData(L.LightningDataModule):
             `model.fp8`, whose float8 matmuls need batch x length to be a multiple of 16.
     """
 
-    kind, items = "chat data", "conversations"  # in error messages; PreferenceData says "preference data", "pairs"
+    kind, item = "chat data", "conversation"  # in messages; PreferenceData says "preference data", "pair"
     batch_holds_pairs = False  # PreferenceData's batches are (chosen, rejected) rows, for PreferenceModel only
 
     def __init__(
@@ -231,7 +231,7 @@ class ChatData(L.LightningDataModule):
         )
         conversations = self._read_valid(detect_format, why, parse)
         if len(conversations) < 2:
-            raise LMError(f"{self.kind} {self.source!r}: fewer than 2 usable {self.items}, nothing to split")
+            raise LMError(f"{self.kind} {self.source!r}: fewer than 2 usable {self.item}s, nothing to split")
         return self._split(conversations)
 
     def _read_valid(self, detect: Callable[[Any], str | None], unknown: str, parse: Callable) -> list[tuple]:
@@ -277,8 +277,8 @@ class ChatData(L.LightningDataModule):
                 val.update(groups[key])
         if not val:
             raise LMError(
-                f"{self.kind} {self.source!r}: all {n} usable {self.items} open with the same user message, so they "
-                f"cannot be split into train and val without sharing it; add {self.items} with other openings"
+                f"{self.kind} {self.source!r}: all {n} usable {self.item}s open with the same user message, so they "
+                f"cannot be split into train and val without sharing it; add {self.item}s with other openings"
             )
         return (
             [c for i, c in enumerate(conversations) if i not in val],
@@ -307,11 +307,12 @@ class ChatData(L.LightningDataModule):
             return None, cut
         return (ids[:-1], labels), cut
 
-    def _examples(self, conversations: list[Sourced], split: str) -> list[tuple[list[int], list[int]]]:
+    def _examples(self, items: list[tuple], split: str) -> list:
+        """The `_example` of each (where, *parts) item of a split; bad, dropped and cut ones counted."""
         examples = []
-        for where, conversation in conversations:
+        for where, *parts in items:  # parts: (conversation,), or (prompt, chosen, rejected) for PreferenceData
             try:
-                example, cut = self._example(conversation)
+                example, cut = self._example(*parts)
             except LMError as e:  # e.g. a character outside a char tokenizer's vocabulary
                 self._bad(where, str(e))
                 continue
@@ -323,7 +324,7 @@ class ChatData(L.LightningDataModule):
             examples.append(example)
         if not examples:
             raise LMError(
-                f"chat data {self.source!r}: no {split} conversation has a supervised token within the context"
+                f"{self.kind} {self.source!r}: no {split} {self.item} has a supervised token within the context"
             )
         return examples
 
@@ -336,13 +337,17 @@ class ChatData(L.LightningDataModule):
             return
         self.counts = {}
         train, val = self._conversations()
-        texts = lambda: (m["content"] for _, c in train + val for m in c)  # noqa: E731 - only char/bpe specs call it
+        # Every message of every item (a conversation, or a pair's prompt and replies); only char/bpe specs read them.
+        texts = lambda: (m["content"] for item in train + val for part in item[1:] for m in part)  # noqa: E731
         self.tokenizer = build_tokenizer(self.tokenizer_spec, texts=texts)
         self.train_examples = self._examples(train, "train")
         self.val_examples = self._examples(val, "val")
+        rank_zero_info(self._summary())
+
+    def _summary(self) -> str:
         supervised = sum(sum(label != IGNORE_INDEX for label in ex[1]) for ex in self.train_examples)
         tokens = sum(len(ex[0]) for ex in self.train_examples)
-        rank_zero_info(
+        return (
             f"lm.chat_data: {len(self.train_examples):,} train / {len(self.val_examples):,} val conversations from "
             f"{self.source}, {tokens:,} train tokens of which {supervised:,} supervised; "
             f"vocab {self.tokenizer.vocab_size:,}; {self.counts or 'nothing skipped or dropped'}"
@@ -374,10 +379,10 @@ class ChatData(L.LightningDataModule):
         )
         per_device = len(sampler)
         if shuffle and per_device < self.batch_size:  # drop_last would leave no batch: fit would silently not train
-            more = "raise data.init_args.task_size" if self.source.startswith("task:") else f"add {self.items}"
+            more = "raise data.init_args.task_size" if self.source.startswith("task:") else f"add {self.item}s"
             lower = f"lower data.init_args.batch_size to at most {per_device} or " if per_device else ""
             raise LMError(
-                f"{self.kind} {self.source!r}: {per_device} training {self.items} per device ({len(examples)} over "
+                f"{self.kind} {self.source!r}: {per_device} training {self.item}s per device ({len(examples)} over "
                 f"{world_size} device(s)) is fewer than data.batch_size {self.batch_size}, so there is no training "
                 f"batch; {lower}{more}"
             )

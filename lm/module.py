@@ -113,9 +113,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**25) -> torch.Tensor:
     """Cross-entropy of each row (N,) in fp32, 0 where labels == -100, for logits (N, V), labels (N,); see
-    _ChunkedCrossEntropy. chunk_elements bounds the fp32 working set (2**25 floats = 128 MiB)."""
-    if torch.compiler.is_compiling():  # Inductor fuses the upcast into the loss kernels itself
-        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    _ChunkedCrossEntropy. chunk_elements bounds the fp32 working set (2**25 floats = 128 MiB). Eager only: compiled
+    code takes `F.cross_entropy(logits.float())`, whose upcast Inductor fuses (next_token_loss)."""
     chunk_rows = max(1, chunk_elements // logits.shape[1])
     if not torch.is_grad_enabled() or not logits.requires_grad:
         return torch.cat(

@@ -38,7 +38,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from lm.chat import Message, check_messages, render_chat
@@ -47,7 +46,6 @@ from lm.config import GPTConfig
 from lm.errors import LMError
 from lm.model import GPT
 from lm.module import LanguageModel, token_cross_entropy
-from lm.tokenizer import build_tokenizer
 
 PREFERENCE_FORMATS = ("conversational", "standard", "implicit", "hh")
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -173,7 +171,7 @@ class PreferenceData(ChatData):
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (at most block_size).
     """
 
-    kind, items = "preference data", "pairs"
+    kind, item = "preference data", "pair"
     batch_holds_pairs = True
 
     def __init__(
@@ -255,7 +253,7 @@ class PreferenceData(ChatData):
 
     # ---- tokenizing ----------------------------------------------------------------------------------------------
 
-    def _pair_example(
+    def _example(
         self, prompt: list[Message], chosen: list[Message], rejected: list[Message]
     ) -> tuple[tuple[Example, Example] | None, bool]:
         """((chosen, rejected) examples with the same prompt, cut to the context, or None when a reply has no token
@@ -282,36 +280,9 @@ class PreferenceData(ChatData):
             examples.append((ids[:-1], labels))
         return (examples[0], examples[1]), cut
 
-    def _examples(self, pairs: list[Pair], split: str) -> list[tuple[Example, Example]]:
-        examples = []
-        for where, prompt, chosen, rejected in pairs:
-            try:
-                example, cut = self._pair_example(prompt, chosen, rejected)
-            except LMError as e:  # e.g. a character outside a char tokenizer's vocabulary
-                self._bad(where, str(e))
-                continue
-            if example is None:
-                self._count(f"dropped_{split}_truncated")
-                continue
-            if cut:
-                self._count(f"truncated_{split}")
-            examples.append(example)
-        if not examples:
-            raise LMError(f"preference data {self.source!r}: no {split} pair has reply tokens within the context")
-        return examples
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read, validate, split and tokenize the pairs (on every rank: cheap and deterministic)."""
-        if self.tokenizer is not None and self.train_examples:
-            return
-        self.counts = {}
-        train, val = self._conversations()
-        texts = lambda: (m["content"] for pair in train + val for part in pair[1:] for m in part)  # noqa: E731
-        self.tokenizer = build_tokenizer(self.tokenizer_spec, texts=texts)
-        self.train_examples = self._examples(train, "train")
-        self.val_examples = self._examples(val, "val")
+    def _summary(self) -> str:
         tokens = sum(len(c[0]) + len(r[0]) for c, r in self.train_examples)
-        rank_zero_info(
+        return (
             f"lm.preference: {len(self.train_examples):,} train / {len(self.val_examples):,} val pairs from "
             f"{self.source}, {tokens:,} train tokens; vocab {self.tokenizer.vocab_size:,}; "
             f"{self.counts or 'nothing skipped or dropped'}"

@@ -124,14 +124,14 @@ def test_a_long_pair_keeps_bos_and_the_end_of_its_prompt_and_is_counted():
     data = PreferenceData(block_size=24, max_prompt_fraction=0.5)
     data.tokenizer = TOK
     prompt = [{"role": "user", "content": "a" * 40 + "zz"}]
-    (chosen, rejected), cut = data._pair_example(prompt, [{"role": "assistant", "content": "b" * 30}], REJECTED)
+    (chosen, rejected), cut = data._example(prompt, [{"role": "assistant", "content": "b" * 30}], REJECTED)
     assert cut
     for ids, labels in (chosen, rejected):
         assert len(ids) <= 24 and ids[0] == TOK.token_id(BOS)
         assert any(label != IGNORE_INDEX for label in labels)
     assert chosen[0][:12] == rejected[0][:12]  # the same cut prompt: BOS + 11 of the prompt's last tokens
     assert TOK.decode(chosen[0][1:12]) == "a" * 8 + "zz<|end|>" and chosen[0][12] == TOK.token_id(ASSISTANT)
-    short, cut = data._pair_example([{"role": "user", "content": "hi"}], CHOSEN, REJECTED)
+    short, cut = data._example([{"role": "user", "content": "hi"}], CHOSEN, REJECTED)
     assert not cut and short[0][0] == render_chat([{"role": "user", "content": "hi"}, *CHOSEN], TOK)[0][:-1]
 
 
