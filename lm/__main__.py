@@ -11,6 +11,7 @@ data or checkpoint) print one line and exit with code 2.
 """
 
 import argparse
+import difflib
 import netrc
 import os
 import signal
@@ -37,6 +38,12 @@ from lm.serve import serve_command
 from lm.tasks import tasks_command
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+RUNTIME_ARGS = ("compile", "fp8", "max_skipped_steps")  # model arguments a resumed run may change
+
+
+def _plain(value):
+    """A config value in a comparable, printable form (tuples and lists alike)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _shows_help(argv: list[str]) -> bool:
@@ -157,7 +164,49 @@ class LMCLI(LightningCLI):
                     "--ckpt_path takes a .ckpt written by lm fit"
                 )
             self._resume_info = ckpt.get("lm") or {}
-        super()._parse_ckpt_path()
+            self._take_model_args_from(ckpt, ckpt_path)
+
+    def _take_model_args_from(self, ckpt: dict, ckpt_path) -> None:
+        """The model's arguments on resume (and validate/test) are the checkpoint's, whether --ckpt_path is a file or
+        `last`: the restored optimizer and scheduler state holds the run's lr, betas and weight decay anyway, so a new
+        value there would be written into the checkpoints without having been used. How to run it (RUNTIME_ARGS) is
+        yours. A different value given here is named in one line rather than dropped silently.
+
+        Replaces LightningCLI's own step, which reads the file a second time and applies only to explicit paths."""
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        config = self.config[self.config.subcommand]
+        if class_path is None or not hparams:
+            return  # not written through this CLI: keep the config's arguments
+        if class_path != config.model.class_path:
+            raise LMError(
+                f"{ckpt_path} is a {class_path.rsplit('.', 1)[-1]} checkpoint but the config's model is "
+                f"{config.model.class_path}; resume with the config it was trained with"
+            )
+        given = config.model.init_args.as_dict() if config.model.get("init_args") else {}
+        for key in RUNTIME_ARGS:
+            if key in given:
+                hparams[key] = given[key]
+        ignored = [
+            f"{key} {_plain(given[key])} (checkpoint: {_plain(hparams[key])})"
+            for key in hparams
+            if key in given and key != "arch" and _plain(given[key]) != _plain(hparams[key])
+        ]
+        arch_given, arch_saved = given.get("arch") or {}, hparams.get("arch") or {}
+        ignored += [  # vocab_size always differs: the data module's tokenizer sets it
+            f"arch.{key} {_plain(arch_given[key])} (checkpoint: {_plain(arch_saved[key])})"
+            for key in arch_saved
+            if key in arch_given and key != "vocab_size" and _plain(arch_given[key]) != _plain(arch_saved[key])
+        ]
+        self.config = self.parser.parse_object(
+            {self.config.subcommand: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config
+        )
+        if ignored and os.environ.get("RANK", "0") == "0":
+            print(
+                f"lm: {ckpt_path}: the model keeps the checkpoint's arguments (only {', '.join(RUNTIME_ARGS)} may "
+                f"change); ignored here: {'; '.join(ignored)}"
+            )
 
     def after_instantiate_classes(self):
         super().after_instantiate_classes()
@@ -187,7 +236,7 @@ def generate_command(argv: list[str]) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_k", type=int, default=200, help="0: no top-k filter")
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
@@ -258,8 +307,40 @@ COMMANDS = {
 }
 
 
+USAGE = """usage: lm COMMAND [ARGS]   (lm COMMAND --help for its arguments)
+
+training (LightningCLI: every model, data and Trainer argument is a config key)
+  fit        train: lm fit --config experiments/debug.yaml [--ckpt_path last]
+  validate   validate a checkpoint: lm validate --config X.yaml --ckpt_path CKPT
+  test       the test loop of a checkpoint, as validate
+around checkpoints
+  generate   continue a prompt
+  chat       talk to a fine-tuned checkpoint in the terminal
+  serve      an OpenAI-compatible HTTP API
+  eval       loss, perplexity and bits per byte of text, HellaSwag, the built-in tasks
+  tasks      exact-match accuracy on the built-in chat tasks (addition, reverse, count)
+  export     a Hugging Face transformers model directory
+other
+  tokenizer  train a tokenizer on a data source
+  sweep      hyperparameter sweeps (sweeps/*.yaml) on W&B, or locally with Optuna"""
+
+
+def _unknown_command(name: str) -> str:
+    """A one-line error for a first argument that is no command, with the nearest one."""
+    commands = [*LIGHTNING_COMMANDS, *COMMANDS]
+    near = difflib.get_close_matches(name, commands, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return f"unknown command {name!r}{hint}; the commands are {', '.join(commands)} (`lm --help` says what each does)"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *COMMANDS):
+        print(f"error: {_unknown_command(argv[0])}", file=sys.stderr)
+        sys.exit(2)
     debug = "--debug" in argv  # show the traceback of user errors too
     argv = [a for a in argv if a != "--debug"]
     OneLineErrorParser.verbose_errors = debug

@@ -120,7 +120,7 @@ class SampleText(L.Callback):
         prompts: Text to continue; an empty string starts a fresh document.
         max_new_tokens: Tokens to generate per prompt.
         temperature: Sampling temperature (0 is greedy).
-        top_k: Sample only among the k most likely tokens; None for all.
+        top_k: Sample only among the k most likely tokens; 0 or None for all.
     """
 
     def __init__(

@@ -41,7 +41,9 @@ def check_messages(messages: Sequence[Message], *, need_reply: bool = True) -> s
             return f"message {i} is not a {{'role', 'content'}} object"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return f"message {i} has unknown role {m['role']!r} (expected one of {list(ROLES)})"
-        if not isinstance(m["content"], str) or not m["content"].strip():
+        if not isinstance(m["content"], str):
+            return f"message {i} ({m['role']}) content is not a string (got {type(m['content']).__name__})"
+        if not m["content"].strip():
             return f"message {i} ({m['role']}) has empty content"
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     for i, m in enumerate(turns):
@@ -95,8 +97,10 @@ def fit_history(messages: list[Message], tokenizer: Tokenizer, budget: int) -> t
 
 
 def reply_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """END closes the assistant's turn; BOS/EOS (a new conversation or document) end it too in an undertrained model."""
-    return tuple(tokenizer.token_id(t) for t in (END, EOS, BOS))
+    """END closes the assistant's turn. In an undertrained model any other special token ends it too: BOS/EOS (a new
+    conversation or document) and every role marker (the model writing the next turn itself). None of them may reach
+    the reply's text: a char tokenizer cannot encode "<|user|>" as text, so that reply would break the next turn."""
+    return tuple(dict.fromkeys(tokenizer.token_id(t) for t in (END, EOS, BOS, USER, SYSTEM, ASSISTANT)))
 
 
 def add_reply_flags(p: argparse.ArgumentParser, *, max_new_tokens_help: str, seed_help: str | None = None) -> None:
@@ -104,7 +108,7 @@ def add_reply_flags(p: argparse.ArgumentParser, *, max_new_tokens_help: str, see
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--max_new_tokens", type=int, default=256, help=max_new_tokens_help)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_k", type=int, default=50, help="0: no top-k filter")
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--repetition_penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=1337, help=seed_help)
@@ -164,7 +168,8 @@ def chat_command(argv: list[str]) -> None:
     def reply(history: list[Message]) -> str:
         history[:], prompt = fit_history(history, tokenizer, model.config.block_size - max_new)
         pieces = []
-        for piece in stream_text(model, tokenizer, prompt, **sampling):
+        # skip_special: a tokenizer's specials other than lm's six (which all stop the reply) never reach the text.
+        for piece in stream_text(model, tokenizer, prompt, skip_special=True, **sampling):
             pieces.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -198,11 +203,18 @@ def chat_command(argv: list[str]) -> None:
             history = fresh()
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
             continue
-        history.append({"role": "user", "content": line})
+        # The turn works on a copy and is kept only once the reply is known to render in the next prompt, so a
+        # failed turn leaves the conversation as it was: no user turn without its reply, no reply that would make
+        # every later turn fail until /reset.
+        turn = [*history, {"role": "user", "content": line}]
         try:
-            answer = reply(history)
-        except LMError as e:  # one message too long for the context: say so and keep chatting
+            answer = reply(turn)
+        except LMError as e:  # a message too long for the context: say so and keep chatting
             print(f"error: {e}", file=sys.stderr)
-            history.pop()
             continue
-        history.append({"role": "assistant", "content": answer or " "})
+        try:
+            tokenizer.encode(answer)
+        except LMError as e:
+            print(f"error: the reply is not kept in the conversation: {e}", file=sys.stderr)
+            continue
+        history = [*turn, {"role": "assistant", "content": answer}]  # an empty reply renders as <|assistant|><|end|>

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, render_chat
-from lm.data import rank_and_world_size
+from lm.data import ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, train_position
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
@@ -40,6 +41,62 @@ FORMATS = ("messages", "alpaca", "sharegpt")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 Sourced = tuple[str, list[Message]]  # (where: "file:line" or "task:addition train problem 5", conversation)
+
+
+class ShuffledBatchSampler(ResumableBatchSampler):
+    """Training batches of examples: each epoch a seeded shuffle, dealt out to the ranks, in full batches only; the
+    order of `DistributedSampler(shuffle=True, drop_last=True)` batched by a `DataLoader(drop_last=True)`, but
+    resumable mid-epoch (a run resumed from a checkpoint goes on with the batches it had not trained on)."""
+
+    def __init__(self, num_examples: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(seed=seed, rank=rank, world_size=world_size)
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.per_rank = num_examples // world_size
+        self.num_batches = self.per_rank // batch_size
+
+    def rank_batches(self, epoch: int) -> np.ndarray:
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
+        mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+        return mine[: self.num_batches * self.batch_size].reshape(self.num_batches, self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class ValidationBatchSampler(DistributedSampler):
+    """Validation batches in order, dealt out to the ranks as DistributedSampler does (rank::world_size), with every
+    rank given as many examples (sharded models need the same number of forward passes on every rank). The padding
+    indices are past the end (n + i): `ExampleBatches` makes them copies that carry no loss, so no example counts
+    twice and val/loss does not depend on the number of devices."""
+
+    def __init__(self, num_examples: int, *, batch_size: int, rank: int = 0, world_size: int = 1):
+        per_rank = -(-num_examples // world_size)
+        mine = np.arange(per_rank * world_size)[rank::world_size]
+        self.batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the same examples every epoch
+
+
+class ExampleBatches(Dataset):
+    """`dataset[indices]` -> one collated batch of those examples. An index past the end is a rank's padding: a copy
+    of example `index % n` with nothing scored (`unscored`)."""
+
+    def __init__(self, examples: list, collate: Callable, unscored: Callable):
+        self.examples, self.collate, self.unscored = examples, collate, unscored
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        n = len(self.examples)
+        return self.collate([self.examples[i] if i < n else self.unscored(self.examples[i % n]) for i in indices])
 
 
 def detect_format(record: Any) -> str | None:
@@ -156,7 +213,9 @@ class ChatData(L.LightningDataModule):
         task_size: Training conversations drawn from a task: source (distinct problems of its train split).
         task_val_size: Validation conversations drawn from the task's test split.
         task_digits: Operand digits of the addition task.
-        seed: Seed of the train/val split, the task problems and the shuffling of training batches.
+        seed: Seed of the shuffling of training batches.
+        split_seed: Seed of the train/val split and of the task problems; apart from `seed`, so that a sweep over
+            `seed` keeps one validation set and its val/loss values compare.
         num_workers: DataLoader worker processes (batches are padded lists: 0 is usually enough).
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (at most block_size); 16 for
             `model.fp8`, whose float8 matmuls need batch x length to be a multiple of 16.
@@ -180,6 +239,7 @@ class ChatData(L.LightningDataModule):
         task_val_size: int = 200,
         task_digits: int = 2,
         seed: int = 1337,
+        split_seed: int = 1337,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
     ):
@@ -192,7 +252,9 @@ class ChatData(L.LightningDataModule):
         self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise
         self.task_size, self.task_val_size, self.task_digits = task_size, task_val_size, task_digits
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.split_seed, self.num_workers = seed, split_seed, num_workers
+        if num_workers < 0:
+            raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         if pad_to_multiple_of < 1:
             raise LMError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -210,7 +272,7 @@ class ChatData(L.LightningDataModule):
             from lm.tasks import make_problems
 
             task = self.source[len("task:") :]
-            kw = dict(seed=self.seed, digits=self.task_digits)
+            kw = dict(seed=self.split_seed, digits=self.task_digits)
             train = make_problems(task, "train", self.task_size, **kw)
             val = make_problems(task, "test", self.task_val_size, **kw)
             return (
@@ -267,7 +329,7 @@ class ChatData(L.LightningDataModule):
             opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one
             groups.setdefault(opening, []).append(i)
         keys = list(groups)
-        random.Random(self.seed).shuffle(keys)
+        random.Random(self.split_seed).shuffle(keys)
         n, n_val = len(conversations), max(1, round(self.val_fraction * len(conversations)))
         val: set[int] = set()
         for key in keys:
@@ -370,15 +432,26 @@ class ChatData(L.LightningDataModule):
             labels[i, : len(lab)] = torch.tensor(lab)
         return {"input_ids": input_ids, "labels": labels}
 
+    @staticmethod
+    def unscored(example: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        """The example with no supervised token: padding that counts for nothing (see ValidationBatchSampler)."""
+        ids, labels = example
+        return ids, [IGNORE_INDEX] * len(labels)
+
     def _loader(self, examples: list, *, shuffle: bool) -> DataLoader:
         rank, world_size = rank_and_world_size(self.trainer)
-        # Our own DistributedSampler (the CLI turns Lightning's off): shards by rank, reshuffles per epoch (Lightning
-        # calls set_epoch), and with one process is a seeded shuffle.
-        sampler = DistributedSampler(
-            examples, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
-        )
-        per_device = len(sampler)
-        if shuffle and per_device < self.batch_size:  # drop_last would leave no batch: fit would silently not train
+        # Our own samplers (the CLI turns Lightning's DistributedSampler off): they shard by rank; training reshuffles
+        # per epoch (Lightning calls set_epoch) and its position travels in checkpoints.
+        if shuffle:
+            sampler = ShuffledBatchSampler(
+                len(examples), batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size
+            )
+        else:
+            sampler = ValidationBatchSampler(
+                len(examples), batch_size=self.batch_size, rank=rank, world_size=world_size
+            )
+        per_device = len(examples) // world_size
+        if shuffle and per_device < self.batch_size:  # no full batch: fit would silently not train
             more = "raise data.init_args.task_size" if self.source.startswith("task:") else f"add {self.item}s"
             lower = f"lower data.init_args.batch_size to at most {per_device} or " if per_device else ""
             raise LMError(
@@ -386,15 +459,18 @@ class ChatData(L.LightningDataModule):
                 f"{world_size} device(s)) is fewer than data.batch_size {self.batch_size}, so there is no training "
                 f"batch; {lower}{more}"
             )
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
+        collate = partial(
+            self.collate, pad_id=self.tokenizer.eos_id, multiple=self.pad_to_multiple_of, max_width=self.block_size
+        )
+        # training's position is saved in checkpoints and restored on resume
+        loader = (
+            partial(ResumableDataLoader, position=partial(train_position, self, sampler)) if shuffle else DataLoader
+        )
+        return loader(
+            ExampleBatches(examples, collate, self.unscored),
+            batch_size=None,  # the sampler yields whole batches of indices; the dataset collates them
             sampler=sampler,
-            collate_fn=partial(
-                self.collate, pad_id=self.tokenizer.eos_id, multiple=self.pad_to_multiple_of, max_width=self.block_size
-            ),
             num_workers=self.num_workers,
-            drop_last=shuffle,  # equal-sized training batches; validation sees every conversation
             persistent_workers=self.num_workers > 0,
         )
 

@@ -330,18 +330,60 @@ class TokenWindows(Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
-# Both samplers subclass DistributedSampler only so Lightning recognises them as already rank-aware and does not wrap
+# The samplers subclass DistributedSampler only so Lightning recognises them as already rank-aware and does not wrap
 # them in its own DistributedSamplerWrapper (which would split the batches a second time). They reuse nothing else.
 
 
-class RandomWindowSampler(DistributedSampler):
+class ResumableBatchSampler(DistributedSampler):
+    """Yields this rank's batches of an epoch (arrays of indices), reproducibly, and resumes mid-epoch.
+
+    Subclasses say what an epoch's batches are (`rank_batches`). `state_dict()` records the epoch and how many batches
+    were yielded in it; `load_state_dict()` continues from exactly there. (With DataLoader workers the loader asks
+    for up to num_workers * prefetch_factor batches ahead, so a saved count can run ahead of the batches trained on:
+    `train_position` gives the count to save instead.)
+    """
+
+    def __init__(self, *, seed: int, rank: int, world_size: int):
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.batches_yielded = 0  # in the current epoch
+        # Lightning's epoch minus ours. It grows by one when a run stopped mid-epoch (max_steps, max_time) is
+        # resumed: Lightning starts a new epoch then, while the data must go on with the rest of ours.
+        self.epoch_offset = 0
+
+    def rank_batches(self, epoch: int) -> np.ndarray:
+        """This rank's batches of one epoch: (len(self), batch_size) indices."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        mine = self.rank_batches(self.epoch)
+        while self.batches_yielded < len(mine):
+            batch = mine[self.batches_yielded]
+            self.batches_yielded += 1
+            yield batch
+        # a finished epoch moves on by itself, so iterating twice without set_epoch still gives fresh batches
+        self.epoch, self.batches_yielded = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # Lightning calls this at every epoch start; the same epoch again (after load_state_dict) keeps the position
+        epoch -= self.epoch_offset
+        if epoch != self.epoch:
+            self.epoch, self.batches_yielded = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "epoch_offset": self.epoch_offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
+        self.epoch_offset = int(state.get("epoch_offset", 0))  # absent in checkpoints written before it existed
+
+
+class RandomWindowSampler(ResumableBatchSampler):
     """Yields arrays of `batch_size` random window starts, nanoGPT-style, reproducible and resumable.
 
     An epoch is `num_tokens // (batch_size * block_size)` global batches (at least one per rank), drawn from a
     generator seeded with (seed, epoch). With several ranks each takes every `world_size`-th batch of that list
-    (rank::world_size), so ranks never draw the same batch. `state_dict()` records the epoch and how many batches
-    were yielded in it; `load_state_dict()` continues from exactly there. (With DataLoader workers the loader asks
-    for up to num_workers * prefetch_factor batches ahead, so a saved count can run ahead of the batches trained on.)
+    (rank::world_size), so ranks never draw the same batch.
     """
 
     def __init__(
@@ -358,14 +400,9 @@ class RandomWindowSampler(DistributedSampler):
             raise LMError(
                 f"need at least block_size + 1 = {block_size + 1} tokens to sample windows, have {num_tokens}"
             )
-        self.num_tokens, self.block_size, self.batch_size, self.seed = num_tokens, block_size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        super().__init__(seed=seed, rank=rank, world_size=world_size)
+        self.num_tokens, self.block_size, self.batch_size = num_tokens, block_size, batch_size
         self.num_batches = max(1, num_tokens // (batch_size * block_size) // world_size)  # per rank per epoch
-        self.epoch = 0
-        self.batches_yielded = 0  # in the current epoch
-        # Lightning's epoch minus ours. It grows by one when a run stopped mid-epoch (max_steps, max_time) is
-        # resumed: Lightning starts a new epoch then, while the data must go on with the rest of ours.
-        self.epoch_offset = 0
 
     def epoch_draws(self, epoch: int) -> np.ndarray:
         """All ranks' batches of one epoch: (num_batches * world_size, batch_size) starts in [0, n - T - 1]."""
@@ -373,30 +410,11 @@ class RandomWindowSampler(DistributedSampler):
         high = self.num_tokens - self.block_size  # exclusive: the window start + T must still have a label
         return rng.integers(0, high, size=(self.num_batches * self.world_size, self.batch_size), dtype=np.int64)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        mine = self.epoch_draws(self.epoch)[self.rank :: self.world_size]
-        while self.batches_yielded < len(mine):
-            batch = mine[self.batches_yielded]
-            self.batches_yielded += 1
-            yield batch
-        # a finished epoch moves on by itself, so iterating twice without set_epoch still gives fresh batches
-        self.epoch, self.batches_yielded = self.epoch + 1, 0
+    def rank_batches(self, epoch: int) -> np.ndarray:
+        return self.epoch_draws(epoch)[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         return self.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        # Lightning calls this at every epoch start; the same epoch again (after load_state_dict) keeps the position
-        epoch -= self.epoch_offset
-        if epoch != self.epoch:
-            self.epoch, self.batches_yielded = epoch, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "epoch_offset": self.epoch_offset}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
-        self.epoch_offset = int(state.get("epoch_offset", 0))  # absent in checkpoints written before it existed
 
 
 class SequentialWindowSampler(DistributedSampler):
@@ -439,6 +457,29 @@ class SequentialWindowSampler(DistributedSampler):
 def rank_and_world_size(trainer) -> tuple[int, int]:
     """This process's rank and the number of ranks; (0, 1) for a data module used without a Trainer."""
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def train_position(datamodule: L.LightningDataModule, sampler: ResumableBatchSampler) -> dict[str, int]:
+    """Where training is in the data: the sampler's epoch and the batches trained on in it.
+
+    Counted from the Trainer's progress (batches whose training step ran), not from the sampler: Lightning fetches a
+    batch ahead (DataLoader workers even more), so the sampler's own count would skip batches.
+    """
+    trainer = datamodule.trainer
+    if trainer is None:
+        return {}
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    epochs = trainer.fit_loop.epoch_progress.current
+    offset = sampler.epoch_offset
+    if epochs.completed == epochs.started and batches > 0:
+        # Lightning closed the epoch (saving at train end) and its counter is already the next epoch's.
+        if batches < trainer.num_training_batches:
+            # Training stopped mid-epoch (max_steps, max_time): a resumed run (a longer max_steps) starts a new
+            # Lightning epoch, but must draw the rest of the epoch these batches came from: one more of offset.
+            offset += 1
+        else:
+            batches = 0  # the epoch ran to its end: the next one starts from its first batch
+    return {"epoch": trainer.current_epoch - offset, "batches_yielded": batches, "epoch_offset": offset}
 
 
 class ResumableDataLoader(DataLoader):
@@ -506,6 +547,12 @@ class PretrainData(L.LightningDataModule):
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         if block_size < 1 or batch_size < 1:
             raise LMError(f"data.block_size and data.batch_size must be positive, got {block_size} and {batch_size}")
+        if seed < 0:  # numpy's generators take no negative seeds
+            raise LMError(f"data.seed must be >= 0, got {seed}")
+        if val_windows is not None and val_windows < 1:  # 0 would validate on nothing, -1 slice one window off
+            raise LMError(f"data.val_windows must be >= 1 (or null for the whole split), got {val_windows}")
+        if num_workers < 0:
+            raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         self.source, self.source_config = source, source_config
         self.source_split, self.text_field = source_split, text_field
         self.tokenizer_spec = tokenizer
@@ -691,30 +738,8 @@ class PretrainData(L.LightningDataModule):
             self._windows(0, self.num_train),
             sampler,
             ResumableDataLoader,
-            position=functools.partial(self._train_position, sampler),
+            position=functools.partial(train_position, self, sampler),
         )
-
-    def _train_position(self, sampler: RandomWindowSampler) -> dict[str, int]:
-        """Where training is in the data: the sampler's epoch and the batches trained on in it.
-
-        Counted from the Trainer's progress (batches whose training step ran), not from the sampler: Lightning
-        fetches a batch ahead (DataLoader workers even more), so the sampler's own count would skip batches.
-        """
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        epochs = trainer.fit_loop.epoch_progress.current
-        offset = sampler.epoch_offset
-        if epochs.completed == epochs.started and batches > 0:
-            # Lightning closed the epoch (saving at train end) and its counter is already the next epoch's.
-            if batches < trainer.num_training_batches:
-                # Training stopped mid-epoch (max_steps, max_time): a resumed run (a longer max_steps) starts a new
-                # Lightning epoch, but must draw the rest of the epoch these batches came from: one more of offset.
-                offset += 1
-            else:
-                batches = 0  # the epoch ran to its end: the next one starts from its first batch
-        return {"epoch": trainer.current_epoch - offset, "batches_yielded": batches, "epoch_offset": offset}
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = rank_and_world_size(self.trainer)

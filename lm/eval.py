@@ -548,6 +548,26 @@ def default_out(ckpt: str | Path, task_name: str) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.eval-{task_name}.json")
 
 
+def _cannot_write(path: Path, error: OSError) -> LMError:
+    """A one-line error naming the path, and the directory on the way to it when that is what failed."""
+    where = "" if error.filename in (None, str(path)) else f"{error.filename}: "
+    return LMError(f"cannot write {path}: {where}{error.strerror or error}")
+
+
+def check_writable(path: Path) -> None:
+    """Raise LMError unless `path` can be written, creating its parent directories; a file made for the check is
+    removed. An evaluation can take hours: an unwritable --out must stop it before it starts, not after."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):  # "a": an existing file is left as it is
+            pass
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    if not existed:
+        path.unlink()
+
+
 def eval_command(argv: list[str]) -> None:
     """lm eval: evaluate a checkpoint on one task, print a table and write a JSON result."""
     p = argparse.ArgumentParser(prog="lm eval", description="Evaluate a checkpoint on one task.")
@@ -581,11 +601,14 @@ def eval_command(argv: list[str]) -> None:
         batch_size=args.batch_size,
     )
     build_task(spec)  # unknown task: fail before loading anything
+    out = Path(args.out) if args.out else default_out(args.ckpt, spec.name or spec.task)
+    check_writable(out)
     model, tokenizer, info, _ = load_for_inference(args.ckpt, args.device)
     metrics, num_items = evaluate(model, tokenizer, spec)
     record = result_record(spec, metrics, num_items, tokenizer, info)
-    out = Path(args.out) if args.out else default_out(args.ckpt, record["task"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(format_table(record))
+    print(format_table(record))  # first: should the write still fail (a full disk), the results are on the screen
+    try:
+        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise _cannot_write(out, e) from None
     print(f"wrote {out}")

@@ -4,10 +4,10 @@
     python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('exported/x'))"
 
 The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with qk_norm), `model.safetensors`
-(fp32, as trained), `generation_config.json` (EOS and `<|end|>` both stop generation) and the tokenizer files
-(`tokenizer.json`, `tokenizer_config.json` with lm's chat template, ...) that `AutoTokenizer.from_pretrained`
-loads. The weights are a renaming (see lm/model.py); RoPE already uses transformers' rotate-half layout, so nothing
-is permuted. The embedding keeps its padded size (a multiple of 64):
+(fp32, as trained), `generation_config.json` (generation stops where lm chat's replies do: at EOS, `<|end|>`, BOS
+or a role marker) and the tokenizer files (`tokenizer.json`, `tokenizer_config.json` with lm's chat template, ...)
+that `AutoTokenizer.from_pretrained` loads. The weights are a renaming (see lm/model.py); RoPE already uses
+transformers' rotate-half layout, so nothing is permuted. The embedding keeps its padded size (a multiple of 64):
 ids past the tokenizer's vocabulary are never produced by the tokenizer.
 
 Tokenizers: every kind exports to a `tokenizer.json` that gives the same ids as `lm` on ordinary text.
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+from lm.chat import reply_stop_ids
 from lm.config import GPTConfig
 from lm.errors import LMError
 from lm.model import GPT
 from lm.tokenizer import (
     CHAT_TOKENS,
-    END,
     GPT2_EOT,
     SPECIAL_TOKENS,
     CharTokenizer,
@@ -189,14 +189,19 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LMError(f"--out {out}: a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(model.config, tokenizer)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    # A chat model ends its reply with <|end|>: transformers' generate() stops at either.
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": [tokenizer.eos_id, tokenizer.token_id(END)]}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    save_hf_tokenizer(tokenizer, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config = hf_config(model.config, tokenizer)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        # transformers' generate() stops where lm chat's replies do: EOS (first: the pad id transformers falls back
+        # to), <|end|>, BOS and the role markers (an undertrained model writing the next turn itself).
+        stops = [tokenizer.eos_id, *(i for i in reply_stop_ids(tokenizer) if i != tokenizer.eos_id)]
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_hf_tokenizer(tokenizer, out)
+    except OSError as e:  # not ours to write, a full disk, ...
+        raise LMError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
     return out
 
 

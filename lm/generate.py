@@ -37,7 +37,8 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick the next token from logits (B, V) -> (B,). temperature 0 means greedy."""
+    """Pick the next token from logits (B, V) -> (B,). temperature 0 means greedy; top_k 0 or None and top_p None or
+    1 filter nothing."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     # Shifted so the top logit is 0 before the division, and the temperature kept above float32's underflow: a tiny
@@ -45,7 +46,7 @@ def sample_next(
     logits = logits.float()
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -75,8 +76,8 @@ def check_sampling(
     # Each test reads "not in range" rather than "out of range": NaN fails every comparison, so it is refused too.
     if not (math.isfinite(temperature) and temperature >= 0):
         raise LMError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and not top_k >= 1:
-        raise LMError(f"top_k must be at least 1 (or unset for no top-k filter), got {top_k}")
+    if top_k is not None and not top_k >= 0:
+        raise LMError(f"top_k must be at least 0 (0 = no top-k filter), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise LMError(f"top_p must be in (0, 1] (or unset for no top-p filter), got {top_p}")
     if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
@@ -124,12 +125,15 @@ def stream_batch(
     token, or None once the row has stopped (a stop token, which is not yielded). Ends when every row has stopped or
     after max_new_tokens steps.
 
-    With the cache, each step feeds one token per row. Every row has its own context window, rows[i][starts[i]:]:
-    a prompt longer than block_size starts with its last block_size tokens, and when a row's context outgrows
-    block_size it slides to its last block_size // 2 tokens, so generation can run past block_size. A slide rebuilds
-    the shared cache (one prefill); the rows whose context still fits keep their window, so each row sees exactly
-    the tokens it would see decoded alone. Without the cache, each step recomputes every row's (cropped) prefix
-    alone: slow, kept as the reference for tests and benchmarks.
+    Every row has its own context window, rows[i][starts[i]:]: a prompt longer than block_size starts with its last
+    block_size tokens, and when a row's context outgrows block_size it slides to its last block_size // 2 tokens, so
+    generation can run past block_size. With the cache, each step feeds one token per row, and a slide rebuilds the
+    shared cache (one prefill); the rows whose context still fits keep their window, so each row sees exactly the
+    tokens it would see decoded alone. The cost, not a correctness issue: a batch whose rows outgrow block_size at
+    different steps rebuilds for each of them, more often than any row alone would. A row that has stopped is cut to
+    its last token at the next rebuild (it is never read again), so it stops widening the cache. Without the cache,
+    each step recomputes every row's window alone, the same windows: slow, kept as the reference for tests and
+    benchmarks.
     vocab_size: the tokenizer's size; the embedding rows past it are padding and are never sampled.
     Raises LMError for a sampling argument out of range (see `check_sampling`).
     """
@@ -139,7 +143,8 @@ def stream_batch(
     device = next(model.parameters()).device
     block_size = model.config.block_size
     rows = [list(p) for p in prompts]
-    starts = [0] * len(rows)  # where each row's context window begins (the cache holds rows[i][starts[i]:])
+    # Where each row's context window begins (the cache holds rows[i][starts[i]:]): a long prompt's last block_size.
+    starts = [max(0, len(r) - block_size) for r in rows]
     running = [True] * len(rows)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     seen = None
@@ -149,16 +154,20 @@ def stream_batch(
             seen[i, row] = True
     cache, next_ids = None, None
     for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = torch.cat([model(torch.tensor([r[-block_size:]], device=device))[:, -1] for r in rows])
-        elif cache is None or cache.pos + 1 > block_size:
-            # First step, or the longest context outgrew block_size: slide the windows that no longer fit (at least
-            # that one) and rebuild the cache from every row's window.
-            keep = block_size if cache is None else block_size // 2
+        if cache is None or not use_cache or cache.pos + 1 > block_size:
+            # First step, no cache, or the cache is full (its widest row outgrew block_size): slide every running
+            # window that no longer fits, and cut each finished row to its last token: it is never read again, so it
+            # must not fill the cache again and force rebuilds that no running row needs.
             for i, row in enumerate(rows):
-                if len(row) - starts[i] > block_size:
-                    starts[i] = len(row) - keep
-            cache, logits = _prefill(model, [r[s:] for r, s in zip(rows, starts, strict=True)], device)
+                if not running[i]:
+                    starts[i] = len(row) - 1
+                elif len(row) - starts[i] > block_size:
+                    starts[i] = len(row) - block_size // 2
+            windows = [r[s:] for r, s in zip(rows, starts, strict=True)]
+            if use_cache:
+                cache, logits = _prefill(model, windows, device)
+            else:
+                logits = torch.cat([model(torch.tensor([w], device=device))[:, -1] for w in windows])
         else:
             logits = model(next_ids[:, None], cache=cache)[:, -1]
         if vocab_size is not None:
@@ -221,13 +230,15 @@ def stream_text(
     *,
     stop_strings: Sequence[str] = (),
     finish: Finish | None = None,
+    skip_special: bool = False,
     **sampling,
 ) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, for printing as they come.
 
     Stops at a stop token (default: the tokenizer's EOS) or at the first stop string, which is not yielded: text that
     could still become a stop string is held back until it cannot. A BPE token can end mid-character, so text is
-    only released once it decodes cleanly. A `finish` passed in is filled in when the stream ends.
+    only released once it decodes cleanly. A `finish` passed in is filled in when the stream ends. skip_special:
+    special tokens that are not stop tokens leave no text (a chat reply must not hold marker strings).
     """
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
@@ -237,7 +248,7 @@ def stream_text(
     for token in stream_tokens(model, prompt_ids, **sampling):
         ids.append(token)
         finish.tokens = len(ids)
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids, skip_special=skip_special)
         if text.endswith("\ufffd"):
             continue
         cut = _first_stop(text, stop_strings)
@@ -252,7 +263,7 @@ def stream_text(
             released = len(text) - hold
     # The stream ended (a stop token, max_new_tokens), maybe on text the loop skipped (a partial character at the
     # end) or held back: it can still hold a stop string.
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode(ids, skip_special=skip_special)
     cut = _first_stop(text, stop_strings)
     # No stop token ended it (stream_tokens ran every step) and no stop string cut it: the length limit did.
     if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):

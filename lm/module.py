@@ -420,7 +420,10 @@ class LanguageModel(L.LightningModule):
             factor = factor * (gradient_clip_val / (self._grad_norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         if gradient_clip_val and gradient_clip_algorithm == "value":
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            # Clamped here, not through self.clip_gradients: under fp16 Lightning refuses to clip for an optimizer
+            # that unscales inside its step (fused AdamW), but on_before_optimizer_step has already unscaled them.
+            torch._foreach_clamp_min_(grads, -gradient_clip_val)
+            torch._foreach_clamp_max_(grads, gradient_clip_val)
         if self._grad_scaler() is not None:
             # fp16: the GradScaler already decided from the unscaled gradients whether this step runs (a NaN factor
             # here makes NaN gradients only in a step it skips); non-finite losses were counted before the step.

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import SumMetric
 
 from lm.chat import Message, check_messages, render_chat
 from lm.chat_data import IGNORE_INDEX, ChatData
@@ -48,7 +48,7 @@ from lm.model import GPT
 from lm.module import LanguageModel, token_cross_entropy
 
 PREFERENCE_FORMATS = ("conversational", "standard", "implicit", "hh")
-HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):(?: |$)")  # the end too: some HH replies are empty ("...Assistant:")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels) of one sequence
@@ -166,7 +166,8 @@ class PreferenceData(ChatData):
         task_size: Training pairs drawn from a task: source.
         task_val_size: Validation pairs drawn from the task's test split.
         task_digits: Operand digits of the addition task.
-        seed: Seed of the train/val split, the task problems, their wrong answers and the shuffling of batches.
+        seed: Seed of the shuffling of training batches.
+        split_seed: Seed of the train/val split, the task problems and their wrong answers (apart from `seed`).
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (at most block_size).
     """
@@ -189,6 +190,7 @@ class PreferenceData(ChatData):
         task_val_size: int = 200,
         task_digits: int = 2,
         seed: int = 1337,
+        split_seed: int = 1337,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
     ):
@@ -204,6 +206,7 @@ class PreferenceData(ChatData):
             task_val_size=task_val_size,
             task_digits=task_digits,
             seed=seed,
+            split_seed=split_seed,
             num_workers=num_workers,
             pad_to_multiple_of=pad_to_multiple_of,
         )
@@ -221,8 +224,8 @@ class PreferenceData(ChatData):
             from lm.tasks import make_problems, wrong_answer
 
             task = self.source[len("task:") :]
-            rng = random.Random(f"{self.source}-rejected-{self.seed}")
-            kw = dict(seed=self.seed, digits=self.task_digits)
+            rng = random.Random(f"{self.source}-rejected-{self.split_seed}")
+            kw = dict(seed=self.split_seed, digits=self.task_digits)
             splits = []
             for split, size in (("train", self.task_size), ("test", self.task_val_size)):
                 pairs = []
@@ -287,6 +290,11 @@ class PreferenceData(ChatData):
             f"{self.source}, {tokens:,} train tokens; vocab {self.tokenizer.vocab_size:,}; "
             f"{self.counts or 'nothing skipped or dropped'}"
         )
+
+    @staticmethod
+    def unscored(pair: tuple[Example, Example]) -> tuple[Example, Example]:
+        """The pair with nothing scored: a rank's validation padding, which PreferenceModel gives no weight."""
+        return ChatData.unscored(pair[0]), ChatData.unscored(pair[1])
 
     @staticmethod
     def collate(
@@ -405,13 +413,15 @@ class PreferenceModel(LanguageModel):
         super().__init__(
             arch, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, init_from=init_from, **kwargs
         )
-        # nan_strategy disable: the default checks each update for NaNs, a host sync per validation batch
-        self.val_rewards = torch.nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in REWARD_METRICS})
+        # Sums over the val pairs, and their count: the means are taken at the end. (MeanMetric's weights would
+        # need a NaN check, a host sync per batch: with nan_strategy "disable" torchmetrics 1.9 drops the weights.)
+        self.val_rewards = torch.nn.ModuleDict({name: SumMetric(nan_strategy="disable") for name in REWARD_METRICS})
+        self.val_pairs = SumMetric(nan_strategy="disable")
         self._reference: Unregistered | None = None  # set in configure_model
         self._reference_placement: tuple | None = None  # (device, dtype) the reference was last moved to
         self._reference_checksum: float | None = None  # sum of |weights|, saved in checkpoints, checked on resume
         self._init_state: dict[str, torch.Tensor] | None = None
-        self._rewards: tuple[torch.Tensor, torch.Tensor] | None = None  # of the last model_step
+        self._rewards: tuple[torch.Tensor, ...] | None = None  # (chosen, rejected, scored) of the last model_step
         self._step_reward_sums: torch.Tensor | None = None  # REWARD_METRICS summed over the step's micro-batches
 
     # ---- the reference -------------------------------------------------------------------------------------------
@@ -426,6 +436,8 @@ class PreferenceModel(LanguageModel):
         super().configure_model()
         reference = GPT(replace(self.arch, dropout=0.0))
         reference.load_state_dict(self._init_state)
+        if self.hparams.compile:  # as the policy: faster, and at step 0 both give the same numbers (a tie)
+            reference.compile()
         self._init_state = None
         self._reference = Unregistered(reference.requires_grad_(False).eval())
         self._reference_checksum = sum(float(p.double().abs().sum()) for p in reference.parameters())
@@ -479,12 +491,16 @@ class PreferenceModel(LanguageModel):
         if hp.sft_weight:  # per pair, so that a step's loss is a mean over its pairs like the rest
             chosen_logps, chosen_tokens = logps.chunk(2)[0], n_tokens.chunk(2)[0]
             losses = losses - hp.sft_weight * chosen_logps / chosen_tokens.clamp(min=1)
-        self._rewards = (chosen, rejected)
-        return losses.mean(), labels.new_full((), losses.shape[0])  # new_full: no host-to-device copy (a sync)
+        # Validation pads the ranks' shards with unscored pairs (ValidationBatchSampler): they weigh nothing
+        scored = n_tokens.chunk(2)[0] > 0
+        self._rewards = (chosen, rejected, scored)
+        n_pairs = scored.sum()
+        return (losses * scored).sum() / n_pairs.clamp(min=1), n_pairs
 
     def training_step(self, batch, batch_idx):
         loss_sum = super().training_step(batch, batch_idx)
-        sums = reward_metrics(*self._rewards).sum(1)
+        chosen, rejected, _ = self._rewards  # training batches are all scored
+        sums = reward_metrics(chosen, rejected).sum(1)
         self._step_reward_sums = sums if self._step_reward_sums is None else self._step_reward_sums + sums
         return loss_sum
 
@@ -502,13 +518,17 @@ class PreferenceModel(LanguageModel):
 
     def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)
-        for name, values in zip(REWARD_METRICS, reward_metrics(*self._rewards), strict=True):
-            self.val_rewards[name].update(values)
+        chosen, rejected, scored = self._rewards
+        for name, values in zip(REWARD_METRICS, reward_metrics(chosen, rejected) * scored, strict=True):
+            self.val_rewards[name].update(values.sum())
+        self.val_pairs.update(scored.sum())
 
     def on_validation_epoch_end(self):
         val_loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)  # no val/ppl: not a likelihood
+        pairs = self.val_pairs.compute().clamp(min=1)  # over all ranks, like the sums
         for name in REWARD_METRICS:
-            self.log(f"val/rewards/{name}", self.val_rewards[name].compute(), sync_dist=True)
+            self.log(f"val/rewards/{name}", self.val_rewards[name].compute() / pairs, sync_dist=True)
             self.val_rewards[name].reset()
+        self.val_pairs.reset()

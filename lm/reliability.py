@@ -92,22 +92,58 @@ class RNGState(L.Callback):
 class PreemptionSignal(L.Callback):
     """Treats SIGUSR1 like SIGTERM: finish the current step, save a checkpoint (`checkpoint.save_on_exception`), exit.
 
-    Lightning already does this for SIGTERM, and for SIGUSR1 under SLURM with auto-requeue (there it also requeues
-    the job), so this handler is only installed outside SLURM-managed runs.
+    Lightning already does this for SIGTERM. Under SLURM with auto-requeue, SIGUSR1 is Lightning's: it saves an HPC
+    checkpoint and requeues the job; here that runs at the next step boundary instead of inside the signal handler,
+    where it saved wherever the step was (between backward and the optimizer step, or mid-accumulation), so the
+    resumed run could not continue exactly.
+
+    "The current step" is the whole optimizer step: Lightning stops after the batch during which the signal came,
+    also between the micro-batches of an accumulated step, which would save a checkpoint whose step is half
+    accumulated (those gradients lost, the resumed step taken on the rest alone). The signal is held back until the
+    step's last micro-batch has run.
     """
 
+    def __init__(self):
+        self._held = False  # a signal came between micro-batches; stop once the step is complete
+        self._requeue = None  # Lightning's SLURM requeue handler, to call at the next step boundary
+        self._previous = None  # (signal number, the handler ours replaced)
+
     def on_train_start(self, trainer, pl_module):
+        if not hasattr(signal, "SIGUSR1"):
+            return
         environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue or not hasattr(signal, "SIGUSR1"):
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            signum = environment.requeue_signal or signal.SIGUSR1
+            lightnings = signal.getsignal(signum)
+            if not callable(lightnings):
+                return
+
+            def defer(signum, frame):
+                rank_zero_info("lm: received the requeue signal, saving and requeueing after this step")
+                self._requeue = lambda: lightnings(signum, None)
+
+            self._previous = (signum, signal.signal(signum, defer))
             return
 
         def handler(signum, frame):
             rank_zero_info("lm: received SIGUSR1, saving a checkpoint after this step and stopping")
             trainer._signal_connector.received_sigterm = True
 
-        self._previous = signal.signal(signal.SIGUSR1, handler)
+        self._previous = (signal.SIGUSR1, signal.signal(signal.SIGUSR1, handler))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        connector = trainer._signal_connector
+        if trainer.fit_loop.epoch_loop._should_accumulate():  # more micro-batches of this step are to come
+            if connector.received_sigterm:
+                self._held, connector.received_sigterm = True, False
+            return
+        if self._held:
+            self._held, connector.received_sigterm = False, True
+        if self._requeue is not None:
+            requeue, self._requeue = self._requeue, None
+            requeue()
 
     def on_train_end(self, trainer, pl_module):
-        if getattr(self, "_previous", None) is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
+        if self._previous is not None:
+            signal.signal(*self._previous)
             self._previous = None

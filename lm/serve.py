@@ -9,13 +9,15 @@
     POST /v1/completions        prompt -> its continuation (pretrained checkpoints)
 
 Both POSTs take max_tokens, temperature, top_p, stop (a string or a list), seed and stream (Server-Sent Events), plus
-top_k and repetition_penalty as extensions; what a request leaves out comes from the flags. The `model` field is not
-checked. Not supported, and a 400 when asked for: n > 1, logprobs, tools/functions, logit_bias, presence/frequency
-penalties, best_of, echo, suffix. A bad request is a 400 `{"error": {"message", "type"}}` and the server goes on.
+top_k (0: no top-k filter) and repetition_penalty as extensions; what a request leaves out comes from the flags. The
+`model` field is not checked. Not supported, and a 400 when asked for: n > 1, logprobs, tools/functions, logit_bias,
+presence/frequency penalties, best_of, echo, suffix. A bad request is a 400 `{"error": {"message", "type"}}` and the
+server goes on.
 
 The engine is lm.generate's, with lm chat's conventions: a reply is at most half the context, the oldest exchanges
-are dropped until the conversation fits in the rest, and it ends at <|end|>, EOS or BOS. A completion prompt must
-fit in the context (the engine would otherwise cut its beginning off silently); its continuation may run past it.
+are dropped until the conversation fits in the rest, and it ends at <|end|>, EOS, BOS or a role marker, whose text
+is never part of it (so a reply sent back as history is accepted). A completion prompt must fit in the context (the
+engine would otherwise cut its beginning off silently); its continuation may run past it.
 
 One model on one device: the threads of the HTTP server parse requests in parallel, but generation happens behind one
 lock, so requests queue; there is no batching across requests yet. A client that leaves stops its generation (a
@@ -184,6 +186,7 @@ class LMServer(ThreadingHTTPServer):
             stop_strings=job.stop_strings,
             generator=generator,
             finish=finish,
+            skip_special=job.chat,  # as lm chat: a reply holds no special token's text
             **job.sampling,
         )
         job.completion_tokens, job.finish_reason = finish.tokens, finish.reason
@@ -421,6 +424,9 @@ def serve_command(argv: list[str]) -> None:
     )
     args = p.parse_args(argv)
 
+    # Checked before the model loads: socket.bind would raise OverflowError (a traceback) only after that.
+    if not 0 <= args.port <= 65535:
+        raise LMError(f"--port must be in [0, 65535], got {args.port}")
     # Bad defaults would fail every request as the client's mistake: stop here instead.
     if not 1 <= args.max_new_tokens <= args.max_tokens_limit:
         raise LMError(

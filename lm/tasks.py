@@ -118,12 +118,11 @@ def evaluate_task(
     model, tokenizer, task: str, num_problems: int = 200, seed: int = 0, *, digits: int = 2, batch_size: int = 64
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on test problems: {"exact_match": fraction, "num_problems": n}."""
-    from lm.chat import render_prompt
+    from lm.chat import render_prompt, reply_stop_ids
     from lm.generate import generate_texts
-    from lm.tokenizer import END
 
     problems = make_problems(task, "test", num_problems, seed=seed, digits=digits)
-    stop_ids = (tokenizer.token_id(END), tokenizer.eos_id)
+    stop_ids = reply_stop_ids(tokenizer)  # the answer is the reply `lm chat` would show
     max_new = max(len(tokenizer.encode(p.answer)) for p in problems) + 4  # enough to be wrong, but not much more
     was_training = model.training
     model.eval()

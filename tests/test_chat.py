@@ -190,6 +190,69 @@ def test_fewer_training_conversations_per_device_than_a_batch_is_an_error():
         data.train_dataloader()
 
 
+def test_training_batches_keep_the_distributed_sampler_order():
+    """The resumable sampler draws what DistributedSampler(shuffle, drop_last) + DataLoader(drop_last) drew, so
+    results measured before it are still reproducible."""
+    from torch.utils.data import DistributedSampler
+
+    from lm.chat_data import ShuffledBatchSampler
+
+    for world_size in (1, 3):
+        for rank in range(world_size):
+            sampler = ShuffledBatchSampler(50, batch_size=4, seed=7, rank=rank, world_size=world_size)
+            reference = DistributedSampler(range(50), world_size, rank, shuffle=True, seed=7, drop_last=True)
+            for epoch in (0, 1):
+                sampler.set_epoch(epoch)
+                reference.set_epoch(epoch)
+                order = list(reference)
+                expected = [order[i : i + 4] for i in range(0, len(order) - 3, 4)]
+                assert [b.tolist() for b in sampler] == expected
+
+
+def test_chat_training_resumes_mid_epoch_with_the_batches_it_had_not_trained_on(tmp_path):
+    """A checkpoint from the middle of an epoch: the resumed run trains on the rest of that epoch, then the next
+    ones, exactly as an uninterrupted run (it restarted the epoch before: batches twice, others never)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.test_data import _RecordBatches
+
+    def fit(max_steps, ckpt_path=None):
+        data = ChatData(source="task:addition", tokenizer="char", block_size=32, batch_size=4, task_size=40)
+        every_step = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=1, save_top_k=-1)
+        quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=[every_step], **quiet)
+        module = _RecordBatches()
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module.seen
+
+    uninterrupted = fit(25)  # an epoch is 10 batches: the run crosses two epoch boundaries
+    resumed = fit(25, ckpt_path=tmp_path / "step=4.ckpt")
+    assert len(set(uninterrupted[:10])) == 10 and resumed == uninterrupted[4:]
+
+
+def test_validation_shards_every_example_once_whatever_the_number_of_devices():
+    """DistributedSampler pads the ranks' shards by repeating examples, which then count twice in val/loss. Here the
+    padding is there (the ranks run as many batches) but carries no supervised token."""
+    data = ChatData(
+        source="task:addition", tokenizer="char", block_size=32, batch_size=4, task_size=20, task_val_size=11
+    )
+    data.setup()
+    for world_size in (1, 2, 3, 4):
+        scored, batches = [], []
+        for rank in range(world_size):
+            data.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+            loader = data.val_dataloader()
+            batches.append(len(loader))
+            for batch in loader:
+                keep = (batch["labels"] != IGNORE_INDEX).any(1)
+                scored += [
+                    tuple(row[: int((row != data.tokenizer.eos_id).sum())].tolist()) for row in batch["input_ids"][keep]
+                ]
+        assert len(set(batches)) == 1  # sharded models need the same number of forward passes on every rank
+        assert sorted(scored) == sorted(tuple(ids) for ids, _ in data.val_examples)  # each example once
+
+
 def test_split_keeps_conversations_with_the_same_opening_on_one_side(tmp_path):
     """HH-style data: several transcripts branch from one opening; val must not share an opening with train."""
 
@@ -200,15 +263,17 @@ def test_split_keeps_conversations_with_the_same_opening_on_one_side(tmp_path):
     records = [branch(k, i) for k in range(20) for i in range(3)] + [_messages(i) for i in range(10)]
     path = _write_jsonl(tmp_path / "d.jsonl", records)
 
-    def split(seed):
-        train, val = ChatData(source=path, val_fraction=0.2, seed=seed)._conversations()
+    def split(**seeds):
+        train, val = ChatData(source=path, val_fraction=0.2, **seeds)._conversations()
         return [w for w, _ in train], [w for w, _ in val], train, val
 
-    train_where, val_where, train, val = split(1337)
+    train_where, val_where, train, val = split()
     train_openings = {c[0]["content"] for _, c in train}
     assert val and not any(c[0]["content"] in train_openings for _, c in val)
     assert len(train) + len(val) == 70 and len(val) >= 14  # round(0.2 * 70)
-    assert split(1337)[:2] == (train_where, val_where)  # deterministic for a seed
+    assert split()[:2] == (train_where, val_where)  # deterministic
+    assert split(seed=7)[:2] == (train_where, val_where)  # a seed sweep (training order) keeps the validation set
+    assert split(split_seed=7)[1] != val_where
     one_opening = _write_jsonl(tmp_path / "one.jsonl", [branch(0, i) for i in range(5)])
     with pytest.raises(LMError, match="all 5 usable conversations open with the same user message"):
         ChatData(source=one_opening)._conversations()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
+import lm.eval
 from lm.__main__ import main
 from lm.config import GPTConfig, padded_vocab_size
 from lm.eval import EvalCallback, EvalSpec, evaluate, stream_windows
@@ -211,6 +212,33 @@ def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["eval", "--ckpt", str(path), "--task", "hellaswag", "--data", str(bad)])
         assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_stops_before_evaluating(ckpt, text_dir, tmp_path, capsys, monkeypatch):
+    """--out is checked (its directories created) before an evaluation that can take hours; a write that fails
+    anyway is a one-line error after the table, whose results are then on the screen."""
+    path, _, _ = ckpt
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "r.json"  # under a file: not writable, even for root
+    argv = ["eval", "--ckpt", str(path), "--task", "lm", "--data", str(text_dir), "--out", str(out)]
+    monkeypatch.setattr(lm.eval, "evaluate", lambda *a: pytest.fail("evaluated before checking --out"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert capsys.readouterr().err == f"error: cannot write {out}: {out.parent}: File exists\n"  # "exists, not a dir"
+    assert exit_info.value.code == 2
+
+    monkeypatch.undo()
+    monkeypatch.setattr(lm.eval, "check_writable", lambda out: None)  # as if the disk filled up during the evaluation
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    printed = capsys.readouterr()
+    assert exit_info.value.code == 2 and printed.err.endswith(f"\nerror: cannot write {out}: Not a directory\n")
+    assert "bpb" in printed.out
+
+    monkeypatch.undo()
+    nested = tmp_path / "new" / "dir" / "r.json"  # directories are made
+    main([*argv[:-1], str(nested)])
+    assert json.loads(nested.read_text())["task"] == "lm"
 
 
 def test_callback_logs_eval_metrics_in_training(tmp_path):

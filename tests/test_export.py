@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from lm.chat import render_prompt
+from lm.__main__ import main
+from lm.chat import render_prompt, reply_stop_ids
 from lm.errors import LMError
 from lm.export import export_hf, hf_state_dict
 from lm.generate import stream_tokens
 from lm.model import GPT
-from lm.tokenizer import END, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
+from lm.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from tests.test_eval import write_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -80,8 +81,10 @@ def test_exported_tokenizer_gives_the_same_ids(tmp_path, kind):
     chat += [{"role": "assistant", "content": " speak"}, {"role": "user", "content": "All: \n\nhear me"}]
     templated = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     assert list(getattr(templated, "input_ids", templated)) == render_prompt(chat, tokenizer)
+    # transformers stops where lm chat does: EOS (first, the pad id transformers falls back to), <|end|>, BOS, markers.
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [tokenizer.eos_id, tokenizer.token_id(END)]
+    assert generation["eos_token_id"][0] == tokenizer.eos_id
+    assert sorted(generation["eos_token_id"]) == sorted(reply_stop_ids(tokenizer))
 
 
 def test_export_of_a_missing_checkpoint_is_a_user_error(tmp_path):
@@ -94,3 +97,12 @@ def test_export_onto_a_file_is_a_user_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(LMError, match="afile: a file, not a directory"):
         export_hf(tmp_path / "c.ckpt", tmp_path / "afile")
+
+
+def test_an_unwritable_out_is_a_one_line_error(tmp_path, capsys):
+    write_checkpoint(tmp_path / "c.ckpt", char_tokenizer(), block_size=8, n_layer=1, n_head=2, n_embd=16)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "hf"  # under a file: not writable, even for root
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(tmp_path / "c.ckpt"), "--out", str(out)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: cannot write {out}: Not a directory\n"

@@ -40,6 +40,45 @@ def test_generation_runs_past_the_context(model):
     assert len(ids) == 40
 
 
+def sharp_model(**arch) -> GPT:
+    """A tiny GPT with sharper logits: at random init they are nearly flat and any context gives the same argmax."""
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", **arch)).eval()  # 16-token context
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    return model
+
+
+# One prompt, one longer than the context, a batch.
+@pytest.mark.parametrize("prompts", [[[1, 5, 9, 3]], [list(range(1, 25))], [[1, 2, 3], list(range(10, 30)), [7]]])
+def test_without_the_cache_generation_past_the_context_is_the_same(prompts):
+    """The reference path uses the cached path's windows (a slide keeps the last block_size // 2 tokens), not the
+    last block_size tokens at every step: both decode the same greedy tokens however long they run."""
+    model = sharp_model()
+    kwargs = dict(max_new_tokens=40, temperature=0)
+    assert generate_batch(model, prompts, **kwargs) == generate_batch(model, prompts, use_cache=False, **kwargs)
+
+
+def test_finished_rows_do_not_rebuild_the_cache(monkeypatch):
+    """A row that has stopped is never read again: its growing context must not keep filling the cache and forcing
+    rebuilds that the running rows do not need (it did every 8 steps: 9 prefills here)."""
+    model = sharp_model()
+    prompts = [list(range(1, 15)), [5]]  # the first would outgrow the 16-token context after 3 steps, then every 8
+    free = generate_batch(model, prompts, max_new_tokens=40, temperature=0)
+    stop = free[0][0]
+    assert stop not in free[1]  # only the first row stops, at once
+    prefills = []
+    monkeypatch.setattr(lm.generate, "_prefill", lambda *a, f=lm.generate._prefill: prefills.append(1) or f(*a))
+    batched = generate_batch(model, prompts, max_new_tokens=40, temperature=0, stop_ids=[stop])
+    in_batch, prefills[:] = len(prefills), []
+    alone = generate_batch(model, prompts[1:], max_new_tokens=40, temperature=0, stop_ids=[stop])
+    assert batched == [[], *alone] and len(prefills) == 4  # alone: the prompt, then steps 16, 24 and 32
+    # One more in the batch: at step 3 the cache the stopped row had filled is rebuilt, cutting it to one token.
+    assert in_batch == len(prefills) + 1
+
+
 def test_stop_token_ends_generation_and_is_not_yielded(model):
     prompt = [1, 2, 3]
     free = list(stream_tokens(model, prompt, max_new_tokens=10, temperature=0))
@@ -58,6 +97,15 @@ def test_top_k_one_is_greedy():
     assert torch.equal(sample_next(logits, temperature=1.0, top_k=1), logits.argmax(-1))
 
 
+def test_top_k_zero_filters_nothing(model):
+    """0 turns top-k off (the flags have a default, so unsetting is not an option on the command line)."""
+    logits = torch.randn(4, 50)
+    draws = [sample_next(logits, top_k=k, generator=torch.Generator().manual_seed(0)) for k in (0, None)]
+    assert torch.equal(*draws)
+    sampled = generate_batch(model, [[1, 2]], max_new_tokens=5, top_k=0, generator=torch.Generator().manual_seed(0))
+    assert sampled == generate_batch(model, [[1, 2]], max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("temperature", [1e-50, 1e-30, 1e-8])
 def test_a_tiny_temperature_tends_to_greedy_instead_of_failing(temperature):
     logits = torch.randn(4, 50) * 10  # float32 overflows at logit / 1e-38
@@ -72,7 +120,6 @@ def test_top_p_always_keeps_the_top_token():
 @pytest.mark.parametrize(
     ("argument", "value"),
     [
-        ("top_k", 0),
         ("top_k", -3),
         ("top_p", 0.0),
         ("top_p", -0.5),
@@ -147,12 +194,7 @@ def test_batch_of_different_lengths_decodes_each_row_as_alone():
 def test_batch_past_the_context_matches_single_rows(prompts, max_new_tokens):
     """The sliding-window rebuild of a padded batch keeps each row identical to decoding it alone: only the rows whose
     own context outgrew block_size slide."""
-    torch.manual_seed(0)
-    model = GPT(get_config("tiny")).eval()  # 16-token context
-    with torch.no_grad():  # sharper logits: at random init they are nearly flat and any context gives the same argmax
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5)
+    model = sharp_model()
     batched = generate_batch(model, prompts, max_new_tokens=max_new_tokens, temperature=0)
     alone = [list(stream_tokens(model, p, max_new_tokens=max_new_tokens, temperature=0)) for p in prompts]
     assert batched == alone

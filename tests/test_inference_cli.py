@@ -46,7 +46,6 @@ def test_generate_prints_characters_that_span_tokens(capsys, tmp_path, monkeypat
 
 
 BAD_SAMPLING = [
-    ("--top_k", "0", "top_k"),
     ("--top_k", "-1", "top_k"),
     ("--top_p", "0", "top_p"),
     ("--top_p", "1.5", "top_p"),
@@ -90,3 +89,35 @@ def test_resume_from_a_file_that_is_not_a_lightning_checkpoint(capsys, tmp_path)
     assert code == 2
     assert len(err.splitlines()) == 1
     assert err.startswith(f"error: {path}: not a Lightning checkpoint")
+
+
+def test_resume_keeps_the_checkpoints_model_arguments_for_a_file_and_for_last_alike(capsys, tmp_path, monkeypatch):
+    """The restored optimizer holds the run's lr: a new one must not be written into the checkpoint unused (as it was
+    with `last`), nor dropped without a word (as with a file). Runtime arguments (max_skipped_steps) may change."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    fit = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false"]
+    fit += ["--trainer.default_root_dir", str(root), "--trainer.val_check_interval", "2", "--trainer.max_steps"]
+    assert run(capsys, *fit, "2")[0] == 0
+    last = root / "checkpoints" / "last.ckpt"
+    first = tmp_path / "step2.ckpt"
+    first.write_bytes(last.read_bytes())
+    changed = ["--model.init_args.lr", "0.007", "--model.init_args.max_skipped_steps", "3"]
+    for steps, ckpt_path in (("3", str(first)), ("4", "last")):
+        code, out, err = run(capsys, *fit, steps, *changed, "--ckpt_path", ckpt_path)
+        assert (code, err) == (0, "")
+        assert "ignored here: lr 0.007 (checkpoint: 0.003)" in out and "max_skipped_steps" not in out.split("here:")[1]
+        saved = torch.load(last, weights_only=True)
+        assert saved["global_step"] == int(steps)
+        assert (saved["hyper_parameters"]["lr"], saved["hyper_parameters"]["max_skipped_steps"]) == (0.003, 3)
+        assert saved["lr_schedulers"][0]["base_lrs"][0] == 0.003
+
+
+def test_lm_alone_lists_every_command_and_a_typo_names_the_nearest(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("fit", "validate", "generate", "chat", "serve", "eval", "tasks", "export", "tokenizer", "sweep"):
+        assert f"\n  {command} " in out
+    code, _, err = run(capsys, "generat", "--ckpt", "x")
+    assert code == 2 and err.startswith("error: unknown command 'generat' (did you mean 'generate'?)")
+    assert len(err.splitlines()) == 1

@@ -17,9 +17,11 @@ from lm.config import get_config, padded_vocab_size
 from lm.errors import LMError
 from lm.model import GPT
 from lm.preference import (
+    REWARD_METRICS,
     PreferenceData,
     PreferenceModel,
     detect_preference_format,
+    pair_problem,
     preference_loss,
     reward_metrics,
     sequence_logprobs,
@@ -82,6 +84,14 @@ def test_implicit_prompt_ends_at_the_last_user_turn_before_the_replies_differ():
     user_only = {"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}
     with pytest.raises(ValueError, match="no common prompt"):
         to_pair(user_only, "implicit")
+
+
+def test_an_empty_hh_reply_is_named_as_such():
+    """Some hh-rlhf replies are empty: the transcript ends in "\n\nAssistant:" with no space after it."""
+    record = {"chosen": _hh(PROMPT + CHOSEN), "rejected": _hh(PROMPT) + "\n\nAssistant:"}
+    prompt, chosen, rejected = to_pair(record, "hh")
+    assert (prompt, chosen, rejected) == (PROMPT, CHOSEN, [{"role": "assistant", "content": ""}])
+    assert pair_problem(prompt, chosen, rejected) == "prompt + rejected: message 3 (assistant) has empty content"
 
 
 def test_bad_pairs_name_file_and_line_or_are_skipped_and_counted(tmp_path):
@@ -317,18 +327,46 @@ def _pairs_file(tmp_path, n=40):
     return _write_jsonl(tmp_path / "pairs.jsonl", records)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
-def test_the_policy_ties_its_reference_before_training_in_every_precision(tmp_path, precision):
-    """bf16-true casts the policy's RoPE tables too: the reference must follow, or step 0 compares two models."""
+@pytest.mark.parametrize(
+    ("precision", "compile"), [("32-true", False), ("bf16-mixed", False), ("bf16-true", False), ("32-true", True)]
+)
+def test_the_policy_ties_its_reference_before_training_in_every_precision(tmp_path, precision, compile):
+    """bf16-true casts the policy's RoPE tables too: the reference must follow, or step 0 compares two models. With
+    compile: true the reference is compiled like the policy (else their kernels round differently)."""
     path, _ = _sft_checkpoint(tmp_path)
     data = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
-    module = PreferenceModel(get_config("tiny"), init_from=str(path))
+    module = PreferenceModel(get_config("tiny"), init_from=str(path), compile=compile)
     logger = MemoryLogger()
     trainer = L.Trainer(accelerator="cpu", precision=precision, logger=logger, enable_progress_bar=False)
     trainer.validate(module, datamodule=data)
     metrics = logger.by_step()[0]
     assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert metrics["val/rewards/accuracy"] == 0 and metrics["val/rewards/margin"] == 0
+    assert (module.reference._compiled_call_impl is not None) == compile
+
+
+def test_an_unscored_padding_pair_weighs_nothing_in_validation(tmp_path):
+    """Validation pads the ranks' shards with unscored pairs: loss and rewards must be those of the real pairs."""
+    path, _ = _sft_checkpoint(tmp_path)
+    data = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
+    data.setup()
+    module = PreferenceModel(get_config("tiny"), init_from=str(path))
+    module.configure_model()
+    with torch.no_grad():
+        module.model.lm_head.weight.add_(0.1 * torch.randn_like(module.model.lm_head.weight))  # policy != reference
+    pairs = data.train_examples[:3]
+
+    def validate(batch_pairs):
+        module.on_validation_epoch_start()
+        module.validation_step(PreferenceData.collate(batch_pairs), 0)
+        logger = MemoryLogger()
+        module.log = lambda name, value, **kwargs: logger.log_metrics({name: float(value)}, 0)
+        module.on_validation_epoch_end()  # computes and resets
+        return logger.by_step()[0]
+
+    padded = validate([*pairs, PreferenceData.unscored(pairs[0])])
+    assert padded.keys() == {"val/loss", *(f"val/rewards/{name}" for name in REWARD_METRICS)}
+    assert padded == pytest.approx(validate(pairs), abs=1e-6)
 
 
 def test_validation_sums_stay_fp32_under_bf16_true(tmp_path):

@@ -1,6 +1,7 @@
 """Faults and what docs/reliability.md promises: one-line user errors, atomic checkpoints, skipped NaN steps."""
 
 import math
+import re
 
 import lightning as L
 import pytest
@@ -73,6 +74,20 @@ def data(tmp_path, name: str, content: bytes, **kwargs) -> PretrainData:
     path = tmp_path / name
     path.write_bytes(content)
     return PretrainData(source=str(path), block_size=8, batch_size=2, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": -1}, "data.seed must be >= 0, got -1"),
+        ({"val_windows": 0}, "data.val_windows must be >= 1 (or null for the whole split), got 0"),
+        ({"val_windows": -1}, "data.val_windows must be >= 1"),
+        ({"num_workers": -2}, "data.num_workers must be >= 0, got -2"),
+    ],
+)
+def test_bad_pretrain_data_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(LMError, match=re.escape(message)):
+        PretrainData(**kwargs)
 
 
 def test_non_utf8_text_names_file_and_line(tmp_path):
@@ -220,6 +235,27 @@ def test_fp16_loss_scale_overflows_are_the_scalers_business_not_skipped_steps():
     assert len(finite) >= 3 and max(finite) < 100  # unscaled: the tiny model's gradient norm is ~2, not ~2 x 8192
 
 
+@pytest.mark.parametrize("fp16", [False, True])
+def test_value_clipping_bounds_every_gradient_also_under_fp16_with_fused_adamw(fp16):
+    """gradient_clip_algorithm: value clamps each unscaled gradient entry. Under fp16, Lightning's own clipping refuses
+    fused AdamW (it unscales inside its step), so the module clamps after unscaling them itself."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10)
+    largest = []
+    clip = module.configure_gradient_clipping
+
+    def record_largest(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        largest.append(max(p.grad.abs().max().item() for p in module.model.parameters() if p.grad is not None))
+
+    module.configure_gradient_clipping = record_largest
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))] if fp16 else []
+    fit_quietly(module, 4, plugins=plugins, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    assert largest == [pytest.approx(1e-3)] * 4  # the tiny model's raw gradients reach ~0.1: every step was clamped
+
+
 def test_fp16_still_counts_a_non_finite_loss():
     """A NaN loss is no overflow a smaller scale would fix: under a GradScaler it still counts and stops the run."""
     from lightning.pytorch.plugins.precision import MixedPrecision
@@ -267,7 +303,7 @@ def test_invalid_hyperparameters_are_one_line_errors_naming_the_key(kwargs, mess
     [
         (["--model.init_args.arch.n_head", "3"], "n_embd (64) must be divisible by n_head (3)"),
         (["--model.init_args.lr", "-1"], "model.init_args.lr must be a number > 0, got -1.0"),
-        (["--samples.top_k", "0"], "top_k must be at least 1 (or unset for no top-k filter), got 0"),
+        (["--samples.top_k", "-1"], "top_k must be at least 0 (0 = no top-k filter), got -1"),
     ],
 )
 def test_constructor_errors_on_the_command_line_are_one_line(capsys, override, expected):
@@ -310,3 +346,86 @@ def test_a_sample_prompt_the_tokenizer_cannot_encode_stops_the_run_before_traini
     with pytest.raises(LMError, match=r"^samples.prompts: 'ROMEO:' cannot be encoded .*character 'R'") as error:
         fit_quietly(module, 2, callbacks=[samples])
     assert "\n" not in str(error.value) and steps == []  # refused before the first step
+
+
+class _SignalDuring(L.Callback):
+    """Does what the SIGTERM handler does, at the start of one given batch."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1 == self.batch:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_signal_between_micro_batches_stops_after_the_whole_step_and_resumes_exactly(tmp_path):
+    """With accumulate_grad_batches 2, a signal during the first micro-batch of step 3 (batch 4) must let batch 5 run:
+    a checkpoint after batch 4 would hold step 2 and a lost half step, and the resumed step 3 would use batch 5 only."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lm.reliability import Checkpoint, PreemptionSignal
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+
+    def fit(callbacks, ckpt_path=None, root="a"):
+        torch.manual_seed(0)
+        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
+        checkpoint = Checkpoint(dirpath=tmp_path / root, save_last=True, save_on_exception=True, save_top_k=0)
+        quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=6, accumulate_grad_batches=2, callbacks=[checkpoint, *callbacks], **quiet
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, module
+
+    _, uninterrupted = fit([PreemptionSignal()])
+    with pytest.raises(SIGTERMException):
+        fit([PreemptionSignal(), _SignalDuring(batch=4)], root="b")
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3  # steps 1-3 (batches 0-5), not step 2 and batch 4
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 6
+    _, resumed = fit([PreemptionSignal()], ckpt_path=tmp_path / "b" / "last.ckpt", root="b")
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
+    """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
+    signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
+    import os
+    import signal
+
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    from lm.reliability import PreemptionSignal
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")  # not "bash"/"interactive": Lightning then manages the job
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    calls = []
+    monkeypatch.setattr(
+        _SignalConnector,
+        "_slurm_sigusr_handler_fn",
+        lambda self, signum, frame: calls.append(
+            (self.trainer.global_step, self.trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+        ),
+    )
+
+    class SignalAt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.fit_loop.epoch_loop.batch_progress.total.ready == 5:  # batch 4: step 3's first micro-batch
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
+    fit_quietly(module, 8, accumulate_grad_batches=2, callbacks=[SignalAt(), PreemptionSignal()])
+    # called once, after batch 5 (step 3's last micro-batch) completed; Lightning counts it completed after the hook
+    assert calls == [(3, 5)]

@@ -2,6 +2,7 @@
 the generation engine's for the same prompt and settings; usage, finish_reason, streaming, seeds, errors, concurrency,
 and the command itself (one-line errors, SIGTERM)."""
 
+import contextlib
 import json
 import signal
 import socket
@@ -15,12 +16,13 @@ import urllib.request
 import pytest
 import torch
 
-from lm.chat import render_prompt
+from lm.chat import render_prompt, reply_stop_ids
 from lm.checkpoint import load_for_inference
 from lm.generate import stream_text, stream_tokens
 from lm.serve import Handler, LMServer
-from lm.tokenizer import BOS, END, EOS, CharTokenizer
+from lm.tokenizer import ASSISTANT, USER, CharTokenizer
 from tests.conftest import REPO, cli_env
+from tests.test_chat_replies import scripted_model
 from tests.test_eval import write_checkpoint
 from tests.test_inference_cli import TINY, run
 
@@ -42,15 +44,24 @@ def ckpt(tmp_path):
 def server(ckpt):
     """(base URL, the LMServer) of a server running in a thread; shut down and closed after the test."""
     model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
+    with serving(model, tokenizer) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer):
+    """(base URL, the LMServer) of a server of this model running in a thread, for the with block."""
     srv = LMServer(
         ("127.0.0.1", 0), model, tokenizer, model_name="tiny", defaults=DEFAULTS, seed=0, max_tokens_limit=64
     )
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)  # quick shutdown
     thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
 
 
 def call(url: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
@@ -76,16 +87,14 @@ def events(stream: str) -> list:
 def engine(srv: LMServer, prompt_ids, *, max_new_tokens: int, chat: bool = True, seed: int = 0, **overrides):
     """What lm.generate gives for the server's model and defaults: the text and the number of tokens generated."""
     tokenizer = srv.tokenizer
-    stops = (END, EOS, BOS) if chat else (EOS,)
     sampling = {k: v for k, v in DEFAULTS.items() if k != "max_tokens"} | overrides
     sampling |= dict(
         max_new_tokens=max_new_tokens,
-        stop_ids=tuple(tokenizer.token_id(t) for t in stops),
+        stop_ids=reply_stop_ids(tokenizer) if chat else (tokenizer.eos_id,),
         vocab_size=tokenizer.vocab_size,
     )
-    text = "".join(
-        stream_text(srv.model, tokenizer, prompt_ids, generator=torch.Generator().manual_seed(seed), **sampling)
-    )
+    generator = torch.Generator().manual_seed(seed)
+    text = "".join(stream_text(srv.model, tokenizer, prompt_ids, generator=generator, skip_special=chat, **sampling))
     tokens = list(stream_tokens(srv.model, prompt_ids, generator=torch.Generator().manual_seed(seed), **sampling))
     return text, len(tokens)
 
@@ -190,6 +199,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "a" * 33}, "the prompt is 33 tokens long"),
     ("/v1/completions", {"prompt": "ab", "max_tokens": 10**9}, "above this server's limit of 64"),
     ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, "has unknown role ['user']"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "content is not a string"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_k": -1}, "top_k must be at least 0 (0 = no top-k filter)"),
     ("/v1/chat/completions", b"[" * 100_000, "not valid JSON"),  # too deep for the parser
     ("/v1/chat/completions", b'{"seed": ' + b"9" * 5000 + b"}", "not valid JSON"),  # too many digits for int()
     ("/v1/chat/completions", {"messages": HELLO, "response_format": {"type": "json_object"}}, "is not supported"),
@@ -235,6 +246,26 @@ def test_a_reply_sent_back_as_history_is_accepted_even_when_empty(server):
     history = [*HELLO, {"role": "assistant", "content": ""}, {"role": "user", "content": "and now"}]
     status, reply = call(url + "/v1/chat/completions", {"messages": history, "max_tokens": 2})
     assert status == 200 and reply["object"] == "chat.completion"
+
+
+def test_a_reply_ends_at_a_role_marker_and_can_be_sent_back(server):
+    """An undertrained model writes the user's turn itself: the reply stops there, holding no "<|user|>" (which the
+    char tokenizer cannot encode as text: the reply sent back as history was a 400)."""
+    _, srv = server
+    model = scripted_model(srv.tokenizer, {ASSISTANT: "o", "o": "k", "k": USER, USER: "h"})
+    with serving(model, srv.tokenizer) as (url, _):
+        status, reply = call(url + "/v1/chat/completions", {"messages": HELLO, "temperature": 0})
+        assert status == 200 and reply["choices"][0]["message"]["content"] == "ok"
+        assert reply["choices"][0]["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == 2
+        history = [*HELLO, reply["choices"][0]["message"], {"role": "user", "content": "and now"}]
+        assert call(url + "/v1/chat/completions", {"messages": history, "temperature": 0})[0] == 200
+
+
+def test_top_k_zero_filters_nothing(server):
+    url, srv = server
+    expected, _ = engine(srv, render_prompt(HELLO, srv.tokenizer), max_new_tokens=8, temperature=1.0, top_k=None)
+    status, reply = call(url + "/v1/chat/completions", {"messages": HELLO, "temperature": 1.0, "top_k": 0, "seed": 0})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == expected
 
 
 def test_a_chat_reply_is_capped_at_half_the_context_and_a_tiny_temperature_is_greedy(server):
@@ -361,6 +392,9 @@ def test_concurrent_requests_queue_and_each_get_their_own_reply(server):
     [
         (["--ckpt", "missing.ckpt"], "error: missing.ckpt: checkpoint not found"),
         (["--ckpt", "missing.ckpt", "--top_p", "0"], "error: top_p must be in (0, 1]"),
+        # Before the checkpoint loads: socket.bind raised OverflowError (a traceback) once the model was loaded.
+        (["--ckpt", "missing.ckpt", "--port", "70000"], "error: --port must be in [0, 65535], got 70000"),
+        (["--ckpt", "missing.ckpt", "--port", "-1"], "error: --port must be in [0, 65535], got -1"),
     ],
 )
 def test_serve_command_reports_user_errors_in_one_line(capsys, argv, error):

@@ -52,3 +52,18 @@ def test_evaluate_task_scores_greedy_answers():
     model = GPT(get_config("tiny", vocab_size=64, block_size=32)).eval()
     result = evaluate_task(model, tok, "addition", num_problems=30, batch_size=8)
     assert result["num_problems"] == 30 and 0.0 <= result["exact_match"] <= 1.0
+
+
+def test_an_answer_is_scored_as_lm_chat_shows_it():
+    """A model that answers "1" and then writes the next user turn itself: chat shows "1", and so does the score."""
+    import string
+
+    from lm.tokenizer import ASSISTANT, USER
+    from tests.test_chat_replies import scripted_model
+
+    tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " "])
+    problems = make_problems("count", "test", 50, seed=0)
+    ones = sum(p.answer == "1" for p in problems)
+    assert 0 < ones < 50
+    model = scripted_model(tok, {ASSISTANT: "1", "1": USER, USER: "2"})
+    assert evaluate_task(model, tok, "count", num_problems=50)["exact_match"] == ones / 50

@@ -1,0 +1,99 @@
+"""Replies of `lm chat` (and the stop ids lm serve shares): a reply ends at any special token, holds no special
+token's text, and a turn is kept only when the conversation still renders with it. The model here is scripted: its
+greedy next token is a function of its last one, so a reply is known in advance."""
+
+import pytest
+import torch
+
+import lm.checkpoint
+import lm.generate
+from lm.__main__ import main
+from lm.chat import check_messages, render_prompt, reply_stop_ids
+from lm.config import get_config
+from lm.model import GPT
+from lm.tokenizer import ASSISTANT, END, SPECIAL_TOKENS, USER, CharTokenizer, Tokenizer
+
+DIGITS = CharTokenizer.train(["0123456789+"])  # as an addition SFT run's: no space, no "<"
+
+
+def scripted_model(tokenizer: Tokenizer, follow: dict[str, str]) -> GPT:
+    """A tiny GPT whose logits make follow[last token] (tokens as strings, specials by name) the only likely next
+    token; any other last token is followed by <|end|>."""
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=64, block_size=64)).eval()
+    table = torch.full((64,), tokenizer.token_id(END))
+
+    def token_id(token: str) -> int:
+        return tokenizer.token_id(token) if token in SPECIAL_TOKENS else tokenizer.encode(token)[0]
+
+    for last, nxt in follow.items():
+        table[token_id(last)] = token_id(nxt)
+
+    def force(module, args, logits):  # (B, T, V): only the last position is sampled from
+        forced = torch.full_like(logits, -1e4)
+        forced[torch.arange(len(logits)), -1, table[args[0][:, -1]]] = 1e4
+        return forced
+
+    model.register_forward_hook(force)
+    return model
+
+
+def chat(monkeypatch, capsys, model: GPT, tokenizer: Tokenizer, lines: list[str]) -> tuple[str, str]:
+    """Run interactive `lm chat` on the model, typing `lines`; returns (stdout, stderr)."""
+    monkeypatch.setattr(lm.checkpoint, "load_for_inference", lambda ckpt, device: (model, tokenizer, {}, "cpu"))
+    typed = iter([*lines, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    main(["chat", "--ckpt", "scripted.ckpt", "--device", "cpu", "--temperature", "0"])
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_stop_ids_are_every_special_token():
+    assert set(reply_stop_ids(DIGITS)) == {DIGITS.token_id(t) for t in SPECIAL_TOKENS}
+
+
+def test_a_reply_ends_at_a_role_marker_and_the_next_turn_works(monkeypatch, capsys):
+    """An undertrained model writes the user's next turn itself ("12<|user|>3..."): the reply is "12", and the
+    conversation, which a char tokenizer could not render with "<|user|>" as text, goes on."""
+    model = scripted_model(DIGITS, {ASSISTANT: "1", "1": "2", "2": USER, USER: "3"})
+    out, err = chat(monkeypatch, capsys, model, DIGITS, ["7", "8"])
+    assert err == ""
+    assert out.splitlines()[1:] == ["12", "12"]
+
+
+def test_an_empty_reply_is_kept_as_empty_text(monkeypatch, capsys):
+    """The model ends its turn at once; " " in its place could not be rendered by a tokenizer without a space."""
+    model = scripted_model(DIGITS, {})
+    out, err = chat(monkeypatch, capsys, model, DIGITS, ["7", "8"])
+    assert err == "" and out.splitlines()[1:] == ["", ""]
+
+
+def test_a_reply_that_cannot_be_rendered_is_not_kept(monkeypatch, capsys):
+    """Whatever the reply holds, a failed turn leaves the conversation as it was, so the next turn still works."""
+    prompts = []
+
+    def stream_text(model, tokenizer, prompt, **sampling):
+        prompts.append(prompt)
+        yield "1<2" if len(prompts) == 1 else "3"
+
+    monkeypatch.setattr(lm.generate, "stream_text", stream_text)
+    out, err = chat(monkeypatch, capsys, scripted_model(DIGITS, {}), DIGITS, ["7", "8"])
+    assert err.startswith("error: the reply is not kept in the conversation: character '<'") and err.count("\n") == 1
+    assert prompts[1] == render_prompt([{"role": "user", "content": "8"}], DIGITS)  # the broken exchange is gone
+
+
+def test_special_tokens_that_do_not_stop_leave_no_text():
+    """skip_special: a special token that is not a stop id (another tokenizer's own specials) is not text either."""
+    model = scripted_model(DIGITS, {"7": "1", "1": USER, USER: "2"})
+    kwargs = dict(max_new_tokens=3, temperature=0, stop_ids=[DIGITS.token_id(END)])
+    text = "".join(lm.generate.stream_text(model, DIGITS, DIGITS.encode("7"), **kwargs))
+    assert text == "1<|user|>2"
+    assert "".join(lm.generate.stream_text(model, DIGITS, DIGITS.encode("7"), skip_special=True, **kwargs)) == "12"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(5, "message 0 (user) content is not a string (got int)"), (" ", "message 0 (user) has empty content")],
+)
+def test_a_content_that_is_not_a_string_is_named_so(content, reason):
+    assert check_messages([{"role": "user", "content": content}], need_reply=False) == reason
