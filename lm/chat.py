@@ -212,6 +212,9 @@ def chat_command(argv: list[str]) -> None:
         except LMError as e:  # a message too long for the context: say so and keep chatting
             print(f"error: {e}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops a reply (a long or looping one); Ctrl-C at the prompt quits
+            print("\n(reply interrupted; the turn is not kept)")
+            continue
         try:
             tokenizer.encode(answer)
         except LMError as e:

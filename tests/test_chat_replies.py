@@ -82,6 +82,22 @@ def test_a_reply_that_cannot_be_rendered_is_not_kept(monkeypatch, capsys):
     assert prompts[1] == render_prompt([{"role": "user", "content": "8"}], DIGITS)  # the broken exchange is gone
 
 
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(monkeypatch, capsys):
+    """Ctrl-C during a reply drops that turn and returns to the prompt (it used to end lm chat with a traceback)."""
+    prompts = []
+
+    def stream_text(model, tokenizer, prompt, **sampling):
+        prompts.append(prompt)
+        yield "1"
+        if len(prompts) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm.generate, "stream_text", stream_text)
+    out, err = chat(monkeypatch, capsys, scripted_model(DIGITS, {}), DIGITS, ["7", "8"])
+    assert err == "" and "(reply interrupted; the turn is not kept)" in out
+    assert prompts[1] == render_prompt([{"role": "user", "content": "8"}], DIGITS)
+
+
 def test_special_tokens_that_do_not_stop_leave_no_text():
     """skip_special: a special token that is not a stop id (another tokenizer's own specials) is not text either."""
     model = scripted_model(DIGITS, {"7": "1", "1": USER, USER: "2"})
