@@ -28,15 +28,22 @@ from lm.model import GPT
 from lm.module import LanguageModel, convert_to_fp8, next_token_loss
 
 PROFILE_STEPS = 5  # steps recorded by --profile, after the warm-up steps
+CPU_RECIPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}  # the default model, on baby's vocabulary
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="baby", choices=sorted(SIZES))
-    p.add_argument("--n_layer", type=int, default=4, help="override the size's depth (CPU default: 4)")
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--n_embd", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=64)
+    p.add_argument(
+        "--size",
+        default=None,
+        choices=sorted(SIZES),
+        help="a named size of lm.config (default: the CPU recipe's model, baby's vocabulary with 4 layers, 4 heads, "
+        "128 wide, context 64)",
+    )
+    p.add_argument("--n_layer", type=int, default=None, help="override the size's depth")
+    p.add_argument("--n_head", type=int, default=None, help="override the size's heads")
+    p.add_argument("--n_embd", type=int, default=None, help="override the size's width")
+    p.add_argument("--block_size", type=int, default=None, help="override the size's context")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the size's vocabulary")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--steps", type=int, default=60, help="timed steps")
@@ -61,8 +68,11 @@ def parse_args(argv=None):
         "where the time goes (top kernels, and by category) to DIR/profile_{raw,lm}.txt",
     )
     args = p.parse_args(argv)
-    if args.size in ("124m", "350m") and args.n_layer == 4 and args.n_embd == 128:
-        args.n_layer = args.n_head = args.n_embd = args.block_size = None  # keep the named size as it is
+    if args.size is None:  # the CPU recipe's model; a flag given still overrides its part
+        args.size = "baby"
+        for key, value in CPU_RECIPE.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     return args
 
 

@@ -287,10 +287,17 @@ def tokenizer_command(argv: list[str]) -> None:
     from lm.data import load_documents
     from lm.tokenizer import build_tokenizer
 
+    try:  # before training, which can take minutes
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LMError(f"--out {args.out}: cannot create the directory ({e.strerror or e})") from e
     spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
     documents = load_documents(args.source, text_field=args.text_field)
     tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except OSError as e:
+        raise LMError(f"--out {args.out}: cannot write the tokenizer ({e.strerror or e})") from e
     print(f"saved {tok.kind} tokenizer with {tok.vocab_size} ids to {args.out}")
 
 

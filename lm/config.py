@@ -76,7 +76,8 @@ def padded_vocab_size(tokenizer_vocab_size: int) -> int:
     return _round_up(tokenizer_vocab_size, 64)
 
 
-# Parameter counts are for the vocab shown (non-embedding counts in brackets).
+# Parameter counts are for the vocab shown; in brackets the blocks alone, without the embedding and the head
+# (`GPT.num_params(non_embedding=True)` leaves out the embedding only: 123.6M and 355.1M for the two GPT-2 shapes).
 SIZES: dict[str, GPTConfig] = {
     # ~0.03M: unit tests, runs in milliseconds.
     "tiny": GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32),

@@ -308,7 +308,9 @@ class CharTokenizer(Tokenizer):
         return [self._encode_array(t).astype(np.uint32) for t in texts]  # a numpy lookup: threads would not help
 
     def _encode_array(self, text: str) -> np.ndarray:
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        # surrogatepass: a lone surrogate (JSON "\ud800") becomes a code point no vocabulary has, so it is reported
+        # below like any unknown character instead of raising UnicodeEncodeError
+        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         known = codepoints < len(self._lut)
         ids = np.full(len(codepoints), -1, dtype=np.int64)
         ids[known] = self._lut[codepoints[known]]

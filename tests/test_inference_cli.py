@@ -121,3 +121,15 @@ def test_lm_alone_lists_every_command_and_a_typo_names_the_nearest(capsys):
     code, _, err = run(capsys, "generat", "--ckpt", "x")
     assert code == 2 and err.startswith("error: unknown command 'generat' (did you mean 'generate'?)")
     assert len(err.splitlines()) == 1
+
+
+def test_tokenizer_train_to_an_unwritable_directory_is_one_line_before_training(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the output directory's parent should be
+    code, _, err = run(
+        capsys, "tokenizer", "train", "--source", str(text), "--kind", "char", "--out", str(blocker / "x")
+    )
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: --out {blocker / 'x'}: cannot create the directory")

@@ -277,3 +277,10 @@ def test_bpe_falls_back_to_hf_where_tiktoken_would_differ(tokenizers, monkeypatc
     expected = tok._tk.encode(TEXT, add_special_tokens=False).ids
     assert tok.encode(TEXT) == expected
     assert tok.encode_to_array([TEXT], num_threads=2).tolist() == expected
+
+
+def test_a_lone_surrogate_is_an_unknown_character_for_the_char_tokenizer():
+    """JSON can carry "\\ud800": it must be the usual one-line error, not a UnicodeEncodeError."""
+    tok = CharTokenizer.train(["abc"])
+    with pytest.raises(LMError, match=r"character '\\ud800' \(at offset 1\) is not in the char tokenizer's vocabulary"):
+        tok.encode("a\ud800b")
