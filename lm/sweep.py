@@ -9,25 +9,38 @@ The sweep file is W&B's format (https://docs.wandb.ai/guides/sweeps/define-sweep
 (grid/random/bayes), `metric: {name: val/loss, goal: minimize}`, `parameters` named by their `lm fit` keys
 (`model.init_args.lr`, `data.init_args.batch_size`, ...) and a `command` such as `[lm, fit, --config, X, ${args}]`.
 
-Locally, grid/random/bayes become Optuna's GridSampler/RandomSampler/TPESampler over one study kept in SQLite
-(`<out>/optuna.db`, or `--storage` for any RDB URL). Several workers share it: `--workers K` threads here, or the same
-command started elsewhere with the same `--storage` (e.g. a SLURM job array). A killed sweep resumes where it stopped
-when started again: `--count` is the study's total. Each trial is a subprocess `lm fit` with its own
-`trainer.default_root_dir` under `<out>/trial-NNNN` (W&B offline unless WANDB_MODE says otherwise); its objective is
-the best `metric` value that the run's ModelCheckpoint recorded in `last.ckpt`. A trial that exits non-zero is
-recorded as failed and the sweep goes on. At the end: a table of params -> best metric, also in `<out>/summary.json`.
+Locally, one Optuna study kept in SQLite (`<out>/optuna.db`, or `--storage` for any RDB URL): a grid runs every
+point once (in a shuffled order), random/bayes draw with Optuna's RandomSampler/TPESampler. Several workers share it:
+`--workers K` threads here, or the same command started elsewhere with the same `--storage` (e.g. a SLURM job array);
+no grid point runs twice and never more than `--count` trials are completed or running. `--count` is the study's
+total of completed trials: a killed sweep resumes when started again, and runs anew the trials that failed or were
+cut off (a RUNNING trial whose worker is dead: on the same machine its pid says so, elsewhere a heartbeat older than
+90 s). Each trial is a subprocess `lm fit` with its own `trainer.default_root_dir` under `<out>/trial-NNNN` (W&B
+offline unless WANDB_MODE says otherwise); its objective is the best `metric` value that the run's ModelCheckpoint
+recorded in `last.ckpt`. A trial that exits non-zero is recorded as failed and the sweep goes on. Ctrl-C or SIGTERM
+stops the running trials with SIGTERM (their `lm fit` saves a checkpoint) and then the sweep. At the end: a table of
+params (as passed to `lm fit`) -> best metric, also in `<out>/summary.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import functools
+import itertools
 import json
 import math
 import os
+import random
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,8 +258,11 @@ def best_metric(root: Path, metric: str) -> float:
     raise TrialFailed(f"{candidates[-1]}: no finite best {metric} recorded by a ModelCheckpoint")
 
 
-def run_trial(argv: list[str], root: Path, metric: str, goal: str) -> float:
-    """Run one trial's command with its own output root and W&B offline; return its best `metric`."""
+def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | None = None) -> float:
+    """Run one trial's command with its own output root and W&B offline; return its best `metric`.
+
+    When `stop` is requested (the sweep got SIGINT/SIGTERM) the trial's `lm fit` gets SIGTERM, saves a checkpoint
+    and exits; a second signal kills it."""
     root.mkdir(parents=True, exist_ok=True)
     # the trial monitors the sweep's metric, so last.ckpt records the best value of exactly that metric
     argv = [
@@ -259,45 +275,179 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str) -> float:
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
     with open(root / "trial.log", "w") as log:
-        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        # Its own process group: a terminal's Ctrl-C reaches only the sweep, which then stops the whole trial
+        # (lm fit and its data-loader workers) once, with SIGTERM, instead of each process getting SIGINT.
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        sent = None
+        while (code := _wait(child, 0.2)) is None:
+            if not (stop and stop.requested.is_set()):
+                continue
+            wanted = signal.SIGKILL if stop.forced.is_set() else signal.SIGTERM
+            if wanted != sent:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, wanted)
+                sent = wanted
+    if stop and stop.requested.is_set():
+        raise TrialFailed(f"stopped by {stop.name} (exit code {code})")  # run again on a restart
     if code != 0:
-        lines = (root / "trial.log").read_text(errors="replace").strip().splitlines()
-        raise TrialFailed(f"exit code {code}: {lines[-1] if lines else 'no output'} (log: {root / 'trial.log'})")
+        raise TrialFailed(f"exit code {code}: {_last_error_line(root / 'trial.log')} (log: {root / 'trial.log'})")
     return best_metric(root, metric)
 
 
+def _wait(child: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return child.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _last_error_line(log: Path) -> str:
+    """The log's last line that says something: wandb's closing `wandb: ...` sync hints come after the traceback."""
+    lines = [ANSI.sub("", line).strip() for line in log.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("wandb:")] or [line for line in lines if line]
+    return lines[-1] if lines else "no output"
+
+
+class Stop:
+    """Set by the sweep's SIGINT/SIGTERM/SIGHUP handler: no new trials start, running ones get SIGTERM (a second
+    signal: SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.forced = threading.Event()
+        self.name = ""
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():
+            self.forced.set()
+            print(f"lm sweep: {signal.Signals(signum).name} again: killing the running trials", flush=True)
+            return
+        self.name = signal.Signals(signum).name
+        self.requested.set()
+        print(f"lm sweep: {self.name}: stopping the running trials (again to kill them)", flush=True)
+
+
 # ---- local sweep with Optuna ---------------------------------------------------------------------------------------
+
+# A worker records a heartbeat for its running trial every HEARTBEAT_S; a RUNNING trial on another machine whose
+# heartbeat is older than GRACE_S is taken for dead (its worker was killed), marked FAIL and run again.
+HEARTBEAT_S = 30
+GRACE_S = 90
 
 
 def make_sampler(config: dict[str, Any], seed: int | None) -> Any:
     import optuna
 
-    method = config["method"]
-    if method == "grid":
-        return optuna.samplers.GridSampler(grid_space(config["parameters"]), seed=seed)
-    if method == "random":
+    if config["method"] == "bayes":
+        return optuna.samplers.TPESampler(seed=seed)  # W&B uses a Gaussian process; TPE is Optuna's default
+    if config["method"] == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)  # bayes: W&B uses a Gaussian process; TPE is Optuna's default
+
+    class GridPoint(optuna.samplers.RandomSampler):
+        """Returns `point`, the grid point that run_local chose for the next trial (Optuna's GridSampler hands out
+        points already running and never retries a failed one)."""
+
+        point: dict[str, Any] = {}
+
+        def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+            return self.point[name]
+
+    return GridPoint(seed=seed)
 
 
-def _storage(url: str) -> Any:
-    import warnings
-
+def _storage(url: str, flag: str) -> Any:
+    import sqlalchemy.exc
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
-    # Heartbeats let a restarted sweep see that a killed worker's RUNNING trial is dead: it is marked FAIL and
-    # retried once with the same params, instead of holding that grid point forever. (Experimental in Optuna 5.)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(
-            url,
-            heartbeat_interval=30,
-            grace_period=90,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            # SQLite: several workers write the same file; wait for the lock rather than fail at once
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        )
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are experimental in Optuna 5
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                # SQLite: several workers write the same file; wait for the lock rather than fail at once
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
+            reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+            raise LMError(f"{flag}: cannot open the Optuna storage {_hide_password(url)} ({reason})") from None
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: nothing to hide
+        return url
+
+
+def _worker_id() -> str:
+    """host|pid namespace|pid|start time: enough to tell, on this machine, whether the worker is still alive."""
+    return f"{_host()}|{os.getpid()}|{_start_time(os.getpid())}"
+
+
+def _host() -> str:
+    # Containers can share a hostname but not a pid namespace: the namespace says whose pids these are.
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}|{namespace}"
+
+
+def _start_time(pid: int) -> str:
+    # From /proc: a pid reused by an unrelated process has another start time. Elsewhere only the pid is compared.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime); the name in (...) may hold spaces
+
+
+def _worker_alive(worker: str) -> bool | None:
+    """Whether the worker that owns a trial is alive: None when it ran on another machine (heartbeats tell)."""
+    *host, pid, started = worker.split("|")
+    if "|".join(host) != _host():
+        return None
+    if Path("/proc").is_dir():
+        return _start_time(int(pid)) == started  # "" (no such process) never equals a recorded start time
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def _fail_dead_trials(study: Any) -> None:
+    """Mark FAIL every RUNNING trial whose worker is gone (a killed sweep), so that its point is run again.
+
+    On this machine the worker's pid says so at once; on another one its heartbeat has to be GRACE_S old. A trial
+    that a live worker runs is left alone, whichever machine it is on."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    stale = set(storage._get_stale_trial_ids(study._study_id))  # what Optuna's fail_stale_trials checks
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        alive = _worker_alive(worker) if worker else None
+        if alive is False or (alive is None and t._trial_id in stale):
+            with contextlib.suppress(UpdateFinishedTrialError):  # it finished, or another worker was quicker
+                storage.set_trial_user_attr(t._trial_id, "error", "its worker died (killed sweep?); run again")
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+
+
+def _grid_key(params: dict[str, Any]) -> tuple:
+    # 10 and 10.0 are one grid point (an old study's q_uniform params are floats)
+    return tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in params.values())
 
 
 def run_local(
@@ -310,16 +460,24 @@ def run_local(
     storage: str | None,
     seed: int | None,
     extra: list[str],
-    run: Callable[[list[str], Path, str, str], float] = run_trial,
+    run: Callable[[list[str], Path, str, str], float] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep until the study holds `count` trials; returns the summary written to summary.json."""
+    """Run (or resume) the sweep until `count` trials have completed or are running; returns the summary written to
+    summary.json.
+
+    Failed trials do not count, so a restart runs them (a grid point, a random draw) anew; within one run a grid
+    point is tried once and at most `count` minus the completed trials are started, so a trial that always crashes
+    cannot loop."""
     import optuna
     from optuna.trial import TrialState
 
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
+    grid = None
     if config["method"] == "grid":
-        size = math.prod(len(v) for v in grid_space(config["parameters"]).values())
-        count = size if count is None else min(count, size)
+        space = grid_space(config["parameters"])
+        # every parameter of the sweep, in its order, constants included: what the trial's command gets
+        grid = [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
+        count = len(grid) if count is None else min(count, len(grid))
     elif count is None:
         count = config.get("run_cap")
         if count is None:
@@ -328,51 +486,189 @@ def run_local(
         if key in config:
             print(f"lm sweep: {key} is ignored by local sweeps")
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LMError(f"--out {out}: cannot create the sweep directory ({e.strerror or e})") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, flag = (storage, "--storage") if storage else (f"sqlite:///{(out / 'optuna.db').resolve()}", f"--out {out}")
     study = optuna.create_study(
         study_name=name,
-        storage=_storage(storage or f"sqlite:///{(out / 'optuna.db').resolve()}"),
+        storage=_storage(url, flag),
         sampler=make_sampler(config, seed),
         direction=goal,
         load_if_exists=True,  # a second worker, or a restarted sweep, joins the same study
     )
-    counted = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)
+    # ask/tell instead of study.optimize (which would decide --count and the grid per thread, unlocked): the
+    # heartbeats that Optuna keeps in optimize are recorded by run_trials() below, so its warning does not apply.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    me = _worker_id()
+    stop = Stop()
+    run = run or functools.partial(run_trial, stop=stop)
+    lock = threading.Lock()  # one worker at a time decides what runs next, so --count and the grid hold
 
-    def objective(trial: optuna.Trial) -> float:
+    def point(t: Any) -> tuple:
+        # the grid point of a trial: what it ran with, or was enqueued with (just asked for, in another process),
+        # or (a study of an older lm) Optuna's params with the constants added
+        ran = t.user_attrs.get("params") or t.system_attrs.get("fixed_params")  # fixed: old enqueued retries
+        return _grid_key(ran or {n: t.params.get(n, spec.get("value")) for n, spec in config["parameters"].items()})
+
+    _fail_dead_trials(study)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    budget = count - len(done)  # random/bayes: trials this run may start
+    if grid is not None:
+        order = random.Random(seed or 0).sample(range(len(grid)), len(grid))  # --count < grid: an even sample
+        keys = [_grid_key(p) for p in grid]
+        todo = set(keys) - {point(t) for t in done}  # the points this run may try, each once
+    said_wait = False
+
+    def claimed_before(number: int) -> list[Any]:
+        # A trial asked for a moment ago by another process may not show its params yet: give it a few seconds.
+        for _ in range(50):
+            before = [
+                t
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number < number
+            ]
+            now = datetime.datetime.now()
+            if not any(
+                "params" not in t.user_attrs and t.datetime_start and (now - t.datetime_start).total_seconds() < 10
+                for t in before
+                if t.state == TrialState.RUNNING
+            ):
+                break
+            time.sleep(0.1)
+        return before
+
+    def wait_for(others: list[Any]) -> str:
+        # nothing to start now, but a trial that another worker (process, machine) runs may die and need this run
+        nonlocal said_wait
+        if not said_wait:
+            numbers = ", ".join(str(t.number) for t in others)
+            print(f"lm sweep: waiting for trials {numbers} of other workers (run here if they die)", flush=True)
+            said_wait = True
+        return "wait"
+
+    def next_trial() -> tuple[Any, dict[str, Any]] | str:
+        """A trial to run, "wait" (a trial another worker runs may die and need this run), or "done"."""
+        with lock:
+            while not stop.requested.is_set():
+                job = claim()
+                if job != "lost":
+                    return job
+            return "done"
+
+    def claim() -> tuple[Any, dict[str, Any]] | str:
+        nonlocal budget
+        _fail_dead_trials(study)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        others = [t for t in running if t.user_attrs.get("worker") != me]
+        if grid is not None:
+            taken = {point(t) for t in trials}
+            free = [i for i in order if keys[i] in todo and keys[i] not in taken]
+            if len(taken) < count and free:
+                todo.discard(keys[free[0]])
+                # not enqueue_trial: two processes can pop the same enqueued trial from SQLite
+                study.sampler.point = grid[free[0]]
+            elif held := [t for t in others if point(t) in todo]:
+                return wait_for(held)
+            else:
+                return "done"
+        elif len(trials) < count and budget > 0:
+            budget -= 1
+        elif others and budget > 0:
+            return wait_for(others)
+        else:
+            return "done"
+        trial = study.ask()
+        trial.set_user_attr("worker", me)
+        study._storage.record_heartbeat(trial._trial_id)
         params = suggest(trial, config["parameters"])
+        # what the trial runs with: q_log_uniform_values rounds Optuna's draw (trial.params keeps the draw)
+        trial.set_user_attr("params", params)
+        # The thread lock holds within this process only. Workers elsewhere may have claimed the same grid point
+        # or the last place in --count at the same instant: the lowest trial number wins (the storage numbers
+        # trials atomically); the others drop theirs and choose again.
+        before = claimed_before(trial.number)
+        taken = {point(t) for t in before} if grid is not None else before
+        if len(taken) >= count or (grid is not None and _grid_key(params) in taken):
+            trial.set_user_attr("dropped", "another worker took this point or the last place in --count")
+            study.tell(trial, state=TrialState.FAIL)
+            if grid is not None:
+                todo.add(_grid_key(params))
+            else:
+                budget += 1
+            return "lost"
         root = out / f"trial-{trial.number:04d}"
         trial.set_user_attr("root", str(root))
-        print(f"lm sweep: trial {trial.number} {params} -> {root}", flush=True)
-        try:
-            value = run(trial_command(config, params, extra), root, metric, goal)
-        except TrialFailed as e:
-            trial.set_user_attr("error", str(e))
-            print(f"lm sweep: trial {trial.number} failed: {e}", flush=True)
-            raise
-        print(f"lm sweep: trial {trial.number} best {metric} = {value:.4f}", flush=True)
-        return value
+        return trial, params
+
+    def heartbeat(trial_id: int, finished: threading.Event) -> None:
+        while not finished.wait(HEARTBEAT_S):
+            study._storage.record_heartbeat(trial_id)
+
+    errors: list[BaseException] = []
 
     def work() -> None:
-        while len(study.get_trials(deepcopy=False, states=counted)) < count:
-            # catch: a failed trial is recorded as FAIL and this worker goes on to the next one
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
-            if config["method"] == "grid" and _grid_done(study, count):
-                break
+        try:
+            run_trials()
+        except BaseException as e:  # a bug, or a user error the sweep file made: stop everything and raise it
+            errors.append(e)
+            stop.name = stop.name or type(e).__name__
+            stop.requested.set()
 
-    threads = [threading.Thread(target=work, name=f"sweep-worker-{i}") for i in range(max(1, workers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(study, config, out)
+    def run_trials() -> None:
+        while True:
+            job = next_trial()
+            if job == "done":
+                return
+            if job == "wait":
+                stop.requested.wait(min(HEARTBEAT_S, GRACE_S / 3))
+                continue
+            trial, params = job
+            root = Path(trial.user_attrs["root"])
+            print(f"lm sweep: trial {trial.number} {params} -> {root}", flush=True)
+            finished = threading.Event()
+            beat = threading.Thread(target=heartbeat, args=(trial._trial_id, finished), daemon=True)
+            beat.start()
+            try:
+                value = run(trial_command(config, params, extra), root, metric, goal)
+            except TrialFailed as e:
+                trial.set_user_attr("error", str(e))
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                print(f"lm sweep: trial {trial.number} failed: {e}", flush=True)
+                continue
+            except BaseException:
+                # a bug: record the trial as failed rather than leave it RUNNING
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+            finally:
+                finished.set()
+            study.tell(trial, value, skip_if_finished=True)
+            print(f"lm sweep: trial {trial.number} best {metric} = {value:.4f}", flush=True)
 
-
-def _grid_done(study: Any, size: int) -> bool:
-    from optuna.trial import TrialState
-
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
-    return len({t.system_attrs.get("grid_id") for t in finished}) >= size
+    # Signals reach the main thread only, which is here joining the workers; without a handler Ctrl-C is a
+    # traceback out of join() and SIGTERM leaves the trials' `lm fit` running as orphans.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, stop) for s in handled}
+    try:
+        threads = [threading.Thread(target=work, name=f"sweep-worker-{i}") for i in range(max(1, workers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if errors:
+        raise errors[0]
+    summary = summarize(study, config, out)
+    if stop.requested.is_set():
+        raise LMError(f"sweep {name} stopped by {stop.name}: start the same command again to finish it")
+    return summary
 
 
 def summarize(study: Any, config: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -382,8 +678,10 @@ def summarize(study: Any, config: dict[str, Any], out: Path) -> dict[str, Any]:
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
     names = list(config["parameters"])
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        params = {n: t.params.get(n, config["parameters"][n].get("value")) for n in names}
+    # a trial dropped at once because another worker claimed the same point is no part of the sweep
+    for t in (t for t in study.get_trials(deepcopy=False) if "dropped" not in t.user_attrs):
+        ran = t.user_attrs.get("params") or {}  # the values passed to lm fit (older studies: Optuna's draws)
+        params = {n: ran.get(n, t.params.get(n, config["parameters"][n].get("value"))) for n in names}
         rows.append(
             {
                 "trial": t.number,

@@ -5,9 +5,13 @@ pytest tests/test_sweep.py        # the real sweep is marked slow (~40 s on 2 co
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -15,9 +19,10 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+import lm.sweep
 from lm.__main__ import main
 from lm.errors import LMError
-from lm.sweep import grid_space, load_sweep, suggest, trial_command
+from lm.sweep import _host, _storage, grid_space, load_sweep, run_local, suggest, trial_command
 from tests.conftest import REPO, cli_env
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -120,8 +125,9 @@ FAKE_FIT = textwrap.dedent(
     from pathlib import Path
     import torch
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
-    if args["x"] == "crash":
-        sys.exit("RuntimeError: boom")
+    if args["x"] == "crash":  # the error, then wandb's closing hints in colour, as a real lm fit prints them
+        print("RuntimeError: boom", file=sys.stderr, flush=True)
+        sys.exit("\\x1b[1;34mwandb\\x1b[0m: \\x1b[1mwandb sync /tmp/offline-run\\x1b[0m")
     last = Path(args["trainer.default_root_dir"]) / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     state = {"monitor": args["checkpoint.monitor"], "best_model_score": torch.tensor(float(args["x"]))}
@@ -144,7 +150,8 @@ def test_crashing_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, ca
 
     summary = json.loads((out / "summary.json").read_text())
     by_x = {t["params"]["x"]: t for t in summary["trials"]}
-    assert by_x["crash"]["state"] == "FAIL" and "boom" in by_x["crash"]["error"]
+    assert by_x["crash"]["state"] == "FAIL" and "RuntimeError: boom" in by_x["crash"]["error"]
+    assert "\x1b" not in by_x["crash"]["error"]
     assert by_x["2.5"]["state"] == by_x["1.5"]["state"] == "COMPLETE"
     assert summary["best"]["params"] == {"x": "1.5"} and summary["best"]["val/loss"] == 1.5
     assert "best: trial" in capsys.readouterr().out
@@ -153,6 +160,203 @@ def test_crashing_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, ca
     config["parameters"]["x"]["values"] = ["crash"]
     with pytest.raises(LMError, match="no trial of sweep .* finished"):
         main(["sweep", str(_write(tmp_path, config)), "--local", "--out", str(tmp_path / "all-fail"), "--debug"])
+
+
+def _grid(*values: str) -> dict:
+    parameters = {"x": {"values": list(values)}}
+    return {"method": "grid", "metric": {"name": "val/loss"}, "parameters": parameters, "command": ["lm", "${args}"]}
+
+
+def _x(argv: list[str]) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith("--x="))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_restart_runs_again_the_points_of_dead_workers_not_of_live_ones(tmp_path, monkeypatch):
+    """A killed sweep left trials RUNNING: on this machine its pid says it is dead (rerun at once); on another
+    machine only a stale heartbeat does (rerun once it is GRACE_S old, not before)."""
+    monkeypatch.setattr(lm.sweep, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(lm.sweep, "GRACE_S", 2)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    storage = _storage(f"sqlite:///{out / 'optuna.db'}", "--out")
+    study = optuna.create_study(study_name="s", storage=storage)
+    for x, worker in (("1", None), ("2", f"{_host()}|{os.getpid()}|not-my-start-time"), ("3", "elsewhere|ns|1|1")):
+        trial = study.ask()
+        trial.set_user_attr("params", {"x": x})
+        if worker is None:
+            study.tell(trial, 1.0)
+            continue
+        trial.set_user_attr("worker", worker)
+        storage.record_heartbeat(trial._trial_id)
+
+    def fake(argv, root, metric, goal):
+        states = {t.number: t.state.name for t in study.get_trials()}
+        ran.append((_x(argv), states, time.monotonic() - start))
+        return float(_x(argv))
+
+    ran, start = [], time.monotonic()
+    summary = run_local(_grid("1", "2", "3"), name="s", out=out, count=None, workers=1, storage=None, seed=0,
+                        extra=[], run=fake)  # fmt: skip
+    assert [x for x, _, _ in ran] == ["2", "3"]  # the grid's point 1 had completed
+    _, states, when = ran[0]
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "RUNNING", 3: "RUNNING"} and when < 1  # 2 (live) is kept
+    assert ran[1][2] >= 2  # point 3 only after its heartbeat went stale
+    by_trial = {t["trial"]: t for t in summary["trials"]}
+    assert by_trial[1]["state"] == by_trial[2]["state"] == "FAIL" and "worker died" in by_trial[1]["error"]
+    assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
+
+
+def test_count_holds_for_random_sweeps_and_a_failed_trial_is_replaced_on_restart(tmp_path):
+    config = _grid() | {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    calls = []
+
+    def fake(argv, root, metric, goal):
+        calls.append(root.name)
+        if len(calls) == 2:
+            raise lm.sweep.TrialFailed("boom")
+        time.sleep(0.2)  # the other workers look for work meanwhile
+        return 1.0
+
+    kwargs = {"name": "r", "out": tmp_path, "storage": None, "seed": 0, "extra": []}
+    summary = run_local(config, count=3, workers=4, run=fake, **kwargs)
+    assert len(calls) == 3 and [t["state"] for t in summary["trials"]].count("FAIL") == 1  # not replaced in this run
+    summary = run_local(config, count=3, workers=4, run=fake, **kwargs)
+    assert len(calls) == 4  # ... but when started again: 3 completed, as --count says
+    assert [t["state"] for t in summary["trials"]].count("COMPLETE") == 3
+
+
+def test_workers_run_each_grid_point_once(tmp_path):
+    ran = []
+
+    def fake(argv, root, metric, goal):
+        ran.append(_x(argv))
+        time.sleep(0.2)
+        return 1.0
+
+    run_local(_grid("a", "b", "c"), name="g", out=tmp_path, count=None, workers=5, storage=None, seed=0, extra=[],
+              run=fake)  # fmt: skip
+    assert sorted(ran) == ["a", "b", "c"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_sweeps_sharing_a_storage_run_each_grid_point_once(tmp_path, monkeypatch):
+    """Two sweeps started at once on one study (two machines, a SLURM array): no point twice, none left out."""
+    monkeypatch.setattr(lm.sweep, "HEARTBEAT_S", 1)  # one waits for the other's last trial: check every second
+    ran = []
+
+    def fake(argv, root, metric, goal):
+        ran.append(_x(argv))
+        time.sleep(0.1)
+        return 1.0
+
+    config, storage = _grid("a", "b", "c", "d"), f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(study_name="g", storage=storage)  # as the first of them would
+
+    def sweep(i):
+        run_local(config, name="g", out=tmp_path / str(i), count=None, workers=2, storage=storage, seed=0, extra=[],
+                  run=fake)  # fmt: skip
+
+    threads = [threading.Thread(target=sweep, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ran) == ["a", "b", "c", "d"]
+    summary = lm.sweep.summarize(optuna.load_study(study_name="g", storage=storage), config, tmp_path)
+    assert sorted(t["params"]["x"] for t in summary["trials"]) == ["a", "b", "c", "d"]  # lost claims not shown
+
+
+def test_summary_shows_the_values_the_trial_ran_with(tmp_path):
+    """q_log_uniform_values rounds Optuna's draw to q: the table shows the rounded value lm fit got."""
+    x = {"distribution": "q_log_uniform_values", "min": 8, "max": 128, "q": 8}
+    config = _grid() | {"method": "random", "parameters": {"x": x}}
+    ran = {}
+
+    def fake(argv, root, metric, goal):
+        ran[str(root)] = int(_x(argv))
+        return 1.0
+
+    summary = run_local(config, name="q", out=tmp_path, count=3, workers=1, storage=None, seed=0, extra=[], run=fake)
+    assert {t["root"]: t["params"]["x"] for t in summary["trials"]} == ran
+    assert json.loads((tmp_path / "summary.json").read_text())["trials"][0]["params"]["x"] % 8 == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--storage", "foo://bar"], "--storage: cannot open the Optuna storage foo://bar"),
+        (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage: cannot open .*/nonexistent/dir/x.db"),
+        (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], r"postgresql://me:\*\*\*@"),  # no password shown
+        (["--out", "{file}/sweep"], "--out .*/file/sweep: cannot create the sweep directory"),
+    ],
+)
+def test_bad_storage_or_out_is_a_one_line_error(tmp_path, flags, message):
+    (tmp_path / "file").write_text("")
+    flags = [f.format(file=tmp_path / "file") for f in flags]
+    path = _write(tmp_path, _grid("1"))
+    with pytest.raises(LMError, match=message):
+        main(["sweep", str(path), "--local", "--out", str(tmp_path / "out"), *flags, "--debug"])
+
+
+SLOW_FIT = textwrap.dedent(
+    """
+    # Stands in for a long `lm fit`: says it started, notes a SIGTERM (lm fit saves a checkpoint then) and exits.
+    import signal, sys, time
+    from pathlib import Path
+    root = Path(next(a for a in sys.argv if a.startswith("--trainer.default_root_dir=")).split("=", 1)[1])
+    signal.signal(signal.SIGTERM, lambda *_: (root.joinpath("sigterm").write_text(""), sys.exit(143)))
+    root.joinpath("pid").write_text(str(__import__("os").getpid()))
+    time.sleep(60)
+    """
+)
+
+
+# `lm sweep` as lm.__main__ runs it, without the 7 s (on 2 cores) of importing Lightning that `python -m lm` costs
+SWEEP_MAIN = """
+import sys
+from lm.errors import LMError
+from lm.sweep import sweep_command
+try:
+    sweep_command(sys.argv[1:])
+except LMError as e:
+    sys.exit(f"error: {e}")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_running_trial_and_the_sweep_with_one_line(tmp_path, sig):
+    (tmp_path / "slow_fit.py").write_text(SLOW_FIT)
+    config = _grid("1", "2") | {
+        "program": str(tmp_path / "slow_fit.py"),
+        "command": ["${interpreter}", "${program}", "${args}"],
+    }
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_MAIN, str(_write(tmp_path, config)), "--local", "--out", str(out)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid_file = out / "trial-0000" / "pid"
+    try:
+        for _ in range(300):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        sweep.send_signal(sig)
+        stdout, stderr = sweep.communicate(timeout=30)
+    finally:
+        sweep.kill()
+        if pid_file.is_file():
+            with pytest.raises(ProcessLookupError):  # the trial's process is gone: no orphan
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert sweep.returncode == 1, stderr  # sys.exit(message); lm.__main__ exits 2 on an LMError
+    assert stderr.strip() == f"error: sweep sweep stopped by {sig.name}: start the same command again to finish it"
+    assert (out / "trial-0000" / "sigterm").is_file()  # lm fit got SIGTERM, so it saved a checkpoint
+    trials = json.loads((out / "summary.json").read_text())["trials"]
+    assert [(t["state"], t["error"].split(" (")[0]) for t in trials] == [("FAIL", f"stopped by {sig.name}")]
 
 
 def test_wandb_sweep_without_api_key_is_a_one_line_error(tmp_path):
