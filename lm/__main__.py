@@ -46,6 +46,15 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _differences(given: dict, saved: dict, *, skip: str, prefix: str = "") -> list[str]:
+    """`key given (checkpoint: saved)` for each key but `skip` whose value given here differs from the checkpoint's."""
+    return [
+        f"{prefix}{key} {_plain(given[key])} (checkpoint: {_plain(saved[key])})"
+        for key in saved
+        if key in given and key != skip and _plain(given[key]) != _plain(saved[key])
+    ]
+
+
 def _shows_help(argv: list[str]) -> bool:
     return any(a in ("-h", "--help") or a.endswith(".help") or a.startswith("--print_config") for a in argv)
 
@@ -188,17 +197,9 @@ class LMCLI(LightningCLI):
         for key in RUNTIME_ARGS:
             if key in given:
                 hparams[key] = given[key]
-        ignored = [
-            f"{key} {_plain(given[key])} (checkpoint: {_plain(hparams[key])})"
-            for key in hparams
-            if key in given and key != "arch" and _plain(given[key]) != _plain(hparams[key])
-        ]
-        arch_given, arch_saved = given.get("arch") or {}, hparams.get("arch") or {}
-        ignored += [  # vocab_size always differs: the data module's tokenizer sets it
-            f"arch.{key} {_plain(arch_given[key])} (checkpoint: {_plain(arch_saved[key])})"
-            for key in arch_saved
-            if key in arch_given and key != "vocab_size" and _plain(arch_given[key]) != _plain(arch_saved[key])
-        ]
+        ignored = _differences(given, hparams, skip="arch") + _differences(  # vocab_size: set by the tokenizer
+            given.get("arch") or {}, hparams.get("arch") or {}, skip="vocab_size", prefix="arch."
+        )
         self.config = self.parser.parse_object(
             {self.config.subcommand: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config
         )

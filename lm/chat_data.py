@@ -291,10 +291,7 @@ class ChatData(L.LightningDataModule):
             "cannot tell the chat format (no messages / conversations / instruction+output keys); set "
             f"data.init_args.format to one of {FORMATS}"
         )
-        conversations = self._read_valid(detect_format, why, parse)
-        if len(conversations) < 2:
-            raise LMError(f"{self.kind} {self.source!r}: fewer than 2 usable {self.item}s, nothing to split")
-        return self._split(conversations)
+        return self._split(self._read_valid(detect_format, why, parse))
 
     def _read_valid(self, detect: Callable[[Any], str | None], unknown: str, parse: Callable) -> list[tuple]:
         """(where, *parse(record, fmt)) for each record of a file or hub source. fmt is `format`, or detected from the
@@ -324,6 +321,8 @@ class ChatData(L.LightningDataModule):
     def _split(self, conversations: list[Sourced]) -> tuple[list[Sourced], list[Sourced]]:
         """(train, val) in file order; conversations with the same first user message stay on one side (see the
         class docstring)."""
+        if len(conversations) < 2:
+            raise LMError(f"{self.kind} {self.source!r}: fewer than 2 usable {self.item}s, nothing to split")
         groups: dict[str, list[int]] = {}  # in file order, so the seeded shuffle below is deterministic
         for i, (_, messages, *_) in enumerate(conversations):  # preference pairs: (where, prompt, chosen, rejected)
             opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one

@@ -249,10 +249,7 @@ class PreferenceData(ChatData):
             "not a preference pair (no chosen and rejected keys); preference data needs chosen/rejected replies, in "
             f"one of the formats {PREFERENCE_FORMATS}"
         )
-        pairs = self._read_valid(detect_preference_format, why, parse)
-        if len(pairs) < 2:
-            raise LMError(f"preference data {self.source!r}: fewer than 2 usable pairs, nothing to split")
-        return self._split(pairs)
+        return self._split(self._read_valid(detect_preference_format, why, parse))
 
     # ---- tokenizing ----------------------------------------------------------------------------------------------
 

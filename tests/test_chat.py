@@ -359,34 +359,19 @@ def test_pretrain_sft_chat_dpo_and_task_eval_through_the_cli(tmp_path):
     pre = lm("fit", "--config", REPO / "experiments/pretrain_addition.yaml", *arch, *short, cwd=tmp_path)
     assert pre.returncode == 0, pre.stderr[-3000:]
     base = tmp_path / "runs/pretrain_addition/checkpoints/last.ckpt"
-    sft = lm(
-        "fit",
-        "--config",
-        REPO / "experiments/sft_addition.yaml",
-        *short,
-        "--model.init_args.init_from",
-        base,
-        "--data.init_args.tokenizer",
-        base,
-        cwd=tmp_path,
-    )
+
+    def fine_tune(experiment, ckpt):  # weights and tokenizer from ckpt, as the README's commands do
+        start = ["--model.init_args.init_from", ckpt, "--data.init_args.tokenizer", ckpt]
+        return lm("fit", "--config", REPO / "experiments" / experiment, *short, *start, cwd=tmp_path)
+
+    sft = fine_tune("sft_addition.yaml", base)
     assert sft.returncode == 0, sft.stderr[-3000:]
     last = tmp_path / "runs/sft_addition/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["lm"]["model_config"]["n_layer"] == 1  # init_from's architecture
     chat = lm("chat", "--ckpt", last, "--prompt", "12+34", "--max_new_tokens", "8", cwd=tmp_path)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert not any(t in chat.stdout for t in (END, BOS))  # stop tokens end the reply and are never printed
-    dpo = lm(
-        "fit",
-        "--config",
-        REPO / "experiments/dpo_addition.yaml",
-        *short,
-        "--model.init_args.init_from",
-        last,
-        "--data.init_args.tokenizer",
-        last,
-        cwd=tmp_path,
-    )
+    dpo = fine_tune("dpo_addition.yaml", last)
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     preferred = tmp_path / "runs/dpo_addition/checkpoints/last.ckpt"
     sft_state, dpo_ckpt = torch.load(last, weights_only=True)["state_dict"], torch.load(preferred, weights_only=True)
@@ -396,3 +381,15 @@ def test_pretrain_sft_chat_dpo_and_task_eval_through_the_cli(tmp_path):
     evaluated = lm("tasks", "eval", "--ckpt", preferred, "--task", "addition", "--num_problems", "20", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert evaluated.stdout.startswith("eval/addition/exact_match ")
+
+
+def test_one_usable_record_is_too_few_to_split(tmp_path):
+    from lm.preference import PreferenceData
+
+    one_chat = _write_jsonl(tmp_path / "c.jsonl", [_messages(0)])
+    with pytest.raises(LMError, match=r"chat data '.*c.jsonl': fewer than 2 usable conversations, nothing to split"):
+        ChatData(source=one_chat)._conversations()
+    pair = {"prompt": "q?", "chosen": "yes", "rejected": "no"}
+    one_pair = _write_jsonl(tmp_path / "p.jsonl", [pair])
+    with pytest.raises(LMError, match=r"preference data '.*p.jsonl': fewer than 2 usable pairs, nothing to split"):
+        PreferenceData(source=one_pair)._conversations()
