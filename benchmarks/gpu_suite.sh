@@ -2,16 +2,21 @@
 # Every GPU measurement of docs/benchmarks.md, on one GPU. Phases run in the order PHASES lists them:
 #   time        shakespeare_char alone on the GPU: time from launch to each validation (experiments/shakespeare_char.yaml);
 #   time512     the same for experiments/shakespeare_char_ctx512.yaml;
-#   time512_b64 the same recipe with twice the tokens per step (batch 64, lr 1.4e-3, schedule ending at step 700);
+#   time512_b64 the same for experiments/shakespeare_char_fast.yaml (the ctx512 recipe at batch 64, lr 1.4e-3, 700 steps);
+#   time512_b128 four times the tokens per step (batch 128, lr 2e-3, schedule ending at step 400);
 #   throughput  training throughput of the GPT-2 124M shape, lm's Lightning path and a raw loop in one process (best
 #               of 2 alternations), with a count of host synchronisations in the lm path's timed steps and a profile
 #               of where each path's step goes (benchmarks/train_throughput.py);
 #   fp8         the same with float8 block matmuls (needs torchao);
+#   muon, adamw the same with Muon for the hidden matrices, and its AdamW baseline (one run of each path);
 #   generation  the KV-cache generation benchmark;
-#   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU).
-# Each phase has a time limit (time, time512 and time512_b64 120 s each, throughput 300 s, fp8 200 s, generation
-# 120 s, variants 270 s; 21 minutes in all). With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants,
-# run last, get what is left (270 s at most).
+#   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
+#   variants4   the fourth round of them (docs/benchmarks.md).
+# PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A phase named twice runs twice
+# (its second run's files get a _2 suffix). Each phase has a time limit (the time* phases 120 s each, throughput
+# 300 s, fp8, muon and adamw 200 s each, generation 120 s, variants 270 s; the default phases: 21 minutes in all).
+# With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants, run last, get what is left
+# (270 s at most).
 # Logs go to CSV (no W&B needed). Every result lands in OUT_DIR; summary.txt collects the headline lines.
 #
 #   bash benchmarks/gpu_suite.sh path/to/tinyshakespeare.txt OUT_DIR
@@ -46,6 +51,7 @@ note() { echo "$*" >> "$OUT/summary.txt"; }
 time_to_loss() {  # experiment, name of the run, then overrides
   local start=$SECONDS experiment=$1 name=$2
   shift 2
+  [[ -e "$OUT/$name.log" ]] && name=${name}_2  # a repeat of the phase keeps the first run's log
   rm -rf "$OUT/cache_$name"
   timeout "$(limit 120)" $PY -m lm fit --config "experiments/$experiment.yaml" --data.init_args.source "$DATA" \
     --data.init_args.cache_dir "$OUT/cache_$name" --trainer.default_root_dir "$OUT/$name" "${CSV[@]}" "$@" \
@@ -55,11 +61,12 @@ time_to_loss() {  # experiment, name of the run, then overrides
 }
 phase_time() { time_to_loss shakespeare_char shakespeare_char; }
 phase_time512() { time_to_loss shakespeare_char_ctx512 shakespeare_char_ctx512; }
-# The eager baby GPT's step is bound by kernel launches on an H100 (~45 steps/s, a few ms of math each), so twice the
-# tokens per step should cost little more per step; if the loss per token holds, val loss 1.48 comes in half the steps.
-phase_time512_b64() {
-  time_to_loss shakespeare_char_ctx512 ctx512_batch64 --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 \
-    --trainer.max_steps 700 --trainer.val_check_interval 125
+# experiments/shakespeare_char_fast.yaml: the ctx512 recipe with twice the tokens per step (batch 64, lr 1.4e-3,
+# schedule ending at step 700). The eager baby GPT's step is bound by kernel launches, so it costs little more.
+phase_time512_b64() { time_to_loss shakespeare_char_fast ctx512_batch64; }
+phase_time512_b128() {
+  time_to_loss shakespeare_char_ctx512 ctx512_batch128 --data.init_args.batch_size 128 --model.init_args.lr 2e-3 \
+    --trainer.max_steps 400 --trainer.val_check_interval 50
 }
 
 # throughput, GPT-2 124M shape (tied embedding), batch 32 x 1024, bf16, compiled, alone on the GPU
@@ -76,6 +83,8 @@ phase_throughput() {
   head -12 "$OUT"/profile_124m/profile_*.txt >> "$OUT/summary.txt" 2>/dev/null
 }
 phase_fp8() { LIMIT=200 throughput throughput_124m_fp8 --fp8 --repeats 1; }
+phase_muon() { LIMIT=200 throughput throughput_124m_muon --optimizer muon --repeats 1; }
+phase_adamw() { LIMIT=200 throughput throughput_124m_adamw --repeats 1; }  # muon's baseline: same settings
 
 # KV-cache generation, 124M shape, fp32, alone on the GPU
 phase_generation() {
@@ -92,6 +101,13 @@ variant() {  # name, then overrides of experiments/shakespeare_char.yaml
     --data.init_args.cache_dir "$OUT/cache" --trainer.default_root_dir "$OUT/variants/$name" "${CSV[@]}" \
     --model.init_args.compile true --trainer.val_check_interval 125 --samples.prompts '[]' \
     --checkpoint.save_top_k 0 --checkpoint.save_last false "$@" > "$OUT/variant_$name.log" 2>&1
+}
+summarise_variants() {  # each variant's lowest val loss and its last validation
+  for log in "$@"; do
+    best=$(grep -E "^step [0-9]+: val/loss" "$log" | sort -t' ' -k4 -n | head -1)
+    note "$(basename "$log" .log): ${best:-no validation: $(grep -E "Error|error" "$log" | tail -1)}," \
+      "last: $(grep -E "^step [0-9]+: val/loss" "$log" | tail -1)"
+  done
 }
 phase_variants() {
   # Rounds 1-2 (docs/benchmarks.md): lowest 1.4408 with context 512 and the schedule ending at step 1250, where
@@ -115,11 +131,26 @@ phase_variants() {
     "${ema[@]}" &
   variant w512_drop0.5 "${ctx512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
   wait
-  for log in "$OUT"/variant_*.log; do
-    best=$(grep "since launch" "$log" | sort -t' ' -k4 -n | head -1)
-    note "$(basename "$log" .log): ${best:-no validation: $(grep -E "Error|error" "$log" | tail -1)}," \
-      "last: $(grep "since launch" "$log" | tail -1)"
-  done
+  summarise_variants "$OUT"/variant_*.log
+}
+
+# Round 4: bolder regularisation and more tokens per step on the ctx512 recipe.
+phase_variants4() {
+  VARIANT_LIMIT=$(limit 270)
+  local ctx512=(--model.init_args.arch.block_size 512 --data.init_args.batch_size 32 --trainer.max_steps 1250)
+  variant r4_drop0.3 "${ctx512[@]}" --model.init_args.arch.dropout 0.3 &
+  variant r4_drop0.25_wd0.3 "${ctx512[@]}" --model.init_args.arch.dropout 0.25 --model.init_args.weight_decay 0.3 &
+  variant r4_b64_lr1.4e-3 "${ctx512[@]}" --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 &
+  variant r4_12layer_drop0.3 "${ctx512[@]}" --model.init_args.arch.n_layer 12 --model.init_args.arch.dropout 0.3 &
+  variant r4_8x512_drop0.3_wd0.3 "${ctx512[@]}" --model.init_args.arch.n_layer 8 --model.init_args.arch.n_head 8 \
+    --model.init_args.arch.n_embd 512 --model.init_args.arch.dropout 0.3 --model.init_args.weight_decay 0.3 &
+  variant r4_minlr0_lr1.5e-3 "${ctx512[@]}" --model.init_args.min_lr_ratio 0.0 --model.init_args.lr 1.5e-3 &
+  variant r4_b64_drop0.3_1000 "${ctx512[@]}" --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 \
+    --model.init_args.arch.dropout 0.3 --trainer.max_steps 1000 &
+  variant r4_ctx1024_b16_drop0.3 "${ctx512[@]}" --model.init_args.arch.block_size 1024 --data.init_args.batch_size 16 \
+    --model.init_args.arch.dropout 0.3 &
+  wait
+  summarise_variants "$OUT"/variant_r4_*.log
 }
 
 for phase in $PHASES; do

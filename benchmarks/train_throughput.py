@@ -8,6 +8,7 @@ memory, and the Lightning path's overhead over the raw loop.
     python benchmarks/train_throughput.py --size 124m --batch 32 --device cuda --precision bf16 --compile
     python benchmarks/train_throughput.py ... --json results.json
     python benchmarks/train_throughput.py ... --fp8                         # float8 block matmuls (lm[fp8], sm89+)
+    python benchmarks/train_throughput.py ... --optimizer muon              # Muon for the hidden matrices
     python benchmarks/train_throughput.py ... --profile prof/               # then where each path's step time goes
 """
 
@@ -26,6 +27,7 @@ from lm.callbacks import Throughput, peak_flops
 from lm.config import SIZES
 from lm.model import GPT
 from lm.module import LanguageModel, convert_to_fp8, next_token_loss
+from lm.optim import build_optimizer
 
 PROFILE_STEPS = 5  # steps recorded by --profile, after the warm-up steps
 CPU_RECIPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}  # the default model, on baby's vocabulary
@@ -52,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fp8", action="store_true", help="float8 matmuls in the blocks (torchao), as model.fp8 does")
+    p.add_argument(
+        "--optimizer", choices=["adamw", "muon"], default="adamw", help="as model.optimizer (muon: for hidden matrices)"
+    )
     p.add_argument("--repeats", type=int, default=2, help="alternate raw/lm this many times; report the best of each")
     p.add_argument("--tie_embeddings", action="store_true", help="share the embedding with the head (GPT-2 124M)")
     p.add_argument(
@@ -104,7 +109,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def raw_loop(config, batches, args, profiler=None) -> float:
-    """Seconds per step of the plain loop: forward, loss, backward, clip, AdamW step."""
+    """Seconds per step of the plain loop: forward, loss, backward, clip, optimizer step."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
     if args.fp8:  # before compiling, as LanguageModel.configure_model does
@@ -113,14 +118,7 @@ def raw_loop(config, batches, args, profiler=None) -> float:
     if args.compile:  # the model and the loss, as LanguageModel compiles them
         model.compile()
         loss_fn = torch.compile(next_token_loss)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-        lr=1e-3,
-        betas=(0.9, 0.95),
-        fused=True,  # as LanguageModel's
-    )
+    optimizer, _ = build_optimizer(model, args.optimizer, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))  # as lm's
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = None
     if profiler is not None:
@@ -192,7 +190,9 @@ class _ProfilerSteps(L.Callback):
 def lightning_loop(config, batches, args, profiler=None) -> float:
     """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk)."""
     torch.manual_seed(0)
-    module = LanguageModel(config, lr=1e-3, warmup_steps=10, weight_decay=0.1, compile=args.compile, fp8=args.fp8)
+    module = LanguageModel(
+        config, lr=1e-3, warmup_steps=10, weight_decay=0.1, compile=args.compile, fp8=args.fp8, optimizer=args.optimizer
+    )
     timer = _StepTimer(args.warmup, args.device, args.sync_debug and profiler is None)
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
@@ -331,6 +331,7 @@ def main(argv=None):
         "precision": args.precision,
         "compile": args.compile,
         "fp8": args.fp8,
+        "optimizer": args.optimizer,
         "steps": args.steps,
         "params": GPT(config).num_params(),
         "rows": rows,
@@ -340,7 +341,7 @@ def main(argv=None):
     }
     print(
         f"{result['device']}, torch {result['torch']}, {result['params'] / 1e6:.2f}M params, batch {args.batch} x "
-        f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, "
+        f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, {args.optimizer}, "
         f"{args.steps} timed steps"
     )
     print(f"{'path':<6} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}")

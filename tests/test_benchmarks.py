@@ -31,13 +31,14 @@ def test_train_throughput_builds_the_model_asked_for(flags, shape):
     assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == shape
 
 
-def test_train_throughput_runs_both_paths_and_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_throughput_runs_both_paths_and_writes_json(tmp_path, capsys, optimizer):
     bench = load("train_throughput")
     out = tmp_path / "t.json"
-    bench.main(
-        ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
-    )
+    flags = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
+    bench.main(flags + ["--optimizer", optimizer])
     results = json.loads(out.read_text())
+    assert results["optimizer"] == optimizer
     assert (results["config"]["n_layer"], results["config"]["n_embd"]) == (2, 32)
     assert [row["path"] for row in results["rows"]] == ["raw", "lm"]
     assert all(row["tokens_per_sec"] > 0 and row["ms_per_step"] > 0 for row in results["rows"])

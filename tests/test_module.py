@@ -106,6 +106,24 @@ def test_clipping_uses_the_step_norm_like_clip_grad_norm():
     assert optimizer.found_inf.item() == 0.0  # fused AdamW: a finite step is taken
 
 
+def test_clipping_flags_a_non_finite_muon_step_for_the_optimizer_to_skip_without_a_host_read():
+    import lightning as L
+
+    module = LanguageModel(get_config("tiny"), lr=1e-3, decay_steps=10, optimizer="muon")
+    module.configure_model()
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    module.log = lambda *args, **kwargs: None  # hooks called by hand, outside a fit loop
+    ids = torch.randint(0, 64, (2, 16))
+    module.training_step({"input_ids": ids, "labels": ids}, 0).backward()
+    next(module.model.parameters()).grad.fill_(float("inf"))
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_before_optimizer_step(optimizer)
+    with pytest.warns(UserWarning, match="non-finite loss or gradient at step 0"):  # counted at once on a CPU
+        module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert optimizer.found_inf.item() == 1.0  # the flag for the step, where grads were dropped after a host read
+    assert all(p.grad is not None for p in module.model.parameters())
+
+
 def test_optimizer_groups_decay_only_matmul_weights():
     module = LanguageModel(get_config("tiny"), lr=1e-3, weight_decay=0.1, decay_steps=100)
     module.configure_model()
@@ -184,6 +202,47 @@ def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tm
     torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
     optimizer.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     assert optimizer.param_groups[0] is optimizer.muon.param_groups[0]  # the schedule still reaches Muon's groups
+
+
+def test_muon_with_adamw_skips_a_flagged_step_on_the_device_and_takes_an_unflagged_one():
+    """found_inf = 1 leaves every weight and both optimizers' state as they were, without reading the flag on the host
+    (Muon's parameters and momentum are put back); found_inf = 0 is an ordinary step."""
+    import copy
+
+    def module_after_one_step():
+        torch.manual_seed(0)
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=20, optimizer="muon")
+        module.configure_model()
+        optimizer = module.configure_optimizers()["optimizer"]
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        batch = {"input_ids": ids, "labels": ids}
+        module.model_step(batch)[0].backward()
+        optimizer.step()  # the momentum buffers exist from here on
+        module.model_step(batch)[0].backward()
+        return module, optimizer
+
+    for gpu_path in (False, True):  # a CPU flag is read on the host; a GPU's is not (its path runs here too)
+        module, optimizer = module_after_one_step()
+        weights, state = copy.deepcopy(module.model.state_dict()), copy.deepcopy(optimizer.state_dict())
+        next(module.model.layers[0].parameters()).grad.fill_(float("nan"))
+        optimizer.found_inf = torch.tensor(1.0)
+        if gpu_path:
+            optimizer._muon_step_unless(torch.tensor(True))  # a CUDA flag's path: Muon steps, then is put back
+        optimizer.step()  # this CPU flag: Muon skipped on the host, fused AdamW skips by itself
+        for name, value in module.model.state_dict().items():
+            assert torch.equal(value, weights[name]), name
+        for inner in ("muon", "adamw"):  # momentum buffers; AdamW's moments and step counts
+            torch.testing.assert_close(optimizer.state_dict()[inner]["state"], state[inner]["state"], rtol=0, atol=0)
+        assert optimizer.found_inf is None  # used by that step only
+
+    flagged, flagged_optimizer = module_after_one_step()
+    flagged_optimizer.found_inf = torch.tensor(0.0)
+    flagged_optimizer.step()
+    plain, plain_optimizer = module_after_one_step()
+    plain_optimizer.step()
+    for name, value in plain.model.state_dict().items():
+        assert not torch.equal(value, weights[name]) or "norm" in name, name  # the step moved the weights
+        torch.testing.assert_close(flagged.model.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in_between():

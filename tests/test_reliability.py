@@ -172,9 +172,11 @@ def fit_quietly(module: LanguageModel, steps: int, *, ckpt_path=None, **trainer_
     return trainer
 
 
-def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6):
+def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6, optimizer: str = "adamw"):
     torch.manual_seed(0)
-    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=max_skipped)
+    module = LanguageModel(
+        get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=max_skipped, optimizer=optimizer
+    )
     snapshots = []
     original_step = module.model_step
 
@@ -191,8 +193,9 @@ def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6)
     return module, snapshots
 
 
-def test_nan_step_is_skipped_and_counted():
-    module, snapshots = fit_with_nan_steps({2}, max_skipped=5)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_nan_step_is_skipped_and_counted(optimizer):
+    module, snapshots = fit_with_nan_steps({2}, max_skipped=5, optimizer=optimizer)
     assert module.skipped_steps == 1 and module.stopped_at_step is None
     # weights before step 2 equal weights before step 3: the NaN step changed nothing
     for name, before in snapshots[2].items():
@@ -202,8 +205,9 @@ def test_nan_step_is_skipped_and_counted():
     assert not torch.equal(snapshots[1]["lm_head.weight"], snapshots[2]["lm_head.weight"])
 
 
-def test_too_many_nan_steps_stop_the_run_naming_the_step():
-    module, snapshots = fit_with_nan_steps({1, 2, 3, 4, 5}, max_skipped=2)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_too_many_nan_steps_stop_the_run_naming_the_step(optimizer):
+    module, snapshots = fit_with_nan_steps({1, 2, 3, 4, 5}, max_skipped=2, optimizer=optimizer)
     assert module.skipped_steps == 3
     assert module.stopped_at_step == 3
     assert len(snapshots) == 4  # steps 0..3 ran; training stopped after the third skipped step
