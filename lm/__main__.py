@@ -31,10 +31,11 @@ from lm.chat import chat_command
 from lm.checkpoint import read_checkpoint
 from lm.cli_errors import OneLineErrorParser
 from lm.distributed import DestroyProcessGroup
-from lm.errors import LMError
+from lm.errors import LMError, cannot_write
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, Checkpoint, PreemptionSignal, RNGState
 from lm.serve import serve_command
+from lm.sweep import SWEEP_PID, die_with_the_sweep
 from lm.tasks import tasks_command
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -291,14 +292,14 @@ def tokenizer_command(argv: list[str]) -> None:
     try:  # before training, which can take minutes
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LMError(f"--out {args.out}: cannot create the directory ({e.strerror or e})") from e
+        raise cannot_write(args.out, e) from None
     spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
     documents = load_documents(args.source, text_field=args.text_field)
     tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
     try:
         tok.save(args.out)
     except OSError as e:
-        raise LMError(f"--out {args.out}: cannot write the tokenizer ({e.strerror or e})") from e
+        raise cannot_write(args.out, e) from None
     print(f"saved {tok.kind} tokenizer with {tok.vocab_size} ids to {args.out}")
 
 
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *COMMANDS):
         print(f"error: {_unknown_command(argv[0])}", file=sys.stderr)
         sys.exit(2)
+    if os.environ.get(SWEEP_PID):  # a trial of lm sweep: it must not outlive the sweep
+        die_with_the_sweep()
     debug = "--debug" in argv  # show the traceback of user errors too
     argv = [a for a in argv if a != "--debug"]
     OneLineErrorParser.verbose_errors = debug

@@ -3,6 +3,15 @@
 The CLI turns it into a one-line message and exit code 2; anything else is a bug and keeps its traceback.
 """
 
+from pathlib import Path
+
 
 class LMError(Exception):
     """A problem with what the user gave us. The message names the file/line/key and says what was expected."""
+
+
+def cannot_write(path: str | Path, error: OSError) -> LMError:
+    """The one-line error for an output path that could not be written or created: `cannot write PATH: reason`, with
+    the file or directory on the way to PATH that failed named before the reason when it is not PATH itself."""
+    where = "" if error.filename in (None, str(path)) else f"{error.filename}: "
+    return LMError(f"cannot write {path}: {where}{error.strerror or error}")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import lm
-from lm.errors import LMError
+from lm.errors import LMError, cannot_write
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
@@ -548,12 +548,6 @@ def default_out(ckpt: str | Path, task_name: str) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.eval-{task_name}.json")
 
 
-def _cannot_write(path: Path, error: OSError) -> LMError:
-    """A one-line error naming the path, and the directory on the way to it when that is what failed."""
-    where = "" if error.filename in (None, str(path)) else f"{error.filename}: "
-    return LMError(f"cannot write {path}: {where}{error.strerror or error}")
-
-
 def check_writable(path: Path) -> None:
     """Raise LMError unless `path` can be written, creating its parent directories; a file made for the check is
     removed. An evaluation can take hours: an unwritable --out must stop it before it starts, not after."""
@@ -563,7 +557,7 @@ def check_writable(path: Path) -> None:
         with path.open("a", encoding="utf-8"):  # "a": an existing file is left as it is
             pass
     except OSError as e:
-        raise _cannot_write(path, e) from None
+        raise cannot_write(path, e) from None
     if not existed:
         path.unlink()
 
@@ -610,5 +604,5 @@ def eval_command(argv: list[str]) -> None:
     try:
         out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
-        raise _cannot_write(out, e) from None
+        raise cannot_write(out, e) from None
     print(f"wrote {out}")

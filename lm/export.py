@@ -32,7 +32,7 @@ import torch
 
 from lm.chat import reply_stop_ids
 from lm.config import GPTConfig
-from lm.errors import LMError
+from lm.errors import LMError, cannot_write
 from lm.model import GPT
 from lm.tokenizer import (
     CHAT_TOKENS,
@@ -201,7 +201,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
         save_hf_tokenizer(tokenizer, out)
     except OSError as e:  # not ours to write, a full disk, ...
-        raise LMError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
+        raise cannot_write(out, e) from None
     return out
 
 

@@ -126,13 +126,13 @@ def stream_batch(
     after max_new_tokens steps.
 
     Every row has its own context window, rows[i][starts[i]:]: a prompt longer than block_size starts with its last
-    block_size tokens, and when a row's context outgrows block_size it slides to its last block_size // 2 tokens, so
-    generation can run past block_size. With the cache, each step feeds one token per row, and a slide rebuilds the
-    shared cache (one prefill); the rows whose context still fits keep their window, so each row sees exactly the
-    tokens it would see decoded alone. The cost, not a correctness issue: a batch whose rows outgrow block_size at
-    different steps rebuilds for each of them, more often than any row alone would. A row that has stopped is cut to
-    its last token at the next rebuild (it is never read again), so it stops widening the cache. Without the cache,
-    each step recomputes every row's window alone, the same windows: slow, kept as the reference for tests and
+    block_size tokens, and when a row's context outgrows block_size it slides to its last block_size // 2 tokens (at
+    least one), so generation can run past block_size. With the cache, each step feeds one token per row, and a slide
+    rebuilds the shared cache (one prefill); the rows whose context still fits keep their window, so each row sees
+    exactly the tokens it would see decoded alone. The cost, not a correctness issue: a batch whose rows outgrow
+    block_size at different steps rebuilds for each of them, more often than any row alone would. A row that has stopped
+    is cut to its last token at the next rebuild (it is never read again), so it stops widening the cache. Without the
+    cache, each step recomputes every row's window alone, the same windows: slow, kept as the reference for tests and
     benchmarks.
     vocab_size: the tokenizer's size; the embedding rows past it are padding and are never sampled.
     Raises LMError for a sampling argument out of range (see `check_sampling`).
@@ -162,7 +162,7 @@ def stream_batch(
                 if not running[i]:
                     starts[i] = len(row) - 1
                 elif len(row) - starts[i] > block_size:
-                    starts[i] = len(row) - block_size // 2
+                    starts[i] = len(row) - max(1, block_size // 2)  # a context of 1 keeps its 1 token
             windows = [r[s:] for r, s in zip(rows, starts, strict=True)]
             if use_cache:
                 cache, logits = _prefill(model, windows, device)

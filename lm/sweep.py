@@ -47,9 +47,10 @@ from typing import Any
 
 import yaml
 
-from lm.errors import LMError
+from lm.errors import LMError, cannot_write
 
 METHODS = ("grid", "random", "bayes")
+SWEEP_PID = "LM_SWEEP_PID"  # set in each trial's environment: the pid of the sweep that started it
 # W&B parameter distributions that have an Optuna equivalent (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
 DISTRIBUTIONS = (
     "constant",
@@ -271,7 +272,7 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
         f"--checkpoint.monitor={metric}",
         f"--checkpoint.mode={'min' if goal == 'minimize' else 'max'}",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid())}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
     with open(root / "trial.log", "w") as log:
@@ -292,6 +293,22 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
     if code != 0:
         raise TrialFailed(f"exit code {code}: {_last_error_line(root / 'trial.log')} (log: {root / 'trial.log'})")
     return best_metric(root, metric)
+
+
+def die_with_the_sweep() -> None:
+    """Called first thing by `lm` in a trial: when the sweep dies, even by SIGKILL, which it cannot forward, the trial
+    gets SIGTERM (and saves a checkpoint and exits, as on a cluster's preemption) instead of running on as an orphan.
+    Linux's PR_SET_PDEATHSIG; elsewhere nothing. The signal comes when the sweep's thread that started the trial ends,
+    and that thread waits for the trial: only the sweep's death sends it."""
+    sweep = os.environ.get(SWEEP_PID, "")
+    if not sys.platform.startswith("linux") or not sweep.isdigit():
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(sweep):  # the sweep died before the line above: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait(child: subprocess.Popen, seconds: float) -> int | None:
@@ -489,7 +506,7 @@ def run_local(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LMError(f"--out {out}: cannot create the sweep directory ({e.strerror or e})") from None
+        raise cannot_write(out, e) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, flag = (storage, "--storage") if storage else (f"sqlite:///{(out / 'optuna.db').resolve()}", f"--out {out}")
     study = optuna.create_study(

@@ -61,6 +61,15 @@ def test_without_the_cache_generation_past_the_context_is_the_same(prompts):
     assert generate_batch(model, prompts, **kwargs) == generate_batch(model, prompts, use_cache=False, **kwargs)
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_the_shortest_contexts_slide_to_a_window_that_is_not_empty(block_size):
+    """block_size // 2 is 0 for a context of 1: the slide kept no token and the next step failed on an empty window."""
+    model = sharp_model(block_size=block_size)
+    kwargs = dict(max_new_tokens=6, temperature=0)
+    cached = generate_batch(model, [[1, 2, 3]], **kwargs)
+    assert len(cached[0]) == 6 and cached == generate_batch(model, [[1, 2, 3]], use_cache=False, **kwargs)
+
+
 def test_finished_rows_do_not_rebuild_the_cache(monkeypatch):
     """A row that has stopped is never read again: its growing context must not keep filling the cache and forcing
     rebuilds that the running rows do not need (it did every 8 steps: 9 prefills here)."""

@@ -132,4 +132,4 @@ def test_tokenizer_train_to_an_unwritable_directory_is_one_line_before_training(
         capsys, "tokenizer", "train", "--source", str(text), "--kind", "char", "--out", str(blocker / "x")
     )
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"error: --out {blocker / 'x'}: cannot create the directory")
+    assert err == f"error: cannot write {blocker / 'x'}: Not a directory"

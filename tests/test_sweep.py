@@ -3,6 +3,7 @@
 pytest tests/test_sweep.py        # the real sweep is marked slow (~40 s on 2 cores)
 """
 
+import contextlib
 import json
 import math
 import os
@@ -288,7 +289,7 @@ def test_summary_shows_the_values_the_trial_ran_with(tmp_path):
         (["--storage", "foo://bar"], "--storage: cannot open the Optuna storage foo://bar"),
         (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage: cannot open .*/nonexistent/dir/x.db"),
         (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], r"postgresql://me:\*\*\*@"),  # no password shown
-        (["--out", "{file}/sweep"], "--out .*/file/sweep: cannot create the sweep directory"),
+        (["--out", "{file}/sweep"], "cannot write .*/file/sweep: Not a directory"),
     ],
 )
 def test_bad_storage_or_out_is_a_one_line_error(tmp_path, flags, message):
@@ -399,3 +400,41 @@ def test_local_grid_sweep_of_the_debug_experiment(tmp_path, monkeypatch, capsys)
     assert f"best: trial {best['trial']}" in printed
     assert sorted(p.name for p in out.glob("trial-*")) == [f"trial-{i:04d}" for i in range(4)]
     assert list(Path(best["root"]).glob("wandb/offline-run-*"))  # each trial logs to W&B offline
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path):
+    """SIGKILL cannot be caught and forwarded: the trial asked the kernel for SIGTERM on the sweep's death instead
+    (it then saves a checkpoint and exits, as on a preemption), rather than run on as an orphan."""
+    marker = tmp_path / "trial got SIGTERM"
+    trial = (
+        "import os, signal, sys, time\n"
+        "from lm.sweep import die_with_the_sweep\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, 'w').close(), sys.exit(0)))\n"
+        "die_with_the_sweep()\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    sweep = (  # starts the trial as run_trial does, from a thread that waits for it
+        "import os, subprocess, sys, threading, time\n"
+        "from lm.sweep import SWEEP_PID\n"
+        "def run():\n"
+        f"    child = subprocess.Popen([sys.executable, '-c', {trial!r}], stdout=subprocess.PIPE, text=True,\n"
+        "                             env={**os.environ, SWEEP_PID: str(os.getpid())}, start_new_session=True)\n"
+        "    print(child.stdout.readline().strip(), flush=True)\n"
+        "    child.wait()\n"
+        "threading.Thread(target=run).start()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", sweep], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    trial_pid = int(parent.stdout.readline())
+    try:
+        assert not marker.exists()  # a living sweep sends nothing
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(trial_pid, signal.SIGKILL)  # no orphan left by a failure either
