@@ -12,8 +12,8 @@
 #   generation  the KV-cache generation benchmark;
 #   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
 #   variants4   the fourth round of them (docs/benchmarks.md).
-# PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A phase named twice runs twice
-# (its second run's files get a _2 suffix). Each phase has a time limit (the time* phases 120 s each, throughput
+# PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
+# again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit (the time* phases 120 s each, throughput
 # 300 s, fp8, muon and adamw 200 s each, generation 120 s, variants 270 s; the default phases: 21 minutes in all).
 # With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants, run last, get what is left
 # (270 s at most).
@@ -51,7 +51,8 @@ note() { echo "$*" >> "$OUT/summary.txt"; }
 time_to_loss() {  # experiment, name of the run, then overrides
   local start=$SECONDS experiment=$1 name=$2
   shift 2
-  [[ -e "$OUT/$name.log" ]] && name=${name}_2  # a repeat of the phase keeps the first run's log
+  local base=$name n=1
+  while [[ -e "$OUT/$name.log" ]]; do n=$((n + 1)); name=${base}_$n; done  # a repeat keeps the earlier logs
   rm -rf "$OUT/cache_$name"
   timeout "$(limit 120)" $PY -m lm fit --config "experiments/$experiment.yaml" --data.init_args.source "$DATA" \
     --data.init_args.cache_dir "$OUT/cache_$name" --trainer.default_root_dir "$OUT/$name" "${CSV[@]}" "$@" \
@@ -131,7 +132,9 @@ phase_variants() {
     "${ema[@]}" &
   variant w512_drop0.5 "${ctx512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
   wait
-  summarise_variants "$OUT"/variant_*.log
+  local logs=()
+  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r4_* ]] || logs+=("$log"); done  # not round 4's
+  summarise_variants "${logs[@]}"
 }
 
 # Round 4: bolder regularisation and more tokens per step on the ctx512 recipe.

@@ -13,5 +13,5 @@ class LMError(Exception):
 def cannot_write(path: str | Path, error: OSError) -> LMError:
     """The one-line error for an output path that could not be written or created: `cannot write PATH: reason`, with
     the file or directory on the way to PATH that failed named before the reason when it is not PATH itself."""
-    where = "" if error.filename in (None, str(path)) else f"{error.filename}: "
+    where = "" if error.filename is None or Path(error.filename) == Path(path) else f"{error.filename}: "
     return LMError(f"cannot write {path}: {where}{error.strerror or error}")

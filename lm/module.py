@@ -274,6 +274,7 @@ class LanguageModel(L.LightningModule):
         self._grad_scale: torch.Tensor | None = None  # 1 / supervised tokens of the current optimizer step
         self._grad_norm: torch.Tensor | None = None  # of the current step, after token scaling, before clipping
         self._params: list[torch.nn.Parameter] = []  # the model's, cached by _model_parameters()
+        self._param_dims: dict[str, int] = {}  # each parameter's dims as built, before a strategy flattens them
         self._nonfinite_steps: torch.Tensor | None = None  # skipped steps not yet counted on the host
 
     # ---- model -------------------------------------------------------------------------------------------------
@@ -302,6 +303,8 @@ class LanguageModel(L.LightningModule):
             )
         self.hparams["arch"] = asdict(self.arch)
         self.model = GPT(self.arch)
+        # Before any strategy wraps it: FSDP gives configure_optimizers flat shards, the optimizer groups need these.
+        self._param_dims = {name: p.dim() for name, p in self.model.named_parameters()}
         if init_state is not None:
             self.model.load_state_dict(init_state)
         if self.hparams.fp8:  # after loading weights (keys are unchanged anyway), before compiling
@@ -525,7 +528,8 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas)
+        dims = self._param_dims
+        optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, dims)
         rank_zero_info(summary)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):

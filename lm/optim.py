@@ -10,6 +10,18 @@ from typing import Literal
 
 import torch
 
+from lm.errors import LMError
+
+# What FSDP, activation checkpointing and torch.compile insert into parameter names.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the unwrapped model."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
 
 def build_optimizer(
     model: torch.nn.Module,
@@ -17,6 +29,7 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
+    dims: dict[str, int] | None = None,
 ) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer LanguageModel trains with (the throughput benchmark's raw loop builds the same one), and a line
     that says how the parameters were split.
@@ -24,16 +37,23 @@ def build_optimizer(
     2-D matmul weights decay; norm gains and the embedding table (also the head when tied) do not. With "muon", the
     blocks' hidden matrices go to Muon and everything else to AdamW. AdamW is fused: one kernel for all tensors (CUDA
     and CPU), and it can skip a non-finite step on the device.
+
+    dims: each parameter's number of dimensions in the unwrapped model, by plain name. FSDP hands the optimizer
+    flat 1-D shards, which would otherwise all land in the no-decay group; Muon cannot take shards at all.
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    params = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    dim = {n: (dims or {}).get(n, p.dim()) for n, p in params}
+    decay = [p for n, p in params if dim[n] >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in params if not (dim[n] >= 2 and "embed_tokens" not in n)]
     hidden = []
     if optimizer == "muon":
         # Muon orthogonalises whole-matrix updates: only for the blocks' hidden matrices, not the embedding/head
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in params if p.dim() == 2 and n.startswith("layers.")]
+        hidden = [p for n, p in params if dim[n] == 2 and n.startswith("layers.")]
+        if any(p.dim() != 2 for p in hidden):
+            raise LMError(
+                "model.optimizer muon orthogonalises whole matrices, and this strategy (FSDP) shards them: use "
+                "DDP, or optimizer adamw"
+            )
         hidden_ids = {id(p) for p in hidden}
         decay = [p for p in decay if id(p) not in hidden_ids]
     summary = (

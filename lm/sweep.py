@@ -300,14 +300,16 @@ def die_with_the_sweep() -> None:
     gets SIGTERM (and saves a checkpoint and exits, as on a cluster's preemption) instead of running on as an orphan.
     Linux's PR_SET_PDEATHSIG; elsewhere nothing. The signal comes when the sweep's thread that started the trial ends,
     and that thread waits for the trial: only the sweep's death sends it."""
-    sweep = os.environ.get(SWEEP_PID, "")
-    if not sys.platform.startswith("linux") or not sweep.isdigit():
-        return
+    # Popped: processes the trial starts itself (DDP ranks re-run this command) have the trial as their parent.
+    sweep = os.environ.pop(SWEEP_PID, "")
+    parent = os.getppid()
+    if not sys.platform.startswith("linux") or not sweep.isdigit() or parent != int(sweep):
+        return  # not Linux, or a wrapper command (bash, uv run, srun) stands between: its death would send it
     import ctypes
 
     pr_set_pdeathsig = 1  # <linux/prctl.h>
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != int(sweep):  # the sweep died before the line above: no signal will come
+    if os.getppid() != parent:  # the sweep died between the two reads: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -204,6 +204,40 @@ def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tm
     assert optimizer.param_groups[0] is optimizer.muon.param_groups[0]  # the schedule still reaches Muon's groups
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_groups_hold_when_fsdp_hands_over_flat_shards(optimizer):
+    """FSDP (use_orig_params) gives configure_optimizers 1-D shards under wrapped names: the groups come from the
+    shapes recorded before wrapping, not from the shards (every tensor went without weight decay), and Muon, which
+    needs whole matrices, is refused in one line (it failed on an empty parameter list)."""
+    from lm.errors import LMError
+    from lm.model import GPT
+    from lm.optim import build_optimizer
+
+    model = GPT(get_config("tiny"))
+    dims = {name: p.dim() for name, p in model.named_parameters()}
+    wrapped = "_fsdp_wrapped_module."
+    shards = [
+        (wrapped + name.replace("layers.0.", f"layers.0.{wrapped}"), torch.nn.Parameter(p.detach().flatten()))
+        for name, p in model.named_parameters()
+    ]
+
+    class Sharded(torch.nn.Module):
+        def named_parameters(self, *args, **kwargs):
+            return iter(shards)
+
+    if optimizer == "muon":
+        with pytest.raises(LMError, match="muon orthogonalises whole matrices.*FSDP"):
+            build_optimizer(Sharded(), "muon", 1e-3, 0.1, (0.9, 0.95), dims)
+        return
+    adamw, _ = build_optimizer(Sharded(), "adamw", 1e-3, 0.1, (0.9, 0.95), dims)
+    unwrapped, _ = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
+    position = {id(shard): i for i, (_, shard) in enumerate(shards)}
+    original = {id(p): i for i, p in enumerate(model.parameters())}
+    for sharded_group, group in zip(adamw.param_groups, unwrapped.param_groups, strict=True):
+        assert [position[id(p)] for p in sharded_group["params"]] == [original[id(p)] for p in group["params"]]
+    assert adamw.param_groups[0]["weight_decay"] == 0.1 and len(adamw.param_groups[0]["params"]) > 0
+
+
 def test_muon_with_adamw_skips_a_flagged_step_on_the_device_and_takes_an_unflagged_one():
     """found_inf = 1 leaves every weight and both optimizers' state as they were, without reading the flag on the host
     (Muon's parameters and momentum are put back); found_inf = 0 is an ordinary step."""

@@ -433,3 +433,12 @@ def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypa
     fit_quietly(module, 8, accumulate_grad_batches=2, callbacks=[SignalAt(), PreemptionSignal()])
     # called once, after batch 5 (step 3's last micro-batch) completed; Lightning counts it completed after the hook
     assert calls == [(3, 5)]
+
+
+def test_cannot_write_names_the_failing_part_once():
+    """The part of the path that failed is named when it is not the path itself, however the path was spelled."""
+    from lm.errors import cannot_write
+
+    assert str(cannot_write("./tok", OSError(20, "Not a directory", "tok"))) == "cannot write ./tok: Not a directory"
+    blocked = cannot_write("a/b/out.json", OSError(17, "File exists", "a/b"))
+    assert str(blocked) == "cannot write a/b/out.json: a/b: File exists"

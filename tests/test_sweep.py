@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -402,6 +403,20 @@ def test_local_grid_sweep_of_the_debug_experiment(tmp_path, monkeypatch, capsys)
     assert list(Path(best["root"]).glob("wandb/offline-run-*"))  # each trial logs to W&B offline
 
 
+def test_a_trial_behind_a_wrapper_command_keeps_running():
+    """A sweep's command may start lm through bash, uv run or srun: lm's parent is then not the sweep, which is no
+    sign that the sweep died (the trial used to SIGTERM itself at once)."""
+    code = "from lm.sweep import die_with_the_sweep; die_with_the_sweep(); print('still here')"
+    wrapper = [
+        "bash",
+        "-c",
+        f"{sys.executable} -c {shlex.quote(code)}; true",  # the trailing command keeps bash from exec'ing python
+    ]
+    env = {**os.environ, lm.sweep.SWEEP_PID: str(os.getpid())}
+    result = subprocess.run(wrapper, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.stdout.strip() == "still here", result.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path):
     """SIGKILL cannot be caught and forwarded: the trial asked the kernel for SIGTERM on the sweep's death instead
@@ -412,6 +427,7 @@ def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path):
         "from lm.sweep import die_with_the_sweep\n"
         f"signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, 'w').close(), sys.exit(0)))\n"
         "die_with_the_sweep()\n"
+        "assert 'LM_SWEEP_PID' not in os.environ  # the trial's own children (DDP ranks) are not the sweep's\n"
         "print(os.getpid(), flush=True)\n"
         "time.sleep(60)\n"
     )
