@@ -9,17 +9,19 @@ The sweep file is W&B's format (https://docs.wandb.ai/guides/sweeps/define-sweep
 (grid/random/bayes), `metric: {name: val/loss, goal: minimize}`, `parameters` named by their `lm fit` keys
 (`model.init_args.lr`, `data.init_args.batch_size`, ...) and a `command` such as `[lm, fit, --config, X, ${args}]`.
 
-Locally, one Optuna study kept in SQLite (`<out>/optuna.db`, or `--storage` for any RDB URL): a grid runs every
-point once (in a shuffled order), random/bayes draw with Optuna's RandomSampler/TPESampler. Several workers share it:
-`--workers K` threads here, or the same command started elsewhere with the same `--storage` (e.g. a SLURM job array);
-no grid point runs twice and never more than `--count` trials are completed or running. `--count` is the study's
-total of completed trials: a killed sweep resumes when started again, and runs anew the trials that failed or were
-cut off (a RUNNING trial whose worker is dead: on the same machine its pid says so, elsewhere a heartbeat older than
-90 s). Each trial is a subprocess `lm fit` with its own `trainer.default_root_dir` under `<out>/trial-NNNN` (W&B
-offline unless WANDB_MODE says otherwise); its objective is the best `metric` value that the run's ModelCheckpoint
-recorded in `last.ckpt`. A trial that exits non-zero is recorded as failed and the sweep goes on. Ctrl-C or SIGTERM
-stops the running trials with SIGTERM (their `lm fit` saves a checkpoint) and then the sweep. At the end: a table of
-params (as passed to `lm fit`) -> best metric, also in `<out>/summary.json`.
+Locally, one Optuna study kept in SQLite (`<out>/optuna.db`, or `--storage` for any RDB URL): a grid runs every point
+once (in a shuffled order), random/bayes draw with Optuna's RandomSampler/TPESampler. Several workers share it:
+`--workers K` threads here, or the same command started elsewhere with the same `--storage` (e.g. a SLURM job array); no
+grid point runs twice and never more than `--count` trials are completed or running. `--count` is the study's total of
+completed trials: a killed sweep resumes when started again, and runs anew the trials that failed or were cut off (a
+RUNNING trial whose worker is dead: on the same machine its pid says so, elsewhere a heartbeat older than 90 s). A grid
+point whose trial was cut off (the sweep stopped or died; its `lm fit` got SIGTERM and saved a checkpoint) resumes from
+that trial's `last.ckpt` (`--ckpt_path`) instead of starting again from step 0. Each trial is a subprocess `lm fit` with
+its own `trainer.default_root_dir` under `<out>/trial-NNNN` (W&B offline unless WANDB_MODE says otherwise); its
+objective is the best `metric` value that the run's ModelCheckpoint recorded in `last.ckpt`. A trial that exits non-zero
+is recorded as failed and the sweep goes on. Ctrl-C or SIGTERM stops the running trials with SIGTERM (their `lm fit`
+saves a checkpoint) and then the sweep. At the end: a table of params (as passed to `lm fit`) -> best metric, also in
+`<out>/summary.json`.
 """
 
 from __future__ import annotations
@@ -275,7 +277,7 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid())}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
-    with open(root / "trial.log", "w") as log:
+    with open(root / "trial.log", "a") as log:  # a resumed trial's log goes on after the cut-off one's
         # Its own process group: a terminal's Ctrl-C reaches only the sweep, which then stops the whole trial
         # (lm fit and its data-loader workers) once, with SIGTERM, instead of each process getting SIGINT.
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -461,6 +463,7 @@ def _fail_dead_trials(study: Any) -> None:
         if alive is False or (alive is None and t._trial_id in stale):
             with contextlib.suppress(UpdateFinishedTrialError):  # it finished, or another worker was quicker
                 storage.set_trial_user_attr(t._trial_id, "error", "its worker died (killed sweep?); run again")
+                storage.set_trial_user_attr(t._trial_id, "interrupted", True)
                 storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
 
 
@@ -620,8 +623,26 @@ def run_local(
                 budget += 1
             return "lost"
         root = out / f"trial-{trial.number:04d}"
+        if grid is not None and (resume := cut_off_checkpoint(_grid_key(params))):
+            # In the cut-off trial's folder: its ModelCheckpoint keeps the best score of the validations before the
+            # cut only where the checkpoint directory is the same.
+            root = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+            trial.set_user_attr("resumes", str(resume))
         trial.set_user_attr("root", str(root))
         return trial, params
+
+    def cut_off_checkpoint(key: tuple) -> Path | None:
+        """The newest last.ckpt of a trial of this grid point that the sweep's stop or death cut off."""
+        cut_off = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.user_attrs.get("interrupted") and t.user_attrs.get("root") and point(t) == key
+        ]
+        for t in sorted(cut_off, key=lambda t: t.number, reverse=True):
+            saved = sorted(Path(t.user_attrs["root"]).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if saved:
+                return saved[-1]
+        return None
 
     def heartbeat(trial_id: int, finished: threading.Event) -> None:
         while not finished.wait(HEARTBEAT_S):
@@ -651,10 +672,16 @@ def run_local(
             finished = threading.Event()
             beat = threading.Thread(target=heartbeat, args=(trial._trial_id, finished), daemon=True)
             beat.start()
+            argv = trial_command(config, params, extra)
+            if resume := trial.user_attrs.get("resumes"):
+                print(f"lm sweep: trial {trial.number} resumes {resume}", flush=True)
+                argv.append(f"--ckpt_path={resume}")
             try:
-                value = run(trial_command(config, params, extra), root, metric, goal)
+                value = run(argv, root, metric, goal)
             except TrialFailed as e:
                 trial.set_user_attr("error", str(e))
+                if stop.requested.is_set():  # cut off, not failed by itself: its point resumes on a restart
+                    trial.set_user_attr("interrupted", True)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 print(f"lm sweep: trial {trial.number} failed: {e}", flush=True)
                 continue

@@ -209,6 +209,73 @@ def test_restart_runs_again_the_points_of_dead_workers_not_of_live_ones(tmp_path
     assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
 
 
+def test_a_cut_off_grid_point_resumes_from_its_trials_checkpoint(tmp_path):
+    """A killed sweep's trial got SIGTERM and saved last.ckpt: the restart resumes that point from it (it used to train
+    it again from step 0). A point whose trial failed by itself starts anew, and so does one cut off before saving."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    storage = _storage(f"sqlite:///{out / 'optuna.db'}", "--out")
+    study = optuna.create_study(study_name="s", storage=storage)
+    saved = {}
+    for x in ("1", "2", "3"):
+        trial = study.ask()
+        root = out / f"trial-{trial.number:04d}"
+        trial.set_user_attr("params", {"x": x})
+        trial.set_user_attr("root", str(root))
+        if x != "3":  # 3 was cut off before its first checkpoint
+            (root / "checkpoints").mkdir(parents=True)
+            saved[x] = root / "checkpoints" / "last.ckpt"
+            saved[x].write_bytes(b"")
+        if x == "2":  # failed by itself: an error of its own, no interruption
+            trial.set_user_attr("error", "exit code 1: boom")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:  # its worker died: this process's pid with another start time (see the test above)
+            trial.set_user_attr("worker", f"{_host()}|{os.getpid()}|not-my-start-time")
+            storage.record_heartbeat(trial._trial_id)
+
+    def fake(argv, root, metric, goal):
+        resumed[_x(argv)] = [a.removeprefix("--ckpt_path=") for a in argv if a.startswith("--ckpt_path=")]
+        roots[_x(argv)] = root.name
+        return 1.0
+
+    resumed, roots = {}, {}
+    summary = run_local(_grid("1", "2", "3"), name="s", out=out, count=None, workers=1, storage=None, seed=0,
+                        extra=[], run=fake)  # fmt: skip
+    assert resumed == {"1": [str(saved["1"])], "2": [], "3": []}
+    # in the cut-off trial's folder, where its ModelCheckpoint's best score of the validations before the cut holds
+    assert roots["1"] == "trial-0000" and roots["2"] != "trial-0001" and roots["3"] != "trial-0002"
+    assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
+
+
+def test_a_grid_point_stopped_by_a_signal_resumes_on_restart(tmp_path):
+    """SIGTERM to the sweep stops the running trial (whose lm fit saves last.ckpt): started again, the sweep resumes
+    that point from the checkpoint; the points that had not started run from scratch."""
+    calls = []
+
+    def stopped(argv, root, metric, goal):
+        calls.append(argv)
+        (root / "checkpoints").mkdir(parents=True)
+        (root / "checkpoints" / "last.ckpt").write_bytes(b"")  # what lm fit writes on SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # the sweep's handler asks every trial to stop
+        raise lm.sweep.TrialFailed("stopped by SIGTERM (exit code 0)")
+
+    kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    with pytest.raises(LMError, match="stopped by SIGTERM"):
+        run_local(_grid("1", "2"), run=stopped, **kwargs)
+    first = _x(calls[0])
+    checkpoint = tmp_path / "trial-0000" / "checkpoints" / "last.ckpt"
+
+    def finish(argv, root, metric, goal):
+        resumed[_x(argv)] = [a for a in argv if a.startswith("--ckpt_path=")]
+        if resumed[_x(argv)]:
+            assert root == checkpoint.parent.parent
+        return 1.0
+
+    resumed = {}
+    run_local(_grid("1", "2"), run=finish, **kwargs)
+    assert resumed == {first: [f"--ckpt_path={checkpoint}"], {"1": "2", "2": "1"}[first]: []}
+
+
 def test_count_holds_for_random_sweeps_and_a_failed_trial_is_replaced_on_restart(tmp_path):
     config = _grid() | {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}}
     calls = []
