@@ -2,7 +2,7 @@
 # Every GPU measurement of docs/benchmarks.md, on one GPU. Phases run in the order PHASES lists them:
 #   time        shakespeare_char alone on the GPU: time from launch to each validation (experiments/shakespeare_char.yaml);
 #   time512     the same for experiments/shakespeare_char_ctx512.yaml;
-#   time512_b64 the same for experiments/shakespeare_char_fast.yaml (the ctx512 recipe at batch 64, lr 1.4e-3, 700 steps);
+#   time512_b64 the same for experiments/shakespeare_char_fast.yaml (ctx512 at batch 64, lr 1.4e-3, 700 steps);
 #   time512_b128 four times the tokens per step (batch 128, lr 2e-3, schedule ending at step 400);
 #   throughput  training throughput of the GPT-2 124M shape, lm's Lightning path and a raw loop in one process (best
 #               of 2 alternations), with a count of host synchronisations in the lm path's timed steps and a profile
@@ -13,8 +13,9 @@
 #   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
 #   variants4   the fourth round of them (docs/benchmarks.md).
 # PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
-# again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit (the time* phases 120 s each, throughput
-# 300 s, fp8, muon and adamw 200 s each, generation 120 s, variants 270 s; the default phases: 21 minutes in all).
+# again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit
+# (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, generation 120 s, variants 270 s;
+# the default phases: 21 minutes in all).
 # With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants, run last, get what is left
 # (270 s at most).
 # Logs go to CSV (no W&B needed). Every result lands in OUT_DIR; summary.txt collects the headline lines.
@@ -103,6 +104,8 @@ variant() {  # name, then overrides of experiments/shakespeare_char.yaml
     --model.init_args.compile true --trainer.val_check_interval 125 --samples.prompts '[]' \
     --checkpoint.save_top_k 0 --checkpoint.save_last false "$@" > "$OUT/variant_$name.log" 2>&1
 }
+# the ctx512 recipe (experiments/shakespeare_char_ctx512.yaml) as overrides of shakespeare_char.yaml
+CTX512=(--model.init_args.arch.block_size 512 --data.init_args.batch_size 32 --trainer.max_steps 1250)
 summarise_variants() {  # each variant's lowest val loss and its last validation
   for log in "$@"; do
     best=$(grep -E "^step [0-9]+: val/loss" "$log" | sort -t' ' -k4 -n | head -1)
@@ -115,22 +118,21 @@ phase_variants() {
   # every shape starts to overfit. Round 3: the same recipe again (run-to-run spread), weight averaging, Muon,
   # a longer context, and wider models with heavier dropout.
   VARIANT_LIMIT=$(limit 270)
-  local ctx512=(--model.init_args.arch.block_size 512 --data.init_args.batch_size 32 --trainer.max_steps 1250)
   local ema=(--trainer.callbacks+=lm.callbacks.EMA --trainer.callbacks.update_starting_at_step 250
     --trainer.callbacks.decay 0.99)
   local w512=(--model.init_args.arch.n_layer 8 --model.init_args.arch.n_head 8 --model.init_args.arch.n_embd 512
     --trainer.max_steps 1500)
   local ctx1024=(--model.init_args.arch.block_size 1024 --data.init_args.batch_size 16)
-  variant ctx512 "${ctx512[@]}" &
-  variant ctx512_ema "${ctx512[@]}" "${ema[@]}" &
-  variant ctx512_muon "${ctx512[@]}" --model.init_args.optimizer muon &
-  variant ctx512_muon_lr2e-3 "${ctx512[@]}" --model.init_args.optimizer muon --model.init_args.lr 2e-3 &
-  variant ctx1024_ema "${ctx512[@]}" "${ctx1024[@]}" "${ema[@]}" &
-  variant w512_drop0.4_wd0.5_ema "${ctx512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.4 \
+  variant ctx512 "${CTX512[@]}" &
+  variant ctx512_ema "${CTX512[@]}" "${ema[@]}" &
+  variant ctx512_muon "${CTX512[@]}" --model.init_args.optimizer muon &
+  variant ctx512_muon_lr2e-3 "${CTX512[@]}" --model.init_args.optimizer muon --model.init_args.lr 2e-3 &
+  variant ctx1024_ema "${CTX512[@]}" "${ctx1024[@]}" "${ema[@]}" &
+  variant w512_drop0.4_wd0.5_ema "${CTX512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.4 \
     --model.init_args.weight_decay 0.5 "${ema[@]}" &
-  variant w512_ctx1024_drop0.4_ema "${ctx512[@]}" "${w512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.4 \
+  variant w512_ctx1024_drop0.4_ema "${CTX512[@]}" "${w512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.4 \
     "${ema[@]}" &
-  variant w512_drop0.5 "${ctx512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
+  variant w512_drop0.5 "${CTX512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
   wait
   local logs=()
   for log in "$OUT"/variant_*.log; do [[ $log == */variant_r4_* ]] || logs+=("$log"); done  # not round 4's
@@ -140,17 +142,16 @@ phase_variants() {
 # Round 4: bolder regularisation and more tokens per step on the ctx512 recipe.
 phase_variants4() {
   VARIANT_LIMIT=$(limit 270)
-  local ctx512=(--model.init_args.arch.block_size 512 --data.init_args.batch_size 32 --trainer.max_steps 1250)
-  variant r4_drop0.3 "${ctx512[@]}" --model.init_args.arch.dropout 0.3 &
-  variant r4_drop0.25_wd0.3 "${ctx512[@]}" --model.init_args.arch.dropout 0.25 --model.init_args.weight_decay 0.3 &
-  variant r4_b64_lr1.4e-3 "${ctx512[@]}" --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 &
-  variant r4_12layer_drop0.3 "${ctx512[@]}" --model.init_args.arch.n_layer 12 --model.init_args.arch.dropout 0.3 &
-  variant r4_8x512_drop0.3_wd0.3 "${ctx512[@]}" --model.init_args.arch.n_layer 8 --model.init_args.arch.n_head 8 \
+  variant r4_drop0.3 "${CTX512[@]}" --model.init_args.arch.dropout 0.3 &
+  variant r4_drop0.25_wd0.3 "${CTX512[@]}" --model.init_args.arch.dropout 0.25 --model.init_args.weight_decay 0.3 &
+  variant r4_b64_lr1.4e-3 "${CTX512[@]}" --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 &
+  variant r4_12layer_drop0.3 "${CTX512[@]}" --model.init_args.arch.n_layer 12 --model.init_args.arch.dropout 0.3 &
+  variant r4_8x512_drop0.3_wd0.3 "${CTX512[@]}" --model.init_args.arch.n_layer 8 --model.init_args.arch.n_head 8 \
     --model.init_args.arch.n_embd 512 --model.init_args.arch.dropout 0.3 --model.init_args.weight_decay 0.3 &
-  variant r4_minlr0_lr1.5e-3 "${ctx512[@]}" --model.init_args.min_lr_ratio 0.0 --model.init_args.lr 1.5e-3 &
-  variant r4_b64_drop0.3_1000 "${ctx512[@]}" --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 \
+  variant r4_minlr0_lr1.5e-3 "${CTX512[@]}" --model.init_args.min_lr_ratio 0.0 --model.init_args.lr 1.5e-3 &
+  variant r4_b64_drop0.3_1000 "${CTX512[@]}" --data.init_args.batch_size 64 --model.init_args.lr 1.4e-3 \
     --model.init_args.arch.dropout 0.3 --trainer.max_steps 1000 &
-  variant r4_ctx1024_b16_drop0.3 "${ctx512[@]}" --model.init_args.arch.block_size 1024 --data.init_args.batch_size 16 \
+  variant r4_ctx1024_b16_drop0.3 "${CTX512[@]}" --model.init_args.arch.block_size 1024 --data.init_args.batch_size 16 \
     --model.init_args.arch.dropout 0.3 &
   wait
   summarise_variants "$OUT"/variant_r4_*.log

@@ -35,7 +35,7 @@ from lm.errors import LMError, cannot_write
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, Checkpoint, PreemptionSignal, RNGState
 from lm.serve import serve_command
-from lm.sweep import SWEEP_PID, die_with_the_sweep
+from lm.sweep import die_with_the_sweep
 from lm.tasks import tasks_command
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -350,8 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *COMMANDS):
         print(f"error: {_unknown_command(argv[0])}", file=sys.stderr)
         sys.exit(2)
-    if os.environ.get(SWEEP_PID):  # a trial of lm sweep: it must not outlive the sweep
-        die_with_the_sweep()
+    die_with_the_sweep()  # a trial of lm sweep (SWEEP_PID set) must not outlive the sweep; otherwise nothing
     debug = "--debug" in argv  # show the traceback of user errors too
     argv = [a for a in argv if a != "--debug"]
     OneLineErrorParser.verbose_errors = debug

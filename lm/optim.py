@@ -43,8 +43,9 @@ def build_optimizer(
     """
     params = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     dim = {n: (dims or {}).get(n, p.dim()) for n, p in params}
-    decay = [p for n, p in params if dim[n] >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in params if not (dim[n] >= 2 and "embed_tokens" not in n)]
+    decay, no_decay = [], []
+    for n, p in params:
+        (decay if dim[n] >= 2 and "embed_tokens" not in n else no_decay).append(p)
     hidden = []
     if optimizer == "muon":
         # Muon orthogonalises whole-matrix updates: only for the blocks' hidden matrices, not the embedding/head

@@ -243,22 +243,28 @@ def _cli_value(value: Any) -> str:
 # ---- one trial -----------------------------------------------------------------------------------------------------
 
 
+def newest_last_checkpoint(root: Path) -> Path | None:
+    """The trial's newest last*.ckpt, wherever under its root the run's ModelCheckpoint put it."""
+    candidates = sorted(root.glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
 def best_metric(root: Path, metric: str) -> float:
     """The best `metric` that ModelCheckpoint recorded in the trial's last.ckpt (read without running pickled code)."""
     import torch
 
-    candidates = sorted(root.glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+    last = newest_last_checkpoint(root)
+    if last is None:
         raise TrialFailed(f"no last.ckpt under {root}: did validation run?")
     # mmap: only the few bytes of callback state are read, not the weights
-    ckpt = torch.load(candidates[-1], map_location="cpu", weights_only=True, mmap=True)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
     for state in (ckpt.get("callbacks") or {}).values():
         # any ModelCheckpoint (or subclass: the state key is its class name) that monitored the sweep's metric
         if isinstance(state, dict) and "best_model_score" in state and state.get("monitor") == metric:
             score = state.get("best_model_score")
             if score is not None and math.isfinite(float(score)):
                 return float(score)
-    raise TrialFailed(f"{candidates[-1]}: no finite best {metric} recorded by a ModelCheckpoint")
+    raise TrialFailed(f"{last}: no finite best {metric} recorded by a ModelCheckpoint")
 
 
 def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | None = None) -> float:
@@ -623,25 +629,25 @@ def run_local(
                 budget += 1
             return "lost"
         root = out / f"trial-{trial.number:04d}"
-        if grid is not None and (resume := cut_off_checkpoint(_grid_key(params))):
+        if grid is not None and (cut_off := cut_off_checkpoint(_grid_key(params))):
             # In the cut-off trial's folder: its ModelCheckpoint keeps the best score of the validations before the
             # cut only where the checkpoint directory is the same.
-            root = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+            root, resume = cut_off
             trial.set_user_attr("resumes", str(resume))
         trial.set_user_attr("root", str(root))
         return trial, params
 
-    def cut_off_checkpoint(key: tuple) -> Path | None:
-        """The newest last.ckpt of a trial of this grid point that the sweep's stop or death cut off."""
+    def cut_off_checkpoint(key: tuple) -> tuple[Path, Path] | None:
+        """The root and newest last.ckpt of a trial of this grid point that the sweep's stop or death cut off."""
         cut_off = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
             if t.user_attrs.get("interrupted") and t.user_attrs.get("root") and point(t) == key
         ]
         for t in sorted(cut_off, key=lambda t: t.number, reverse=True):
-            saved = sorted(Path(t.user_attrs["root"]).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if saved:
-                return saved[-1]
+            root = Path(t.user_attrs["root"])
+            if last := newest_last_checkpoint(root):
+                return root, last
         return None
 
     def heartbeat(trial_id: int, finished: threading.Event) -> None:
