@@ -9,13 +9,15 @@
 #               of where each path's step goes (benchmarks/train_throughput.py);
 #   fp8         the same with float8 block matmuls (needs torchao);
 #   muon, adamw the same with Muon for the hidden matrices, and its AdamW baseline (one run of each path);
+#   optstep     the optimizer step alone at that shape: fused AdamW, lm's Muon (batched by shape, with and without
+#               the device flag) and torch.optim.Muon (benchmarks/optimizer_step.py);
 #   generation  the KV-cache generation benchmark;
 #   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
 #   variants4   the fourth round of them (docs/benchmarks.md).
 # PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
 # again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit
-# (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, generation 120 s, variants 270 s;
-# the default phases: 21 minutes in all).
+# (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, optstep and generation 120 s,
+# variants 270 s; the default phases: 21 minutes in all).
 # With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants, run last, get what is left
 # (270 s at most).
 # Logs go to CSV (no W&B needed). Every result lands in OUT_DIR; summary.txt collects the headline lines.
@@ -87,6 +89,12 @@ phase_throughput() {
 phase_fp8() { LIMIT=200 throughput throughput_124m_fp8 --fp8 --repeats 1; }
 phase_muon() { LIMIT=200 throughput throughput_124m_muon --optimizer muon --repeats 1; }
 phase_adamw() { LIMIT=200 throughput throughput_124m_adamw --repeats 1; }  # muon's baseline: same settings
+phase_optstep() {
+  timeout "$(limit 120)" $PY benchmarks/optimizer_step.py --size 124m --device cuda --repeats 3 \
+    --json "$OUT/optimizer_step.json" > "$OUT/optimizer_step.log" 2>&1
+  note "optstep: exit $?"
+  cat "$OUT/optimizer_step.log" >> "$OUT/summary.txt"
+}
 
 # KV-cache generation, 124M shape, fp32, alone on the GPU
 phase_generation() {

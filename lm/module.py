@@ -214,8 +214,9 @@ class LanguageModel(L.LightningModule):
         wsd_decay_fraction: Fraction of training spent decaying at the end of a wsd schedule.
         weight_decay: Weight decay, applied to 2-D matmul weights only (not norms or the embedding).
         betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
-        optimizer: adamw for every parameter, or muon: Muon (torch.optim.Muon) for the 2-D weights inside the blocks and
-            AdamW for embeddings, head and norms, with the same lr and schedule.
+        optimizer: adamw for every parameter, or muon: Muon (torch.optim.Muon's update, batched by shape in
+            lm.optim.Muon; torch >= 2.9) for the 2-D weights inside the blocks and AdamW for embeddings, head and
+            norms, with the same lr and schedule.
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
         fp8: Run the blocks' matmuls in float8 (torchao's float8 training, dynamic tensorwise scales; the head and
             everything else stay in bf16). Needs a GPU of CUDA compute capability >= 8.9 (Ada, Hopper, newer), the `fp8`

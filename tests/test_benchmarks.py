@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -35,11 +36,41 @@ def test_train_throughput_builds_the_model_asked_for(flags, shape):
 def test_train_throughput_runs_both_paths_and_writes_json(tmp_path, capsys, optimizer):
     bench = load("train_throughput")
     out = tmp_path / "t.json"
-    flags = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
+    flags = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "2", "--json", str(out)]
     bench.main(flags + ["--optimizer", optimizer])
     results = json.loads(out.read_text())
     assert results["optimizer"] == optimizer
     assert (results["config"]["n_layer"], results["config"]["n_embd"]) == (2, 32)
     assert [row["path"] for row in results["rows"]] == ["raw", "lm"]
     assert all(row["tokens_per_sec"] > 0 and row["ms_per_step"] > 0 for row in results["rows"])
-    assert "Lightning overhead:" in capsys.readouterr().out
+    # the table's rows are the best of the repeats; each repeat's pair is kept, with its overhead
+    repeats = results["repeats_ms_per_step"]
+    assert len(repeats) == 2 and len(results["lightning_overhead_per_repeat"]) == 2
+    for row in results["rows"]:
+        assert row["ms_per_step"] == min(r[row["path"]] for r in repeats)
+    paired = [r["lm"] / r["raw"] - 1 for r in repeats]  # from the rounded times
+    assert sorted(results["lightning_overhead_per_repeat"]) == pytest.approx(sorted(paired), abs=0.01)
+    assert results["lightning_overhead_median"] == pytest.approx(
+        sum(results["lightning_overhead_per_repeat"]) / 2, abs=1e-4
+    )
+    out_text = capsys.readouterr().out
+    assert "Lightning overhead:" in out_text and "per repeat: median" in out_text
+
+
+def test_optimizer_step_times_lm_and_torch_muon_on_the_same_parameters(tmp_path, capsys):
+    bench = load("optimizer_step")
+    out = tmp_path / "o.json"
+    bench.main(
+        ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
+    )
+    results = json.loads(out.read_text())
+    assert list(results["ms_per_step"]) == ["adamw", "muon", "muon_torch"]  # the flag row is for a GPU
+    assert all(ms > 0 for ms in results["ms_per_step"].values())
+    ops = results["ops_per_step"]
+    assert ops["muon"] < ops["muon_torch"] / 3  # tiny's 14 hidden matrices come in 3 shapes
+    model = bench.make_model(bench.parse_args(["--size", "tiny", "--device", "cpu"]))
+    ours, theirs = bench.make_optimizer(model, "muon"), bench.make_optimizer(model, "muon_torch")
+    assert type(theirs.muon) is torch.optim.Muon and type(ours.muon) is not type(theirs.muon)
+    assert theirs.muon.param_groups[0]["params"] == ours.muon.param_groups[0]["params"]  # same matrices
+    assert theirs.muon.defaults == ours.muon.defaults  # same settings
+    assert "muon_torch" in capsys.readouterr().out

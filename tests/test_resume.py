@@ -144,7 +144,9 @@ def test_preemption_signal_saves_a_checkpoint_and_the_run_resumes(uninterrupted,
     with --ckpt_path last carries on from that step."""
     source, _ = uninterrupted
     root = tmp_path / "run"
-    command = fit_command(root, source)  # no periodic checkpoints: only the signal writes one before step 7
+    # No periodic checkpoints, and the first validation (which writes one) at step 30: until then only the signal
+    # writes a checkpoint. (At step 7, as in the other tests, the poll below sometimes saw step 2 too late.)
+    command = fit_command(root, source, "--trainer.val_check_interval", "30")
     victim = subprocess.Popen(command, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while max(train_losses(root), default=-1) < 2 and victim.poll() is None and time.monotonic() < deadline:
@@ -155,7 +157,7 @@ def test_preemption_signal_saves_a_checkpoint_and_the_run_resumes(uninterrupted,
     assert "stopped by a signal after saving a checkpoint" in out
     assert "Traceback" not in err
     stopped_at = last_step(root / "checkpoints" / "last.ckpt")
-    assert 2 <= stopped_at < 7  # saved by the signal, before the first validation (step 7) could have saved one
+    assert 2 <= stopped_at < 30  # saved by the signal, before the first validation could have saved one
 
     done = subprocess.run(
         [*command, "--ckpt_path", "last"], env=env(tmp_path), capture_output=True, text=True, timeout=300

@@ -1,0 +1,165 @@
+"""lm.optim.Muon against torch.optim.Muon, whose update it batches by shape."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lm.optim import Muon
+
+# square, wide, tall (transposed for Newton-Schulz), and repeats of each, as a Transformer's blocks have
+SHAPES = [(48, 48), (32, 64), (64, 32), (48, 48), (32, 64), (64, 32), (16, 80)]
+
+
+def run_both(steps: int, **hyper):
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in SHAPES]
+    theirs = [p.clone().requires_grad_() for p in start]
+    ours = [p.clone().requires_grad_() for p in start]
+    their_opt, our_opt = torch.optim.Muon(theirs, **hyper), Muon(ours, **hyper)
+    for _ in range(steps):
+        for a, b in zip(theirs, ours, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        their_opt.step()
+        our_opt.step()
+    return start, (theirs, their_opt), (ours, our_opt)
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original", None])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_torch_muon(adjust_lr_fn, nesterov):
+    """Same weights and momentum after five steps, up to the rounding of batched bf16 matmuls: the parameters differ
+    by less than 1e-4 of how far the steps moved them (a wrong LR adjustment or orientation gives ~0.3)."""
+    start, (theirs, their_opt), (ours, our_opt) = run_both(
+        5, lr=1e-2, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn, nesterov=nesterov
+    )
+    for p0, a, b in zip(start, theirs, ours, strict=True):
+        assert (a - b).abs().max() < 1e-4 * (a - p0).abs().max()
+        torch.testing.assert_close(our_opt.state[b]["momentum_buffer"], their_opt.state[a]["momentum_buffer"])
+
+
+def test_muon_batches_newton_schulz_by_shape():
+    """One batch of matmuls per distinct shape, not per matrix: 4 shapes x 5 iterations x 3 matmuls."""
+    params = [torch.randn(shape, requires_grad=True) for shape in SHAPES]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = Muon(params, ns_steps=5)
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (
+                torch.ops.aten.mm,
+                torch.ops.aten.bmm,
+                torch.ops.aten.addmm,
+                torch.ops.aten.baddbmm,
+            ):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():
+        optimizer.step()
+    assert CountMatmuls.count == len(set(SHAPES)) * 5 * 3
+
+
+def test_muon_splits_a_large_shape_into_bounded_batches(monkeypatch):
+    """Stacks stay under MUON_BATCH_ELEMENTS: with room for two 48x48 matrices, the three of them take two batches
+    (and the same numbers as one batch)."""
+    import lm.optim
+
+    batch_sizes = []
+    step_batch = Muon._step_batch
+
+    def recorded(self, group, params, *rest):
+        batch_sizes.append(len(params))
+        return step_batch(self, group, params, *rest)
+
+    monkeypatch.setattr(Muon, "_step_batch", recorded)
+    torch.manual_seed(0)
+    start, grads = [torch.randn(48, 48) for _ in range(3)], [torch.randn(48, 48) for _ in range(3)]
+    results = []
+    for limit in (lm.optim.MUON_BATCH_ELEMENTS, 2 * 48 * 48):
+        monkeypatch.setattr(lm.optim, "MUON_BATCH_ELEMENTS", limit)
+        params = [p.clone().requires_grad_() for p in start]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        batch_sizes.clear()
+        Muon(params, lr=1e-2).step()
+        results.append(([p.detach() for p in params], list(batch_sizes)))
+    (one_batch, sizes_one), (two_batches, sizes_two) = results
+    assert sizes_one == [3] and sizes_two == [2, 1]
+    for a, b in zip(one_batch, two_batches, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_muon_state_loads_into_torch_muon_and_back():
+    """Checkpoints written with torch.optim.Muon (and by it) load either way: same state layout."""
+    _, (theirs, their_opt), (ours, our_opt) = run_both(2, lr=1e-2)
+    loaded = Muon(ours)
+    loaded.load_state_dict(their_opt.state_dict())
+    torch.testing.assert_close(loaded.state_dict(), their_opt.state_dict())
+    back = torch.optim.Muon(theirs)
+    back.load_state_dict(our_opt.state_dict())
+    assert back.state_dict()["param_groups"] == our_opt.state_dict()["param_groups"]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_muon_skips_a_flagged_step_and_takes_an_unflagged_one(on_device):
+    """found_inf = 1 (NaN gradients) leaves weights and momentum exactly as they were; found_inf = 0 steps exactly as
+    without a flag. A CPU flag is read on the host; a GPU's is not, and its path runs here too, with reading the flag
+    made to fail."""
+
+    def step_with_flag(optimizer, flag: float):
+        if not on_device:
+            optimizer.found_inf = torch.tensor(flag)
+            return optimizer.step()
+        host_reads = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "__float__")}
+        for name in host_reads:
+            setattr(torch.Tensor, name, None)
+        try:
+            optimizer._step(torch.tensor(flag))
+        finally:
+            for name, method in host_reads.items():
+                setattr(torch.Tensor, name, method)
+
+    torch.manual_seed(0)
+    params = [torch.randn(shape, requires_grad=True) for shape in SHAPES]
+    optimizer = Muon(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # momentum exists from here on
+    before = [p.detach().clone() for p in params]
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    step_with_flag(optimizer, 1.0)
+    assert optimizer.found_inf is None  # one step only
+    for p, old, old_momentum in zip(params, before, momentum, strict=True):
+        assert torch.equal(p, old) and torch.equal(optimizer.state[p]["momentum_buffer"], old_momentum)
+
+    grads = [torch.randn_like(p) for p in params]
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    twin_optimizer = Muon(twin, lr=1e-2)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # loading would share the buffers
+    for p, q, g in zip(params, twin, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    step_with_flag(optimizer, 0.0)
+    twin_optimizer.step()
+    for p, q, old in zip(params, twin, before, strict=True):
+        assert torch.equal(p, q) and not torch.equal(p, old)
+
+
+def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
+    """torch < 2.9 has no torch.optim.Muon: lm still imports and trains with AdamW; asking for Muon says what to do."""
+    from lm.errors import LMError
+    from lm.optim import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(LMError, match=r"needs torch >= 2.9"):
+        build_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.95))
+    optimizer, _ = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
+    assert isinstance(optimizer, torch.optim.AdamW)
