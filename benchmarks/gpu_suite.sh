@@ -13,7 +13,8 @@
 #               the device flag) and torch.optim.Muon (benchmarks/optimizer_step.py);
 #   generation  the KV-cache generation benchmark;
 #   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
-#   variants4   the fourth round of them (docs/benchmarks.md).
+#   variants4   the fourth round of them (docs/benchmarks.md);
+#   variants5   a fifth round, prepared and not run yet: longer contexts and schedules, Muon with more regularisation.
 # PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
 # again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit
 # (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, optstep and generation 120 s,
@@ -143,7 +144,7 @@ phase_variants() {
   variant w512_drop0.5 "${CTX512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
   wait
   local logs=()
-  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r4_* ]] || logs+=("$log"); done  # not round 4's
+  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r[45]_* ]] || logs+=("$log"); done  # not rounds 4-5
   summarise_variants "${logs[@]}"
 }
 
@@ -163,6 +164,28 @@ phase_variants4() {
     --model.init_args.arch.dropout 0.3 &
   wait
   summarise_variants "$OUT"/variant_r4_*.log
+}
+
+# Round 5 (not run yet): longer contexts with longer schedules (round 4's context 1024 was still falling at step
+# 1250), and Muon, which overfits sooner, with more regularisation. Six at once, so that longer runs fit the limit.
+phase_variants5() {
+  VARIANT_LIMIT=$(limit 300)
+  local ctx1024=(--model.init_args.arch.block_size 1024 --data.init_args.batch_size 16)
+  variant r5_ctx1024_drop0.3_2000 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.3 \
+    --trainer.max_steps 2000 &
+  variant r5_ctx1024_drop0.25_1750 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.25 \
+    --trainer.max_steps 1750 &
+  variant r5_ctx2048_b8_drop0.3_2000 "${CTX512[@]}" --model.init_args.arch.block_size 2048 \
+    --data.init_args.batch_size 8 --model.init_args.arch.dropout 0.3 --trainer.max_steps 2000 &
+  variant r5_ctx1024_b32_lr1.4e-3_drop0.3 "${CTX512[@]}" --model.init_args.arch.block_size 1024 \
+    --data.init_args.batch_size 32 --model.init_args.lr 1.4e-3 --model.init_args.arch.dropout 0.3 &
+  variant r5_muon_drop0.3_wd0.3 "${CTX512[@]}" --model.init_args.optimizer muon --model.init_args.arch.dropout 0.3 \
+    --model.init_args.weight_decay 0.3 &
+  variant r5_ctx1024_8x512_drop0.35_2000 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.n_layer 8 \
+    --model.init_args.arch.n_head 8 --model.init_args.arch.n_embd 512 --model.init_args.arch.dropout 0.35 \
+    --trainer.max_steps 2000 &
+  wait
+  summarise_variants "$OUT"/variant_r5_*.log
 }
 
 for phase in $PHASES; do

@@ -86,19 +86,20 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.
     once, and able to skip a step on the device.
 
     torch.optim.Muon orthogonalises matrix by matrix, with ~28 small ops each: GPT-2 124M's 84 hidden matrices cost
-    ~2,400 ops a step, and its step took 38 ms more than AdamW's on an H100 (measured), mostly the host launching
-    kernels. Here the matrices of one shape are stacked and go through the iteration as one batch of matmuls: 3
-    shapes at 124M, ~130 ops a step. The numbers match
-    torch.optim.Muon's up to bf16 rounding (tests/test_optim.py). On this repository's 2-core CPU the step of the CPU
-    recipe's 28 matrices takes 8.5 ms instead of 18.4 ms.
+    2,408 ops a step, and its step took 38 ms more than AdamW's on an H100 (measured), which we take to be mostly
+    the host launching kernels. Here the matrices of one shape are stacked and go through the iteration as one
+    batch of matmuls: 3 shapes at 124M, 92 ops a step (not yet timed on a GPU). On this repository's 2-core CPU
+    the step for the CPU recipe's 28 matrices takes 6-7 ms instead of 17-18 ms (benchmarks/optimizer_step.py).
+    With fp32 weights the result equals torch.optim.Muon's; with bf16 weights ~1% of the elements differ in their
+    last bits, as batched matmuls sum in another order (tests/test_optim.py).
 
     Set `found_inf` (a 0-dim float tensor, 1.0 = skip) before `step` to skip that step, as fused AdamW does. On a GPU
-    the flag is not read on the host: where it is set, the momentum, decay and update are multiplied by zero, and
-    the (non-finite) gradients are replaced by zeros first. On a CPU it is read. The flag is used by one step only.
+    the flag is not read on the host: where it is set, torch.where keeps the old momentum, a zero update and no
+    decay, and zeros stand in for the (non-finite) gradients. On a CPU it is read. The flag is used by one step only.
     """
 
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
         self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -132,15 +133,18 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.
                     )
 
     def _step_batch(self, group, params, grads, buffers, found_inf):
-        """One step for matrices of one shape, as one batch."""
+        """One step for matrices of one shape, as one batch. With a flag, the results are selected (torch.where)
+        rather than scaled by it: the hyperparameters stay Python numbers, as in torch.optim.Muon, so bf16 weights
+        get the same rounding."""
         rows, cols = params[0].shape
         momentum, lr = group["momentum"], float(group["lr"])
+        skip = None if found_inf is None else found_inf.bool()
         grad, buffer = torch.stack(grads), torch.stack(buffers)
-        keep = 1.0  # a 0-dim tensor under found_inf: 0.0 skips the step
-        if found_inf is not None:
-            keep = 1.0 - found_inf.to(grad.dtype)
-            grad = torch.where(keep.bool(), grad, 0.0)  # a NaN or inf times zero would still be NaN
-        buffer.lerp_(grad, (1 - momentum) * keep)
+        if skip is None:
+            buffer.lerp_(grad, 1 - momentum)
+        else:
+            grad = torch.where(skip, 0.0, grad)  # non-finite gradients would make NaNs below, even where unused
+            buffer = torch.where(skip, buffer, buffer.lerp(grad, 1 - momentum))
         torch._foreach_copy_(buffers, list(buffer))
         update = grad.lerp_(buffer, momentum) if group["nesterov"] else buffer
         update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
@@ -150,9 +154,14 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.
             adjusted_lr = lr * max(1, rows / cols) ** 0.5
         else:
             adjusted_lr = lr
-        torch._foreach_mul_(params, 1 - lr * group["weight_decay"] * keep)  # decoupled decay, with the plain lr
-        update = update.to(params[0].dtype).mul_(-adjusted_lr * keep)
-        torch._foreach_add_(params, list(update))
+        # Decoupled decay with the plain lr. The factor is an fp32 tensor: a Python number would be rounded to bf16
+        # for bf16 weights by the multi-tensor op on a CPU (1 - 2e-3 -> 0.996). torch.full fills it on the device,
+        # with no copy from the host.
+        decay = torch.full((), 1 - lr * group["weight_decay"], dtype=torch.float32, device=grad.device)
+        if skip is not None:
+            decay, update = torch.where(skip, 1.0, decay), torch.where(skip, 0.0, update)
+        torch._foreach_mul_(params, decay)
+        torch._foreach_add_(params, list(update.to(params[0].dtype)), alpha=-adjusted_lr)
 
 
 def newton_schulz(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
