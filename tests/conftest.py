@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline: the environment pins HF/W&B to offline mode for every test."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,17 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the data cache never leaks between tests
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_tmpdir(tmp_path_factory):
+    """Temporary files (W&B's media and artifact folders, which runs killed on purpose never delete) go to a folder
+    of pytest's, which it prunes, instead of piling up in the system's /tmp; child processes inherit it."""
+    scratch = tmp_path_factory.mktemp("tmpdir")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(scratch))
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        yield
 
 
 def shared_file(name: str) -> Path:
