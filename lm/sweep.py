@@ -14,9 +14,10 @@ once (in a shuffled order), random/bayes draw with Optuna's RandomSampler/TPESam
 `--workers K` threads here, or the same command started elsewhere with the same `--storage` (e.g. a SLURM job array); no
 grid point runs twice and never more than `--count` trials are completed or running. `--count` is the study's total of
 completed trials: a killed sweep resumes when started again, and runs anew the trials that failed or were cut off (a
-RUNNING trial whose worker is dead: on the same machine its pid says so, elsewhere a heartbeat older than 90 s). A grid
-point whose trial was cut off (the sweep stopped or died; its `lm fit` got SIGTERM and saved a checkpoint) resumes from
-that trial's `last.ckpt` (`--ckpt_path`) instead of starting again from step 0. Each trial is a subprocess `lm fit` with
+RUNNING trial whose worker is dead: on the same machine its pid says so, elsewhere a heartbeat older than 90 s). A trial
+cut off by the sweep (the sweep stopped or died; its `lm fit` got SIGTERM and saved a checkpoint) resumes from its
+`last.ckpt` (`--ckpt_path`), in its folder, instead of starting again from step 0: a grid point when the grid comes to
+it, a random or bayes draw (the same values again) before any new draw. Each trial is a subprocess `lm fit` with
 its own `trainer.default_root_dir` under `<out>/trial-NNNN` (W&B offline unless WANDB_MODE says otherwise); its
 objective is the best `metric` value that the run's ModelCheckpoint recorded in `last.ckpt`. A trial that exits non-zero
 is recorded as failed and the sweep goes on. Ctrl-C or SIGTERM stops the running trials with SIGTERM (their `lm fit`
@@ -368,10 +369,21 @@ GRACE_S = 90
 def make_sampler(config: dict[str, Any], seed: int | None) -> Any:
     import optuna
 
-    if config["method"] == "bayes":
-        return optuna.samplers.TPESampler(seed=seed)  # W&B uses a Gaussian process; TPE is Optuna's default
-    if config["method"] == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+    if config["method"] in ("bayes", "random"):
+        # W&B's bayes uses a Gaussian process; TPE is Optuna's default
+        base = optuna.samplers.TPESampler if config["method"] == "bayes" else optuna.samplers.RandomSampler
+
+        class Replay(base):
+            """Draws as usual, except the values in `replay`: those of a cut-off trial that run_local resumes."""
+
+            replay: dict[str, Any] = {}
+
+            def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+                if name in self.replay:
+                    return self.replay[name]
+                return super().sample_independent(study, trial, name, distribution)
+
+        return Replay(seed=seed)
 
     class GridPoint(optuna.samplers.RandomSampler):
         """Returns `point`, the grid point that run_local chose for the next trial (Optuna's GridSampler hands out
@@ -612,7 +624,15 @@ def run_local(
         trial = study.ask()
         trial.set_user_attr("worker", me)
         study._storage.record_heartbeat(trial._trial_id)
-        params = suggest(trial, config["parameters"])
+        resumed = None if grid is not None else cut_off_trial()
+        if resumed is not None:  # random/bayes: a cut-off trial's draw again, to resume it rather than draw anew
+            study.sampler.replay = dict(resumed.params)
+            trial.set_user_attr("resumes_trial", resumed.number)
+        try:
+            params = suggest(trial, config["parameters"])
+        finally:
+            if grid is None:
+                study.sampler.replay = {}
         # what the trial runs with: q_log_uniform_values rounds Optuna's draw (trial.params keeps the draw)
         trial.set_user_attr("params", params)
         # The thread lock holds within this process only. Workers elsewhere may have claimed the same grid point
@@ -620,7 +640,8 @@ def run_local(
         # trials atomically); the others drop theirs and choose again.
         before = claimed_before(trial.number)
         taken = {point(t) for t in before} if grid is not None else before
-        if len(taken) >= count or (grid is not None and _grid_key(params) in taken):
+        twice = resumed is not None and any(t.user_attrs.get("resumes_trial") == resumed.number for t in before)
+        if len(taken) >= count or (grid is not None and _grid_key(params) in taken) or twice:
             trial.set_user_attr("dropped", "another worker took this point or the last place in --count")
             study.tell(trial, state=TrialState.FAIL)
             if grid is not None:
@@ -634,8 +655,27 @@ def run_local(
             # cut only where the checkpoint directory is the same.
             root, resume = cut_off
             trial.set_user_attr("resumes", str(resume))
+        elif resumed is not None:
+            root = Path(resumed.user_attrs["root"])
+            trial.set_user_attr("resumes", str(newest_last_checkpoint(root)))
         trial.set_user_attr("root", str(root))
         return trial, params
+
+    def cut_off_trial() -> Any:
+        """random/bayes: the oldest trial that the sweep's stop or death cut off after a checkpoint, and that no
+        trial resumes yet (a trial dropped for a lost claim does not count), or None."""
+        trials = study.get_trials(deepcopy=False)
+        taken = {t.user_attrs.get("resumes_trial") for t in trials if not t.user_attrs.get("dropped")}
+        for t in trials:
+            if (
+                t.state == TrialState.FAIL
+                and t.user_attrs.get("interrupted")
+                and t.user_attrs.get("root")
+                and t.number not in taken
+                and newest_last_checkpoint(Path(t.user_attrs["root"]))
+            ):
+                return t
+        return None
 
     def cut_off_checkpoint(key: tuple) -> tuple[Path, Path] | None:
         """The root and newest last.ckpt of a trial of this grid point that the sweep's stop or death cut off."""

@@ -247,6 +247,48 @@ def test_a_cut_off_grid_point_resumes_from_its_trials_checkpoint(tmp_path):
     assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_a_cut_off_random_or_bayes_trial_resumes_with_its_draw(tmp_path, method):
+    """A random/bayes trial cut off after a checkpoint is run again with the same values from that checkpoint, in its
+    folder, before any new draw; a trial that failed by itself is not (a new draw replaces it), and a resumed trial
+    is not resumed twice."""
+    config = _grid() | {"method": method, "parameters": {"x": {"min": 0.0, "max": 1.0}, "c": {"value": 3}}}
+    out = tmp_path / "sweep"
+    out.mkdir()
+    storage = _storage(f"sqlite:///{out / 'optuna.db'}", "--out")
+    study = optuna.create_study(study_name="r", storage=storage)
+    drawn = {}
+    for name in ("cut", "failed"):
+        trial = study.ask()
+        drawn[name] = suggest(trial, config["parameters"])
+        root = out / f"trial-{trial.number:04d}"
+        (root / "checkpoints").mkdir(parents=True)
+        (root / "checkpoints" / "last.ckpt").write_bytes(b"")
+        trial.set_user_attr("params", drawn[name])
+        trial.set_user_attr("root", str(root))
+        if name == "failed":
+            trial.set_user_attr("error", "exit code 1: boom")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:  # its worker died (this process's pid with another start time)
+            trial.set_user_attr("worker", f"{_host()}|{os.getpid()}|not-my-start-time")
+            storage.record_heartbeat(trial._trial_id)
+    runs = []
+
+    def fake(argv, root, metric, goal):
+        resume = [a.removeprefix("--ckpt_path=") for a in argv if a.startswith("--ckpt_path=")]
+        runs.append((float(_x(argv)), root.name, resume))
+        return 1.0
+
+    kwargs = {"name": "r", "out": out, "workers": 1, "storage": None, "seed": 0, "extra": [], "run": fake}
+    summary = run_local(config, count=2, **kwargs)
+    assert runs[0] == (drawn["cut"]["x"], "trial-0000", [str(out / "trial-0000" / "checkpoints" / "last.ckpt")])
+    assert len(runs) == 2 and runs[1][1] not in ("trial-0000", "trial-0001") and not runs[1][2]  # a new draw
+    assert runs[1][0] != drawn["failed"]["x"]
+    assert [t["state"] for t in summary["trials"]].count("COMPLETE") == 2
+    run_local(config, count=3, **kwargs)  # one more trial: a new draw, not the cut-off one again
+    assert len(runs) == 3 and not runs[2][2] and runs[2][1] not in {r[1] for r in runs[:2]}
+
+
 def test_a_grid_point_stopped_by_a_signal_resumes_on_restart(tmp_path):
     """SIGTERM to the sweep stops the running trial (whose lm fit saves last.ckpt): started again, the sweep resumes
     that point from the checkpoint; the points that had not started run from scratch."""
