@@ -76,6 +76,17 @@ def build_optimizer(
     return MuonWithAdamW(muon, adamw), summary
 
 
+def _closure_and_flag(optimizer, closure) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The start of a step that can be skipped: the closure's loss (None without one), and the optimizer's
+    `found_inf` flag, taken off it so that it serves this step only."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    found_inf, optimizer.found_inf = optimizer.found_inf, None
+    return loss, found_inf
+
+
 # Matrices of one shape are stacked up to this many elements (256 MB in fp32) per batch: one batch per shape up to
 # GPT-2 124M's 48 768x768 matrices, several for larger models, whose stacked copies would otherwise take gigabytes.
 MUON_BATCH_ELEMENTS = 1 << 26
@@ -104,11 +115,7 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        found_inf, self.found_inf = self.found_inf, None
+        loss, found_inf = _closure_and_flag(self, closure)
         if found_inf is not None and found_inf.device.type == "cpu":  # reading the flag is free here; masking is not
             if found_inf:
                 return loss
@@ -201,11 +208,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        found_inf, self.found_inf = self.found_inf, None
+        loss, found_inf = _closure_and_flag(self, closure)
         for optimizer in (self.muon, self.adamw):  # fused AdamW skips on the device too; None: they step
             optimizer.found_inf = found_inf
             optimizer.step()

@@ -626,8 +626,8 @@ def run_local(
         study._storage.record_heartbeat(trial._trial_id)
         resumed = None if grid is not None else cut_off_trial()
         if resumed is not None:  # random/bayes: a cut-off trial's draw again, to resume it rather than draw anew
-            study.sampler.replay = dict(resumed.params)
-            trial.set_user_attr("resumes_trial", resumed.number)
+            study.sampler.replay = dict(resumed[0].params)
+            trial.set_user_attr("resumes_trial", resumed[0].number)
         try:
             params = suggest(trial, config["parameters"])
         finally:
@@ -640,7 +640,7 @@ def run_local(
         # trials atomically); the others drop theirs and choose again.
         before = claimed_before(trial.number)
         taken = {point(t) for t in before} if grid is not None else before
-        twice = resumed is not None and any(t.user_attrs.get("resumes_trial") == resumed.number for t in before)
+        twice = resumed is not None and any(t.user_attrs.get("resumes_trial") == resumed[0].number for t in before)
         if len(taken) >= count or (grid is not None and _grid_key(params) in taken) or twice:
             trial.set_user_attr("dropped", "another worker took this point or the last place in --count")
             study.tell(trial, state=TrialState.FAIL)
@@ -650,45 +650,33 @@ def run_local(
                 budget += 1
             return "lost"
         root = out / f"trial-{trial.number:04d}"
-        if grid is not None and (cut_off := cut_off_checkpoint(_grid_key(params))):
+        if grid is not None:  # the newest cut-off trial of this point, if any
+            resumed = next((c for c in reversed(cut_offs()) if point(c[0]) == _grid_key(params)), None)
+        if resumed is not None:
             # In the cut-off trial's folder: its ModelCheckpoint keeps the best score of the validations before the
             # cut only where the checkpoint directory is the same.
-            root, resume = cut_off
-            trial.set_user_attr("resumes", str(resume))
-        elif resumed is not None:
-            root = Path(resumed.user_attrs["root"])
-            trial.set_user_attr("resumes", str(newest_last_checkpoint(root)))
+            _, root, last = resumed
+            trial.set_user_attr("resumes", str(last))
         trial.set_user_attr("root", str(root))
         return trial, params
 
-    def cut_off_trial() -> Any:
-        """random/bayes: the oldest trial that the sweep's stop or death cut off after a checkpoint, and that no
-        trial resumes yet (a trial dropped for a lost claim does not count), or None."""
+    def cut_offs() -> list[tuple[Any, Path, Path]]:
+        """The trials that the sweep's stop or death cut off after a checkpoint, oldest first: (trial, its root, its
+        newest last.ckpt)."""
+        found = []
+        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)), key=lambda t: t.number):
+            if t.user_attrs.get("interrupted") and t.user_attrs.get("root"):
+                root = Path(t.user_attrs["root"])
+                if last := newest_last_checkpoint(root):
+                    found.append((t, root, last))
+        return found
+
+    def cut_off_trial() -> tuple[Any, Path, Path] | None:
+        """random/bayes: the oldest cut-off trial that no trial resumes yet (a trial dropped for a lost claim does not
+        count), or None."""
         trials = study.get_trials(deepcopy=False)
         taken = {t.user_attrs.get("resumes_trial") for t in trials if not t.user_attrs.get("dropped")}
-        for t in trials:
-            if (
-                t.state == TrialState.FAIL
-                and t.user_attrs.get("interrupted")
-                and t.user_attrs.get("root")
-                and t.number not in taken
-                and newest_last_checkpoint(Path(t.user_attrs["root"]))
-            ):
-                return t
-        return None
-
-    def cut_off_checkpoint(key: tuple) -> tuple[Path, Path] | None:
-        """The root and newest last.ckpt of a trial of this grid point that the sweep's stop or death cut off."""
-        cut_off = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if t.user_attrs.get("interrupted") and t.user_attrs.get("root") and point(t) == key
-        ]
-        for t in sorted(cut_off, key=lambda t: t.number, reverse=True):
-            root = Path(t.user_attrs["root"])
-            if last := newest_last_checkpoint(root):
-                return root, last
-        return None
+        return next((c for c in cut_offs() if c[0].number not in taken), None)
 
     def heartbeat(trial_id: int, finished: threading.Event) -> None:
         while not finished.wait(HEARTBEAT_S):
