@@ -1,8 +1,8 @@
 """Training throughput of one GPT through `lm`'s Lightning path and through a minimal raw PyTorch loop, same run.
 
-Both train the same model (same init), on the same random token batches, with the same optimizer, precision,
-clipping and compile setting; the table reports ms/step, tokens/s, MFU (where the device's peak is known) and peak
-memory, and the Lightning path's overhead over the raw loop.
+Both train the same model (same init), on the same random token batches, with the same optimizer, LR schedule,
+precision, clipping and compile setting, and read the loss at the same logging interval; the table reports ms/step,
+tokens/s, MFU (where the device's peak is known) and peak memory, and the Lightning path's overhead over the raw loop.
 
     python benchmarks/train_throughput.py                                   # CPU: a 4-layer, 128-wide model
     python benchmarks/train_throughput.py --size 124m --batch 32 --device cuda --precision bf16 --compile
@@ -10,6 +10,7 @@ memory, and the Lightning path's overhead over the raw loop.
     python benchmarks/train_throughput.py ... --fp8                         # float8 block matmuls (lm[fp8], sm89+)
     python benchmarks/train_throughput.py ... --optimizer muon              # Muon for the hidden matrices
     python benchmarks/train_throughput.py ... --profile prof/               # then where each path's step time goes
+    python benchmarks/train_throughput.py ... --bare                        # split the overhead: Lightning's, lm's
 """
 
 import argparse
@@ -27,10 +28,11 @@ import torch
 from lm.callbacks import Throughput, peak_flops
 from lm.config import SIZES
 from lm.model import GPT
-from lm.module import LanguageModel, convert_to_fp8, next_token_loss
+from lm.module import LanguageModel, convert_to_fp8, lr_multiplier, next_token_loss
 from lm.optim import build_optimizer
 
 PROFILE_STEPS = 5  # steps recorded by --profile, after the warm-up steps
+LR, WARMUP_STEPS, LOG_EVERY = 1e-3, 10, 50  # both paths: peak LR, its warm-up steps, and the logging interval
 CPU_RECIPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}  # the default model, on baby's vocabulary
 
 
@@ -69,6 +71,12 @@ def parse_args(argv=None):
         "--sync_debug",
         action="store_true",
         help="CUDA: report every host synchronisation during the lm path's timed steps (torch sync debug mode)",
+    )
+    p.add_argument(
+        "--bare",
+        action="store_true",
+        help="also time a bare LightningModule on the same Trainer (the model, the loss, the same schedule, "
+        "Lightning's own clipping; no lm hooks or callbacks): splits the overhead into Lightning's and lm's",
     )
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
@@ -115,7 +123,8 @@ def peak_memory_mb(device: str) -> float:
 
 
 def raw_loop(config, batches, args, profiler=None) -> float:
-    """Seconds per step of the plain loop: forward, loss, backward, clip, optimizer step."""
+    """Seconds per step of the plain loop: forward, loss, backward, clip, LR schedule, optimizer step, and the loss
+    read every LOG_EVERY steps."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
     if args.fp8:  # before compiling, as LanguageModel.configure_model does
@@ -124,7 +133,8 @@ def raw_loop(config, batches, args, profiler=None) -> float:
     if args.compile:  # the model and the loss, as LanguageModel compiles them
         model.compile()
         loss_fn = torch.compile(next_token_loss)
-    optimizer, _ = build_optimizer(model, args.optimizer, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))  # as lm's
+    optimizer, _ = build_optimizer(model, args.optimizer, lr=LR, weight_decay=0.1, betas=(0.9, 0.95))  # as lm's
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = None
     if profiler is not None:
@@ -133,6 +143,12 @@ def raw_loop(config, batches, args, profiler=None) -> float:
         if i == args.warmup:
             sync(args.device)
             start = time.perf_counter()
+        # LanguageModel's schedule, set as nanoGPT's loop sets it (LambdaLR does the same multiply)
+        multiplier = lr_multiplier(
+            i, schedule="cosine", warmup_steps=WARMUP_STEPS, total_steps=len(batches), min_lr_ratio=0.1
+        )
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * multiplier
         x = batch["input_ids"].to(args.device, non_blocking=True)
         y = batch["labels"].to(args.device, non_blocking=True)
         with autocast:
@@ -141,6 +157,8 @@ def raw_loop(config, batches, args, profiler=None) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if (i + 1) % LOG_EVERY == 0:
+            loss.item()  # what a loop logs at its interval (a host sync on a GPU, as lm's logging step has)
         if profiler is not None:
             profiler.step()
     sync(args.device)
@@ -197,9 +215,61 @@ def lightning_loop(config, batches, args, profiler=None) -> float:
     """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk)."""
     torch.manual_seed(0)
     module = LanguageModel(
-        config, lr=1e-3, warmup_steps=10, weight_decay=0.1, compile=args.compile, fp8=args.fp8, optimizer=args.optimizer
+        config,
+        lr=LR,
+        warmup_steps=WARMUP_STEPS,
+        weight_decay=0.1,
+        compile=args.compile,
+        fp8=args.fp8,
+        optimizer=args.optimizer,
     )
     timer = _StepTimer(args.warmup, args.device, args.sync_debug and profiler is None)
+    seconds = _fit(module, batches, args, [timer, Throughput()] + ([_ProfilerSteps(profiler)] if profiler else []))
+    if timer.sync_debug:
+        sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
+        print(f"host syncs in {args.steps} timed lm steps: {len(timer.syncs)}", sites)
+        lightning_loop.syncs = sites
+    return seconds
+
+
+class _BareModule(L.LightningModule):
+    """The least a LightningModule needs to train the raw loop's model: no lm hooks, metrics or callbacks."""
+
+    def __init__(self, config, args):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model, self.loss_fn, self.optimizer_name = GPT(config), next_token_loss, args.optimizer
+        if args.fp8:
+            convert_to_fp8(self.model, torch.device(args.device))
+        if args.compile:
+            self.model.compile()
+            self.loss_fn = torch.compile(next_token_loss)
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.loss_fn(self.model(batch["input_ids"]), batch["labels"])
+        return loss
+
+    def configure_optimizers(self):
+        optimizer, _ = build_optimizer(self.model, self.optimizer_name, lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
+        total = self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, schedule="cosine", warmup_steps=WARMUP_STEPS, total_steps=total, min_lr_ratio=0.1
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def bare_lightning_loop(config, batches, args) -> float:
+    """Seconds per step of _BareModule on lightning_loop's Trainer settings: Lightning's own share of the overhead."""
+    timer = _StepTimer(args.warmup, args.device)
+    return _fit(_BareModule(config, args), batches, args, [timer])
+
+
+def _fit(module, batches, args, callbacks) -> float:
+    """Train module on the batches with lm's Trainer settings; seconds per timed step (callbacks[0]: the timer)."""
+    timer = callbacks[0]
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,
@@ -210,15 +280,11 @@ def lightning_loop(config, batches, args, profiler=None) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, Throughput()] + ([_ProfilerSteps(profiler)] if profiler is not None else []),
-        log_every_n_steps=50,
+        callbacks=callbacks,
+        log_every_n_steps=LOG_EVERY,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
-    if timer.sync_debug:
-        sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
-        print(f"host syncs in {args.steps} timed lm steps: {len(timer.syncs)}", sites)
-        lightning_loop.syncs = sites
     return (timer.end - timer.start) / (len(batches) - args.warmup)
 
 
@@ -312,12 +378,22 @@ def main(argv=None):
 
     repeats = []  # alternate, so drift in machine load hits both alike
     for _ in range(args.repeats):
-        repeats.append({"raw": raw_loop(config, batches, args), "lm": lightning_loop(config, batches, args)})
-    best = {name: min(r[name] for r in repeats) for name in ("raw", "lm")}
+        repeat = {"raw": raw_loop(config, batches, args)}
+        if args.bare:
+            repeat["bare"] = bare_lightning_loop(config, batches, args)
+        repeat["lm"] = lightning_loop(config, batches, args)
+        repeats.append(repeat)
+    best = {name: min(r[name] for r in repeats) for name in repeats[0]}
     # Each repeat's own ratio, next to the ratio of the bests: on a shared machine whose speed drifts, the median
     # of the paired ratios says more than one lucky run on either side.
     paired = sorted(r["lm"] / r["raw"] - 1 for r in repeats)
     paired_median = statistics.median(paired)
+    # --bare: the same split into Lightning's loop (bare over raw) and lm's module and callbacks (lm over bare)
+    split = {
+        f"{b}_over_{a}": statistics.median(r[b] / r[a] - 1 for r in repeats)
+        for a, b in (("raw", "bare"), ("bare", "lm"))
+        if args.bare
+    }
 
     rows = []
     for name, seconds in best.items():
@@ -349,6 +425,7 @@ def main(argv=None):
         "lightning_overhead_per_repeat": [round(x, 4) for x in paired],
         "lightning_overhead_median": round(paired_median, 4),
         "repeats_ms_per_step": [{k: round(v * 1e3, 2) for k, v in r.items()} for r in repeats],
+        "overhead_split_median": {k: round(v, 4) for k, v in split.items()} or None,
         "peak_memory_mb": round(peak_memory_mb(args.device)),
         "host_syncs": getattr(lightning_loop, "syncs", None),
     }
@@ -364,6 +441,11 @@ def main(argv=None):
     print(f"Lightning overhead: {overhead:+.1%} (best of each); peak memory {result['peak_memory_mb']} MB")
     if len(repeats) > 1:
         print(f"per repeat: median {paired_median:+.1%}, from {paired[0]:+.1%} to {paired[-1]:+.1%}")
+    if split:
+        print(
+            f"median per repeat: bare Lightning over raw {split['bare_over_raw']:+.1%}, lm over bare Lightning "
+            f"{split['lm_over_bare']:+.1%}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

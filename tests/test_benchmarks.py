@@ -57,6 +57,53 @@ def test_train_throughput_runs_both_paths_and_writes_json(tmp_path, capsys, opti
     assert "Lightning overhead:" in out_text and "per repeat: median" in out_text
 
 
+def test_train_throughput_bare_lightning_path_splits_the_overhead(tmp_path, capsys):
+    bench = load("train_throughput")
+    out = tmp_path / "t.json"
+    flags = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--bare"]
+    bench.main(flags + ["--json", str(out)])
+    results = json.loads(out.read_text())
+    assert [row["path"] for row in results["rows"]] == ["raw", "bare", "lm"]
+    (times,) = results["repeats_ms_per_step"]
+    split = results["overhead_split_median"]
+    assert split["bare_over_raw"] == pytest.approx(times["bare"] / times["raw"] - 1, abs=0.01)
+    assert split["lm_over_bare"] == pytest.approx(times["lm"] / times["bare"] - 1, abs=0.01)
+    assert "bare Lightning over raw" in capsys.readouterr().out
+
+
+def test_train_throughput_paths_step_with_the_same_learning_rates(monkeypatch):
+    """The raw loop and the bare LightningModule run LanguageModel's warm-up and cosine schedule: every path does the
+    same work per step."""
+    import lm.module
+    from lm.optim import build_optimizer
+
+    bench = load("train_throughput")
+    seen: dict[str, list[float]] = {}
+
+    def recording(path):
+        def build(*args, **kwargs):
+            optimizer, summary = build_optimizer(*args, **kwargs)
+            lrs = seen.setdefault(path, [])
+            optimizer.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+            return optimizer, summary
+
+        return build
+
+    monkeypatch.setattr(bench, "build_optimizer", recording("raw"))
+    monkeypatch.setattr(lm.module, "build_optimizer", recording("lm"))
+    args = bench.parse_args(["--size", "tiny", "--device", "cpu", "--steps", "14", "--warmup", "2"])
+    config = bench.make_config(args)
+    batches = bench.make_batches(config, args)
+    bench.raw_loop(config, batches, args)
+    bench.lightning_loop(config, batches, args)
+    monkeypatch.setattr(bench, "build_optimizer", recording("bare"))
+    bench.bare_lightning_loop(config, batches, args)
+    assert len(seen["raw"]) == 16
+    assert seen["raw"] == pytest.approx(seen["lm"], rel=1e-6) == seen["bare"]
+    assert seen["raw"][0] == pytest.approx(bench.LR / bench.WARMUP_STEPS)  # warming up
+    assert seen["raw"][-1] < seen["raw"][bench.WARMUP_STEPS] == pytest.approx(bench.LR, rel=1e-3)  # then decaying
+
+
 def test_optimizer_step_times_lm_and_torch_muon_on_the_same_parameters(tmp_path, capsys):
     bench = load("optimizer_step")
     out = tmp_path / "o.json"
