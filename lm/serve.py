@@ -8,6 +8,10 @@
     POST /v1/chat/completions   messages -> the assistant's reply, in lm.chat's template (SFT checkpoints)
     POST /v1/completions        prompt -> its continuation (pretrained checkpoints)
 
+With --api_key (or LM_API_KEY in the environment), every /v1 request must carry `Authorization: Bearer <key>`, as
+the OpenAI clients send their api_key; others get a 401. /health stays open, for load balancers. Without a key there is
+no authentication: keep --host on loopback, or put the server behind something that checks.
+
 Both POSTs take max_tokens, temperature, top_p, stop (a string or a list), seed and stream (Server-Sent Events), plus
 top_k (0: no top-k filter) and repetition_penalty as extensions; what a request leaves out comes from the flags. The
 `model` field is not checked. Not supported, and a 400 when asked for: n > 1, logprobs, tools/functions, logit_bias,
@@ -32,7 +36,9 @@ restarted server gives the same sequence again.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
+import os
 import random
 import select
 import signal
@@ -104,10 +110,12 @@ class LMServer(ThreadingHTTPServer):
         defaults: dict,
         seed: int,
         max_tokens_limit: int = 4096,
+        api_key: str | None = None,
     ):
         if ":" in address[0]:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
         self.max_tokens_limit = max_tokens_limit  # bounds a completion, which is not held to the context
+        self.api_key = api_key or None  # an empty key would let everyone in: treat it as none
         super().__init__(address, Handler)
         self.model, self.tokenizer, self.model_name, self.defaults = model, tokenizer, model_name, defaults
         self.device = next(model.parameters()).device
@@ -258,8 +266,32 @@ class Handler(BaseHTTPRequestHandler):
     # must not hold the generation lock, or a thread, for ever.
     timeout = 30
 
+    def _authorized(self, path: str) -> bool:
+        """True if the request may go on; otherwise a 401 has been sent. Only /v1 needs the key (not /health)."""
+        key = self.server.api_key
+        if key is None or not path.startswith("/v1"):
+            return True
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guess was right
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        self._send_json(
+            401,
+            {
+                "error": {
+                    "message": "missing or wrong API key (Authorization: Bearer <key>)",
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            },
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        return False
+
     def do_GET(self):
         path = urlsplit(self.path).path
+        if not self._authorized(path):
+            return
         model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lm"}
         if path == "/health":
             self._send_json(200, {"status": "ok"})
@@ -280,6 +312,8 @@ class Handler(BaseHTTPRequestHandler):
         make_job = {"/v1/chat/completions": self.server.chat_job, "/v1/completions": self.server.completion_job}
         try:
             body = self._read_body()  # even for a 404: a socket closed on unread data resets, losing the answer
+            if not self._authorized(path):
+                return
             if path not in make_job:
                 return self._send_error(404, f"no such endpoint: POST {path}")
             job = make_job[path](_parse_json(body))
@@ -379,16 +413,22 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
         self.wfile.flush()  # each piece leaves now, not when a buffer fills
 
-    def _send_json(self, status: int, data: dict) -> None:
+    def _send_json(self, status: int, data: dict, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
     def _send_error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         self._send_json(status, {"error": {"message": message, "type": kind}})
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _usage(job: Job) -> dict:
@@ -407,7 +447,13 @@ def serve_command(argv: list[str]) -> None:
     """lm serve: answer OpenAI-style HTTP requests with a checkpoint until Ctrl-C or SIGTERM."""
     p = argparse.ArgumentParser(prog="lm serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (there is no authentication)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--api_key",
+        default=os.environ.get("LM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $LM_API_KEY, which keeps the key out of "
+        "the process list; unset: no authentication)",
+    )
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the one taken is printed)")
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the checkpoint's file stem)")
     # What a request does not set: lm chat's defaults.
@@ -450,11 +496,14 @@ def serve_command(argv: list[str]) -> None:
             defaults=defaults,
             seed=args.seed,
             max_tokens_limit=args.max_tokens_limit,
+            api_key=args.api_key,
         )
     except OSError as e:  # port taken, address not ours, ...
         raise LMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
     print(f"lm serve: model {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    if server.api_key is None and not _is_loopback(host):
+        print(f"lm serve: warning: {host} is reachable from other machines and there is no --api_key", file=sys.stderr)
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the server the way Ctrl-C does

@@ -19,7 +19,7 @@ import torch
 from lm.chat import render_prompt, reply_stop_ids
 from lm.checkpoint import load_for_inference
 from lm.generate import stream_text, stream_tokens
-from lm.serve import Handler, LMServer
+from lm.serve import Handler, LMServer, _is_loopback
 from lm.tokenizer import ASSISTANT, USER, CharTokenizer
 from tests.conftest import REPO, cli_env
 from tests.test_chat_replies import scripted_model
@@ -49,10 +49,17 @@ def server(ckpt):
 
 
 @contextlib.contextmanager
-def serving(model, tokenizer):
+def serving(model, tokenizer, api_key=None):
     """(base URL, the LMServer) of a server of this model running in a thread, for the with block."""
     srv = LMServer(
-        ("127.0.0.1", 0), model, tokenizer, model_name="tiny", defaults=DEFAULTS, seed=0, max_tokens_limit=64
+        ("127.0.0.1", 0),
+        model,
+        tokenizer,
+        model_name="tiny",
+        defaults=DEFAULTS,
+        seed=0,
+        max_tokens_limit=64,
+        api_key=api_key,
     )
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)  # quick shutdown
     thread.start()
@@ -64,11 +71,12 @@ def serving(model, tokenizer):
         thread.join(timeout=10)
 
 
-def call(url: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
-    """POST body (JSON, or raw bytes) or GET when there is none; the status and the parsed JSON (an event stream's
-    raw text)."""
+def call(url: str, body: dict | bytes | None = None, key: str | None = None) -> tuple[int, dict | str]:
+    """POST body (JSON, or raw bytes) or GET when there is none, with `Authorization: Bearer key` if a key is given;
+    the status and the parsed JSON (an event stream's raw text)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with OPENER.open(request, timeout=60) as response:
             status, kind, text = response.status, response.headers["Content-Type"], response.read().decode()
@@ -387,6 +395,35 @@ def test_concurrent_requests_queue_and_each_get_their_own_reply(server):
     assert [text(a) for a in together] == [text(a) for a in alone] and text(alone[2])
 
 
+def test_with_an_api_key_v1_requests_need_it_and_health_does_not(ckpt):
+    model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
+    with serving(model, tokenizer, api_key="s3cret") as (base, _):
+        assert call(base + "/health") == (200, {"status": "ok"})  # for load balancers
+        chat = {"messages": HELLO, "max_tokens": 2}
+        for url, body, key in [
+            ("/v1/models", None, None),
+            ("/v1/chat/completions", chat, None),
+            ("/v1/chat/completions", chat, "s3cre"),  # a prefix of the key is no key
+            ("/v1/completions", {"prompt": "ab"}, "wrong"),
+            ("/v1/nowhere", {}, None),  # no endpoint list for strangers
+        ]:
+            status, reply = call(base + url, body, key)
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key", (url, key)
+        assert call(base + "/v1/models", key="s3cret")[1]["data"][0]["id"] == "tiny"
+        status, reply = call(base + "/v1/chat/completions", chat, "s3cret")
+        assert status == 200 and reply["usage"]["completion_tokens"] <= 2
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a 401 names the scheme it wants
+            OPENER.open(urllib.request.Request(base + "/v1/models"), timeout=60)
+        assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"), [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("0.0.0.0", False), ("::", False)]
+)
+def test_loopback_hosts_are_told_from_reachable_ones(host, loopback):
+    assert _is_loopback(host) is loopback
+
+
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
@@ -407,7 +444,7 @@ def test_serve_command_answers_then_stops_on_sigterm(ckpt):
     process = subprocess.Popen(
         [sys.executable, "-m", "lm", "serve", "--ckpt", str(ckpt), "--port", "0", "--device", "cpu"],
         cwd=REPO,
-        env=cli_env(),
+        env=cli_env(LM_API_KEY="from-the-env"),  # the key's default: not on the command line
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -416,7 +453,8 @@ def test_serve_command_answers_then_stops_on_sigterm(ckpt):
         banner = process.stdout.readline()  # lm serve: model 'tiny' at http://127.0.0.1:PORT/v1 (Ctrl-C to stop)
         base = banner.split(" at ")[1].split()[0]
         assert base.startswith("http://127.0.0.1:") and not base.endswith(":0/v1")
-        status, reply = call(base + "/chat/completions", {"messages": HELLO, "max_tokens": 3})
+        assert call(base + "/chat/completions", {"messages": HELLO, "max_tokens": 3})[0] == 401
+        status, reply = call(base + "/chat/completions", {"messages": HELLO, "max_tokens": 3}, "from-the-env")
         assert status == 200 and reply["model"] == "tiny" and reply["usage"]["completion_tokens"] <= 3
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
