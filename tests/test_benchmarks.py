@@ -71,6 +71,17 @@ def test_train_throughput_bare_lightning_path_splits_the_overhead(tmp_path, caps
     assert "bare Lightning over raw" in capsys.readouterr().out
 
 
+def test_train_throughput_reverses_the_order_of_the_paths_every_other_repeat(monkeypatch):
+    bench = load("train_throughput")
+    calls = []
+    for loop in ("raw_loop", "bare_lightning_loop", "lightning_loop"):
+        monkeypatch.setattr(bench, loop, lambda *args, loop=loop: calls.append(loop) or 0.01)
+    result = bench.main(["--size", "tiny", "--device", "cpu", "--repeats", "3", "--bare"])
+    forward = ["raw_loop", "bare_lightning_loop", "lightning_loop"]
+    assert calls == forward + forward[::-1] + forward
+    assert [row["path"] for row in result["rows"]] == ["raw", "bare", "lm"]  # the table keeps its order
+
+
 def test_train_throughput_paths_step_with_the_same_learning_rates(monkeypatch):
     """The raw loop and the bare LightningModule run LanguageModel's warm-up and cosine schedule: every path does the
     same work per step."""
