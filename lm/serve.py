@@ -8,9 +8,11 @@
     POST /v1/chat/completions   messages -> the assistant's reply, in lm.chat's template (SFT checkpoints)
     POST /v1/completions        prompt -> its continuation (pretrained checkpoints)
 
-With --api_key (or LM_API_KEY in the environment), every /v1 request must carry `Authorization: Bearer <key>`, as
-the OpenAI clients send their api_key; others get a 401. /health stays open, for load balancers. Without a key there is
-no authentication: keep --host on loopback, or put the server behind something that checks.
+With --api_key (or LM_API_KEY in the environment), every request but GET /health must carry `Authorization: Bearer
+<key>`, as the OpenAI clients send their api_key; others get a 401 before their body is read (at most 64 KiB of it is
+discarded, then the connection closes). /health stays open, for load balancers. A key is ASCII letters, digits and
+-._~+/ (an OAuth bearer token's characters). Without a key there is no authentication: keep --host on loopback, or
+put the server behind something that checks.
 
 Both POSTs take max_tokens, temperature, top_p, stop (a string or a list), seed and stream (Server-Sent Events), plus
 top_k (0: no top-k filter) and repetition_penalty as extensions; what a request leaves out comes from the flags. The
@@ -36,10 +38,12 @@ restarted server gives the same sequence again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import json
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -78,6 +82,8 @@ UNSUPPORTED = {
     "response_format": {"type": "text"},
 }
 MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is read
+REFUSED_BODY_BYTES = 2**16  # of a request refused for its key, this much body is read and dropped, no more
+API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750's bearer token: what a client can send as it is
 
 
 @dataclass
@@ -114,8 +120,8 @@ class LMServer(ThreadingHTTPServer):
     ):
         if ":" in address[0]:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
+        self.api_key_digest = api_key_digest(api_key)  # before binding: a bad key leaves no socket behind
         self.max_tokens_limit = max_tokens_limit  # bounds a completion, which is not held to the context
-        self.api_key = api_key or None  # an empty key would let everyone in: treat it as none
         super().__init__(address, Handler)
         self.model, self.tokenizer, self.model_name, self.defaults = model, tokenizer, model_name, defaults
         self.device = next(model.parameters()).device
@@ -200,6 +206,22 @@ class LMServer(ThreadingHTTPServer):
         job.completion_tokens, job.finish_reason = finish.tokens, finish.reason
 
 
+def api_key_digest(api_key: str | None) -> bytes | None:
+    """The SHA-256 of a valid key (None for no key or ""); LMError for a key a client could not send as it is.
+
+    Requests are checked against the digest: digests of equal length compare in constant time, so a guess learns
+    nothing, not even the key's length.
+    """
+    if not api_key:
+        return None
+    if not API_KEY.fullmatch(api_key):
+        raise LMError(
+            "--api_key (or LM_API_KEY) must be ASCII letters, digits and -._~+/ (optionally ending in =), which every "
+            "client can send in an Authorization header"
+        )
+    return hashlib.sha256(api_key.encode()).digest()
+
+
 def _field(body: dict, name: str, types, what: str, default):
     """body[name] when it is set, of one of `types` (a JSON true is no number), else the default."""
     value = body.get(name)
@@ -267,24 +289,26 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 30
 
     def _authorized(self, path: str) -> bool:
-        """True if the request may go on; otherwise a 401 has been sent. Only /v1 needs the key (not /health)."""
-        key = self.server.api_key
-        if key is None or not path.startswith("/v1"):
+        """True if the request may go on; otherwise a 401 has been sent. Every path needs the key but GET /health.
+
+        Called before a body is read, so a stranger cannot make the server hold 16 MiB, or a thread, for a body.
+        """
+        if self.server.api_key_digest is None or (self.command == "GET" and path == "/health"):
             return True
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        # compare_digest: the time taken does not tell how much of a guess was right
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        # http.server decodes header bytes as Latin-1: encoding back gives the bytes the client sent
+        digest = hashlib.sha256(token.strip().encode("latin-1", errors="replace")).digest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.server.api_key_digest):
             return True
-        self._send_json(
+        length = self.headers.get("Content-Length", "")
+        if self.command == "POST" and length.isascii() and length.isdigit() and int(length) <= REFUSED_BODY_BYTES:
+            self.rfile.read(int(length))  # a small body is read, or closing on it could reset the 401 away
+        self.close_connection = True  # what is left of a larger body is never read
+        self._send_error(
             401,
-            {
-                "error": {
-                    "message": "missing or wrong API key (Authorization: Bearer <key>)",
-                    "type": "invalid_request_error",
-                    "code": "invalid_api_key",
-                }
-            },
-            headers={"WWW-Authenticate": "Bearer"},
+            "missing or wrong API key (Authorization: Bearer <key>)",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
         )
         return False
 
@@ -311,9 +335,9 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         make_job = {"/v1/chat/completions": self.server.chat_job, "/v1/completions": self.server.completion_job}
         try:
-            body = self._read_body()  # even for a 404: a socket closed on unread data resets, losing the answer
             if not self._authorized(path):
                 return
+            body = self._read_body()  # even for a 404: a socket closed on unread data resets, losing the answer
             if path not in make_job:
                 return self._send_error(404, f"no such endpoint: POST {path}")
             job = make_job[path](_parse_json(body))
@@ -331,7 +355,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, and int("²") raises
             raise RequestError(411, "the request needs a Content-Length header (chunked bodies are not supported)")
         if int(length) > MAX_BODY_BYTES:
             raise RequestError(413, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}")
@@ -423,8 +447,20 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _send_error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        self._send_json(status, {"error": {"message": message, "type": kind}})
+    def _send_error(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """The last thing a failed request writes; a client already gone is no news (and no traceback in the log)."""
+        error = {"message": message, "type": kind} | ({"code": code} if code else {})
+        try:
+            self._send_json(status, {"error": error}, headers)
+        except OSError:
+            self.close_connection = True
 
 
 def _is_loopback(host: str) -> bool:
@@ -451,8 +487,8 @@ def serve_command(argv: list[str]) -> None:
     p.add_argument(
         "--api_key",
         default=os.environ.get("LM_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $LM_API_KEY, which keeps the key out of "
-        "the process list; unset: no authentication)",
+        help="require 'Authorization: Bearer KEY' on every request but GET /health (default: $LM_API_KEY, which keeps "
+        "the key out of the process list; unset: no authentication)",
     )
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the one taken is printed)")
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the checkpoint's file stem)")
@@ -473,6 +509,7 @@ def serve_command(argv: list[str]) -> None:
     # Checked before the model loads: socket.bind would raise OverflowError (a traceback) only after that.
     if not 0 <= args.port <= 65535:
         raise LMError(f"--port must be in [0, 65535], got {args.port}")
+    api_key_digest(args.api_key)  # a bad key fails here, not after the model has loaded
     # Bad defaults would fail every request as the client's mistake: stop here instead.
     if not 1 <= args.max_new_tokens <= args.max_tokens_limit:
         raise LMError(
@@ -502,7 +539,7 @@ def serve_command(argv: list[str]) -> None:
         raise LMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
     print(f"lm serve: model {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    if server.api_key is None and not _is_loopback(host):
+    if server.api_key_digest is None and not _is_loopback(host):
         print(f"lm serve: warning: {host} is reachable from other machines and there is no --api_key", file=sys.stderr)
 
     def stop(signum, frame):

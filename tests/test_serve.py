@@ -18,6 +18,7 @@ import torch
 
 from lm.chat import render_prompt, reply_stop_ids
 from lm.checkpoint import load_for_inference
+from lm.errors import LMError
 from lm.generate import stream_text, stream_tokens
 from lm.serve import Handler, LMServer, _is_loopback
 from lm.tokenizer import ASSISTANT, USER, CharTokenizer
@@ -242,6 +243,8 @@ def test_bodies_with_a_wrong_length_are_refused_before_generation(server):
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     body = b'{"prompt": "ab", "max_tokens": 2}'
     assert raw(url, head + b"\r\n" + body).startswith(b"HTTP/1.0 411")  # no Content-Length
+    # "\xb2" is "²" to http.server, which str.isdigit() takes for a digit and int() refuses: it was a 500
+    assert raw(url, head + b"Content-Length: \xb2\r\n\r\n" + body).startswith(b"HTTP/1.0 411")
     assert raw(url, head + b"Content-Length: 99999999999\r\n\r\n").startswith(b"HTTP/1.0 413")  # not read at all
     short = raw(url, head + b"Content-Length: 1000\r\n\r\n" + body)  # the client sent less and closed
     assert short.startswith(b"HTTP/1.0 400") and f"the body ended after {len(body)} of its 1000 bytes".encode() in short
@@ -395,7 +398,7 @@ def test_concurrent_requests_queue_and_each_get_their_own_reply(server):
     assert [text(a) for a in together] == [text(a) for a in alone] and text(alone[2])
 
 
-def test_with_an_api_key_v1_requests_need_it_and_health_does_not(ckpt):
+def test_with_an_api_key_every_request_but_health_needs_it(ckpt):
     model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
     with serving(model, tokenizer, api_key="s3cret") as (base, _):
         assert call(base + "/health") == (200, {"status": "ok"})  # for load balancers
@@ -406,6 +409,9 @@ def test_with_an_api_key_v1_requests_need_it_and_health_does_not(ckpt):
             ("/v1/chat/completions", chat, "s3cre"),  # a prefix of the key is no key
             ("/v1/completions", {"prompt": "ab"}, "wrong"),
             ("/v1/nowhere", {}, None),  # no endpoint list for strangers
+            ("//v1/models", None, None),
+            ("/V1/models", None, None),
+            ("/health", {}, None),  # only GET /health is open
         ]:
             status, reply = call(base + url, body, key)
             assert status == 401 and reply["error"]["code"] == "invalid_api_key", (url, key)
@@ -415,6 +421,24 @@ def test_with_an_api_key_v1_requests_need_it_and_health_does_not(ckpt):
         with pytest.raises(urllib.error.HTTPError) as refused:  # a 401 names the scheme it wants
             OPENER.open(urllib.request.Request(base + "/v1/models"), timeout=60)
         assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"] == "Bearer"
+        # The key is checked before the body is read: a stranger's 16 MiB promise gets a 401 at once, not a 413 or
+        # a thread waiting for the bytes; the scheme's name is not case-sensitive.
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        assert raw(base, head + b"Content-Length: 16777216\r\n\r\n", half_close=False).startswith(b"HTTP/1.0 401")
+        body = b'{"prompt": "ab", "max_tokens": 2}'
+        length = f"Content-Length: {len(body)}\r\n".encode()
+        assert raw(base, head + b"Authorization: bearer s3cret\r\n" + length + b"\r\n" + body).startswith(
+            b"HTTP/1.0 200"
+        )
+
+
+@pytest.mark.parametrize("key", ["cl\u00e9", "two words", "k\u20ac", "abc "])
+def test_a_key_a_client_cannot_send_as_it_is_is_refused(ckpt, key):
+    model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
+    with pytest.raises(LMError, match="must be ASCII letters"):
+        LMServer(("127.0.0.1", 0), model, tokenizer, model_name="t", defaults=DEFAULTS, seed=0, api_key=key)
+    with serving(model, tokenizer, api_key="") as (base, _):  # an empty key is no key, not a key nobody can send
+        assert call(base + "/v1/models")[0] == 200
 
 
 @pytest.mark.parametrize(
@@ -432,6 +456,7 @@ def test_loopback_hosts_are_told_from_reachable_ones(host, loopback):
         # Before the checkpoint loads: socket.bind raised OverflowError (a traceback) once the model was loaded.
         (["--ckpt", "missing.ckpt", "--port", "70000"], "error: --port must be in [0, 65535], got 70000"),
         (["--ckpt", "missing.ckpt", "--port", "-1"], "error: --port must be in [0, 65535], got -1"),
+        (["--ckpt", "missing.ckpt", "--api_key", "cl\u00e9"], "error: --api_key (or LM_API_KEY) must be ASCII"),
     ],
 )
 def test_serve_command_reports_user_errors_in_one_line(capsys, argv, error):
