@@ -1,8 +1,9 @@
 """Training throughput of one GPT through `lm`'s Lightning path and through a minimal raw PyTorch loop, same run.
 
-Both train the same model (same init), on the same random token batches, with the same optimizer, LR schedule,
-precision, clipping and compile setting, and read the loss at the same logging interval; the table reports ms/step,
-tokens/s, MFU (where the device's peak is known) and peak memory, and the Lightning path's overhead over the raw loop.
+Both train the same model (the same initial weights on CPU; on CUDA, Lightning builds lm's model on the GPU, whose
+random numbers differ), on the same random token batches, with the same optimizer, LR schedule, precision, clipping
+and compile setting, and read the loss at the same logging interval; the table reports ms/step, tokens/s, MFU (where
+the device's peak is known) and peak memory, and the Lightning path's overhead over the raw loop.
 
     python benchmarks/train_throughput.py                                   # CPU: a 4-layer, 128-wide model
     python benchmarks/train_throughput.py --size 124m --batch 32 --device cuda --precision bf16 --compile
@@ -64,8 +65,9 @@ def parse_args(argv=None):
         "--repeats",
         type=int,
         default=2,
-        help="run raw and lm this many times, in turns (reversing the order every other time); report the best of "
-        "each, and the median of each repeat's overhead",
+        help="run the paths this many times, in turns, each repeat starting one path further on (a multiple of the "
+        "number of paths puts each in every place equally); report the best of each, and the median of each repeat's "
+        "overhead",
     )
     p.add_argument("--tie_embeddings", action="store_true", help="share the embedding with the head (GPT-2 124M)")
     p.add_argument(
@@ -107,7 +109,7 @@ def make_batches(config, args) -> list[dict[str, torch.Tensor]]:
     n = args.warmup + args.steps
     tokens = torch.randint(0, config.vocab_size, (n, args.batch, config.block_size + 1), generator=g)
     batches = [{"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()} for t in tokens]
-    if args.device.startswith("cuda"):  # page-locked, like the DataLoader's pin_memory gives the Lightning path
+    if args.device.startswith("cuda"):  # page-locked, as lm's data loaders pin them, for every path alike
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
     return batches
 
@@ -250,6 +252,10 @@ class _BareModule(L.LightningModule):
         loss, _ = self.loss_fn(self.model(batch["input_ids"]), batch["labels"])
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if (batch_idx + 1) % LOG_EVERY == 0:
+            outputs["loss"].item()  # as the raw loop reads it (a host sync on a GPU)
+
     def configure_optimizers(self):
         optimizer, _ = build_optimizer(self.model, self.optimizer_name, lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
         total = self.trainer.max_steps
@@ -370,6 +376,7 @@ def profile_paths(config, batches, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    lightning_loop.syncs = None  # set by this run's --sync_debug, not an earlier call's
     config = make_config(args)
     batches = make_batches(config, args)
     tokens_per_step = args.batch * config.block_size
@@ -377,14 +384,24 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = peak_flops(torch.device(args.device), dtype)  # also with --fp8: a float8 gain shows as higher MFU
 
+    on_cuda = args.device.startswith("cuda")
     paths = {"raw": raw_loop} | ({"bare": bare_lightning_loop} if args.bare else {}) | {"lm": lightning_loop}
-    repeats = []  # alternate, so drift in machine load hits both alike
+    names = list(paths)
+    repeats = []  # in turns, so drift in machine load hits every path alike
+    peak_mb = dict.fromkeys(names, 0.0)  # CUDA: each path's own peak
     for i in range(args.repeats):
-        # Every other repeat runs the paths in reverse: on the 2-core VM the second of two identical raw loops ran
-        # 0.2-3.1% faster (medians of six pairs, three runs), and that must not favour the path that comes second.
-        order = list(reversed(paths)) if i % 2 else list(paths)
-        seconds = {name: paths[name](config, batches, args) for name in order}
-        repeats.append({name: seconds[name] for name in paths})
+        # Each repeat starts one path further on (raw, lm / lm, raw; with --bare raw, bare, lm / bare, lm, raw / ...):
+        # on the 2-core VM the second of two identical raw loops ran 0.2-3.1% faster (medians of six pairs, three
+        # runs), which must not favour one path. A multiple of the number of paths puts each in every place equally.
+        order = names[i % len(names) :] + names[: i % len(names)]
+        seconds = {}
+        for name in order:
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds[name] = paths[name](config, batches, args)
+            if on_cuda:
+                peak_mb[name] = max(peak_mb[name], torch.cuda.max_memory_allocated() / 2**20)
+        repeats.append({name: seconds[name] for name in names})
     best = {name: min(r[name] for r in repeats) for name in repeats[0]}
     # Each repeat's own ratio, next to the ratio of the bests: on a shared machine whose speed drifts, the median
     # of the paired ratios says more than one lucky run on either side.
@@ -406,6 +423,7 @@ def main(argv=None):
                 "ms_per_step": round(seconds * 1e3, 2),
                 "tokens_per_sec": round(tps),
                 "mfu": round(tps * flops_per_token / peak, 4) if peak else None,
+                "peak_memory_mb": round(peak_mb[name]) if on_cuda else None,
             }
         )
     overhead = best["lm"] / best["raw"] - 1
@@ -428,7 +446,8 @@ def main(argv=None):
         "lightning_overhead_median": round(paired_median, 4),
         "repeats_ms_per_step": [{k: round(v * 1e3, 2) for k, v in r.items()} for r in repeats],
         "overhead_split_median": {k: round(v, 4) for k, v in split.items()} or None,
-        "peak_memory_mb": round(peak_memory_mb(args.device)),
+        # CPU: the process's high-water mark; CUDA: the largest path's (each row has its own)
+        "peak_memory_mb": round(max(peak_mb.values()) if on_cuda else peak_memory_mb(args.device)),
         "host_syncs": getattr(lightning_loop, "syncs", None),
     }
     print(
@@ -436,10 +455,11 @@ def main(argv=None):
         f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, {args.optimizer}, "
         f"{args.steps} timed steps"
     )
-    print(f"{'path':<6} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}")
+    print(f"{'path':<6} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}" + (f" {'peak MB':>8}" if on_cuda else ""))
     for row in rows:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        print(f"{row['path']:<6} {row['ms_per_step']:>9.2f} {row['tokens_per_sec']:>10,} {mfu:>7}")
+        memory = f" {row['peak_memory_mb']:>8,}" if on_cuda else ""
+        print(f"{row['path']:<6} {row['ms_per_step']:>9.2f} {row['tokens_per_sec']:>10,} {mfu:>7}{memory}")
     print(f"Lightning overhead: {overhead:+.1%} (best of each); peak memory {result['peak_memory_mb']} MB")
     if len(repeats) > 1:
         print(f"per repeat: median {paired_median:+.1%}, from {paired[0]:+.1%} to {paired[-1]:+.1%}")
