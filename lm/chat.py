@@ -64,7 +64,7 @@ def render_chat(
     end = tokenizer.token_id(END)
     for m in messages:
         content = tokenizer.encode(m["content"])
-        learn = int(m["role"] == "assistant")
+        learn = int(m["role"] == "assistant" and m.get("weight", 1) != 0)  # weight 0: a reply shown, not learned
         ids += [tokenizer.token_id(ROLES[m["role"]]), *content, end]
         mask += [0, *[learn] * len(content), learn]  # an assistant's END is learned: that is how it stops
     if add_generation_prompt:

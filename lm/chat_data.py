@@ -122,9 +122,13 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
     if fmt == "alpaca":
         if "instruction" not in record or "output" not in record:
             raise ValueError('an alpaca record needs "instruction" and "output"')
+        for key in ("instruction", "input", "output", "system"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise ValueError(f'"{key}" is not a string (got {type(record[key]).__name__})')
         extra = record.get("input") or ""
         question = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
-        return [{"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return [*system, {"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]
     if fmt == "sharegpt":
         turns = record.get("conversations")
         if not isinstance(turns, list):
@@ -143,7 +147,8 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
 def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
     """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows."""
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
         records = []
@@ -156,22 +161,23 @@ def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
                 except json.JSONDecodeError as e:
                     records.append((f"{path}:{n}", ValueError(f"invalid JSON: {e}")))
         return records
-    if path.suffix == ".json":
+    if suffix == ".json":
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise LMError(f"{path}: invalid JSON: {e}") from None
+            hint = " (one record per line is JSONL: name the file .jsonl)" if e.msg == "Extra data" else ""
+            raise LMError(f"{path}: invalid JSON: {e}{hint}") from None
         if not isinstance(data, list):
             raise LMError(f"{path}: expected a JSON list of records")
         return [(f"{path}:record {i + 1}", r) for i, r in enumerate(data)]
-    if path.suffix == ".parquet" and not path.is_file():
+    if suffix == ".parquet" and not path.is_file():
         raise LMError(f"chat data file not found: {path}")
     import datasets
 
     try:
-        if path.suffix == ".parquet":
+        if suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         else:
             ds = datasets.load_dataset(source, split=split)
@@ -191,14 +197,19 @@ class ChatData(L.LightningDataModule):
     The train/val split of a file or hub source keeps conversations that open with the same user message on the
     same side: HH-style data holds several transcripts branching from one opening exchange, and splitting them apart
     would put val replies' histories (and often the replies) in train. A seeded shuffle of these groups picks val
-    groups until val holds at least round(val_fraction * n) conversations (at least 1), so val may be a little larger
-    than the fraction. `task:` sources draw their val problems from the task's own test split instead.
+    groups until val holds at least round(val_fraction * n) conversations (at least 1), skipping any group that would
+    take it past twice that, so val may be a little larger than the fraction. When every group is larger, val is the
+    smallest group, with a warning. `task:` sources draw their val problems from the task's own test split instead.
+
+    In the messages format, an assistant message with `"weight": 0` (OpenAI's fine-tuning format) carries no loss;
+    `"weight": 1` is the default. A conversation with nothing left to learn is dropped and counted
+    (`dropped_*_unsupervised`).
 
     Args:
         source: A local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or task:addition / task:reverse /
             task:count (built-in synthetic problems, see lm.tasks).
         format: Record format: messages (OpenAI), alpaca, sharegpt, or auto (detected from the first record that is
-            valid JSON).
+            valid JSON and has one of their shapes).
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
             Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
@@ -285,7 +296,14 @@ class ChatData(L.LightningDataModule):
             problem = check_messages(messages)
             if problem is not None:
                 raise ValueError(problem)
-            return ([{"role": m["role"], "content": m["content"]} for m in messages],)
+            kept = []
+            for i, m in enumerate(messages):
+                kept.append({"role": m["role"], "content": m["content"]})
+                if "weight" in m:  # OpenAI's fine-tuning format: 0 = show this reply, do not learn it
+                    if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], float):
+                        raise ValueError(f"message {i} ({m['role']}): weight must be 0 or 1, on assistant messages")
+                    kept[-1]["weight"] = m["weight"]
+            return (kept,)
 
         why = (
             "cannot tell the chat format (no messages / conversations / instruction+output keys); set "
@@ -301,13 +319,14 @@ class ChatData(L.LightningDataModule):
         if not records:
             raise LMError(f"{self.source!r} holds no records")
         fmt = self.format
-        # Invalid JSON says nothing about the format: detect from the first record that parsed, and leave the
-        # broken ones to _bad below like any other bad record (so on_bad_record: skip applies to them too).
-        parsed = next(((where, r) for where, r in records if not isinstance(r, Exception)), None)
-        if fmt == "auto" and parsed is not None:
-            fmt = detect(parsed[1])
+        # Invalid JSON or a record of no known shape says nothing about the format: detect from the first record
+        # that shows one, and leave the others to _bad below like any other bad record (so on_bad_record: skip
+        # applies to them too).
+        parsed = [(where, r) for where, r in records if not isinstance(r, Exception)]
+        if fmt == "auto" and parsed:
+            fmt = next((f for f in (detect(r) for _, r in parsed) if f is not None), None)
             if fmt is None:
-                raise LMError(f"{parsed[0]}: {unknown}")
+                raise LMError(f"{parsed[0][0]}: {unknown}")
         items = []
         for where, record in records:
             try:
@@ -334,12 +353,22 @@ class ChatData(L.LightningDataModule):
         for key in keys:
             if len(val) >= n_val:
                 break
-            if len(val) + len(groups[key]) < n:  # a group that would leave train empty is skipped
+            # A group may take val a little past n_val, never past twice it: one large group (many conversations
+            # opening with "Hi") would otherwise put most of the data in val.
+            if len(val) + len(groups[key]) <= 2 * n_val:
                 val.update(groups[key])
-        if not val:
-            raise LMError(
-                f"{self.kind} {self.source!r}: all {n} usable {self.item}s open with the same user message, so they "
-                f"cannot be split into train and val without sharing it; add {self.item}s with other openings"
+        if not val:  # every group is larger than that: the smallest one that leaves something to train on
+            fits = [key for key in keys if len(groups[key]) < n]
+            if not fits:
+                raise LMError(
+                    f"{self.kind} {self.source!r}: all {n} usable {self.item}s open with the same user message, so "
+                    f"they cannot be split into train and val without sharing it; add {self.item}s with other openings"
+                )
+            val.update(groups[min(fits, key=lambda key: len(groups[key]))])
+            rank_zero_warn(
+                f"{self.kind} {self.source!r}: val holds {len(val)} of {n} {self.item}s (val_fraction "
+                f"{self.val_fraction}): {self.item}s with the same opening user message stay on one side, and the "
+                "smallest such group is that large"
             )
         return (
             [c for i, c in enumerate(conversations) if i not in val],
@@ -377,8 +406,8 @@ class ChatData(L.LightningDataModule):
             except LMError as e:  # e.g. a character outside a char tokenizer's vocabulary
                 self._bad(where, str(e))
                 continue
-            if example is None:
-                self._count(f"dropped_{split}_truncated")
+            if example is None:  # cut before its first reply, or every reply has weight 0
+                self._count(f"dropped_{split}_{'truncated' if cut else 'unsupervised'}")
                 continue
             if cut:  # kept, but the model never sees its end: worth knowing when choosing block_size
                 self._count(f"truncated_{split}")

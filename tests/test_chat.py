@@ -132,6 +132,67 @@ def test_bad_json_on_line_one_is_a_bad_record_not_a_format_problem(tmp_path):
     assert len(data.train_examples) + len(data.val_examples) == 4
 
 
+def test_format_is_detected_past_leading_records_of_no_known_shape(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("{}\n" + "".join(json.dumps(_messages(i)) + "\n" for i in range(4)))  # it used to stop the run
+    with pytest.raises(LMError, match=rf"{path}:1: no \"messages\" list"):
+        ChatData(source=str(path), tokenizer="char", block_size=32).setup()
+    data = ChatData(source=str(path), tokenizer="char", block_size=32, on_bad_record="skip")
+    data.setup()
+    assert data.counts["skipped_bad"] == 1 and len(data.train_examples) + len(data.val_examples) == 4
+    nothing_known = _write_jsonl(tmp_path / "n.jsonl", [{}, {"text": "x"}])
+    with pytest.raises(LMError, match=r"n.jsonl:1: cannot tell the chat format"):
+        ChatData(source=nothing_known, tokenizer="char", block_size=32).setup()
+
+
+def test_an_assistant_message_of_weight_0_is_shown_but_not_learned(tmp_path):
+    def chat(i, first_weight, second_weight=1):
+        turns = [("user", f"q{i}"), ("assistant", "bad"), ("user", "again"), ("assistant", "good")]
+        messages = [{"role": r, "content": c} for r, c in turns]
+        messages[1]["weight"], messages[3]["weight"] = first_weight, second_weight
+        return {"messages": messages}
+
+    records = [chat(i, 0) for i in range(4)] + [chat(9, 0, 0)]  # the last: nothing to learn
+    data = ChatData(source=_write_jsonl(tmp_path / "d.jsonl", records), tokenizer="char", block_size=64)
+    data.setup()
+    for ids, labels in data.train_examples + data.val_examples:
+        assert "bad" in data.tokenizer.decode(ids)  # in the context
+        assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "good<|end|>"  # not in the loss
+    assert data.counts["dropped_train_unsupervised"] + data.counts.get("dropped_val_unsupervised", 0) == 1
+    for bad in ({"weight": 2}, {"weight": 0.5}):
+        record = chat(0, 1)
+        record["messages"][1].update(bad)
+        path = _write_jsonl(tmp_path / "bad.jsonl", [record] + [_messages(i) for i in range(4)])
+        with pytest.raises(LMError, match="bad.jsonl:1: message 1 .assistant.: weight must be 0 or 1"):
+            ChatData(source=path, tokenizer="char", block_size=64).setup()
+    record = _messages(0)
+    record["messages"][0]["weight"] = 0  # on a user message
+    path = _write_jsonl(tmp_path / "user.jsonl", [record] + [_messages(i) for i in range(1, 5)])
+    with pytest.raises(LMError, match="user.jsonl:1: message 0 .user.: weight must be 0 or 1, on assistant"):
+        ChatData(source=path, tokenizer="char", block_size=64).setup()
+
+
+def test_alpaca_fields_must_be_strings_and_a_system_field_is_the_system_message(tmp_path):
+    records = [{"instruction": f"say hi {i}", "output": "hi", "system": "be brief"} for i in range(4)]
+    data = ChatData(source=_write_jsonl(tmp_path / "a.jsonl", records), tokenizer="char", block_size=64)
+    data.setup()
+    assert data.tokenizer.decode(data.train_examples[0][0]).startswith("<|bos|><|system|>be brief<|end|>")
+    records[2] = {"instruction": 5, "input": ["a", "b"], "output": "hi"}  # was rendered as "5\n\n['a', 'b']"
+    path = _write_jsonl(tmp_path / "b.jsonl", records)
+    with pytest.raises(LMError, match='b.jsonl:3: "instruction" is not a string .got int.'):
+        ChatData(source=path, tokenizer="char", block_size=64).setup()
+
+
+def test_file_suffixes_are_not_case_sensitive_and_jsonl_in_a_json_file_gets_a_hint(tmp_path):
+    upper = _write_jsonl(tmp_path / "D.JSONL", [_messages(i) for i in range(4)])
+    data = ChatData(source=upper, tokenizer="char", block_size=32)
+    data.setup()
+    assert len(data.train_examples) + len(data.val_examples) == 4
+    lines = _write_jsonl(tmp_path / "d.json", [_messages(i) for i in range(4)])
+    with pytest.raises(LMError, match=r"invalid JSON: Extra data.*one record per line is JSONL: name the file \.jsonl"):
+        ChatData(source=lines, tokenizer="char", block_size=32).setup()
+
+
 def test_tokenizing_errors_name_the_file_line_or_the_task_problem(tmp_path):
     CharTokenizer("abcdefghijklmnopqrstuvwxyz ").save(tmp_path / "tok")
     records = [
@@ -277,6 +338,28 @@ def test_split_keeps_conversations_with_the_same_opening_on_one_side(tmp_path):
     one_opening = _write_jsonl(tmp_path / "one.jsonl", [branch(0, i) for i in range(5)])
     with pytest.raises(LMError, match="all 5 usable conversations open with the same user message"):
         ChatData(source=one_opening)._conversations()
+
+
+def test_one_large_group_of_openings_does_not_take_the_validation_set_over(tmp_path):
+    hello = [
+        {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": f"hi {i}"}]}
+        for i in range(95)
+    ]
+    path = _write_jsonl(tmp_path / "d.jsonl", hello + [_messages(i) for i in range(5)])
+    for split_seed in range(6):  # the 95 used to land in val for some seeds: 2 train / 98 val
+        train, val = ChatData(source=path, val_fraction=0.05, split_seed=split_seed)._conversations()
+        assert len(val) == 5 and len(train) == 95
+    halves = _write_jsonl(
+        tmp_path / "h.jsonl",
+        hello[:60]
+        + [
+            {"messages": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": f"yo {i}"}]}
+            for i in range(40)
+        ],
+    )
+    with pytest.warns(UserWarning, match="val holds 40 of 100 conversations"):  # every group is too large
+        train, val = ChatData(source=halves, val_fraction=0.05)._conversations()
+    assert (len(train), len(val)) == (60, 40)
 
 
 def test_pad_to_multiple_of_rounds_the_length_up_but_never_past_the_context():
