@@ -114,6 +114,8 @@ def _is_local(source: str) -> bool:
     path = Path(source).expanduser()
     if path.exists() or glob.has_magic(source) or path.suffix.lower() in BUILDERS:
         return True
+    if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:  # no hub id looks like that
+        return True
     return bool(path.suffix) and "/" not in source  # "notes.csv" is a (missing or unsupported) file, not a hub id
 
 
@@ -121,7 +123,17 @@ def local_files(source: str) -> list[Path]:
     """The files a local path, directory or glob names, sorted; LMError if there are none or their formats differ."""
     expanded = os.path.expanduser(source)
     if Path(expanded).is_dir():
-        paths = [p for p in Path(expanded).rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS]
+        root = Path(expanded)
+        # Not data: hidden files and folders (.git, lm's caches being written), and a finished lm cache kept inside
+        # the corpus folder (its meta.json and tokenizer files would otherwise be read as documents).
+        paths = [
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in BUILDERS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and not (p.parent / "tokens.bin").is_file()
+        ]
     else:
         paths = [Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()]
     if not paths:
@@ -289,6 +301,11 @@ def write_tokens(
     with open(path, "wb") as f:
         for texts in batches:
             ids = tokenizer.encode_to_array(texts, eos=True, num_threads=num_threads)
+            if ids.size and ids.max() > np.iinfo(dtype).max:  # astype would wrap it round, silently
+                raise LMError(
+                    f"token id {ids.max()} does not fit the token file's {dtype}: the tokenizer's ids go "
+                    f"past its vocab_size {tokenizer.vocab_size}"
+                )
             ids.astype(dtype, copy=False).tofile(f)  # appending to a plain file: no need to know the total up front
             num_tokens += len(ids)
             progress(len(texts))

@@ -458,6 +458,11 @@ class HFTokenizer(Tokenizer):
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         # Not serialised by to_str() nor pickled, so set on every construction (including unpickling).
         backend.encode_special_tokens = True
+        # Ids, not entries: a vocabulary with gaps in its ids (a hand-made WordLevel, say) counts fewer entries than
+        # its largest id, and the embedding and the token file's dtype must hold the largest. Counted once: the
+        # vocabulary dict of a 50k tokenizer takes milliseconds to build.
+        largest = max(backend.get_vocab(with_added_tokens=True).values(), default=-1)
+        self._vocab_size = max(backend.get_vocab_size(with_added_tokens=True), largest + 1)
         self.bos_token, self.eos_token = bos, eos
         self.bos_id, self.eos_id = backend.token_to_id(bos), backend.token_to_id(eos)
 
@@ -492,7 +497,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self._tk.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     @property
     def special_ids(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ from lm.data import (
     builtin_documents,
     markdown_play_to_text,
     token_dtype,
+    write_tokens,
 )
 from lm.errors import LMError
 
@@ -260,6 +261,42 @@ def test_user_errors(tmp_path, text_file):
         make(tmp_path, "builtin:nope")
     with pytest.raises(LMError, match="val_fraction"):
         PretrainData(val_fraction=1.0)
+
+
+def test_a_cache_or_hidden_folder_inside_a_corpus_folder_is_not_data(tmp_path):
+    corpus = tmp_path / "corpus"
+    for name in ("a.txt", "b.txt", ".git/notes.txt"):
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_text(f"text of {name}\n" * 50)
+    first = make(tmp_path, corpus, cache_dir=str(corpus / "cache"))  # its meta.json used to join the source
+    again = make(tmp_path, corpus, cache_dir=str(corpus / "cache"))  # and change its key: "no prepared data"
+    assert again.meta["num_documents"] == first.meta["num_documents"] == 2
+    assert "notes" not in first.tokenizer.decode(all_tokens(first).tolist())
+
+
+def test_a_missing_path_is_not_taken_for_a_hub_id(tmp_path):
+    for source in (tmp_path / "no-such-folder", "./corpus", "data/more/corpus"):
+        with pytest.raises(LMError, match="no such file"):
+            make(tmp_path, source)
+
+
+def test_token_ids_past_the_file_dtype_are_an_error_not_wrapped_round(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, "the": 1, "zebra": 70_000}  # ids with a gap: 3 entries, largest id 70,000
+    backend = HFTokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "zoo.txt"
+    path.write_text("the zebra the zebra\n" * 40)
+    dm = make(tmp_path, path, tokenizer=str(tmp_path / "tokenizer.json"))
+    assert dm.tokenizer.vocab_size > 70_000 and dm.meta["dtype"] == "uint32"  # it counted 3 + specials: uint16
+    assert 70_000 in all_tokens(dm).tolist()  # stored as 70,000, not 70,000 - 65,536
+    tokenizer = dm.tokenizer
+    with pytest.raises(LMError, match="token id 70000 does not fit the token file's uint16"):
+        write_tokens([["the zebra"]], tokenizer, tmp_path / "t.bin", dtype=np.dtype(np.uint16), num_threads=1)
 
 
 def test_hub_id_fails_fast_offline(tmp_path):
