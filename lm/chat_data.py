@@ -32,7 +32,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, render_chat
-from lm.data import ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, train_position
+from lm.data import (
+    ResumableBatchSampler,
+    ResumableDataLoader,
+    rank_and_world_size,
+    train_position,
+    trained_batches,
+)
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
@@ -492,7 +498,13 @@ class ChatData(L.LightningDataModule):
         )
         # training's position is saved in checkpoints and restored on resume
         loader = (
-            partial(ResumableDataLoader, position=partial(train_position, self, sampler)) if shuffle else DataLoader
+            partial(
+                ResumableDataLoader,
+                position=partial(train_position, self, sampler),
+                trained_batches=partial(trained_batches, self),
+            )
+            if shuffle
+            else DataLoader
         )
         return loader(
             ExampleBatches(examples, collate, self.unscored),

@@ -364,15 +364,24 @@ class ResumableBatchSampler(DistributedSampler):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self.batches_yielded = 0  # in the current epoch
-        # Lightning's epoch minus ours. It grows by one when a run stopped mid-epoch (max_steps, max_time) is
-        # resumed: Lightning starts a new epoch then, while the data must go on with the rest of ours.
+        # Lightning's epoch minus ours, for a sampler driven by set_epoch alone (no Trainer). Kept in checkpoints
+        # (older ones relied on it); with a Trainer, `trained_batches` places the sampler instead.
         self.epoch_offset = 0
+        # Set by ResumableDataLoader: the batches this rank has trained on in the whole run (resumes included)
+        self.trained_batches: Callable[[], int | None] | None = None
 
     def rank_batches(self, epoch: int) -> np.ndarray:
         """This rank's batches of one epoch: (len(self), batch_size) indices."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        trained = self.trained_batches() if self.trained_batches is not None else None
+        if trained is not None:
+            # With a Trainer, each pass starts where training is, counted in batches trained on. Not where the
+            # sampler got to (the loader fetches batches ahead, which a short epoch from limit_train_batches never
+            # trains on), nor from Lightning's epoch numbers (after a resume from a checkpoint saved at an epoch's
+            # end they run one ahead, and an epoch of data would be skipped).
+            self.epoch, self.batches_yielded = divmod(trained, len(self))
         mine = self.rank_batches(self.epoch)
         while self.batches_yielded < len(mine):
             batch = mine[self.batches_yielded]
@@ -382,7 +391,11 @@ class ResumableBatchSampler(DistributedSampler):
         self.epoch, self.batches_yielded = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
-        # Lightning calls this at every epoch start; the same epoch again (after load_state_dict) keeps the position
+        # Lightning calls this at every epoch start, sometimes twice, and with DataLoader workers after they have
+        # fetched ahead: with a Trainer, __iter__ places the sampler instead, so nothing is drawn twice.
+        if self.trained_batches is not None and self.trained_batches() is not None:
+            return
+        # Without one: the same epoch again (after load_state_dict) keeps the position
         epoch -= self.epoch_offset
         if epoch != self.epoch:
             self.epoch, self.batches_yielded = epoch, 0
@@ -476,36 +489,37 @@ def rank_and_world_size(trainer) -> tuple[int, int]:
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
+def trained_batches(datamodule: L.LightningDataModule) -> int | None:
+    """Training batches this rank has trained on in the whole run, resumed parts included (Lightning's own count,
+    restored from checkpoints); None without a Trainer."""
+    trainer = datamodule.trainer
+    return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+
 def train_position(datamodule: L.LightningDataModule, sampler: ResumableBatchSampler) -> dict[str, int]:
     """Where training is in the data: the sampler's epoch and the batches trained on in it.
 
-    Counted from the Trainer's progress (batches whose training step ran), not from the sampler: Lightning fetches a
-    batch ahead (DataLoader workers even more), so the sampler's own count would skip batches.
+    The data is one stream of sampler epochs, placed by the batches whose training step ran: not by the sampler's
+    own count (Lightning fetches a batch ahead, DataLoader workers more), nor by Lightning's epoch numbers (see
+    `ResumableBatchSampler.set_epoch`).
     """
-    trainer = datamodule.trainer
-    if trainer is None:
+    trained = trained_batches(datamodule)
+    if trained is None:
         return {}
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    epochs = trainer.fit_loop.epoch_progress.current
-    offset = sampler.epoch_offset
-    if epochs.completed == epochs.started and batches > 0:
-        # Lightning closed the epoch (saving at train end) and its counter is already the next epoch's.
-        if batches < trainer.num_training_batches:
-            # Training stopped mid-epoch (max_steps, max_time): a resumed run (a longer max_steps) starts a new
-            # Lightning epoch, but must draw the rest of the epoch these batches came from: one more of offset.
-            offset += 1
-        else:
-            batches = 0  # the epoch ran to its end: the next one starts from its first batch
-    return {"epoch": trainer.current_epoch - offset, "batches_yielded": batches, "epoch_offset": offset}
+    epoch, batches = divmod(trained, len(sampler))
+    return {"epoch": epoch, "batches_yielded": batches, "epoch_offset": 0}
 
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning saves in every checkpoint and restores before iterating on resume
     (Lightning calls `state_dict`/`load_state_dict` on loaders that have them). `position` reports it."""
 
-    def __init__(self, *args, position: Callable[[], dict[str, int]], **kwargs):
+    def __init__(
+        self, *args, position: Callable[[], dict[str, int]], trained_batches: Callable[[], int | None], **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.position = position
+        self.position, self.trained_batches = position, trained_batches
+        self.sampler.trained_batches = trained_batches  # each pass over the loader starts from it
 
     def state_dict(self) -> dict[str, int]:
         return self.position()
@@ -756,6 +770,7 @@ class PretrainData(L.LightningDataModule):
             sampler,
             ResumableDataLoader,
             position=functools.partial(train_position, self, sampler),
+            trained_batches=functools.partial(trained_batches, self),
         )
 
     def val_dataloader(self) -> DataLoader:

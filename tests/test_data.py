@@ -396,3 +396,64 @@ def test_a_finished_run_extended_draws_what_a_longer_run_draws(tmp_path, text_fi
     trainer.save_checkpoint(tmp_path / "end.ckpt")
     _, resumed = fit(40, ckpt_path=tmp_path / "end.ckpt")
     assert resumed == longer[first:]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resuming_from_a_checkpoint_saved_at_an_epoch_end_draws_the_next_epoch(tmp_path, text_file, num_workers):
+    """Lightning's default schedule validates, and a checkpoint callback saves, at each epoch's end. Resumed from
+    there, Lightning's epoch numbers run one ahead of the data's: the resumed run used to skip a whole epoch."""
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+
+    class Validated(_RecordBatches):
+        def validation_step(self, batch, _):
+            self.log("v", batch["input_ids"].float().mean())
+
+    def fit(max_steps, ckpt_path=None, callbacks=()):
+        dm = PretrainData(
+            source=str(text_file),
+            block_size=16,
+            batch_size=64,
+            cache_dir=str(tmp_path / "cache"),
+            num_workers=num_workers,
+        )
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            limit_val_batches=2,
+            num_sanity_val_steps=0,
+            callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+            default_root_dir=tmp_path,
+            **quiet,
+        )
+        module = Validated()
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, module.seen
+
+    longer_trainer, longer = fit(30)
+    per_epoch = longer_trainer.num_training_batches
+    assert 3 <= per_epoch < 10, per_epoch
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1)
+    fit(per_epoch + 2, callbacks=[saver])
+    _, resumed = fit(30, ckpt_path=tmp_path / "ckpt" / f"step={per_epoch}.ckpt")  # saved at epoch 0's end
+    assert resumed == longer[per_epoch:]
+
+
+def test_short_epochs_from_limit_train_batches_resume_to_the_same_batches(tmp_path, text_file):
+    """limit_train_batches ends Lightning's epochs before the sampler's (the loader has fetched a batch ahead that is
+    never trained on): a resumed run goes on with the batches one run draws."""
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+
+    def fit(max_steps, ckpt_path=None):
+        dm = PretrainData(source=str(text_file), block_size=16, batch_size=64, cache_dir=str(tmp_path / "cache"))
+        trainer = L.Trainer(
+            max_steps=max_steps, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=False, **quiet
+        )
+        module = _RecordBatches()
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, module.seen
+
+    _, longer = fit(12)
+    trainer, first = fit(5)
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    _, resumed = fit(12, ckpt_path=tmp_path / "end.ckpt")
+    assert first + resumed == longer and len(set(longer)) == len(longer)  # nothing drawn twice
