@@ -289,20 +289,28 @@ def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str,
     if not path.is_file():
         raise LMError(f"{path}: HellaSwag file not found")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is then an error naming it, not a traceback
+        for line_no, raw in enumerate(f, 1):
             if limit is not None and len(items) >= limit:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
                 has_parts = isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b"), str)
                 ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if has_parts else row["ctx"]
+                endings, label = row["endings"], row["label"]
+                # A string of endings would be scored as one-character choices, a label of 1.7 or true as 1
+                if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
+                    raise ValueError("endings must be a list of strings")
+                if isinstance(label, bool) or not (
+                    isinstance(label, int) or (isinstance(label, str) and label.isdigit())
+                ):
+                    raise ValueError(f"label must be an integer, got {label!r}")
                 item = {
                     "query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
-                    "choices": [hellaswag_preprocess(e) for e in row["endings"]],
-                    "gold": int(row["label"]),
+                    "choices": [hellaswag_preprocess(e) for e in endings],
+                    "gold": int(label),
                 }
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a list row
                 raise LMError(

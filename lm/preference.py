@@ -257,7 +257,7 @@ class PreferenceData(ChatData):
         self, prompt: list[Message], chosen: list[Message], rejected: list[Message]
     ) -> tuple[tuple[Example, Example] | None, bool]:
         """((chosen, rejected) examples with the same prompt, cut to the context, or None when a reply has no token
-        left to score; whether it was cut)."""
+        left to score or the cut left both replies the same; whether it was cut)."""
         prompt_ids, _ = render_chat(prompt, self.tokenizer)
         replies = []
         for reply in (chosen, rejected):
@@ -278,6 +278,8 @@ class PreferenceData(ChatData):
             if all(label == IGNORE_INDEX for label in labels):
                 return None, cut
             examples.append((ids[:-1], labels))
+        if examples[0] == examples[1]:  # cut where the replies still agree: a margin of 0, and no gradient, for ever
+            return None, cut
         return (examples[0], examples[1]), cut
 
     def _summary(self) -> str:

@@ -3,6 +3,7 @@ plain re-implementation, the result JSON, the chat-task hook, and the callback i
 
 import json
 import math
+import re
 from dataclasses import asdict
 
 import lightning as L
@@ -14,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lm.eval
 from lm.__main__ import main
 from lm.config import GPTConfig, padded_vocab_size
+from lm.errors import LMError
 from lm.eval import EvalCallback, EvalSpec, evaluate, stream_windows
 from lm.model import GPT
 from lm.tokenizer import CharTokenizer, Tokenizer
@@ -162,6 +164,25 @@ def test_hellaswag_context_as_lm_eval_builds_it(tmp_path):
     items = read_hellaswag(tmp_path / "hs.jsonl")
     assert items[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He starts"
     assert items[1]["query"] == "Roof shingle removal: A man is sitting on a roof. he starts"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"endings": "cd"}, "endings must be a list of strings"),  # was scored as the choices "c" and "d"
+        ({"label": 1.7}, "label must be an integer, got 1.7"),  # was read as 1
+        ({"label": True}, "label must be an integer, got True"),
+        ({"ctx": "caf\udcff"}, "codec can't decode"),  # not UTF-8: was a traceback
+    ],
+)
+def test_hellaswag_rows_of_the_wrong_types_are_one_line_errors(tmp_path, change, message):
+    from lm.eval import read_hellaswag
+
+    row = {"activity_label": "A", "ctx": "a b", "endings": ["c", "d"], "label": "1"} | change
+    text = json.dumps(row, ensure_ascii=False) + "\n"
+    (tmp_path / "hs.jsonl").write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    with pytest.raises(LMError, match=rf"hs.jsonl:1: not a HellaSwag row .*{re.escape(message)}"):
+        read_hellaswag(tmp_path / "hs.jsonl")
 
 
 def test_hellaswag_shared_slice_reads(ckpt):

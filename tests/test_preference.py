@@ -145,6 +145,18 @@ def test_a_long_pair_keeps_bos_and_the_end_of_its_prompt_and_is_counted():
     assert not cut and short[0][0] == render_chat([{"role": "user", "content": "hi"}, *CHOSEN], TOK)[0][:-1]
 
 
+def test_a_pair_the_cut_leaves_with_the_same_replies_is_dropped():
+    """Replies that agree past the context's end would be two equal rows: a margin of 0, loss log 2, no gradient."""
+    data = PreferenceData(block_size=24)
+    data.tokenizer = TOK
+    prompt = [{"role": "user", "content": "q1"}]
+    same_start = [[{"role": "assistant", "content": "same prefix " * 3 + end}] for end in "xy"]
+    assert data._example(prompt, *same_start) == (None, True)  # _examples counts it as dropped_*_truncated
+    differ_early = [[{"role": "assistant", "content": end + "same prefix " * 3}] for end in "xy"]
+    pair, cut = data._example(prompt, *differ_early)
+    assert cut and pair[0] != pair[1]
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_task_pairs_reject_a_near_miss(task):
     rng = random.Random(0)
