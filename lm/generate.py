@@ -211,8 +211,20 @@ def stream_tokens(model: GPT, prompt_ids: Sequence[int], **sampling) -> Iterator
 
 
 def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
-    """Where the earliest stop string begins in text, or None when there is none."""
+    """Where the earliest stop string begins in text, or None when there is none. A partial character at the end
+    (a BPE token can stop mid-character) is left out: a stop string before it is found now, not a token later."""
+    text = text.rstrip("\ufffd")
     return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
+
+
+def _stop_cut(tokenizer, ids: Sequence[int], stop_strings: Sequence[str]) -> int | None:
+    """Where `stream_text` cuts the text of these tokens: at the earliest stop string in the text of the shortest
+    token prefix that holds one (with overlapping stop strings, the first to complete decides), or None."""
+    if not stop_strings or _first_stop(tokenizer.decode(ids), stop_strings) is None:
+        return None  # the common case: one decode
+    return next(
+        cut for n in range(1, len(ids) + 1) if (cut := _first_stop(tokenizer.decode(ids[:n]), stop_strings)) is not None
+    )
 
 
 @dataclass
@@ -249,13 +261,13 @@ def stream_text(
         ids.append(token)
         finish.tokens = len(ids)
         text = tokenizer.decode(ids, skip_special=skip_special)
-        if text.endswith("\ufffd"):
-            continue
         cut = _first_stop(text, stop_strings)
         if cut is not None:
             if cut > released:
                 yield text[released:cut]
             return
+        if text.endswith("\ufffd"):  # a partial character: released once it decodes whole
+            continue
         # Hold back the longest tail that is a prefix of a stop string.
         hold = max((n for s in stop_strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
         if len(text) - hold > released:
@@ -286,12 +298,12 @@ def generate_text(model: GPT, tokenizer, prompt: str, **sampling) -> str:
 def generate_texts(
     model: GPT, tokenizer, prompts: Sequence[Sequence[int]], *, stop_strings: Sequence[str] = (), **sampling
 ) -> list[str]:
-    """A batch of prompts (token ids) -> the decoded continuation of each, cut at the first stop string."""
+    """A batch of prompts (token ids) -> the decoded continuation of each, cut where `stream_text` would cut it."""
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
     texts = []
     for ids in generate_batch(model, prompts, **sampling):
         text = tokenizer.decode(ids)
-        cut = _first_stop(text, stop_strings)
+        cut = _stop_cut(tokenizer, ids, stop_strings)
         texts.append(text if cut is None else text[:cut])
     return texts

@@ -261,6 +261,31 @@ def test_stop_string_is_cut_when_the_stream_ends_mid_character(monkeypatch):
         assert "".join(stream_text(None, tok, [1], stop_strings=["\nUser: "])) == "Sure."
 
 
+def test_a_stop_string_ending_inside_a_partial_character_stops_the_stream_at_once(monkeypatch):
+    """GPT-2 spells "\nUser: 😀" with the stop string's last space in the token that begins the emoji: the stream
+    used to go on until the character was whole (with a model emitting partial bytes, up to max_new_tokens)."""
+    tok = GPT2Tokenizer()
+    ids = tok.encode("Sure.\nUser: \U0001f600 ok")
+    ends_stop = next(n for n in range(1, len(ids) + 1) if "\nUser: " in tok.decode(ids[:n]).replace("\ufffd", ""))
+    assert tok.decode(ids[:ends_stop]).endswith("\ufffd")  # the case: the stop string completes mid-character
+    monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, **sampling: iter(ids))
+    finish = Finish()
+    assert "".join(stream_text(None, tok, [1], stop_strings=["\nUser: "], finish=finish)) == "Sure."
+    assert finish.tokens == ends_stop
+
+
+def test_a_batch_cuts_overlapping_stop_strings_where_the_stream_does(monkeypatch):
+    """The first stop string to complete decides, then the earliest one in that text: "bc" completes before "abcd"."""
+    tok = CharTokenizer("abcdxy")
+    ids = tok.encode("xxabcdyy")
+    monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, **sampling: iter(ids))
+    monkeypatch.setattr(lm.generate, "generate_batch", lambda model, prompts, **sampling: [ids for _ in prompts])
+    for stops in (["bc", "abcd"], ["abcd", "bc"]):
+        streamed = "".join(stream_text(None, tok, [1], stop_strings=stops))
+        assert generate_texts(None, tok, [[1], [1]], stop_strings=stops) == [streamed] * 2 and streamed == "xxa"
+    assert generate_texts(None, tok, [[1]], stop_strings=["d", "abc"]) == ["xx"]  # "abc" completes first
+
+
 @pytest.mark.parametrize(
     "stream, stop_strings, expected",
     [
