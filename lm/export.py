@@ -8,7 +8,9 @@ The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` wit
 or a role marker) and the tokenizer files (`tokenizer.json`, `tokenizer_config.json` with lm's chat template, ...)
 that `AutoTokenizer.from_pretrained` loads. The weights are a renaming (see lm/model.py); RoPE already uses
 transformers' rotate-half layout, so nothing is permuted. The embedding keeps its padded size (a multiple of 64):
-ids past the tokenizer's vocabulary are never produced by the tokenizer.
+ids past the tokenizer's vocabulary are never produced by the tokenizer, and `generation_config.json` suppresses
+them in `generate()`, as lm's engine never samples them. `tokenizer_config.json` names `PreTrainedTokenizerFast`, so
+transformers 4.x loads the tokenizer as 5.x does.
 
 Tokenizers: every kind exports to a `tokenizer.json` that gives the same ids as `lm` on ordinary text.
 - bpe / hf: their own tokenizer.json;
@@ -175,6 +177,12 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
+    # transformers 5 names its own backend class here, which 4.x cannot import: name the class both have.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
@@ -197,6 +205,11 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         # to), <|end|>, BOS and the role markers (an undertrained model writing the next turn itself).
         stops = [tokenizer.eos_id, *(i for i in reply_stop_ids(tokenizer) if i != tokenizer.eos_id)]
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}
+        # The padded embedding rows past the tokenizer are never sampled by lm (it cuts the logits there): nor by
+        # generate(), whose argmax would otherwise pick one in an undertrained model.
+        padding_ids = list(range(tokenizer.vocab_size, model.config.vocab_size))
+        if padding_ids:
+            generation["suppress_tokens"] = padding_ids
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
         save_hf_tokenizer(tokenizer, out)

@@ -34,7 +34,8 @@ def assert_parity(model: GPT, out_dir, tokenizer: Tokenizer, expected_class: str
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
     prompt = tokenizer.encode(TEXT[:10])
-    ours_greedy = list(stream_tokens(model, prompt, max_new_tokens=12, temperature=0))
+    # lm's engine never samples the padded rows past the tokenizer; the exported generation config suppresses them
+    ours_greedy = list(stream_tokens(model, prompt, max_new_tokens=12, temperature=0, vocab_size=tokenizer.vocab_size))
     with torch.no_grad():
         # min_new_tokens: HF would stop at EOS, lm's engine too, but here we compare raw greedy paths.
         generated = hf.generate(
@@ -49,6 +50,13 @@ def test_llama_export_matches_logits_and_greedy(tmp_path):
     out = export_hf(tmp_path / "c.ckpt", tmp_path / "hf")
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (out / name).is_file()
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == list(range(tokenizer.vocab_size, model.config.vocab_size))
+    # a class transformers 4.x has too (5.x wrote its own "TokenizersBackend", which 4.x cannot load)
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).encode("hear me", add_special_tokens=False) == (
+        tokenizer.encode("hear me")
+    )
     assert_parity(model, out, tokenizer, "LlamaForCausalLM")
 
 
