@@ -77,13 +77,22 @@ def text_groups(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
         yield group
 
 
+def _without_surrogates(text: str) -> str:
+    """text with each lone surrogate (not valid Unicode; Python strings may hold them) replaced by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _tiktoken_arrays(enc, texts: list[str], num_threads: int) -> list[np.ndarray]:
     """Each text's ids from a tiktoken Encoding as a uint32 array, on num_threads threads (`encode_ordinary`)."""
     if hasattr(enc, "encode_to_numpy"):
         # tiktoken's own buffer as an array: no list of Python ints to build (with the GIL held, so threads would
         # queue for it) and convert (~10% of the single-thread time here). No special token is allowed and none
         # is refused (disallowed_special=()), which is exactly encode_ordinary: special-token strings stay text.
-        encode = functools.partial(enc.encode_to_numpy, disallowed_special=())
+        def encode(text: str) -> np.ndarray:
+            try:
+                return enc.encode_to_numpy(text, disallowed_special=())
+            except UnicodeEncodeError:  # a lone surrogate: encode_ordinary replaces it, and so must this path
+                return np.array(enc.encode_ordinary(text), dtype=np.uint32)
     else:  # tiktoken < 0.9
 
         def encode(text: str) -> np.ndarray:
@@ -240,6 +249,8 @@ class Tokenizer:
             return kinds[kind](state)
         except KeyError as e:
             raise LMError(f"{kind} tokenizer state is missing the key {e}") from None
+        except TypeError as e:  # a value of the wrong type, e.g. "chars": 5
+            raise LMError(f"{kind} tokenizer state is malformed: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -252,9 +263,11 @@ class Tokenizer:
                 raise LMError(f"no {STATE_FILE} or {HF_FILE} in tokenizer directory {candidates[0].parent}")
         if not path.is_file():
             raise LMError(f"tokenizer file not found: {path}")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             data = json.loads(text)
+        except UnicodeDecodeError:  # a binary file, e.g. a SentencePiece tokenizer.model
+            raise LMError(f"{path} is not a JSON tokenizer file (lm reads tokenizer.json, not binary models)") from None
         except json.JSONDecodeError as e:
             raise LMError(f"{path} is not valid JSON: {e}") from None
         if isinstance(data, dict) and "kind" in data:
@@ -477,10 +490,17 @@ class HFTokenizer(Tokenizer):
 
     def _encode(self, text: str) -> list[int]:
         # add_special_tokens=False: the tokenizer's own post-processor specials are not added; bos/eos are ours.
-        return self._tk.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a lone surrogate, which HF refuses: replaced, as tiktoken's encode_ordinary does
+            return self._tk.encode(_without_surrogates(text), add_special_tokens=False).ids
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            encoded = self._tk.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:
+            encoded = self._tk.encode_batch_fast([_without_surrogates(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encoded]
 
     def _encode_arrays(self, texts: list[str], num_threads: int) -> list[np.ndarray]:
         # HF tokenizers build an object per token (its string, offsets, masks). Handing them ~_HF_CALL_CHARS

@@ -187,6 +187,33 @@ def test_build_tokenizer_errors(tmp_path):
         Tokenizer.from_state({"kind": "sentencepiece"})
 
 
+def test_a_binary_or_malformed_tokenizer_is_a_one_line_error(tmp_path):
+    model = tmp_path / "tokenizer.model"
+    model.write_bytes(b"\x0a\x8b\xff\x00 sentencepiece")  # a binary model, not tokenizer.json: was a traceback
+    with pytest.raises(LMError, match="is not a JSON tokenizer file"):
+        Tokenizer.load(model)
+    with pytest.raises(LMError, match="char tokenizer state is malformed"):
+        Tokenizer.from_state({"kind": "char", "chars": 5})
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe", "hf"])
+def test_a_lone_surrogate_is_replaced_alike_by_every_encoding_path(tokenizers, kind, tmp_path):
+    """Python strings may hold a lone surrogate (not valid Unicode). encode replaced it for gpt2 and bpe, while
+    encode_to_array (tiktoken's numpy path) and HF tokenizers raised UnicodeEncodeError / TypeError."""
+    if kind == "hf":
+        tokenizers["bpe"].save(tmp_path)
+        tok = Tokenizer.load(tmp_path / "tokenizer.json")
+        assert isinstance(tok, HFTokenizer)
+    else:
+        tok = tokenizers[kind]
+    text = "ab\ud800cd"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == "ab\ufffdcd"
+    assert tok.encode_batch([text, "ok"])[0] == ids
+    for threads in (1, 2):
+        assert tok.encode_to_array([text], eos=False, num_threads=threads).tolist() == ids
+
+
 @pytest.mark.parametrize("spec", ["gpt2", "bpe:400"])
 def test_long_texts_cut_into_pieces_encode_exactly_as_whole(monkeypatch, spec):
     """encode_batch cuts long texts for multi-threaded encoding; the ids must not change, even around runs of
