@@ -24,6 +24,15 @@ _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.flo
 _MORE_PEAK_FLOPS = {"nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12}}
 
 
+def training_dtype(precision: str) -> torch.dtype:
+    """The dtype whose peak FLOP/s an MFU is measured against, from a Trainer's precision ("bf16-mixed", "32-true",
+    "transformer-engine", "transformer-engine-float16", ...). Transformer Engine's matmuls count against the bf16
+    (or fp16) peak, as fp8 training's MFU usually is; anything unknown against fp32's."""
+    if precision.startswith("transformer-engine"):
+        return torch.float16 if precision.endswith("float16") else torch.bfloat16
+    return _PRECISION_DTYPE.get(precision.split("-")[0], torch.float32)
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """The device's dense peak FLOP/s for dtype (None for CPUs and unknown chips): the MFU denominator."""
     if device.type != "cuda":
@@ -55,8 +64,7 @@ class Throughput(L.Callback):
         self._first_step_pending = False
 
     def on_train_start(self, trainer, pl_module):
-        precision = str(trainer.precision).split("-")[0]
-        dtype = _PRECISION_DTYPE.get(precision, torch.float32)
+        dtype = training_dtype(str(trainer.precision))
         self._peak_flops = peak_flops(pl_module.device, dtype)
         # Start-up (imports, device, data, model) and the first step (compilation, kernel choice) are most of a short
         # run's time to loss: these two lines show which one to work on.
@@ -196,6 +204,18 @@ class SampleText(L.Callback):
                 logger.log_text(key="samples", columns=["step", "prompt", "text"], data=rows)
 
 
+def _ema_update(decay: float):
+    """torch.optim.swa_utils.get_ema_multi_avg_fn, casting the live weights to the average's dtype: under bf16-true
+    Lightning casts the model to bf16 after the average was copied in fp32, and a mixed-dtype lerp fails (an fp32
+    average is also the better one: small (1 - decay) steps vanish in bf16)."""
+
+    def update(average: list[torch.Tensor], live: list[torch.Tensor], num_averaged) -> None:
+        live = [w.to(a.dtype) for a, w in zip(average, live, strict=True)]  # no copy where the dtypes agree
+        torch._foreach_lerp_(average, live, 1 - decay)
+
+    return update
+
+
 class EMA(WeightAveraging):
     """An exponential moving average (EMA) of the weights: validation, checkpoints and the end of training use it.
 
@@ -214,7 +234,8 @@ class EMA(WeightAveraging):
 
     Lightning's `WeightAveraging` (torch.optim.swa_utils.AveragedModel underneath) does the work; this is its
     `EMAWeightAveraging` with three changes: the update is one `torch._foreach_lerp_` over all weights
-    (`get_ema_multi_avg_fn`) rather than a Python loop over tensors; buffers (the RoPE tables, rebuilt from the config)
+    (`get_ema_multi_avg_fn`'s, with the live weights cast to the average's dtype: under `bf16-true` the average stays
+    fp32) rather than a Python loop over tensors; buffers (the RoPE tables, rebuilt from the config)
     are copied, not averaged; FSDP is refused, since the average is one full, unsharded copy. Cost: memory for that
     copy, and AveragedModel reads its update counter on the host at each update (a device sync): on large GPU runs
     update every 10 steps with decay**10.
@@ -231,10 +252,11 @@ class EMA(WeightAveraging):
             raise LMError(f"EMA decay must be in [0, 1], got {decay}")
         if update_every_n_steps < 1:
             raise LMError(f"EMA update_every_n_steps must be >= 1, got {update_every_n_steps}")
-        super().__init__(use_buffers=False, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
+        super().__init__(use_buffers=False, multi_avg_fn=_ema_update(decay))
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step or 0
         self._swapped = False  # whether the model holds the average (during validation) and the copy the live weights
+        self._kept_average: list[torch.Tensor] | None = None  # the average, unrounded, while the model holds it
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After optimizer steps only (step_idx is 0-based), never at epoch ends."""
@@ -251,6 +273,19 @@ class EMA(WeightAveraging):
         if self._has_average() and self._swapped != average:
             self._swap_models(pl_module)
             self._swapped = average
+
+    def _swap_models(self, pl_module):
+        """Lightning's swap, except that an average wider than the model (fp32 under bf16-true) comes back from
+        validation as it was: the swap itself passes it through the model's bf16 and would round it."""
+        average = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
+        current = [*pl_module.parameters(), *pl_module.buffers()]
+        if not self._swapped:  # the average goes into the model
+            wider = any(a.dtype != c.dtype for a, c in zip(average, current, strict=False))  # as Lightning pairs them
+            self._kept_average = [a.detach().clone() for a in average] if wider else None
+        super()._swap_models(pl_module)
+        if self._swapped and self._kept_average is not None:  # back: the live weights return, and the average whole
+            torch._foreach_copy_([a.data for a in average], self._kept_average)
+            self._kept_average = None
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._put(pl_module, average=True)

@@ -43,7 +43,7 @@ class Record(L.Callback):
         self.validation_epoch_end = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
 
-def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=None):
+def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=None, precision="32-true"):
     """Train the tiny model on one repeated batch with EMA; `checkpoint` defaults to saving last.ckpt every step."""
     g = torch.Generator().manual_seed(0)
     # One batch repeated: a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
@@ -56,6 +56,7 @@ def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=No
     record = record or Record()
     trainer = L.Trainer(
         accelerator="cpu",
+        precision=precision,
         max_steps=max_steps,
         val_check_interval=3,
         num_sanity_val_steps=0,
@@ -164,6 +165,22 @@ def test_a_crash_during_validation_saves_the_live_weights_as_the_state_to_resume
     for k, v in live.items():
         assert torch.equal(ckpt["current_model_state"][f"model.{k}"], v), k
         torch.testing.assert_close(ckpt["state_dict"][f"model.{k}"], average[k], msg=k)
+
+
+def test_bf16_true_keeps_an_fp32_average_of_the_bf16_weights(tmp_path):
+    """Lightning casts the model to bf16 after the average was copied in fp32: the second update's lerp of fp32 and
+    bf16 tensors used to fail ("expected dtype float for 'end'")."""
+    module, record = fit(tmp_path, 6, precision="bf16-true")
+    live = record.after_step[-1]
+    assert all(w.dtype == torch.bfloat16 for w in live.values())
+    ema = next(cb for cb in module.trainer.callbacks if isinstance(cb, EMA))
+    average = dict(ema._average_model.module.model.named_parameters())
+    assert all(a.dtype == torch.float32 and torch.isfinite(a).all() for a in average.values())
+    expected = {k: w.float() for k, w in record.after_step[START].items()}  # the first update copies
+    for step in range(START + 1, 6):  # then avg = decay * avg + (1 - decay) * live
+        expected = {k: DECAY * e + (1 - DECAY) * record.after_step[step][k].float() for k, e in expected.items()}
+    for name, a in average.items():
+        torch.testing.assert_close(a, expected[name], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_are_one_line_errors():

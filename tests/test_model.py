@@ -191,6 +191,24 @@ def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # from Lightning's table
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [
+        ("bf16-mixed", torch.bfloat16),
+        ("bf16-true", torch.bfloat16),
+        ("16-mixed", torch.float16),
+        ("32-true", torch.float32),
+        ("64-true", torch.float64),
+        ("transformer-engine", torch.bfloat16),  # was read as "transformer": fp32's peak, MFU ~15x too high
+        ("transformer-engine-float16", torch.float16),
+    ],
+)
+def test_mfu_is_measured_against_the_peak_of_the_training_precision(precision, dtype):
+    from lm.callbacks import training_dtype
+
+    assert training_dtype(precision) == dtype
+
+
 def test_compiled_training_step_has_no_graph_breaks():
     """torch.compile sees the model's forward and the loss as one graph each: no graph break in the step."""
     from lm.module import next_token_loss
