@@ -262,7 +262,8 @@ class EMA(WeightAveraging):
         """After optimizer steps only (step_idx is 0-based), never at epoch ends."""
         if step_idx is None:
             return False
-        return step_idx >= self.update_starting_at_step and step_idx % self.update_every_n_steps == 0
+        since = step_idx - self.update_starting_at_step  # counted from the start: its first update is at the start
+        return since >= 0 and since % self.update_every_n_steps == 0
 
     def _has_average(self) -> bool:
         """Whether the average has been updated at least once (the step of the last update is 0 before that)."""

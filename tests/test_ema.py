@@ -183,6 +183,13 @@ def test_bf16_true_keeps_an_fp32_average_of_the_bf16_weights(tmp_path):
         torch.testing.assert_close(a, expected[name], rtol=1e-5, atol=1e-6)
 
 
+def test_updates_come_every_n_steps_from_the_starting_step():
+    ema = EMA(update_every_n_steps=10, update_starting_at_step=5)  # the first update came at step 10
+    assert [step for step in range(40) if ema.should_update(step_idx=step)] == [5, 15, 25, 35]
+    assert [step for step in range(4) if EMA().should_update(step_idx=step)] == [0, 1, 2, 3]
+    assert not EMA().should_update(epoch_idx=1)  # never at epoch ends
+
+
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(LMError, match="decay must be in"):
         EMA(decay=1.5)
