@@ -129,12 +129,32 @@ def _check_parameter(path: Path, name: str, spec: Any) -> None:
         if not all(v is None or isinstance(v, bool | int | float | str) for v in values):
             raise LMError(f"{where}: values must be numbers, strings, booleans or null, got {values!r}")
     elif kind != "constant":
+        for key in ("min", "max", "q"):
+            if key in spec:  # in place: the samplers and the grid read the numbers
+                spec[key] = _number(where, key, spec[key], integer=kind == "int_uniform" and key != "q")
         if "min" not in spec or "max" not in spec or not spec["min"] < spec["max"]:
             raise LMError(f"{where}: {kind} needs min < max, got {spec!r}")
         if kind.startswith("q_") and not spec.get("q", 1) > 0:
             raise LMError(f"{where}: q must be positive")
         if kind in ("log_uniform_values", "q_log_uniform_values") and spec["min"] <= 0:
             raise LMError(f"{where}: {kind} needs min > 0")
+
+
+def _number(where: str, key: str, value: Any, *, integer: bool) -> int | float:
+    """A bound or step as a number. YAML reads 1e-4 (no decimal point) as a string: it is converted, not compared as
+    text. int_uniform's bounds must be whole numbers."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise LMError(f"{where}: {key} must be a number")
+    if integer:
+        if not float(value).is_integer():
+            raise LMError(f"{where}: int_uniform needs whole-number bounds, got {key} {value}")
+        return int(value)
+    return value
 
 
 def _distribution(spec: dict[str, Any]) -> str:
@@ -164,7 +184,8 @@ def grid_space(parameters: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
             space[name] = list(range(spec["min"], spec["max"] + 1))
         elif kind == "q_uniform":
             q = spec.get("q", 1)
-            space[name] = [spec["min"] + i * q for i in range(int(round((spec["max"] - spec["min"]) / q)) + 1)]
+            steps = math.floor((spec["max"] - spec["min"]) / q + 1e-9)  # never past max (round() went one over)
+            space[name] = [round(spec["min"] + i * q, 12) for i in range(steps + 1)]  # 0.3, not 0.30000000000000004
         else:
             raise LMError(f"parameters.{name}: a grid sweep needs discrete values; {kind} is continuous")
     return space
@@ -486,8 +507,9 @@ def _fail_dead_trials(study: Any) -> None:
 
 
 def _grid_key(params: dict[str, Any]) -> tuple:
-    # 10 and 10.0 are one grid point (an old study's q_uniform params are floats)
-    return tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in params.values())
+    # 10 and 10.0 are one grid point (an old study's q_uniform params are floats); true and 1 are two (Python's
+    # True == 1 would merge them)
+    return tuple((type(v) is bool, int(v) if isinstance(v, float) and v.is_integer() else v) for v in params.values())
 
 
 def run_local(

@@ -86,6 +86,26 @@ def test_wandb_distributions_translate_to_optuna():
         grid_space({"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}})
 
 
+def test_bounds_yaml_reads_as_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 (no decimal point) as a string: it was compared as text ("needs min < max" for
+    1e-4 < 1e-2) or raised a TypeError against a float."""
+    lr = {"distribution": "log_uniform_values", "min": "1e-4", "max": "1e-2"}
+    path = _write(tmp_path, {"method": "random", "metric": {"name": "val/loss"}, "parameters": {"lr": lr}})
+    spec = load_sweep(path)["parameters"]["lr"]
+    assert (spec["min"], spec["max"]) == (1e-4, 1e-2)
+
+
+def test_a_q_uniform_grid_stays_within_its_bounds_and_rounds_its_steps():
+    assert grid_space({"x": {"distribution": "q_uniform", "min": 0, "max": 7, "q": 2}})["x"] == [0, 2, 4, 6]  # not 8
+    assert grid_space({"x": {"distribution": "q_uniform", "min": 0.1, "max": 0.3, "q": 0.1}})["x"] == [0.1, 0.2, 0.3]
+
+
+def test_grid_points_tell_true_from_1_but_not_10_from_10_0():
+    key = lm.sweep._grid_key
+    assert key({"x": True}) != key({"x": 1}) and key({"x": False}) != key({"x": 0})  # a grid ran 2 of 4 points
+    assert key({"x": 10}) == key({"x": 10.0})
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -94,6 +114,9 @@ def test_wandb_distributions_translate_to_optuna():
         ({"min": 3, "max": 1}, "min < max"),
         ({"parameters": {"x": {"value": 1}}}, "nested"),
         ({"values": [[1, 2]]}, "numbers, strings"),
+        ({"distribution": "q_uniform", "min": 0, "max": 4, "q": "a"}, "q must be a number"),  # was a TypeError
+        ({"distribution": "int_uniform", "min": 0.5, "max": 3.5}, "whole-number bounds"),  # crashed the grid later
+        ({"min": True, "max": 3}, "min must be a number"),
     ],
 )
 def test_bad_parameters_are_one_line_errors(tmp_path, spec, message):
