@@ -125,9 +125,9 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark, KB -> MB
 
 
-def raw_loop(config, batches, args, profiler=None) -> float:
-    """Seconds per step of the plain loop: forward, loss, backward, clip, LR schedule, optimizer step, and the loss
-    read every LOG_EVERY steps."""
+def model_and_loss(config, args):
+    """The model (seeded as the lm path's) and the loss of the raw and bare paths, on the device, converted to float8
+    and compiled as LanguageModel.configure_model does."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
     if args.fp8:  # before compiling, as LanguageModel.configure_model does
@@ -136,7 +136,24 @@ def raw_loop(config, batches, args, profiler=None) -> float:
     if args.compile:  # the model and the loss, as LanguageModel compiles them
         model.compile()
         loss_fn = torch.compile(next_token_loss)
-    optimizer, _ = build_optimizer(model, args.optimizer, lr=LR, weight_decay=0.1, betas=(0.9, 0.95))  # as lm's
+    return model, loss_fn
+
+
+def make_optimizer(model, args):
+    """lm's optimizer with LanguageModel's settings (decay groups; Muon for the hidden matrices with --optimizer)."""
+    return build_optimizer(model, args.optimizer, lr=LR, weight_decay=0.1, betas=(0.9, 0.95))[0]
+
+
+def lr_factor(step: int, total_steps: int) -> float:
+    """LanguageModel's warm-up and cosine schedule, as the lm path runs it: the fraction of LR at `step`."""
+    return lr_multiplier(step, schedule="cosine", warmup_steps=WARMUP_STEPS, total_steps=total_steps, min_lr_ratio=0.1)
+
+
+def raw_loop(config, batches, args, profiler=None) -> float:
+    """Seconds per step of the plain loop: forward, loss, backward, clip, LR schedule, optimizer step, and the loss
+    read every LOG_EVERY steps."""
+    model, loss_fn = model_and_loss(config, args)
+    optimizer = make_optimizer(model, args)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = None
@@ -147,11 +164,8 @@ def raw_loop(config, batches, args, profiler=None) -> float:
             sync(args.device)
             start = time.perf_counter()
         # LanguageModel's schedule, set as nanoGPT's loop sets it (LambdaLR does the same multiply)
-        multiplier = lr_multiplier(
-            i, schedule="cosine", warmup_steps=WARMUP_STEPS, total_steps=len(batches), min_lr_ratio=0.1
-        )
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * multiplier
+            group["lr"] = base_lr * lr_factor(i, len(batches))
         x = batch["input_ids"].to(args.device, non_blocking=True)
         y = batch["labels"].to(args.device, non_blocking=True)
         with autocast:
@@ -240,13 +254,8 @@ class _BareModule(L.LightningModule):
 
     def __init__(self, config, args):
         super().__init__()
-        torch.manual_seed(0)
-        self.model, self.loss_fn, self.optimizer_name = GPT(config), next_token_loss, args.optimizer
-        if args.fp8:
-            convert_to_fp8(self.model, torch.device(args.device))
-        if args.compile:
-            self.model.compile()
-            self.loss_fn = torch.compile(next_token_loss)
+        self.model, self.loss_fn = model_and_loss(config, args)
+        self.args = args
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.loss_fn(self.model(batch["input_ids"]), batch["labels"])
@@ -257,14 +266,9 @@ class _BareModule(L.LightningModule):
             outputs["loss"].item()  # as the raw loop reads it (a host sync on a GPU)
 
     def configure_optimizers(self):
-        optimizer, _ = build_optimizer(self.model, self.optimizer_name, lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
+        optimizer = make_optimizer(self.model, self.args)
         total = self.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_multiplier(
-                step, schedule="cosine", warmup_steps=WARMUP_STEPS, total_steps=total, min_lr_ratio=0.1
-            ),
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
