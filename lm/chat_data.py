@@ -32,13 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, render_chat
-from lm.data import (
-    ResumableBatchSampler,
-    ResumableDataLoader,
-    rank_and_world_size,
-    train_position,
-    trained_batches,
-)
+from lm.data import ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, trained_batches
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
@@ -497,15 +491,7 @@ class ChatData(L.LightningDataModule):
             self.collate, pad_id=self.tokenizer.eos_id, multiple=self.pad_to_multiple_of, max_width=self.block_size
         )
         # training's position is saved in checkpoints and restored on resume
-        loader = (
-            partial(
-                ResumableDataLoader,
-                position=partial(train_position, self, sampler),
-                trained_batches=partial(trained_batches, self),
-            )
-            if shuffle
-            else DataLoader
-        )
+        loader = partial(ResumableDataLoader, trained_batches=partial(trained_batches, self)) if shuffle else DataLoader
         return loader(
             ExampleBatches(examples, collate, self.unscored),
             batch_size=None,  # the sampler yields whole batches of indices; the dataset collates them

@@ -357,7 +357,7 @@ class ResumableBatchSampler(DistributedSampler):
     Subclasses say what an epoch's batches are (`rank_batches`). `state_dict()` records the epoch and how many batches
     were yielded in it; `load_state_dict()` continues from exactly there. (With DataLoader workers the loader asks
     for up to num_workers * prefetch_factor batches ahead, so a saved count can run ahead of the batches trained on:
-    `train_position` gives the count to save instead.)
+    under a Trainer, `trained_position` gives the position to save instead.)
     """
 
     def __init__(self, *, seed: int, rank: int, world_size: int):
@@ -374,14 +374,19 @@ class ResumableBatchSampler(DistributedSampler):
         """This rank's batches of one epoch: (len(self), batch_size) indices."""
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def trained_position(self) -> tuple[int, int] | None:
+        """(epoch, batches into it) where training is, counted in batches trained on; None without a Trainer.
+
+        The data is one stream of sampler epochs placed by that count: not by the sampler's own (the loader fetches
+        batches ahead, which a short epoch from limit_train_batches never trains on), nor by Lightning's epoch numbers
+        (after a resume from a checkpoint saved at an epoch's end they run one ahead: an epoch would be skipped).
+        """
         trained = self.trained_batches() if self.trained_batches is not None else None
-        if trained is not None:
-            # With a Trainer, each pass starts where training is, counted in batches trained on. Not where the
-            # sampler got to (the loader fetches batches ahead, which a short epoch from limit_train_batches never
-            # trains on), nor from Lightning's epoch numbers (after a resume from a checkpoint saved at an epoch's
-            # end they run one ahead, and an epoch of data would be skipped).
-            self.epoch, self.batches_yielded = divmod(trained, len(self))
+        return None if trained is None else divmod(trained, len(self))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if (position := self.trained_position()) is not None:  # with a Trainer, each pass starts where training is
+            self.epoch, self.batches_yielded = position
         mine = self.rank_batches(self.epoch)
         while self.batches_yielded < len(mine):
             batch = mine[self.batches_yielded]
@@ -393,7 +398,7 @@ class ResumableBatchSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         # Lightning calls this at every epoch start, sometimes twice, and with DataLoader workers after they have
         # fetched ahead: with a Trainer, __iter__ places the sampler instead, so nothing is drawn twice.
-        if self.trained_batches is not None and self.trained_batches() is not None:
+        if self.trained_position() is not None:
             return
         # Without one: the same epoch again (after load_state_dict) keeps the position
         epoch -= self.epoch_offset
@@ -496,33 +501,21 @@ def trained_batches(datamodule: L.LightningDataModule) -> int | None:
     return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
-def train_position(datamodule: L.LightningDataModule, sampler: ResumableBatchSampler) -> dict[str, int]:
-    """Where training is in the data: the sampler's epoch and the batches trained on in it.
-
-    The data is one stream of sampler epochs, placed by the batches whose training step ran: not by the sampler's
-    own count (Lightning fetches a batch ahead, DataLoader workers more), nor by Lightning's epoch numbers (see
-    `ResumableBatchSampler.set_epoch`).
-    """
-    trained = trained_batches(datamodule)
-    if trained is None:
-        return {}
-    epoch, batches = divmod(trained, len(sampler))
-    return {"epoch": epoch, "batches_yielded": batches, "epoch_offset": 0}
-
-
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning saves in every checkpoint and restores before iterating on resume
-    (Lightning calls `state_dict`/`load_state_dict` on loaders that have them). `position` reports it."""
+    (Lightning calls `state_dict`/`load_state_dict` on loaders that have them): its sampler's `trained_position`,
+    from `trained_batches`, the batches trained on."""
 
-    def __init__(
-        self, *args, position: Callable[[], dict[str, int]], trained_batches: Callable[[], int | None], **kwargs
-    ):
+    def __init__(self, *args, trained_batches: Callable[[], int | None], **kwargs):
         super().__init__(*args, **kwargs)
-        self.position, self.trained_batches = position, trained_batches
+        self.trained_batches = trained_batches
         self.sampler.trained_batches = trained_batches  # each pass over the loader starts from it
 
     def state_dict(self) -> dict[str, int]:
-        return self.position()
+        position = self.sampler.trained_position()
+        if position is None:
+            return {}
+        return {"epoch": position[0], "batches_yielded": position[1], "epoch_offset": 0}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if state_dict:
@@ -769,7 +762,6 @@ class PretrainData(L.LightningDataModule):
             self._windows(0, self.num_train),
             sampler,
             ResumableDataLoader,
-            position=functools.partial(train_position, self, sampler),
             trained_batches=functools.partial(trained_batches, self),
         )
 
