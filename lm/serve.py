@@ -300,9 +300,9 @@ class Handler(BaseHTTPRequestHandler):
         digest = hashlib.sha256(token.strip().encode("latin-1", errors="replace")).digest()
         if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.server.api_key_digest):
             return True
-        length = self.headers.get("Content-Length", "")
-        if self.command == "POST" and length.isascii() and length.isdigit() and int(length) <= REFUSED_BODY_BYTES:
-            self.rfile.read(int(length))  # a small body is read, or closing on it could reset the 401 away
+        length = self._content_length()
+        if self.command == "POST" and length is not None and length <= REFUSED_BODY_BYTES:
+            self.rfile.read(length)  # a small body is read, or closing on it could reset the 401 away
         self.close_connection = True  # what is left of a larger body is never read
         self._send_error(
             401,
@@ -353,14 +353,19 @@ class Handler(BaseHTTPRequestHandler):
             _log_traceback()
             self._send_error(500, "internal error (see the server's log)", "server_error")
 
-    def _read_body(self) -> bytes:
+    def _content_length(self) -> int | None:
+        """The Content-Length header as a number; None when it is missing or not a decimal number."""
         length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, and int("²") raises
+        return int(length) if length.isascii() and length.isdigit() else None  # "²".isdigit(), but int("²") raises
+
+    def _read_body(self) -> bytes:
+        length = self._content_length()
+        if length is None:
             raise RequestError(411, "the request needs a Content-Length header (chunked bodies are not supported)")
-        if int(length) > MAX_BODY_BYTES:
+        if length > MAX_BODY_BYTES:
             raise RequestError(413, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
+        body = self.rfile.read(length)
+        if len(body) < length:
             raise LMError(f"the body ended after {len(body)} of its {length} bytes")
         return body
 
