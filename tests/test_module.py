@@ -177,6 +177,55 @@ def test_accumulation_equals_one_big_batch_with_uneven_masks():
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_gradients_are_freed_after_each_step_not_held_through_the_next_forward():
+    """Lightning's default frees the gradients inside the next step, after its forward, so two copies of memory the
+    size of the gradients would be held there; lm frees them right after the optimizer step. A window's first
+    micro-batch starts with no gradients, its second adds to the first's, and gradients left before the fit are
+    dropped rather than added to the first step."""
+    import lightning as L
+
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": t, "labels": t} for t in torch.randint(0, 64, (4, 2, 16), generator=g)]
+
+    def fit(accumulate, leftover=False):
+        torch.manual_seed(0)
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10)
+        module.configure_model()
+        if leftover:
+            for p in module.model.parameters():
+                p.grad = torch.full_like(p, 100.0)
+        seen, model_step = [], module.model_step
+
+        def recording_model_step(batch):
+            seen.append(sum(p.grad is not None for p in module.model.parameters()))
+            return model_step(batch)
+
+        module.model_step = recording_model_step
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            accumulate_grad_batches=accumulate,
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        return module, seen
+
+    module, seen = fit(accumulate=1)
+    n_params = len(list(module.model.parameters()))
+    assert seen == [0, 0]
+    assert all(p.grad is None for p in module.model.parameters())
+    _, seen = fit(accumulate=2)
+    assert seen == [0, n_params, 0, n_params]
+    clean, _ = fit(accumulate=1)
+    dirty, _ = fit(accumulate=1, leftover=True)
+    for (name, a), b in zip(clean.model.state_dict().items(), dirty.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tmp_path):
     module = LanguageModel(get_config("tiny"), lr=3e-3, warmup_steps=1, decay_steps=20, optimizer="muon")
     module.configure_model()
