@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lm.errors import LMError
 from lm.tokenizer import ASSISTANT, BOS, END, EOS, SYSTEM, USER, Tokenizer
@@ -26,6 +27,20 @@ CHAT_TEMPLATE_VERSION = 1  # bump when the rendering below changes: models fine-
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 Message = dict[str, str]
+
+
+def join_text_parts(messages: Sequence[Any]) -> list[Any]:
+    """Messages whose content is a list of OpenAI text parts (`[{"type": "text", "text": "..."}, ...]`) get the parts'
+    text joined into one string, which is what the chat template renders; other messages are returned unchanged, for
+    check_messages to judge. Raises ValueError on a part that is not text (images, audio)."""
+    joined = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(parts := m.get("content"), list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and type(p.get("text")) is str for p in parts):
+                raise ValueError(f'message {i}: only text content parts {{"type": "text", "text": "..."}} are read')
+            m = {**m, "content": "".join(p["text"] for p in parts)}
+        joined.append(m)
+    return joined
 
 
 def check_messages(messages: Sequence[Message], *, need_reply: bool = True) -> str | None:

@@ -2,7 +2,8 @@
 
 `ChatData` reads conversations in three formats (detected from the first parsable record, or set with `format`):
 
-    messages   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}   (OpenAI)
+    messages   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}   (OpenAI; a
+               content may also be a list of text parts [{"type": "text", "text": ...}], read as their text joined)
     alpaca     {"instruction": ..., "input": ..., "output": ...}
     sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}
 
@@ -31,7 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, render_chat
+from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, join_text_parts, render_chat
 from lm.data import ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, trained_batches
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
@@ -292,7 +293,7 @@ class ChatData(L.LightningDataModule):
             )
 
         def parse(record: Any, fmt: str) -> tuple[list[Message]]:
-            messages = to_messages(record, fmt)
+            messages = join_text_parts(to_messages(record, fmt))
             problem = check_messages(messages)
             if problem is not None:
                 raise ValueError(problem)

@@ -60,7 +60,15 @@ from urllib.parse import urlsplit
 
 import torch
 
-from lm.chat import Message, add_reply_flags, check_messages, fit_history, load_chat_checkpoint, reply_stop_ids
+from lm.chat import (
+    Message,
+    add_reply_flags,
+    check_messages,
+    fit_history,
+    join_text_parts,
+    load_chat_checkpoint,
+    reply_stop_ids,
+)
 from lm.errors import LMError
 from lm.generate import Finish, check_sampling, stream_text
 from lm.model import GPT
@@ -259,13 +267,10 @@ def _messages(value) -> list[Message]:
     """OpenAI messages -> lm.chat's: checked, content parts joined, ending with the user's turn."""
     if not isinstance(value, list):
         raise LMError("'messages' must be a list of {role, content} objects")
-    messages = []
-    for m in value:
-        if isinstance(m, dict) and isinstance(m.get("content"), list):  # content parts: [{"type": "text", ...}]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in m["content"]):
-                raise LMError("only text content parts are supported")
-            m = {**m, "content": "".join(str(p.get("text", "")) for p in m["content"])}
-        messages.append(m)
+    try:
+        messages = join_text_parts(value)
+    except ValueError as e:
+        raise LMError(f"messages: {e}") from None
     # A reply can be empty (the model ended its turn at once); sent back as history, it must not be refused.
     checked = [
         {**m, "content": "-"} if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") == "" else m

@@ -172,6 +172,33 @@ def test_an_assistant_message_of_weight_0_is_shown_but_not_learned(tmp_path):
         ChatData(source=path, tokenizer="char", block_size=64).setup()
 
 
+def test_openai_text_content_parts_train_as_the_joined_text(tmp_path):
+    """Content as a list of text parts (OpenAI's format, which `lm serve` accepts too) trains as its text joined."""
+
+    def text(*pieces):
+        return [{"type": "text", "text": piece} for piece in pieces]
+
+    plain = [_messages(i) for i in range(5)]  # q{i} -> answer {i}
+    parted = [
+        {
+            "messages": [
+                {"role": "user", "content": text("q", f"{i}")},
+                {"role": "assistant", "content": text("answer ", f"{i}")},
+            ]
+        }
+        for i in range(5)
+    ]
+    a = ChatData(source=_write_jsonl(tmp_path / "plain.jsonl", plain), tokenizer="char", block_size=64)
+    b = ChatData(source=_write_jsonl(tmp_path / "parts.jsonl", parted), tokenizer="char", block_size=64)
+    a.setup()
+    b.setup()
+    assert a.train_examples == b.train_examples and a.val_examples == b.val_examples
+    image = {"messages": [plain[0]["messages"][0], {"role": "assistant", "content": [{"type": "image_url"}]}]}
+    path = _write_jsonl(tmp_path / "image.jsonl", [image] + plain)
+    with pytest.raises(LMError, match="image.jsonl:1: message 1: only text content parts"):
+        ChatData(source=path, tokenizer="char", block_size=64).setup()
+
+
 def test_alpaca_fields_must_be_strings_and_a_system_field_is_the_system_message(tmp_path):
     records = [{"instruction": f"say hi {i}", "output": "hi", "system": "be brief"} for i in range(4)]
     data = ChatData(source=_write_jsonl(tmp_path / "a.jsonl", records), tokenizer="char", block_size=64)

@@ -213,6 +213,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", b"[" * 100_000, "not valid JSON"),  # too deep for the parser
     ("/v1/chat/completions", b'{"seed": ' + b"9" * 5000 + b"}", "not valid JSON"),  # too many digits for int()
     ("/v1/chat/completions", {"messages": HELLO, "response_format": {"type": "json_object"}}, "is not supported"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]},
+        "messages: message 0: only text content parts",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "only text content"),
 ]
 
 
@@ -249,6 +255,16 @@ def test_bodies_with_a_wrong_length_are_refused_before_generation(server):
     short = raw(url, head + b"Content-Length: 1000\r\n\r\n" + body)  # the client sent less and closed
     assert short.startswith(b"HTTP/1.0 400") and f"the body ended after {len(body)} of its 1000 bytes".encode() in short
     assert call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
+
+
+def test_text_content_parts_are_the_joined_text(server):
+    url, _ = server
+    content = HELLO[0]["content"]
+    parts = [{"type": "text", "text": content[:5]}, {"type": "text", "text": content[5:]}]
+    request = {"max_tokens": 4, "temperature": 0}
+    status, joined = call(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], **request})
+    _, plain = call(url + "/v1/chat/completions", {"messages": HELLO, **request})
+    assert status == 200 and joined["choices"] == plain["choices"] and joined["usage"] == plain["usage"]
 
 
 def test_a_reply_sent_back_as_history_is_accepted_even_when_empty(server):
