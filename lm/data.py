@@ -153,6 +153,7 @@ def load_documents(
     *,
     source_config: str | None = None,
     source_split: str = "train",
+    source_revision: str | None = None,
     text_field: str = "text",
     hf_cache_dir: str | None = None,
 ):
@@ -181,12 +182,14 @@ def load_documents(
             return ds  # the text builder's column is already "text"
     else:
         try:
-            ds = datasets.load_dataset(source, name=source_config, split=source_split, streaming=False)
+            ds = datasets.load_dataset(
+                source, name=source_config, split=source_split, revision=source_revision, streaming=False
+            )
         except Exception as err:  # noqa: BLE001 - offline, unknown id, bad config/split: all a problem with the input
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
             why = "the hub is unreachable in offline mode (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else err
             raise LMError(
-                f"data source {source!r} (config={source_config}, split={source_split}): "
+                f"data source {source!r} (config={source_config}, split={source_split}, revision={source_revision}): "
                 f"could not load it from the Hugging Face hub: {why}"
             ) from err
     if text_field not in ds.column_names:
@@ -534,6 +537,10 @@ class PretrainData(L.LightningDataModule):
             one per row), a Hugging Face hub dataset id (e.g. HuggingFaceFW/fineweb-edu), or builtin:shakespeare.
         source_config: Hub dataset config name (e.g. sample-10BT); ignored for local and builtin sources.
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
+        source_revision: Hub dataset revision (a commit sha, tag or branch) to read, and part of the cache key. None:
+            the hub's default branch when the data is first prepared; the cache is then reused as it is, even if the
+            dataset changes on the hub later, so pin a revision to make a run reproducible elsewhere. Ignored for
+            local and builtin sources.
         text_field: Column holding the text, for json/parquet files and hub datasets.
         tokenizer: Tokenizer spec: char, gpt2, bpe:N (trained on the source), or a tokenizer.json / saved directory.
         block_size: Context length T of each window (linked from the model by the CLI).
@@ -554,6 +561,7 @@ class PretrainData(L.LightningDataModule):
         source: str = "builtin:shakespeare",
         source_config: str | None = None,
         source_split: str = "train",
+        source_revision: str | None = None,
         text_field: str = "text",
         tokenizer: str = "char",
         block_size: int = 256,
@@ -578,7 +586,7 @@ class PretrainData(L.LightningDataModule):
         if num_workers < 0:
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         self.source, self.source_config = source, source_config
-        self.source_split, self.text_field = source_split, text_field
+        self.source_split, self.source_revision, self.text_field = source_split, source_revision, text_field
         self.tokenizer_spec = tokenizer
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.cache_dir, self.num_proc, self.num_workers, self.pin_memory = cache_dir, num_proc, num_workers, pin_memory
@@ -617,6 +625,8 @@ class PretrainData(L.LightningDataModule):
             "tokenizer": self.tokenizer_spec,
             "tokenizer_fingerprint": fixed.fingerprint if fixed is not None else None,
         }
+        if self.source_revision is not None:  # only then: caches prepared before this option keep their keys
+            key["source_revision"] = self.source_revision
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         tok_name = "file" if fixed is not None and self.tokenizer_spec != "gpt2" else self.tokenizer_spec
         name = f"{_slug(Path(self.source).name or self.source)}-{_slug(tok_name)}-{digest}"
@@ -667,6 +677,7 @@ class PretrainData(L.LightningDataModule):
             self.source,
             source_config=self.source_config,
             source_split=self.source_split,
+            source_revision=self.source_revision,
             text_field=self.text_field,
             hf_cache_dir=str(scratch / "hf"),
         )
@@ -702,6 +713,7 @@ class PretrainData(L.LightningDataModule):
             "source": self.source,
             "source_config": self.source_config,
             "source_split": self.source_split,
+            "source_revision": self.source_revision,
             "text_field": self.text_field,
             "seconds": round(time.perf_counter() - t0, 3),
         }

@@ -304,6 +304,32 @@ def test_hub_id_fails_fast_offline(tmp_path):
         make(tmp_path, "some-org/some-dataset")
 
 
+def test_a_hub_revision_is_read_and_keys_the_cache(tmp_path, monkeypatch):
+    """The hub path as it runs online, with datasets.load_dataset standing in for the download: the revision goes to
+    load_dataset, into meta.json and into the cache key (no revision keeps the key it had before the option)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        text = f"text of {kwargs.get('revision')} " * 20
+        return datasets.Dataset.from_dict({"content": [text, text.upper()], "id": [1, 2]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pinned = make(tmp_path, "org/corpus", source_revision="abc123", text_field="content", source_config="en")
+    assert calls == [("org/corpus", {"name": "en", "split": "train", "revision": "abc123", "streaming": False})]
+    assert pinned.meta["source_revision"] == "abc123"
+    assert pinned.tokenizer.decode(pinned.train_tokens[:16].tolist()) == "text of abc123 t"
+    other = make(tmp_path, "org/corpus", source_revision="def456", text_field="content", source_config="en")
+    default = make(tmp_path, "org/corpus", text_field="content", source_config="en")
+    assert len({pinned.cache_path, other.cache_path, default.cache_path}) == 3 and len(calls) == 3
+    assert default.meta["source_revision"] is None and calls[-1][1]["revision"] is None
+    make(tmp_path, "org/corpus", source_revision="abc123", text_field="content", source_config="en")
+    assert len(calls) == 3  # prepared once per revision
+    assert default.cache_path.name == "corpus-char-14717f724755f37c"  # the name the code before the option gave
+
+
 def test_builtin_shakespeare(tmp_path):
     docs = builtin_documents("shakespeare")
     text = "".join(docs)
