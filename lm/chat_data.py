@@ -195,12 +195,13 @@ class ChatData(L.LightningDataModule):
     Conversations longer than block_size + 1 tokens are cut at the end and counted (`truncated_train`,
     `truncated_val`); one left with no assistant token is dropped instead and counted apart (`dropped_*_truncated`).
 
-    The train/val split of a file or hub source keeps conversations that open with the same user message on the
-    same side: HH-style data holds several transcripts branching from one opening exchange, and splitting them apart
-    would put val replies' histories (and often the replies) in train. A seeded shuffle of these groups picks val
-    groups until val holds at least round(val_fraction * n) conversations (at least 1), skipping any group that would
-    take it past twice that, so val may be a little larger than the fraction. When every group is larger, val is the
-    smallest group, with a warning. `task:` sources draw their val problems from the task's own test split instead.
+    The train/val split of a file or hub source keeps conversations that open with the same user message (ignoring
+    case and spacing) on the same side: HH-style data holds several transcripts branching from one opening exchange,
+    and splitting them apart would put val replies' histories (and often the replies) in train. A seeded shuffle of
+    these groups picks val groups until val holds at least round(val_fraction * n) conversations (at least 1),
+    skipping any group that would take it past twice that, so val may be a little larger than the fraction. When
+    every group is larger, val is the smallest group, with a warning. `task:` sources draw their val problems from
+    the task's own test split instead.
 
     In the messages format, an assistant message with `"weight": 0` (OpenAI's fine-tuning format) carries no loss;
     `"weight": 1` is the default. A conversation with nothing left to learn is dropped and counted
@@ -346,7 +347,8 @@ class ChatData(L.LightningDataModule):
         groups: dict[str, list[int]] = {}  # in file order, so the seeded shuffle below is deterministic
         for i, (_, messages, *_) in enumerate(conversations):  # preference pairs: (where, prompt, chosen, rejected)
             opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one
-            groups.setdefault(opening, []).append(i)
+            # the same opening typed again: "Hi there", "hi  there" and "Hi there\n" are one group
+            groups.setdefault(" ".join(opening.split()).casefold(), []).append(i)
         keys = list(groups)
         random.Random(self.split_seed).shuffle(keys)
         n, n_val = len(conversations), max(1, round(self.val_fraction * len(conversations)))

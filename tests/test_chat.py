@@ -367,6 +367,18 @@ def test_split_keeps_conversations_with_the_same_opening_on_one_side(tmp_path):
         ChatData(source=one_opening)._conversations()
 
 
+def test_openings_that_differ_only_in_case_or_spacing_stay_on_one_side(tmp_path):
+    spellings = ["open {k}", "Open {k}", "OPEN  {k}", " open {k}\n"]
+    records = [
+        {"messages": [{"role": "user", "content": form.format(k=k)}, {"role": "assistant", "content": f"r{k}"}]}
+        for k in range(15)
+        for form in spellings
+    ]
+    train, val = ChatData(source=_write_jsonl(tmp_path / "d.jsonl", records), val_fraction=0.2)._conversations()
+    train_groups = {c[0]["content"].split()[-1] for _, c in train}
+    assert len(val) == 12 and not any(c[0]["content"].split()[-1] in train_groups for _, c in val)
+
+
 def test_one_large_group_of_openings_does_not_take_the_validation_set_over(tmp_path):
     hello = [
         {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": f"hi {i}"}]}
