@@ -104,7 +104,12 @@ def fit_history(messages: list[Message], tokenizer: Tokenizer, budget: int) -> t
         if len(prompt) <= budget:
             return system + turns, prompt
         if len(turns) <= 1:
-            raise LMError(f"the message is {len(prompt)} tokens long; the context leaves room for {budget}")
+            if not system:
+                raise LMError(f"the message is {len(prompt)} tokens long; the context leaves room for {budget}")
+            raise LMError(
+                f"the system message and the message are {len(prompt)} tokens long (the system message takes "
+                f"{len(render_chat(system, tokenizer)[0])}); the context leaves room for {budget}"
+            )
         turns = turns[2:]  # one exchange: a user turn and the assistant's reply
 
 
@@ -138,6 +143,8 @@ def load_chat_checkpoint(args: argparse.Namespace):
     check_sampling(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty
     )
+    if args.max_new_tokens < 1:  # 0 or less would stretch the prompt's budget past the context and reply nothing
+        raise LMError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     model, tokenizer, info, device = load_for_inference(args.ckpt, args.device)
     version = info.get("chat_template_version")
     if version is not None and version != CHAT_TEMPLATE_VERSION:
@@ -213,7 +220,7 @@ def chat_command(argv: list[str]) -> None:
             history = fresh()
             print("(conversation reset)")
             continue
-        if line.startswith("/system"):
+        if line == "/system" or line.startswith("/system "):  # not "/systemd is broken", a message
             system = line[len("/system") :].strip() or None
             history = fresh()
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")

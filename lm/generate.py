@@ -214,17 +214,20 @@ def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     """Where the earliest stop string begins in text, or None when there is none. A partial character at the end
     (a BPE token can stop mid-character) is left out: a stop string before it is found now, not a token later."""
     text = text.rstrip("\ufffd")
-    return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
+    # an empty stop string is no stop (lm-eval skips them too); "".find would cut every text at 0
+    return min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=None)
 
 
-def _stop_cut(tokenizer, ids: Sequence[int], stop_strings: Sequence[str]) -> int | None:
+def _stop_cut(tokenizer, ids: Sequence[int], stop_strings: Sequence[str], skip_special: bool = False) -> int | None:
     """Where `stream_text` cuts the text of these tokens: at the earliest stop string in the text of the shortest
     token prefix that holds one (with overlapping stop strings, the first to complete decides), or None."""
-    if not stop_strings or _first_stop(tokenizer.decode(ids), stop_strings) is None:
+
+    def text(n: int) -> str:
+        return tokenizer.decode(ids[:n], skip_special=skip_special)
+
+    if not stop_strings or _first_stop(text(len(ids)), stop_strings) is None:
         return None  # the common case: one decode
-    return next(
-        cut for n in range(1, len(ids) + 1) if (cut := _first_stop(tokenizer.decode(ids[:n]), stop_strings)) is not None
-    )
+    return next(cut for n in range(1, len(ids) + 1) if (cut := _first_stop(text(n), stop_strings)) is not None)
 
 
 @dataclass
@@ -296,14 +299,21 @@ def generate_text(model: GPT, tokenizer, prompt: str, **sampling) -> str:
 
 
 def generate_texts(
-    model: GPT, tokenizer, prompts: Sequence[Sequence[int]], *, stop_strings: Sequence[str] = (), **sampling
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_strings: Sequence[str] = (),
+    skip_special: bool = False,
+    **sampling,
 ) -> list[str]:
-    """A batch of prompts (token ids) -> the decoded continuation of each, cut where `stream_text` would cut it."""
+    """A batch of prompts (token ids) -> the decoded continuation of each, cut where `stream_text` would cut it
+    (with skip_special, special tokens decode to nothing, as `stream_text(skip_special=True)` shows them in chat)."""
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
     texts = []
     for ids in generate_batch(model, prompts, **sampling):
-        text = tokenizer.decode(ids)
-        cut = _stop_cut(tokenizer, ids, stop_strings)
+        text = tokenizer.decode(ids, skip_special=skip_special)
+        cut = _stop_cut(tokenizer, ids, stop_strings, skip_special)
         texts.append(text if cut is None else text[:cut])
     return texts

@@ -13,12 +13,15 @@ or from Python:
     lm_eval.simple_evaluate(model=LMEvalAdapter(ckpt="last.ckpt"), tasks=[...])
 
 Scoring is `lm.eval.score_continuations` (the same code as `lm eval --task hellaswag`), batched; `generate_until`
-uses lm's generation engine (`lm.generate.generate_texts`, batched, KV cache). lm-eval is an optional extra
-(`pip install "lm[eval]"`).
+uses lm's generation engine (`lm.generate.generate_texts`, batched, KV cache), reads the generation arguments as the
+harness's own models do, stops at any special token (a chat model's end of turn) and leaves special tokens out of
+the text, as HF models decode with skip_special_tokens. `--apply_chat_template` renders prompts with lm's chat
+template (`lm.chat.render_chat`, the one SFT trains on). lm-eval is an optional extra (`pip install "lm[eval]"`).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -63,14 +66,18 @@ class LMEvalAdapter(TemplateLM):
         if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI passes device=cuda by default
         if ckpt is not None:
-            from lm.checkpoint import load_checkpoint
+            from lm.checkpoint import load_for_inference
 
-            model, tokenizer, _ = load_checkpoint(ckpt, map_location=device)
+            model, tokenizer, _, device = load_for_inference(ckpt, device)
         if model is None or tokenizer is None:
             raise LMError("the lm model for lm-eval needs ckpt=PATH (or model= and tokenizer= from Python)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = max_gen_toks
+        # Set by apply_chat_template: the harness then encodes the rendered text, whose role markers must become the
+        # special tokens again (lm's tokenizers otherwise encode special-token strings as plain text, by design).
+        self._specials_in_text = False
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, tokenizer.special_ids)) + ")")
 
     # ---- what TemplateLM needs ---------------------------------------------------------------------------------
 
@@ -83,7 +90,36 @@ class LMEvalAdapter(TemplateLM):
         return self.model.config.block_size
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string)
+        if not self._specials_in_text:
+            return self.tokenizer.encode(string)
+        specials = self.tokenizer.special_ids
+        pieces = self._special_pattern.split(string)  # text, marker, text, marker, ...
+        return [
+            i for piece in pieces for i in ([specials[piece]] if piece in specials else self.tokenizer.encode(piece))
+        ]
+
+    # ---- chat templates (--apply_chat_template) ----------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"lm-{self.tokenizer.kind}-{self.tokenizer.fingerprint}"  # keys the harness's request cache
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        from lm.chat import CHAT_TEMPLATE_VERSION
+
+        return f"lm chat template v{CHAT_TEMPLATE_VERSION} (lm.chat.render_chat)"
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered as SFT renders it, as text: BOS, then each turn's role marker, content and END;
+        with add_generation_prompt the assistant marker follows, and without it a last assistant message is left
+        open (the harness prefills the reply's start)."""
+        from lm.chat import render_chat
+
+        ids, _ = render_chat(chat_history, self.tokenizer, add_generation_prompt=add_generation_prompt)
+        if not add_generation_prompt and chat_history and chat_history[-1]["role"] == "assistant":
+            ids = ids[:-1]  # its END
+        self._specials_in_text = True
+        return self.tokenizer.decode(ids)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)
@@ -122,6 +158,7 @@ class LMEvalAdapter(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, if asked) continuations cut at the first `until` string; requests with the same
         generation arguments run as one batch through lm's generation engine."""
+        from lm.chat import reply_stop_ids
         from lm.generate import generate_texts
 
         outputs: list[str | None] = [None] * len(requests)
@@ -129,11 +166,7 @@ class LMEvalAdapter(TemplateLM):
         for i, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
         for indices in groups.values():
-            kwargs = dict(requests[indices[0]].args[1])
-            until = kwargs.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            until, max_new, temperature = generation_args(requests[indices[0]].args[1], self.max_gen_toks)
             keep = max(1, self.max_length - max_new) if max_new < self.max_length else self.max_length // 2
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
@@ -143,6 +176,8 @@ class LMEvalAdapter(TemplateLM):
                     self.tokenizer,
                     prompts,
                     stop_strings=until,
+                    stop_ids=reply_stop_ids(self.tokenizer),  # EOS, and a chat model's end of turn
+                    skip_special=True,
                     max_new_tokens=max_new,
                     temperature=temperature,
                 )
@@ -150,6 +185,20 @@ class LMEvalAdapter(TemplateLM):
                     outputs[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return outputs  # type: ignore[return-value]
+
+
+def generation_args(kwargs: dict[str, Any], default_max_gen_toks: int) -> tuple[list[str], int, float]:
+    """(stop strings, token budget, temperature) of a generate_until request, read as lm-eval's own models read them
+    (its `normalize_gen_kwargs`): the budget from max_gen_toks, max_new_tokens, max_tokens or max_completion_tokens,
+    in that order; without do_sample, a temperature above 0 samples; do_sample false is greedy."""
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else [s for s in until if s]  # an empty stop string is no stop
+    budgets = (kwargs.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"))
+    max_new = int(next((b for b in budgets if b is not None), default_max_gen_toks))
+    temperature = float(kwargs.get("temperature") or 0.0)
+    if kwargs.get("do_sample") is False:
+        temperature = 0.0
+    return until, max_new, temperature
 
 
 def main() -> None:

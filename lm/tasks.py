@@ -4,8 +4,9 @@
     reverse    "reverse pilot" -> "tolip"  (a pseudo-word of 3-7 letters, spelled backwards)
     count      "count l in hello" -> "2"   (how often a letter occurs in a pseudo-word)
 
-Train and test problems never overlap: a problem belongs to the test split when a hash of its text falls in the
-first `TEST_PERCENT` buckets, whatever the seed. The seed only picks which problems of a split (and in which order).
+Train and test problems never overlap: a problem belongs to the test split when a hash of what it asks falls in the
+first `TEST_PERCENT` buckets, whatever the seed ("47+85" and "85+47" ask the same, so they share a split). The seed
+only picks which problems of a split (and in which order).
 `ChatData(source="task:addition")` trains on the train split; `TaskAccuracy` (a callback) and `lm tasks eval` score
 exact-match greedy answers on the test split:
 
@@ -70,11 +71,18 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
 }
 
 
-def split_of(problem: Problem) -> str:
-    """The split ("test" or "train"), by a hash of the question alone: a problem always lands in the same split.
+def _asks(question: str) -> str:
+    """What a question asks, whatever the order of an addition's operands: "47+85" and "85+47" are one problem."""
+    operands = question.split("+")
+    return "+".join(sorted(operands, key=int)) if len(operands) == 2 and all(map(str.isdigit, operands)) else question
 
-    Only the question: two problems that ask the same thing are the same problem."""
-    bucket = int.from_bytes(hashlib.sha256(problem.question.encode()).digest()[:8], "big") % 100
+
+def split_of(problem: Problem) -> str:
+    """The split ("test" or "train"), by a hash of what the question asks: a problem always lands in the same split.
+
+    Only the question: two problems that ask the same thing are the same problem, and so are an addition and its
+    operands swapped (with the question's text alone, 89% of the 2-digit test problems had their twin in train)."""
+    bucket = int.from_bytes(hashlib.sha256(_asks(problem.question).encode()).digest()[:8], "big") % 100
     return "test" if bucket < TEST_PERCENT else "train"
 
 
@@ -130,7 +138,9 @@ def evaluate_task(
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         prompts = [render_prompt([{"role": "user", "content": p.question}], tokenizer) for p in chunk]
-        answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop_ids)
+        answers = generate_texts(
+            model, tokenizer, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop_ids, skip_special=True
+        )
         correct += sum(a.strip() == p.answer for a, p in zip(answers, chunk, strict=True))
     model.train(was_training)
     return {"exact_match": correct / len(problems), "num_problems": float(len(problems))}
@@ -159,6 +169,11 @@ class TaskAccuracy(L.Callback):
     ):
         if task not in TASKS:
             raise LMError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
+        for name, value in (("num_problems", num_problems), ("every_n_validations", every_n_validations)):
+            if value < 1:  # checked here, not at the first validation after training has run
+                raise LMError(f"TaskAccuracy: {name} must be at least 1, got {value}")
+        if digits < 1:
+            raise LMError(f"TaskAccuracy: digits must be at least 1, got {digits}")
         self.task, self.num_problems, self.every_n_validations = task, num_problems, every_n_validations
         self.digits, self.seed = digits, seed
         self._validations = 0

@@ -16,14 +16,16 @@ from lm.tokenizer import ASSISTANT, END, SPECIAL_TOKENS, USER, CharTokenizer, To
 DIGITS = CharTokenizer.train(["0123456789+"])  # as an addition SFT run's: no space, no "<"
 
 
-def scripted_model(tokenizer: Tokenizer, follow: dict[str, str]) -> GPT:
-    """A tiny GPT whose logits make follow[last token] (tokens as strings, specials by name) the only likely next
-    token; any other last token is followed by <|end|>."""
+def scripted_model(tokenizer: Tokenizer, follow: dict[str | int, str | int]) -> GPT:
+    """A tiny GPT whose logits make follow[last token] (tokens as strings, specials by name, or ids) the only likely
+    next token; any other last token is followed by <|end|>."""
     torch.manual_seed(0)
     model = GPT(get_config("tiny", vocab_size=64, block_size=64)).eval()
     table = torch.full((64,), tokenizer.token_id(END))
 
-    def token_id(token: str) -> int:
+    def token_id(token: str | int) -> int:
+        if isinstance(token, int):
+            return token
         return tokenizer.token_id(token) if token in SPECIAL_TOKENS else tokenizer.encode(token)[0]
 
     for last, nxt in follow.items():
@@ -105,6 +107,9 @@ def test_special_tokens_that_do_not_stop_leave_no_text():
     text = "".join(lm.generate.stream_text(model, DIGITS, DIGITS.encode("7"), **kwargs))
     assert text == "1<|user|>2"
     assert "".join(lm.generate.stream_text(model, DIGITS, DIGITS.encode("7"), skip_special=True, **kwargs)) == "12"
+    # the batched engine (task evals, the lm-eval adapter) decodes as the stream does
+    assert lm.generate.generate_texts(model, DIGITS, [DIGITS.encode("7")], **kwargs) == ["1<|user|>2"]
+    assert lm.generate.generate_texts(model, DIGITS, [DIGITS.encode("7")], skip_special=True, **kwargs) == ["12"]
 
 
 @pytest.mark.parametrize(
@@ -113,3 +118,35 @@ def test_special_tokens_that_do_not_stop_leave_no_text():
 )
 def test_a_content_that_is_not_a_string_is_named_so(content, reason):
     assert check_messages([{"role": "user", "content": content}], need_reply=False) == reason
+
+
+def test_slash_system_is_a_command_only_as_a_word(monkeypatch, capsys):
+    """ "/systemd 7" is a message to answer; it used to set the system message "d 7" and drop the conversation."""
+    import string
+
+    tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " /"])
+    model = scripted_model(tok, {ASSISTANT: "1", "1": "2"})
+    out, err = chat(monkeypatch, capsys, model, tok, ["/systemd 7", "/system be brief", "8"])
+    assert err == ""
+    assert out.splitlines()[1:] == ["12", "(system message set; conversation reset)", "12"]
+
+
+def test_a_system_message_too_long_for_the_context_is_named(monkeypatch, capsys):
+    model = scripted_model(DIGITS, {})
+    monkeypatch.setattr(lm.checkpoint, "load_for_inference", lambda ckpt, device: (model, DIGITS, {}, "cpu"))
+    typed = iter(["7", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    main(["chat", "--ckpt", "x.ckpt", "--system", "1" * 40, "--max_new_tokens", "32", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: the system message and the message are 47 tokens long (the system message takes 43); "
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_max_new_tokens_below_one_is_refused(monkeypatch, capsys, value):
+    monkeypatch.setattr(lm.checkpoint, "load_for_inference", lambda ckpt, device: (None, DIGITS, {}, "cpu"))
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", "--ckpt", "x.ckpt", "--prompt", "7", "--max_new_tokens", value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --max_new_tokens must be at least 1, got {value}\n"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lm.chat import render_chat, reply_stop_ids
 from lm.eval import EvalSpec, evaluate
 from lm.generate import stream_tokens
 from lm.tokenizer import CharTokenizer
@@ -17,7 +18,7 @@ from lm_eval import simple_evaluate  # noqa: E402 - only after the optional-extr
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from lm.lm_eval_adapter import LMEvalAdapter  # noqa: E402
+from lm.lm_eval_adapter import LMEvalAdapter, generation_args  # noqa: E402
 
 ROWS = [
     {"activity_label": "Roof", "ctx": "A man is on a roof. he", "endings": ["is up.", "eats", "runs far.", "x"]},
@@ -92,8 +93,74 @@ def test_generate_until_is_lm_greedy_cut_at_the_stop_string(adapter):
                 max_new_tokens=8,
                 temperature=0,
                 vocab_size=tokenizer.vocab_size,
+                stop_ids=reply_stop_ids(tokenizer),  # EOS, and a chat model's end of turn
             )
         )
-        expected = tokenizer.decode(ids).split("s")[0]
+        expected = tokenizer.decode(ids, skip_special=True).split("s")[0]
         assert text == expected
     assert torch.is_grad_enabled()  # the adapter leaves global state alone
+
+
+GENERATION_ARGS = [
+    {"until": ["s"], "max_new_tokens": 3},
+    {"until": "s", "max_tokens": 5, "temperature": 0.7},
+    {"until": ["s", ""], "max_completion_tokens": 2, "do_sample": False, "temperature": 0.7},
+    {"max_gen_toks": 4, "max_new_tokens": 9, "do_sample": True, "temperature": 0.5},
+    {"temperature": 0.0},
+]
+
+
+@pytest.mark.parametrize("kwargs", GENERATION_ARGS)
+def test_generation_arguments_are_read_as_the_harness_reads_them(kwargs):
+    """The budget's aliases and do_sample/temperature as lm-eval's own normalize_gen_kwargs reads them (this adapter
+    used to read max_gen_toks only, so max_new_tokens: 3 generated 256 tokens, and a temperature alone was greedy)."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    until, max_new, temperature = generation_args(kwargs, 256)
+    harness = normalize_gen_kwargs(kwargs, 256)
+    assert until == [s for s in harness["until"] if s] and max_new == harness["max_gen_toks"]
+    assert temperature == (harness["temperature"] if harness["do_sample"] else 0.0)
+
+
+def test_generate_until_keeps_to_a_max_new_tokens_budget(adapter):
+    request = Instance("generate_until", {}, ("The dog", {"until": ["\x00"], "max_new_tokens": 3}), 0)
+    (text,) = adapter.generate_until([request])
+    assert len(adapter.tokenizer.encode(text)) <= 3
+
+
+def test_the_model_goes_to_the_device_asked_for(tmp_path, monkeypatch):
+    """The adapter used to read the checkpoint with map_location=cuda and leave the model it built on the CPU."""
+    import lm.checkpoint
+
+    asked = []
+
+    def load_for_inference(path, device):
+        asked.append(device)
+        return torch.nn.Linear(1, 1), CharTokenizer.train(["ab"]), {}, device
+
+    monkeypatch.setattr(lm.checkpoint, "load_for_inference", load_for_inference)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    LMEvalAdapter(ckpt="x.ckpt", device="cuda:1")
+    assert asked == ["cuda:1"]
+
+
+def test_chat_template_is_lm_s_and_its_markers_encode_back_to_special_tokens(adapter, tmp_path):
+    tokenizer = adapter.tokenizer
+    history = [{"role": "system", "content": "A cat sits."}, {"role": "user", "content": "The dog"}]
+    text = adapter.apply_chat_template(history)
+    assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
+    prefill = [*history, {"role": "assistant", "content": "barks"}]
+    open_reply = adapter.apply_chat_template(prefill, add_generation_prompt=False)
+    assert adapter.tok_encode(open_reply) == render_chat(prefill, tokenizer)[0][:-1]  # no END after "barks"
+    assert adapter.tokenizer_name.startswith("lm-char-")
+
+    data = tmp_path / "hs.jsonl"
+    data.write_text("".join(json.dumps(row | {"label": 0}) + "\n" for row in ROWS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_hellaswag.yaml").write_text(TASK_YAML.format(data=data))
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    out = simple_evaluate(
+        model=adapter, tasks=["tiny_hellaswag"], task_manager=manager, bootstrap_iters=0, apply_chat_template=True
+    )
+    assert 0.0 <= out["results"]["tiny_hellaswag"]["acc,none"] <= 1.0

@@ -6,7 +6,7 @@ import torch
 from lm.config import get_config
 from lm.errors import LMError
 from lm.model import GPT
-from lm.tasks import TASKS, evaluate_task, make_problems, split_of
+from lm.tasks import TASKS, Problem, TaskAccuracy, evaluate_task, make_problems, split_of
 from lm.tokenizer import CharTokenizer
 
 
@@ -16,6 +16,54 @@ def test_train_and_test_never_overlap_whatever_the_seeds(task):
     test = {p.question for seed in (0, 7) for p in make_problems(task, "test", 200, seed=seed)}
     assert train and test and train.isdisjoint(test)
     assert {split_of(p) for p in make_problems(task, "test", 50)} == {"test"}
+
+
+def test_an_addition_and_its_operands_swapped_share_a_split():
+    """ "47+85" in test and "85+47" in train would test a memorised answer (89% of 2-digit test problems had their
+    twin in train when the split hashed the text alone)."""
+    problems = [Problem(f"{a}+{b}", str(a + b)) for a in range(10, 100) for b in range(a + 1, 100)]
+    assert all(
+        split_of(p) == split_of(Problem(f"{b}+{a}", p.answer)) for p in problems for a, b in [p.question.split("+")]
+    )
+    assert 0.05 < sum(split_of(p) == "test" for p in problems) / len(problems) < 0.15
+    train = {p.question for p in make_problems("addition", "train", 6000)}
+    test = make_problems("addition", "test", 500)
+    assert not any("+".join(reversed(p.question.split("+"))) in train for p in test)
+
+
+def test_an_answer_after_a_foreign_special_token_is_scored_as_lm_chat_shows_it():
+    """An HF tokenizer's own special (<pad> here) is not a stop id: chat leaves it out of the text, and so does the
+    score (it used to count "<pad>1" as wrong)."""
+    import string
+
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as Backend
+
+    from lm.tokenizer import ASSISTANT, HFTokenizer
+    from tests.test_chat_replies import scripted_model
+
+    backend = Backend(
+        models.BPE(vocab={c: i for i, c in enumerate(string.ascii_lowercase + string.digits + " ")}, merges=[])
+    )
+    backend.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
+    tok = HFTokenizer(backend)
+    problems = make_problems("count", "test", 50, seed=0)
+    pad = backend.token_to_id("<pad>")
+    model = scripted_model(tok, {ASSISTANT: pad, pad: "1"})
+    assert (
+        evaluate_task(model, tok, "count", num_problems=50)["exact_match"]
+        == sum(p.answer == "1" for p in problems) / 50
+    )
+
+
+def test_task_accuracy_checks_its_arguments_when_built():
+    for kwargs, message in [
+        ({"every_n_validations": 0}, "every_n_validations must be at least 1, got 0"),
+        ({"num_problems": 0}, "num_problems must be at least 1, got 0"),
+        ({"digits": 0}, "digits must be at least 1, got 0"),
+    ]:
+        with pytest.raises(LMError, match=message):
+            TaskAccuracy(**kwargs)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
