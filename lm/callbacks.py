@@ -94,7 +94,7 @@ class Throughput(L.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()  # once per fit: the step's kernels have run, not only been queued
             rank_zero_info(f"first step done: {time.time() - LAUNCHED_AT:.1f} s since launch")
-        if (batch_idx + 1) % trainer.log_every_n_steps:
+        if not trainer.log_every_n_steps or (batch_idx + 1) % trainer.log_every_n_steps:  # 0: Lightning logs nothing
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()

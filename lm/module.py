@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import SumMetric
 
 from lm.chat import CHAT_TEMPLATE_VERSION
 from lm.checkpoint import gpt_state_dict, read_checkpoint
@@ -49,13 +49,15 @@ def lr_multiplier(
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant" or total_steps <= warmup_steps:
+    if schedule == "constant":
         return 1.0
+    if total_steps <= warmup_steps:  # the schedule ended during warmup: flat at its minimum after, as after its end
+        return min_lr_ratio
     if schedule == "cosine":
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "wsd":
-        decay_start = total_steps - int(decay_fraction * total_steps)
+        decay_start = total_steps - round(decay_fraction * total_steps)  # int() made 0.7 x 90 = 62.99... 62
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
@@ -93,15 +95,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], chunk_rows):
-            x = logits[start : start + chunk_rows].float()
+            # A copy even of fp32 logits: the softmax below works in this buffer, and the caller's logits stay intact
+            x = logits[start : start + chunk_rows].to(torch.float32, copy=True)
             y = labels[start : start + chunk_rows]
             supervised = (y != IGNORE_INDEX).unsqueeze(1)
-            y = y.clamp(min=0).unsqueeze(1)  # any valid index for masked rows; their loss and gradient are zeroed
+            # Masked rows take index 0 and are zeroed below; any other label out of range still fails in gather
+            y = y.masked_fill(y == IGNORE_INDEX, 0).unsqueeze(1)
             log_z = torch.logsumexp(x, dim=1, keepdim=True)
-            losses[start : start + chunk_rows] = ((log_z - x.gather(1, y)) * supervised).squeeze(1)
+            # where, not a multiply: a masked row's NaN or -inf logits must not reach the loss (NaN x 0 = NaN)
+            losses[start : start + chunk_rows] = torch.where(supervised, log_z - x.gather(1, y), 0.0).squeeze(1)
             probs = torch.exp(x.sub_(log_z))  # softmax, reusing the chunk's fp32 buffer
             probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
-            grad[start : start + chunk_rows] = probs.mul_(supervised)
+            grad[start : start + chunk_rows] = probs.masked_fill_(~supervised, 0.0)
         ctx.save_for_backward(grad)
         return losses
 
@@ -266,9 +271,14 @@ class LanguageModel(L.LightningModule):
         self.model: GPT | None = None
         self.tokenizer = None  # set from the data module; saved into every checkpoint
         self.run_config: str | None = None  # the resolved YAML of the run, set by the CLI; saved into checkpoints
-        self.val_loss = MeanMetric()  # token-weighted across batches and ranks
+        # Token-weighted across batches and ranks, as two sums. Not MeanMetric: its NaN check reads every batch on the
+        # host, and it drops a NaN batch from the mean (a model failing on some batches would show a plausible
+        # val/loss, and a checkpoint callback could keep it); with nan_strategy "disable" it drops the weights.
+        self.val_loss_sum = SumMetric(nan_strategy="disable")
+        self.val_tokens = SumMetric(nan_strategy="disable")
         self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
         self._step_loss_sum = None  # their summed loss (loss x tokens), for train/loss over the whole step
+        self._logged_step = False  # whether the optimizer step just taken logged its metrics
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
         self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
         self._loss = next_token_loss  # compiled in configure_model when `compile` is on
@@ -372,6 +382,9 @@ class LanguageModel(L.LightningModule):
 
     def on_train_start(self):
         self._params = []  # read again after the strategy's set-up: FSDP replaces the parameters
+        # A previous fit of this module may have stopped inside an accumulation window (max_time, should_stop)
+        self._step_tokens = self._step_loss_sum = None
+        self._logged_step = False
         # optimizer_zero_grad below does nothing: the first step must not add to gradients left from before the fit
         self.model.zero_grad(set_to_none=True)
 
@@ -408,7 +421,8 @@ class LanguageModel(L.LightningModule):
             # A GradScaler skips overflowing steps itself and lowers its scale: that is how fp16 training works,
             # not a fault. Only a non-finite loss, which no scale fixes, counts towards max_skipped_steps.
             self._nonfinite_steps_add(~torch.isfinite(loss_sum))
-        if self._is_logging_step():
+        self._logged_step = self._is_logging_step()
+        if self._logged_step:
             loss = loss_sum / tokens.clamp(min=1)  # over every micro-batch (and rank) of the step, weighted by tokens
             self.log("train/loss", loss)
             # Lightning turns progress-bar values into Python numbers after every batch (a host sync for a GPU
@@ -503,29 +517,39 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.model_step(batch)
-        self.val_loss.update(loss, weight=n_tokens)
+        self.val_loss_sum.update(loss * n_tokens)
+        self.val_tokens.update(n_tokens)
+
+    def _val_loss(self) -> torch.Tensor:
+        """The validation's loss over all its supervised tokens (and ranks: the metrics reduce), NaN if any batch's
+        was; the sums are reset for the next validation."""
+        val_loss = self.val_loss_sum.compute() / self.val_tokens.compute().clamp(min=1)
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()
+        return val_loss
 
     def on_validation_epoch_end(self):
-        val_loss = self.val_loss.compute()
-        self.val_loss.reset()
-        # MeanMetric already reduced across ranks, so every rank holds the same value: sync_dist only averages
+        val_loss = self._val_loss()
+        # The metrics already reduced across ranks, so every rank holds the same value: sync_dist only averages
         # identical numbers (and keeps Lightning from warning on every rank)
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._is_logging_step(after_step=True):
+        if self._logged_step:  # the batch that ended a logging step, not the micro-batches after it
+            self._logged_step = False
             # A host number goes in as a CPU tensor: Lightning would copy a Python float to the GPU, a sync.
             self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
 
-    def _is_logging_step(self, after_step: bool = False) -> bool:
-        """Whether the Trainer hands this optimizer step's metrics to the logger (every log_every_n_steps).
+    def _is_logging_step(self) -> bool:
+        """Whether the Trainer hands this optimizer step's metrics to the logger (every log_every_n_steps; 0 = never,
+        as Lightning reads it). Asked before the step: in on_before_optimizer_step and gradient clipping.
 
         Training metrics are logged on those steps only: what is logged in between never reaches a logger, and each
         `self.log` costs about a millisecond of Python, which a small model's step on a GPU cannot hide.
         """
-        step = self.global_step - 1 if after_step else self.global_step  # on_train_batch_end: already counted
-        return (step + 1) % self.trainer.log_every_n_steps == 0
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
 
@@ -549,13 +573,19 @@ class LanguageModel(L.LightningModule):
         optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, dims)
         rank_zero_info(summary)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
+        schedule = hp.schedule
         if not math.isfinite(total):
-            total = hp.warmup_steps  # no max_steps/max_epochs: warmup then constant
+            total, schedule = hp.warmup_steps, "constant"  # no max_steps/max_epochs: warmup then constant
+        elif total <= hp.warmup_steps and schedule != "constant":
+            rank_zero_warn(
+                f"the {schedule} schedule ends at step {int(total)}, within the {hp.warmup_steps} warmup steps: the LR "
+                f"warms up, then stays at min_lr_ratio x lr (set model.init_args.decay_steps or warmup_steps)"
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(
                 step,
-                schedule=hp.schedule,
+                schedule=schedule,
                 warmup_steps=hp.warmup_steps,
                 total_steps=int(total),
                 min_lr_ratio=hp.min_lr_ratio,

@@ -6,7 +6,7 @@ and gradient clipping see every parameter. Muon uses `adjust_lr_fn="match_rms_ad
 orthogonalised update to AdamW's typical RMS, so one learning rate and weight decay serve both (Moonlight's recipe).
 """
 
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from typing import Literal
 
 import torch
@@ -190,6 +190,20 @@ def newton_schulz(matrices: torch.Tensor, coefficients: tuple[float, float, floa
     return x
 
 
+class _JointState(ChainMap):
+    """Muon's and AdamW's per-parameter state as one live mapping. Not a plain ChainMap: a lookup there would call
+    the first optimizer's defaultdict factory for the other's parameters, adding empty entries to it."""
+
+    def __getitem__(self, param):
+        for state in self.maps:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __setitem__(self, param, value):
+        next((state for state in self.maps if param in state), self.maps[0])[param] = value
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """Steps Muon, then AdamW. Set `found_inf` (a 0-dim tensor, 1.0 = skip) before `step` to skip a step without a
     host sync: both optimizers read the flag themselves (reading it on the host would stall the host until the
@@ -205,6 +219,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def _share_groups(self):
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        # The state too, for code that walks optimizer.state: Lightning moves it to the device at set-up and back to
+        # the CPU at teardown, and an empty state of its own left Muon's and AdamW's buffers on the GPU.
+        self.state = _JointState(self.muon.state, self.adamw.state)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -523,9 +523,7 @@ class PreferenceModel(LanguageModel):
         self.val_pairs.update(scored.sum())
 
     def on_validation_epoch_end(self):
-        val_loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)  # no val/ppl: not a likelihood
+        self.log("val/loss", self._val_loss(), prog_bar=True, sync_dist=True)  # no val/ppl: not a likelihood
         pairs = self.val_pairs.compute().clamp(min=1)  # over all ranks, like the sums
         for name in REWARD_METRICS:
             self.log(f"val/rewards/{name}", self.val_rewards[name].compute() / pairs, sync_dist=True)

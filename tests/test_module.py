@@ -39,6 +39,21 @@ def test_constant_after_warmup():
     assert schedule(1000, "constant") == 1.0
 
 
+def test_a_schedule_that_ends_within_warmup_stays_at_its_minimum_after():
+    """decay_steps <= warmup_steps: the schedule is over when warmup ends (it used to stay at the peak LR forever)."""
+    for name in ("cosine", "wsd"):
+        assert schedule(4, name, total_steps=10) == pytest.approx(0.5)  # still warming up
+        assert schedule(10, name, total_steps=10) == schedule(50, name, total_steps=8) == pytest.approx(0.1)
+    assert schedule(50, "constant", total_steps=8) == 1.0
+
+
+def test_wsd_decays_over_the_rounded_fraction():
+    # 0.7 x 90 = 62.99999...: 63 decay steps from step 27, not 62 from step 28
+    args = dict(warmup_steps=0, total_steps=90, min_lr_ratio=0.0, decay_fraction=0.7)
+    assert lr_multiplier(26, schedule="wsd", **args) == 1.0 and lr_multiplier(27, schedule="wsd", **args) == 1.0
+    assert lr_multiplier(28, schedule="wsd", **args) == pytest.approx(1 - 1 / 63)
+
+
 def test_loss_ignores_masked_positions_and_averages_over_supervised_tokens():
     logits = torch.randn(2, 4, 10)
     labels = torch.tensor([[1, 2, IGNORE_INDEX, 3], [IGNORE_INDEX, IGNORE_INDEX, 4, 5]])
@@ -69,6 +84,30 @@ def test_chunked_cross_entropy_matches_torch_in_value_and_gradient(dtype):
     assert mine.grad[[0, 5, 36]].abs().sum() == 0  # ignored rows get no gradient
     with torch.no_grad():  # evaluation takes the same chunks without building a gradient
         torch.testing.assert_close(chunked_cross_entropy(logits, labels, chunk_elements=200), expected.detach())
+
+
+def test_chunked_cross_entropy_leaves_the_logits_alone_and_ignores_masked_rows_whatever_they_hold():
+    """fp32 logits were overwritten with gradients by the in-place softmax; a masked row's NaN logits made the loss
+    NaN (NaN x 0); a label of -1 trained as token 0. Now: logits intact, masked rows ignored as torch ignores them,
+    an out-of-range label an error."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 10, generator=g)
+    labels = torch.tensor([1, IGNORE_INDEX, 3, 4, IGNORE_INDEX, 9])
+    logits[1] = float("nan")
+    logits[4, 2] = float("-inf")
+    before = logits.clone()
+    mine, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = chunked_cross_entropy(mine, labels, chunk_elements=20)
+    expected = torch.nn.functional.cross_entropy(ref, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    supervised = labels != IGNORE_INDEX
+    torch.testing.assert_close(mine.grad[supervised], ref.grad[supervised])
+    assert mine.grad[~supervised].eq(0).all()  # torch's own backward gives the NaN row NaN gradients here
+    torch.testing.assert_close(mine.detach(), before, equal_nan=True)
+    with pytest.raises((RuntimeError, IndexError)):
+        chunked_cross_entropy(logits.clone().requires_grad_(), torch.tensor([1, -1, 3, 4, 5, 9]))
 
 
 def test_compiled_loss_equals_eager_loss():
@@ -224,6 +263,82 @@ def test_gradients_are_freed_after_each_step_not_held_through_the_next_forward()
     dirty, _ = fit(accumulate=1, leftover=True)
     for (name, a), b in zip(clean.model.state_dict().items(), dirty.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_nan_validation_batch_makes_val_loss_nan_and_the_mean_is_token_weighted():
+    """torchmetrics' MeanMetric dropped a NaN batch from the mean (with a warning), so a model that fails on some
+    batches showed a plausible val/loss."""
+    module = LanguageModel(get_config("tiny"))
+    batches = [(torch.tensor(1.0), torch.tensor(3)), (torch.tensor(5.0), torch.tensor(1)), (torch.tensor(0.0), 0)]
+    module.on_validation_epoch_start()
+    for loss, tokens in batches:
+        module.model_step = lambda batch, loss=loss, tokens=tokens: (loss, torch.as_tensor(tokens))
+        module.validation_step({}, 0)
+    assert module._val_loss().item() == pytest.approx(2.0)  # (1 x 3 + 5 x 1) / 4
+    for loss in (1.0, float("nan"), 3.0):
+        module.model_step = lambda batch, loss=loss: (torch.tensor(loss), torch.tensor(8))
+        module.validation_step({}, 0)
+    assert module._val_loss().isnan()
+    module.model_step = lambda batch: (torch.tensor(4.0), torch.tensor(2))
+    module.validation_step({}, 0)
+    assert module._val_loss().item() == 4.0  # reset after each validation
+
+
+def test_log_every_n_steps_0_logs_nothing_and_does_not_crash():
+    import lightning as L
+
+    from lm.callbacks import Throughput
+
+    logger = MemoryLogger()
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10)
+    ids = torch.randint(0, 64, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        log_every_n_steps=0,
+        logger=logger,
+        callbacks=[Throughput()],  # its timer reads the interval too
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": t, "labels": t} for t in ids], batch_size=None))
+    assert trainer.global_step == 3 and not any(k.startswith("train/") for m in logger.by_step().values() for k in m)
+
+
+def test_under_accumulation_only_the_logging_steps_log():
+    """accumulate 4, log every 2 steps: each self.log costs ~1 ms, and the micro-batches after a logging step (and
+    the first three micro-batches of the run) used to log train/skipped_steps again."""
+    import lightning as L
+
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10)
+    calls = []
+    log = module.log
+    module.log = lambda name, *args, **kwargs: (calls.append((name, module.global_step)), log(name, *args, **kwargs))
+    ids = torch.randint(0, 64, (16, 2, 16), generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        accumulate_grad_batches=4,
+        log_every_n_steps=2,
+        logger=MemoryLogger(),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": t, "labels": t} for t in ids], batch_size=None))
+    assert [step for name, step in calls if name == "train/skipped_steps"] == [2, 4]  # after steps 2 and 4
+    assert [step for name, step in calls if name == "train/loss"] == [1, 3]  # before them
+
+
+def test_a_second_fit_does_not_carry_the_first_fit_s_partial_window():
+    module = LanguageModel(get_config("tiny"))
+    module._step_tokens, module._step_loss_sum = torch.tensor(32), torch.tensor(5.0)
+    module.configure_model()
+    module.on_train_start()
+    assert module._step_tokens is None and module._step_loss_sum is None
 
 
 def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tmp_path):

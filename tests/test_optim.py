@@ -187,3 +187,35 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
         build_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.95))
     optimizer, _ = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_muon_with_adamw_shows_its_state_to_code_that_walks_optimizer_state():
+    """Lightning moves optimizer.state to the device at set-up and to the CPU at teardown: the wrapper's own state
+    was empty, so Muon's and AdamW's buffers stayed where they were."""
+    from lm.config import get_config
+    from lm.module import LanguageModel
+
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=20, optimizer="muon")
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    ids = torch.randint(0, 64, (2, 16))
+    module.model_step({"input_ids": ids, "labels": ids})[0].backward()
+    optimizer.step()
+
+    def walked():
+        return {id(p) for p in optimizer.state}, {id(p) for opt in (optimizer.muon, optimizer.adamw) for p in opt.state}
+
+    ours, inner = walked()
+    assert ours == inner and len(ours) == sum(1 for _ in module.model.parameters())
+    for state in optimizer.state.values():  # what Lightning's _optimizer_to_device does, in place
+        for key in state:
+            state[key] = state[key].clone() if key != "step" else state[key]
+    for state in optimizer.state.values():
+        for value in state.values():
+            value.fill_(7.0)
+    inner_values = [v for opt in (optimizer.muon, optimizer.adamw) for st in opt.state.values() for v in st.values()]
+    assert all((v == 7.0).all() for v in inner_values)  # every inner buffer reached, AdamW's step counts too
+    assert walked()[0] == inner  # and no entries added to either optimizer by the lookups
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    ours, inner = walked()
+    assert ours == inner and ours  # still the inner optimizers' state after loading

@@ -388,8 +388,9 @@ def test_validation_sums_stay_fp32_under_bf16_true(tmp_path):
     module.to(torch.bfloat16)  # what bf16-true's convert_module does to every submodule
     module.on_validation_epoch_start()
     for value in [1.0] * 200 + [3.0] * 200:
-        module.val_loss.update(torch.tensor(value, dtype=torch.bfloat16), weight=torch.tensor(8))
-    assert module.val_loss.compute().item() == pytest.approx(2.0)
+        module.val_loss_sum.update(torch.tensor(value, dtype=torch.bfloat16) * 8)
+        module.val_tokens.update(torch.tensor(8))
+    assert module._val_loss().item() == pytest.approx(2.0)
 
 
 def test_sft_weight_is_per_pair_so_accumulation_still_equals_one_batch(tmp_path):
