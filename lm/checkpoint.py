@@ -12,10 +12,17 @@ from lm.errors import LMError
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
+CHECKPOINT_FORMAT = 1  # bump when what LanguageModel.on_save_checkpoint writes under "lm" changes
+
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """The raw checkpoint dict, loaded without executing pickled code (weights_only=True)."""
     path = Path(path)
+    if path.is_dir():
+        raise LMError(
+            f"{path}: a directory, not a checkpoint file (a sharded checkpoint? lm reads one .ckpt file: train with "
+            "the FSDP strategy's state_dict_type: full)"
+        )
     if not path.is_file():
         raise LMError(f"{path}: checkpoint not found")
     try:
@@ -29,20 +36,30 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def gpt_state_dict(ckpt: dict) -> dict:
+def gpt_state_dict(ckpt: dict, where: str | Path = "the checkpoint") -> dict:
     """The GPT's own weights in a Lightning checkpoint (LanguageModel keeps the GPT as `self.model`)."""
     prefix = "model."
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise LMError(f"{where}: not a Lightning checkpoint (no state_dict inside)")
     return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[GPT, Tokenizer, dict]:
-    """Build the GPT and tokenizer stored in an `lm` checkpoint; returns (model in eval mode, tokenizer, info)."""
-    ckpt = read_checkpoint(path, map_location)
+def load_checkpoint(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
+    """Build the GPT and tokenizer stored in an `lm` checkpoint, on the CPU; returns (model in eval mode, tokenizer,
+    info). `load_for_inference` moves it to a device."""
+    ckpt = read_checkpoint(path)
     info = ckpt.get("lm")
-    if not info or info.get("tokenizer") is None:
+    if not isinstance(info, dict) or info.get("tokenizer") is None or "model_config" not in info:
         raise LMError(f"{path}: not an lm checkpoint (no model config/tokenizer inside)")
-    model = GPT(GPTConfig(**info["model_config"]))
-    model.load_state_dict(gpt_state_dict(ckpt))
+    if info.get("format", CHECKPOINT_FORMAT) > CHECKPOINT_FORMAT:
+        raise LMError(f"{path}: checkpoint format {info['format']} is newer than this lm reads ({CHECKPOINT_FORMAT})")
+    model = GPT(GPTConfig.from_dict(info["model_config"], str(path)))
+    weights = gpt_state_dict(ckpt, path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing or misshapen weights: torch's second line names the first of them
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        raise LMError(f"{path}: the weights do not fit its model config: {lines[min(1, len(lines) - 1)]}") from e
     model.eval()
     info = {**info, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "path": str(path)}
     return model, Tokenizer.from_state(info["tokenizer"]), info
@@ -59,5 +76,11 @@ def load_for_inference(path: str | Path, device: str = "auto") -> tuple[GPT, Tok
         raise LMError(f"--device {device}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise LMError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        raise LMError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     model, tokenizer, info = load_checkpoint(path)
-    return model.to(target), tokenizer, info, device
+    try:
+        model = model.to(target)
+    except (RuntimeError, AssertionError) as e:  # mps or xpu on a build or machine without them
+        raise LMError(f"--device {device}: not usable here ({str(e).strip().splitlines()[0]})") from None
+    return model, tokenizer, info, device

@@ -4,6 +4,8 @@ Every field has an attribute docstring so that LightningCLI shows it in `lm fit 
 Defaults are GPT-2 124M's shape with the modern pieces (RoPE, RMSNorm, SwiGLU) that Llama/Qwen3 use.
 """
 
+import dataclasses
+import math
 from dataclasses import dataclass, replace
 
 from lm.errors import LMError
@@ -53,6 +55,19 @@ class GPTConfig:
             raise LMError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         if self.head_dim % 2:
             raise LMError(f"head size n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):  # 0, negative or NaN: NaN logits
+            raise LMError(f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise LMError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
+
+    @classmethod
+    def from_dict(cls, fields: dict, where: str) -> "GPTConfig":
+        """The config a checkpoint stored (`where` names it in errors); a field this version does not know is refused
+        in one line rather than as a TypeError: the checkpoint was written by a newer lm."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise LMError(f"{where}: model config fields {unknown} are unknown to this version of lm (a newer one?)")
+        return cls(**fields)
 
     @property
     def head_dim(self) -> int:
@@ -83,7 +98,7 @@ SIZES: dict[str, GPTConfig] = {
     "tiny": GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32),
     # 10.7M with a 128-row char vocab (10.6M): nanoGPT's shakespeare_char "baby GPT" shape.
     "baby": GPTConfig(vocab_size=128, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
-    # 163M untied (85M): GPT-2 small's shape; 124M with tie_embeddings=True.
+    # 162M untied (85M): GPT-2 small's shape; 124M with tie_embeddings=True.
     "124m": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     # 406M untied (303M): GPT-2 medium's shape.
     "350m": GPTConfig(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024),

@@ -120,8 +120,8 @@ class Attention(nn.Module):
 
         mask, is_causal = None, True
         if cache is not None and cache.valid is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, past + T, head_dim); checks the capacity first
             mask, is_causal = cache.attn_mask(T), False
-            k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, past + T, head_dim)
         elif cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, past + T, head_dim)
@@ -242,6 +242,8 @@ class GPT(nn.Module):
         Like nanoGPT and PaLM this counts the full T x T attention (no discount for the causal mask)."""
         c = self.config
         seq_len = seq_len or c.block_size
-        matmul_params = self.num_params(non_embedding=True)
-        matmul_params -= sum(p.numel() for p in self.parameters() if p.dim() == 1)  # norm gains are not matmuls
+        # From the config, not from self.parameters(): under FSDP those are this rank's flat 1-D shards.
+        attention = c.n_embd * c.head_dim * (2 * c.n_head + 2 * c.kv_heads)  # q and o, k and v
+        mlp = 3 * c.n_embd * c.mlp_width  # gate, up, down
+        matmul_params = c.n_layer * (attention + mlp) + c.vocab_size * c.n_embd  # + the head (tied or not)
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * seq_len

@@ -20,7 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
 from lm.chat import CHAT_TEMPLATE_VERSION
-from lm.checkpoint import gpt_state_dict, read_checkpoint
+from lm.checkpoint import CHECKPOINT_FORMAT, gpt_state_dict, read_checkpoint
 from lm.config import GPTConfig, padded_vocab_size
 from lm.errors import LMError
 from lm.model import GPT
@@ -28,7 +28,6 @@ from lm.optim import MuonWithAdamW, build_optimizer
 from lm.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (prompt tokens, padding)
-CHECKPOINT_FORMAT = 1  # bump when what `on_save_checkpoint` writes under "lm" changes
 
 
 def lr_multiplier(
@@ -335,8 +334,8 @@ class LanguageModel(L.LightningModule):
         if "model_config" not in info:
             raise LMError(f"{path}: not an lm checkpoint (no model config inside), cannot init_from it")
         self._check_tokenizer(info, f"{path}: its tokenizer", f"set data.init_args.tokenizer to {path}")
-        self.arch = GPTConfig(**{**info["model_config"], "dropout": self.arch.dropout})
-        return gpt_state_dict(ckpt)
+        self.arch = replace(GPTConfig.from_dict(info["model_config"], path), dropout=self.arch.dropout)
+        return gpt_state_dict(ckpt, path)
 
     def _check_tokenizer(self, info: dict, whose: str, advice: str) -> None:
         """Refuse a checkpoint whose tokenizer differs from the data's: its embedding rows mean other tokens."""
@@ -622,7 +621,7 @@ class LanguageModel(L.LightningModule):
         there is a wall of tensor shapes). Fields are compared as the model resolves them (n_kv_head None = n_head)."""
         if self.model is None or "model_config" not in info:  # nothing built to load into, or not an lm checkpoint
             return
-        theirs, ours = GPTConfig(**info["model_config"]), self.arch
+        theirs, ours = GPTConfig.from_dict(info["model_config"], "the checkpoint"), self.arch
 
         def resolved(config: GPTConfig) -> dict:
             return {**asdict(config), "n_kv_head": config.kv_heads, "mlp_hidden": config.mlp_width}

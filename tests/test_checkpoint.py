@@ -42,3 +42,47 @@ def test_unusable_devices_are_lm_errors(tmp_path, monkeypatch, device):
     write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
     with pytest.raises(LMError, match=f"--device {device}"):
         load_for_inference(path, device)
+
+
+def test_a_device_this_build_or_machine_lacks_is_an_lm_error(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    if not torch.backends.mps.is_available():  # this CPU build: torch raises a RuntimeError moving a model there
+        with pytest.raises(LMError, match="--device mps: not usable here"):
+            load_for_inference(path, "mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LMError, match="--device cuda:7: this machine has 1 CUDA device"):
+        load_for_inference(path, "cuda:7")
+
+
+def _broken(tmp_path, change) -> str:
+    """A good checkpoint with one thing changed by change(ckpt dict)."""
+    path = tmp_path / "model.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["lm"]["model_config"].update(sliding_window=128), r"fields \['sliding_window'\] are unknown"),
+        (lambda c: c["lm"].update(format=99), "checkpoint format 99 is newer than this lm reads"),
+        (lambda c: c.pop("state_dict"), "not a Lightning checkpoint"),
+        (lambda c: c["state_dict"].pop("model.norm.weight"), 'Missing key.*"norm.weight"'),
+        (lambda c: c["lm"]["model_config"].update(n_embd=32), "size mismatch for"),
+        (lambda c: c.update(lm="an lm checkpoint"), "not an lm checkpoint"),
+    ],
+)
+def test_a_checkpoint_from_elsewhere_or_a_newer_lm_is_a_one_line_error(tmp_path, change, message):
+    with pytest.raises(LMError, match=message) as info:
+        load_for_inference(_broken(tmp_path, change), "cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(LMError, match="a directory, not a checkpoint file"):
+        read_checkpoint(tmp_path)

@@ -135,6 +135,9 @@ def test_kv_cache_matches_full_forward_in_chunks():
         ({"n_embd": 30, "n_head": 2}, "head size n_embd/n_head = 15 must be even for RoPE"),
         ({"n_head": 0}, "n_head must be >= 1, got 0"),
         ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+        ({"rope_theta": 0.0}, "rope_theta must be a finite number > 0, got 0.0"),  # NaN logits, no error, before
+        ({"rope_theta": float("nan")}, "rope_theta must be a finite number > 0, got nan"),
+        ({"norm_eps": -1.0}, "norm_eps must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_impossible_shapes_are_user_errors(overrides, message):
@@ -144,6 +147,24 @@ def test_impossible_shapes_are_user_errors(overrides, message):
     with pytest.raises(LMError) as error:
         get_config("tiny", **overrides)
     assert str(error.value) == message
+
+
+def test_flops_per_token_holds_when_fsdp_hands_the_parameters_over_as_flat_shards():
+    """Under FSDP a rank's parameters are 1-D shards: counting them gave 0 or less (the 1-D filter dropped all)."""
+    model = GPT(get_config("tiny", n_kv_head=1, qk_norm=True))
+    expected = model.flops_per_token(16)
+    shards = [p.detach().flatten()[: p.numel() // 2] for p in model.parameters()]  # one of two ranks' halves
+    model.parameters = lambda recurse=True: iter(shards)
+    assert model.flops_per_token(16) == expected
+
+
+def test_an_overfull_cache_with_a_padding_mask_says_so():
+    model = GPT(get_config("tiny")).eval()
+    cache = KVCache(model.config, batch_size=1, max_len=8)
+    cache.valid = torch.ones(1, 8, dtype=torch.bool)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="KV cache full: 10 positions > max_len 8"):  # was a shape mismatch
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
 
 
 def test_padded_vocab():
