@@ -90,25 +90,41 @@ class RNGState(L.Callback):
 
 
 class PreemptionSignal(L.Callback):
-    """Treats SIGUSR1 like SIGTERM: finish the current step, save a checkpoint (`checkpoint.save_on_exception`), exit.
+    """SIGTERM and SIGUSR1: finish the current step, save a checkpoint (`checkpoint.save_on_exception`), exit 143.
 
-    Lightning already does this for SIGTERM. Under SLURM with auto-requeue, SIGUSR1 is Lightning's: it saves an HPC
-    checkpoint and requeues the job; here that runs at the next step boundary instead of inside the signal handler,
-    where it saved wherever the step was (between backward and the optimizer step, or mid-accumulation), so the
-    resumed run could not continue exactly.
-
-    "The current step" is the whole optimizer step: Lightning stops after the batch during which the signal came,
-    also between the micro-batches of an accumulated step, which would save a checkpoint whose step is half
-    accumulated (those gradients lost, the resumed step taken on the rest alone). The signal is held back until the
-    step's last micro-batch has run.
+    The handlers only note the signal; the run stops at the next optimizer step boundary, where every rank agrees:
+    - "The current step" is the whole optimizer step. Lightning stops after the batch during which the signal came,
+      also between the micro-batches of an accumulated step, which would save a checkpoint whose step is half
+      accumulated (those gradients lost, the resumed step taken on the rest alone).
+    - A validation that has begun runs to its end first. Lightning stops it after the current batch and saves a
+      checkpoint that resumes past it, so that validation (if it was the last, the run's score) was lost.
+    - Under DDP, Lightning's SIGTERM handler broadcasts from inside the handler: a collective at whatever point the
+      signal interrupts, which hung every rank when rank 0 was in rank-0-only work (sampling, logging) while the
+      others waited in validation's metric sync. Here the ranks agree at the step boundary with one all-reduce of
+      the flag (a sync per step under DDP, like Lightning's own per-batch broadcast of it).
+    Under SLURM with auto-requeue, SIGUSR1 is Lightning's: it saves an HPC checkpoint and requeues the job; that too
+    runs at the next step boundary instead of inside the signal handler, where it saved wherever the step was.
     """
 
     def __init__(self):
-        self._held = False  # a signal came between micro-batches; stop once the step is complete
+        self._pending = False  # a signal came; stop at the next step boundary
+        self._stopping_after_validation = False  # agreed to stop, held while a validation runs
         self._requeue = None  # Lightning's SLURM requeue handler, to call at the next step boundary
-        self._previous = None  # (signal number, the handler ours replaced)
+        self._previous: list[tuple[int, Any]] = []  # (signal number, the handler ours replaced)
+
+    def _install(self, signum, handler) -> None:
+        self._previous.append((signum, signal.signal(signum, handler)))
 
     def on_train_start(self, trainer, pl_module):
+        self._pending = self._stopping_after_validation = False
+
+        def note(signum, frame):
+            if not self._pending and signum == signal.SIGTERM and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)  # processes this one launched get it too (as Lightning does)
+            rank_zero_info(f"lm: received {signal.Signals(signum).name}, saving a checkpoint after this step")
+            self._pending = True
+
+        self._install(signal.SIGTERM, note)
         if not hasattr(signal, "SIGUSR1"):
             return
         environment = trainer._accelerator_connector.cluster_environment
@@ -122,28 +138,45 @@ class PreemptionSignal(L.Callback):
                 rank_zero_info("lm: received the requeue signal, saving and requeueing after this step")
                 self._requeue = lambda: lightnings(signum, None)
 
-            self._previous = (signum, signal.signal(signum, defer))
+            self._install(signum, defer)
             return
-
-        def handler(signum, frame):
-            rank_zero_info("lm: received SIGUSR1, saving a checkpoint after this step and stopping")
-            trainer._signal_connector.received_sigterm = True
-
-        self._previous = (signal.SIGUSR1, signal.signal(signal.SIGUSR1, handler))
+        self._install(signal.SIGUSR1, note)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         connector = trainer._signal_connector
+        self._pending |= connector.received_sigterm  # set by another handler, or by hand
+        connector.received_sigterm = False
         if trainer.fit_loop.epoch_loop._should_accumulate():  # more micro-batches of this step are to come
-            if connector.received_sigterm:
-                self._held, connector.received_sigterm = True, False
             return
-        if self._held:
-            self._held, connector.received_sigterm = False, True
+        if self._agreed(trainer):
+            connector.received_sigterm = True  # Lightning raises SIGTERMException after this batch (and validation)
         if self._requeue is not None:
             requeue, self._requeue = self._requeue, None
             requeue()
 
+    def _agreed(self, trainer) -> bool:
+        """Whether any rank got a signal (then every rank returns True, at the same point); clears it."""
+        stop = self._pending
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(stop), device=trainer.strategy.root_device)
+            stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+        self._pending = False if stop else self._pending
+        return stop
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer._signal_connector.received_sigterm:  # a validation inside fit: let it finish, then stop
+            self._stopping_after_validation, trainer._signal_connector.received_sigterm = True, False
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        # a signal before this validation, or during it: stop now, at the same point on every rank
+        if self._agreed(trainer) or self._stopping_after_validation:
+            self._stopping_after_validation, trainer._signal_connector.received_sigterm = False, True
+
     def on_train_end(self, trainer, pl_module):
-        if self._previous is not None:
-            signal.signal(*self._previous)
-            self._previous = None
+        while self._previous:
+            signal.signal(*self._previous.pop())
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.on_train_end(trainer, pl_module)

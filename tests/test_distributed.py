@@ -47,6 +47,17 @@ class StepRecorder(L.Callback):
         out.write_text(json.dumps({"world_size": trainer.world_size, "steps": self.steps}))
 
 
+class SigtermInValidation(L.Callback):
+    """Rank 0 sends itself SIGTERM in the middle of the validation at step 4 (as a preempted job's rank gets it)."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_rank == 0 and trainer.global_step == 4 and batch_idx == 1 and not trainer.sanity_checking:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_trainer_overlays_parse(overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -138,3 +149,30 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert _val_losses(two) == pytest.approx(_val_losses(one), rel=1e-4)
     # only rank 0 writes the logs and checkpoints
     assert len(list(two.glob("*/version_*"))) == 1
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_during_validation_stops_every_rank_after_it(tmp_path):
+    """Lightning's SIGTERM handler broadcast from inside the handler: rank 0, interrupted in rank-0-only work, waited
+    there while rank 1 waited in validation's metric sync, and both hung until killed. Now both ranks finish the
+    validation, save at step 4 and exit 143."""
+    root = tmp_path / "run"
+    args = [
+        *("--config", DEBUG, "--config", REPO / "experiments/trainer/ddp_cpu.yaml"),
+        *("--trainer.default_root_dir", root),
+        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root),
+        *("--trainer.callbacks+=tests.test_distributed.SigtermInValidation",),
+        *("--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--data.init_args.val_windows", "16"),
+        *("--data.init_args.batch_size", "4", "--seed_everything", "1234"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "lm", "fit", *map(str, args)],
+        cwd=tmp_path,
+        env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 143, result.stderr[-4000:]
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert len(_val_losses(root)) == 1  # the validation at step 4 ran to its end and was logged

@@ -396,6 +396,51 @@ def test_a_signal_between_micro_batches_stops_after_the_whole_step_and_resumes_e
         assert torch.equal(a, b), name
 
 
+def test_a_signal_during_validation_lets_it_finish_then_stops_and_the_score_is_kept(tmp_path):
+    """SIGTERM in the middle of a validation: Lightning stopped after that val batch and saved a checkpoint that
+    resumed past the validation, so a trial preempted in its last validation had no score. Now the validation ends,
+    its val/loss is logged and kept by the checkpoint callback, then the run stops with last.ckpt at that step."""
+    import os
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lm.reliability import Checkpoint, PreemptionSignal
+    from tests.conftest import MemoryLogger
+
+    class SignalInValidation(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if trainer.global_step == 4 and batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    checkpoint = Checkpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/loss", save_last=True, save_on_exception=True, save_top_k=1
+    )
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        val_check_interval=4,
+        limit_val_batches=3,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=[checkpoint, PreemptionSignal(), SignalInValidation()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1), datamodule=dm)
+    assert [step for step, metrics in logger.by_step().items() if "val/loss" in metrics] == [3]
+    assert checkpoint.best_model_score is not None and checkpoint.best_model_path
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handlers were put back
+
+
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
     """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
     signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
