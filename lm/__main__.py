@@ -1,11 +1,11 @@
 """The `lm` command.
 
-    lm fit --config experiments/debug.yaml [--config more.yaml] [--model.init_args.lr 1e-3]   # also validate, test
+    lm fit --config experiments/debug.yaml [--config more.yaml] [--model.init_args.lr 1e-3]   # also validate
     lm generate --ckpt runs/debug/checkpoints/last.ckpt --prompt "ROMEO:"
     lm serve --ckpt runs/debug/checkpoints/last.ckpt --port 8000      # an OpenAI-compatible HTTP API
     lm tokenizer train --source builtin:shakespeare --kind bpe --vocab_size 4096 --out tokenizers/shakespeare
 
-fit/validate/test are Lightning's own (LightningCLI): every constructor argument of the model, the data module, the
+fit and validate are Lightning's own (LightningCLI): every constructor argument of the model, the data module, the
 Trainer and the callbacks below is a config key, shown with its doc by `lm fit --help`. User errors (bad config,
 data or checkpoint) print one line and exit with code 2.
 """
@@ -22,10 +22,13 @@ from pathlib import Path
 import jsonargparse
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+import lm.chat_data  # noqa: F401 - imported, the data modules are known by name: `lm fit --data.help ChatData`
+import lm.data  # noqa: F401
+import lm.preference  # noqa: F401
 from lm.callbacks import SampleText, Throughput
 from lm.chat import chat_command
 from lm.checkpoint import read_checkpoint
@@ -38,7 +41,8 @@ from lm.serve import serve_command
 from lm.sweep import die_with_the_sweep
 from lm.tasks import tasks_command
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+# No `test`: lm's modules have one held-out split, and validate scores it (LightningCLI's test would find no test_step)
+LIGHTNING_COMMANDS = ("fit", "validate")
 RUNTIME_ARGS = ("compile", "fp8", "max_skipped_steps")  # model arguments a resumed run may change
 
 
@@ -76,7 +80,8 @@ class LMCLI(LightningCLI):
                 # Our train sampler shards by rank itself; Lightning's DistributedSampler would re-wrap it.
                 "use_distributed_sampler": False,
             },
-            # Each run rewrites <root>/config.yaml; the copy inside every checkpoint is the one that matters.
+            # Each fit rewrites <root>/config.yaml; the copy inside every checkpoint is the one that matters.
+            save_config_callback=_SaveFitConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={**no_abbrev, **{c: no_abbrev for c in LIGHTNING_COMMANDS}},
             auto_configure_optimizers=False,  # the module owns its optimizer and schedule
@@ -163,6 +168,8 @@ class LMCLI(LightningCLI):
             ckpt_path = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints")
             ckpt_path = ckpt_path / "last.ckpt"
             if not ckpt_path.is_file():
+                if self.config.get("subcommand") != "fit":  # validating untrained weights: a meaningless loss
+                    raise LMError(f"--ckpt_path last: no {ckpt_path} to validate")
                 return  # Lightning starts from scratch (and says so): `--ckpt_path last` can be set and forgotten
         if ckpt_path not in (None, "best", "hpc", "registry"):
             ckpt = read_checkpoint(ckpt_path)
@@ -321,7 +328,6 @@ USAGE = """usage: lm COMMAND [ARGS]   (lm COMMAND --help for its arguments)
 training (LightningCLI: every model, data and Trainer argument is a config key)
   fit        train: lm fit --config experiments/debug.yaml [--ckpt_path last]
   validate   validate a checkpoint: lm validate --config X.yaml --ckpt_path CKPT
-  test       the test loop of a checkpoint, as validate
 around checkpoints
   generate   continue a prompt
   chat       talk to a fine-tuned checkpoint in the terminal
@@ -371,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         user_error = e
         while user_error is not None and not isinstance(user_error, LMError):
             user_error = user_error.__cause__
+        if user_error is None and _lightning_user_error(e):
+            user_error = str(e).strip().splitlines()[0]
         if user_error is None or debug:
             raise
         print(f"error: {user_error}", file=sys.stderr)
@@ -379,6 +387,20 @@ def main(argv: list[str] | None = None) -> None:
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.
         print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
         sys.exit(128 + signal.SIGTERM)
+
+
+def _lightning_user_error(e: Exception) -> bool:
+    """Lightning's own refusals of a setting: no GPU for accelerator gpu, a --ckpt_path of best/hpc with nothing
+    behind it. Their first line says what is wrong; the traceback says nothing more to a user."""
+    return isinstance(e, MisconfigurationException) or (isinstance(e, ValueError) and "ckpt_path" in str(e))
+
+
+class _SaveFitConfig(SaveConfigCallback):
+    """Writes <root>/config.yaml for fit only: `lm validate` on a run's root used to overwrite the training config."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 def _report_stop(cli: LMCLI) -> None:

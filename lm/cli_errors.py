@@ -1,4 +1,4 @@
-"""One-line config errors for `lm fit|validate|test`.
+"""One-line config errors for `lm fit|validate`.
 
 jsonargparse reports a bad key or value after ~50 lines of usage text, wrapped in union-type noise. This parser
 prints one line instead: the full key, what was wrong, and the allowed keys (or the expected type).
@@ -18,7 +18,10 @@ _CLASS_OPTION = re.compile(
     r"(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))"
 )
 _CLASS_VALUE = re.compile(r"Problem with given class_path '([\w.]+)':\s*Parser key \"([\w.]+)\":\s*(.+?)(?:\n|$)")
-_GROUP_KEY = re.compile(r"Parser key \"(\w+)\"")
+_GROUP_KEY = re.compile(r"Parser key \"([\w.]+)\"")
+_CLASS_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':\s*(.+?)(?:\n|$)")
+_UNION_EXPECTED = re.compile(r"^\s*- Expected a (.+?)\s*$", re.M)
+_GIVEN_VALUE = re.compile(r"^\s*Given value: (.+?)\s*$", re.M)
 _TOP_OPTION = re.compile(r"(?:does not accept option '|unrecognized arguments: --)([\w.]+)")
 _TOP_VALUE = re.compile(r"Parser key \"([\w.]+)\":\s*(Expected .+?|File does not exist.+?)(?:\n|$)")
 
@@ -45,18 +48,31 @@ def _suggest(key: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _type_name(expected: str) -> str:
+    """jsonargparse's "typing.Literal['a', 'b']" / "<class 'float'>" as a reader writes it: 'a', 'b' / float."""
+    if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", expected):
+        return literal.group(1)
+    if cls := re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", expected):
+        return "null" if cls.group(1) == "NoneType" else cls.group(1)
+    return expected
+
+
 def explain(message: str, known_keys: list[str]) -> str:
     """Turn a jsonargparse error message into one line naming the key; falls back to the message's first line."""
     group = _GROUP_KEY.search(message)
     group = group.group(1) if group else "?"
+    # A value error inside the class the user gave comes before an unknown-option error of a class they did not
+    # give (a callback's bad float is also "not accepted" by the plain lightning.Callback of the union)
+    if m := _CLASS_VALUE.search(message):
+        return f"bad value for {group}.init_args.{m.group(2)}: {m.group(3).strip()}"
     if m := _CLASS_OPTION.search(message):
         *nested, option = (m.group(2) or m.group(3)).split(".")
         options = _init_params(m.group(1), nested)
         key = ".".join([group, "init_args", *nested, option])
         owner = ".".join([m.group(1), *nested])
         return f"unknown key {key}{_suggest(option, options)}; {owner} accepts: {', '.join(options)}"
-    if m := _CLASS_VALUE.search(message):
-        return f"bad value for {group}.init_args.{m.group(2)}: {m.group(3).strip()}"
+    if m := _CLASS_PROBLEM.search(message):  # e.g. a class_path that does not import
+        return f"{group}: class_path '{m.group(1)}': {m.group(2).strip()}"
     if m := _TOP_OPTION.search(message):
         key = m.group(1)
         prefix = key.rpartition(".")[0]
@@ -65,6 +81,9 @@ def explain(message: str, known_keys: list[str]) -> str:
         return f"unknown key {key}{_suggest(key, siblings)}{allowed if siblings else ''}"
     if m := _TOP_VALUE.search(message):
         return f"bad value for {m.group(1)}: {m.group(2).strip()}"
+    if (expected := _UNION_EXPECTED.findall(message)) and (given := _GIVEN_VALUE.search(message)):
+        # a union of types (Lightning's precision: int or str literals, or None): what was given, what would do
+        return f"bad value for {group}: {given.group(1)}; expected one of {' | '.join(map(_type_name, expected))}"
     return message.strip().splitlines()[0]
 
 
@@ -78,12 +97,13 @@ class OneLineErrorParser(LightningArgumentParser):
         if self.verbose_errors or not getattr(self, "exit_on_error", True):
             return super().error(message, ex)  # inner parsers raise, and the outer one reports
         known = [a.dest for p in _parsers(self) for a in p._actions if a.dest and not a.dest.startswith("help")]
+        known = list(dict.fromkeys(known))  # fit's and validate's parsers share most keys
         print(f"error: {explain(message, known)}. See `lm fit --help`.", file=sys.stderr)
         sys.exit(2)
 
 
 def _parsers(parser) -> list:
-    """The parser and its subcommand parsers (`fit`, `validate`, `test`)."""
+    """The parser and its subcommand parsers (`fit`, `validate`)."""
     parsers = [parser]
     action = getattr(parser, "_subcommands_action", None)
     if action is not None:

@@ -52,6 +52,12 @@ def test_fit_debug_then_generate(tmp_path):
     assert ckpt["lm"]["model_config"]["n_layer"] == 2
     assert "source:" in ckpt["lm"]["run_config"]
 
+    config = (root / "config.yaml").read_text()
+    validate = lm("validate", "--config", REPO / "experiments/debug.yaml", "--ckpt_path", "last", cwd=tmp_path)
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert "val/loss" in validate.stdout
+    assert (root / "config.yaml").read_text() == config  # the training run's config, not validate's
+
     gen = lm("generate", "--ckpt", last, "--prompt", "ROMEO:", "--max_new_tokens", "50", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")

@@ -36,6 +36,14 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         (["--model.init_args.lr", "abc"], "bad value for model.init_args.lr: Expected a <class 'float'>"),
         (["--trainer.max_steps", "abc"], "bad value for trainer.max_steps: Expected a <class 'int'>"),
         (["--model.init_args.l", "3"], "unknown key model.init_args.l"),  # no silent abbreviation of `lr`
+        # errors inside a union of types used to come out empty: 'error: Parser key "trainer.precision":.'
+        (["--trainer.precision", "17"], "bad value for trainer.precision: 17; expected one of 64, 32, 16 | "),
+        (["--model.class_path", "lm.module.LanguageModle"], "module 'lm.module' has no attribute 'LanguageModle'"),
+        (
+            ["--trainer.callbacks+=lm.callbacks.EMA", "--trainer.callbacks.decay", "abc"],
+            "bad value for trainer.callbacks.init_args.decay: Expected a <class 'float'>. Got value: abc",
+        ),
+        (["--ckpt_path", "hpc"], "no HPC checkpoint was found"),  # Lightning's ValueError, was a traceback
     ],
 )
 def test_config_errors_are_one_line_naming_the_key(capsys, override, expected):
@@ -55,6 +63,29 @@ def test_unknown_key_in_a_yaml_file(capsys, tmp_path):
     bad.write_text("trainer:\n  max_stepz: 3\n")
     code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(bad))
     assert code == 2 and "unknown key trainer.max_stepz" in err
+
+
+def test_the_list_of_allowed_keys_names_each_once(capsys):
+    _, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.max_stepz", "3")
+    allowed = err.partition("accepts: ")[2].removesuffix(". See `lm fit --help`.").split(", ")
+    assert "max_steps" in allowed and len(allowed) == len(set(allowed))  # fit's and validate's parsers, merged
+
+
+def test_validate_without_a_last_checkpoint_is_an_error_not_a_random_model(capsys, tmp_path):
+    code, err = run_cli(
+        capsys, "validate", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"
+    )
+    assert code == 2 and err == f"error: --ckpt_path last: no {tmp_path}/checkpoints/last.ckpt to validate"
+
+
+def test_lightnings_own_refusals_are_one_line():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lm.__main__ import _lightning_user_error
+
+    assert _lightning_user_error(MisconfigurationException("No supported gpu backend found!"))
+    assert _lightning_user_error(ValueError('.validate(ckpt_path="best") is set but ModelCheckpoint is not configured'))
+    assert not _lightning_user_error(ValueError("math domain error"))  # a bug stays a traceback
 
 
 def test_explain_falls_back_to_the_first_line():
