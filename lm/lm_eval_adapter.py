@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from typing import Any
 
 from lm.errors import LMError
@@ -60,9 +61,14 @@ class LMEvalAdapter(TemplateLM):
         batch_size: int | str | None = 16,
         device: str | None = None,
         max_gen_toks: int = 256,
-        **_ignored: Any,  # lm-eval passes max_batch_size and others that do not apply here
+        **ignored: Any,  # lm-eval passes max_batch_size, which does not apply here
     ) -> None:
         super().__init__()
+        if unknown := sorted(set(ignored) - {"max_batch_size"}):  # a typo in --model_args would go unnoticed
+            warnings.warn(
+                f"lm model: ignoring model_args {unknown}; it takes ckpt, batch_size, device, max_gen_toks",
+                stacklevel=2,
+            )
         if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI passes device=cuda by default
         if ckpt is not None:

@@ -164,3 +164,10 @@ def test_chat_template_is_lm_s_and_its_markers_encode_back_to_special_tokens(ada
         model=adapter, tasks=["tiny_hellaswag"], task_manager=manager, bootstrap_iters=0, apply_chat_template=True
     )
     assert 0.0 <= out["results"]["tiny_hellaswag"]["acc,none"] <= 1.0
+
+
+def test_a_misspelled_model_arg_is_named_not_swallowed(tmp_path):
+    path = tmp_path / "tiny.ckpt"
+    write_checkpoint(path, CharTokenizer.train(["ab"]), block_size=8, n_layer=1, n_head=2, n_embd=16)
+    with pytest.warns(UserWarning, match=r"ignoring model_args \['max_gen_tok'\]"):
+        LMEvalAdapter.create_from_arg_string(f"ckpt={path},max_gen_tok=8", {"device": "cpu", "max_batch_size": None})
