@@ -96,7 +96,7 @@ class LMEvalAdapter(TemplateLM):
         return self.model.config.block_size
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        if not self._specials_in_text:
+        if not self._specials_in_text or not self.tokenizer.special_ids:
             return self.tokenizer.encode(string)
         specials = self.tokenizer.special_ids
         pieces = self._special_pattern.split(string)  # text, marker, text, marker, ...

@@ -192,12 +192,20 @@ def newton_schulz(matrices: torch.Tensor, coefficients: tuple[float, float, floa
 
 class _JointState(ChainMap):
     """Muon's and AdamW's per-parameter state as one live mapping. Not a plain ChainMap: a lookup there would call
-    the first optimizer's defaultdict factory for the other's parameters, adding empty entries to it."""
+    the first optimizer's defaultdict factory for the other's parameters, adding empty entries to it. A parameter
+    with no state yet gets an empty entry in its own optimizer's state, as torch's defaultdict gives one."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        super().__init__(muon.state, adamw.state)
+        self._owners = (muon, adamw)
 
     def __getitem__(self, param):
         for state in self.maps:
             if param in state:
                 return state[param]
+        for owner in self._owners:
+            if any(param is p for group in owner.param_groups for p in group["params"]):
+                return owner.state[param]
         raise KeyError(param)
 
     def __setitem__(self, param, value):
@@ -221,7 +229,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
         # The state too, for code that walks optimizer.state: Lightning moves it to the device at set-up and back to
         # the CPU at teardown, and an empty state of its own left Muon's and AdamW's buffers on the GPU.
-        self.state = _JointState(self.muon.state, self.adamw.state)
+        self.state = _JointState(self.muon, self.adamw)
 
     @torch.no_grad()
     def step(self, closure=None):

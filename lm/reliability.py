@@ -108,15 +108,26 @@ class PreemptionSignal(L.Callback):
 
     def __init__(self):
         self._pending = False  # a signal came; stop at the next step boundary
-        self._stopping_after_validation = False  # agreed to stop, held while a validation runs
-        self._requeue = None  # Lightning's SLURM requeue handler, to call at the next step boundary
+        self._requeue_asked = False  # the SLURM requeue signal came; save and requeue at the next step boundary
+        self._requeue = None  # Lightning's SLURM requeue handler (it saves a checkpoint, then requeues on rank 0)
         self._previous: list[tuple[int, Any]] = []  # (signal number, the handler ours replaced)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._pending = self._requeue_asked = False
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._install_handlers(trainer)
+
+    def on_train_start(self, trainer, pl_module):
+        self._install_handlers(trainer)  # no sanity check ran (num_sanity_val_steps 0)
 
     def _install(self, signum, handler) -> None:
         self._previous.append((signum, signal.signal(signum, handler)))
 
-    def on_train_start(self, trainer, pl_module):
-        self._pending = self._stopping_after_validation = False
+    def _install_handlers(self, trainer) -> None:
+        """Ours replace Lightning's, which it installs just before the sanity check (before that, no hook runs)."""
+        if self._previous:
+            return
 
         def note(signum, frame):
             if not self._pending and signum == signal.SIGTERM and trainer.strategy.launcher is not None:
@@ -136,43 +147,51 @@ class PreemptionSignal(L.Callback):
 
             def defer(signum, frame):
                 rank_zero_info("lm: received the requeue signal, saving and requeueing after this step")
-                self._requeue = lambda: lightnings(signum, None)
+                self._requeue_asked = True
 
+            self._requeue = lambda: lightnings(signum, None)
             self._install(signum, defer)
             return
         self._install(signal.SIGUSR1, note)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def _take_lightnings_flag(self, trainer) -> None:
+        """A signal Lightning noted (its handler ran before ours were installed), or a flag set by hand: ours now."""
         connector = trainer._signal_connector
-        self._pending |= connector.received_sigterm  # set by another handler, or by hand
+        self._pending |= connector.received_sigterm
         connector.received_sigterm = False
-        if trainer.fit_loop.epoch_loop._should_accumulate():  # more micro-batches of this step are to come
-            return
-        if self._agreed(trainer):
-            connector.received_sigterm = True  # Lightning raises SIGTERMException after this batch (and validation)
-        if self._requeue is not None:
-            requeue, self._requeue = self._requeue, None
-            requeue()
 
-    def _agreed(self, trainer) -> bool:
-        """Whether any rank got a signal (then every rank returns True, at the same point); clears it."""
-        stop = self._pending
-        if trainer.world_size > 1:
-            flag = torch.tensor(float(stop), device=trainer.strategy.root_device)
-            stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
-        self._pending = False if stop else self._pending
-        return stop
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._take_lightnings_flag(trainer)
+        if not trainer.fit_loop.epoch_loop._should_accumulate():  # the optimizer step is complete
+            self._at_step_boundary(trainer)
 
     def on_validation_start(self, trainer, pl_module):
-        if trainer._signal_connector.received_sigterm:  # a validation inside fit: let it finish, then stop
-            self._stopping_after_validation, trainer._signal_connector.received_sigterm = True, False
+        self._take_lightnings_flag(trainer)  # so that Lightning does not stop the validation after its first batch
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        # a signal before this validation, or during it: stop now, at the same point on every rank
-        if self._agreed(trainer) or self._stopping_after_validation:
-            self._stopping_after_validation, trainer._signal_connector.received_sigterm = False, True
+        # val_check_interval counts batches, so a validation can sit inside an accumulation window: then the step's
+        # last micro-batch decides, as without a validation. The same on every rank, so the ranks stay in step.
+        if not (
+            trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fit_loop.epoch_loop._should_accumulate()
+        ):
+            self._at_step_boundary(trainer)
+
+    def _at_step_boundary(self, trainer) -> None:
+        """Stop here if any rank got a signal (every rank decides the same, at the same point); requeue if asked."""
+        flags = [self._pending, self._requeue_asked]
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(
+                torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device), reduce_op="sum"
+            ).tolist()
+        stop, requeue = (flag > 0 for flag in flags)
+        if requeue and self._requeue is not None:  # every rank: Lightning's handler saves a checkpoint, a collective
+            self._requeue_asked = False
+            self._requeue()
+        # The last step's signal needs no checkpoint beyond the one training writes at its end: Lightning would
+        # stop with SIGTERMException (exit 143, "resume with --ckpt_path last") after the run was complete.
+        finished = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        if stop and not finished:
+            self._pending, trainer._signal_connector.received_sigterm = False, True  # Lightning stops after this
 
     def on_train_end(self, trainer, pl_module):
         while self._previous:

@@ -219,3 +219,20 @@ def test_muon_with_adamw_shows_its_state_to_code_that_walks_optimizer_state():
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     ours, inner = walked()
     assert ours == inner and ours  # still the inner optimizers' state after loading
+
+
+def test_muon_with_adamw_state_of_a_parameter_without_state_is_its_own_optimizer_s():
+    """optimizer.state[p] for a parameter not stepped yet: an empty entry, as torch's defaultdict gives, in the
+    optimizer that owns p (not a KeyError, and not an entry in the other optimizer)."""
+    from lm.config import get_config
+    from lm.module import LanguageModel
+
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=20, optimizer="muon")
+    module.configure_model()
+    optimizer = module.configure_optimizers()["optimizer"]
+    embedding, hidden = module.model.embed_tokens.weight, module.model.layers[0].attn.q_proj.weight
+    assert optimizer.state[embedding] == {} and optimizer.state[hidden] == {}
+    assert embedding in optimizer.adamw.state and embedding not in optimizer.muon.state
+    assert hidden in optimizer.muon.state and hidden not in optimizer.adamw.state
+    with pytest.raises(KeyError):
+        optimizer.state[torch.nn.Parameter(torch.zeros(2))]  # not one of its parameters

@@ -472,6 +472,91 @@ def test_a_signal_during_validation_lets_it_finish_then_stops_and_the_score_is_k
     assert signal.getsignal(signal.SIGTERM) is not None  # the handlers were put back
 
 
+class _KillAtSanityStart(L.Callback):
+    def on_sanity_check_start(self, trainer, pl_module):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _KillAtBatch(L.Callback):
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import os
+        import signal
+
+        if trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1 == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit_with_signal(tmp_path, killer, **trainer_args):
+    """(trainer, SIGTERMException raised?) of a tiny fit with PreemptionSignal and a callback that sends SIGTERM."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lm.reliability import Checkpoint, PreemptionSignal
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    checkpoint = Checkpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_exception=True, save_top_k=0)
+    callbacks = (
+        [killer, PreemptionSignal()] if trainer_args.pop("killer_first", False) else [PreemptionSignal(), killer]
+    )
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", callbacks=[checkpoint, *callbacks], **quiet, **trainer_args)
+    torch.manual_seed(0)
+    try:
+        trainer.fit(LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1), datamodule=dm)
+    except SIGTERMException:
+        return trainer, True
+    return trainer, False
+
+
+@pytest.mark.parametrize("killer_first", [True, False], ids=["lightnings-handler", "ours"])
+def test_a_signal_just_before_the_sanity_check_stops_after_the_first_step(tmp_path, killer_first):
+    """It used to be lost: the run trained on to its end (on a cluster: until SIGKILL, its progress lost)."""
+    trainer, stopped = _fit_with_signal(
+        tmp_path,
+        _KillAtSanityStart(),
+        killer_first=killer_first,
+        max_steps=6,
+        num_sanity_val_steps=1,
+        limit_val_batches=2,
+    )
+    assert stopped and trainer.global_step == 1
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_a_validation_inside_an_accumulation_window_does_not_cut_the_step(tmp_path):
+    """val_check_interval counts batches: with accumulation 4 and a validation every 2, a signal in batch 0 used to
+    stop after the validation at batch 1, mid-step (two micro-batches' gradients lost, no checkpoint written)."""
+    trainer, stopped = _fit_with_signal(
+        tmp_path,
+        _KillAtBatch(0),
+        max_steps=3,
+        accumulate_grad_batches=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    assert stopped and trainer.global_step == 1
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_a_signal_in_the_last_step_lets_the_run_end_as_finished(tmp_path):
+    """Lightning stopped with SIGTERMException (exit 143, "resume with --ckpt_path last") after the last step."""
+    trainer, stopped = _fit_with_signal(
+        tmp_path, _KillAtBatch(5), max_steps=6, limit_val_batches=0, num_sanity_val_steps=0
+    )
+    assert not stopped and trainer.global_step == 6
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
     """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
     signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
