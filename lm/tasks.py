@@ -178,6 +178,12 @@ class TaskAccuracy(L.Callback):
         self.digits, self.seed = digits, seed
         self._validations = 0
 
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or pl_module.tokenizer is None:
             return

@@ -115,3 +115,15 @@ def test_an_answer_is_scored_as_lm_chat_shows_it():
     assert 0 < ones < 50
     model = scripted_model(tok, {ASSISTANT: "1", "1": USER, USER: "2"})
     assert evaluate_task(model, tok, "count", num_problems=50)["exact_match"] == ones / 50
+
+
+def test_task_accuracy_keeps_its_count_of_validations_across_a_resume():
+    """every_n_validations counts validations; a resumed run used to count from 0 again."""
+    callback = TaskAccuracy(every_n_validations=3)
+    callback._validations = 4
+    resumed = TaskAccuracy(every_n_validations=3)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed._validations == 4
+    fresh = TaskAccuracy()
+    fresh.load_state_dict({})  # a checkpoint written before the count was saved
+    assert fresh._validations == 0
