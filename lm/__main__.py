@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import jsonargparse
+import torch
+import torch.distributed
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -379,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
             user_error = user_error.__cause__
         if user_error is None and _lightning_user_error(e):
             user_error = str(e).strip().splitlines()[0]
+        if user_error is None and _another_rank_failed(e) and not debug:
+            # rank 0 has printed the error (a missing data file, say) and left; its peers' collectives then fail
+            print(f"error: rank {_rank()} stopped because another rank did (its error is above)", file=sys.stderr)
+            sys.exit(1)
         if user_error is None or debug:
             raise
         print(f"error: {user_error}", file=sys.stderr)
@@ -387,6 +393,21 @@ def main(argv: list[str] | None = None) -> None:
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.
         print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
         sys.exit(128 + signal.SIGTERM)
+
+
+def _another_rank_failed(e: Exception) -> bool:
+    """A collective that failed on a rank other than 0 because a peer process is gone (gloo says so in its message;
+    torch raises its DistError types for the rest)."""
+    if _rank() == 0:
+        return False
+    return isinstance(e, torch.distributed.DistError) or "remote worker" in str(e) or "closed by peer" in str(e)
+
+
+def _rank() -> int:
+    """This process's global rank: the process group's if there is one, else the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def _lightning_user_error(e: Exception) -> bool:

@@ -176,3 +176,48 @@ def test_ddp_sigterm_during_validation_stops_every_rank_after_it(tmp_path):
     assert result.returncode == 143, result.stderr[-4000:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert len(_val_losses(root)) == 1  # the validation at step 4 ran to its end and was logged
+
+
+@pytest.mark.slow
+def test_a_user_error_on_rank_0_is_one_line_on_every_rank(tmp_path):
+    """Rank 0 reports the missing file and leaves; rank 1's barrier then failed with a 30-line traceback."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "fit",
+            "--config",
+            str(DEBUG),
+            "--config",
+            str(REPO / "experiments/trainer/ddp_cpu.yaml"),
+        ]
+        + [
+            "--data.init_args.source",
+            str(tmp_path / "missing.txt"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith(f"error: data source '{tmp_path / 'missing.txt'}': no such file")
+    assert errors[1:] == ["error: rank 1 stopped because another rank did (its error is above)"]
+    assert "Traceback" not in result.stderr
+
+
+def test_only_a_peer_s_failure_on_another_rank_is_taken_for_one(monkeypatch):
+    from lm.__main__ import _another_rank_failed
+
+    gloo = RuntimeError(
+        "[gloo/transport/tcp/pair.cc:553] Connection closed by peer. This is typically caused by a remote worker"
+    )
+    monkeypatch.setenv("RANK", "1")
+    assert _another_rank_failed(gloo) and not _another_rank_failed(RuntimeError("shape mismatch"))
+    monkeypatch.setenv("RANK", "0")
+    assert not _another_rank_failed(gloo)  # rank 0's own failure keeps its traceback
