@@ -219,11 +219,27 @@ class Task:
         raise NotImplementedError
 
 
-def shard(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
-    """Item indices of one rank (rank::world_size) and how many dummy items it must add so that every rank runs
-    the same number of forward passes (FSDP needs that; DDP does not mind)."""
-    mine = list(range(rank, n, world_size))
-    return mine, math.ceil(n / world_size) - len(mine)
+def shard(n: int, rank: int, world_size: int) -> list[int]:
+    """Item indices of one rank: rank::world_size."""
+    return list(range(rank, n, world_size))
+
+
+def continuation_passes(requests: Sequence[tuple[list[int], list[int]]], block_size: int, batch_size: int) -> int:
+    """How many forward passes `score_continuations` runs for these requests (pieces included)."""
+    if any(len(continuation) > block_size for _, continuation in requests):
+        rows = sum(math.ceil(len(continuation) / block_size) for _, continuation in requests)
+    else:
+        rows = len(requests)
+    return math.ceil(rows / batch_size)
+
+
+def even_out_passes(model: GPT, mine: int, most: int) -> None:
+    """Run throw-away forward passes until this rank has run as many as the busiest: under FSDP every forward pass
+    gathers the weights from all ranks, so one rank running fewer would leave the others waiting for good. Every rank
+    knows every rank's count (all hold all the items), so this needs no communication."""
+    device = next(model.parameters()).device
+    for _ in range(most - mine):
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
 
 class LanguageModelling(Task):
@@ -253,11 +269,12 @@ class LanguageModelling(Task):
         return self.num_documents
 
     def score(self, model, tokenizer, *, rank=0, world_size=1):
-        mine, missing = shard(len(self.windows), rank, world_size)
-        windows = [self.windows[i] for i in mine]
+        windows = [self.windows[i] for i in shard(len(self.windows), rank, world_size)]
         nats, count = stream_nats(model, self.tokens, windows, batch_size=self.spec.batch_size)
-        if missing:  # a throw-away window keeps the number of forward passes equal on every rank
-            stream_nats(model, self.tokens, self.windows[:1], batch_size=1)
+        passes = [
+            math.ceil(len(shard(len(self.windows), r, world_size)) / self.spec.batch_size) for r in range(world_size)
+        ]
+        even_out_passes(model, passes[rank], max(passes))
         return {"nats": nats, "tokens": count}
 
     def metrics(self, sums):
@@ -341,12 +358,17 @@ class MultipleChoice(Task):
         return len(self.items)
 
     def score(self, model, tokenizer, *, rank=0, world_size=1):
-        mine, missing = shard(len(self.items), rank, world_size)
-        flat = [req for i in mine + [0] * missing for req in self.requests[i]]
-        scores = score_continuations(model, flat, batch_size=self.spec.batch_size)
+        def requests(r: int) -> list[tuple[list[int], list[int]]]:
+            return [req for i in shard(len(self.items), r, world_size) for req in self.requests[i]]
+
+        mine = shard(len(self.items), rank, world_size)
+        scores = score_continuations(model, requests(rank), batch_size=self.spec.batch_size)
+        block_size, batch_size = model.config.block_size, self.spec.batch_size
+        passes = [continuation_passes(requests(r), block_size, batch_size) for r in range(world_size)]
+        even_out_passes(model, passes[rank], max(passes))
         correct = correct_norm = 0.0
         first = 0  # items may have different numbers of endings
-        for i in mine:  # the dummy items at the end are ignored
+        for i in mine:
             item, n = self.items[i], len(self.items[i]["choices"])
             lls = np.array([s for s, _ in scores[first : first + n]])
             first += n

@@ -309,3 +309,39 @@ def test_callback_is_configured_from_yaml(tmp_path, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: lm.eval.EvalCallback" in printed and "task: hellaswag" in printed and "limit: 10" in printed
+
+
+@pytest.mark.parametrize("task", ["lm", "hellaswag"])
+def test_every_rank_runs_the_same_number_of_forward_passes_and_the_shards_add_up(ckpt, text_dir, tmp_path, task):
+    """FSDP gathers the weights in every forward pass, so a rank running fewer would leave the others waiting for
+    good. The lm task's throw-away window used to add a pass on the rank that was one window short (10 vs 11)."""
+    from lm.eval import build_task
+
+    _, model, tokenizer = ckpt
+    if task == "lm":
+        long_doc = tmp_path / "long.txt"
+        long_doc.write_text((DOCS[0] + DOCS[1]) * 9, encoding="utf-8")  # ~110 windows at block_size 8
+        spec = EvalSpec(task="lm", data=str(long_doc), batch_size=4)
+    else:
+        data = tmp_path / "hs.jsonl"  # items with 2 to 5 endings, one ending longer than the context
+        rows = [row | {"label": 0} for row in HELLASWAG_ROWS * 3]
+        rows[1] = rows[1] | {"endings": ["a", "bb " * 40]}
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        spec = EvalSpec(task="hellaswag", data=str(data), batch_size=3)
+    small = GPT(GPTConfig(**{**asdict(model.config), "block_size": 8 if task == "lm" else 64}))
+    small.load_state_dict(model.state_dict(), strict=False)
+    small.eval()
+    calls = []
+    small.register_forward_pre_hook(lambda module, args: calls.append(1))
+    build = build_task(spec)
+    build.prepare(tokenizer, small.config.block_size)
+    whole = build.score(small, tokenizer)
+    for world_size in (2, 3, 4):
+        per_rank, sums = [], {}
+        for rank in range(world_size):
+            calls.clear()
+            for key, value in build.score(small, tokenizer, rank=rank, world_size=world_size).items():
+                sums[key] = sums.get(key, 0.0) + value
+            per_rank.append(len(calls))
+        assert len(set(per_rank)) == 1, (world_size, per_rank)
+        assert sums == pytest.approx(whole), world_size  # the throw-away passes count for nothing
