@@ -288,6 +288,13 @@ class EMA(WeightAveraging):
             torch._foreach_copy_([a.data for a in average], self._kept_average)
             self._kept_average = None
 
+    def on_fit_start(self, trainer, pl_module):
+        """The average was built in `setup`, before the strategy moved the model to its device, so it sits on the CPU:
+        every update would copy all the weights from the GPU and average them on the CPU. It follows the model now
+        (unless a device was chosen for it); a checkpoint's average is loaded after this, into it."""
+        if self._average_model is not None and self._device is None:
+            self._average_model.to(pl_module.device)
+
     def on_validation_epoch_start(self, trainer, pl_module):
         self._put(pl_module, average=True)
 

@@ -200,3 +200,21 @@ def test_bad_arguments_are_one_line_errors():
 def test_fsdp_is_refused_with_a_one_line_reason():
     with pytest.raises(LMError, match="does not work with FSDP"):
         EMA().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
+
+
+def test_the_average_follows_the_model_to_its_device():
+    """Lightning builds the average in setup, before the strategy moves the model to the GPU, so it stayed on the
+    CPU and every update copied the weights across. "meta" stands in for the GPU here."""
+    module = LanguageModel(get_config("tiny"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    ema = EMA()
+    ema.setup(trainer, module, "fit")
+    assert {p.device.type for p in ema._average_model.parameters()} == {"cpu"}
+    module.to("meta")  # what strategy.setup does before on_fit_start
+    ema.on_fit_start(trainer, module)
+    assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}
+    pinned = EMA()
+    pinned._device = "cpu"  # a device chosen for the average stays
+    pinned.setup(trainer, LanguageModel(get_config("tiny")), "fit")
+    pinned.on_fit_start(trainer, module)
+    assert {p.device.type for p in pinned._average_model.parameters()} == {"cpu"}
