@@ -45,7 +45,7 @@ from lm.chat_data import IGNORE_INDEX, ChatData
 from lm.config import GPTConfig
 from lm.errors import LMError
 from lm.model import GPT
-from lm.module import LanguageModel, token_cross_entropy
+from lm.module import LanguageModel, convert_to_fp8, token_cross_entropy
 
 PREFERENCE_FORMATS = ("conversational", "standard", "implicit", "hh")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):(?: |$)")  # the end too: some HH replies are empty ("...Assistant:")
@@ -433,13 +433,17 @@ class PreferenceModel(LanguageModel):
         if self.model is not None:
             return
         super().configure_model()
+        # From the file's own tensors, not the built reference: under bf16-true that is built in bf16, so a resume
+        # under another precision would take the unchanged file for a changed one.
+        self._reference_checksum = sum(float(t.double().abs().sum()) for t in self._init_state.values())
         reference = GPT(replace(self.arch, dropout=0.0))
         reference.load_state_dict(self._init_state)
+        if self.hparams.fp8:  # as the policy (LanguageModel.configure_model): at step 0 both give the same numbers
+            convert_to_fp8(reference, self.trainer.strategy.root_device if self._trainer is not None else self.device)
         if self.hparams.compile:  # as the policy: faster, and at step 0 both give the same numbers (a tie)
             reference.compile()
         self._init_state = None
         self._reference = Unregistered(reference.requires_grad_(False).eval())
-        self._reference_checksum = sum(float(p.double().abs().sum()) for p in reference.parameters())
 
     @property
     def reference(self) -> GPT:

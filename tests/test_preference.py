@@ -357,6 +357,38 @@ def test_the_policy_ties_its_reference_before_training_in_every_precision(tmp_pa
     assert (module.reference._compiled_call_impl is not None) == compile
 
 
+def test_the_policy_ties_its_reference_also_with_fp8(tmp_path):
+    """model.fp8 converted the policy's block matmuls to float8 and not the reference's: at step 0 the rewards were
+    float8 rounding noise, and the accuracy of those ties came out 1.0 instead of 0."""
+    path, _ = _sft_checkpoint(tmp_path)  # torchao comes with the dev extra (lm[fp8]), as in test_module's fp8 test
+    data = PreferenceData(
+        source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32, pad_to_multiple_of=16
+    )
+    module = PreferenceModel(get_config("tiny"), init_from=str(path), fp8=True)
+    logger = MemoryLogger()
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", logger=logger, enable_progress_bar=False)
+    trainer.validate(module, datamodule=data)
+    metrics = logger.by_step()[0]
+    assert metrics["val/rewards/accuracy"] == 0 and metrics["val/rewards/margin"] == 0
+
+
+def test_the_reference_checksum_does_not_depend_on_the_precision_the_run_builds_in(tmp_path):
+    """Under bf16-true the reference is built in bf16; its checksum was taken from those rounded weights, so resuming
+    the run under 32-true refused the unchanged init_from file as changed."""
+    path, _ = _sft_checkpoint(tmp_path)
+    fp32 = PreferenceModel(get_config("tiny"), init_from=str(path))
+    fp32.configure_model()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what bf16-true's tensor_init_context does while the model is built
+    try:
+        bf16 = PreferenceModel(get_config("tiny"), init_from=str(path))
+        bf16.configure_model()
+    finally:
+        torch.set_default_dtype(default)
+    assert next(bf16.reference.parameters()).dtype == torch.bfloat16
+    assert bf16._reference_checksum == fp32._reference_checksum
+
+
 def test_an_unscored_padding_pair_weighs_nothing_in_validation(tmp_path):
     """Validation pads the ranks' shards with unscored pairs: loss and rewards must be those of the real pairs."""
     path, _ = _sft_checkpoint(tmp_path)
