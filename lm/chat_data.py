@@ -270,6 +270,12 @@ class ChatData(L.LightningDataModule):
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         if pad_to_multiple_of < 1:
             raise LMError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if block_size % pad_to_multiple_of:
+            rank_zero_warn(
+                f"data.pad_to_multiple_of {pad_to_multiple_of} does not divide block_size {block_size}: a batch whose "
+                f"longest conversation comes near the context is {block_size} long, not a multiple of it (float8 "
+                "matmuls then refuse it mid-run unless the batch size makes up for it)"
+            )
         self.pad_to_multiple_of = pad_to_multiple_of
         self.chat_template_version = CHAT_TEMPLATE_VERSION
         self.tokenizer: Tokenizer | None = None
@@ -353,12 +359,13 @@ class ChatData(L.LightningDataModule):
         random.Random(self.split_seed).shuffle(keys)
         n, n_val = len(conversations), max(1, round(self.val_fraction * len(conversations)))
         val: set[int] = set()
+        # A group may take val a little past n_val, never past twice it, nor past what leaves train n - n_val: one
+        # large group (many conversations opening with "Hi") would otherwise put most of the data, or all of it, in val.
+        cap = max(n_val, min(2 * n_val, n - n_val))
         for key in keys:
             if len(val) >= n_val:
                 break
-            # A group may take val a little past n_val, never past twice it: one large group (many conversations
-            # opening with "Hi") would otherwise put most of the data in val.
-            if len(val) + len(groups[key]) <= 2 * n_val:
+            if len(val) + len(groups[key]) <= cap:
                 val.update(groups[key])
         if not val:  # every group is larger than that: the smallest one that leaves something to train on
             fits = [key for key in keys if len(groups[key]) < n]

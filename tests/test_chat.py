@@ -379,6 +379,25 @@ def test_openings_that_differ_only_in_case_or_spacing_stay_on_one_side(tmp_path)
     assert len(val) == 12 and not any(c[0]["content"].split()[-1] in train_groups for _, c in val)
 
 
+def test_a_large_group_never_takes_val_past_what_leaves_train_its_share(tmp_path):
+    """With 2 x n_val >= n one group could take val whole: 8 of 10 conversations opening "Hi" at val_fraction 0.4
+    gave 2 train / 8 val for some seeds, and two conversations with one opening gave none to train (an error blaming
+    truncation instead of the opening)."""
+
+    def conv(user, reply):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+    path = _write_jsonl(
+        tmp_path / "g8.jsonl", [conv("Hi", f"r{i}") for i in range(8)] + [conv("q1", "a"), conv("q2", "b")]
+    )
+    for split_seed in range(6):
+        train, val = ChatData(source=path, val_fraction=0.4, split_seed=split_seed)._conversations()
+        assert len(val) <= 6 and len(train) >= 4, split_seed
+    same = _write_jsonl(tmp_path / "same2.jsonl", [conv("Hi there", "hello"), conv("hi  there", "hey")])
+    with pytest.raises(LMError, match="all 2 usable conversations open with the same user message"):
+        ChatData(source=same)._conversations()
+
+
 def test_one_large_group_of_openings_does_not_take_the_validation_set_over(tmp_path):
     hello = [
         {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": f"hi {i}"}]}
@@ -515,3 +534,8 @@ def test_one_usable_record_is_too_few_to_split(tmp_path):
     one_pair = _write_jsonl(tmp_path / "p.jsonl", [pair])
     with pytest.raises(LMError, match=r"preference data '.*p.jsonl': fewer than 2 usable pairs, nothing to split"):
         PreferenceData(source=one_pair)._conversations()
+
+
+def test_a_pad_multiple_that_cannot_divide_the_context_is_warned_about():
+    with pytest.warns(UserWarning, match="pad_to_multiple_of 16 does not divide block_size 250"):
+        ChatData(source="task:addition", block_size=250, pad_to_multiple_of=16)
