@@ -561,6 +561,19 @@ def run_local(
         direction=goal,
         load_if_exists=True,  # a second worker, or a restarted sweep, joins the same study
     )
+    # Optuna ignores `direction` when it loads a study: a sweep file edited to another metric or goal would count
+    # and rank the old trials' values as the new metric's, and go on optimising the old direction.
+    recorded = study.user_attrs.get("metric"), study.user_attrs.get("goal")
+    if recorded == (None, None) and study.direction.name.lower() != goal:  # a study from before these attributes
+        recorded = ("its metric", study.direction.name.lower())
+    if recorded == (None, None):
+        study.set_user_attr("metric", metric)
+        study.set_user_attr("goal", goal)
+    elif recorded != (metric, goal):
+        raise LMError(
+            f"study {name!r} was run for {recorded[0]} ({recorded[1]}), this sweep asks for {metric} ({goal}): "
+            "give it another --name, or another --out"
+        )
     # ask/tell instead of study.optimize (which would decide --count and the grid per thread, unlocked): the
     # heartbeats that Optuna keeps in optimize are recorded by run_trials() below, so its warning does not apply.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")

@@ -586,3 +586,18 @@ def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(trial_pid, signal.SIGKILL)  # no orphan left by a failure either
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_sweep_edited_to_another_metric_or_goal_does_not_join_the_old_study(tmp_path):
+    """Optuna ignores `direction` when it loads a study: the edited sweep counted and ranked the old trials' val/loss
+    values as eval/acc, and went on minimising."""
+    out = tmp_path / "sweep"
+    kwargs = {"name": "s", "out": out, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(_grid("1", "2"), run=lambda argv, root, metric, goal: float(_x(argv)), **kwargs)
+    for metric, goal in (("eval/acc", "maximize"), ("eval/acc", "minimize"), ("val/loss", "maximize")):
+        config = _grid("1", "2") | {"metric": {"name": metric, "goal": goal}}
+        with pytest.raises(LMError, match=r"study 's' was run for val/loss \(minimize\), this sweep asks for"):
+            run_local(config, run=lambda argv, root, metric, goal: 0.0, **kwargs)
+    summary = run_local(_grid("1", "2"), run=lambda argv, root, metric, goal: 0.0, **kwargs)  # the same: it joins
+    assert summary["best"]["params"] == {"x": "1"}
