@@ -3,7 +3,7 @@
     lm sweep sweeps/debug.yaml                                    # creates the sweep on W&B and runs an agent here
     lm sweep sweeps/debug.yaml --local                            # grid: every point; random/bayes need --count
     lm sweep sweeps/width_depth.yaml --local --count 9 --workers 2
-    lm sweep sweeps/debug.yaml --local -- --trainer.max_steps 10  # args after `--` go to every trial's `lm fit`
+    lm sweep sweeps/debug.yaml --local -- --trainer.max_steps 10 --trainer.val_check_interval 10  # to every trial
 
 The sweep file is W&B's format (https://docs.wandb.ai/guides/sweeps/define-sweep-configuration): `method`
 (grid/random/bayes), `metric: {name: val/loss, goal: minimize}`, `parameters` named by their `lm fit` keys

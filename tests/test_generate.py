@@ -310,10 +310,18 @@ def test_cache_is_much_faster_than_recomputing_the_prefix():
     torch.manual_seed(0)
     model = GPT(get_config("tiny", n_layer=4, n_head=4, n_embd=128, block_size=512, vocab_size=256)).eval()
     prompt = torch.randint(0, 256, (384,)).tolist()
-    timings, outputs = {}, {}
-    for use_cache in (True, False):
-        start = time.perf_counter()
-        outputs[use_cache] = list(stream_tokens(model, prompt, max_new_tokens=64, temperature=0, use_cache=use_cache))
-        timings[use_cache] = time.perf_counter() - start
+    timings, outputs = {True: [], False: []}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the cached path's many small steps suffer most when other jobs load the cores
+    try:
+        for _ in range(2):  # alternating, best of two: one slow moment of a shared machine does not decide
+            for use_cache in (True, False):
+                start = time.perf_counter()
+                outputs[use_cache] = list(
+                    stream_tokens(model, prompt, max_new_tokens=64, temperature=0, use_cache=use_cache)
+                )
+                timings[use_cache].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     assert outputs[True] == outputs[False]
-    assert timings[False] > 2 * timings[True], timings
+    assert min(timings[False]) > 2 * min(timings[True]), timings
