@@ -80,8 +80,9 @@ def check_sampling(
         raise LMError(f"top_k must be at least 0 (0 = no top-k filter), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise LMError(f"top_p must be in (0, 1] (or unset for no top-p filter), got {top_p}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise LMError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
+    # Bounded: a penalty of 1e-300 divides a logit into inf, and sampling from inf - inf fails
+    if not 1e-3 <= repetition_penalty <= 1e3:
+        raise LMError(f"repetition_penalty must be in [0.001, 1000] (1 = off), got {repetition_penalty}")
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +273,10 @@ def stream_text(
         if text.endswith("\ufffd"):  # a partial character: released once it decodes whole
             continue
         # Hold back the longest tail that is a prefix of a stop string.
-        hold = max((n for s in stop_strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        # (n up to the text's length: a long stop string must not cost its length squared per token)
+        hold = max(
+            (n for s in stop_strings for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])), default=0
+        )
         if len(text) - hold > released:
             yield text[released : len(text) - hold]
             released = len(text) - hold

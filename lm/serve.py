@@ -27,8 +27,10 @@ engine would otherwise cut its beginning off silently); its continuation may run
 
 One model on one device: the threads of the HTTP server parse requests in parallel, but generation happens behind one
 lock, so requests queue; there is no batching across requests yet. A client that leaves stops its generation (a
-stream at its next piece, a plain request within 0.25 s), and one that stalls for 30 s is dropped, so neither keeps
-the others waiting. A completion asks for at most --max_tokens_limit tokens (4096).
+stream at its next piece, a plain request within 0.25 s: a client that only half-closes its side after sending, as
+`nc -N` does, counts as gone; curl, requests and the OpenAI clients do not do that), and one that stalls for 30 s is
+dropped, so neither keeps the others waiting. A request takes at most 4 stop strings of at most 256 characters. A
+completion asks for at most --max_tokens_limit tokens (4096).
 
 Each request samples with its own torch.Generator, seeded by its `seed`, so a request with a seed is reproducible;
 without one, the seed is drawn from a generator seeded by --seed, so replies differ from request to request and a
@@ -90,6 +92,7 @@ UNSUPPORTED = {
     "response_format": {"type": "text"},
 }
 MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is read
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # per request (OpenAI allows 4 stop sequences)
 REFUSED_BODY_BYTES = 2**16  # of a request refused for its key, this much body is read and dropped, no more
 API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750's bearer token: what a client can send as it is
 
@@ -183,6 +186,9 @@ class LMServer(ThreadingHTTPServer):
         stop = [stop] if isinstance(stop, str) else stop
         if not all(isinstance(s, str) and s for s in stop):
             raise LMError(f"'stop' must be a string or a list of non-empty strings, got {json.dumps(stop)}")
+        # OpenAI's limit of 4, and a length limit: every token is checked against every stop string, under the lock
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise LMError(f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         options = _field(body, "stream_options", dict, "an object", {})
         return Job(
             chat=chat,
