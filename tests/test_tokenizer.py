@@ -311,3 +311,17 @@ def test_a_lone_surrogate_is_an_unknown_character_for_the_char_tokenizer():
     tok = CharTokenizer.train(["abc"])
     with pytest.raises(LMError, match=r"character '\\ud800' \(at offset 1\) is not in the char tokenizer's vocabulary"):
         tok.encode("a\ud800b")
+
+
+def test_training_text_with_a_lone_surrogate_gives_a_tokenizer_that_saves(tmp_path):
+    """Training took the surrogate in (char) or stopped in the Rust trainer (bpe); saving and the fingerprint then
+    raised UnicodeEncodeError."""
+    texts = ["ab\ud800c ", "abc abd "] * 20
+    char = CharTokenizer.train(texts)
+    assert "\ud800" not in char.decode(list(range(char.vocab_size)))
+    with pytest.raises(LMError, match="character '\\\\ud800'"):
+        char.encode(texts[0])
+    bpe = BPETokenizer.train(texts, vocab_size=300)
+    for tok in (char, bpe):
+        tok.save(tmp_path / tok.kind)
+        assert tok.fingerprint == type(tok).load(tmp_path / tok.kind).fingerprint
