@@ -186,7 +186,7 @@ class LMCLI(LightningCLI):
             self._take_model_args_from(ckpt, ckpt_path)
 
     def _take_model_args_from(self, ckpt: dict, ckpt_path) -> None:
-        """The model's arguments on resume (and validate/test) are the checkpoint's, whether --ckpt_path is a file or
+        """The model's arguments on resume (and validate) are the checkpoint's, whether --ckpt_path is a file or
         `last`: the restored optimizer and scheduler state holds the run's lr, betas and weight decay anyway, so a new
         value there would be written into the checkpoints without having been used. How to run it (RUNTIME_ARGS) is
         yours. A different value given here is named in one line rather than dropped silently.
