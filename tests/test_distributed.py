@@ -86,24 +86,33 @@ def test_ranks_partition_the_single_process_batches(world_size):
             np.testing.assert_array_equal(np.concatenate([batches[step] for batches in per_rank]), whole)
 
 
-def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
-    root = tmp_path / name
-    args = [
-        *("--config", DEBUG),
-        *("--trainer.default_root_dir", root),
-        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root),
-        *("--trainer.callbacks+=tests.test_distributed.StepRecorder",),
-        *("--trainer.max_steps", "8", "--trainer.val_check_interval", "8"),
-        *("--samples.max_new_tokens", "0", "--seed_everything", "1234"),
-        *extra,
-    ]
-    result = subprocess.run(
+def _lm_fit(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    """`python -m lm fit ARGS` in tmp_path, with this repo importable (for the callbacks above) and its own cache."""
+    return subprocess.run(
         [sys.executable, "-m", "lm", "fit", *map(str, args)],
         cwd=tmp_path,
         env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO)),
         capture_output=True,
         text=True,
         timeout=240,
+    )
+
+
+def _logged_under(root: Path) -> list:
+    """The arguments that put a run's checkpoints and CSV logs under root."""
+    csv = ("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root)
+    return ["--trainer.default_root_dir", root, *csv]
+
+
+def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
+    root = tmp_path / name
+    result = _lm_fit(
+        tmp_path,
+        *("--config", DEBUG, *_logged_under(root)),
+        *("--trainer.callbacks+=tests.test_distributed.StepRecorder",),
+        *("--trainer.max_steps", "8", "--trainer.val_check_interval", "8"),
+        *("--samples.max_new_tokens", "0", "--seed_everything", "1234"),
+        *extra,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -157,21 +166,12 @@ def test_ddp_sigterm_during_validation_stops_every_rank_after_it(tmp_path):
     there while rank 1 waited in validation's metric sync, and both hung until killed. Now both ranks finish the
     validation, save at step 4 and exit 143."""
     root = tmp_path / "run"
-    args = [
-        *("--config", DEBUG, "--config", REPO / "experiments/trainer/ddp_cpu.yaml"),
-        *("--trainer.default_root_dir", root),
-        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root),
+    result = _lm_fit(
+        tmp_path,
+        *("--config", DEBUG, "--config", REPO / "experiments/trainer/ddp_cpu.yaml", *_logged_under(root)),
         *("--trainer.callbacks+=tests.test_distributed.SigtermInValidation",),
         *("--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--data.init_args.val_windows", "16"),
         *("--data.init_args.batch_size", "4", "--seed_everything", "1234"),
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "lm", "fit", *map(str, args)],
-        cwd=tmp_path,
-        env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=240,
     )
     assert result.returncode == 143, result.stderr[-4000:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -181,28 +181,10 @@ def test_ddp_sigterm_during_validation_stops_every_rank_after_it(tmp_path):
 @pytest.mark.slow
 def test_a_user_error_on_rank_0_is_one_line_on_every_rank(tmp_path):
     """Rank 0 reports the missing file and leaves; rank 1's barrier then failed with a 30-line traceback."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm",
-            "fit",
-            "--config",
-            str(DEBUG),
-            "--config",
-            str(REPO / "experiments/trainer/ddp_cpu.yaml"),
-        ]
-        + [
-            "--data.init_args.source",
-            str(tmp_path / "missing.txt"),
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-        ],
-        cwd=tmp_path,
-        env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache")),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    result = _lm_fit(
+        tmp_path,
+        *("--config", DEBUG, "--config", REPO / "experiments/trainer/ddp_cpu.yaml"),
+        *("--data.init_args.source", tmp_path / "missing.txt", "--trainer.default_root_dir", tmp_path / "run"),
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -176,14 +176,19 @@ def test_optimizer_groups_decay_only_matmul_weights():
     assert decay.isdisjoint(no_decay) and len(decay) + len(no_decay) == len(by_id)
 
 
-def _fit_two_steps(batches, *, accumulate: int = 1, precision: str = "32-true", **module_kwargs) -> LanguageModel:
-    """The tiny model after two optimizer steps of the Trainer on `batches` (clip 1.0, constant LR after 1 step)."""
+def _fit_two_steps(
+    batches, *, accumulate: int = 1, precision: str = "32-true", prepare=None, **module_kwargs
+) -> LanguageModel:
+    """The tiny model after two optimizer steps of the Trainer on `batches` (clip 1.0, constant LR after 1 step);
+    prepare(module), if given, runs on the built module before the fit."""
     import lightning as L
 
     torch.manual_seed(0)
     module = LanguageModel(
         get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10, **module_kwargs
     )
+    if prepare is not None:
+        prepare(module)
     trainer = L.Trainer(
         accelerator="cpu",
         precision=precision,
@@ -221,37 +226,26 @@ def test_gradients_are_freed_after_each_step_not_held_through_the_next_forward()
     size of the gradients would be held there; lm frees them right after the optimizer step. A window's first
     micro-batch starts with no gradients, its second adds to the first's, and gradients left before the fit are
     dropped rather than added to the first step."""
-    import lightning as L
-
     g = torch.Generator().manual_seed(2)
     batches = [{"input_ids": t, "labels": t} for t in torch.randint(0, 64, (4, 2, 16), generator=g)]
 
     def fit(accumulate, leftover=False):
-        torch.manual_seed(0)
-        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, schedule="constant", decay_steps=10)
-        module.configure_model()
-        if leftover:
-            for p in module.model.parameters():
-                p.grad = torch.full_like(p, 100.0)
-        seen, model_step = [], module.model_step
+        seen = []
 
-        def recording_model_step(batch):
-            seen.append(sum(p.grad is not None for p in module.model.parameters()))
-            return model_step(batch)
+        def prepare(module):
+            module.configure_model()
+            if leftover:
+                for p in module.model.parameters():
+                    p.grad = torch.full_like(p, 100.0)
+            model_step = module.model_step
 
-        module.model_step = recording_model_step
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=2,
-            accumulate_grad_batches=accumulate,
-            gradient_clip_val=1.0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        return module, seen
+            def recording_model_step(batch):
+                seen.append(sum(p.grad is not None for p in module.model.parameters()))
+                return model_step(batch)
+
+            module.model_step = recording_model_step
+
+        return _fit_two_steps(batches, accumulate=accumulate, prepare=prepare), seen
 
     module, seen = fit(accumulate=1)
     n_params = len(list(module.model.parameters()))
