@@ -14,11 +14,12 @@
 #   generation  the KV-cache generation benchmark;
 #   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
 #   variants4   the fourth round of them (docs/benchmarks.md);
-#   variants5   a fifth round, prepared and not run yet: longer contexts and schedules, Muon with more regularisation.
+#   variants5   a fifth round: longer contexts and schedules, heavier weight decay, deeper or wider models;
+#   variants6   a sixth: weight decay 1-4 on the ctx512 recipe; variants7: deeper and wider with weight decay 2-4.
 # PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
 # again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit
 # (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, optstep and generation 120 s,
-# variants 270 s; the default phases: 21 minutes in all).
+# variants 270 s, variants5 420 s; the default phases: 21 minutes in all).
 # With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants, run last, get what is left
 # (270 s at most).
 # Logs go to CSV (no W&B needed). Every result lands in OUT_DIR; summary.txt collects the headline lines.
@@ -144,7 +145,7 @@ phase_variants() {
   variant w512_drop0.5 "${CTX512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
   wait
   local logs=()
-  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r[45]_* ]] || logs+=("$log"); done  # not rounds 4-5
+  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r[4-7]_* ]] || logs+=("$log"); done  # not rounds 4-7
   summarise_variants "${logs[@]}"
 }
 
@@ -166,26 +167,66 @@ phase_variants4() {
   summarise_variants "$OUT"/variant_r4_*.log
 }
 
-# Round 5 (not run yet): longer contexts with longer schedules (round 4's context 1024 was still falling at step
-# 1250), and Muon, which overfits sooner, with more regularisation. Six at once, so that longer runs fit the limit.
+# Round 5: longer contexts with longer schedules (round 4's context 1024 was still falling at step 1250), heavier
+# weight decay (small data wants far more than the usual 0.1), and deeper or wider models with more dropout. Six at
+# once, each with up to 420 s, so that the longer runs fit.
 phase_variants5() {
-  VARIANT_LIMIT=$(limit 300)
+  VARIANT_LIMIT=$(limit 420)
   local ctx1024=(--model.init_args.arch.block_size 1024 --data.init_args.batch_size 16)
-  variant r5_ctx1024_drop0.3_2000 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.3 \
+  variant r5_ctx1024_2000 "${CTX512[@]}" "${ctx1024[@]}" --trainer.max_steps 2000 &
+  variant r5_ctx1024_drop0.25_wd0.5_2000 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.25 \
+    --model.init_args.weight_decay 0.5 --trainer.max_steps 2000 &
+  variant r5_ctx2048_b8_2000 "${CTX512[@]}" --model.init_args.arch.block_size 2048 --data.init_args.batch_size 8 \
     --trainer.max_steps 2000 &
-  variant r5_ctx1024_drop0.25_1750 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.dropout 0.25 \
+  variant r5_ctx1024_wd1.0_1750 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.weight_decay 1.0 \
     --trainer.max_steps 1750 &
-  variant r5_ctx2048_b8_drop0.3_2000 "${CTX512[@]}" --model.init_args.arch.block_size 2048 \
-    --data.init_args.batch_size 8 --model.init_args.arch.dropout 0.3 --trainer.max_steps 2000 &
-  variant r5_ctx1024_b32_lr1.4e-3_drop0.3 "${CTX512[@]}" --model.init_args.arch.block_size 1024 \
-    --data.init_args.batch_size 32 --model.init_args.lr 1.4e-3 --model.init_args.arch.dropout 0.3 &
-  variant r5_muon_drop0.3_wd0.3 "${CTX512[@]}" --model.init_args.optimizer muon --model.init_args.arch.dropout 0.3 \
-    --model.init_args.weight_decay 0.3 &
-  variant r5_ctx1024_8x512_drop0.35_2000 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.n_layer 8 \
+  variant r5_ctx1024_12layer_drop0.3_1750 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.n_layer 12 \
+    --model.init_args.arch.dropout 0.3 --trainer.max_steps 1750 &
+  variant r5_ctx1024_8x512_drop0.35_wd0.5_2000 "${CTX512[@]}" "${ctx1024[@]}" --model.init_args.arch.n_layer 8 \
     --model.init_args.arch.n_head 8 --model.init_args.arch.n_embd 512 --model.init_args.arch.dropout 0.35 \
-    --trainer.max_steps 2000 &
+    --model.init_args.weight_decay 0.5 --trainer.max_steps 2000 &
   wait
   summarise_variants "$OUT"/variant_r5_*.log
+}
+
+# Round 6: round 5's one gain was weight decay 1.0 (-0.017 at context 1024), so heavier weight decay on the ctx512
+# recipe, alone and with a higher LR (AdamW's decay per step is lr x weight_decay), less dropout or a larger model.
+phase_variants6() {
+  VARIANT_LIMIT=$(limit 330)
+  variant r6_wd1.0 "${CTX512[@]}" --model.init_args.weight_decay 1.0 &
+  variant r6_wd2.0 "${CTX512[@]}" --model.init_args.weight_decay 2.0 &
+  variant r6_wd4.0 "${CTX512[@]}" --model.init_args.weight_decay 4.0 &
+  variant r6_wd1.0_1500 "${CTX512[@]}" --model.init_args.weight_decay 1.0 --trainer.max_steps 1500 &
+  variant r6_wd1.0_lr2e-3 "${CTX512[@]}" --model.init_args.weight_decay 1.0 --model.init_args.lr 2e-3 &
+  variant r6_wd2.0_drop0.1 "${CTX512[@]}" --model.init_args.weight_decay 2.0 --model.init_args.arch.dropout 0.1 &
+  variant r6_8x512_wd2.0 "${CTX512[@]}" --model.init_args.arch.n_layer 8 --model.init_args.arch.n_head 8 \
+    --model.init_args.arch.n_embd 512 --model.init_args.weight_decay 2.0 &
+  variant r6_12layer_wd2.0 "${CTX512[@]}" --model.init_args.arch.n_layer 12 --model.init_args.weight_decay 2.0 &
+  wait
+  summarise_variants "$OUT"/variant_r6_*.log
+}
+
+# Round 7: round 6's lowest was 12 layers with weight decay 2.0 (1.4151 at step 1000, then rising), so deeper and
+# wider models with weight decay 2-4, more dropout, and schedules that end at step 1000.
+phase_variants7() {
+  VARIANT_LIMIT=$(limit 330)
+  local l12=(--model.init_args.arch.n_layer 12)
+  local w512=(--model.init_args.arch.n_head 8 --model.init_args.arch.n_embd 512)
+  variant r7_12layer_wd2.0_1000 "${CTX512[@]}" "${l12[@]}" --model.init_args.weight_decay 2.0 --trainer.max_steps 1000 &
+  variant r7_12layer_wd4.0 "${CTX512[@]}" "${l12[@]}" --model.init_args.weight_decay 4.0 &
+  variant r7_12layer_wd2.0_drop0.3 "${CTX512[@]}" "${l12[@]}" --model.init_args.weight_decay 2.0 \
+    --model.init_args.arch.dropout 0.3 &
+  variant r7_16layer_wd2.0_1000 "${CTX512[@]}" --model.init_args.arch.n_layer 16 --model.init_args.weight_decay 2.0 \
+    --trainer.max_steps 1000 &
+  variant r7_8x512_wd4.0_drop0.3_1000 "${CTX512[@]}" --model.init_args.arch.n_layer 8 "${w512[@]}" \
+    --model.init_args.weight_decay 4.0 --model.init_args.arch.dropout 0.3 --trainer.max_steps 1000 &
+  variant r7_12layer_wd3.0_drop0.25_1000 "${CTX512[@]}" "${l12[@]}" --model.init_args.weight_decay 3.0 \
+    --model.init_args.arch.dropout 0.25 --trainer.max_steps 1000 &
+  variant r7_12x512_wd4.0_drop0.3_1000 "${CTX512[@]}" "${l12[@]}" "${w512[@]}" --model.init_args.weight_decay 4.0 \
+    --model.init_args.arch.dropout 0.3 --trainer.max_steps 1000 &
+  variant r7_12layer_wd2.0_lr7e-4 "${CTX512[@]}" "${l12[@]}" --model.init_args.weight_decay 2.0 --model.init_args.lr 7e-4 &
+  wait
+  summarise_variants "$OUT"/variant_r7_*.log
 }
 
 for phase in $PHASES; do
