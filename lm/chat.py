@@ -162,12 +162,35 @@ def load_chat_checkpoint(args: argparse.Namespace):
 # ---- lm chat ------------------------------------------------------------------------------------------------------
 
 
+BLOCK = '"""'  # opens and closes a message of several lines at the chat prompt
+
+
+def read_message() -> str:
+    """One message from the chat prompt: a line, or the lines between two triple-quote marks (a pasted paragraph or
+    code), which would otherwise arrive as one turn per line. Ctrl-C inside such a block drops it."""
+    line = input("> ").strip()
+    if not line.startswith(BLOCK):
+        return line
+    line = line[len(BLOCK) :]
+    lines = []
+    try:
+        while not line.rstrip().endswith(BLOCK):
+            lines.append(line)
+            line = input(". ")
+    except KeyboardInterrupt:
+        print("\n(message dropped)")
+        return ""
+    lines.append(line.rstrip()[: -len(BLOCK)])
+    return "\n".join(lines).strip()
+
+
 def chat_command(argv: list[str]) -> None:
     """lm chat: talk to a checkpoint in the terminal, or answer one --prompt and exit."""
     p = argparse.ArgumentParser(
         prog="lm chat",
         description="Chat with a fine-tuned checkpoint. Commands: /reset (forget the conversation), /system TEXT "
-        "(set the system message and reset), /quit.",
+        '(set the system message and reset), /quit. A line starting with three double quotes (""") starts a '
+        "message of several lines, and one ending with them ends it.",
     )
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit (an SFT run)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
@@ -212,10 +235,10 @@ def chat_command(argv: list[str]) -> None:
         return
 
     history = fresh()
-    print("lm chat: /reset, /system TEXT, /quit (Ctrl-D)")
+    print(f"lm chat: /reset, /system TEXT, /quit (Ctrl-D); {BLOCK} starts and ends a message of several lines")
     while True:
         try:
-            line = input("> ").strip()
+            line = read_message()
         except (EOFError, KeyboardInterrupt):
             print()
             return

@@ -150,3 +150,39 @@ def test_max_new_tokens_below_one_is_refused(monkeypatch, capsys, value):
         main(["chat", "--ckpt", "x.ckpt", "--prompt", "7", "--max_new_tokens", value])
     assert stop.value.code == 2
     assert capsys.readouterr().err == f"error: --max_new_tokens must be at least 1, got {value}\n"
+
+
+def test_a_message_of_several_lines_between_triple_quotes_is_one_turn(monkeypatch, capsys):
+    """A pasted paragraph arrived as one turn per line; between triple quotes it is one message. Ctrl-C inside
+    such a block drops it, and the chat goes on."""
+    import string
+
+    prompts = []
+
+    def stream_text(model, tokenizer, prompt, **sampling):
+        prompts.append(prompt)
+        yield "1"
+
+    typed = iter(['"""ab', "  c", 'd"""', '"""dropped', KeyboardInterrupt, '"""one"""', "/quit"])
+
+    def type_line(prompt=""):
+        line = next(typed)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " \n"])
+    monkeypatch.setattr(lm.generate, "stream_text", stream_text)
+    monkeypatch.setattr(
+        lm.checkpoint, "load_for_inference", lambda ckpt, device: (scripted_model(tok, {}), tok, {}, "cpu")
+    )
+    monkeypatch.setattr("builtins.input", type_line)
+    main(["chat", "--ckpt", "x.ckpt", "--temperature", "0"])
+    out = capsys.readouterr()
+    assert out.err == "" and "(message dropped)" in out.out
+    first = [{"role": "user", "content": "ab\n  c\nd"}]
+    assert prompts[0] == render_prompt(first, tok)
+    assert prompts[1] == render_prompt(
+        [*first, {"role": "assistant", "content": "1"}, {"role": "user", "content": "one"}], tok
+    )
+    assert len(prompts) == 2
