@@ -9,13 +9,15 @@
 #               of where each path's step goes (benchmarks/train_throughput.py);
 #   fp8         the same with float8 block matmuls (needs torchao);
 #   muon, adamw the same with Muon for the hidden matrices, and its AdamW baseline (one run of each path);
+#   cdtuning    the adamw phase with Inductor's coordinate-descent kernel tuning (not run yet);
 #   optstep     the optimizer step alone at that shape: fused AdamW, lm's Muon (batched by shape, with and without
 #               the device flag) and torch.optim.Muon (benchmarks/optimizer_step.py);
 #   generation  the KV-cache generation benchmark;
 #   variants    shakespeare_char recipe variants side by side (best val loss; not timed, they share the GPU);
 #   variants4   the fourth round of them (docs/benchmarks.md);
 #   variants5   a fifth round: longer contexts and schedules, heavier weight decay, deeper or wider models;
-#   variants6   a sixth: weight decay 1-4 on the ctx512 recipe; variants7: deeper and wider with weight decay 2-4.
+#   variants6   a sixth: weight decay 1-4 on the ctx512 recipe; variants7: deeper and wider with weight decay 2-4;
+#   variants8   an eighth, not run yet: the best recipe's seed spread and its neighbours.
 # PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
 # again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit
 # (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, optstep and generation 120 s,
@@ -91,6 +93,11 @@ phase_throughput() {
 phase_fp8() { LIMIT=200 throughput throughput_124m_fp8 --fp8 --repeats 1; }
 phase_muon() { LIMIT=200 throughput throughput_124m_muon --optimizer muon --repeats 1; }
 phase_adamw() { LIMIT=200 throughput throughput_124m_adamw --repeats 1; }  # muon's baseline: same settings
+# Inductor's coordinate-descent tuning of its generated kernels (the norms, RoPE, SwiGLU and the loss: ~29% of the
+# step in the second round's profile); compare with the adamw phase, run in the same call. Compilation takes longer.
+phase_cdtuning() {
+  TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 LIMIT=300 throughput throughput_124m_cdtuning --repeats 1
+}
 phase_optstep() {
   timeout "$(limit 120)" $PY benchmarks/optimizer_step.py --size 124m --device cuda --repeats 3 \
     --json "$OUT/optimizer_step.json" > "$OUT/optimizer_step.log" 2>&1
@@ -145,7 +152,7 @@ phase_variants() {
   variant w512_drop0.5 "${CTX512[@]}" "${w512[@]}" --model.init_args.arch.dropout 0.5 &
   wait
   local logs=()
-  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r[4-7]_* ]] || logs+=("$log"); done  # not rounds 4-7
+  for log in "$OUT"/variant_*.log; do [[ $log == */variant_r[4-8]_* ]] || logs+=("$log"); done  # not rounds 4-8
   summarise_variants "${logs[@]}"
 }
 
@@ -227,6 +234,27 @@ phase_variants7() {
   variant r7_12layer_wd2.0_lr7e-4 "${CTX512[@]}" "${l12[@]}" --model.init_args.weight_decay 2.0 --model.init_args.lr 7e-4 &
   wait
   summarise_variants "$OUT"/variant_r7_*.log
+}
+
+# Round 8 (not run yet): the round-6 best (12 layers, weight decay 2.0) again under two more seeds, to measure its
+# spread, and around it: weight averaging over its noisy end, less dropout, a higher LR, no LR floor, deeper and
+# narrower, and Muon with the same decay.
+phase_variants8() {
+  VARIANT_LIMIT=$(limit 330)
+  local best=(--model.init_args.arch.n_layer 12 --model.init_args.weight_decay 2.0)
+  local ema=(--trainer.callbacks+=lm.callbacks.EMA --trainer.callbacks.update_starting_at_step 500
+    --trainer.callbacks.decay 0.99)
+  variant r8_best_seed1 "${CTX512[@]}" "${best[@]}" --seed_everything 1 &
+  variant r8_best_seed2 "${CTX512[@]}" "${best[@]}" --seed_everything 2 &
+  variant r8_best_ema "${CTX512[@]}" "${best[@]}" "${ema[@]}" &
+  variant r8_best_drop0.15 "${CTX512[@]}" "${best[@]}" --model.init_args.arch.dropout 0.15 &
+  variant r8_best_lr1.5e-3 "${CTX512[@]}" "${best[@]}" --model.init_args.lr 1.5e-3 &
+  variant r8_best_minlr0 "${CTX512[@]}" "${best[@]}" --model.init_args.min_lr_ratio 0.0 &
+  variant r8_24x256_wd2.0 "${CTX512[@]}" --model.init_args.arch.n_layer 24 --model.init_args.arch.n_head 4 \
+    --model.init_args.arch.n_embd 256 --model.init_args.weight_decay 2.0 &
+  variant r8_best_muon "${CTX512[@]}" "${best[@]}" --model.init_args.optimizer muon &
+  wait
+  summarise_variants "$OUT"/variant_r8_*.log
 }
 
 for phase in $PHASES; do
