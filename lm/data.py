@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -258,6 +259,42 @@ def _slug(text: str) -> str:
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves the file (and the page cache it occupies) whenever every id fits; GPT-2's 50,257 does."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
+
+
+STALE_AFTER_SECONDS = 3600  # a work directory untouched this long, whose process is gone, is a killed run's
+
+
+def remove_stale_work_dirs(cache_path: Path) -> list[Path]:
+    """Remove the half-built caches that killed runs (SIGKILL, out of memory) left beside `cache_path`;
+    an exception removes its own. Only a directory made on this host by a process that no longer runs, and untouched
+    for an hour, is removed: a run on another host sharing the file system, or in another container (its own process
+    ids), may still be writing one. Returns the directories removed."""
+    removed = []
+    prefix = f".{cache_path.name}.tmp@"
+    for work in cache_path.parent.glob(f"{glob.escape(prefix)}*@*@*"):
+        host, pid, _ = work.name[len(prefix) :].split("@", 2)
+        if host != socket.gethostname() or not pid.isdigit() or _process_runs(int(pid)):
+            continue
+        try:
+            newest = max([work.stat().st_mtime] + [p.stat().st_mtime for p in work.rglob("*")])
+        except OSError:  # gone meanwhile: another run is cleaning up too
+            continue
+        if time.time() - newest > STALE_AFTER_SECONDS:
+            size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+            shutil.rmtree(work, ignore_errors=True)
+            rank_zero_info(f"lm.data: removed {work}, {size / 2**20:,.0f} MB that a killed run left unfinished")
+            removed.append(work)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def split_point(num_tokens: int, val_fraction: float) -> int:
@@ -647,8 +684,10 @@ class PretrainData(L.LightningDataModule):
         rank_zero_info(f"lm.data: tokenizing {self.source} with {self.tokenizer_spec!r} into {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Everything is written into a private sibling directory and renamed into place at the end: an interrupted run
-        # leaves only a ".tmp" directory that no later run trusts, and concurrent runs cannot see half a cache.
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        # leaves only a ".tmp" directory that no later run trusts, and concurrent runs cannot see half a cache. The
+        # name carries this host and process, so that a later run can remove what a killed one left (below).
+        remove_stale_work_dirs(path)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp@{socket.gethostname()}@{os.getpid()}@", dir=path.parent))
         work.chmod(0o755)  # mkdtemp makes it private; the finished cache should be as readable as a normal directory
         try:
             meta = self._build(work, fixed)

@@ -4,6 +4,9 @@ import json
 import os
 import random
 import re
+import shutil
+import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -152,6 +155,43 @@ def test_interrupted_preparation_is_not_trusted(tmp_path, text_file):
     dm.setup("fit")
     assert dm.tokenizer.decode(all_tokens(dm).tolist()) == TEXT + "<|eos|>"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary directories left behind
+
+
+def test_half_built_caches_of_killed_runs_on_this_host_are_removed(tmp_path, text_file):
+    """A run killed while tokenizing (SIGKILL, out of memory) leaves its work directory; the next preparation removes
+    it when it was made on this host by a process that is gone and has not been touched for an hour. Anything that
+    might still be written to stays: another host's or container's, a live process's, a recent one."""
+    import socket
+    import subprocess
+    import sys
+
+    path = make(tmp_path, text_file).cache_path
+    shutil.rmtree(path)  # prepare again below
+    host, gone = socket.gethostname(), subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    hour_ago = time.time() - 2 * 3600
+
+    def work_dir(name: str, *, old: bool) -> Path:
+        work = path.parent / name
+        (work / "scratch").mkdir(parents=True)
+        (work / "scratch" / "tokens.bin").write_bytes(b"\0" * 1000)
+        if old:
+            for p in [work, work / "scratch", work / "scratch" / "tokens.bin"]:
+                os.utime(p, (hour_ago, hour_ago))
+        return work
+
+    killed = work_dir(f".{path.name}.tmp@{host}@{gone.pid}@x1", old=True)
+    kept = [
+        work_dir(f".{path.name}.tmp@{host}@{gone.pid}@x2", old=False),  # touched within the hour
+        work_dir(f".{path.name}.tmp@{host}@{os.getpid()}@x3", old=True),  # its process runs
+        work_dir(f".{path.name}.tmp@elsewhere@{gone.pid}@x4", old=True),  # another host's: cannot tell
+        work_dir(f".{path.name}.tmp-x5", old=True),  # named before the host and process were in the name
+        work_dir(f".other.tmp@{host}@{gone.pid}@x6", old=True),  # another cache's
+    ]
+    again = make(tmp_path, text_file)
+    assert not again.reused_cache and again.tokenizer.decode(all_tokens(again).tolist()) == TEXT + "<|eos|>"
+    assert not killed.exists() and all(work.is_dir() for work in kept)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name] + [w.name for w in kept])
 
 
 def test_same_seed_same_batches_and_epochs_differ(tmp_path, text_file):
