@@ -141,7 +141,7 @@ class LMCLI(LightningCLI):
         resume_info = self._resume_info
         fresh_fit = self.subcommand == "fit" and config.get("ckpt_path") is None
         earlier = list(Path(config.checkpoint.dirpath).glob("*.ckpt")) if fresh_fit else []
-        if earlier and os.environ.get("RANK", "0") == "0":
+        if earlier and _rank() == 0:
             print(
                 f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; this run "
                 "replaces last.ckpt and keeps the others (resume that run instead with --ckpt_path last)"
@@ -213,7 +213,7 @@ class LMCLI(LightningCLI):
         self.config = self.parser.parse_object(
             {self.config.subcommand: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config
         )
-        if ignored and os.environ.get("RANK", "0") == "0":
+        if ignored and _rank() == 0:
             print(
                 f"lm: {ckpt_path}: the model keeps the checkpoint's arguments (only {', '.join(RUNTIME_ARGS)} may "
                 f"change); ignored here: {'; '.join(ignored)}"
@@ -404,10 +404,14 @@ def _another_rank_failed(e: Exception) -> bool:
 
 
 def _rank() -> int:
-    """This process's global rank: the process group's if there is one, else the launcher's environment."""
+    """This process's global rank: the process group's if there is one, else the launcher's environment (torchrun
+    sets RANK; Lightning's own launcher LOCAL_RANK in the processes it starts; srun SLURM_PROCID)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def _lightning_user_error(e: Exception) -> bool:

@@ -111,3 +111,25 @@ def test_help_shows_field_docs():
     ).stdout
     assert "Peak learning rate of AdamW" in out
     assert "Query heads per attention layer" in out
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3", "LOCAL_RANK": "1", "SLURM_PROCID": "0"}, 3),  # torchrun
+        ({"LOCAL_RANK": "2", "SLURM_PROCID": "0"}, 2),  # a process Lightning's launcher started inside one SLURM task
+        ({"SLURM_PROCID": "5"}, 5),  # srun, one task per device
+        ({"RANK": ""}, 0),
+    ],
+)
+def test_rank_before_the_process_group_comes_from_the_launchers_environment(monkeypatch, env, rank):
+    """Messages printed while parsing (an earlier run's checkpoints, ignored model arguments) come from rank 0
+    only: they checked RANK alone, which neither Lightning's own launcher nor srun sets, so every rank printed them."""
+    from lm.__main__ import _rank
+
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _rank() == rank
