@@ -21,7 +21,7 @@
 # PHASES defaults to: time time512 time512_b64 throughput fp8 generation variants. A time* phase named again runs
 # again (its files get a _2, _3, ... suffix); the other phases write over their files. Each phase has a time limit
 # (the time* phases 120 s each, throughput 300 s, fp8, muon and adamw 200 s each, optstep and generation 120 s,
-# variants 270 s, variants5 420 s; the default phases: 21 minutes in all).
+# variants 270 s, variants5 420 s, variants6-8 330 s; the default phases: 21 minutes in all).
 # With DEADLINE=S, no phase runs past S seconds after the suite started, so the variants, run last, get what is left
 # (270 s at most).
 # Logs go to CSV (no W&B needed). Every result lands in OUT_DIR; summary.txt collects the headline lines.

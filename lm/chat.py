@@ -166,22 +166,36 @@ BLOCK = '"""'  # opens and closes a message of several lines at the chat prompt
 
 
 def read_message() -> str:
-    """One message from the chat prompt: a line, or the lines between two triple-quote marks (a pasted paragraph or
-    code), which would otherwise arrive as one turn per line. Ctrl-C inside such a block drops it."""
-    line = input("> ").strip()
-    if not line.startswith(BLOCK):
-        return line
-    line = line[len(BLOCK) :]
-    lines = []
+    """One message from the chat prompt: a line, or several between triple-quote marks (a pasted paragraph or code),
+    which would otherwise arrive as one turn per line. A block opened by a line that is only the mark ends at a line
+    that is only the mark, so pasted code may hold docstrings; one opened by the mark and text ends at a line ending
+    in the mark. Blank lines around the message are dropped, indentation kept. End of input closes the block;
+    Ctrl-C drops it."""
+    line = input("> ")
+    if not line.strip().startswith(BLOCK):
+        return line.strip()
+    first = line.strip()[len(BLOCK) :]
+    if first.endswith(BLOCK):  # the mark, a message, the mark: one line
+        return first[: -len(BLOCK)].strip()
+
+    def closes(line: str) -> bool:
+        return line.strip() == BLOCK if not first else line.rstrip().endswith(BLOCK)
+
+    lines = [first]
     try:
-        while not line.rstrip().endswith(BLOCK):
+        while not closes(line := input(". ")):
             lines.append(line)
-            line = input(". ")
+        lines.append(line.rstrip()[: -len(BLOCK)])
+    except EOFError:
+        pass  # what was typed is the message; the next prompt ends the chat
     except KeyboardInterrupt:
         print("\n(message dropped)")
         return ""
-    lines.append(line.rstrip()[: -len(BLOCK)])
-    return "\n".join(lines).strip()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return "\n".join(lines)
 
 
 def chat_command(argv: list[str]) -> None:
@@ -189,8 +203,8 @@ def chat_command(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
         prog="lm chat",
         description="Chat with a fine-tuned checkpoint. Commands: /reset (forget the conversation), /system TEXT "
-        '(set the system message and reset), /quit. A line starting with three double quotes (""") starts a '
-        "message of several lines, and one ending with them ends it.",
+        '(set the system message and reset), /quit. A line of three double quotes (""") starts a message of '
+        "several lines, and another ends it.",
     )
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit (an SFT run)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")

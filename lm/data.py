@@ -261,40 +261,59 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
 
 
-STALE_AFTER_SECONDS = 3600  # a work directory untouched this long, whose process is gone, is a killed run's
+WORK_LOCK = ".building"  # inside a cache's work directory: locked (flock) by the process building it, until done
+UNLOCKED_AFTER_SECONDS = 3600  # a work directory without its lock file, untouched this long, is a killed run's too
+
+
+def lock_work_dir(work: Path):
+    """Hold a lock on `work` for as long as the returned file stays open: the kernel drops it when this process
+    ends, however it ends, so the lock tells a later run whether anyone still builds there (None: no flock here)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cleanup of killed runs' work
+        return None
+    handle = open(work / WORK_LOCK, "w")  # open as long as the build runs
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def remove_stale_work_dirs(cache_path: Path) -> list[Path]:
-    """Remove the half-built caches that killed runs (SIGKILL, out of memory) left beside `cache_path`;
-    an exception removes its own. Only a directory made on this host by a process that no longer runs, and untouched
-    for an hour, is removed: a run on another host sharing the file system, or in another container (its own process
-    ids), may still be writing one. Returns the directories removed."""
+    """Remove the half-built caches that runs killed while building one (SIGKILL, out of memory) left beside
+    `cache_path`; an exception removes its own. A work directory made on this host whose lock (`lock_work_dir`) no
+    process holds is a killed run's; without a lock file it must also be untouched for an hour (it was killed
+    between creating the directory and the lock). Another host's directory stays: its lock may not be visible here.
+    Returns the directories removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
     removed = []
-    prefix = f".{cache_path.name}.tmp@"
-    for work in cache_path.parent.glob(f"{glob.escape(prefix)}*@*@*"):
-        host, pid, _ = work.name[len(prefix) :].split("@", 2)
-        if host != socket.gethostname() or not pid.isdigit() or _process_runs(int(pid)):
-            continue
+    prefix = f".{cache_path.name}.tmp@{socket.gethostname()}@"
+    for work in cache_path.parent.glob(f"{glob.escape(prefix)}*"):
         try:
-            newest = max([work.stat().st_mtime] + [p.stat().st_mtime for p in work.rglob("*")])
-        except OSError:  # gone meanwhile: another run is cleaning up too
+            with open(work / WORK_LOCK) as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its builder (or a cleaner) runs
+                _remove_work_dir(work, removed)  # still holding the lock: a second cleaner skips it
+        except FileNotFoundError:  # no lock file (or the directory went meanwhile)
+            try:
+                newest = max([work.stat().st_mtime] + [p.stat().st_mtime for p in work.rglob("*")])
+            except OSError:
+                continue
+            if time.time() - newest > UNLOCKED_AFTER_SECONDS:
+                _remove_work_dir(work, removed)
+        except OSError:  # locked, or this file system cannot lock: leave it
             continue
-        if time.time() - newest > STALE_AFTER_SECONDS:
-            size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
-            shutil.rmtree(work, ignore_errors=True)
-            rank_zero_info(f"lm.data: removed {work}, {size / 2**20:,.0f} MB that a killed run left unfinished")
-            removed.append(work)
     return removed
 
 
-def _process_runs(pid: int) -> bool:
+def _remove_work_dir(work: Path, removed: list[Path]) -> None:
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        return True
-    return True
+        size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+        shutil.rmtree(work)
+    except OSError:  # another cleaner was quicker
+        return
+    rank_zero_info(f"lm.data: removed {work}, {size / 2**20:,.0f} MB that a killed run left unfinished")
+    removed.append(work)
 
 
 def split_point(num_tokens: int, val_fraction: float) -> int:
@@ -676,6 +695,8 @@ class PretrainData(L.LightningDataModule):
         fixed = self._fixed_tokenizer()
         path = self._resolve_cache_path(fixed)
         self.cache_path = path
+        # A killed run's half-built cache is removed whether or not the cache was finished since (one glob)
+        remove_stale_work_dirs(path)
         if (path / "meta.json").is_file():
             self.reused_cache = True
             rank_zero_info(f"lm.data: using cached tokens {path}")
@@ -685,13 +706,14 @@ class PretrainData(L.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Everything is written into a private sibling directory and renamed into place at the end: an interrupted run
         # leaves only a ".tmp" directory that no later run trusts, and concurrent runs cannot see half a cache. The
-        # name carries this host and process, so that a later run can remove what a killed one left (below).
-        remove_stale_work_dirs(path)
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp@{socket.gethostname()}@{os.getpid()}@", dir=path.parent))
+        # name carries this host, and the lock shows whether its builder still runs (remove_stale_work_dirs).
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp@{socket.gethostname()}@", dir=path.parent))
         work.chmod(0o755)  # mkdtemp makes it private; the finished cache should be as readable as a normal directory
+        lock = lock_work_dir(work)
         try:
             meta = self._build(work, fixed)
             (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the "complete" marker
+            (work / WORK_LOCK).unlink(missing_ok=True)  # not part of the cache; held on through the open file
             if path.exists() and not (path / "meta.json").is_file():
                 shutil.rmtree(path)  # a directory without meta.json is incomplete (or foreign): never trust it
             try:
@@ -701,6 +723,8 @@ class PretrainData(L.LightningDataModule):
                     raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            if lock is not None:
+                lock.close()
         rank_zero_info(
             f"lm.data: {meta['num_tokens']:,} tokens ({meta['dtype']}) from {meta['num_documents']:,} documents "
             f"in {meta['seconds']:.1f} s -> {path}"

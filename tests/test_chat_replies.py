@@ -186,3 +186,36 @@ def test_a_message_of_several_lines_between_triple_quotes_is_one_turn(monkeypatc
         [*first, {"role": "assistant", "content": "1"}, {"role": "user", "content": "one"}], tok
     )
     assert len(prompts) == 2
+
+
+@pytest.mark.parametrize(
+    ("typed", "message"),
+    [
+        (["  plain line  "], "plain line"),
+        (['"""one line"""'], "one line"),
+        # a bare mark ends only at a bare mark: pasted code keeps its docstrings and its first line's indentation
+        (
+            ['"""', "    def f():", '        """Doc."""', "        return 1", '  """  '],
+            '    def f():\n        """Doc."""\n        return 1',
+        ),
+        (['"""ab', "", "  c", 'd"""'], "ab\n\n  c\nd"),  # opened with text: ends at a line ending in the mark
+        (['"""', "", "text", "", '"""'], "text"),  # blank lines around it dropped
+        (['"""', "first", EOFError], "first"),  # end of input closes the block: what was typed is sent
+        (['"""', "first", KeyboardInterrupt], ""),  # Ctrl-C drops it
+    ],
+)
+def test_read_message_takes_several_lines_between_triple_quotes(monkeypatch, capsys, typed, message):
+    from lm.chat import read_message
+
+    lines = iter(typed)
+
+    def type_line(prompt=""):
+        line = next(lines)
+        if line in (EOFError, KeyboardInterrupt):
+            raise line
+        return line
+
+    monkeypatch.setattr("builtins.input", type_line)
+    assert read_message() == message
+    assert next(lines, None) is None  # read exactly the message's lines
+    assert ("(message dropped)" in capsys.readouterr().out) == (typed[-1] is KeyboardInterrupt)

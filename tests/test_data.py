@@ -159,39 +159,65 @@ def test_interrupted_preparation_is_not_trusted(tmp_path, text_file):
 
 def test_half_built_caches_of_killed_runs_on_this_host_are_removed(tmp_path, text_file):
     """A run killed while tokenizing (SIGKILL, out of memory) leaves its work directory; the next preparation removes
-    it when it was made on this host by a process that is gone and has not been touched for an hour. Anything that
-    might still be written to stays: another host's or container's, a live process's, a recent one."""
+    it, even when the cache was finished since, once no process holds the directory's lock. A directory whose
+    builder runs stays (in any process namespace: the lock is the kernel's), and so does another host's."""
     import socket
     import subprocess
     import sys
 
-    path = make(tmp_path, text_file).cache_path
-    shutil.rmtree(path)  # prepare again below
-    host, gone = socket.gethostname(), subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    hour_ago = time.time() - 2 * 3600
+    from lm.data import WORK_LOCK, lock_work_dir
 
-    def work_dir(name: str, *, old: bool) -> Path:
+    path = make(tmp_path, text_file).cache_path
+    host = socket.gethostname()
+    two_hours_ago = time.time() - 2 * 3600
+
+    def work_dir(name: str, *, lock_file: bool = True, old: bool = False) -> Path:
         work = path.parent / name
         (work / "scratch").mkdir(parents=True)
         (work / "scratch" / "tokens.bin").write_bytes(b"\0" * 1000)
+        if lock_file:
+            (work / WORK_LOCK).touch()
         if old:
-            for p in [work, work / "scratch", work / "scratch" / "tokens.bin"]:
-                os.utime(p, (hour_ago, hour_ago))
+            for p in [work, *work.rglob("*")]:
+                os.utime(p, (two_hours_ago, two_hours_ago))
         return work
 
-    killed = work_dir(f".{path.name}.tmp@{host}@{gone.pid}@x1", old=True)
+    killed = work_dir(f".{path.name}.tmp@{host}@a1")  # its builder is gone: nobody holds the lock
+    killed_before_locking = work_dir(f".{path.name}.tmp@{host}@a2", lock_file=False, old=True)
+    live = work_dir(f".{path.name}.tmp@{host}@a3")
+    builder = subprocess.Popen(  # another process holds live's lock, as a running preparation does
+        [
+            sys.executable,
+            "-c",
+            # lock_work_dir's flock, without importing lm (seconds of torch)
+            f"import fcntl, sys; held = open({str(live / WORK_LOCK)!r}, 'w'); fcntl.flock(held, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert builder.stdout.readline() == "locked\n"
     kept = [
-        work_dir(f".{path.name}.tmp@{host}@{gone.pid}@x2", old=False),  # touched within the hour
-        work_dir(f".{path.name}.tmp@{host}@{os.getpid()}@x3", old=True),  # its process runs
-        work_dir(f".{path.name}.tmp@elsewhere@{gone.pid}@x4", old=True),  # another host's: cannot tell
-        work_dir(f".{path.name}.tmp-x5", old=True),  # named before the host and process were in the name
-        work_dir(f".other.tmp@{host}@{gone.pid}@x6", old=True),  # another cache's
+        live,
+        work_dir(f".{path.name}.tmp@{host}@a4", lock_file=False),  # no lock yet, and new: being created
+        work_dir(f".{path.name}.tmp@elsewhere@a5"),  # another host's: its lock may not show here
+        work_dir(f".other.tmp@{host}@a6"),  # another cache's
     ]
-    again = make(tmp_path, text_file)
-    assert not again.reused_cache and again.tokenizer.decode(all_tokens(again).tolist()) == TEXT + "<|eos|>"
-    assert not killed.exists() and all(work.is_dir() for work in kept)
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name] + [w.name for w in kept])
+    own = lock_work_dir(kept[1])  # this process holds one too: a second open of the file cannot take it
+    try:
+        again = make(tmp_path, text_file)  # the cache is complete: reused, and the stale directories still go
+        assert again.reused_cache
+        assert not killed.exists() and not killed_before_locking.exists() and all(w.is_dir() for w in kept)
+        assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name] + [w.name for w in kept])
+    finally:
+        builder.communicate("")
+        own.close()
+    shutil.rmtree(path)
+    rebuilt = make(tmp_path, text_file)  # both builders have ended: their directories go; a new build leaves nothing
+    assert not rebuilt.reused_cache and rebuilt.tokenizer.decode(all_tokens(rebuilt).tolist()) == TEXT + "<|eos|>"
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name] + [w.name for w in kept[2:]])
+    assert not (path / WORK_LOCK).exists()
 
 
 def test_same_seed_same_batches_and_epochs_differ(tmp_path, text_file):
