@@ -273,7 +273,11 @@ def lock_work_dir(work: Path):
     except ImportError:  # Windows: no cleanup of killed runs' work
         return None
     handle = open(work / WORK_LOCK, "w")  # open as long as the build runs
-    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks (some network mounts): cleaners cannot lock it either, and leave it
+        handle.close()
+        return None
     return handle
 
 

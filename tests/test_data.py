@@ -549,3 +549,31 @@ def test_short_epochs_from_limit_train_batches_resume_to_the_same_batches(tmp_pa
     trainer.save_checkpoint(tmp_path / "end.ckpt")
     _, resumed = fit(12, ckpt_path=tmp_path / "end.ckpt")
     assert first + resumed == longer and len(set(longer)) == len(longer)  # nothing drawn twice
+
+
+def test_a_file_system_without_locks_still_prepares_and_nothing_is_removed(tmp_path, text_file, monkeypatch):
+    """flock can fail on network mounts: the preparation goes on, and a cleaner, which cannot lock either, leaves
+    every work directory alone."""
+    import fcntl
+    import socket
+
+    from lm.data import WORK_LOCK
+
+    path = make(tmp_path, text_file).cache_path
+    shutil.rmtree(path)
+
+    flock = fcntl.flock
+
+    def no_locks(handle, operation):  # only for lm's work directories: datasets locks its own cache files
+        if getattr(handle, "name", "").endswith(WORK_LOCK):
+            raise OSError(37, "No locks available")
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    other = path.parent / f".{path.name}.tmp@{socket.gethostname()}@b1"
+    other.mkdir()
+    (other / "lm.lock-free").write_text("a run on a mount without locks")
+    (other / WORK_LOCK).touch()
+    again = make(tmp_path, text_file)
+    assert not again.reused_cache and again.tokenizer.decode(all_tokens(again).tolist()) == TEXT + "<|eos|>"
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.name])
