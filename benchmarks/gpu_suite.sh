@@ -10,6 +10,7 @@
 #   fp8         the same with float8 block matmuls (needs torchao);
 #   muon, adamw the same with Muon for the hidden matrices, and its AdamW baseline (one run of each path);
 #   cdtuning    the adamw phase with Inductor's coordinate-descent kernel tuning (not run yet);
+#   actckpt     the adamw phase with activation checkpointing (not run yet);
 #   optstep     the optimizer step alone at that shape: fused AdamW, lm's Muon (batched by shape, with and without
 #               the device flag) and torch.optim.Muon (benchmarks/optimizer_step.py);
 #   generation  the KV-cache generation benchmark;
@@ -93,6 +94,8 @@ phase_throughput() {
 phase_fp8() { LIMIT=200 throughput throughput_124m_fp8 --fp8 --repeats 1; }
 phase_muon() { LIMIT=200 throughput throughput_124m_muon --optimizer muon --repeats 1; }
 phase_adamw() { LIMIT=200 throughput throughput_124m_adamw --repeats 1; }  # muon's baseline: same settings
+# Activation checkpointing (model.activation_checkpointing): the step time it costs and the memory it saves
+phase_actckpt() { LIMIT=200 throughput throughput_124m_actckpt --activation_checkpointing --repeats 1; }
 # Inductor's coordinate-descent tuning of its generated kernels (the norms, RoPE, SwiGLU and the loss: ~29% of the
 # step in the second round's profile); compare with the adamw phase, run in the same call. Compilation takes longer.
 phase_cdtuning() {

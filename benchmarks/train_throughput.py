@@ -60,6 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fp8", action="store_true", help="float8 matmuls in the blocks (torchao), as model.fp8 does")
     p.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        help="recompute each block in the backward, as model.activation_checkpointing does",
+    )
+    p.add_argument(
         "--optimizer", choices=["adamw", "muon"], default="adamw", help="as model.optimizer (muon: for hidden matrices)"
     )
     p.add_argument(
@@ -131,6 +136,7 @@ def model_and_loss(config, args):
     and compiled as LanguageModel.configure_model does."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
+    model.checkpoint_layers = args.activation_checkpointing
     if args.fp8:  # before compiling, as LanguageModel.configure_model does
         convert_to_fp8(model, torch.device(args.device))
     loss_fn = next_token_loss
@@ -239,6 +245,7 @@ def lightning_loop(config, batches, args, profiler=None) -> float:
         weight_decay=0.1,
         compile=args.compile,
         fp8=args.fp8,
+        activation_checkpointing=args.activation_checkpointing,
         optimizer=args.optimizer,
     )
     timer = _StepTimer(args.warmup, args.device, args.sync_debug and profiler is None)
@@ -446,6 +453,7 @@ def main(argv=None):
         "precision": args.precision,
         "compile": args.compile,
         "fp8": args.fp8,
+        "activation_checkpointing": args.activation_checkpointing,
         "optimizer": args.optimizer,
         "steps": args.steps,
         "params": GPT(config).num_params(),
@@ -461,7 +469,8 @@ def main(argv=None):
     }
     print(
         f"{result['device']}, torch {result['torch']}, {result['params'] / 1e6:.2f}M params, batch {args.batch} x "
-        f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, {args.optimizer}, "
+        f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, "
+        f"activation checkpointing {args.activation_checkpointing}, {args.optimizer}, "
         f"{args.steps} timed steps"
     )
     print(f"{'path':<6} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}" + (f" {'peak MB':>8}" if on_cuda else ""))

@@ -45,7 +45,7 @@ from lm.tasks import tasks_command
 
 # No `test`: lm's modules have one held-out split, and validate scores it (LightningCLI's test would find no test_step)
 LIGHTNING_COMMANDS = ("fit", "validate")
-RUNTIME_ARGS = ("compile", "fp8", "max_skipped_steps")  # model arguments a resumed run may change
+RUNTIME_ARGS = ("compile", "fp8", "activation_checkpointing", "max_skipped_steps")  # a resumed run may change these
 
 
 def _plain(value):

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lm.config import GPTConfig
 
@@ -188,6 +189,9 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Training option, not architecture (not in the config or checkpoints): keep only each block's input for the
+        # backward pass and recompute the block's activations there, ~1/3 more compute for far less memory.
+        self.checkpoint_layers = False
         self.init_weights()
 
     @torch.no_grad()
@@ -223,7 +227,11 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, head_dim)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, n_embd)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                # non-reentrant: works under torch.compile and FSDP; the recomputation replays the dropout masks
+                x = checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)

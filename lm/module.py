@@ -226,6 +226,10 @@ class LanguageModel(L.LightningModule):
             everything else stay in bf16). Needs a GPU of CUDA compute capability >= 8.9 (Ada, Hopper, newer), the `fp8`
             extra (`pip install 'lm[fp8]'`), and layer widths and batch x sequence length that are multiples of 16 (chat
             data: `data.init_args.pad_to_multiple_of: 16`). Checkpoints are the same as without it.
+        activation_checkpointing: Keep only each block's input for the backward pass and recompute the block there
+            (torch.utils.checkpoint): activation memory drops to about one block's worth plus one (B, T, n_embd)
+            tensor per block, for about a third more compute per step. For models or batches that do not fit
+            otherwise; the trained weights are the same.
         init_from: An lm checkpoint to start from (fine-tuning): its architecture and weights replace `arch` (except
             dropout) and its tokenizer must be the data module's.
         max_skipped_steps: Optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer state
@@ -250,6 +254,7 @@ class LanguageModel(L.LightningModule):
         optimizer: Literal["adamw", "muon"] = "adamw",
         compile: bool = False,
         fp8: bool = False,
+        activation_checkpointing: bool = False,
         init_from: str | None = None,
         max_skipped_steps: int = 10,
     ):
@@ -313,6 +318,7 @@ class LanguageModel(L.LightningModule):
             )
         self.hparams["arch"] = asdict(self.arch)
         self.model = GPT(self.arch)
+        self.model.checkpoint_layers = self.hparams.activation_checkpointing
         # Before any strategy wraps it: FSDP gives configure_optimizers flat shards, the optimizer groups need these.
         self._param_dims = {name: p.dim() for name, p in self.model.named_parameters()}
         if init_state is not None:

@@ -93,7 +93,8 @@ def test_resume_from_a_file_that_is_not_a_lightning_checkpoint(capsys, tmp_path)
 
 def test_resume_keeps_the_checkpoints_model_arguments_for_a_file_and_for_last_alike(capsys, tmp_path, monkeypatch):
     """The restored optimizer holds the run's lr: a new one must not be written into the checkpoint unused (as it was
-    with `last`), nor dropped without a word (as with a file). Runtime arguments (max_skipped_steps) may change."""
+    with `last`), nor dropped without a word (as with a file). Runtime arguments (max_skipped_steps,
+    activation_checkpointing) may change."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = tmp_path / "run"
     fit = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false"]
@@ -103,11 +104,15 @@ def test_resume_keeps_the_checkpoints_model_arguments_for_a_file_and_for_last_al
     first = tmp_path / "step2.ckpt"
     first.write_bytes(last.read_bytes())
     changed = ["--model.init_args.lr", "0.007", "--model.init_args.max_skipped_steps", "3"]
+    changed += ["--model.init_args.activation_checkpointing", "true"]
     for steps, ckpt_path in (("3", str(first)), ("4", "last")):
         code, out, err = run(capsys, *fit, steps, *changed, "--ckpt_path", ckpt_path)
         assert (code, err) == (0, "")
-        assert "ignored here: lr 0.007 (checkpoint: 0.003)" in out and "max_skipped_steps" not in out.split("here:")[1]
+        ignored = out.split("here:")[1]
+        assert "lr 0.007 (checkpoint: 0.003)" in ignored
+        assert "max_skipped_steps" not in ignored and "activation_checkpointing" not in ignored
         saved = torch.load(last, weights_only=True)
+        assert saved["hyper_parameters"]["activation_checkpointing"] is True
         assert saved["global_step"] == int(steps)
         assert (saved["hyper_parameters"]["lr"], saved["hyper_parameters"]["max_skipped_steps"]) == (0.003, 3)
         assert saved["lr_schedulers"][0]["base_lrs"][0] == 0.003

@@ -230,14 +230,50 @@ def test_mfu_is_measured_against_the_peak_of_the_training_precision(precision, d
     assert training_dtype(precision) == dtype
 
 
-def test_compiled_training_step_has_no_graph_breaks():
+@pytest.mark.parametrize("checkpoint_layers", [False, True], ids=["plain", "activation_checkpointing"])
+def test_compiled_training_step_has_no_graph_breaks(checkpoint_layers):
     """torch.compile sees the model's forward and the loss as one graph each: no graph break in the step."""
     from lm.module import next_token_loss
 
     model = GPT(get_config("tiny", dropout=0.1))
+    model.checkpoint_layers = checkpoint_layers
     ids = torch.randint(0, 64, (2, 16))
     forward = torch._dynamo.explain(model)(ids)
     assert forward.graph_break_count == 0, forward.break_reasons
     assert forward.graph_count == 1
     loss = torch._dynamo.explain(next_token_loss)(model(ids), ids)
     assert loss.graph_break_count == 0, loss.break_reasons
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less_for_the_backward():
+    """Each block is recomputed in the backward pass: the same loss and gradients (the recomputed dropout masks are
+    the forward's), far fewer bytes saved for the backward; no-grad passes (generation, the KV cache) skip it."""
+    config = get_config("tiny", dropout=0.1)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def train_step(checkpoint_layers: bool):
+        torch.manual_seed(0)
+        model = GPT(config).train()
+        model.checkpoint_layers = checkpoint_layers
+        saved = []
+        torch.manual_seed(5)  # the dropout masks
+
+        def pack(t):  # what autograd keeps for the backward
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters()}, sum(saved), model
+
+    loss, grads, saved, _ = train_step(False)
+    loss_ckpt, grads_ckpt, saved_ckpt, model = train_step(True)
+    assert torch.equal(loss, loss_ckpt)
+    assert all(torch.equal(grads[name], grads_ckpt[name]) for name in grads)
+    assert saved_ckpt < saved / 4
+    model.eval()
+    with torch.no_grad():  # as generation runs it: the blocks run as they are, and fill the cache
+        cache = KVCache(config, batch_size=2, max_len=16)
+        first, rest = model(ids[:, :10], cache), model(ids[:, 10:], cache)
+        torch.testing.assert_close(torch.cat([first, rest], 1), model(ids), rtol=1e-4, atol=1e-4)

@@ -590,3 +590,14 @@ def test_train_loss_is_the_token_weighted_mean_over_the_step_and_lr_is_the_one_t
         assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5), step
         assert metrics["train/lr"] == pytest.approx(used.lr[step]), step
     assert [used.lr[s] for s in range(3)] == pytest.approx([1e-3, 2e-3, 3e-3])  # warmup
+
+
+def test_activation_checkpointing_trains_the_same_weights():
+    """model.activation_checkpointing reaches the GPT, and two Trainer steps with it give the same weights."""
+    ids = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": x, "labels": x.roll(-1, 1)} for x in ids]
+    plain = _fit_two_steps(batches)
+    recomputed = _fit_two_steps(batches, activation_checkpointing=True)
+    assert recomputed.model.checkpoint_layers and not plain.model.checkpoint_layers
+    for (name, a), b in zip(plain.model.state_dict().items(), recomputed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
