@@ -167,10 +167,10 @@ BLOCK = '"""'  # opens and closes a message of several lines at the chat prompt
 
 def read_message() -> str:
     """One message from the chat prompt: a line, or several between triple-quote marks (a pasted paragraph or code),
-    which would otherwise arrive as one turn per line. A block opened by a line that is only the mark ends at a line
-    that is only the mark, so pasted code may hold docstrings; one opened by the mark and text ends at a line ending
-    in the mark. Blank lines around the message are dropped, indentation kept. End of input closes the block;
-    Ctrl-C drops it."""
+    which would otherwise arrive as one turn per line. A block opened by a line that is only the mark ends at an
+    unindented line that is only the mark, so pasted code may hold docstrings (a module's own closing mark would end
+    it); one opened by the mark and text ends at a line ending in the mark. Blank lines around the message are
+    dropped, indentation kept. End of input closes the block; Ctrl-C drops it."""
     line = input("> ")
     if not line.strip().startswith(BLOCK):
         return line.strip()
@@ -178,8 +178,8 @@ def read_message() -> str:
     if first.endswith(BLOCK):  # the mark, a message, the mark: one line
         return first[: -len(BLOCK)].strip()
 
-    def closes(line: str) -> bool:
-        return line.strip() == BLOCK if not first else line.rstrip().endswith(BLOCK)
+    def closes(line: str) -> bool:  # opened by a bare mark: only an unindented bare mark (a docstring's is indented)
+        return line.rstrip() == BLOCK if not first else line.rstrip().endswith(BLOCK)
 
     lines = [first]
     try:

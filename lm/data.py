@@ -284,9 +284,9 @@ def lock_work_dir(work: Path):
 def remove_stale_work_dirs(cache_path: Path) -> list[Path]:
     """Remove the half-built caches that runs killed while building one (SIGKILL, out of memory) left beside
     `cache_path`; an exception removes its own. A work directory made on this host whose lock (`lock_work_dir`) no
-    process holds is a killed run's; without a lock file it must also be untouched for an hour (it was killed
-    between creating the directory and the lock). Another host's directory stays: its lock may not be visible here.
-    Returns the directories removed."""
+    process holds is a killed run's; one without a lock file (its builder finished and is renaming it) must also
+    be untouched for an hour. Another host's directory stays, as its lock may not be visible here; so does one left
+    by a container whose host name changes at each start. Returns the directories removed."""
     try:
         import fcntl
     except ImportError:
@@ -295,9 +295,8 @@ def remove_stale_work_dirs(cache_path: Path) -> list[Path]:
     prefix = f".{cache_path.name}.tmp@{socket.gethostname()}@"
     for work in cache_path.parent.glob(f"{glob.escape(prefix)}*"):
         try:
-            with open(work / WORK_LOCK) as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its builder (or a cleaner) runs
-                _remove_work_dir(work, removed)  # still holding the lock: a second cleaner skips it
+            # Read-write: an NFS client locks the whole file the POSIX way, which needs it open for writing
+            fd = os.open(work / WORK_LOCK, os.O_RDWR)
         except FileNotFoundError:  # no lock file (or the directory went meanwhile)
             try:
                 newest = max([work.stat().st_mtime] + [p.stat().st_mtime for p in work.rglob("*")])
@@ -305,8 +304,16 @@ def remove_stale_work_dirs(cache_path: Path) -> list[Path]:
                 continue
             if time.time() - newest > UNLOCKED_AFTER_SECONDS:
                 _remove_work_dir(work, removed)
-        except OSError:  # locked, or this file system cannot lock: leave it
             continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its builder (or another cleaner) holds it
+            _remove_work_dir(work, removed)  # still holding the lock: a second cleaner skips it
+        except OSError:  # locked, or this file system cannot lock: leave it
+            pass
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -711,10 +718,13 @@ class PretrainData(L.LightningDataModule):
         # Everything is written into a private sibling directory and renamed into place at the end: an interrupted run
         # leaves only a ".tmp" directory that no later run trusts, and concurrent runs cannot see half a cache. The
         # name carries this host, and the lock shows whether its builder still runs (remove_stale_work_dirs).
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp@{socket.gethostname()}@", dir=path.parent))
-        work.chmod(0o755)  # mkdtemp makes it private; the finished cache should be as readable as a normal directory
-        lock = lock_work_dir(work)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.new@", dir=path.parent))
+        lock = None
         try:
+            # Locked before it takes the name cleaners look for: a cleaner never finds it without its lock held
+            lock = lock_work_dir(work)
+            work = work.rename(work.with_name(f".{path.name}.tmp@{socket.gethostname()}@{work.name.rsplit('@')[-1]}"))
+            work.chmod(0o755)  # mkdtemp makes it private; the finished cache should be readable as any directory
             meta = self._build(work, fixed)
             (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the "complete" marker
             (work / WORK_LOCK).unlink(missing_ok=True)  # not part of the cache; held on through the open file

@@ -227,7 +227,7 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, head_dim)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, n_embd)
         for layer in self.layers:
-            if self.checkpoint_layers and torch.is_grad_enabled():
+            if self.checkpoint_layers and cache is None and torch.is_grad_enabled():
                 # non-reentrant: works under torch.compile and FSDP; the recomputation replays the dropout masks
                 x = checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
             else:

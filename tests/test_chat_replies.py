@@ -193,10 +193,14 @@ def test_a_message_of_several_lines_between_triple_quotes_is_one_turn(monkeypatc
     [
         (["  plain line  "], "plain line"),
         (['"""one line"""'], "one line"),
-        # a bare mark ends only at a bare mark: pasted code keeps its docstrings and its first line's indentation
+        # a bare mark ends only at an unindented bare mark: pasted code keeps its docstrings and its indentation
         (
-            ['"""', "    def f():", '        """Doc."""', "        return 1", '  """  '],
+            ['"""', "    def f():", '        """Doc."""', "        return 1", '"""  '],
             '    def f():\n        """Doc."""\n        return 1',
+        ),
+        (
+            ['"""', "def f():", '    """Return one.', "", "    More.", '    """', "    return 1", '"""'],
+            'def f():\n    """Return one.\n\n    More.\n    """\n    return 1',
         ),
         (['"""ab', "", "  c", 'd"""'], "ab\n\n  c\nd"),  # opened with text: ends at a line ending in the mark
         (['"""', "", "text", "", '"""'], "text"),  # blank lines around it dropped

@@ -203,6 +203,7 @@ def test_half_built_caches_of_killed_runs_on_this_host_are_removed(tmp_path, tex
         work_dir(f".{path.name}.tmp@{host}@a4", lock_file=False),  # no lock yet, and new: being created
         work_dir(f".{path.name}.tmp@elsewhere@a5"),  # another host's: its lock may not show here
         work_dir(f".other.tmp@{host}@a6"),  # another cache's
+        work_dir(f".{path.name}.new@a7", lock_file=False, old=True),  # being locked before it is named .tmp@
     ]
     own = lock_work_dir(kept[1])  # this process holds one too: a second open of the file cannot take it
     try:
@@ -565,7 +566,8 @@ def test_a_file_system_without_locks_still_prepares_and_nothing_is_removed(tmp_p
     flock = fcntl.flock
 
     def no_locks(handle, operation):  # only for lm's work directories: datasets locks its own cache files
-        if getattr(handle, "name", "").endswith(WORK_LOCK):
+        fd = handle if isinstance(handle, int) else handle.fileno()
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(WORK_LOCK):
             raise OSError(37, "No locks available")
         return flock(handle, operation)
 
