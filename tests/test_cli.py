@@ -133,3 +133,37 @@ def test_rank_before_the_process_group_comes_from_the_launchers_environment(monk
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert _rank() == rank
+
+
+def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kept(tmp_path, monkeypatch):
+    """Lightning's default rich bar redraws 100 times a second from a thread, tqdm's after every batch: 4-6% of a small
+    model's CPU step. lm's default redraws at PROGRESS_BAR_REFRESH_RATE; a bar given in the config keeps its own."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    import lm.__main__ as cli
+
+    bars = []
+    original = cli.LMCLI.after_instantiate_classes
+
+    def record(self):
+        original(self)
+        bars.append(self.trainer.progress_bar_callback)
+        raise SystemExit(0)  # the bar is what this test is about: no need to train
+
+    monkeypatch.setattr(cli.LMCLI, "after_instantiate_classes", record)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fit = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false"]
+    fit += ["--trainer.default_root_dir", str(tmp_path / "run")]
+    given = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",
+        "--trainer.callbacks.refresh_rate",
+        "3",
+    ]
+    for args in ([], given, ["--trainer.enable_progress_bar", "false"]):
+        with pytest.raises(SystemExit):
+            main(fit + args)
+    default, configured, disabled = bars
+    assert type(default) in (RichProgressBar, TQDMProgressBar)
+    assert default.refresh_rate == cli.PROGRESS_BAR_REFRESH_RATE == 10
+    assert type(configured) is TQDMProgressBar and configured.refresh_rate == 3
+    assert disabled is None
