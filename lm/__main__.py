@@ -23,7 +23,7 @@ import jsonargparse
 import torch
 import torch.distributed
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -45,7 +45,7 @@ from lm.tasks import tasks_command
 
 # No `test`: lm's modules have one held-out split, and validate scores it (LightningCLI's test would find no test_step)
 LIGHTNING_COMMANDS = ("fit", "validate")
-# Redraws of Lightning's default progress bar: per second for rich's, every N batches for tqdm's
+# lm's default progress bar: tqdm's, redrawn every this many batches
 PROGRESS_BAR_REFRESH_RATE = 10
 RUNTIME_ARGS = ("compile", "fp8", "activation_checkpointing", "max_skipped_steps")  # a resumed run may change these
 
@@ -231,17 +231,19 @@ class LMCLI(LightningCLI):
         self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
 
     def _calm_default_progress_bar(self) -> None:
-        """Lightning's default progress bar, redrawn at PROGRESS_BAR_REFRESH_RATE instead of after every batch (tqdm)
-        or 100 times a second (rich, from a thread that competes with the training loop for the interpreter): that
-        cost a small model's step 5.5% (rich) and 4.2% (tqdm) on a 2-core CPU (docs/benchmarks.md). A progress bar
-        given in trainer.callbacks is left as configured."""
+        """Lightning's default progress bar (rich's where rich is installed) becomes tqdm's, redrawn every
+        PROGRESS_BAR_REFRESH_RATE batches: in a terminal, rich's redraw after every batch cost a small model's CPU step
+        ~10% whatever its refresh rate, tqdm's after every batch 6%, tqdm's every 10 batches 1.3% (docs/benchmarks.md,
+        "The progress bar's share"). A progress bar given in trainer.callbacks is left as configured."""
         bar = self.trainer.progress_bar_callback
-        given = self.config[self.subcommand].trainer.get("callbacks") or []
         if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar):
             return
-        if any(str(getattr(c, "class_path", "")).endswith("ProgressBar") for c in given):
+        given = self.config_init[self.subcommand].trainer.get("callbacks") or []
+        if any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given])):
             return
-        self.trainer.callbacks[self.trainer.callbacks.index(bar)] = type(bar)(refresh_rate=PROGRESS_BAR_REFRESH_RATE)
+        self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
+            refresh_rate=PROGRESS_BAR_REFRESH_RATE
+        )
 
 
 def _wandb_logged_in() -> bool:

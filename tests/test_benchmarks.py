@@ -162,3 +162,15 @@ def test_optimizer_step_times_lm_and_torch_muon_on_the_same_parameters(tmp_path,
     assert theirs.muon.param_groups[0]["params"] == ours.muon.param_groups[0]["params"]  # same matrices
     assert theirs.muon.defaults == ours.muon.defaults  # same settings
     assert "muon_torch" in capsys.readouterr().out
+
+
+def test_progress_bar_benchmark_times_every_setting_against_no_bar(tmp_path):
+    bench = load("progress_bar")
+    out = tmp_path / "p.json"
+    bench.main(["--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [row["setting"] for row in rows] == list(bench.SETTINGS)
+    assert rows[0]["median_over_none"] == 0 and all(row["best_ms_per_step"] > 0 for row in rows)
+    assert len(result["rounds_ms_per_step"]) == 2
+    assert list(result["rounds_ms_per_step"][1])[0] == list(bench.SETTINGS)[1]  # the second round starts one further on

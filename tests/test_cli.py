@@ -136,9 +136,9 @@ def test_rank_before_the_process_group_comes_from_the_launchers_environment(monk
 
 
 def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kept(tmp_path, monkeypatch):
-    """Lightning's default rich bar redraws 100 times a second from a thread, tqdm's after every batch: 4-6% of a small
-    model's CPU step. lm's default redraws at PROGRESS_BAR_REFRESH_RATE; a bar given in the config keeps its own."""
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    """Lightning's default bar (rich's here) redraws after every batch: ~10% of a small model's CPU step in a terminal.
+    lm's default is tqdm's every PROGRESS_BAR_REFRESH_RATE batches; a bar given in the config keeps its own."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     import lm.__main__ as cli
 
@@ -159,11 +159,14 @@ def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kep
         "--trainer.callbacks.refresh_rate",
         "3",
     ]
-    for args in ([], given, ["--trainer.enable_progress_bar", "false"]):
-        with pytest.raises(SystemExit):
+    one_other = ["--trainer.callbacks", "LearningRateMonitor"]  # a single callback, not in a list
+    for args in ([], given, ["--trainer.enable_progress_bar", "false"], one_other):
+        with pytest.raises(SystemExit) as stop:
             main(fit + args)
-    default, configured, disabled = bars
-    assert type(default) in (RichProgressBar, TQDMProgressBar)
+        assert stop.value.code == 0
+    default, configured, disabled, beside_another = bars
+    assert type(default) is TQDMProgressBar  # also where rich is installed, as here
     assert default.refresh_rate == cli.PROGRESS_BAR_REFRESH_RATE == 10
     assert type(configured) is TQDMProgressBar and configured.refresh_rate == 3
     assert disabled is None
+    assert type(beside_another) is type(default) and beside_another.refresh_rate == 10

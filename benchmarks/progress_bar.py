@@ -1,0 +1,94 @@
+"""What a progress bar costs lm's training step: LanguageModel on train_throughput.py's model and batches, trained by
+the same Trainer without a bar, with Lightning's default bars (rich's, tqdm's: both redrawn after every batch), rich's
+at refresh rate 10 (a second: its thread's rate) and tqdm's every 10 batches (lm's default). Paired rounds in one
+process, each round starting one setting further on; the table gives each setting's median ratio to no bar.
+A bar costs most in a terminal: run it in one (or under `script -qc "..." /dev/null`), not with its output in a file.
+
+    python benchmarks/progress_bar.py --rounds 6 --steps 100 [--size tiny] [--json out.json]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_throughput as bench  # noqa: E402 - the benchmark next to this file
+
+from lm.__main__ import PROGRESS_BAR_REFRESH_RATE  # noqa: E402
+from lm.callbacks import Throughput  # noqa: E402
+from lm.module import LanguageModel  # noqa: E402
+
+SETTINGS = {
+    "none": None,
+    "rich (Lightning's default)": lambda: RichProgressBar(),
+    "tqdm (Lightning's default)": lambda: TQDMProgressBar(),
+    f"rich, refresh_rate {PROGRESS_BAR_REFRESH_RATE}": lambda: RichProgressBar(PROGRESS_BAR_REFRESH_RATE),
+    f"tqdm, refresh_rate {PROGRESS_BAR_REFRESH_RATE} (lm's default)": lambda: TQDMProgressBar(
+        PROGRESS_BAR_REFRESH_RATE
+    ),
+}
+
+
+def seconds_per_step(config, batches, args, make_bar) -> float:
+    torch.manual_seed(0)
+    module = LanguageModel(config, lr=bench.LR, warmup_steps=bench.WARMUP_STEPS, weight_decay=0.1)
+    timer = bench._StepTimer(args.warmup, args.device)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=make_bar is not None,
+        enable_model_summary=False,
+        callbacks=[timer, Throughput()] + ([make_bar()] if make_bar else []),
+        log_every_n_steps=bench.LOG_EVERY,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return (timer.end - timer.start) / (len(batches) - args.warmup)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default=None, help="as train_throughput.py (default: the CPU recipe's model)")
+    p.add_argument("--steps", type=int, default=100, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    shape = ["--size", args.size] if args.size else []
+    bench_args = bench.parse_args([*shape, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", "cpu"])
+    config = bench.make_config(bench_args)
+    batches = bench.make_batches(config, bench_args)
+    names = list(SETTINGS)
+    rounds = []
+    for i in range(args.rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        rounds.append({name: seconds_per_step(config, batches, bench_args, SETTINGS[name]) for name in order})
+    rows = [
+        {
+            "setting": name,
+            "best_ms_per_step": round(min(r[name] for r in rounds) * 1e3, 2),
+            "median_over_none": round(statistics.median(r[name] / r["none"] - 1 for r in rounds), 4),
+        }
+        for name in names
+    ]
+    print(f"{'progress bar':<34} {'best ms/step':>12} {'over none':>10}   ({args.rounds} paired rounds, CPU)")
+    for row in rows:
+        print(f"{row['setting']:<34} {row['best_ms_per_step']:>12.2f} {row['median_over_none']:>+10.1%}")
+    result = {"torch": torch.__version__, "lightning": L.__version__, "steps": args.steps, "rows": rows}
+    result["rounds_ms_per_step"] = [{k: round(v * 1e3, 2) for k, v in r.items()} for r in rounds]
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
