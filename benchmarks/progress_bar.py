@@ -21,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_throughput as bench  # noqa: E402 - the benchmark next to this file
 
 from lm.__main__ import PROGRESS_BAR_REFRESH_RATE  # noqa: E402
-from lm.callbacks import Throughput  # noqa: E402
-from lm.module import LanguageModel  # noqa: E402
 
 SETTINGS = {
     "none": None,
@@ -36,23 +34,8 @@ SETTINGS = {
 
 
 def seconds_per_step(config, batches, args, make_bar) -> float:
-    torch.manual_seed(0)
-    module = LanguageModel(config, lr=bench.LR, warmup_steps=bench.WARMUP_STEPS, weight_decay=0.1)
-    timer = bench._StepTimer(args.warmup, args.device)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=len(batches),
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=make_bar is not None,
-        enable_model_summary=False,
-        callbacks=[timer, Throughput()] + ([make_bar()] if make_bar else []),
-        log_every_n_steps=bench.LOG_EVERY,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return (timer.end - timer.start) / (len(batches) - args.warmup)
+    """lm's path of train_throughput.py (LanguageModel, Trainer, Throughput), with this bar if any."""
+    return bench.lightning_loop(config, batches, args, extra_callbacks=[make_bar()] if make_bar else [])
 
 
 def main(argv=None) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 
 from lm.callbacks import Throughput, peak_flops
 from lm.config import SIZES
@@ -235,8 +236,9 @@ class _ProfilerSteps(L.Callback):
         self.profiler.stop()
 
 
-def lightning_loop(config, batches, args, profiler=None) -> float:
-    """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk)."""
+def lightning_loop(config, batches, args, profiler=None, extra_callbacks=()) -> float:
+    """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk and the
+    progress bar, unless extra_callbacks holds one: benchmarks/progress_bar.py)."""
     torch.manual_seed(0)
     module = LanguageModel(
         config,
@@ -249,7 +251,8 @@ def lightning_loop(config, batches, args, profiler=None) -> float:
         optimizer=args.optimizer,
     )
     timer = _StepTimer(args.warmup, args.device, args.sync_debug and profiler is None)
-    seconds = _fit(module, batches, args, [timer, Throughput()] + ([_ProfilerSteps(profiler)] if profiler else []))
+    callbacks = [timer, Throughput(), *extra_callbacks] + ([_ProfilerSteps(profiler)] if profiler else [])
+    seconds = _fit(module, batches, args, callbacks)
     if timer.sync_debug:
         sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
         print(f"host syncs in {args.steps} timed lm steps: {len(timer.syncs)}", sites)
@@ -297,7 +300,7 @@ def _fit(module, batches, args, callbacks) -> float:
         gradient_clip_val=1.0,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         enable_model_summary=False,
         callbacks=callbacks,
         log_every_n_steps=LOG_EVERY,
