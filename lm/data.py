@@ -261,6 +261,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
 
 
+try:
+    import fcntl  # the cache's work-directory locks (Unix)
+except ImportError:  # Windows: no cleanup of killed runs' work
+    fcntl = None
+
 WORK_LOCK = ".building"  # inside a cache's work directory: locked (flock) by the process building it, until done
 UNLOCKED_AFTER_SECONDS = 3600  # a work directory without its lock file, untouched this long, is a killed run's too
 
@@ -268,9 +273,7 @@ UNLOCKED_AFTER_SECONDS = 3600  # a work directory without its lock file, untouch
 def lock_work_dir(work: Path):
     """Hold a lock on `work` for as long as the returned file stays open: the kernel drops it when this process
     ends, however it ends, so the lock tells a later run whether anyone still builds there (None: no flock here)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cleanup of killed runs' work
+    if fcntl is None:
         return None
     handle = open(work / WORK_LOCK, "w")  # open as long as the build runs
     try:
@@ -287,9 +290,7 @@ def remove_stale_work_dirs(cache_path: Path) -> list[Path]:
     process holds is a killed run's; one without a lock file (its builder finished and is renaming it) must also
     be untouched for an hour. Another host's directory stays, as its lock may not be visible here; so does one left
     by a container whose host name changes at each start. Returns the directories removed."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         return []
     removed = []
     prefix = f".{cache_path.name}.tmp@{socket.gethostname()}@"

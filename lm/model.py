@@ -228,8 +228,8 @@ class GPT(nn.Module):
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, n_embd)
         for layer in self.layers:
             if self.checkpoint_layers and cache is None and torch.is_grad_enabled():
-                # non-reentrant: works under torch.compile and FSDP; the recomputation replays the dropout masks
-                x = checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
+                # non-reentrant: works under torch.compile; the recomputation replays the dropout masks
+                x = checkpoint(layer, x, cos, sin, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache)
         if cache is not None:
