@@ -199,17 +199,25 @@ class _JointState(ChainMap):
         super().__init__(muon.state, adamw.state)
         self._owners = (muon, adamw)
 
-    def __getitem__(self, param):
+    def _state_of(self, param) -> dict | None:
+        """The state mapping of the optimizer that holds `param`'s state, or else owns it; None for neither."""
         for state in self.maps:
             if param in state:
-                return state[param]
+                return state
         for owner in self._owners:
             if any(param is p for group in owner.param_groups for p in group["params"]):
-                return owner.state[param]
-        raise KeyError(param)
+                return owner.state
+        return None
+
+    def __getitem__(self, param):
+        state = self._state_of(param)
+        if state is None:
+            raise KeyError(param)
+        return state[param]
 
     def __setitem__(self, param, value):
-        next((state for state in self.maps if param in state), self.maps[0])[param] = value
+        state = self._state_of(param)  # an owned parameter's new state goes to its own optimizer
+        (self.maps[0] if state is None else state)[param] = value
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

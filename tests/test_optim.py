@@ -236,3 +236,7 @@ def test_muon_with_adamw_state_of_a_parameter_without_state_is_its_own_optimizer
     assert hidden in optimizer.muon.state and hidden not in optimizer.adamw.state
     with pytest.raises(KeyError):
         optimizer.state[torch.nn.Parameter(torch.zeros(2))]  # not one of its parameters
+    # setting a state (as Lightning's device moves do) puts it in the owner's optimizer too
+    head_norm = module.model.norm.weight
+    optimizer.state[head_norm] = {"step": torch.tensor(0.0)}
+    assert head_norm in optimizer.adamw.state and head_norm not in optimizer.muon.state
