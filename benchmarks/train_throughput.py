@@ -12,6 +12,7 @@ the device's peak is known) and peak memory, and the Lightning path's overhead o
     python benchmarks/train_throughput.py ... --optimizer muon              # Muon for the hidden matrices
     python benchmarks/train_throughput.py ... --profile prof/               # then where each path's step time goes
     python benchmarks/train_throughput.py ... --bare                        # split the overhead: Lightning's, lm's
+    python benchmarks/train_throughput.py --interleave --repeats 3 --steps 300  # CPU: raw and lm steps alternate
 """
 
 import argparse
@@ -88,6 +89,12 @@ def parse_args(argv=None):
         help="also time a bare LightningModule on the same Trainer (the model, the loss, the same schedule, "
         "Lightning's own clipping; no lm hooks or callbacks): splits the overhead into Lightning's and lm's",
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="CPU: run one raw-loop step before each lm step in the same fit, timing each apart, instead of the "
+        "paths one after the other: the machine's drift then hits both alike (each repeat is one such fit)",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
         "--profile",
@@ -97,6 +104,9 @@ def parse_args(argv=None):
         "where the time goes (top kernels, and by category) to DIR/profile_{raw,lm}.txt",
     )
     args = p.parse_args(argv)
+    if args.interleave and (args.bare or args.device.startswith("cuda")):
+        # A GPU step would need a sync around each timed part, which exposes the host work a GPU otherwise overlaps
+        p.error("--interleave: CPU only, and without --bare")
     if args.size is None:  # the CPU recipe's model; a flag given still overrides its part
         args.size = "baby"
         for key, value in CPU_RECIPE.items():
@@ -157,13 +167,38 @@ def lr_factor(step: int, total_steps: int) -> float:
     return lr_multiplier(step, schedule="cosine", warmup_steps=WARMUP_STEPS, total_steps=total_steps, min_lr_ratio=0.1)
 
 
+class RawStep:
+    """The plain loop's step: LR schedule, forward, loss, backward, clip, optimizer step, gradients freed, and the
+    loss read every LOG_EVERY steps. Its own model, seeded as the lm path's."""
+
+    def __init__(self, config, args, total_steps: int):
+        self.model, self.loss_fn = model_and_loss(config, args)
+        self.optimizer = make_optimizer(self.model, args)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.autocast = torch.autocast(
+            args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16"
+        )
+        self.device, self.total_steps = args.device, total_steps
+
+    def __call__(self, i: int, batch: dict[str, torch.Tensor]) -> None:
+        # LanguageModel's schedule, set as nanoGPT's loop sets it (LambdaLR does the same multiply)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * lr_factor(i, self.total_steps)
+        x = batch["input_ids"].to(self.device, non_blocking=True)
+        y = batch["labels"].to(self.device, non_blocking=True)
+        with self.autocast:
+            loss, _ = self.loss_fn(self.model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if (i + 1) % LOG_EVERY == 0:
+            loss.item()  # what a loop logs at its interval (a host sync on a GPU, as lm's logging step has)
+
+
 def raw_loop(config, batches, args, profiler=None) -> float:
-    """Seconds per step of the plain loop: forward, loss, backward, clip, LR schedule, optimizer step, and the loss
-    read every LOG_EVERY steps."""
-    model, loss_fn = model_and_loss(config, args)
-    optimizer = make_optimizer(model, args)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    """Seconds per step of the plain loop (RawStep over the batches)."""
+    step = RawStep(config, args, len(batches))
     start = None
     if profiler is not None:
         profiler.start()
@@ -171,19 +206,7 @@ def raw_loop(config, batches, args, profiler=None) -> float:
         if i == args.warmup:
             sync(args.device)
             start = time.perf_counter()
-        # LanguageModel's schedule, set as nanoGPT's loop sets it (LambdaLR does the same multiply)
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * lr_factor(i, len(batches))
-        x = batch["input_ids"].to(args.device, non_blocking=True)
-        y = batch["labels"].to(args.device, non_blocking=True)
-        with autocast:
-            loss, _ = loss_fn(model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (i + 1) % LOG_EVERY == 0:
-            loss.item()  # what a loop logs at its interval (a host sync on a GPU, as lm's logging step has)
+        step(i, batch)
         if profiler is not None:
             profiler.step()
     sync(args.device)
@@ -287,6 +310,42 @@ def bare_lightning_loop(config, batches, args) -> float:
     """Seconds per step of _BareModule on lightning_loop's Trainer settings: Lightning's own share of the overhead."""
     timer = _StepTimer(args.warmup, args.device)
     return _fit(_BareModule(config, args), batches, args, [timer])
+
+
+class _Interleaved(L.Callback):
+    """--interleave: before each of lm's steps, one raw-loop step on its own model and the same batch, timed apart.
+
+    An lm step is timed from the end of one raw step to the start of the next: the whole iteration of Lightning's loop
+    (data fetch, hooks, closure, optimizer and scheduler steps) and nothing of the raw step. On this 2-core VM the
+    machine's speed moves by ~10% within seconds, so paths run one after the other scattered by several percent per
+    repeat; step by step, the drift hits both alike."""
+
+    def __init__(self, raw_step: RawStep, batches, warmup: int):
+        self.raw_step, self.batches, self.warmup = raw_step, batches, warmup
+        self.raw_seconds: list[float] = []
+        self.lm_seconds: list[float] = []
+        self._resumed = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if batch_idx > self.warmup:
+            self.lm_seconds.append(now - self._resumed)  # lm's step batch_idx - 1
+        start = time.perf_counter()
+        self.raw_step(batch_idx, self.batches[batch_idx])
+        if batch_idx >= self.warmup:
+            self.raw_seconds.append(time.perf_counter() - start)
+        self._resumed = time.perf_counter()
+
+
+def interleaved_loops(config, batches, args) -> dict[str, float]:
+    """--interleave (CPU): seconds per step of the raw loop and of the lm path, alternating step by step in one fit.
+
+    The last lm step is not timed (the loop's teardown follows it), so both means are over the same len - warmup - 1
+    step pairs."""
+    interleaved = _Interleaved(RawStep(config, args, len(batches)), batches, args.warmup)
+    lightning_loop(config, batches, args, extra_callbacks=[interleaved])
+    pairs = list(zip(interleaved.raw_seconds[:-1], interleaved.lm_seconds, strict=True))  # the last raw step: unpaired
+    return {"raw": sum(r for r, _ in pairs) / len(pairs), "lm": sum(m for _, m in pairs) / len(pairs)}
 
 
 def _fit(module, batches, args, callbacks) -> float:
@@ -402,6 +461,8 @@ def main(argv=None):
     on_cuda = args.device.startswith("cuda")
     paths = {"raw": raw_loop} | ({"bare": bare_lightning_loop} if args.bare else {}) | {"lm": lightning_loop}
     names = list(paths)
+    if args.interleave:  # one fit gives both paths' times
+        names, paths = ["interleaved"], {"interleaved": interleaved_loops}
     repeats = []  # in turns, so drift in machine load hits every path alike
     peak_mb = dict.fromkeys(names, 0.0)  # CUDA: each path's own peak
     for i in range(args.repeats):
@@ -420,7 +481,7 @@ def main(argv=None):
             seconds[name] = paths[name](config, batches, args)
             if on_cuda:
                 peak_mb[name] = max(peak_mb[name], torch.cuda.max_memory_allocated() / 2**20)
-        repeats.append({name: seconds[name] for name in names})
+        repeats.append(seconds["interleaved"] if args.interleave else {name: seconds[name] for name in names})
     best = {name: min(r[name] for r in repeats) for name in repeats[0]}
     # Each repeat's own ratio, next to the ratio of the bests: on a shared machine whose speed drifts, the median
     # of the paired ratios says more than one lucky run on either side.
@@ -459,6 +520,7 @@ def main(argv=None):
         "activation_checkpointing": args.activation_checkpointing,
         "optimizer": args.optimizer,
         "steps": args.steps,
+        "interleave": args.interleave,
         "params": GPT(config).num_params(),
         "rows": rows,
         "lightning_overhead": round(overhead, 4),
@@ -474,7 +536,7 @@ def main(argv=None):
         f"{result['device']}, torch {result['torch']}, {result['params'] / 1e6:.2f}M params, batch {args.batch} x "
         f"{config.block_size}, precision {args.precision}, compile {args.compile}, fp8 {args.fp8}, "
         f"activation checkpointing {args.activation_checkpointing}, {args.optimizer}, "
-        f"{args.steps} timed steps"
+        f"{args.steps} timed steps" + (", interleaved step by step" if args.interleave else "")
     )
     print(f"{'path':<6} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}" + (f" {'peak MB':>8}" if on_cuda else ""))
     for row in rows:

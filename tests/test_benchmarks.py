@@ -145,6 +145,64 @@ def test_train_throughput_paths_step_with_the_same_learning_rates(monkeypatch):
     assert seen["raw"][-1] < seen["raw"][bench.WARMUP_STEPS] == pytest.approx(bench.LR, rel=1e-3)  # then decaying
 
 
+def test_train_throughput_interleave_alternates_raw_and_lm_steps_on_the_same_batches(tmp_path, monkeypatch):
+    """--interleave: a raw step, then lm's step on the same batch, in turn; both means over the same step pairs."""
+    import lm.module
+
+    bench = load("train_throughput")
+    order: list[tuple[str, torch.Tensor]] = []
+    raw_call, lm_step = bench.RawStep.__call__, lm.module.LanguageModel.training_step
+
+    def raw(self, i, batch):
+        order.append(("raw", batch["input_ids"]))
+        return raw_call(self, i, batch)
+
+    def lm_(self, batch, batch_idx):
+        order.append(("lm", batch["input_ids"]))
+        return lm_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(bench.RawStep, "__call__", raw)
+    monkeypatch.setattr(lm.module.LanguageModel, "training_step", lm_)
+    out = tmp_path / "t.json"
+    flags = ["--size", "tiny", "--device", "cpu", "--steps", "4", "--warmup", "1", "--repeats", "2", "--interleave"]
+    result = bench.main(flags + ["--json", str(out)])
+    first_fit = order[: len(order) // 2]
+    assert [name for name, _ in first_fit] == ["raw", "lm"] * 5
+    for (_, raw_ids), (_, lm_ids) in zip(first_fit[::2], first_fit[1::2], strict=True):
+        assert torch.equal(raw_ids, lm_ids)
+    saved = json.loads(out.read_text())
+    assert saved["interleave"] is True and [row["path"] for row in saved["rows"]] == ["raw", "lm"]
+    assert len(saved["repeats_ms_per_step"]) == 2  # one fit per repeat, each giving both paths
+    assert all(row["ms_per_step"] > 0 for row in result["rows"])
+
+
+def test_train_throughput_interleave_collects_one_lm_time_per_raw_step_but_the_last(monkeypatch):
+    bench = load("train_throughput")
+    args = bench.parse_args(["--size", "tiny", "--device", "cpu", "--steps", "5", "--warmup", "2", "--interleave"])
+    config = bench.make_config(args)
+    batches = bench.make_batches(config, args)
+    seen = {}
+    interleaved_init = bench._Interleaved.__init__
+
+    def keep(self, *a):
+        interleaved_init(self, *a)
+        seen["callback"] = self
+
+    monkeypatch.setattr(bench._Interleaved, "__init__", keep)
+    seconds = bench.interleaved_loops(config, batches, args)
+    callback = seen["callback"]
+    assert len(callback.raw_seconds) == 5 and len(callback.lm_seconds) == 4  # the last lm step is not timed
+    assert seconds["raw"] == pytest.approx(sum(callback.raw_seconds[:4]) / 4)
+    assert seconds["lm"] == pytest.approx(sum(callback.lm_seconds) / 4)
+
+
+@pytest.mark.parametrize("flags", [["--bare"], ["--device", "cuda"]])
+def test_train_throughput_interleave_is_cpu_only_and_without_bare(flags):
+    bench = load("train_throughput")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--interleave", *flags])
+
+
 def test_optimizer_step_times_lm_and_torch_muon_on_the_same_parameters(tmp_path, capsys):
     bench = load("optimizer_step")
     out = tmp_path / "o.json"
