@@ -153,7 +153,7 @@ def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad, Excel) is not text
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -166,7 +166,7 @@ def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             hint = " (one record per line is JSONL: name the file .jsonl)" if e.msg == "Extra data" else ""
             raise LMError(f"{path}: invalid JSON: {e}{hint}") from None
@@ -307,7 +307,9 @@ class ChatData(L.LightningDataModule):
             kept = []
             for i, m in enumerate(messages):
                 kept.append({"role": m["role"], "content": m["content"]})
-                if "weight" in m:  # OpenAI's fine-tuning format: 0 = show this reply, do not learn it
+                # OpenAI's fine-tuning format: 0 = show this reply, do not learn it. Through Arrow (parquet, the Hub,
+                # Dataset.to_json) the messages without one get "weight": null: absent, as in plain JSONL.
+                if m.get("weight") is not None:
                     if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], float):
                         raise ValueError(f"message {i} ({m['role']}): weight must be 0 or 1, on assistant messages")
                     kept[-1]["weight"] = m["weight"]

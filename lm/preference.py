@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import SumMetric
 
-from lm.chat import Message, check_messages, render_chat
+from lm.chat import Message, check_messages, join_text_parts, render_chat
 from lm.chat_data import IGNORE_INDEX, ChatData
 from lm.config import GPTConfig
 from lm.errors import LMError
@@ -109,12 +109,15 @@ def to_pair(record: Any, fmt: str) -> tuple[list[Message], list[Message], list[M
             [{"role": "assistant", "content": record["chosen"]}],
             [{"role": "assistant", "content": record["rejected"]}],
         )
+    # OpenAI text parts ([{"type": "text", "text": ...}]) read as their joined text, as in ChatData; before the
+    # implicit format's shared-prefix comparison, so that a prompt written either way is the same prompt
     if fmt == "conversational":
-        return tuple(_message_list(record[k], k) for k in needed)
+        return tuple(join_text_parts(_message_list(record[k], k)) for k in needed)
     if fmt == "hh":
         chosen, rejected = parse_hh(record["chosen"]), parse_hh(record["rejected"])
     else:
-        chosen, rejected = _message_list(record["chosen"], "chosen"), _message_list(record["rejected"], "rejected")
+        chosen = join_text_parts(_message_list(record["chosen"], "chosen"))
+        rejected = join_text_parts(_message_list(record["rejected"], "rejected"))
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -458,6 +461,10 @@ class PreferenceModel(LanguageModel):
             self.reference.to(device=placement[0], dtype=placement[1])
             self._reference_placement = placement
         return self.reference
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._step_reward_sums = None  # as the loss sums: a previous fit may have stopped inside an accumulation window
 
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)

@@ -172,6 +172,41 @@ def test_an_assistant_message_of_weight_0_is_shown_but_not_learned(tmp_path):
         ChatData(source=path, tokenizer="char", block_size=64).setup()
 
 
+def test_weights_read_through_arrow_where_unweighted_messages_get_null_train_as_from_jsonl(tmp_path):
+    """Parquet, the Hub and Dataset.to_json give every message every key: the user's "weight" is null, not absent."""
+    from datasets import Dataset
+
+    def chat(i):
+        return {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": "draft", "weight": 0},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": f"final {i}", "weight": 1},
+            ]
+        }
+
+    records = [chat(i) for i in range(5)]
+    Dataset.from_list(records).to_parquet(tmp_path / "c.parquet")
+    from_parquet = ChatData(source=str(tmp_path / "c.parquet"), tokenizer="char", block_size=64)
+    from_jsonl = ChatData(source=_write_jsonl(tmp_path / "c.jsonl", records), tokenizer="char", block_size=64)
+    from_parquet.setup()
+    from_jsonl.setup()
+    assert from_parquet.train_examples == from_jsonl.train_examples and from_parquet.val_examples
+    assert from_parquet.val_examples == from_jsonl.val_examples
+
+
+def test_a_byte_order_mark_at_the_start_of_a_json_or_jsonl_file_is_not_part_of_the_data(tmp_path):
+    records = [_messages(i) for i in range(5)]
+    plain = ChatData(source=_write_jsonl(tmp_path / "plain.jsonl", records), tokenizer="char", block_size=64)
+    plain.setup()
+    for name, text in (("bom.jsonl", "\n".join(json.dumps(r) for r in records)), ("bom.json", json.dumps(records))):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")  # as Notepad and Excel save "UTF-8"
+        data = ChatData(source=str(tmp_path / name), tokenizer="char", block_size=64)
+        data.setup()
+        assert data.train_examples == plain.train_examples and data.val_examples == plain.val_examples
+
+
 def test_openai_text_content_parts_train_as_the_joined_text(tmp_path):
     """Content as a list of text parts (OpenAI's format, which `lm serve` accepts too) trains as its text joined."""
 

@@ -64,6 +64,25 @@ def test_formats_are_detected_and_give_the_same_pair(fmt):
     assert to_pair(record, fmt) == (PROMPT, CHOSEN, REJECTED)
 
 
+@pytest.mark.parametrize("fmt", ["conversational", "implicit"])
+def test_openai_text_parts_give_the_same_pair_as_strings(fmt):
+    """Content as a list of OpenAI text parts reads as its joined text, as ChatData reads it."""
+
+    def parted(messages):
+        return [
+            {**m, "content": [{"type": "text", "text": m["content"][:1]}, {"type": "text", "text": m["content"][1:]}]}
+            for m in messages
+        ]
+
+    record = {k: parted(v) for k, v in RECORDS[fmt].items()}
+    if fmt == "implicit":  # the prompt written as parts in one transcript and as a string in the other
+        record["rejected"] = PROMPT + parted(REJECTED)
+    assert to_pair(record, fmt) == (PROMPT, CHOSEN, REJECTED)
+    record["chosen"][-1]["content"] = [{"type": "image_url", "image_url": {"url": "x"}}]
+    with pytest.raises(ValueError, match="only text content parts"):
+        to_pair(record, fmt)
+
+
 def test_standard_format_is_one_user_turn_and_one_reply():
     record = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
     assert detect_preference_format(record) == "standard"
@@ -302,6 +321,32 @@ def test_dpo_accumulation_equals_one_big_batch_of_pairs(tmp_path):
     assert one
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_fit_stopped_inside_an_accumulation_window_leaves_no_reward_sums_to_the_next_fit(tmp_path):
+    records = [{"prompt": f"is {i} fine?", "chosen": "yes, it is.", "rejected": "no!"} for i in range(40)]
+    source = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    path, _ = _sft_checkpoint(tmp_path, TOK)
+    data = PreferenceData(source=source, tokenizer=str(path), batch_size=4, block_size=32, val_fraction=0.1)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=3e-3, beta=0.5, warmup_steps=0)
+
+    class StopInsideTheSecondWindow(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = batch_idx == 2  # batches 0-1: step 1; batch 2 opens step 2's window
+
+    def trainer(steps, callbacks=(), logger=False):
+        return L.Trainer(
+            accelerator="cpu", max_steps=steps, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
+            default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks),
+        )  # fmt: skip
+
+    trainer(10, [StopInsideTheSecondWindow()]).fit(module, datamodule=data)
+    assert module._step_reward_sums is not None  # the cut window's micro-batch
+    logger = MemoryLogger()
+    trainer(1, logger=logger).fit(module, datamodule=data)
+    (first,) = logger.by_step().values()
+    assert 0 <= first["train/rewards/accuracy"] <= 1  # it was 1.5, with the cut window's micro-batch counted in
 
 
 def test_mfu_counts_the_reference_forward(tmp_path):
