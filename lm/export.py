@@ -146,7 +146,13 @@ def tokenizer_backend(tokenizer: Tokenizer):
     from tokenizers import Tokenizer as HFBackend
 
     if isinstance(tokenizer, HFTokenizer):  # bpe and hf
-        return HFBackend.from_str(tokenizer.to_state()["tokenizer_json"])
+        backend = HFBackend.from_str(tokenizer.to_state()["tokenizer_json"])
+        # lm encodes without the post-processor's tokens; a foreign one that adds BOS (Llama's, Mistral's) would give
+        # every transformers encode a BOS the model never saw in front of text
+        processor = backend.post_processor
+        if processor is not None and processor.num_special_tokens_to_add(False) > 0:
+            backend.post_processor = None
+        return backend
     if isinstance(tokenizer, GPT2Tokenizer):
         return _gpt2_backend()
     if isinstance(tokenizer, CharTokenizer):

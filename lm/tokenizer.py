@@ -474,6 +474,10 @@ class HFTokenizer(Tokenizer):
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         # Not serialised by to_str() nor pickled, so set on every construction (including unpickling).
         backend.encode_special_tokens = True
+        # A tokenizer.json saved with a truncation or padding setting would cut or pad every encode (training data
+        # too) without a word; lm packs and pads itself. (transformers also switches both off for each call.)
+        backend.no_truncation()
+        backend.no_padding()
         # Ids, not entries: a vocabulary with gaps in its ids (a hand-made WordLevel, say) counts fewer entries than
         # its largest id, and the embedding and the token file's dtype must hold the largest. Counted once: the
         # vocabulary dict of a 50k tokenizer takes milliseconds to build.

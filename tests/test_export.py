@@ -99,6 +99,24 @@ def test_exported_tokenizer_gives_the_same_ids(tmp_path, kind):
     assert config["chat_template"] == hf_tok.chat_template and config["clean_up_tokenization_spaces"] is False
 
 
+def test_an_exported_foreign_tokenizer_that_adds_bos_in_its_post_processor_gives_lm_s_ids(tmp_path):
+    """lm never adds a post-processor's tokens; Llama's and Mistral's tokenizer.json put BOS before every encode."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import models, pre_tokenizers, processors
+
+    words = {"<s>": 0, "</s>": 1, "[UNK]": 2, **{w: 3 + i for i, w in enumerate(TEXT.split()[:40])}}
+    backend = HFBackend(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
+    write_checkpoint(tmp_path / "t.ckpt", tokenizer, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export_hf(tmp_path / "t.ckpt", tmp_path / "hf")))
+    text = " ".join(TEXT.split()[:6])
+    assert tokenizer.encode(text)[0] != 0
+    assert hf_tok.encode(text) == tokenizer.encode(text) == hf_tok(text)["input_ids"]
+
+
 def test_lm_export_warns_that_a_char_model_s_unknown_characters_become_eos(tmp_path, capsys):
     write_checkpoint(tmp_path / "t.ckpt", char_tokenizer(), block_size=16, n_layer=1, n_head=2, n_embd=32)
     main(["export", "--ckpt", str(tmp_path / "t.ckpt"), "--out", str(tmp_path / "hf")])

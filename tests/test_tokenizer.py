@@ -172,6 +172,24 @@ def test_hf_reuses_existing_eos_and_adds_missing(tmp_path):
     assert reloaded.special_ids == tok.special_ids and reloaded.fingerprint == tok.fingerprint
 
 
+def test_a_tokenizer_json_saved_with_truncation_or_padding_neither_cuts_nor_pads(tmp_path):
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import models, pre_tokenizers
+
+    words = {"hello": 0, "world": 1, "</s>": 2, "[UNK]": 3, "<pad>": 4}
+    backend = HFBackend(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.enable_truncation(max_length=3)  # as files saved from transformers pipelines may carry
+    backend.enable_padding(length=8, pad_id=4, pad_token="<pad>")
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path / "tokenizer.json")
+    text = "hello world hello world hello"
+    assert tok.encode(text) == [0, 1, 0, 1, 0] and tok.encode("world") == [1]
+    assert tok.encode_batch([text, "world"]) == [[0, 1, 0, 1, 0], [1]]
+    reloaded = Tokenizer.from_state(json.loads(json.dumps(tok.to_state())))
+    assert reloaded.encode(text) == [0, 1, 0, 1, 0]
+
+
 def test_build_tokenizer_errors(tmp_path):
     with pytest.raises(LMError, match="gpt2"):
         build_tokenizer("nope")
