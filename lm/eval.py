@@ -490,6 +490,23 @@ class EvalCallback(L.Callback):
         self._last_step = -1
         self._prepared = False
 
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
+    def on_fit_start(self, trainer, pl_module):
+        self._prepare(
+            pl_module
+        )  # a missing or malformed data file stops the run before training, not at its first eval
+
+    def _prepare(self, pl_module: L.LightningModule) -> None:
+        if not self._prepared:
+            for task in self.tasks:
+                task.prepare(pl_module.tokenizer, pl_module.model.config.block_size)
+            self._prepared = True
+
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.every_n_validations:
             return
@@ -508,10 +525,7 @@ class EvalCallback(L.Callback):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Evaluate every task now and log the metrics; returns them (keys `eval/<name>/<metric>`)."""
         model, tokenizer = pl_module.model, pl_module.tokenizer
-        if not self._prepared:
-            for task in self.tasks:
-                task.prepare(tokenizer, model.config.block_size)
-            self._prepared = True
+        self._prepare(pl_module)
         rank, world_size = trainer.global_rank, trainer.world_size
         was_training = model.training
         model.eval()

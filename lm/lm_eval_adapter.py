@@ -83,7 +83,14 @@ class LMEvalAdapter(TemplateLM):
         # Set by apply_chat_template: the harness then encodes the rendered text, whose role markers must become the
         # special tokens again (lm's tokenizers otherwise encode special-token strings as plain text, by design).
         self._specials_in_text = False
-        self._special_pattern = re.compile("(" + "|".join(map(re.escape, tokenizer.special_ids)) + ")")
+        # Keyed by the text each special decodes to, which is what the rendered chat holds: gpt2's BOS is
+        # "<|endoftext|>" and a Llama-style tokenizer.json's "<s>", not lm's "<|bos|>". Longest first, so that no
+        # marker matches the start of a longer one.
+        decoded = {tokenizer.decode([i]): i for i in sorted(set(tokenizer.special_ids.values()))}
+        self._specials = {text: i for text, i in decoded.items() if text}
+        self._special_pattern = re.compile(
+            "(" + "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))) + ")"
+        )
 
     # ---- what TemplateLM needs ---------------------------------------------------------------------------------
 
@@ -96,9 +103,9 @@ class LMEvalAdapter(TemplateLM):
         return self.model.config.block_size
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        if not self._specials_in_text or not self.tokenizer.special_ids:
+        if not self._specials_in_text or not self._specials:
             return self.tokenizer.encode(string)
-        specials = self.tokenizer.special_ids
+        specials = self._specials
         pieces = self._special_pattern.split(string)  # text, marker, text, marker, ...
         return [
             i for piece in pieces for i in ([specials[piece]] if piece in specials else self.tokenizer.encode(piece))

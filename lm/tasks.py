@@ -114,11 +114,11 @@ def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int
     rng = random.Random(f"{task}-{split}-{seed}")  # a string seed: stable across Python versions and processes
     problems: dict[str, Problem] = {}
     for _ in range(max(1000, 200 * num)):  # bounded: a small problem space cannot loop forever
-        if len(problems) == num:
-            return list(problems.values())
         problem = TASKS[task](rng, digits)
         if split_of(problem) == split:
             problems.setdefault(problem.question, problem)
+            if len(problems) == num:  # checked after the draw: the last allowed draw counts too
+                return list(problems.values())
     raise LMError(f"task {task!r} has fewer than {num} distinct {split} problems (digits={digits}); ask for fewer")
 
 

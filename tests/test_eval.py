@@ -345,3 +345,36 @@ def test_every_rank_runs_the_same_number_of_forward_passes_and_the_shards_add_up
             per_rank.append(len(calls))
         assert len(set(per_rank)) == 1, (world_size, per_rank)
         assert sums == pytest.approx(whole), world_size  # the throw-away passes count for nothing
+
+
+def test_a_bad_eval_data_path_stops_the_run_before_training_and_the_count_survives_a_resume(tmp_path):
+    from lm.data import PretrainData
+    from lm.module import LanguageModel
+
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    data = PretrainData(
+        source=str(tmp_path / "t.txt"), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c")
+    )
+    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
+    steps = []
+
+    class Steps(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    callback = EvalCallback([{"task": "hellaswag", "data": str(tmp_path / "typo.jsonl")}], every_n_steps=3)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, callbacks=[callback, Steps()], limit_val_batches=0,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(LMError, match="typo.jsonl"):
+        trainer.fit(module, datamodule=data)
+    assert steps == []  # it used to train 3 steps first
+
+    counted = EvalCallback([{"task": "lm", "data": str(tmp_path / "t.txt")}], every_n_validations=3)
+    counted._validations = 4
+    resumed = EvalCallback([{"task": "lm", "data": str(tmp_path / "t.txt")}], every_n_validations=3)
+    resumed.load_state_dict(counted.state_dict())
+    assert resumed._validations == 4  # a resumed run used to count from 0 again
+    resumed.load_state_dict({})  # a checkpoint from before the count was saved
+    assert resumed._validations == 0

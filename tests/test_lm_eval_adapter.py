@@ -166,6 +166,33 @@ def test_chat_template_is_lm_s_and_its_markers_encode_back_to_special_tokens(ada
     assert 0.0 <= out["results"]["tiny_hellaswag"]["acc,none"] <= 1.0
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "hf"])
+def test_chat_template_markers_encode_back_where_bos_decodes_to_another_string(tmp_path, kind):
+    """gpt2's BOS decodes to "<|endoftext|>", a Llama-style tokenizer.json's to "<s>": the rendered chat holds those,
+    and they used to encode back as plain text."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFBackend
+
+    from lm.tokenizer import GPT2Tokenizer, Tokenizer
+
+    if kind == "gpt2":
+        tokenizer = GPT2Tokenizer()
+    else:
+        words = {"<s>": 0, "</s>": 1, "[UNK]": 2, **{c: 3 + i for i, c in enumerate("hi ter")}}
+        backend = HFBackend(models.WordLevel(words, unk_token="[UNK]"))  # one token a character: "<s>" as text is 3
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()  # decodes to the text it encoded
+        backend.save(str(tmp_path / "tokenizer.json"))
+        tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
+    path = tmp_path / "t.ckpt"
+    write_checkpoint(path, tokenizer, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    adapter = LMEvalAdapter(ckpt=str(path), batch_size=2, device="cpu")
+    history = [{"role": "user", "content": "hi there"}]
+    text = adapter.apply_chat_template(history)
+    assert not text.startswith("<|bos|>")
+    assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
+
+
 def test_a_misspelled_model_arg_is_named_not_swallowed(tmp_path):
     path = tmp_path / "tiny.ckpt"
     write_checkpoint(path, CharTokenizer.train(["ab"]), block_size=8, n_layer=1, n_head=2, n_embd=16)

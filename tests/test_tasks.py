@@ -127,3 +127,18 @@ def test_task_accuracy_keeps_its_count_of_validations_across_a_resume():
     fresh = TaskAccuracy()
     fresh.load_state_dict({})  # a checkpoint written before the count was saved
     assert fresh._validations == 0
+
+
+def test_a_problem_found_on_the_last_allowed_draw_counts(monkeypatch):
+    import lm.tasks as tasks
+
+    test_q = next(f"{a}+{a}" for a in range(10, 100) if tasks.split_of(tasks.Problem(f"{a}+{a}", "")) == "test")
+    train_q = next(f"{a}+{a}" for a in range(10, 100) if tasks.split_of(tasks.Problem(f"{a}+{a}", "")) == "train")
+    draws = []
+
+    def the_test_problem_comes_last(rng, digits):  # of the max(1000, 200 x 1) draws allowed
+        draws.append(1)
+        return tasks.Problem(test_q if len(draws) == 1000 else train_q, "x")
+
+    monkeypatch.setitem(tasks.TASKS, "addition", the_test_problem_comes_last)
+    assert [p.question for p in tasks.make_problems("addition", "test", 1)] == [test_q]
