@@ -1,4 +1,5 @@
-"""Multi-process plumbing the `lm` CLI adds to every run: a clean torch.distributed shutdown.
+"""Multi-process plumbing: a clean torch.distributed shutdown, which the `lm` CLI adds to every run, and the FSDP root's
+weights gathered for callbacks that run the model outside a training step.
 
 Strategies are chosen by config, not here: stack a trainer overlay on any experiment,
 
@@ -8,8 +9,27 @@ Strategies are chosen by config, not here: stack a trainer overlay on any experi
 and on a cluster `srun lm fit ...` (see slurm/train.sbatch), where Lightning reads ranks from the SLURM environment.
 """
 
+import contextlib
+
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
+
+
+def root_weights_gathered(trainer: L.Trainer) -> contextlib.AbstractContextManager:
+    """A context in which `pl_module.model` can be called directly, also under FSDP.
+
+    Lightning's FSDP wraps the whole LightningModule as the root, so the GPT's own top-level weights (embedding, head,
+    final norm) belong to the root and stay flat shards outside its forward, which a direct `pl_module.model(...)`
+    bypasses ("'weight' must be 2-D"). This gathers the root's weights only (each wrapped Block still gathers its own
+    in its forward) and discards them after, unchanged. Every rank must enter it, and run the same forward passes
+    inside: each is a collective. Elsewhere it does nothing.
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, recurse=False, writeback=False)
 
 
 class DestroyProcessGroup(L.Callback):

@@ -45,8 +45,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
+from lm.distributed import root_weights_gathered
 from lm.errors import LMError, cannot_write
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
@@ -462,7 +464,8 @@ class EvalCallback(L.Callback):
     every other logger get them).
 
     Shardable tasks (lm, hellaswag) split their items over the ranks and add the counts with one sum all-reduce;
-    the chat tasks run on rank 0 and the result is broadcast, so each number is computed once and logged once.
+    the chat tasks run on rank 0 (on every rank under FSDP, where each forward pass is a collective) and rank 0's
+    result is broadcast, so each number is logged once, the same on every rank.
 
         trainer:
           callbacks:
@@ -530,8 +533,11 @@ class EvalCallback(L.Callback):
         was_training = model.training
         model.eval()
         logged = {}
+        # Under FSDP every forward pass is a collective: each rank runs every task, the chat tasks too (greedy
+        # answers, the same on every rank), and rank 0's chat result is the one broadcast and logged.
+        fsdp = isinstance(trainer.strategy, FSDPStrategy)
         try:
-            with trainer.precision_plugin.forward_context():
+            with trainer.precision_plugin.forward_context(), root_weights_gathered(trainer):
                 for task in self.tasks:
                     if task.shardable:
                         sums = task.score(model, tokenizer, rank=rank, world_size=world_size)
@@ -541,7 +547,7 @@ class EvalCallback(L.Callback):
                             packed = trainer.strategy.reduce(packed, reduce_op="sum")
                             sums = dict(zip(keys, packed.tolist(), strict=True))
                     else:
-                        sums = task.score(model, tokenizer) if rank == 0 else None
+                        sums = task.score(model, tokenizer) if rank == 0 or fsdp else None
                         if world_size > 1:
                             sums = trainer.strategy.broadcast(sums, src=0)
                     for metric, value in task.metrics(sums).items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
+from lm.distributed import root_weights_gathered
 from lm.errors import LMError
 
 TEST_PERCENT = 10  # share of each task's problem space held out for testing
@@ -190,7 +191,11 @@ class TaskAccuracy(L.Callback):
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations:
             return
-        with torch.compiler.set_stance("force_eager"):  # generation has a new shape every step: do not recompile
+        # every rank, as each forward is a collective under FSDP (root_weights_gathered)
+        with (
+            torch.compiler.set_stance("force_eager"),
+            root_weights_gathered(trainer),
+        ):  # generation: a new shape each step
             result = evaluate_task(
                 pl_module.model, pl_module.tokenizer, self.task, self.num_problems, self.seed, digits=self.digits
             )

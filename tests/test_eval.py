@@ -19,7 +19,7 @@ from lm.errors import LMError
 from lm.eval import EvalCallback, EvalSpec, evaluate, stream_windows
 from lm.model import GPT
 from lm.tokenizer import CharTokenizer, Tokenizer
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, cli_env, shared_file
 
 DOCS = ["To be, or not to be, that is the question:\n", "Whether 'tis nobler in the mind to suffer\nThe slings. é\n"]
 
@@ -378,3 +378,27 @@ def test_a_bad_eval_data_path_stops_the_run_before_training_and_the_count_surviv
     assert resumed._validations == 4  # a resumed run used to count from 0 again
     resumed.load_state_dict({})  # a checkpoint from before the count was saved
     assert resumed._validations == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm", "addition"])
+def test_eval_callback_and_task_accuracy_run_under_fsdp(tmp_path, task):
+    """Lightning's FSDP makes the LightningModule the root, whose own weights (embedding, head, final norm) are flat
+    shards outside its forward: calling pl_module.model directly failed ("'weight' must be 2-D"), and a chat task on
+    rank 0 alone left the other rank waiting in a collective. 2 CPU processes (tests/fsdp_cpu_eval.py)."""
+    import ast
+    import subprocess
+    import sys
+
+    env = cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    script = str(REPO / "tests" / "fsdp_cpu_eval.py")
+    run = subprocess.run(
+        [sys.executable, script, str(tmp_path), task], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert [line[:7] for line in lines] == ["rank 0:", "rank 1:"]
+    metrics = [ast.literal_eval(line.split(": ", 1)[1]) for line in lines]  # the dict each rank printed
+    assert metrics[0] == metrics[1]  # the same numbers logged on every rank
+    key = "eval/lm/bpb" if task == "lm" else "eval/addition/exact_match"
+    assert key in metrics[0] and math.isfinite(metrics[0][key])
