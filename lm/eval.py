@@ -175,6 +175,9 @@ class EvalSpec:
         name: Name in the metric keys (`eval/<name>/<metric>`); defaults to the task.
         limit: Evaluate only the first N documents (lm) or items (hellaswag).
         text_field: Column holding the text in JSONL/Parquet/hub sources (lm).
+        source_config: A hub dataset's configuration (lm), as data.source_config in training (e.g. sample-10BT).
+        source_split: A hub dataset's split (lm); a held-out metric wants the split training did not read.
+        source_revision: A hub dataset's revision (lm): a commit, tag or branch.
         stride: Sliding-window stride in tokens for lm; None: block_size (non-overlapping windows).
         num_problems: Problems per synthetic chat task.
         seed: Seed of the synthetic chat problems.
@@ -187,6 +190,9 @@ class EvalSpec:
     name: str | None = None
     limit: int | None = None
     text_field: str = "text"
+    source_config: str | None = None
+    source_split: str = "train"
+    source_revision: str | None = None
     stride: int | None = None
     num_problems: int = 100
     seed: int = 0
@@ -248,11 +254,24 @@ class LanguageModelling(Task):
     primary = "bpb"
 
     def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
-        from lm.data import load_documents
+        from lm.data import _is_local, load_documents
 
-        if not self.spec.data:
+        spec = self.spec
+        if not spec.data:
             raise LMError("task lm needs a text source (--data PATH | glob | hub id | builtin:shakespeare)")
-        documents = load_documents(self.spec.data, text_field=self.spec.text_field)
+        hub_only = {"source_config": spec.source_config, "source_revision": spec.source_revision}
+        hub_only["source_split"] = spec.source_split if spec.source_split != "train" else None
+        if (given := [k for k, v in hub_only.items() if v is not None]) and (
+            spec.data.startswith("builtin:") or _is_local(spec.data)
+        ):
+            raise LMError(f"{', '.join(given)}: for hub datasets only; {spec.data!r} is a local or builtin source")
+        documents = load_documents(
+            spec.data,
+            source_config=spec.source_config,
+            source_split=spec.source_split,
+            source_revision=spec.source_revision,
+            text_field=spec.text_field,
+        )
         if self.spec.limit is not None:
             documents = documents.select(range(min(self.spec.limit, len(documents))))
         texts = [t for t in documents["text"] if t]
@@ -621,6 +640,9 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--name", help="task name in the result (default: the task)")
     p.add_argument("--limit", type=int, help="only the first N documents (lm) / items (hellaswag)")
     p.add_argument("--text_field", default="text", help="lm: the text column of JSONL/Parquet/hub sources")
+    p.add_argument("--source_config", help="lm: a hub dataset's configuration (e.g. sample-10BT)")
+    p.add_argument("--source_split", default="train", help="lm: a hub dataset's split (default: train)")
+    p.add_argument("--source_revision", help="lm: a hub dataset's revision (commit, tag or branch)")
     p.add_argument("--stride", type=int, help="lm: sliding-window stride in tokens (default: block_size)")
     p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
@@ -638,6 +660,9 @@ def eval_command(argv: list[str]) -> None:
         name=args.name,
         limit=args.limit,
         text_field=args.text_field,
+        source_config=args.source_config,
+        source_split=args.source_split,
+        source_revision=args.source_revision,
         stride=args.stride,
         num_problems=args.num_problems,
         seed=args.seed,

@@ -402,3 +402,34 @@ def test_eval_callback_and_task_accuracy_run_under_fsdp(tmp_path, task):
     assert metrics[0] == metrics[1]  # the same numbers logged on every rank
     key = "eval/lm/bpb" if task == "lm" else "eval/addition/exact_match"
     assert key in metrics[0] and math.isfinite(metrics[0][key])
+
+
+def test_lm_eval_reads_a_hub_dataset_s_config_split_and_revision(ckpt, text_dir, tmp_path, monkeypatch, capsys):
+    """They were not passed on: a dataset that needs a config could not be evaluated, the others were scored on their
+    train split. (The hub is stubbed: nothing is downloaded.)"""
+    import datasets
+
+    path, _, _ = ckpt
+    calls = []
+
+    def hub(source, **kwargs):
+        calls.append({"source": source, **kwargs})
+        return datasets.Dataset.from_dict({"text": DOCS})
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    out = tmp_path / "r.json"
+    flags = ["--source_config", "sample-10BT", "--source_split", "validation", "--source_revision", "v1"]
+    main(["eval", "--ckpt", str(path), "--task", "lm", "--data", "org/corpus", *flags, "--out", str(out)])
+    (call,) = calls
+    assert (call["source"], call["name"], call["split"], call["revision"]) == (
+        "org/corpus",
+        "sample-10BT",
+        "validation",
+        "v1",
+    )
+    spec = json.loads(out.read_text())["spec"]
+    assert (spec["source_config"], spec["source_split"], spec["source_revision"]) == ("sample-10BT", "validation", "v1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # not silently ignored for a local source
+        main(["eval", "--ckpt", str(path), "--task", "lm", "--data", str(text_dir), "--source_split", "validation"])
+    assert "source_split: for hub datasets only" in capsys.readouterr().err
