@@ -17,7 +17,8 @@ put the server behind something that checks.
 Both POSTs take max_tokens, temperature, top_p, stop (a string or a list), seed and stream (Server-Sent Events), plus
 top_k (0: no top-k filter) and repetition_penalty as extensions; what a request leaves out comes from the flags. The
 `model` field is not checked. Not supported, and a 400 when asked for: n > 1, logprobs, tools/functions, logit_bias,
-presence/frequency penalties, best_of, echo, suffix. A bad request is a 400 `{"error": {"message", "type"}}` and the
+presence/frequency penalties, best_of, echo, suffix, a `prompt` list of more than one prompt (one in a
+list is read as itself). A bad request is a 400 `{"error": {"message", "type"}}` and the
 server goes on.
 
 The engine is lm.generate's, with lm chat's conventions: a reply is at most half the context, the oldest exchanges
@@ -46,7 +47,7 @@ import json
 import os
 import random
 import re
-import select
+import selectors
 import signal
 import socket
 import sys
@@ -58,7 +59,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import torch
 
@@ -149,7 +150,10 @@ class LMServer(ThreadingHTTPServer):
         return job
 
     def completion_job(self, body: dict) -> Job:
-        prompt = _field(body, "prompt", str, "a string", "")
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list) and len(prompt) == 1:  # OpenAI's array form, one prompt (n prompts: a batch)
+            prompt = prompt[0]
+        prompt = _field({"prompt": prompt}, "prompt", str, "a string (or a list of one string)", "")
         job = self._job(body, chat=False)
         # An empty prompt starts a new document, as in lm generate.
         job.prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
@@ -277,11 +281,18 @@ def _messages(value) -> list[Message]:
         messages = join_text_parts(value)
     except ValueError as e:
         raise LMError(f"messages: {e}") from None
-    # A reply can be empty (the model ended its turn at once); sent back as history, it must not be refused.
-    checked = [
-        {**m, "content": "-"} if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") == "" else m
-        for m in messages
-    ]
+
+    # A reply can be empty or blank (the model ended its turn at once, or wrote only spaces or newlines); sent back as
+    # history, it must not be refused.
+    def blank_reply(m) -> bool:
+        return (
+            isinstance(m, dict)
+            and m.get("role") == "assistant"
+            and isinstance(m.get("content"), str)
+            and not (m["content"].strip())
+        )
+
+    checked = [{**m, "content": "-"} if blank_reply(m) else m for m in messages]
     why = check_messages(checked, need_reply=False)
     if why is not None:
         raise LMError(f"messages: {why}")
@@ -332,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [model]})
-        elif path == f"/v1/models/{self.server.model_name}":
+        elif path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name:
             self._send_json(200, model)
         else:
             self._send_error(404, f"no such endpoint: GET {path}")
@@ -382,9 +393,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection: readable with nothing to read (it sends nothing after its body)."""
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        if not readable:
-            return False
+        # A selector, not select.select, which refuses a socket numbered 1024 or above (a server with many queued
+        # clients): that was a 500 after the whole generation.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ)
+            if not selector.select(timeout=0):
+                return False
         try:
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (BlockingIOError, TimeoutError):
@@ -479,6 +493,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def base_url(host: str, port: int) -> str:
+    """The API's base URL, as clients take it: an IPv6 address goes in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
 def _is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
@@ -554,7 +573,7 @@ def serve_command(argv: list[str]) -> None:
     except OSError as e:  # port taken, address not ours, ...
         raise LMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
-    print(f"lm serve: model {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    print(f"lm serve: model {name!r} at {base_url(host, port)} (Ctrl-C to stop)", flush=True)
     if server.api_key_digest is None and not _is_loopback(host):
         print(f"lm serve: warning: {host} is reachable from other machines and there is no --api_key", file=sys.stderr)
 

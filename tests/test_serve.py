@@ -20,7 +20,7 @@ from lm.chat import render_prompt, reply_stop_ids
 from lm.checkpoint import load_for_inference
 from lm.errors import LMError
 from lm.generate import stream_text, stream_tokens
-from lm.serve import Handler, LMServer, _is_loopback
+from lm.serve import Handler, LMServer, _is_loopback, base_url
 from lm.tokenizer import ASSISTANT, USER, CharTokenizer
 from tests.conftest import REPO, cli_env
 from tests.test_chat_replies import scripted_model
@@ -50,13 +50,13 @@ def server(ckpt):
 
 
 @contextlib.contextmanager
-def serving(model, tokenizer, api_key=None):
+def serving(model, tokenizer, api_key=None, model_name="tiny"):
     """(base URL, the LMServer) of a server of this model running in a thread, for the with block."""
     srv = LMServer(
         ("127.0.0.1", 0),
         model,
         tokenizer,
-        model_name="tiny",
+        model_name=model_name,
         defaults=DEFAULTS,
         seed=0,
         max_tokens_limit=64,
@@ -275,6 +275,16 @@ def test_a_reply_sent_back_as_history_is_accepted_even_when_empty(server):
     assert status == 200 and reply["object"] == "chat.completion"
 
 
+@pytest.mark.parametrize("blank", [" ", "\n", " \n "])
+def test_a_blank_reply_sent_back_as_history_is_accepted(server, blank):
+    """An undertrained model may reply with only spaces or newlines; the server returns it, the client sends it back."""
+    url, _ = server
+    history = [*HELLO, {"role": "assistant", "content": blank}, {"role": "user", "content": "and now"}]
+    assert call(url + "/v1/chat/completions", {"messages": history, "max_tokens": 2})[0] == 200
+    blank_user = [{"role": "user", "content": blank}]
+    assert call(url + "/v1/chat/completions", {"messages": blank_user})[0] == 400  # the user's turn still needs text
+
+
 def test_a_reply_ends_at_a_role_marker_and_can_be_sent_back(server):
     """An undertrained model writes the user's turn itself: the reply stops there, holding no "<|user|>" (which the
     char tokenizer cannot encode as text: the reply sent back as history was a 400)."""
@@ -303,6 +313,57 @@ def test_a_chat_reply_is_capped_at_half_the_context_and_a_tiny_temperature_is_gr
     status, reply = call(url + "/v1/chat/completions", body)
     assert status == 200 and reply["usage"]["completion_tokens"] <= srv.model.config.block_size // 2 == 16
     assert reply["choices"][0]["message"]["content"] == greedy
+
+
+def test_a_model_id_with_spaces_or_accents_is_found_percent_encoded(server):
+    _, srv = server
+    for name, path in (("sft run", "sft%20run"), ("modèle", "mod%C3%A8le")):
+        with serving(srv.model, srv.tokenizer, model_name=name) as (url, _):
+            assert call(url + "/v1/models")[1]["data"][0]["id"] == name
+            assert call(url + f"/v1/models/{path}") == (
+                200,
+                {"id": name, "object": "model", "created": 0, "owned_by": "lm"},
+            )
+
+
+def test_a_prompt_given_as_a_list_of_one_is_that_prompt(server):
+    url, _ = server
+    body = {"max_tokens": 4, "temperature": 0}
+    as_string = call(url + "/v1/completions", {**body, "prompt": "to be"})
+    as_list = call(url + "/v1/completions", {**body, "prompt": ["to be"]})
+    assert as_list[0] == 200 and as_list[1]["choices"] == as_string[1]["choices"]
+    status, error = call(url + "/v1/completions", {**body, "prompt": ["to be", "or not"]})
+    assert status == 400 and "a list of one string" in error["error"]["message"]
+
+
+def test_the_client_check_works_on_sockets_numbered_above_1024():
+    """select.select refuses descriptors >= 1024: a server with many queued clients answered 500 after generating."""
+    import os
+    import resource
+    import types
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1200, hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    ours, peer = socket.socketpair()
+    try:
+        assert ours.fileno() >= 1024
+        handler = types.SimpleNamespace(connection=ours)
+        assert Handler._client_gone(handler) is False  # connected, nothing sent
+        peer.close()
+        assert Handler._client_gone(handler) is True
+    finally:
+        ours.close()
+        peer.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_banner_s_url_brackets_an_ipv6_address():
+    assert base_url("::1", 8000) == "http://[::1]:8000/v1"
+    assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/v1"
 
 
 def test_models_by_id_and_other_methods(server):
