@@ -128,7 +128,10 @@ def _check_parameter(path: Path, name: str, spec: Any) -> None:
             raise LMError(f"{where}: values must be a non-empty list")
         if not all(v is None or isinstance(v, bool | int | float | str) for v in values):
             raise LMError(f"{where}: values must be numbers, strings, booleans or null, got {values!r}")
-    elif kind != "constant":
+    elif kind == "constant":
+        if "value" not in spec:
+            raise LMError(f"{where}: distribution constant needs a value, e.g. {{value: 3}}")
+    else:
         for key in ("min", "max", "q"):
             if key in spec:  # in place: the samplers and the grid read the numbers
                 spec[key] = _number(where, key, spec[key], integer=kind == "int_uniform" and key != "q")
@@ -399,6 +402,13 @@ def make_sampler(config: dict[str, Any], seed: int | None) -> Any:
 
             replay: dict[str, Any] = {}
 
+            def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+                # TPE samples every parameter jointly once 10 trials have completed (multivariate, Optuna's default
+                # for one objective), without asking sample_independent: a resumed trial got a new draw there
+                if self.replay:
+                    return {name: self.replay[name] for name in search_space if name in self.replay}
+                return super().sample_relative(study, trial, search_space)
+
             def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
                 if name in self.replay:
                     return self.replay[name]
@@ -552,6 +562,17 @@ def run_local(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cannot_write(out, e) from None
+    # Trial folders are numbered per study: a second study in the same --out would write into the first one's, and
+    # resume from its checkpoints
+    marker = out / "study_name"
+    held = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    if held is not None and held != name:
+        raise LMError(f"{out} holds the trials of study {held!r}; give study {name!r} another --out")
+    if held is None:
+        try:
+            marker.write_text(name + "\n", encoding="utf-8")
+        except OSError as e:
+            raise cannot_write(marker, e) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, flag = (storage, "--storage") if storage else (f"sqlite:///{(out / 'optuna.db').resolve()}", f"--out {out}")
     study = optuna.create_study(
@@ -572,7 +593,7 @@ def run_local(
     elif recorded != (metric, goal):
         raise LMError(
             f"study {name!r} was run for {recorded[0]} ({recorded[1]}), this sweep asks for {metric} ({goal}): "
-            "give it another --name, or another --out"
+            "give it another --out (and, in a shared --storage, another --name)"
         )
     # ask/tell instead of study.optimize (which would decide --count and the grid per thread, unlocked): the
     # heartbeats that Optuna keeps in optimize are recorded by run_trials() below, so its warning does not apply.
@@ -663,10 +684,21 @@ def run_local(
         if resumed is not None:  # random/bayes: a cut-off trial's draw again, to resume it rather than draw anew
             study.sampler.replay = dict(resumed[0].params)
             trial.set_user_attr("resumes_trial", resumed[0].number)
-        try:
-            params = suggest(trial, config["parameters"])
-        finally:
-            if grid is None:
+        if grid is not None:
+            # The grid point as chosen, with no Optuna distribution recorded: a grid whose values were extended
+            # since the study began (a natural edit) would otherwise be refused by Optuna
+            params = dict(study.sampler.point)
+        else:
+            try:
+                params = suggest(trial, config["parameters"])
+            except ValueError as e:  # Optuna: this study drew the parameter from other values or bounds
+                trial.set_user_attr("dropped", f"parameters changed since the study began: {e}")
+                study.tell(trial, state=TrialState.FAIL)
+                raise LMError(
+                    f"study {name!r} in {out} drew its parameters from other values or bounds ({e}); run the edited "
+                    "sweep with another --out"
+                ) from None
+            finally:
                 study.sampler.replay = {}
         # what the trial runs with: q_log_uniform_values rounds Optuna's draw (trial.params keeps the draw)
         trial.set_user_attr("params", params)
@@ -685,8 +717,16 @@ def run_local(
                 budget += 1
             return "lost"
         root = out / f"trial-{trial.number:04d}"
-        if grid is not None:  # the newest cut-off trial of this point, if any
-            resumed = next((c for c in reversed(cut_offs()) if point(c[0]) == _grid_key(params)), None)
+        if grid is not None:  # the newest cut-off trial of this point that no trial resumed yet, if any
+            # (one resumed and then failed by itself, its crash checkpoint in the same folder, starts anew)
+            others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+            taken = {t.user_attrs.get("resumes_trial") for t in others if not t.user_attrs.get("dropped")}
+            resumed = next(
+                (c for c in reversed(cut_offs()) if point(c[0]) == _grid_key(params) and c[0].number not in taken),
+                None,
+            )
+            if resumed is not None:
+                trial.set_user_attr("resumes_trial", resumed[0].number)
         if resumed is not None:
             # In the cut-off trial's folder: its ModelCheckpoint keeps the best score of the validations before the
             # cut only where the checkpoint directory is the same.
@@ -841,8 +881,9 @@ def run_wandb(config: dict[str, Any], *, count: int | None, project: str | None,
         raise LMError("W&B sweeps need a W&B account: no API key found (run `wandb login`), or use --local")
     import wandb
 
+    project = project or config.get("project") or "lm-sweeps"  # read before they leave the config W&B gets
+    entity = entity or config.get("entity")
     config = {k: v for k, v in config.items() if k not in ("project", "entity")} | {"name": config.get("name")}
-    project = project or config.get("project") or "lm-sweeps"
     try:
         sweep_id = wandb.sweep(sweep=config, project=project, entity=entity)
     except Exception as e:  # network or auth problems: one line, not a traceback

@@ -117,6 +117,7 @@ def test_grid_points_tell_true_from_1_but_not_10_from_10_0():
         ({"distribution": "q_uniform", "min": 0, "max": 4, "q": "a"}, "q must be a number"),  # was a TypeError
         ({"distribution": "int_uniform", "min": 0.5, "max": 3.5}, "whole-number bounds"),  # crashed the grid later
         ({"min": True, "max": 3}, "min must be a number"),
+        ({"distribution": "constant", "values": [3]}, "constant needs a value"),  # a KeyError when a trial began
     ],
 )
 def test_bad_parameters_are_one_line_errors(tmp_path, spec, message):
@@ -601,3 +602,121 @@ def test_a_sweep_edited_to_another_metric_or_goal_does_not_join_the_old_study(tm
             run_local(config, run=lambda argv, root, metric, goal: 0.0, **kwargs)
     summary = run_local(_grid("1", "2"), run=lambda argv, root, metric, goal: 0.0, **kwargs)  # the same: it joins
     assert summary["best"]["params"] == {"x": "1"}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_cut_off_bayes_trial_resumes_with_its_draw_also_once_tpe_samples_jointly(tmp_path):
+    """After 10 completed trials TPE samples all parameters jointly (sample_relative), past the replay of
+    sample_independent: the resumed trial ran in the old folder, from the old checkpoint, with a new draw."""
+    params = {"x": {"min": 0.0, "max": 1.0}, "b": {"values": [16, 32, 64]}}
+    config = _grid() | {"method": "bayes", "parameters": params}
+    out = tmp_path / "sweep"
+    out.mkdir()
+    storage = _storage(f"sqlite:///{out / 'optuna.db'}", "--out")
+    # seed 1, not run_local's 0: with the same seed and history TPE would draw the cut trial's values again by chance
+    study = optuna.create_study(study_name="b", storage=storage, sampler=lm.sweep.make_sampler(config, 1))
+    for _ in range(10):
+        trial = study.ask()
+        trial.set_user_attr("params", suggest(trial, params))
+        study.tell(trial, trial.params["x"])
+    trial = study.ask()
+    cut = suggest(trial, params)
+    root = out / f"trial-{trial.number:04d}"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").write_bytes(b"")
+    trial.set_user_attr("params", cut)
+    trial.set_user_attr("root", str(root))
+    trial.set_user_attr("worker", f"{_host()}|{os.getpid()}|not-my-start-time")  # its worker died
+    storage.record_heartbeat(trial._trial_id)
+    runs = []
+
+    def fake(argv, root, metric, goal):
+        values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
+        runs.append((values, root.name))
+        return 1.0
+
+    run_local(config, name="b", out=out, count=11, workers=1, storage=None, seed=0, extra=[], run=fake)
+    (values, folder), *_ = runs
+    assert folder == root.name and values["--ckpt_path"] == str(root / "checkpoints" / "last.ckpt")
+    assert (float(values["--x"]), int(values["--b"])) == (cut["x"], cut["b"])
+
+
+def test_a_second_study_in_the_same_out_is_refused(tmp_path):
+    """Trial folders are numbered per study: another --name in the same --out wrote into the first study's folders,
+    and could resume from its checkpoints."""
+    kwargs = {"out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(_grid("1"), name="a", run=lambda argv, root, metric, goal: 1.0, **kwargs)
+    with pytest.raises(LMError, match="holds the trials of study 'a'; give study 'b' another --out"):
+        run_local(_grid("1"), name="b", run=lambda argv, root, metric, goal: 1.0, **kwargs)
+    run_local(_grid("1", "2"), name="a", run=lambda argv, root, metric, goal: 1.0, **kwargs)  # the same study joins
+
+
+def test_a_grid_extended_since_the_study_began_runs_its_new_points(tmp_path):
+    ran = []
+    kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(_grid("1", "2"), run=lambda argv, root, metric, goal: ran.append(_x(argv)) or 1.0, **kwargs)
+    summary = run_local(
+        _grid("1", "2", "3"), run=lambda argv, root, metric, goal: ran.append(_x(argv)) or 1.0, **kwargs
+    )
+    assert sorted(ran[:2]) == ["1", "2"] and ran[2:] == ["3"]  # it was Optuna's "dynamic value space" traceback
+    assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
+
+
+def test_random_bounds_changed_since_the_study_began_are_a_one_line_error_and_leave_no_trial_running(tmp_path):
+    config = _grid() | {"method": "random", "parameters": {"x": {"values": [1, 2]}}}
+    kwargs = {"name": "r", "out": tmp_path, "count": 1, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(config, run=lambda argv, root, metric, goal: 1.0, **kwargs)
+    config["parameters"]["x"]["values"] = [1, 2, 3]
+    with pytest.raises(LMError, match="drew its parameters from other values or bounds.*another --out"):
+        run_local(config, run=lambda argv, root, metric, goal: 1.0, **kwargs | {"count": 2})
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
+
+
+def test_a_resumed_grid_point_that_then_fails_by_itself_starts_anew(tmp_path):
+    """Cut off, resumed, then crashed (writing its crash checkpoint into the same folder): every restart resumed the
+    point from that crash checkpoint instead of training it anew."""
+    kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    checkpoint = tmp_path / "trial-0000" / "checkpoints" / "last.ckpt"
+    resumes = []
+
+    def cut_off(argv, root, metric, goal):
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise lm.sweep.TrialFailed("stopped by SIGTERM (exit code 0)")
+
+    def crash(argv, root, metric, goal):
+        resumes.append([a for a in argv if a.startswith("--ckpt_path=")])
+        raise lm.sweep.TrialFailed("exit code 3: non-finite loss")  # its last.ckpt, saved on the exception, stays
+
+    def finish(argv, root, metric, goal):
+        resumes.append([a for a in argv if a.startswith("--ckpt_path=")])
+        return 1.0
+
+    with pytest.raises(LMError, match="stopped by SIGTERM"):
+        run_local(_grid("1"), run=cut_off, **kwargs)
+    assert run_local(_grid("1"), run=crash, **kwargs)["best"] is None
+    run_local(_grid("1"), run=finish, **kwargs)
+    assert resumes == [[f"--ckpt_path={checkpoint}"], []]
+
+
+def test_wandb_sweep_takes_project_and_entity_from_the_file(tmp_path, monkeypatch):
+    import wandb
+
+    import lm.__main__
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(lm.__main__, "_wandb_logged_in", lambda: True)
+    calls = {}
+    monkeypatch.setattr(
+        wandb, "sweep", lambda sweep, project=None, entity=None: calls.update(sweep=(project, entity)) or "id1"
+    )
+    monkeypatch.setattr(
+        wandb, "agent", lambda sweep_id, project=None, entity=None, count=None: calls.update(agent=(project, entity))
+    )
+    config = _grid("1") | {"project": "my-proj", "entity": "my-team", "command": ["lm", "fit", "${args}"]}
+    main(["sweep", str(_write(tmp_path, config))])
+    assert calls == {"sweep": ("my-proj", "my-team"), "agent": ("my-proj", "my-team")}  # it was lm-sweeps, no entity
+    main(["sweep", str(_write(tmp_path, config)), "--project", "other"])
+    assert calls["sweep"] == ("other", "my-team")  # the flag wins
