@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer, text_groups
 
-FORMAT_VERSION = 1  # bump when tokens.bin/meta.json or the builtin text cleaning change: old caches are then ignored
+FORMAT_VERSION = 2  # bump when tokens.bin/meta.json or the text read change: old caches are then ignored (2: no BOM)
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTINS = ("shakespeare",)
 
@@ -135,11 +135,15 @@ def local_files(source: str) -> list[Path]:
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and not (p.parent / "tokens.bin").is_file()
         ]
+    elif Path(expanded).is_file():  # a file is itself, also when its name holds glob characters ("part[1].txt")
+        paths = [Path(expanded)]
     else:
         paths = [Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()]
     if not paths:
         raise LMError(f"data source {source!r}: no such file (or the glob/directory matches no data files)")
-    paths = sorted(p.resolve() for p in paths)
+    # Absolute, but symlinks kept: a content-addressed store (a hub snapshot folder, git-annex, DVC) links named files
+    # to blobs without an extension, whose type would then be unknown
+    paths = sorted(Path(os.path.abspath(p)) for p in paths)
     kinds = {BUILDERS.get(p.suffix.lower()) for p in paths}
     if None in kinds:
         bad = next(p for p in paths if p.suffix.lower() not in BUILDERS)
@@ -171,10 +175,15 @@ def load_documents(
         paths = local_files(source)
         builder = BUILDERS[paths[0].suffix.lower()]
         # sample_by="document": one row per file with its newlines kept (the default drops them, one row per line)
-        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+        # utf-8-sig: a byte-order mark (Windows editors) is not text, as the JSON builder already drops it
+        kwargs: dict[str, Any] = {"sample_by": "document", "encoding": "utf-8-sig"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(
-                builder, data_files=[str(p) for p in paths], split="train", cache_dir=hf_cache_dir, **kwargs
+            ds = datasets.load_dataset(  # escaped: datasets reads data_files as globs ("part[1].txt" -> part1.txt)
+                builder,
+                data_files=[glob.escape(str(p)) for p in paths],
+                split="train",
+                cache_dir=hf_cache_dir,
+                **kwargs,
             )
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
             where = _find_bad_record(paths, builder)  # only on failure: pinpoint the file and line
@@ -798,6 +807,13 @@ class PretrainData(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the cached tokens, split them into train/val and load the tokenizer (cheap, on every rank)."""
+        if self.trainer is not None and self.trainer.overfit_batches:
+            # Lightning would replace the batch sampler by a SequentialSampler over single windows: batches of one
+            # window each, then a crash saving the loader's position
+            raise LMError(
+                "trainer.overfit_batches: not supported by PretrainData, whose batches are random windows; for a short "
+                "run use trainer.limit_train_batches (or max_steps)"
+            )
         path = self._resolve_cache_path(self._fixed_tokenizer())
         if not (path / "meta.json").is_file():
             raise LMError(f"no prepared data for {self.source!r} in {path}: run prepare_data() first (Trainer does)")

@@ -394,7 +394,8 @@ def test_a_hub_revision_is_read_and_keys_the_cache(tmp_path, monkeypatch):
     assert default.meta["source_revision"] is None and calls[-1][1]["revision"] is None
     make(tmp_path, "org/corpus", source_revision="abc123", text_field="content", source_config="en")
     assert len(calls) == 3  # prepared once per revision
-    assert default.cache_path.name == "corpus-char-14717f724755f37c"  # the name the code before the option gave
+    # the name the code before the option gave, since cache format 2 (format 1: corpus-char-14717f724755f37c)
+    assert default.cache_path.name == "corpus-char-816349bec1cdf248"
 
 
 def test_builtin_shakespeare(tmp_path):
@@ -579,3 +580,48 @@ def test_a_file_system_without_locks_still_prepares_and_nothing_is_removed(tmp_p
     again = make(tmp_path, text_file)
     assert not again.reused_cache and again.tokenizer.decode(all_tokens(again).tolist()) == TEXT + "<|eos|>"
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.name])
+
+
+def test_file_names_with_glob_characters_are_read_as_themselves(tmp_path):
+    """datasets reads data_files as globs: "part[1].txt" matched part1.txt, which was read twice and itself never."""
+    from lm.data import load_documents
+
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    (folder / "part1.txt").write_text("first file\n")
+    (folder / "part[1].txt").write_text("SECOND FILE\n")
+    assert sorted(load_documents(str(folder))["text"]) == ["SECOND FILE\n", "first file\n"]
+    assert load_documents(str(folder / "part[1].txt"))["text"] == ["SECOND FILE\n"]
+
+
+def test_symlinked_files_of_a_content_addressed_store_are_read_by_their_link_names(tmp_path):
+    """A hub snapshot folder (or git-annex, DVC) links train-00000.jsonl to a blob without an extension."""
+    from lm.data import load_documents
+
+    blobs, data = tmp_path / "blobs", tmp_path / "snapshots" / "rev" / "data"
+    blobs.mkdir()
+    data.mkdir(parents=True)
+    (blobs / "9f86d081").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
+    (blobs / "60303ae2").write_text("plain text")
+    (data / "train-00000.jsonl").symlink_to(blobs / "9f86d081")
+    (tmp_path / "plain.txt").symlink_to(blobs / "60303ae2")
+    assert load_documents(str(data))["text"] == ["doc 0", "doc 1", "doc 2"]
+    assert load_documents(str(data / "train-00000.jsonl"))["text"] == ["doc 0", "doc 1", "doc 2"]
+    assert load_documents(str(tmp_path / "plain.txt"))["text"] == ["plain text"]
+
+
+def test_a_byte_order_mark_at_the_start_of_a_text_file_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_text("hello world\n" * 20, encoding="utf-8-sig")  # as Windows editors save UTF-8
+    dm = make(tmp_path, tmp_path / "bom.txt")
+    assert "\ufeff" not in dm.tokenizer.decode(dm.train_tokens[:16].tolist())
+    assert dm.tokenizer.decode(dm.train_tokens[:12].tolist()) == "hello world\n"
+
+
+def test_overfit_batches_is_refused_in_one_line(tmp_path):
+    """Lightning swaps the batch sampler for single windows, then crashed saving the loader's position."""
+    (tmp_path / "t.txt").write_text("hello world\n" * 20)
+    dm = PretrainData(source=str(tmp_path / "t.txt"), tokenizer="char", block_size=8, cache_dir=str(tmp_path / "c"))
+    dm.trainer = L.Trainer(accelerator="cpu", overfit_batches=2, logger=False, enable_checkpointing=False)
+    dm.prepare_data()
+    with pytest.raises(LMError, match="overfit_batches: not supported by PretrainData"):
+        dm.setup("fit")
