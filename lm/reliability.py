@@ -45,11 +45,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, except that `last.ckpt` always holds the final step when training ends.
+    """Lightning's ModelCheckpoint, except that `last.ckpt` always holds the final step when training ends, and that
+    every checkpoint holds whole optimizer steps.
 
     (Lightning writes last.ckpt at train end only if it never wrote one before, so a run whose last validation came
-    before its last step would leave a stale last.ckpt.)
+    before its last step would leave a stale last.ckpt. And val_check_interval counts micro-batches, so a validation
+    can fall inside an accumulation window: the checkpoint Lightning writes there holds half a step, whose gradients a
+    resume from it loses. Such a validation's checkpoints are written at the step's end instead, with its scores.)
     """
+
+    _save_at_step_end = False
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and _inside_accumulation_window(trainer):
+            self._save_at_step_end = True
+            return
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._save_at_step_end and not _inside_accumulation_window(trainer):
+            self._save_at_step_end = False
+            super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
 
     def on_exception(self, trainer, pl_module, exception):
         """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading."""
@@ -61,6 +78,11 @@ class Checkpoint(ModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def _inside_accumulation_window(trainer) -> bool:
+    """Whether the optimizer step of the current batch is still to come (more micro-batches of its window to run)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class RNGState(L.Callback):
@@ -162,7 +184,7 @@ class PreemptionSignal(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._take_lightnings_flag(trainer)
-        if not trainer.fit_loop.epoch_loop._should_accumulate():  # the optimizer step is complete
+        if not _inside_accumulation_window(trainer):  # the optimizer step is complete
             self._at_step_boundary(trainer)
 
     def on_validation_start(self, trainer, pl_module):
@@ -171,9 +193,7 @@ class PreemptionSignal(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         # val_check_interval counts batches, so a validation can sit inside an accumulation window: then the step's
         # last micro-batch decides, as without a validation. The same on every rank, so the ranks stay in step.
-        if not (
-            trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fit_loop.epoch_loop._should_accumulate()
-        ):
+        if not (trainer.sanity_checking or trainer.state.fn != "fit" or _inside_accumulation_window(trainer)):
             self._at_step_boundary(trainer)
 
     def _at_step_boundary(self, trainer) -> None:
@@ -190,6 +210,9 @@ class PreemptionSignal(L.Callback):
         # The last step's signal needs no checkpoint beyond the one training writes at its end: Lightning would
         # stop with SIGTERMException (exit 143, "resume with --ckpt_path last") after the run was complete.
         finished = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        if trainer.max_epochs not in (None, -1):  # a run bounded by epochs finishes with its last epoch's last batch
+            last_epoch = trainer.current_epoch + 1 >= trainer.max_epochs
+            finished |= last_epoch and trainer.fit_loop.epoch_loop._num_ready_batches_reached()
         if stop and not finished:
             self._pending, trainer._signal_connector.received_sigterm = False, True  # Lightning stops after this
 

@@ -557,6 +557,47 @@ def test_a_signal_in_the_last_step_lets_the_run_end_as_finished(tmp_path):
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+def test_a_signal_in_the_last_batch_of_an_epoch_bounded_run_lets_it_end_as_finished(tmp_path):
+    """The finished check read max_steps only: with max_epochs the run exited 143 ("resume") after it was complete."""
+    trainer, stopped = _fit_with_signal(
+        tmp_path, _KillAtBatch(3), max_epochs=1, limit_train_batches=4, limit_val_batches=0, num_sanity_val_steps=0
+    )
+    assert not stopped and trainer.global_step == 4
+
+
+def test_a_checkpoint_of_a_validation_inside_an_accumulation_window_holds_whole_steps(tmp_path):
+    """val_check_interval counts micro-batches: the checkpoint written at a validation inside a window held half a
+    step, and a resume from it (after a crash) lost that half's gradients. It is written at the step's end now."""
+    from lm.reliability import Checkpoint
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+
+    def fit(root, ckpt_path=None):
+        torch.manual_seed(0)
+        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
+        checkpoint = Checkpoint(
+            dirpath=tmp_path / root, save_last=True, save_top_k=-1, filename="val-{step}", monitor="val/loss"
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=3, limit_val_batches=1,
+            check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[checkpoint], logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module, checkpoint
+
+    whole, checkpoint = fit("a")
+    first = min((tmp_path / "a").glob("val-*.ckpt"), key=lambda p: p.stat().st_mtime)  # the validation after batch 3
+    saved = torch.load(first, weights_only=True)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4  # was 3: mid-step
+    assert "val/loss" in str(saved["callbacks"])  # its validation's score, kept for the top-k ranking
+    resumed, _ = fit("b", ckpt_path=first)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
     """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
     signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
