@@ -44,7 +44,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 class Throughput(L.Callback):
-    """Logs `train/tokens_per_sec` (all ranks together) and `train/mfu` every `log_every_n_steps` batches.
+    """Logs `train/tokens_per_sec` (all ranks together) and `train/mfu` every `log_every_n_steps` optimizer steps.
 
     Both measure training steps only: the time spent in validation and in saving checkpoints is left out (the window
     restarts at the first batch after them), so a validation does not show as a dip in throughput.
@@ -89,12 +89,18 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch["input_ids"].numel()
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # a micro-batch inside an accumulation window: windows end at optimizer steps
         if self._first_step_pending:
             self._first_step_pending = False
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()  # once per fit: the step's kernels have run, not only been queued
             rank_zero_info(f"first step done: {time.time() - LAUNCHED_AT:.1f} s since launch")
-        if not trainer.log_every_n_steps or (batch_idx + 1) % trainer.log_every_n_steps:  # 0: Lightning logs nothing
+        # At the optimizer steps whose metrics Lightning writes (global_step counts them across epochs; batch_idx,
+        # which counts micro-batches and restarts each epoch, put windows where nothing was written)
+        if (
+            not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps
+        ):  # 0: Lightning logs nothing
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()

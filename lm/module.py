@@ -283,6 +283,7 @@ class LanguageModel(L.LightningModule):
         self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
         self._step_loss_sum = None  # their summed loss (loss x tokens), for train/loss over the whole step
         self._logged_step = False  # whether the optimizer step just taken logged its metrics
+        self._step_values: tuple | None = None  # (loss sum, tokens, LR) of the step just taken, until its batch ends
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
         self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
         self._loss = next_token_loss  # compiled in configure_model when `compile` is on
@@ -389,7 +390,7 @@ class LanguageModel(L.LightningModule):
         self._params = []  # read again after the strategy's set-up: FSDP replaces the parameters
         # A previous fit of this module may have stopped inside an accumulation window (max_time, should_stop)
         self._step_tokens = self._step_loss_sum = None
-        self._logged_step = False
+        self._logged_step, self._step_values = False, None
         # optimizer_zero_grad below does nothing: the first step must not add to gradients left from before the fit
         self.model.zero_grad(set_to_none=True)
 
@@ -426,18 +427,22 @@ class LanguageModel(L.LightningModule):
             # A GradScaler skips overflowing steps itself and lowers its scale: that is how fp16 training works,
             # not a fault. Only a non-finite loss, which no scale fixes, counts towards max_skipped_steps.
             self._nonfinite_steps_add(~torch.isfinite(loss_sum))
+        # The LR this step uses, read here: Lightning steps the scheduler before on_train_batch_end, which would show
+        # the next step's. Kept with the step's sums for a stop at a step that is not a logging step (below).
+        self._step_values = (loss_sum, tokens, optimizer.param_groups[0]["lr"])
         self._logged_step = self._is_logging_step()
         if self._logged_step:
-            loss = loss_sum / tokens.clamp(min=1)  # over every micro-batch (and rank) of the step, weighted by tokens
-            self.log("train/loss", loss)
-            # Lightning turns progress-bar values into Python numbers after every batch (a host sync for a GPU
-            # tensor), so the bar gets a CPU copy, refreshed here, where the logger reads the loss anyway.
-            self.log("loss", loss.cpu(), prog_bar=True, logger=False)
-            self.log("train/grad_norm", self._grad_norm)
-            # The LR this step uses. Read here, not after the step: Lightning steps the scheduler before
-            # on_train_batch_end, which would show the next step's LR. A CPU tensor: a Python float would be copied
-            # to the GPU (a sync).
-            self.log("train/lr", torch.tensor(optimizer.param_groups[0]["lr"]))
+            self._log_train_metrics()
+
+    def _log_train_metrics(self):
+        loss_sum, tokens, lr = self._step_values
+        loss = loss_sum / tokens.clamp(min=1)  # over every micro-batch (and rank) of the step, weighted by tokens
+        self.log("train/loss", loss)
+        # Lightning turns progress-bar values into Python numbers after every batch (a host sync for a GPU tensor),
+        # so the bar gets a CPU copy, refreshed here, where the logger reads the loss anyway.
+        self.log("loss", loss.cpu(), prog_bar=True, logger=False)
+        self.log("train/grad_norm", self._grad_norm)
+        self.log("train/lr", torch.tensor(lr))  # a CPU tensor: a Python float would be copied to the GPU (a sync)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Scale the gradients to the mean over the step's tokens and clip them by the global norm of
@@ -541,10 +546,17 @@ class LanguageModel(L.LightningModule):
         self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._logged_step:  # the batch that ended a logging step, not the micro-batches after it
-            self._logged_step = False
+        if self._step_values is None:  # a micro-batch inside an accumulation window: its step is still to come
+            return
+        stopping = self.trainer.should_stop
+        if stopping and not self._logged_step:
+            # Lightning writes the logs of a step that stops the run (max_skipped_steps, a signal) whatever
+            # log_every_n_steps says: with this step's values, not the last logging step's, which it would repeat.
+            self._log_train_metrics()
+        if self._logged_step or stopping:
             # A host number goes in as a CPU tensor: Lightning would copy a Python float to the GPU, a sync.
             self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
+        self._logged_step, self._step_values = False, None
 
     def _is_logging_step(self) -> bool:
         """Whether the Trainer hands this optimizer step's metrics to the logger (every log_every_n_steps; 0 = never,

@@ -110,3 +110,73 @@ def test_start_up_and_first_step_are_reported_once_in_seconds_since_launch(tmp_p
     assert [line.split(":")[0] for line in lines] == ["training starts", "first step done"], messages
     seconds = [float(line.split(": ")[1].split(" s ")[0]) for line in lines]
     assert 0 < seconds[0] <= seconds[1], seconds
+
+
+def test_a_run_stopped_by_max_skipped_steps_logs_that_step_s_values_not_the_last_logging_step_s():
+    """Lightning writes the logs of the step that stops a run whatever log_every_n_steps says: it repeated the last
+    logging step's finite loss and 0 skipped steps exactly where the run died of NaNs."""
+    import math
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
+    model_step = module.model_step
+
+    def nan_from_step_6(batch):
+        loss, n = model_step(batch)
+        return (loss * float("nan") if module.trainer.global_step >= 6 else loss), n
+
+    module.model_step = nan_from_step_6
+    ids = torch.randint(0, 64, (20, 2, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=20, log_every_n_steps=5, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    steps = logger.by_step()
+    assert module.skipped_steps == 2 and sorted(steps) == [4, 7]  # a logging step, then the stop
+    assert math.isfinite(steps[4]["train/loss"]) and steps[4]["train/skipped_steps"] == 0
+    last = steps[7]
+    assert math.isnan(last["train/loss"]) and last["train/skipped_steps"] == 2
+    assert last["train/lr"] != steps[4]["train/lr"]  # this step's LR (the schedule moved on)
+
+
+@pytest.mark.parametrize(("accumulate", "epoch_batches"), [(4, 40), (1, 5)])
+def test_tokens_per_sec_windows_end_at_optimizer_steps_across_accumulation_and_epochs(
+    monkeypatch, accumulate, epoch_batches
+):
+    """Windows were counted in micro-batches of the epoch (batch_idx): under accumulation they held too few optimizer
+    steps (the rate read half the true one here), and with epochs of 5 batches some logged steps had no rate and
+    others a stale one."""
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    training_step, optimizer_step = module.training_step, module.optimizer_step
+
+    def timed_training_step(batch, batch_idx):
+        clock.now += STEP
+        return training_step(batch, batch_idx)
+
+    def timed_optimizer_step(*args, **kwargs):
+        clock.now += 2 * STEP
+        return optimizer_step(*args, **kwargs)
+
+    module.training_step, module.optimizer_step = timed_training_step, timed_optimizer_step
+    ids = torch.randint(0, 64, (epoch_batches, 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    logger = MemoryLogger()
+    log_every = 1 if accumulate > 1 else 2
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6 if accumulate > 1 else 12, log_every_n_steps=log_every,
+        accumulate_grad_batches=accumulate, limit_val_batches=0, num_sanity_val_steps=0, logger=logger,
+        callbacks=[Throughput()], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    steps = logger.by_step()
+    true_rate = accumulate * 64 / (accumulate * STEP + 2 * STEP)
+    logged = sorted(s for s, m in steps.items() if "train/loss" in m)
+    rates = {s: steps[s].get("train/tokens_per_sec") for s in logged}
+    assert rates[logged[0]] is None  # the first window (warm-up, compilation) is not logged
+    assert all(rate == pytest.approx(true_rate) for rate in list(rates.values())[1:]), rates
