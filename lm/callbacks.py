@@ -21,7 +21,9 @@ _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.flo
 
 # Dense peak FLOP/s of chips that Lightning's table misses under the name the driver reports. A plain "NVIDIA H200"
 # is the SXM part: the H100 SXM's tensor cores with faster memory (vendor datasheet).
-_MORE_PEAK_FLOPS = {"nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12}}
+_MORE_PEAK_FLOPS = {
+    "nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+}
 
 
 def training_dtype(precision: str) -> torch.dtype:
@@ -39,6 +41,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return None
     name = torch.cuda.get_device_name(device).lower()
     if name in _MORE_PEAK_FLOPS:
+        if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            dtype = "tfloat32"  # fp32 matmuls run on the tensor cores as TF32, as Lightning's table reads it
         return _MORE_PEAK_FLOPS[name].get(dtype)
     return get_available_flops(device, dtype)
 

@@ -210,6 +210,11 @@ def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # the H100 SXM's dense bf16 peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989.4e12  # from Lightning's table
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 on: MFU read ~7x too high
+    assert peak_flops(torch.device("cuda"), torch.float32) == 494.7e12  # the H100 SXM's dense TF32 peak
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert peak_flops(torch.device("cuda"), torch.float32) == 66.9e12
 
 
 @pytest.mark.parametrize(
