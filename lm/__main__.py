@@ -18,6 +18,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonargparse
 import torch
@@ -47,7 +48,9 @@ from lm.tasks import tasks_command
 LIGHTNING_COMMANDS = ("fit", "validate")
 # lm's default progress bar: tqdm's, redrawn every this many batches
 PROGRESS_BAR_REFRESH_RATE = 10
-RUNTIME_ARGS = ("compile", "fp8", "activation_checkpointing", "max_skipped_steps")  # a resumed run may change these
+# A resumed run may change these. init_from too: the file may have moved since (the weights come from the resumed
+# checkpoint; an architecture that differs is refused, and DPO refuses a reference whose weights changed).
+RUNTIME_ARGS = ("compile", "fp8", "activation_checkpointing", "max_skipped_steps", "init_from")
 
 
 def _plain(value):
@@ -135,6 +138,11 @@ class LMCLI(LightningCLI):
         """Point every writer at trainer.default_root_dir (DESIGN.md: one output root); on resume, check the checkpoint
         and continue its W&B run."""
         config = self.config[self.subcommand]
+        # The config as given, before the values below that the root, the login and a resume fill in: what
+        # <root>/config.yaml and the checkpoints' run_config record, so that a run started again from them with
+        # another root writes there, not into this run's checkpoints, logs and W&B run.
+        self._given_config = config.clone()
+        self.save_config_kwargs = {**self.save_config_kwargs, "given": self._given_config}
         root = Path(config.trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
@@ -146,7 +154,9 @@ class LMCLI(LightningCLI):
         if earlier and _rank() == 0:
             print(
                 f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; this run "
-                "replaces last.ckpt and keeps the others (resume that run instead with --ckpt_path last)"
+                "replaces last.ckpt and any of the same name (best-step=N.ckpt at a step it saves too) and keeps the "
+                "others (resume that run instead with --ckpt_path last, or give this one another "
+                "trainer.default_root_dir)"
             )
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
@@ -168,6 +178,8 @@ class LMCLI(LightningCLI):
         self._resume_info = {}
         config = self.config.get(self.config.get("subcommand") or "", None)
         ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path is None and self.config.get("subcommand") == "validate":
+            raise LMError("lm validate needs --ckpt_path (a .ckpt or last): without it the weights are untrained")
         if ckpt_path == "last":  # where our Checkpoint callback writes it (`checkpoint.dirpath` is not resolved yet)
             ckpt_path = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints")
             ckpt_path = ckpt_path / "last.ckpt"
@@ -209,9 +221,12 @@ class LMCLI(LightningCLI):
         for key in RUNTIME_ARGS:
             if key in given:
                 hparams[key] = given[key]
-        ignored = _differences(given, hparams, skip="arch") + _differences(  # vocab_size: set by the tokenizer
-            given.get("arch") or {}, hparams.get("arch") or {}, skip="vocab_size", prefix="arch."
-        )
+        ignored = _differences(given, hparams, skip="arch")
+        if not hparams.get("init_from"):  # with init_from the checkpoint's arch is that file's, not the config's
+            # vocab_size: set by the tokenizer
+            ignored += _differences(
+                given.get("arch") or {}, hparams.get("arch") or {}, skip="vocab_size", prefix="arch."
+            )
         self.config = self.parser.parse_object(
             {self.config.subcommand: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config
         )
@@ -228,7 +243,7 @@ class LMCLI(LightningCLI):
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self.trainer.callbacks.append(DestroyProcessGroup())  # clean gloo/NCCL exit (lm/distributed.py)
-        self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        self.model.run_config = self._parser(self.subcommand).dump(self._given_config, skip_none=False)
 
     def _calm_default_progress_bar(self) -> None:
         """Lightning's default progress bar (rich's where rich is installed) becomes tqdm's, redrawn every
@@ -249,8 +264,10 @@ class LMCLI(LightningCLI):
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
+    # Where wandb itself looks: $NETRC (else ~/.netrc), under the host of $WANDB_BASE_URL (a self-hosted server)
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 
@@ -439,7 +456,11 @@ def _lightning_user_error(e: Exception) -> bool:
 
 
 class _SaveFitConfig(SaveConfigCallback):
-    """Writes <root>/config.yaml for fit only: `lm validate` on a run's root used to overwrite the training config."""
+    """Writes <root>/config.yaml for fit only (`lm validate` on a run's root used to overwrite the training config),
+    with the config as given (LMCLI.before_instantiate_classes)."""
+
+    def __init__(self, parser, config, *, given=None, **kwargs):
+        super().__init__(parser, given if given is not None else config, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":

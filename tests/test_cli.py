@@ -65,9 +65,20 @@ def test_fit_debug_then_generate(tmp_path):
     # A new run in the same root: last.ckpt is now its last step (Lightning alone would write last-v1.ckpt beside it).
     again = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "6", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "checkpoint(s) of an earlier run; this run replaces last.ckpt" in again.stdout
+    assert "checkpoint(s) of an earlier run; this run replaces last.ckpt and any of the same name" in again.stdout
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
     assert not list((root / "checkpoints").glob("*-v1.ckpt"))
+
+    # The run's saved config, started again with another root, writes there: it used to hold the directories derived
+    # from this root (checkpoints, W&B), so the new run overwrote this run's last.ckpt and logged into its folder.
+    other = tmp_path / "runs" / "other"
+    wandb_runs = len(list((root / "wandb").glob("offline-run-*")))
+    again = lm("fit", "--config", root / "config.yaml", "--trainer.default_root_dir", other, "--trainer.max_steps", "4",
+               cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    assert torch.load(other / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
+    assert len(list((root / "wandb").glob("offline-run-*"))) == wandb_runs and list((other / "wandb").glob("offline-*"))
 
 
 def test_other_loggers_also_write_under_the_run_root(tmp_path):
@@ -170,3 +181,54 @@ def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kep
     assert type(configured) is TQDMProgressBar and configured.refresh_rate == 3
     assert disabled is None
     assert type(beside_another) is type(default) and beside_another.refresh_rate == 10
+
+
+def test_lm_validate_without_a_checkpoint_is_refused(tmp_path, capsys):
+    """It scored untrained weights: a meaningless loss, as --ckpt_path last with no checkpoint is refused."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["validate", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert "lm validate needs --ckpt_path" in capsys.readouterr().err
+
+
+def test_wandb_login_is_found_where_wandb_looks(tmp_path, monkeypatch):
+    from lm.__main__ import _wandb_logged_in
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc_file = tmp_path / "custom_netrc"
+    netrc_file.write_text("machine api.wandb.ai login user password k\nmachine wandb.example.com login u password k\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.delenv("NETRC", raising=False)
+    assert not _wandb_logged_in()
+    monkeypatch.setenv("NETRC", str(netrc_file))  # it read ~/.netrc only
+    assert _wandb_logged_in()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a self-hosted server
+    assert _wandb_logged_in()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://other.example.com")
+    assert not _wandb_logged_in()
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_resumes_after_its_init_from_checkpoint_moved(tmp_path, capsys, monkeypatch):
+    """init_from is read again on resume; once the file moved there was no way to resume or validate the run (a new
+    path was ignored), and every resume named arch differences nobody made (the config's arch against init_from's)."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.val_check_interval", "2"]
+    main(["fit", "--config", str(REPO / "experiments/pretrain_addition.yaml"), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", "runs/pre", *quick])  # fmt: skip
+    sft = ["fit", "--config", str(REPO / "experiments/sft_addition.yaml"), "--trainer.default_root_dir", "runs/sft",
+           *quick]  # fmt: skip
+    first = "runs/pre/checkpoints/last.ckpt"
+    main([*sft, "--trainer.max_steps", "2", "--data.init_args.tokenizer", first, "--model.init_args.init_from", first])
+    (tmp_path / "runs" / "pre").rename(tmp_path / "runs" / "pre_moved")
+    moved = "runs/pre_moved/checkpoints/last.ckpt"
+    capsys.readouterr()
+    main([*sft, "--trainer.max_steps", "4", "--data.init_args.tokenizer", moved, "--model.init_args.init_from", moved,
+          "--ckpt_path", "last"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "ignored here" not in out, out
+    assert torch.load(tmp_path / "runs/sft/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
