@@ -327,18 +327,29 @@ def tokenizer_command(argv: list[str]) -> None:
     t.add_argument("--kind", choices=["bpe", "char"], default="bpe")
     t.add_argument("--vocab_size", type=int, default=8192, help="bpe only; includes the 6 special tokens")
     t.add_argument("--text_field", default="text")
+    t.add_argument("--source_config", help="a hub dataset's configuration (e.g. sample-10BT), as data.source_config")
+    t.add_argument("--source_split", default="train", help="a hub dataset's split (default: train)")
+    t.add_argument("--source_revision", help="a hub dataset's revision (commit, tag or branch)")
     t.add_argument("--out", required=True, help="directory to write")
     args = p.parse_args(argv)
 
-    from lm.data import load_documents
+    from lm.data import load_documents, refuse_hub_options_of_a_local_source
     from lm.tokenizer import build_tokenizer
+
+    refuse_hub_options_of_a_local_source(args.source, args.source_config, args.source_split, args.source_revision)
 
     try:  # before training, which can take minutes
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cannot_write(args.out, e) from None
     spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
-    documents = load_documents(args.source, text_field=args.text_field)
+    documents = load_documents(
+        args.source,
+        source_config=args.source_config,
+        source_split=args.source_split,
+        source_revision=args.source_revision,
+        text_field=args.text_field,
+    )
     tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
     try:
         tok.save(args.out)

@@ -153,6 +153,16 @@ def local_files(source: str) -> list[Path]:
     return paths
 
 
+def refuse_hub_options_of_a_local_source(source: str, config: str | None, split: str, revision: str | None) -> None:
+    """LMError when a hub dataset's config, split (other than the default train) or revision comes with a local or
+    builtin source, which has none of them: refused rather than ignored."""
+    given = {"source_config": config, "source_split": split if split != "train" else None, "source_revision": revision}
+    if (named := [k for k, v in given.items() if v is not None]) and (
+        source.startswith("builtin:") or _is_local(source)
+    ):
+        raise LMError(f"{', '.join(named)}: for hub datasets only; {source!r} is a local or builtin source")
+
+
 def load_documents(
     source: str,
     *,

@@ -254,17 +254,12 @@ class LanguageModelling(Task):
     primary = "bpb"
 
     def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
-        from lm.data import _is_local, load_documents
+        from lm.data import load_documents, refuse_hub_options_of_a_local_source
 
         spec = self.spec
         if not spec.data:
             raise LMError("task lm needs a text source (--data PATH | glob | hub id | builtin:shakespeare)")
-        hub_only = {"source_config": spec.source_config, "source_revision": spec.source_revision}
-        hub_only["source_split"] = spec.source_split if spec.source_split != "train" else None
-        if (given := [k for k, v in hub_only.items() if v is not None]) and (
-            spec.data.startswith("builtin:") or _is_local(spec.data)
-        ):
-            raise LMError(f"{', '.join(given)}: for hub datasets only; {spec.data!r} is a local or builtin source")
+        refuse_hub_options_of_a_local_source(spec.data, spec.source_config, spec.source_split, spec.source_revision)
         documents = load_documents(
             spec.data,
             source_config=spec.source_config,

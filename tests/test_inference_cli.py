@@ -138,3 +138,27 @@ def test_tokenizer_train_to_an_unwritable_directory_is_one_line_before_training(
     )
     assert code == 2 and len(err.splitlines()) == 1
     assert err == f"error: cannot write {blocker / 'x'}: Not a directory"
+
+
+def test_tokenizer_train_reads_a_hub_dataset_s_config_split_and_revision(capsys, tmp_path, monkeypatch):
+    """They were not passed on (a dataset that needs a config could not be read); with a local source, refused."""
+    import datasets
+
+    calls = []
+
+    def hub(source, **kwargs):
+        calls.append({"source": source, **kwargs})
+        return datasets.Dataset.from_dict({"text": ["hello world", "hello there"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    hub_flags = ["--source_config", "sample-10BT", "--source_split", "validation", "--source_revision", "v1"]
+    code, out, err = run(capsys, "tokenizer", "train", "--source", "org/corpus", "--kind", "char", *hub_flags,
+                         "--out", str(tmp_path / "tok"))  # fmt: skip
+    assert code == 0, err
+    (call,) = calls
+    assert (call["name"], call["split"], call["revision"]) == ("sample-10BT", "validation", "v1")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    code, _, err = run(capsys, "tokenizer", "train", "--source", str(text), "--kind", "char", "--source_config", "x",
+                       "--out", str(tmp_path / "tok2"))  # fmt: skip
+    assert code == 2 and err.startswith("error: source_config: for hub datasets only")
