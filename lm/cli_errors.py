@@ -48,6 +48,14 @@ def _suggest(key: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# What subclass_mode needs: a config without class_path leaves the base class, which takes no arguments
+_SUBCLASSES = {
+    "data": ("lm.data.PretrainData", "lm.chat_data.ChatData", "lm.preference.PreferenceData"),
+    "model": ("lm.module.LanguageModel", "lm.preference.PreferenceModel"),
+}
+_YAML_MARK = re.compile(r"line (\d+), column (\d+)")
+
+
 def _type_name(expected: str) -> str:
     """jsonargparse's "typing.Literal['a', 'b']" / "<class 'float'>" as a reader writes it: 'a', 'b' / float."""
     if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", expected):
@@ -70,6 +78,8 @@ def explain(message: str, known_keys: list[str]) -> str:
         options = _init_params(m.group(1), nested)
         key = ".".join([group, "init_args", *nested, option])
         owner = ".".join([m.group(1), *nested])
+        if not options and not nested and group in _SUBCLASSES:  # the base class: no class_path was given
+            return f"{key}: {group}.class_path is missing; give one of {', '.join(_SUBCLASSES[group])}"
         return f"unknown key {key}{_suggest(option, options)}; {owner} accepts: {', '.join(options)}"
     if m := _CLASS_PROBLEM.search(message):  # e.g. a class_path that does not import
         return f"{group}: class_path '{m.group(1)}': {m.group(2).strip()}"
@@ -84,6 +94,8 @@ def explain(message: str, known_keys: list[str]) -> str:
     if (expected := _UNION_EXPECTED.findall(message)) and (given := _GIVEN_VALUE.search(message)):
         # a union of types (Lightning's precision: int or str literals, or None): what was given, what would do
         return f"bad value for {group}: {given.group(1)}; expected one of {' | '.join(map(_type_name, expected))}"
+    if message.startswith("Problems parsing config") and (mark := _YAML_MARK.search(message)):
+        return f"{message.strip().splitlines()[0]} (YAML syntax, at line {mark.group(1)}, column {mark.group(2)})"
     return message.strip().splitlines()[0]
 
 

@@ -13,9 +13,10 @@ The last `val_fraction` of the token stream is validation, the rest training: fo
 tokenizer that is exactly nanoGPT's shakespeare_char split. Training batches are nanoGPT-style windows at uniformly
 random offsets from a seeded, resumable sampler; validation walks the val split in order.
 
-    lm fit --data.source builtin:shakespeare --data.tokenizer char          # the offline quickstart corpus
-    lm fit --data.source 'corpus/*.txt' --data.tokenizer gpt2               # local files (txt/md/jsonl/json/parquet)
-    lm fit --data.source HuggingFaceFW/fineweb-edu --data.source_config sample-10BT --data.tokenizer gpt2
+    lm fit --config experiments/debug.yaml --data.init_args.source builtin:shakespeare      # the offline corpus
+    lm fit --config experiments/debug.yaml --data.init_args.source 'corpus/*.txt' \
+        --data.init_args.tokenizer gpt2                                      # local files (txt/md/jsonl/json/parquet)
+    lm fit --config experiments/gpt2_124m.yaml   # HuggingFaceFW/fineweb-edu, source_config sample-10BT, gpt2
 """
 
 from __future__ import annotations

@@ -232,3 +232,19 @@ def test_a_fine_tuning_run_resumes_after_its_init_from_checkpoint_moved(tmp_path
     out = capsys.readouterr().out
     assert "ignored here" not in out, out
     assert torch.load(tmp_path / "runs/sft/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys):
+    """They read "unknown key data.init_args.source; lightning.LightningDataModule accepts: ." and "Problems parsing
+    config: while parsing a flow node" (no line)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.source", "builtin:shakespeare", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.class_path is missing; give one of lm.data.PretrainData, lm.chat_data.ChatData" in err, err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {init_args: {lr: [1, 2\n\n   , \n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "(YAML syntax, at line 4, column 1)" in capsys.readouterr().err
