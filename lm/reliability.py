@@ -51,10 +51,16 @@ class Checkpoint(ModelCheckpoint):
     (Lightning writes last.ckpt at train end only if it never wrote one before, so a run whose last validation came
     before its last step would leave a stale last.ckpt. And val_check_interval counts micro-batches, so a validation
     can fall inside an accumulation window: the checkpoint Lightning writes there holds half a step, whose gradients a
-    resume from it loses. Such a validation's checkpoints are written at the step's end instead, with its scores.)
+    resume from it loses. Such a validation's checkpoints are written at the step's end instead, with its scores, and a
+    stop asked for inside a window (max_time's Timer, a callback's should_stop) takes effect at the step's end.)
     """
 
-    _save_at_step_end = False
+    _save_at_step_end = False  # a validation inside an accumulation window: its checkpoints wait for the step's end
+    _stop_at_step_end = False  # a stop asked for inside a window (max_time, a callback): held until the step's end
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self._save_at_step_end = self._stop_at_step_end = False
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit" and not trainer.sanity_checking and _inside_accumulation_window(trainer):
@@ -63,21 +69,31 @@ class Checkpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning runs checkpoint callbacks after the others, so a stop a callback (max_time's Timer) asked for in
+        # this micro-batch is seen here: stopped mid-window, last.ckpt would hold half a step
+        if trainer.should_stop and _inside_accumulation_window(trainer):
+            trainer.should_stop, self._stop_at_step_end = False, True
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._save_at_step_end and not _inside_accumulation_window(trainer):
+        if not _inside_accumulation_window(trainer):
+            if self._save_at_step_end:
+                self._save_at_step_end = False
+                super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
+            if self._stop_at_step_end:
+                self._stop_at_step_end, trainer.should_stop = False, True
+
+    def on_train_end(self, trainer, pl_module):
+        if self._save_at_step_end:  # the run ended inside the window after all (the data ran out): save what it has
             self._save_at_step_end = False
-            super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
+            super().on_validation_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
         """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading."""
         if self._should_save_on_exception(trainer) and self.save_last:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_info(f"lm: {type(exception).__name__} during training, saved {self.last_model_path}")
-
-    def on_train_end(self, trainer, pl_module):
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        super().on_train_end(trainer, pl_module)
 
 
 def _inside_accumulation_window(trainer) -> bool:

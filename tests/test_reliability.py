@@ -598,6 +598,51 @@ def test_a_checkpoint_of_a_validation_inside_an_accumulation_window_holds_whole_
         torch.testing.assert_close(a, b)
 
 
+class _TimeIsUpFromBatch(L.Callback):
+    """Asks for a stop on every micro-batch from the nth on (0-based), as max_time's Timer does once time is up."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1 >= self.batch:
+            trainer.should_stop = True
+
+
+def test_a_stop_asked_for_inside_an_accumulation_window_takes_effect_at_the_step_s_end(tmp_path):
+    """max_time's Timer stopped the run mid-window: last.ckpt held half a step (a resume lost its gradients), and the
+    validation Lightning runs on a stop fell inside the window, so its best checkpoint was never written."""
+    from lm.reliability import Checkpoint
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+
+    def fit(root, callbacks=(), ckpt_path=None, val=0):
+        torch.manual_seed(0)
+        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
+        checkpoint = Checkpoint(
+            dirpath=tmp_path / root, save_last=True, save_top_k=1, monitor="val/loss", filename="best-{step}"
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=100, limit_val_batches=val,
+            check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[checkpoint, *callbacks], logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module, trainer, checkpoint
+
+    whole, _, _ = fit("a")
+    _, stopped, checkpoint = fit("b", [_TimeIsUpFromBatch(2)], val=1)  # asked for in batch 2, inside step 2's window
+    assert stopped.global_step == 2  # after the window's last batch (it stopped at 1, batch 3 of 4 unrun)
+    assert checkpoint.best_model_path.endswith("best-step=2.ckpt")  # the stop's validation, kept
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
+    resumed, _, _ = fit("b", ckpt_path=tmp_path / "b" / "last.ckpt")
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
     """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
     signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
