@@ -27,7 +27,13 @@ def main(argv=None):
     problems = make_problems(args.task, "test", args.num_problems, seed=args.seed)
     correct, latencies, tokens = 0, [], 0
     for problem in problems:
-        body = {"messages": [{"role": "user", "content": problem.question}], "temperature": 0}
+        # lm tasks eval's decoding: greedy, and no repetition penalty (the server's default is lm chat's 1.1, which
+        # changed answers that repeat the question's digits)
+        body = {
+            "messages": [{"role": "user", "content": problem.question}],
+            "temperature": 0,
+            "repetition_penalty": 1.0,
+        }
         body["max_tokens"] = args.max_tokens
         request = urllib.request.Request(
             args.url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}

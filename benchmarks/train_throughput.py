@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--sync_debug",
         action="store_true",
-        help="CUDA: report every host synchronisation during the lm path's timed steps (torch sync debug mode)",
+        help="CUDA: then run the lm path once more, untimed, reporting every host synchronisation in its steps after "
+        "warm-up (torch sync debug mode; recording them inside a timed run would slow the lm path only)",
     )
     p.add_argument(
         "--bare",
@@ -104,9 +105,13 @@ def parse_args(argv=None):
         "where the time goes (top kernels, and by category) to DIR/profile_{raw,lm}.txt",
     )
     args = p.parse_args(argv)
-    if args.interleave and (args.bare or args.device.startswith("cuda")):
-        # A GPU step would need a sync around each timed part, which exposes the host work a GPU otherwise overlaps
-        p.error("--interleave: CPU only, and without --bare")
+    if args.interleave and (args.bare or args.device.startswith("cuda") or args.steps < 2):
+        # A GPU step would need a sync around each timed part, which exposes the host work a GPU otherwise overlaps;
+        # the last lm step is not timed, so one step leaves no pair
+        p.error("--interleave: CPU only, without --bare, and at least 2 --steps")
+    if args.device.startswith("cuda:") and torch.device(args.device).index != 0:
+        # Lightning's devices=1 is the first GPU: the two paths would train on different cards
+        p.error("--device cuda:N: one GPU, the first; pick another with CUDA_VISIBLE_DEVICES=N and --device cuda")
     if args.size is None:  # the CPU recipe's model; a flag given still overrides its part
         args.size = "baby"
         for key, value in CPU_RECIPE.items():
@@ -259,9 +264,10 @@ class _ProfilerSteps(L.Callback):
         self.profiler.stop()
 
 
-def lightning_loop(config, batches, args, profiler=None, extra_callbacks=()) -> float:
+def lightning_loop(config, batches, args, profiler=None, extra_callbacks=(), count_syncs=False) -> float:
     """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk and the
-    progress bar, unless extra_callbacks holds one: benchmarks/progress_bar.py)."""
+    progress bar, unless extra_callbacks holds one: benchmarks/progress_bar.py). With count_syncs (CUDA), the host
+    syncs after warm-up are recorded in lightning_loop.syncs: a run whose time means nothing."""
     torch.manual_seed(0)
     module = LanguageModel(
         config,
@@ -273,12 +279,12 @@ def lightning_loop(config, batches, args, profiler=None, extra_callbacks=()) -> 
         activation_checkpointing=args.activation_checkpointing,
         optimizer=args.optimizer,
     )
-    timer = _StepTimer(args.warmup, args.device, args.sync_debug and profiler is None)
+    timer = _StepTimer(args.warmup, args.device, count_syncs and profiler is None)
     callbacks = [timer, Throughput(), *extra_callbacks] + ([_ProfilerSteps(profiler)] if profiler else [])
     seconds = _fit(module, batches, args, callbacks)
     if timer.sync_debug:
         sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
-        print(f"host syncs in {args.steps} timed lm steps: {len(timer.syncs)}", sites)
+        print(f"host syncs in {args.steps} lm steps after warm-up (an untimed run): {len(timer.syncs)}", sites)
         lightning_loop.syncs = sites
     return seconds
 
@@ -482,6 +488,8 @@ def main(argv=None):
             if on_cuda:
                 peak_mb[name] = max(peak_mb[name], torch.cuda.max_memory_allocated() / 2**20)
         repeats.append(seconds["interleaved"] if args.interleave else {name: seconds[name] for name in names})
+    if args.sync_debug and on_cuda:
+        lightning_loop(config, batches, args, count_syncs=True)  # after the timed runs, which it would slow
     best = {name: min(r[name] for r in repeats) for name in repeats[0]}
     # Each repeat's own ratio, next to the ratio of the bests: on a shared machine whose speed drifts, the median
     # of the paired ratios says more than one lucky run on either side.

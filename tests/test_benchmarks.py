@@ -1,5 +1,6 @@
 """The benchmark scripts: they measure the model they were asked for, and run end to end on a tiny one."""
 
+import contextlib
 import importlib.util
 import json
 
@@ -196,11 +197,42 @@ def test_train_throughput_interleave_collects_one_lm_time_per_raw_step_but_the_l
     assert seconds["lm"] == pytest.approx(sum(callback.lm_seconds) / 4)
 
 
-@pytest.mark.parametrize("flags", [["--bare"], ["--device", "cuda"]])
+@pytest.mark.parametrize(
+    "flags", [["--bare"], ["--device", "cuda"], ["--steps", "1"]]
+)  # 1 step: no pair (it divided by 0)
 def test_train_throughput_interleave_is_cpu_only_and_without_bare(flags):
     bench = load("train_throughput")
     with pytest.raises(SystemExit):
         bench.parse_args(["--interleave", *flags])
+
+
+def test_train_throughput_refuses_a_gpu_other_than_the_first():
+    """Lightning's devices=1 is GPU 0: with --device cuda:1 the raw path trained on GPU 1 and the lm path on GPU 0."""
+    bench = load("train_throughput")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda:1"])
+    assert bench.parse_args(["--device", "cuda:0"]).device == "cuda:0"
+
+
+def test_serve_tasks_asks_for_lm_tasks_eval_s_decoding(monkeypatch):
+    """The server fills a missing field from its defaults, lm chat's repetition penalty 1.1 among them: greedy answers
+    then differed from lm tasks eval's (22 of 100 on a random tiny model)."""
+    import io
+    import urllib.request
+
+    bench = load("serve_tasks")
+    bodies = []
+
+    class Opener:
+        def open(self, request, timeout=None):
+            bodies.append(json.loads(request.data))
+            reply = {"choices": [{"message": {"content": "0"}}], "usage": {"completion_tokens": 1}}
+            return contextlib.closing(io.BytesIO(json.dumps(reply).encode()))
+
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *handlers: Opener())
+    bench.main(["http://127.0.0.1:1", "--task", "addition", "--num_problems", "3"])
+    assert len(bodies) == 3
+    assert all(b["temperature"] == 0 and b["repetition_penalty"] == 1.0 for b in bodies)
 
 
 def test_optimizer_step_times_lm_and_torch_muon_on_the_same_parameters(tmp_path, capsys):
