@@ -47,6 +47,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return get_available_flops(device, dtype)
 
 
+def inside_accumulation_window(trainer: L.Trainer) -> bool:
+    """Whether the optimizer step of the current batch is still to come (more micro-batches of its window to run)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 class Throughput(L.Callback):
     """Logs `train/tokens_per_sec` (all ranks together) and `train/mfu` every `log_every_n_steps` optimizer steps.
 
@@ -93,18 +98,16 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch["input_ids"].numel()
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            return  # a micro-batch inside an accumulation window: windows end at optimizer steps
+        if inside_accumulation_window(trainer):
+            return  # windows end at optimizer steps
         if self._first_step_pending:
             self._first_step_pending = False
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()  # once per fit: the step's kernels have run, not only been queued
             rank_zero_info(f"first step done: {time.time() - LAUNCHED_AT:.1f} s since launch")
         # At the optimizer steps whose metrics Lightning writes (global_step counts them across epochs; batch_idx,
-        # which counts micro-batches and restarts each epoch, put windows where nothing was written)
-        if (
-            not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps
-        ):  # 0: Lightning logs nothing
+        # which counts micro-batches and restarts each epoch, put windows where nothing was written). 0: no logging.
+        if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()

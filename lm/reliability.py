@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from lm.callbacks import inside_accumulation_window
 from lm.checkpoint import read_checkpoint
 
 
@@ -63,7 +64,7 @@ class Checkpoint(ModelCheckpoint):
         self._save_at_step_end = self._stop_at_step_end = False
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.state.fn == "fit" and not trainer.sanity_checking and _inside_accumulation_window(trainer):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and inside_accumulation_window(trainer):
             self._save_at_step_end = True
             return
         super().on_validation_end(trainer, pl_module)
@@ -71,10 +72,10 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Lightning runs checkpoint callbacks after the others, so a stop a callback (max_time's Timer) asked for in
         # this micro-batch is seen here: stopped mid-window, last.ckpt would hold half a step
-        if trainer.should_stop and _inside_accumulation_window(trainer):
+        if trainer.should_stop and inside_accumulation_window(trainer):
             trainer.should_stop, self._stop_at_step_end = False, True
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not _inside_accumulation_window(trainer):
+        if not inside_accumulation_window(trainer):
             if self._save_at_step_end:
                 self._save_at_step_end = False
                 super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
@@ -94,11 +95,6 @@ class Checkpoint(ModelCheckpoint):
         if self._should_save_on_exception(trainer) and self.save_last:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_info(f"lm: {type(exception).__name__} during training, saved {self.last_model_path}")
-
-
-def _inside_accumulation_window(trainer) -> bool:
-    """Whether the optimizer step of the current batch is still to come (more micro-batches of its window to run)."""
-    return trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class RNGState(L.Callback):
@@ -200,7 +196,7 @@ class PreemptionSignal(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._take_lightnings_flag(trainer)
-        if not _inside_accumulation_window(trainer):  # the optimizer step is complete
+        if not inside_accumulation_window(trainer):  # the optimizer step is complete
             self._at_step_boundary(trainer)
 
     def on_validation_start(self, trainer, pl_module):
@@ -209,7 +205,7 @@ class PreemptionSignal(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         # val_check_interval counts batches, so a validation can sit inside an accumulation window: then the step's
         # last micro-batch decides, as without a validation. The same on every rank, so the ranks stay in step.
-        if not (trainer.sanity_checking or trainer.state.fn != "fit" or _inside_accumulation_window(trainer)):
+        if not (trainer.sanity_checking or trainer.state.fn != "fit" or inside_accumulation_window(trainer)):
             self._at_step_boundary(trainer)
 
     def _at_step_boundary(self, trainer) -> None:

@@ -65,3 +65,14 @@ class MemoryLogger(Logger):
         for step, metrics in self.calls:
             steps.setdefault(step, {}).update(metrics)
         return steps
+
+
+def nan_loss_from_step(module, step: int) -> None:
+    """Make `module`'s loss NaN from optimizer step `step` on (a run that diverges there)."""
+    model_step = module.model_step
+
+    def nan_from_step(batch):
+        loss, n_tokens = model_step(batch)
+        return (loss * float("nan") if module.trainer.global_step >= step else loss), n_tokens
+
+    module.model_step = nan_from_step

@@ -15,7 +15,7 @@ from lm.errors import LMError
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, RNGState
 from lm.tokenizer import CharTokenizer
-from tests.conftest import REPO
+from tests.conftest import REPO, nan_loss_from_step
 
 DEBUG = str(REPO / "experiments" / "debug.yaml")
 
@@ -297,13 +297,7 @@ def test_fp16_still_counts_a_non_finite_loss():
 
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
-    model_step = module.model_step
-
-    def nan_from_step_2(batch):
-        loss, n = model_step(batch)
-        return (loss * float("nan") if module.trainer.global_step >= 2 else loss), n
-
-    module.model_step = nan_from_step_2
+    nan_loss_from_step(module, 2)
     fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
         fit_quietly(module, 8, plugins=[fp16])

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lm.callbacks import Throughput
 from lm.config import get_config
 from lm.module import LanguageModel
-from tests.conftest import MemoryLogger
+from tests.conftest import MemoryLogger, nan_loss_from_step
 
 STEP, PAUSE = 0.01, 0.5  # seconds on the test's clock: a training step, and a validation or a checkpoint save
 
@@ -28,6 +28,15 @@ class Clock:
     def time(self) -> float:  # the "seconds since launch" lines keep the real clock
         return time.time()
 
+    def taking(self, seconds: float, fn):
+        """fn, each call of which takes `seconds` on this clock."""
+
+        def timed(*args, **kwargs):
+            self.now += seconds
+            return fn(*args, **kwargs)
+
+        return timed
+
 
 class SlowSave(L.Callback):
     """Makes every checkpoint save take PAUSE seconds longer, as writing a large one would."""
@@ -44,17 +53,8 @@ def test_tokens_per_sec_leaves_out_validation_and_checkpoint_saving(tmp_path, mo
     monkeypatch.setattr("lm.callbacks.time", clock)
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
-    training_step, validation_step = module.training_step, module.validation_step
-
-    def timed_training_step(batch, batch_idx):
-        clock.now += STEP
-        return training_step(batch, batch_idx)
-
-    def slow_validation_step(batch, batch_idx):
-        clock.now += PAUSE
-        return validation_step(batch, batch_idx)
-
-    module.training_step, module.validation_step = timed_training_step, slow_validation_step
+    module.training_step = clock.taking(STEP, module.training_step)
+    module.validation_step = clock.taking(PAUSE, module.validation_step)
     ids = torch.randint(0, 64, (12, 4, 16), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": x, "labels": x} for x in ids]
     logger = MemoryLogger()
@@ -119,13 +119,7 @@ def test_a_run_stopped_by_max_skipped_steps_logs_that_step_s_values_not_the_last
 
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
-    model_step = module.model_step
-
-    def nan_from_step_6(batch):
-        loss, n = model_step(batch)
-        return (loss * float("nan") if module.trainer.global_step >= 6 else loss), n
-
-    module.model_step = nan_from_step_6
+    nan_loss_from_step(module, 6)
     ids = torch.randint(0, 64, (20, 2, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
     logger = MemoryLogger()
@@ -153,17 +147,8 @@ def test_tokens_per_sec_windows_end_at_optimizer_steps_across_accumulation_and_e
     monkeypatch.setattr("lm.callbacks.time", clock)
     torch.manual_seed(0)
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
-    training_step, optimizer_step = module.training_step, module.optimizer_step
-
-    def timed_training_step(batch, batch_idx):
-        clock.now += STEP
-        return training_step(batch, batch_idx)
-
-    def timed_optimizer_step(*args, **kwargs):
-        clock.now += 2 * STEP
-        return optimizer_step(*args, **kwargs)
-
-    module.training_step, module.optimizer_step = timed_training_step, timed_optimizer_step
+    module.training_step = clock.taking(STEP, module.training_step)
+    module.optimizer_step = clock.taking(2 * STEP, module.optimizer_step)
     ids = torch.randint(0, 64, (epoch_batches, 4, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
     logger = MemoryLogger()
