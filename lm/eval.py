@@ -514,9 +514,8 @@ class EvalCallback(L.Callback):
         self._validations = int(state_dict.get("validations", 0))
 
     def on_fit_start(self, trainer, pl_module):
-        self._prepare(
-            pl_module
-        )  # a missing or malformed data file stops the run before training, not at its first eval
+        # a missing or malformed data file stops the run before training, not at its first evaluation
+        self._prepare(pl_module)
 
     def _prepare(self, pl_module: L.LightningModule) -> None:
         if not self._prepared:

@@ -680,7 +680,8 @@ def run_local(
         trial = study.ask()
         trial.set_user_attr("worker", me)
         study._storage.record_heartbeat(trial._trial_id)
-        resumed = None if grid is not None else cut_off_trial()
+        # random/bayes: the oldest cut-off trial, resumed before any new draw
+        resumed = None if grid is not None else next(iter(unresumed_cut_offs()), None)
         if resumed is not None:  # random/bayes: a cut-off trial's draw again, to resume it rather than draw anew
             study.sampler.replay = dict(resumed[0].params)
             trial.set_user_attr("resumes_trial", resumed[0].number)
@@ -718,13 +719,8 @@ def run_local(
             return "lost"
         root = out / f"trial-{trial.number:04d}"
         if grid is not None:  # the newest cut-off trial of this point that no trial resumed yet, if any
-            # (one resumed and then failed by itself, its crash checkpoint in the same folder, starts anew)
-            others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-            taken = {t.user_attrs.get("resumes_trial") for t in others if not t.user_attrs.get("dropped")}
-            resumed = next(
-                (c for c in reversed(cut_offs()) if point(c[0]) == _grid_key(params) and c[0].number not in taken),
-                None,
-            )
+            key = _grid_key(params)
+            resumed = next((c for c in reversed(unresumed_cut_offs()) if point(c[0]) == key), None)
             if resumed is not None:
                 trial.set_user_attr("resumes_trial", resumed[0].number)
         if resumed is not None:
@@ -746,12 +742,12 @@ def run_local(
                     found.append((t, root, last))
         return found
 
-    def cut_off_trial() -> tuple[Any, Path, Path] | None:
-        """random/bayes: the oldest cut-off trial that no trial resumes yet (a trial dropped for a lost claim does not
-        count), or None."""
+    def unresumed_cut_offs() -> list[tuple[Any, Path, Path]]:
+        """cut_offs() that no trial resumes yet (a trial dropped for a lost claim does not count), oldest first. A
+        resumed trial that then failed by itself, its crash checkpoint in the same folder, is not resumed again."""
         trials = study.get_trials(deepcopy=False)
         taken = {t.user_attrs.get("resumes_trial") for t in trials if not t.user_attrs.get("dropped")}
-        return next((c for c in cut_offs() if c[0].number not in taken), None)
+        return [c for c in cut_offs() if c[0].number not in taken]
 
     def heartbeat(trial_id: int, finished: threading.Event) -> None:
         while not finished.wait(HEARTBEAT_S):
