@@ -4,11 +4,11 @@
 # Torch is installed first, on its own, so that pip never swaps the build later:
 #   - on a CPU-only box the default TORCH_SPEC resolves to a CPU-or-CUDA 2.x wheel from your index;
 #   - with a GPU, set TORCH_SPEC to the CUDA build you want, or VENV_FLAGS=--system-site-packages to reuse
-#     the torch you already have (pip then keeps it: `torch>=2.4` in pyproject.toml is already satisfied).
+#     the torch you already have (pip then keeps it: `torch>=2.6` in pyproject.toml is already satisfied).
 PYTHON     ?= python3
 VENV       ?= .venv
 VENV_FLAGS ?=
-TORCH_SPEC ?= torch>=2.4,<2.14
+TORCH_SPEC ?= torch>=2.6,<2.14
 BIN        := $(VENV)/bin
 
 .PHONY: install quickstart test lint clean

@@ -296,6 +296,9 @@ def generate_command(argv: list[str]) -> None:
 
     # The engine checks these too, but only once the first sample starts, after its prompt is printed.
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    for flag in ("max_new_tokens", "num_samples"):  # 0 or less would print the prompt alone, or nothing, and succeed
+        if getattr(args, flag) < 1:
+            raise LMError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     model, tokenizer, _, device = load_for_inference(args.ckpt, args.device)
     generator = torch.Generator(device).manual_seed(args.seed)
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]

@@ -220,6 +220,12 @@ def chat_command(argv: list[str]) -> None:
     model, tokenizer, device = load_chat_checkpoint(args)
     generator = torch.Generator(device).manual_seed(args.seed)
     max_new = min(args.max_new_tokens, model.config.block_size // 2)  # leave half the context for the history
+    if max_new < args.max_new_tokens:
+        print(
+            f"note: replies stop at {max_new} tokens, half of this model's context of {model.config.block_size} "
+            "(the other half holds the conversation)",
+            file=sys.stderr,
+        )
     sampling = dict(
         max_new_tokens=max_new,
         temperature=args.temperature,

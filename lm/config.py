@@ -36,7 +36,8 @@ class GPTConfig:
     tie_embeddings: bool = False
     """Share the input embedding with the output head (GPT-2 style); saves vocab_size * n_embd parameters."""
     dropout: float = 0.0
-    """Dropout on attention probabilities and on each residual branch; 0 for pretraining on large data."""
+    """Dropout on the token embeddings, on attention probabilities and on each residual branch; 0 for pretraining
+    on large data."""
 
     # n_kv_head and mlp_hidden stay None when not given (so a changed n_head/n_embd re-derives them); the model
     # reads the resolved values from these properties.

@@ -62,7 +62,8 @@ def sample_next(
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty (Keskar et al. 2019), as in transformers: for every token already in the row (seen: (B, V)
-    bool), a positive logit is divided by `penalty` and a negative one multiplied, so it always becomes less likely."""
+    bool), a positive logit is divided by `penalty` and a negative one multiplied. A penalty above 1 makes those
+    tokens less likely (a logit of exactly 0 stays), one below 1 more likely."""
     if penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -104,7 +105,7 @@ def _prefill(model: GPT, rows: list[list[int]], device) -> tuple[KVCache, torch.
     if not valid.all():  # only padded batches need the mask; one prompt keeps SDPA's fast causal path
         cache.valid = torch.ones(len(rows), block_size, dtype=torch.bool, device=device)
         cache.valid[:, : ids.size(1)] = valid
-    return cache, model(ids, cache=cache)[:, -1]
+    return cache, model(ids, cache=cache, last_only=True)[:, -1]
 
 
 @torch.no_grad()
@@ -153,6 +154,9 @@ def stream_batch(
         seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
         for i, row in enumerate(rows):
             seen[i, row] = True
+        # The tokens that end a reply are never penalised: a chat prompt holds <|end|> after every turn, and SFT
+        # trains each reply to end with it, so penalising it as "seen" would make every reply less likely to end.
+        seen[:, stop] = False
     cache, next_ids = None, None
     for _ in range(max_new_tokens):
         if cache is None or not use_cache or cache.pos + 1 > block_size:
@@ -168,7 +172,7 @@ def stream_batch(
             if use_cache:
                 cache, logits = _prefill(model, windows, device)
             else:
-                logits = torch.cat([model(torch.tensor([w], device=device))[:, -1] for w in windows])
+                logits = torch.cat([model(torch.tensor([w], device=device), last_only=True)[:, -1] for w in windows])
         else:
             logits = model(next_ids[:, None], cache=cache)[:, -1]
         if vocab_size is not None:

@@ -226,6 +226,54 @@ def test_repetition_penalty_lowers_seen_tokens_only():
     assert apply_repetition_penalty(logits, seen, 1.0) is logits
 
 
+def test_the_end_of_a_chat_turn_is_not_penalised_for_being_in_the_prompt(model):
+    """A chat prompt holds <|end|> after every turn; the penalty counted it as seen, so a model about to end its
+    reply (END's logit 1.0, a letter's 0.95) was pushed into going on (1.0 / 1.1 < 0.95)."""
+    from lm.chat import render_prompt, reply_stop_ids
+    from lm.tokenizer import END
+
+    tok = CharTokenizer.train(["abcdefgh xyz\n"])
+    end, x, y = tok.token_id(END), *tok.encode("xy")
+    prompt = render_prompt([{"role": "user", "content": "abc"}], tok)
+    assert end in prompt and x not in prompt and y not in prompt
+    logits_of = {}
+
+    def fixed_logits(module, inputs, logits):
+        fixed = torch.zeros_like(logits)
+        for token, value in logits_of.items():
+            fixed[..., token] = value
+        return fixed
+
+    model.lm_head.register_forward_hook(fixed_logits)
+    stop = reply_stop_ids(tok)
+    logits_of.update({end: 1.0, x: 0.95})
+    for penalty in (1.0, 1.1, 2.0):
+        reply = generate_batch(
+            model, [prompt], max_new_tokens=3, temperature=0, repetition_penalty=penalty, stop_ids=stop
+        )
+        assert reply == [[]]
+    # content tokens in the prompt are still penalised: x (1.0) seen, y (0.95) not
+    logits_of.clear()
+    logits_of.update({x: 1.0, y: 0.95})
+    prompt_with_x = prompt[:-1] + [x, prompt[-1]]
+    reply = generate_batch(
+        model, [prompt_with_x], max_new_tokens=1, temperature=0, repetition_penalty=1.1, stop_ids=stop
+    )
+    assert reply == [[y]]
+
+
+def test_prefill_computes_the_last_position_s_logits_only(model):
+    """The head over every prompt position was thrown away but for the last: 64 windows of 1024 at GPT-2's vocabulary
+    are 13 GB of fp32 logits."""
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: shapes.append(tuple(logits.shape)))
+    for use_cache in (True, False):
+        generate_batch(model, [[1, 2, 3, 4, 5], [6, 7]], max_new_tokens=3, temperature=0, use_cache=use_cache)
+    assert shapes and all(shape[1] == 1 for shape in shapes)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(model(ids, last_only=True), model(ids)[:, -1:])
+
+
 def test_repetition_penalty_changes_greedy_decoding(model):
     plain = list(stream_tokens(model, [1, 2], max_new_tokens=12, temperature=0))
     penalised = list(stream_tokens(model, [1, 2], max_new_tokens=12, temperature=0, repetition_penalty=50.0))

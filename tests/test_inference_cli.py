@@ -64,6 +64,28 @@ def test_generate_refuses_bad_sampling_arguments_in_one_line(capsys, char_ckpt, 
 
 
 @pytest.mark.parametrize(
+    ("flag", "value"), [("--max_new_tokens", "0"), ("--max_new_tokens", "-3"), ("--num_samples", "0")]
+)
+def test_generate_refuses_counts_below_one_in_one_line(capsys, char_ckpt, flag, value):
+    """They printed the prompt alone (or nothing) and exited 0."""
+    code, out, err = run(capsys, "generate", "--ckpt", char_ckpt, "--device", "cpu", "--prompt", "ab", flag, value)
+    assert (code, out) == (2, "")
+    assert err == f"error: {flag} must be at least 1, got {value}"
+
+
+def test_chat_says_when_it_caps_the_reply_at_half_the_context(capsys, char_ckpt):
+    code, _, err = run(
+        capsys, "chat", "--ckpt", char_ckpt, "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "100"
+    )
+    assert code == 0
+    assert "replies stop at 16 tokens, half of this model's context of 32" in err
+    code, _, err = run(
+        capsys, "chat", "--ckpt", char_ckpt, "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "16"
+    )
+    assert (code, err) == (0, "")
+
+
+@pytest.mark.parametrize(
     ("flag", "value", "name"), [*BAD_SAMPLING, ("--repetition_penalty", "0", "repetition_penalty")]
 )
 def test_chat_refuses_bad_sampling_arguments_in_one_line(capsys, char_ckpt, flag, value, name):
