@@ -143,6 +143,12 @@ class LMCLI(LightningCLI):
         # another root writes there, not into this run's checkpoints, logs and W&B run.
         self._given_config = config.clone()
         self.save_config_kwargs = {**self.save_config_kwargs, "given": self._given_config}
+        sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        if self.subcommand == "fit" and sweep_id and run_id:
+            # A trial started by `wandb agent` (lm sweep on the W&B server): every trial runs the sweep's one command,
+            # so each gets its own folder under that command's root, named after the sweep and the trial's W&B run.
+            # (lm sweep --local gives each trial its own root itself.)
+            config.trainer.default_root_dir = str(Path(config.trainer.default_root_dir) / f"sweep-{sweep_id}" / run_id)
         root = Path(config.trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")

@@ -23,6 +23,9 @@ objective is the best `metric` value that the run's ModelCheckpoint recorded in 
 is recorded as failed and the sweep goes on. Ctrl-C or SIGTERM stops the running trials with SIGTERM (their `lm fit`
 saves a checkpoint) and then the sweep. At the end: a table of params (as passed to `lm fit`) -> best metric, also in
 `<out>/summary.json`.
+
+On the W&B server, `wandb agent` runs the file's one command for every trial; `lm fit` reads the agent's
+WANDB_SWEEP_ID and WANDB_RUN_ID and gives each trial its own root, `<the command's root>/sweep-<id>/<run id>`.
 """
 
 from __future__ import annotations

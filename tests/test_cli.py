@@ -93,6 +93,21 @@ def test_other_loggers_also_write_under_the_run_root(tmp_path):
     assert not (tmp_path / "debug").exists()
 
 
+def test_a_trial_of_a_wandb_server_sweep_gets_its_own_root(tmp_path):
+    """`wandb agent` runs the sweep file's one command for every trial: they all wrote runs/debug, each replacing the
+    last trial's checkpoints. The agent names the sweep and the trial's run in the environment."""
+    env = cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_SWEEP_ID="abc123", WANDB_RUN_ID="run7")
+    fit = subprocess.run(
+        [sys.executable, "-m", "lm", "fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.max_steps", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    trial = tmp_path / "runs" / "debug" / "sweep-abc123" / "run7"
+    assert (trial / "checkpoints" / "last.ckpt").is_file() and (trial / "config.yaml").is_file()
+    assert list((trial / "wandb").glob("offline-run-*"))
+    assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["sweep-abc123"]
+
+
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
     missing = lm("generate", "--ckpt", tmp_path / "nope.ckpt", cwd=tmp_path)
     assert missing.returncode == 2
