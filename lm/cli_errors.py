@@ -65,8 +65,35 @@ def _type_name(expected: str) -> str:
     return expected
 
 
-def explain(message: str, known_keys: list[str]) -> str:
-    """Turn a jsonargparse error message into one line naming the key; falls back to the message's first line."""
+def _config_files(args: list[str]) -> list[str]:
+    """The files given with --config FILE or --config=FILE, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def _unparsable(files: list[str]) -> str | None:
+    """The first of the files that is not valid YAML (jsonargparse's syntax error names none)."""
+    import yaml
+
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError:
+            return file
+        except OSError:
+            continue
+    return None
+
+
+def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
+    """Turn a jsonargparse error message into one line naming the key; falls back to the message's first line.
+    args: the command line, to name the config file that holds a YAML syntax error."""
     group = _GROUP_KEY.search(message)
     group = group.group(1) if group else "?"
     # A value error inside the class the user gave comes before an unknown-option error of a class they did not
@@ -95,7 +122,9 @@ def explain(message: str, known_keys: list[str]) -> str:
         # a union of types (Lightning's precision: int or str literals, or None): what was given, what would do
         return f"bad value for {group}: {given.group(1)}; expected one of {' | '.join(map(_type_name, expected))}"
     if message.startswith("Problems parsing config") and (mark := _YAML_MARK.search(message)):
-        return f"{message.strip().splitlines()[0]} (YAML syntax, at line {mark.group(1)}, column {mark.group(2)})"
+        file = _unparsable(_config_files(list(args)))
+        where = f"{file}, line" if file else "at line"
+        return f"{message.strip().splitlines()[0]} (YAML syntax, {where} {mark.group(1)}, column {mark.group(2)})"
     return message.strip().splitlines()[0]
 
 
@@ -104,13 +133,18 @@ class OneLineErrorParser(LightningArgumentParser):
     full report)."""
 
     verbose_errors = False
+    _args: list[str] = []
+
+    def parse_args(self, args=None, *rest, **kwargs):
+        self._args = list(sys.argv[1:] if args is None else args)  # to name a config file in an error
+        return super().parse_args(args, *rest, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if self.verbose_errors or not getattr(self, "exit_on_error", True):
             return super().error(message, ex)  # inner parsers raise, and the outer one reports
         known = [a.dest for p in _parsers(self) for a in p._actions if a.dest and not a.dest.startswith("help")]
         known = list(dict.fromkeys(known))  # fit's and validate's parsers share most keys
-        print(f"error: {explain(message, known)}. See `lm fit --help`.", file=sys.stderr)
+        print(f"error: {explain(message, known, self._args)}. See `lm fit --help`.", file=sys.stderr)
         sys.exit(2)
 
 

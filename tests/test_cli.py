@@ -13,11 +13,11 @@ from tests.conftest import REPO, cli_env
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
 
-def lm(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
+def lm(*args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lm", *map(str, args)],
         cwd=cwd,
-        env=cli_env(XDG_CACHE_HOME=str(Path(cwd) / "cache")),
+        env=cli_env(XDG_CACHE_HOME=str(Path(cwd) / "cache"), **env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -96,11 +96,8 @@ def test_other_loggers_also_write_under_the_run_root(tmp_path):
 def test_a_trial_of_a_wandb_server_sweep_gets_its_own_root(tmp_path):
     """`wandb agent` runs the sweep file's one command for every trial: they all wrote runs/debug, each replacing the
     last trial's checkpoints. The agent names the sweep and the trial's run in the environment."""
-    env = cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_SWEEP_ID="abc123", WANDB_RUN_ID="run7")
-    fit = subprocess.run(
-        [sys.executable, "-m", "lm", "fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.max_steps", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    agent = {"WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "run7"}
+    fit = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "2", cwd=tmp_path, **agent)
     assert fit.returncode == 0, fit.stderr[-3000:]
     trial = tmp_path / "runs" / "debug" / "sweep-abc123" / "run7"
     assert (trial / "checkpoints" / "last.ckpt").is_file() and (trial / "config.yaml").is_file()
@@ -251,7 +248,7 @@ def test_a_fine_tuning_run_resumes_after_its_init_from_checkpoint_moved(tmp_path
 
 def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys):
     """They read "unknown key data.init_args.source; lightning.LightningDataModule accepts: ." and "Problems parsing
-    config: while parsing a flow node" (no line)."""
+    config: while parsing a flow node" (no file, no line)."""
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--data.source", "builtin:shakespeare", "--print_config"])
     assert exit_info.value.code == 2
@@ -262,4 +259,4 @@ def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--config", str(bad)])
     assert exit_info.value.code == 2
-    assert "(YAML syntax, at line 4, column 1)" in capsys.readouterr().err
+    assert f"(YAML syntax, {bad}, line 4, column 1)" in capsys.readouterr().err
