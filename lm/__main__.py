@@ -12,6 +12,8 @@ data or checkpoint) print one line and exit with code 2.
 
 import argparse
 import difflib
+import importlib
+import inspect
 import netrc
 import os
 import signal
@@ -150,6 +152,7 @@ class LMCLI(LightningCLI):
             # (lm sweep --local gives each trial its own root itself.)
             config.trainer.default_root_dir = str(Path(config.trainer.default_root_dir) / f"sweep-{sweep_id}" / run_id)
         root = Path(config.trainer.default_root_dir)
+        self._data_block_size = _given_unless_default(config.data, "block_size")
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.snapshots.dirpath is None:
@@ -244,6 +247,13 @@ class LMCLI(LightningCLI):
 
     def after_instantiate_classes(self):
         super().after_instantiate_classes()
+        given, linked = self._data_block_size, getattr(self.datamodule, "block_size", None)
+        if given is not None and linked is not None and given != linked:
+            # add_arguments_to_parser links it to the model's context, and the link replaced a given value silently
+            raise LMError(
+                f"data.init_args.block_size {given}: the data windows take the model's context, {linked}; set "
+                "model.init_args.arch.block_size instead"
+            )
         self._calm_default_progress_bar()
         self.trainer.callbacks += [Throughput(), RNGState(), PreemptionSignal()]
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -265,6 +275,17 @@ class LMCLI(LightningCLI):
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
             refresh_rate=PROGRESS_BAR_REFRESH_RATE
         )
+
+
+def _given_unless_default(group, name: str):
+    """group.init_args[name] where it differs from its class's default (the value a config gave), else None."""
+    value = (group.get("init_args") or {}).get(name)
+    module, _, cls = (group.get("class_path") or "").rpartition(".")
+    try:
+        default = inspect.signature(getattr(importlib.import_module(module), cls)).parameters[name].default
+    except (ImportError, AttributeError, ValueError, KeyError):
+        return None
+    return None if value == default else value
 
 
 def _wandb_logged_in() -> bool:

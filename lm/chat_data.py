@@ -215,7 +215,7 @@ class ChatData(L.LightningDataModule):
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
             Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
-        block_size: Context length: longest example, in tokens (linked from the model by the CLI).
+        block_size: Context length: longest example, in tokens (the CLI sets it from the model, refusing another).
         batch_size: Conversations per batch B, per device.
         val_fraction: Share of the conversations held out for validation (a seeded shuffle picks them, whole groups
             of conversations with the same first user message at a time).

@@ -631,7 +631,7 @@ class PretrainData(L.LightningDataModule):
             local and builtin sources.
         text_field: Column holding the text, for json/parquet files and hub datasets.
         tokenizer: Tokenizer spec: char, gpt2, bpe:N (trained on the source), or a tokenizer.json / saved directory.
-        block_size: Context length T of each window (linked from the model by the CLI).
+        block_size: Context length T of each window (the CLI sets it from the model and refuses another value).
         batch_size: Windows per batch B, per device.
         val_fraction: The last val_fraction of the token stream is validation, the first part training.
         cache_dir: Where tokenized data is cached; None = $XDG_CACHE_HOME/lm/data or ~/.cache/lm/data.

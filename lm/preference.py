@@ -160,7 +160,7 @@ class PreferenceData(ChatData):
             is valid JSON); see the module docstring.
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         tokenizer: Tokenizer spec: the fine-tuned checkpoint's `.ckpt` path (its tokenizer is used).
-        block_size: Context length: longest sequence, in tokens (linked from the model by the CLI).
+        block_size: Context length: longest sequence, in tokens (the CLI sets it from the model, refusing another).
         batch_size: Pairs per batch B, per device (the batch holds 2B sequences).
         val_fraction: Share of the pairs held out for validation.
         on_bad_record: A malformed pair (bad roles or turns, empty content, identical replies) stops the run with its

@@ -260,3 +260,19 @@ def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys
         main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--config", str(bad)])
     assert exit_info.value.code == 2
     assert f"(YAML syntax, {bad}, line 4, column 1)" in capsys.readouterr().err
+
+
+def test_a_data_block_size_other_than_the_model_s_is_refused_not_replaced(tmp_path, capsys, monkeypatch):
+    """The CLI links data.init_args.block_size to the model's context: a value given for it was replaced silently."""
+    monkeypatch.chdir(tmp_path)
+    debug = ["fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.max_steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*debug, "--data.init_args.block_size", "16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: data.init_args.block_size 16: the data windows take the model's context, 64; set "
+        "model.init_args.arch.block_size instead"
+    )
+    main([*debug, "--data.init_args.block_size", "64"])  # the model's own: nothing to refuse
+    assert (tmp_path / "runs" / "debug" / "checkpoints" / "last.ckpt").is_file()
