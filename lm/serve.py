@@ -429,7 +429,9 @@ class Handler(BaseHTTPRequestHandler):
 
         def chunk(delta: dict, finish_reason: str | None = None) -> dict:
             choice = {"delta": delta} if job.chat else {"text": delta.get("content", ""), "logprobs": None}
-            return {**envelope, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]}
+            # With include_usage, OpenAI's other chunks carry "usage": null
+            usage = {"usage": None} if job.include_usage else {}
+            return {**envelope, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}], **usage}
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")

@@ -157,6 +157,7 @@ def test_streaming_sends_the_same_reply_in_chunks_then_done(server):
     assert done == "[DONE]"
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all("usage" in c and c["usage"] is None for c in chunks)  # as OpenAI's, with include_usage
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
     assert len([p for p in pieces if p]) > 1  # streamed, not sent whole
@@ -175,6 +176,7 @@ def test_completion_continues_a_plain_prompt(server):
     _, stream = call(url + "/v1/completions", {**body, "stream": True})
     *chunks, done = events(stream)
     assert done == "[DONE]" and "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert not any("usage" in c for c in chunks)  # no include_usage: no usage key, as OpenAI's
 
 
 def test_a_seed_makes_sampling_reproducible(server):
