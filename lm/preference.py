@@ -16,6 +16,7 @@ reference) more than the rejected reply's:
     implicit        {"chosen": [messages], "rejected": [messages]}: whole conversations; the prompt is the turns
                     both share, up to the last user turn before they differ
     hh              {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}   (Anthropic/hh-rlhf)
+                    or {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "chosen": " reply", "rejected": " reply"}
 
 from a local .jsonl/.json/.parquet file or a hub dataset id, or makes them from a built-in task (`task:addition`:
 the right answer is chosen, a near miss (`lm.tasks.wrong_answer`) rejected). A batch is the one batch shape of every
@@ -62,8 +63,8 @@ def detect_preference_format(record: Any) -> str | None:
     if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
         return None
     if isinstance(record["chosen"], str):
-        if "prompt" in record:
-            return "standard"
+        if "prompt" in record:  # an HH transcript as the prompt string (Dahoas/full-hh-rlhf's layout) is hh's turns
+            return "hh" if isinstance(record["prompt"], str) and HH_TURN.search(record["prompt"]) else "standard"
         return "hh" if HH_TURN.search(record["chosen"]) else None
     if "prompt" in record and not isinstance(record["prompt"], str):
         return "conversational"
@@ -113,6 +114,17 @@ def to_pair(record: Any, fmt: str) -> tuple[list[Message], list[Message], list[M
     # implicit format's shared-prefix comparison, so that a prompt written either way is the same prompt
     if fmt == "conversational":
         return tuple(join_text_parts(_message_list(record[k], k)) for k in needed)
+    if fmt == "hh" and isinstance(record.get("prompt"), str) and not HH_TURN.search(str(record["chosen"])):
+        # The prompt's transcript ends with the turn the replies fill in ("...\n\nAssistant:"); they are its text
+        prompt = parse_hh(record["prompt"])
+        if prompt and prompt[-1] == {"role": "assistant", "content": ""}:
+            prompt = prompt[:-1]
+        if not (prompt and prompt[-1]["role"] == "user"):
+            raise ValueError("an hh prompt must end with a Human turn (and an empty '\\n\\nAssistant:')")
+        replies = [record[k] for k in ("chosen", "rejected")]
+        if not all(isinstance(r, str) for r in replies):
+            raise ValueError('"chosen" and "rejected" must be strings beside an hh prompt string')
+        return prompt, *([{"role": "assistant", "content": r.strip()}] for r in replies)
     if fmt == "hh":
         chosen, rejected = parse_hh(record["chosen"]), parse_hh(record["rejected"])
     else:

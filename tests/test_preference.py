@@ -105,6 +105,16 @@ def test_implicit_prompt_ends_at_the_last_user_turn_before_the_replies_differ():
         to_pair(user_only, "implicit")
 
 
+def test_an_hh_transcript_as_the_prompt_string_gives_its_turns():
+    """Dahoas/full-hh-rlhf's layout: the prompt is an HH transcript ending in "\n\nAssistant:", the replies are strings.
+    It was read as the standard format: the whole transcript, markers and all, as one user message."""
+    record = {"prompt": _hh(PROMPT) + "\n\nAssistant:", "chosen": " 4", "rejected": " 5, i think"}
+    assert detect_preference_format(record) == "hh"
+    assert to_pair(record, "hh") == (PROMPT, CHOSEN, REJECTED)
+    with pytest.raises(ValueError, match="must end with a Human turn"):
+        to_pair({**record, "prompt": _hh(PROMPT + CHOSEN)}, "hh")
+
+
 def test_an_empty_hh_reply_is_named_as_such():
     """Some hh-rlhf replies are empty: the transcript ends in "\n\nAssistant:" with no space after it."""
     record = {"chosen": _hh(PROMPT + CHOSEN), "rejected": _hh(PROMPT) + "\n\nAssistant:"}
