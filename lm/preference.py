@@ -437,6 +437,7 @@ class PreferenceModel(LanguageModel):
         self._init_state: dict[str, torch.Tensor] | None = None
         self._rewards: tuple[torch.Tensor, ...] | None = None  # (chosen, rejected, scored) of the last model_step
         self._step_reward_sums: torch.Tensor | None = None  # REWARD_METRICS summed over the step's micro-batches
+        self._step_rewards: torch.Tensor | None = None  # the step's sums and its pair count, for _log_train_metrics
 
     # ---- the reference -------------------------------------------------------------------------------------------
 
@@ -477,6 +478,7 @@ class PreferenceModel(LanguageModel):
     def on_train_start(self):
         super().on_train_start()
         self._step_reward_sums = None  # as the loss sums: a previous fit may have stopped inside an accumulation window
+        self._step_rewards = None
 
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
@@ -527,16 +529,21 @@ class PreferenceModel(LanguageModel):
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer):
-        if self._is_logging_step():  # before LanguageModel's hook clears the step's pair count
-            pairs = self._step_tokens.detach().float()
-            sums = torch.cat([self._step_reward_sums, pairs[None]])
-            if self.trainer.world_size > 1:
-                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # over all ranks' pairs
-            means = sums[:-1] / sums[-1].clamp(min=1)
-            for name, value in zip(REWARD_METRICS, means, strict=True):
-                self.log(f"train/rewards/{name}", value)
+        # Kept before LanguageModel's hook clears the step's pair count, and logs on a logging step. A step that stops
+        # the run logs too (LanguageModel.on_train_batch_end): with these, not the last logging step's rewards.
+        self._step_rewards = torch.cat([self._step_reward_sums, self._step_tokens.detach().float()[None]])
         self._step_reward_sums = None
         super().on_before_optimizer_step(optimizer)
+
+    def _log_train_metrics(self):
+        super()._log_train_metrics()
+        sums = self._step_rewards
+        if self.trainer.world_size > 1:
+            # Every rank gets here: on logging steps, and on the step that stops the run, which the ranks agree on
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # over all ranks' pairs
+        means = sums[:-1] / sums[-1].clamp(min=1)
+        for name, value in zip(REWARD_METRICS, means, strict=True):
+            self.log(f"train/rewards/{name}", value)
 
     def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)

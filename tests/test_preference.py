@@ -551,3 +551,31 @@ def test_format_detection_of_other_hub_layouts(record, fmt):
     assert detect_preference_format(record) == fmt
     if fmt:
         assert to_pair(record, fmt) == ([{"role": "user", "content": "2+2?"}], CHOSEN, REJECTED)
+
+
+def test_a_step_that_stops_the_run_logs_its_own_rewards(tmp_path):
+    """Lightning logs the step that stops a run whatever log_every_n_steps says; the rewards it got were the last
+    logging step's, cached, beside that step's own loss."""
+    records = [{"prompt": f"is {i} fine?", "chosen": "yes, it is.", "rejected": "no!"} for i in range(40)]
+    source = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    path, _ = _sft_checkpoint(tmp_path, TOK)
+    data = PreferenceData(source=source, tokenizer=str(path), batch_size=4, block_size=32, val_fraction=0.1)
+    module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=3e-3, beta=0.5, warmup_steps=0)
+
+    class StopAfterStep7(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step == 7
+
+    logger = MemoryLogger()
+    L.Trainer(
+        accelerator="cpu", max_steps=20, logger=logger, log_every_n_steps=5, default_root_dir=tmp_path,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[StopAfterStep7()],
+    ).fit(module, datamodule=data)  # fmt: skip
+    steps = logger.by_step()
+    assert sorted(steps) == [4, 6]  # a logging step, then the stop
+    sums = module._step_rewards  # the last step's
+    expected = dict(zip(REWARD_METRICS, (sums[:-1] / sums[-1]).tolist(), strict=True))
+    stop = {name: steps[6][f"train/rewards/{name}"] for name in REWARD_METRICS}
+    assert stop == pytest.approx(expected)
+    assert stop["margin"] != steps[4]["train/rewards/margin"]
