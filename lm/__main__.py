@@ -153,6 +153,7 @@ class LMCLI(LightningCLI):
             config.trainer.default_root_dir = str(Path(config.trainer.default_root_dir) / f"sweep-{sweep_id}" / run_id)
         root = Path(config.trainer.default_root_dir)
         self._data_block_size = _given_unless_default(config.data, "block_size")
+        self._progress_bar_given = _names_a_progress_bar(config.trainer.get("callbacks"))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.snapshots.dirpath is None:
@@ -267,14 +268,25 @@ class LMCLI(LightningCLI):
         ~10% whatever its refresh rate, tqdm's after every batch 6%, tqdm's every 10 batches 1.3% (docs/benchmarks.md,
         "The progress bar's share"). A progress bar given in trainer.callbacks is left as configured."""
         bar = self.trainer.progress_bar_callback
-        if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar):
-            return
-        given = self.config_init[self.subcommand].trainer.get("callbacks") or []
-        if any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given])):
+        if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar) or self._progress_bar_given:
             return
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
             refresh_rate=PROGRESS_BAR_REFRESH_RATE
         )
+
+
+def _names_a_progress_bar(callbacks) -> bool:
+    """Whether the config's trainer.callbacks (one or a list, by class_path) hold a progress bar. Read from the config:
+    the instantiated list is the one Lightning adds its default bar to."""
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        module, _, name = str(getattr(callback, "class_path", "") or "").rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, ProgressBar):
+            return True
+    return False
 
 
 def _given_unless_default(group, name: str):

@@ -183,11 +183,15 @@ def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kep
         "3",
     ]
     one_other = ["--trainer.callbacks", "LearningRateMonitor"]  # a single callback, not in a list
-    for args in ([], given, ["--trainer.enable_progress_bar", "false"], one_other):
+    # a list of others (the README's EMA overlay, pretrain_addition.yaml's EvalCallback): Lightning added its default
+    # bar to that very list before the check looked, and rich's stayed
+    list_of_others = ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
+    for args in ([], given, ["--trainer.enable_progress_bar", "false"], one_other, list_of_others):
         with pytest.raises(SystemExit) as stop:
             main(fit + args)
         assert stop.value.code == 0
-    default, configured, disabled, beside_another = bars
+    default, configured, disabled, beside_another, beside_a_list = bars
+    assert type(beside_a_list) is TQDMProgressBar and beside_a_list.refresh_rate == 10
     assert type(default) is TQDMProgressBar  # also where rich is installed, as here
     assert default.refresh_rate == cli.PROGRESS_BAR_REFRESH_RATE == 10
     assert type(configured) is TQDMProgressBar and configured.refresh_rate == 3
