@@ -131,9 +131,9 @@ class LMCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(SampleText, "samples")
-        # One context length for the model and the data windows.
+        # One context length for the model and the data windows (init_from's, when the model starts from a file).
         parser.link_arguments(
-            "model", "data.init_args.block_size", compute_fn=lambda model: model.arch.block_size, apply_on="instantiate"
+            "model", "data.init_args.block_size", compute_fn=lambda model: model.context_length, apply_on="instantiate"
         )
 
     def before_instantiate_classes(self):
@@ -251,9 +251,10 @@ class LMCLI(LightningCLI):
         given, linked = self._data_block_size, getattr(self.datamodule, "block_size", None)
         if given is not None and linked is not None and given != linked:
             # add_arguments_to_parser links it to the model's context, and the link replaced a given value silently
+            init_from = getattr(self.model, "hparams", {}).get("init_from")
+            whose = f" (init_from {init_from}'s)" if init_from else "; set model.init_args.arch.block_size instead"
             raise LMError(
-                f"data.init_args.block_size {given}: the data windows take the model's context, {linked}; set "
-                "model.init_args.arch.block_size instead"
+                f"data.init_args.block_size {given}: the data windows take the model's context, {linked}{whose}"
             )
         self._calm_default_progress_bar()
         self.trainer.callbacks += [Throughput(), RNGState(), PreemptionSignal()]

@@ -15,8 +15,9 @@ from lm.tokenizer import Tokenizer
 CHECKPOINT_FORMAT = 1  # bump when what LanguageModel.on_save_checkpoint writes under "lm" changes
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The raw checkpoint dict, loaded without executing pickled code (weights_only=True)."""
+def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The raw checkpoint dict, loaded without executing pickled code (weights_only=True). mmap: the tensors stay on
+    disk until read, for a caller that wants the metadata only."""
     path = Path(path)
     if path.is_dir():
         raise LMError(
@@ -26,7 +27,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise LMError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch.load on a file that is not a checkpoint raises almost anything (KeyError, ...)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = "truncated or corrupted, or no .ckpt at all?"

@@ -205,6 +205,13 @@ def _check_hyperparameters(
             raise LMError(f"model.init_args.{key} must be {expected}, got {value}")
 
 
+def _init_from_config(info: dict, path: str) -> GPTConfig:
+    """The architecture stored in an init_from checkpoint's "lm" entry."""
+    if "model_config" not in info:
+        raise LMError(f"{path}: not an lm checkpoint (no model config inside), cannot init_from it")
+    return GPTConfig.from_dict(info["model_config"], path)
+
+
 class LanguageModel(L.LightningModule):
     """A GPT trained on next-token prediction.
 
@@ -333,15 +340,23 @@ class LanguageModel(L.LightningModule):
             # batch; compiled, it is two fused passes over the bf16 logits.
             self._loss = torch.compile(next_token_loss)
 
+    @property
+    def context_length(self) -> int:
+        """The context the model trains with: init_from's when given (configure_model adopts that file's
+        architecture), else arch's. The CLI sets the data's block_size from it, before any data is prepared."""
+        if not self.hparams.init_from:
+            return self.arch.block_size
+        info = read_checkpoint(self.hparams.init_from, mmap=True).get("lm") or {}  # the weights stay on disk
+        return _init_from_config(info, self.hparams.init_from).block_size
+
     def _read_init_checkpoint(self) -> dict[str, torch.Tensor]:
         """Weights of `init_from`; adopts its architecture (keeping this run's dropout) and checks the tokenizer."""
         path = self.hparams.init_from
         ckpt = read_checkpoint(path)
         info = ckpt.get("lm") or {}
-        if "model_config" not in info:
-            raise LMError(f"{path}: not an lm checkpoint (no model config inside), cannot init_from it")
+        arch = _init_from_config(info, path)
         self._check_tokenizer(info, f"{path}: its tokenizer", f"set data.init_args.tokenizer to {path}")
-        self.arch = replace(GPTConfig.from_dict(info["model_config"], path), dropout=self.arch.dropout)
+        self.arch = replace(arch, dropout=self.arch.dropout)
         return gpt_state_dict(ckpt, path)
 
     def _check_tokenizer(self, info: dict, whose: str, advice: str) -> None:

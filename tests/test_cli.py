@@ -280,3 +280,18 @@ def test_a_data_block_size_other_than_the_model_s_is_refused_not_replaced(tmp_pa
     )
     main([*debug, "--data.init_args.block_size", "64"])  # the model's own: nothing to refuse
     assert (tmp_path / "runs" / "debug" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_fine_tuning_windows_take_the_init_from_checkpoint_s_context(tmp_path, capsys, monkeypatch):
+    """The data's block_size came from the config's arch, which init_from's architecture replaces: sft_hh.yaml's 256
+    against a 32-token pretrained model failed after the data was prepared ("longer than the model's context")."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.val_check_interval", "2"]
+    main(["fit", "--config", str(REPO / "experiments/pretrain_addition.yaml"), "--trainer.max_steps", "1",
+          "--trainer.default_root_dir", "runs/pre", *quick])  # fmt: skip
+    first = "runs/pre/checkpoints/last.ckpt"
+    main(["fit", "--config", str(REPO / "experiments/sft_addition.yaml"), "--trainer.default_root_dir", "runs/sft",
+          "--model.init_args.arch.block_size", "256", "--data.init_args.tokenizer", first,
+          "--model.init_args.init_from", first, "--trainer.max_steps", "1", *quick])  # fmt: skip
+    saved = torch.load(tmp_path / "runs/sft/checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1 and saved["lm"]["model_config"]["block_size"] == 32
