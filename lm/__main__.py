@@ -505,8 +505,18 @@ def _rank() -> int:
 
 def _lightning_user_error(e: Exception) -> bool:
     """Lightning's own refusals of a setting: no GPU for accelerator gpu, a --ckpt_path of best/hpc with nothing
-    behind it. Their first line says what is wrong; the traceback says nothing more to a user."""
-    return isinstance(e, MisconfigurationException) or (isinstance(e, ValueError) and "ckpt_path" in str(e))
+    behind it, a strategy the accelerator cannot run (fsdp on a CPU). Their first line says what is wrong; the
+    traceback says nothing more to a user."""
+    if isinstance(e, MisconfigurationException) or (isinstance(e, ValueError) and "ckpt_path" in str(e)):
+        return True
+    frame = e.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    # The accelerator connector checks devices, accelerator, strategy and precision against each other
+    raised_in = frame.tb_frame.f_code.co_filename if frame is not None else ""
+    return isinstance(e, ValueError) and raised_in.endswith(
+        os.path.join("trainer", "connectors", "accelerator_connector.py")
+    )
 
 
 class _SaveFitConfig(SaveConfigCallback):

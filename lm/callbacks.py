@@ -129,8 +129,16 @@ class Throughput(L.Callback):
         if trainer.sanity_checking or val_loss is None:
             return
         rank_zero_info(
-            f"step {trainer.global_step}: val/loss {val_loss:.4f}, {time.time() - LAUNCHED_AT:.1f} s since launch"
+            f"step {weights_step(trainer, pl_module)}: val/loss {val_loss:.4f}, {time.time() - LAUNCHED_AT:.1f} s "
+            "since launch"
         )
+
+
+def weights_step(trainer, pl_module) -> int:
+    """The optimizer step of the weights being validated: the loaded checkpoint's in lm validate, which restores no
+    loop state (trainer.global_step reads 0 there), else the loop's."""
+    loaded = getattr(pl_module, "checkpoint_step", None)
+    return loaded if trainer.state.fn == "validate" and loaded is not None else trainer.global_step
 
 
 class SampleText(L.Callback):
@@ -184,7 +192,8 @@ class SampleText(L.Callback):
             return
         was_training = pl_module.model.training
         pl_module.model.eval()
-        generator = torch.Generator(pl_module.device).manual_seed(trainer.global_step)
+        step = weights_step(trainer, pl_module)
+        generator = torch.Generator(pl_module.device).manual_seed(step)
         rows = []
         # Generation has a new shape at every step: run it eagerly rather than recompiling a compiled model.
         try:
@@ -199,9 +208,9 @@ class SampleText(L.Callback):
                         top_k=self.top_k,
                         generator=generator,
                     )
-                    rows.append([trainer.global_step, prompt, text])
+                    rows.append([step, prompt, text])
         except RuntimeError as e:  # e.g. a diverged model's NaN probabilities: report it, don't end the run
-            rank_zero_warn(f"samples skipped at step {trainer.global_step}: {e}")
+            rank_zero_warn(f"samples skipped at step {step}: {e}")
             return
         finally:
             pl_module.model.train(was_training)

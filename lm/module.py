@@ -293,6 +293,7 @@ class LanguageModel(L.LightningModule):
         self._step_values: tuple | None = None  # (loss sum, tokens, LR) of the step just taken, until its batch ends
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
         self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
+        self.checkpoint_step: int | None = None  # the global step of the checkpoint loaded, for lm validate's line
         self._loss = next_token_loss  # compiled in configure_model when `compile` is on
         self._grad_scale: torch.Tensor | None = None  # 1 / supervised tokens of the current optimizer step
         self._grad_norm: torch.Tensor | None = None  # of the current step, after token scaling, before clipping
@@ -406,6 +407,7 @@ class LanguageModel(L.LightningModule):
         # A previous fit of this module may have stopped inside an accumulation window (max_time, should_stop)
         self._step_tokens = self._step_loss_sum = None
         self._logged_step, self._step_values = False, None
+        self.checkpoint_step = None  # a resume's: a later validate in this process scores weights trained on since
         # optimizer_zero_grad below does nothing: the first step must not add to gradients left from before the fit
         self.model.zero_grad(set_to_none=True)
 
@@ -648,6 +650,8 @@ class LanguageModel(L.LightningModule):
         self._check_tokenizer(info, "checkpoint tokenizer", "resume with the data it was trained on")
         self._check_architecture(info)
         self.skipped_steps = int(info.get("skipped_steps", 0))
+        # lm validate restores no loop state, so trainer.global_step reads 0 there: this names the weights' step
+        self.checkpoint_step = checkpoint.get("global_step")
 
     def _check_architecture(self, info: dict) -> None:
         """Compare the checkpoint's model config with this run's, before Lightning loads the weights (a size mismatch

@@ -56,6 +56,8 @@ def test_fit_debug_then_generate(tmp_path):
     validate = lm("validate", "--config", REPO / "experiments/debug.yaml", "--ckpt_path", "last", cwd=tmp_path)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "val/loss" in validate.stdout
+    printed = validate.stdout + validate.stderr
+    assert "step 40: val/loss" in printed and "--- sample at step 40 ---" in printed  # the weights' step, not 0
     assert (root / "config.yaml").read_text() == config  # the training run's config, not validate's
 
     gen = lm("generate", "--ckpt", last, "--prompt", "ROMEO:", "--max_new_tokens", "50", cwd=tmp_path)
@@ -295,3 +297,19 @@ def test_fine_tuning_windows_take_the_init_from_checkpoint_s_context(tmp_path, c
           "--model.init_args.init_from", first, "--trainer.max_steps", "1", *quick])  # fmt: skip
     saved = torch.load(tmp_path / "runs/sft/checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == 1 and saved["lm"]["model_config"]["block_size"] == 32
+
+
+def test_a_strategy_the_accelerator_cannot_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """Lightning's accelerator connector refuses fsdp on a CPU with a ValueError: it came out as a whole traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        configs = [
+            "--config",
+            str(REPO / "experiments/debug.yaml"),
+            "--config",
+            str(REPO / "experiments/trainer/fsdp.yaml"),
+        ]
+        main(["fit", *configs, "--trainer.accelerator", "cpu", "--trainer.devices", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: The strategy `fsdp` requires a GPU accelerator") and len(err.splitlines()) == 1
