@@ -1,5 +1,5 @@
 #!/bin/bash
-# slurm/down.sh: cancel every job, stop slurmd, slurmctld and munged by PID, wipe Slurm's state. Packages stay.
+# slurm/down.sh: cancel your jobs (scancel --user), stop slurmd, slurmctld and munged by PID, wipe Slurm's state. Packages stay.
 stop() { [ -s "$1" ] || return 0; local p; p=$(cat "$1"); kill "$p" 2>/dev/null || return 0
   # PID 1 here reaps late: a zombie (state Z) counts as stopped
   for i in $(seq 100); do st=$(ps -o stat= -p "$p" 2>/dev/null || true)
