@@ -130,10 +130,13 @@ def reply_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(tokenizer.token_id(t) for t in (END, EOS, BOS, USER, SYSTEM, ASSISTANT)))
 
 
+DEFAULT_REPLY_TOKENS = 256  # lm chat's and lm serve's longest reply, unless a flag or request says otherwise
+
+
 def add_reply_flags(p: argparse.ArgumentParser, *, max_new_tokens_help: str, seed_help: str | None = None) -> None:
     """The device and sampling flags of lm chat and lm serve, with the same defaults."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help=max_new_tokens_help)
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULT_REPLY_TOKENS, help=max_new_tokens_help)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
     p.add_argument("--top_k", type=int, default=50, help="0: no top-k filter")
     p.add_argument("--top_p", type=float, default=0.9)
@@ -209,8 +212,12 @@ def chat_command(argv: list[str]) -> None:
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit (an SFT run)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
-    add_reply_flags(p, max_new_tokens_help="longest reply, in tokens")
+    add_reply_flags(p, max_new_tokens_help="longest reply, in tokens (at most half the model's context)")
+    p.set_defaults(max_new_tokens=None)  # to tell a length asked for, capped with a note, from the default
     args = p.parse_args(argv)
+    asked = args.max_new_tokens is not None
+    if not asked:
+        args.max_new_tokens = DEFAULT_REPLY_TOKENS
 
     import torch
 
@@ -220,7 +227,7 @@ def chat_command(argv: list[str]) -> None:
     model, tokenizer, device = load_chat_checkpoint(args)
     generator = torch.Generator(device).manual_seed(args.seed)
     max_new = min(args.max_new_tokens, model.config.block_size // 2)  # leave half the context for the history
-    if max_new < args.max_new_tokens:
+    if asked and max_new < args.max_new_tokens:
         print(
             f"note: replies stop at {max_new} tokens, half of this model's context of {model.config.block_size} "
             "(the other half holds the conversation)",
