@@ -510,6 +510,9 @@ class ChatData(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Each new iterator draws a seed from this generator instead of torch's global RNG (as PretrainData's):
+            # a resume builds a fresh iterator after RNGState restored that RNG, which shifted every dropout mask
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

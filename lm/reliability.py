@@ -66,6 +66,8 @@ class Checkpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit" and not trainer.sanity_checking and inside_accumulation_window(trainer):
             self._save_at_step_end = True
+            if trainer.should_stop:  # EarlyStopping decides here, after this batch's on_train_batch_end below
+                trainer.should_stop, self._stop_at_step_end = False, True
             return
         super().on_validation_end(trainer, pl_module)
 
@@ -91,10 +93,20 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
-        """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading."""
-        if self._should_save_on_exception(trainer) and self.save_last:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"lm: {type(exception).__name__} during training, saved {self.last_model_path}")
+        """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading. Not
+        inside an accumulation window (a crash or Ctrl-C there): that last.ckpt would hold half a step, so the one
+        from the last whole step is kept."""
+        if not (self._should_save_on_exception(trainer) and self.save_last):
+            return
+        name = type(exception).__name__
+        if trainer.state.fn == "fit" and inside_accumulation_window(trainer):
+            kept = f"kept {self.last_model_path}" if self.last_model_path else "no checkpoint saved"
+            rank_zero_info(
+                f"lm: {name} inside a gradient-accumulation window: {kept} (a save here would hold half a step)"
+            )
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_info(f"lm: {name} during training, saved {self.last_model_path}")
 
 
 class RNGState(L.Callback):

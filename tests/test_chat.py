@@ -611,3 +611,14 @@ def test_fit_history_keeps_what_dropping_one_exchange_at_a_time_keeps_in_one_pas
     start = time.perf_counter()
     kept, _ = fit_history(long, TOK, budget=60)
     assert time.perf_counter() - start < 2.0 and kept[-1] is long[-1]
+
+
+def test_chat_loaders_leave_the_global_rng_alone():
+    """Each new iterator drew its seed from torch's global RNG: a resumed run builds one after RNGState restored that
+    RNG, which shifted every dropout mask after the resume (losses differed from step 5 on with dropout 0.1)."""
+    data = ChatData(source="task:addition", task_size=64, task_val_size=8, batch_size=4, block_size=32)
+    data.setup()
+    before = torch.get_rng_state()
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)

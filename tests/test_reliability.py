@@ -637,6 +637,58 @@ def test_a_stop_asked_for_inside_an_accumulation_window_takes_effect_at_the_step
         torch.testing.assert_close(a, b)
 
 
+class _StopAtValidation(L.Callback):
+    """Asks for a stop when a validation ends, as EarlyStopping does."""
+
+    def on_validation_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+class _CrashAtBatch(L.Callback):
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            raise RuntimeError("crash")
+
+
+def test_early_stopping_and_a_crash_inside_an_accumulation_window_leave_whole_steps(tmp_path):
+    """EarlyStopping decides at a validation's end, after the check at the batch's end: a validation inside a window
+    stopped the run mid-step (last.ckpt: half a step). A crash (or Ctrl-C) inside a window wrote such a last.ckpt too,
+    over the last whole step's."""
+    from lm.reliability import Checkpoint
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+
+    def fit(root, callbacks=(), ckpt_path=None, val_every=100):
+        torch.manual_seed(0)
+        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
+        checkpoint = Checkpoint(dirpath=tmp_path / root, save_last=True, save_top_k=0, save_on_exception=True)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=val_every,
+            limit_val_batches=1, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+            callbacks=[checkpoint, *callbacks], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module, trainer
+
+    whole, _ = fit("a")
+    _, stopped = fit("b", [_StopAtValidation()], val_every=3)  # the validation after batch 2, inside step 2's window
+    assert stopped.global_step == 2  # it stopped at 1, mid-window
+    resumed, _ = fit("b", ckpt_path=tmp_path / "b" / "last.ckpt")
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit("c", [_CrashAtBatch(2)])  # batch 2 opens step 2's window; no whole-step checkpoint exists yet
+    assert not (tmp_path / "c" / "last.ckpt").exists()
+    with pytest.raises(RuntimeError, match="crash"):
+        fit("d", [_CrashAtBatch(3)])  # batch 3 ends step 2's window: a whole step to save
+    assert torch.load(tmp_path / "d" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
     """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
     signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
