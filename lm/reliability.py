@@ -4,9 +4,11 @@ The LightningCLI in `lm.__main__` installs all three on every run; `docs/reliabi
 test that covers it.
 """
 
+import glob
 import os
 import random
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        remove_stale_temporary_files(path)
+        tmp = path.with_name(f".{path.name}.tmp@{socket.gethostname()}@{os.getpid()}")
         try:
             torch.save(checkpoint, tmp)
             with open(tmp, "rb") as f:
@@ -43,6 +46,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def remove_stale_temporary_files(path: Path) -> list[Path]:
+    """Remove the temporary files that writers of `path` killed mid-write (SIGKILL, out of memory) left beside it: each
+    is a checkpoint's size, and every kill left another. Only this host's, of processes that are gone: another
+    host's writer may still be running (a pid means nothing here)."""
+    removed = []
+    prefix = f".{path.name}.tmp@{socket.gethostname()}@"
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # raises if no such process
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except OSError:  # it exists, under another user: alive
+            pass
+    return removed
 
 
 class Checkpoint(ModelCheckpoint):

@@ -157,6 +157,25 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_temporary_files_of_writers_killed_mid_write_are_removed(tmp_path):
+    """A SIGKILL mid-save left a temporary file the size of a checkpoint, and each kill another; a live writer's (this
+    host's running process, or another host's) stays."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f".last.ckpt.tmp@{host}@{gone.stdout.strip()}"
+    alive = tmp_path / f".last.ckpt.tmp@{host}@{os.getppid()}"
+    elsewhere = tmp_path / ".last.ckpt.tmp@another-host@1"
+    for leftover in (dead, alive, elsewhere):
+        leftover.write_bytes(b"half a checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, elsewhere.name])
+
+
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     callback = RNGState()
     state = callback.state_dict()
