@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -134,9 +135,15 @@ class Checkpoint(ModelCheckpoint):
 
 class RNGState(L.Callback):
     """Saves and restores the Python, NumPy and torch RNG states, so dropout masks after a resume are the ones an
-    uninterrupted run would have drawn. Stored as plain lists and tensors so `weights_only=True` loads them."""
+    uninterrupted run would have drawn. Stored as plain lists and tensors so `weights_only=True` loads them.
 
-    def state_dict(self) -> dict[str, Any]:
+    With several processes each rank's states are gathered into the checkpoint (which rank 0 alone writes) and each
+    rank gets its own back: every rank's GPU draws its own dropout masks, and rank 0's process never used the
+    generators of the other ranks' devices. (Saves run on every rank, so the gather is one more collective per save.)
+    """
+
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
         np_state = np.random.get_state()
         version, py_state, gauss = random.getstate()
         state = {
@@ -145,17 +152,33 @@ class RNGState(L.Callback):
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+            state["cuda_device"] = torch.cuda.get_rng_state()  # this process's device
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._local_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            by_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(by_rank, state)
+            state = {**state, "by_rank": by_rank}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        by_rank = state.get("by_rank") or []
+        if distributed and len(by_rank) == torch.distributed.get_world_size():
+            state = by_rank[rank]  # else another world size: every rank takes rank 0's, as before
         version, py_state, gauss = state["python"]
         random.setstate((version, tuple(py_state), gauss))
         kind, keys, *rest = state["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if torch.cuda.is_available():
+            if "cuda_device" in state:
+                torch.cuda.set_rng_state(state["cuda_device"])
+            elif "cuda" in state:  # checkpoints written before: every device's state, as rank 0 saw them
+                torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class PreemptionSignal(L.Callback):

@@ -186,6 +186,24 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_each_rank_gets_its_own_rng_state_back(tmp_path):
+    """Rank 0 writes the checkpoint: every rank restored rank 0's states, so on GPUs each rank's dropout masks after a
+    resume were not its own (rank 0's process had never used the other devices' generators)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "rng_ranks.py"), str(tmp_path / "rng.pt"), str(port)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(torch.load(tmp_path / "rng.pt", weights_only=True)["by_rank"]) == 2
+
+
 def test_init_from_refuses_a_different_tokenizer(tmp_path):
     theirs = CharTokenizer.train(["abc"])
     ckpt = tmp_path / "pretrained.ckpt"
