@@ -136,6 +136,17 @@ class LMCLI(LightningCLI):
             "model", "data.init_args.block_size", compute_fn=lambda model: model.context_length, apply_on="instantiate"
         )
 
+    def parse_arguments(self, parser, args):
+        super().parse_arguments(parser, args)
+        sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        if self.config.get("subcommand") == "fit" and sweep_id and run_id:
+            # A trial started by `wandb agent` (lm sweep on the W&B server): every trial runs the sweep's one command,
+            # so each gets its own folder under that command's root, named after the sweep and the trial's W&B run.
+            # Here, before `--ckpt_path last` is looked up and the config is saved: both must see the trial's folder.
+            # (lm sweep --local gives each trial its own root itself.)
+            trainer = self.config.fit.trainer
+            trainer.default_root_dir = str(Path(trainer.default_root_dir) / f"sweep-{sweep_id}" / run_id)
+
     def before_instantiate_classes(self):
         """Point every writer at trainer.default_root_dir (DESIGN.md: one output root); on resume, check the checkpoint
         and continue its W&B run."""
@@ -145,12 +156,6 @@ class LMCLI(LightningCLI):
         # another root writes there, not into this run's checkpoints, logs and W&B run.
         self._given_config = config.clone()
         self.save_config_kwargs = {**self.save_config_kwargs, "given": self._given_config}
-        sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-        if self.subcommand == "fit" and sweep_id and run_id:
-            # A trial started by `wandb agent` (lm sweep on the W&B server): every trial runs the sweep's one command,
-            # so each gets its own folder under that command's root, named after the sweep and the trial's W&B run.
-            # (lm sweep --local gives each trial its own root itself.)
-            config.trainer.default_root_dir = str(Path(config.trainer.default_root_dir) / f"sweep-{sweep_id}" / run_id)
         root = Path(config.trainer.default_root_dir)
         self._data_block_size = _given_unless_default(config.data, "block_size")
         self._progress_bar_given = _names_a_progress_bar(config.trainer.get("callbacks"))

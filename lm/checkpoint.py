@@ -27,7 +27,13 @@ def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     if not path.is_file():
         raise LMError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            # torch's older (non-zip) format cannot be memory-mapped; read it whole
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load on a file that is not a checkpoint raises almost anything (KeyError, ...)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = "truncated or corrupted, or no .ckpt at all?"

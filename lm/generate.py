@@ -156,7 +156,7 @@ def stream_batch(
             seen[i, row] = True
         # The tokens that end a reply are never penalised: a chat prompt holds <|end|> after every turn, and SFT
         # trains each reply to end with it, so penalising it as "seen" would make every reply less likely to end.
-        seen[:, stop] = False
+        seen[:, stop[(stop >= 0) & (stop < seen.size(1))]] = False  # an id past the vocabulary can never be seen
     cache, next_ids = None, None
     for _ in range(max_new_tokens):
         if cache is None or not use_cache or cache.pos + 1 > block_size:

@@ -123,7 +123,11 @@ class Checkpoint(ModelCheckpoint):
         if not (self._should_save_on_exception(trainer) and self.save_last):
             return
         name = type(exception).__name__
-        if trainer.state.fn == "fit" and inside_accumulation_window(trainer):
+        # Where a resume starts is the count of processed micro-batches (a batch is processed once its optimizer step,
+        # if it had one, is done): a whole step only if that count closes a window. (inside_accumulation_window
+        # counts batches started: a crash in the forward or backward of a window's last one would pass it.)
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer.state.fn == "fit" and processed % trainer.accumulate_grad_batches:
             kept = f"kept {self.last_model_path}" if self.last_model_path else "no checkpoint saved"
             rank_zero_info(
                 f"lm: {name} inside a gradient-accumulation window: {kept} (a save here would hold half a step)"

@@ -86,3 +86,11 @@ def test_a_checkpoint_from_elsewhere_or_a_newer_lm_is_a_one_line_error(tmp_path,
 def test_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(LMError, match="a directory, not a checkpoint file"):
         read_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_in_torch_s_older_format_reads_also_memory_mapped(tmp_path):
+    """LanguageModel.context_length reads init_from's config memory-mapped; torch's non-zip format cannot be, and the
+    file was refused as "truncated or corrupted" although training would load it."""
+    path = tmp_path / "old.ckpt"
+    torch.save({"lm": {"model_config": {"block_size": 32}}}, path, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(path, mmap=True) == read_checkpoint(path) == {"lm": {"model_config": {"block_size": 32}}}

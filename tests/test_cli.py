@@ -105,6 +105,18 @@ def test_a_trial_of_a_wandb_server_sweep_gets_its_own_root(tmp_path):
     assert (trial / "checkpoints" / "last.ckpt").is_file() and (trial / "config.yaml").is_file()
     assert list((trial / "wandb").glob("offline-run-*"))
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["sweep-abc123"]
+    # --ckpt_path last (a W&B agent re-running a preempted trial) resumes the trial, and its saved config names its
+    # folder: both looked in runs/debug, where another run's last.ckpt could be taken for the trial's
+    again = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "4", "--ckpt_path", "last",
+               cwd=tmp_path, **agent)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"Restored all states from the checkpoint at {trial / 'checkpoints' / 'last.ckpt'}"
+        in again.stderr + again.stdout
+    )
+    assert torch.load(trial / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    validate = lm("validate", "--config", trial / "config.yaml", "--ckpt_path", "last", cwd=tmp_path)
+    assert validate.returncode == 0 and "step 4: val/loss" in validate.stdout + validate.stderr, validate.stderr[-3000:]
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path):

@@ -262,6 +262,11 @@ def test_the_end_of_a_chat_turn_is_not_penalised_for_being_in_the_prompt(model):
     assert reply == [[y]]
 
 
+def test_a_stop_id_outside_the_vocabulary_is_harmless_under_a_repetition_penalty(model):
+    out = generate_batch(model, [[1, 2]], max_new_tokens=3, temperature=0, repetition_penalty=1.1, stop_ids=[10**6])
+    assert len(out[0]) == 3
+
+
 def test_prefill_computes_the_last_position_s_logits_only(model):
     """The head over every prompt position was thrown away but for the last: 64 windows of 1024 at GPT-2's vocabulary
     are 13 GB of fp32 logits."""

@@ -690,6 +690,15 @@ class _CrashAtBatch(L.Callback):
             raise RuntimeError("crash")
 
 
+class _CrashInBackwardAt(L.Callback):
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1 == self.batch:
+            raise RuntimeError("crash")
+
+
 def test_early_stopping_and_a_crash_inside_an_accumulation_window_leave_whole_steps(tmp_path):
     """EarlyStopping decides at a validation's end, after the check at the batch's end: a validation inside a window
     stopped the run mid-step (last.ckpt: half a step). A crash (or Ctrl-C) inside a window wrote such a last.ckpt too,
@@ -724,6 +733,9 @@ def test_early_stopping_and_a_crash_inside_an_accumulation_window_leave_whole_st
     with pytest.raises(RuntimeError, match="crash"):
         fit("d", [_CrashAtBatch(3)])  # batch 3 ends step 2's window: a whole step to save
     assert torch.load(tmp_path / "d" / "last.ckpt", weights_only=True)["global_step"] == 2
+    with pytest.raises(RuntimeError, match="crash"):
+        fit("e", [_CrashInBackwardAt(3)])  # in the window's last batch, before its step: batch 2's half is all there is
+    assert not (tmp_path / "e" / "last.ckpt").exists()
 
 
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
