@@ -64,3 +64,5 @@ trainer = L.Trainer(
 trainer.fit(module, datamodule=data)
 metrics = {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("eval")}
 print(f"rank {trainer.global_rank}: {metrics}", flush=True)
+# Rank 0 must not exit before rank 1 has printed: under load rank 1's line was missing once (CI, exit code 0)
+torch.distributed.barrier()
