@@ -54,8 +54,16 @@ def remove_stale_temporary_files(path: Path) -> list[Path]:
     is a checkpoint's size, and every kill left another. Only this host's, of processes that are gone: another
     host's writer may still be running (a pid means nothing here)."""
     removed = []
-    prefix = f".{path.name}.tmp@{socket.gethostname()}@"
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+    # The older name, without the host (.last.ckpt.tmp-PID), is taken for this host's: two hosts writing one
+    # checkpoint file at once is no working set-up anyway
+    for prefix in (f".{path.name}.tmp@{socket.gethostname()}@", f".{path.name}.tmp-"):
+        removed += _remove_if_writer_gone(path.parent.glob(f"{glob.escape(prefix)}*"), prefix)
+    return removed
+
+
+def _remove_if_writer_gone(files, prefix: str) -> list[Path]:
+    removed = []
+    for tmp in files:
         pid = tmp.name[len(prefix) :]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue

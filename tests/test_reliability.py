@@ -170,7 +170,8 @@ def test_temporary_files_of_writers_killed_mid_write_are_removed(tmp_path):
     dead = tmp_path / f".last.ckpt.tmp@{host}@{gone.stdout.strip()}"
     alive = tmp_path / f".last.ckpt.tmp@{host}@{os.getppid()}"
     elsewhere = tmp_path / ".last.ckpt.tmp@another-host@1"
-    for leftover in (dead, alive, elsewhere):
+    before_the_host_was_named = tmp_path / f".last.ckpt.tmp-{gone.stdout.strip()}"
+    for leftover in (dead, alive, elsewhere, before_the_host_was_named):
         leftover.write_bytes(b"half a checkpoint")
     AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, elsewhere.name])
