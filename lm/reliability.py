@@ -134,8 +134,11 @@ class Checkpoint(ModelCheckpoint):
         # Where a resume starts is the count of processed micro-batches (a batch is processed once its optimizer step,
         # if it had one, is done): a whole step only if that count closes a window. (inside_accumulation_window
         # counts batches started: a crash in the forward or backward of a window's last one would pass it.)
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if trainer.state.fn == "fit" and processed % trainer.accumulate_grad_batches:
+        # An epoch's last batch steps whatever the count (a shorter last window).
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        processed = progress.current.processed
+        epoch_done = progress.is_last_batch and processed == progress.current.ready
+        if trainer.state.fn == "fit" and processed % trainer.accumulate_grad_batches and not epoch_done:
             kept = f"kept {self.last_model_path}" if self.last_model_path else "no checkpoint saved"
             rank_zero_info(
                 f"lm: {name} inside a gradient-accumulation window: {kept} (a save here would hold half a step)"

@@ -739,6 +739,23 @@ def test_early_stopping_and_a_crash_inside_an_accumulation_window_leave_whole_st
     assert not (tmp_path / "e" / "last.ckpt").exists()
 
 
+def test_a_crash_after_an_epoch_s_shorter_last_window_still_saves(tmp_path):
+    """5 batches an epoch with accumulation 2: the last window is one batch, and Lightning steps on it. A crash (or
+    the SIGTERM a preemption raises there) after it must still save: the processed count (5) closes no window."""
+    from lm.reliability import Checkpoint
+
+    ids = torch.randint(0, 64, (5, 2, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0, save_on_exception=True)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+        callbacks=[checkpoint, _CrashAtBatch(4)], enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer.fit(LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1), train_dataloaders=loader)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_slurm_requeue_signal_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
     """Under SLURM auto-requeue Lightning's SIGUSR1 handler saves an HPC checkpoint and requeues; run inside the
     signal handler it saved mid-step. It now runs once the step's last micro-batch is done."""
