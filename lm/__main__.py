@@ -12,7 +12,6 @@ data or checkpoint) print one line and exit with code 2.
 
 import argparse
 import difflib
-import importlib
 import inspect
 import netrc
 import os
@@ -37,7 +36,7 @@ import lm.preference  # noqa: F401
 from lm.callbacks import SampleText, Throughput
 from lm.chat import chat_command
 from lm.checkpoint import read_checkpoint
-from lm.cli_errors import OneLineErrorParser
+from lm.cli_errors import OneLineErrorParser, import_class
 from lm.distributed import DestroyProcessGroup
 from lm.errors import LMError, cannot_write
 from lm.module import LanguageModel
@@ -285,11 +284,7 @@ def _names_a_progress_bar(callbacks) -> bool:
     """Whether the config's trainer.callbacks (one or a list, by class_path) hold a progress bar. Read from the config:
     the instantiated list is the one Lightning adds its default bar to."""
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        module, _, name = str(getattr(callback, "class_path", "") or "").rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
-            continue
+        cls = import_class(str(getattr(callback, "class_path", "") or ""))
         if isinstance(cls, type) and issubclass(cls, ProgressBar):
             return True
     return False
@@ -298,10 +293,10 @@ def _names_a_progress_bar(callbacks) -> bool:
 def _given_unless_default(group, name: str):
     """group.init_args[name] where it differs from its class's default (the value a config gave), else None."""
     value = (group.get("init_args") or {}).get(name)
-    module, _, cls = (group.get("class_path") or "").rpartition(".")
+    cls = import_class(group.get("class_path") or "")
     try:
-        default = inspect.signature(getattr(importlib.import_module(module), cls)).parameters[name].default
-    except (ImportError, AttributeError, ValueError, KeyError):
+        default = inspect.signature(cls).parameters[name].default
+    except (TypeError, ValueError, KeyError):  # no class (None), no signature, no such argument
         return None
     return None if value == default else value
 

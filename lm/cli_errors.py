@@ -26,12 +26,19 @@ _TOP_OPTION = re.compile(r"(?:does not accept option '|unrecognized arguments: -
 _TOP_VALUE = re.compile(r"Parser key \"([\w.]+)\":\s*(Expected .+?|File does not exist.+?)(?:\n|$)")
 
 
-def _init_params(class_path: str, nested: list[str]) -> list[str]:
-    """Constructor arguments of class_path, or the fields of a dataclass argument of it (nested=["arch"])."""
+def import_class(class_path: str):
+    """The object a config's class_path names ("lm.data.PretrainData"), or None where it does not import."""
     module, _, name = class_path.rpartition(".")
     try:
-        target = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):  # ValueError: no module part ("", an empty path)
+        return None
+
+
+def _init_params(class_path: str, nested: list[str]) -> list[str]:
+    """Constructor arguments of class_path, or the fields of a dataclass argument of it (nested=["arch"])."""
+    target = import_class(class_path)
+    if target is None:
         return []
     for attribute in nested:
         hints = inspect.get_annotations(target.__init__, eval_str=True)

@@ -333,12 +333,18 @@ def test_dpo_accumulation_equals_one_big_batch_of_pairs(tmp_path):
         torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_a_fit_stopped_inside_an_accumulation_window_leaves_no_reward_sums_to_the_next_fit(tmp_path):
+def _agree_over_refuse_pairs(tmp_path) -> tuple[PreferenceData, PreferenceModel]:
+    """40 pairs (batches of 4) preferring "yes, it is." over "no!", and a DPO module from a tiny SFT checkpoint."""
     records = [{"prompt": f"is {i} fine?", "chosen": "yes, it is.", "rejected": "no!"} for i in range(40)]
     source = _write_jsonl(tmp_path / "pairs.jsonl", records)
     path, _ = _sft_checkpoint(tmp_path, TOK)
     data = PreferenceData(source=source, tokenizer=str(path), batch_size=4, block_size=32, val_fraction=0.1)
     module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=3e-3, beta=0.5, warmup_steps=0)
+    return data, module
+
+
+def test_a_fit_stopped_inside_an_accumulation_window_leaves_no_reward_sums_to_the_next_fit(tmp_path):
+    data, module = _agree_over_refuse_pairs(tmp_path)
 
     class StopInsideTheSecondWindow(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -556,11 +562,7 @@ def test_format_detection_of_other_hub_layouts(record, fmt):
 def test_a_step_that_stops_the_run_logs_its_own_rewards(tmp_path):
     """Lightning logs the step that stops a run whatever log_every_n_steps says; the rewards it got were the last
     logging step's, cached, beside that step's own loss."""
-    records = [{"prompt": f"is {i} fine?", "chosen": "yes, it is.", "rejected": "no!"} for i in range(40)]
-    source = _write_jsonl(tmp_path / "pairs.jsonl", records)
-    path, _ = _sft_checkpoint(tmp_path, TOK)
-    data = PreferenceData(source=source, tokenizer=str(path), batch_size=4, block_size=32, val_fraction=0.1)
-    module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=3e-3, beta=0.5, warmup_steps=0)
+    data, module = _agree_over_refuse_pairs(tmp_path)
 
     class StopAfterStep7(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -597,27 +597,36 @@ def test_a_signal_in_the_last_batch_of_an_epoch_bounded_run_lets_it_end_as_finis
     assert not stopped and trainer.global_step == 4
 
 
+def _fit_four_steps_in_windows_of_two(tmp_path, checkpoint, callbacks=(), ckpt_path=None, **trainer_args):
+    """The tiny LanguageModel, seeded, 4 optimizer steps of 2 micro-batches each on a small text, with `checkpoint`
+    first among the callbacks; trainer_args set the validation. Returns (module, trainer)."""
+    text = tmp_path / "text.txt"
+    if not text.exists():  # once per test: every fit then reads the same cache
+        text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    torch.manual_seed(0)
+    dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, accumulate_grad_batches=2, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, callbacks=[checkpoint, *callbacks], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, **trainer_args,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module, trainer
+
+
 def test_a_checkpoint_of_a_validation_inside_an_accumulation_window_holds_whole_steps(tmp_path):
     """val_check_interval counts micro-batches: the checkpoint written at a validation inside a window held half a
     step, and a resume from it (after a crash) lost that half's gradients. It is written at the step's end now."""
     from lm.reliability import Checkpoint
 
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-
     def fit(root, ckpt_path=None):
-        torch.manual_seed(0)
-        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
-        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
         checkpoint = Checkpoint(
             dirpath=tmp_path / root, save_last=True, save_top_k=-1, filename="val-{step}", monitor="val/loss"
         )
-        trainer = L.Trainer(
-            accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=3, limit_val_batches=1,
-            check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[checkpoint], logger=False,
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        module, _ = _fit_four_steps_in_windows_of_two(
+            tmp_path, checkpoint, ckpt_path=ckpt_path, val_check_interval=3, limit_val_batches=1
+        )
         return module, checkpoint
 
     whole, checkpoint = fit("a")
@@ -646,22 +655,13 @@ def test_a_stop_asked_for_inside_an_accumulation_window_takes_effect_at_the_step
     validation Lightning runs on a stop fell inside the window, so its best checkpoint was never written."""
     from lm.reliability import Checkpoint
 
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-
     def fit(root, callbacks=(), ckpt_path=None, val=0):
-        torch.manual_seed(0)
-        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
-        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
         checkpoint = Checkpoint(
             dirpath=tmp_path / root, save_last=True, save_top_k=1, monitor="val/loss", filename="best-{step}"
         )
-        trainer = L.Trainer(
-            accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=100, limit_val_batches=val,
-            check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[checkpoint, *callbacks], logger=False,
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        module, trainer = _fit_four_steps_in_windows_of_two(
+            tmp_path, checkpoint, callbacks, ckpt_path, val_check_interval=100, limit_val_batches=val
+        )
         return module, trainer, checkpoint
 
     whole, _, _ = fit("a")
@@ -706,21 +706,11 @@ def test_early_stopping_and_a_crash_inside_an_accumulation_window_leave_whole_st
     over the last whole step's."""
     from lm.reliability import Checkpoint
 
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-
     def fit(root, callbacks=(), ckpt_path=None, val_every=100):
-        torch.manual_seed(0)
-        dm = PretrainData(source=str(text), block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
-        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1)
         checkpoint = Checkpoint(dirpath=tmp_path / root, save_last=True, save_top_k=0, save_on_exception=True)
-        trainer = L.Trainer(
-            accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=val_every,
-            limit_val_batches=1, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-            callbacks=[checkpoint, *callbacks], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        return module, trainer
+        return _fit_four_steps_in_windows_of_two(
+            tmp_path, checkpoint, callbacks, ckpt_path, val_check_interval=val_every, limit_val_batches=1
+        )
 
     whole, _ = fit("a")
     _, stopped = fit("b", [_StopAtValidation()], val_every=3)  # the validation after batch 2, inside step 2's window
