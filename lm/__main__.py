@@ -156,8 +156,6 @@ class LMCLI(LightningCLI):
         self._given_config = config.clone()
         self.save_config_kwargs = {**self.save_config_kwargs, "given": self._given_config}
         root = Path(config.trainer.default_root_dir)
-        self._data_block_size = _given_unless_default(config.data, "block_size")
-        self._progress_bar_given = _names_a_progress_bar(config.trainer.get("callbacks"))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.snapshots.dirpath is None:
@@ -252,7 +250,8 @@ class LMCLI(LightningCLI):
 
     def after_instantiate_classes(self):
         super().after_instantiate_classes()
-        given, linked = self._data_block_size, getattr(self.datamodule, "block_size", None)
+        config = self.config[self.subcommand]  # as given: the link's value went to the instantiated data module only
+        given, linked = _given_unless_default(config.data, "block_size"), getattr(self.datamodule, "block_size", None)
         if given is not None and linked is not None and given != linked:
             # add_arguments_to_parser links it to the model's context, and the link replaced a given value silently
             init_from = getattr(self.model, "hparams", {}).get("init_from")
@@ -273,7 +272,9 @@ class LMCLI(LightningCLI):
         ~10% whatever its refresh rate, tqdm's after every batch 6%, tqdm's every 10 batches 1.3% (docs/benchmarks.md,
         "The progress bar's share"). A progress bar given in trainer.callbacks is left as configured."""
         bar = self.trainer.progress_bar_callback
-        if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar) or self._progress_bar_given:
+        if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar):
+            return
+        if _names_a_progress_bar(self.config[self.subcommand].trainer.get("callbacks")):
             return
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
             refresh_rate=PROGRESS_BAR_REFRESH_RATE
