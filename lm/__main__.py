@@ -473,11 +473,12 @@ def main(argv: list[str] | None = None) -> None:
             user_error = str(e).strip().splitlines()[0]
         if user_error is None and _another_rank_failed(e) and not debug:
             # rank 0 has printed the error (a missing data file, say) and left; its peers' collectives then fail
-            print(f"error: rank {_rank()} stopped because another rank did (its error is above)", file=sys.stderr)
+            # one write per line: every rank shares the terminal, and print() writes the text and newline apart
+            sys.stderr.write(f"error: rank {_rank()} stopped because another rank did (its error is above)\n")
             sys.exit(1)
         if user_error is None or debug:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        sys.stderr.write(f"error: {user_error}\n")
         sys.exit(2)
     except SIGTERMException:
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.

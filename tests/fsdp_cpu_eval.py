@@ -4,10 +4,11 @@
 Lightning refuses FSDP with accelerator=cpu, and hands FSDP device_id=None there; both are patched below, nothing else,
 so the sharding (each Block wrapped, the LightningModule the root) is the one a GPU run gets.
 
-    python tests/fsdp_cpu_eval.py OUT_DIR TASK     # TASK: lm or addition; prints one "rank R: ..." line per rank
+    python tests/fsdp_cpu_eval.py OUT_DIR TASK     # TASK: lm or addition; each rank writes OUT_DIR/rank-R.json
 """
 
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +64,6 @@ trainer = L.Trainer(
 )
 trainer.fit(module, datamodule=data)
 metrics = {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("eval")}
-print(f"rank {trainer.global_rank}: {metrics}", flush=True)
-# Rank 0 must not exit before rank 1 has printed: under load rank 1's line was missing once (CI, exit code 0)
-torch.distributed.barrier()
+# A file per rank, not a printed line: both ranks share the caller's stdout, and with PYTHONUNBUFFERED print() writes
+# the text and its newline apart, so under load the two lines came out as one ("rank 0: {...}rank 1: {...}")
+(out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(metrics))
