@@ -117,10 +117,77 @@ def test_an_exported_foreign_tokenizer_that_adds_bos_in_its_post_processor_gives
     assert hf_tok.encode(text) == tokenizer.encode(text) == hf_tok(text)["input_ids"]
 
 
+def metaspace_checkpoint(path) -> Tokenizer:
+    """A checkpoint with a foreign BPE tokenizer that pre-tokenizes as Mistral's does (Metaspace, "▁" on the first
+    piece of a text only); returns the tokenizer."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = HFBackend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), pre_tokenizers.Digits()]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator([TEXT * 20], trainer)
+    backend.save(str(path.parent / "tokenizer.json"))
+    tokenizer = Tokenizer.load(path.parent / "tokenizer.json")
+    write_checkpoint(path, tokenizer, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    return tokenizer
+
+
+def test_an_exported_metaspace_tokenizer_s_chat_template_gives_the_ids_lm_chat_prompts_with(tmp_path):
+    """Metaspace with prepend_scheme "first" (Mistral's, newer Llama conversions) put the "▁" on the first piece of
+    transformers' rendered chat only, so every message after the BOS came out as "Hello" where lm, which encodes each
+    message apart, had trained on "▁Hello"."""
+    tokenizer = metaspace_checkpoint(tmp_path / "t.ckpt")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export_hf(tmp_path / "t.ckpt", tmp_path / "hf")))
+    chat = [
+        {"role": "system", "content": "Speak, speak!"},
+        {"role": "user", "content": "Before we proceed"},
+        {"role": "assistant", "content": "All: hear me 42"},
+        {"role": "user", "content": "any further"},
+    ]
+    ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(ids, "input_ids", ids)) == render_prompt(chat, tokenizer)
+    for text in (TEXT, "Speak", " any further"):
+        assert hf_tok.encode(text) == tokenizer.encode(text)
+
+
+def test_lm_export_says_when_the_exported_chat_template_gives_other_ids_than_lm_chat(tmp_path, capsys, monkeypatch):
+    """A foreign tokenizer can pre-tokenize the text between chat markers in a way no fix foresaw: the export checks a
+    sample conversation and says so (here by undoing the Metaspace fix)."""
+    import lm.export
+
+    metaspace_checkpoint(tmp_path / "t.ckpt")
+    main(["export", "--ckpt", str(tmp_path / "t.ckpt"), "--out", str(tmp_path / "fixed")])
+    assert "note:" not in capsys.readouterr().out
+    monkeypatch.setattr(lm.export, "_prefix_every_piece", lambda pre_tokenizer: None)
+    main(["export", "--ckpt", str(tmp_path / "t.ckpt"), "--out", str(tmp_path / "hf")])
+    assert "note: transformers' apply_chat_template gives other ids than lm chat" in capsys.readouterr().out
+
+
 def test_lm_export_warns_that_a_char_model_s_unknown_characters_become_eos(tmp_path, capsys):
     write_checkpoint(tmp_path / "t.ckpt", char_tokenizer(), block_size=16, n_layer=1, n_head=2, n_embd=32)
     main(["export", "--ckpt", str(tmp_path / "t.ckpt"), "--out", str(tmp_path / "hf")])
     assert "a character it never saw encodes as EOS" in capsys.readouterr().out
+
+
+def test_lm_export_does_not_give_the_char_note_for_a_foreign_word_level_tokenizer(tmp_path, capsys):
+    """A foreign WordLevel tokenizer has its own unknown token; the note is about lm's char tokenizer only."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import models, pre_tokenizers
+
+    words = {"<s>": 0, "</s>": 1, "[UNK]": 2, **{w: 3 + i for i, w in enumerate(TEXT.split()[:40])}}
+    backend = HFBackend(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    write_checkpoint(
+        tmp_path / "t.ckpt", Tokenizer.load(tmp_path / "tokenizer.json"), block_size=16, n_layer=1, n_head=2, n_embd=32
+    )
+    main(["export", "--ckpt", str(tmp_path / "t.ckpt"), "--out", str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    assert out.startswith("exported ") and "note:" not in out
 
 
 def test_export_of_a_missing_checkpoint_is_a_user_error(tmp_path):
