@@ -165,7 +165,9 @@ class LMServer(ThreadingHTTPServer):
 
     def _job(self, body: dict, *, chat: bool) -> Job:
         for name, neutral in UNSUPPORTED.items():
-            if body.get(name) not in (None, neutral):
+            value = body.get(name)
+            # Equal is not enough: 0 == False, and the legacy API's "logprobs": 0 asks for the chosen tokens' logprobs
+            if value is not None and (value != neutral or isinstance(value, bool) != isinstance(neutral, bool)):
                 raise LMError(f"{name!r} is not supported by lm serve (got {json.dumps(body[name])})")
         d = self.defaults
         max_tokens = _field(body, "max_completion_tokens", int, "an integer", None)  # OpenAI's newer name
@@ -281,6 +283,10 @@ def _messages(value) -> list[Message]:
         messages = join_text_parts(value)
     except ValueError as e:
         raise LMError(f"messages: {e}") from None
+    # OpenAI's newer name for the system role (its reasoning models take instructions as "developer" messages)
+    messages = [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages
+    ]
 
     # A reply can be empty or blank (the model ended its turn at once, or wrote only spaces or newlines); sent back as
     # history, it must not be refused.

@@ -131,6 +131,19 @@ def test_greedy_chat_completion_is_the_engine_s_reply_with_its_usage(server):
     assert reply["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 6, "total_tokens": len(prompt) + 6}
 
 
+def test_a_developer_message_is_a_system_message(server):
+    """OpenAI's newer name for the system role was refused ("unknown role 'developer'")."""
+    url, _ = server
+
+    def reply(role):
+        body = {"messages": [{"role": role, "content": "be brief"}, *HELLO], "max_tokens": 6, "temperature": 0}
+        status, answer = call(url + "/v1/chat/completions", body)
+        assert status == 200, answer
+        return answer["choices"][0]["message"]["content"], answer["usage"]
+
+    assert reply("developer") == reply("system")
+
+
 def test_a_stop_string_ends_the_reply_and_counts_the_tokens_generated(server):
     url, srv = server
     prompt = render_prompt(HELLO, srv.tokenizer)
@@ -205,6 +218,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, "'temperature' must be a number"),
     ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 0}, "max_tokens must be at least 1"),
     ("/v1/chat/completions", {"messages": HELLO, "n": 2}, "'n' is not supported"),
+    ("/v1/completions", {"prompt": "ab", "logprobs": 0}, "'logprobs' is not supported"),  # 0 == False, asks for some
     ("/v1/chat/completions", {"messages": []}, "messages: no messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 40}]}, "the message is 44 tokens long"),
     ("/v1/completions", {"prompt": "a" * 33}, "the prompt is 33 tokens long"),
