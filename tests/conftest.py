@@ -20,6 +20,31 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the data cache never leaks between tests
 
 
+# What a launcher (Slurm, torchrun) or a W&B sweep agent sets around the test run: Lightning would take it for its own
+# cluster (expecting srun to start rank 1, or using a fixed MASTER_PORT), and a Slurm SIGUSR1 test would requeue the
+# job itself; lm fit would take an agent's run for a sweep trial.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+LAUNCHER_PREFIXES = (
+    "SLURM_",
+    "SRUN_",
+    "TORCHELASTIC_",
+    "MASTER_PORT",
+    "WANDB_SWEEP_ID",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_launcher_environment():
+    """Tests and the processes they start see no launcher's variables, whatever shell or job runs pytest."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name in LAUNCHER_VARIABLES or name.startswith(LAUNCHER_PREFIXES):
+                patch.delenv(name)
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _scratch_tmpdir(tmp_path_factory):
     """Temporary files (W&B's media and artifact folders, which runs killed on purpose never delete) go to a folder

@@ -51,7 +51,7 @@ if task != "lm":
 trainer = L.Trainer(
     accelerator="cpu",
     devices=2,
-    strategy=FSDPStrategy(auto_wrap_policy={Block}, timeout=datetime.timedelta(seconds=60)),
+    strategy=FSDPStrategy(auto_wrap_policy={Block}, timeout=datetime.timedelta(seconds=180)),
     max_steps=3,
     val_check_interval=3,
     limit_val_batches=1,

@@ -1,6 +1,5 @@
 """Two gloo ranks on a CPU: RNGState gives each rank its own RNG state back (run by tests/test_reliability.py)."""
 
-import os
 import sys
 
 import torch
@@ -10,7 +9,8 @@ from lm.reliability import RNGState
 
 
 def main(rank: int, path: str) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file store, not a port: a free port picked by the caller could be taken before the store binds it
+    dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=2)
     torch.manual_seed(0)
     torch.rand(1 + 10 * rank)  # the ranks' streams part, as two GPUs' dropout masks do
     state = RNGState().state_dict()  # every rank takes part; rank 0 writes the checkpoint
@@ -24,5 +24,4 @@ def main(rank: int, path: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
     torch.multiprocessing.spawn(main, args=(sys.argv[1],), nprocs=2)

@@ -55,7 +55,6 @@ def test_fit_debug_then_generate(tmp_path):
     config = (root / "config.yaml").read_text()
     validate = lm("validate", "--config", REPO / "experiments/debug.yaml", "--ckpt_path", "last", cwd=tmp_path)
     assert validate.returncode == 0, validate.stderr[-3000:]
-    assert "val/loss" in validate.stdout
     printed = validate.stdout + validate.stderr
     assert "step 40: val/loss" in printed and "--- sample at step 40 ---" in printed  # the weights' step, not 0
     assert (root / "config.yaml").read_text() == config  # the training run's config, not validate's

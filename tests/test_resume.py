@@ -108,18 +108,20 @@ def test_sigkill_then_resume_retraces_the_uninterrupted_run(uninterrupted, tmp_p
     source, root_a = uninterrupted
     root_b = tmp_path / "b"
     last = root_b / "checkpoints" / "last.ckpt"
-    kill_at = random.randint(*kill_range)
+    kill_at = random.randint(*kill_range)  # a different step each run; the messages below name it
     command = fit_command(root_b, source, "--checkpoint.every_n_train_steps", "1")
 
-    victim = subprocess.Popen(command, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while last_step(last) < kill_at and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run finished before it could be killed"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    # Output to a file: a pipe nobody reads while the loop polls would stall the run once it filled
+    with open(tmp_path / "victim.log", "w") as log:
+        victim = subprocess.Popen(command, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while last_step(last) < kill_at and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert victim.poll() is None, f"the run finished before it could be killed at step {kill_at}"
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
     resumed_from = last_step(last)
-    assert 0 < resumed_from < STEPS
+    assert 0 < resumed_from < STEPS, f"killed at step {kill_at}"
 
     done = subprocess.run(
         [*command, "--ckpt_path", "last"], env=env(tmp_path), capture_output=True, text=True, timeout=300
@@ -130,7 +132,7 @@ def test_sigkill_then_resume_retraces_the_uninterrupted_run(uninterrupted, tmp_p
     a, b = train_losses(root_a), train_losses(root_b)
     after = [step for step in sorted(a) if step >= resumed_from]
     assert after and after[-1] == STEPS - 1
-    assert [b[step] for step in after] == [a[step] for step in after]  # exactly, step for step
+    assert [b[step] for step in after] == [a[step] for step in after], f"resumed from step {resumed_from}"  # exactly
     final_a, final_b = weights(root_a / "checkpoints/last.ckpt"), weights(last)
     assert final_a.keys() == final_b.keys()
     for name in final_a:
@@ -147,12 +149,15 @@ def test_preemption_signal_saves_a_checkpoint_and_the_run_resumes(uninterrupted,
     # No periodic checkpoints, and the first validation (which writes one) at step 30: until then only the signal
     # writes a checkpoint. (At step 7, as in the other tests, the poll below sometimes saw step 2 too late.)
     command = fit_command(root, source, "--trainer.val_check_interval", "30")
-    victim = subprocess.Popen(command, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while max(train_losses(root), default=-1) < 2 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    victim.send_signal(signum)
-    out, err = victim.communicate(timeout=120)
+    # Output to files: a pipe nobody reads while the loop polls would stall the run once it filled
+    with open(tmp_path / "out.log", "w+") as out_log, open(tmp_path / "err.log", "w+") as err_log:
+        victim = subprocess.Popen(command, env=env(tmp_path), stdout=out_log, stderr=err_log)
+        deadline = time.monotonic() + 240
+        while max(train_losses(root), default=-1) < 2 and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.send_signal(signum)
+        victim.wait(timeout=120)
+    out, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
     assert victim.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by a signal after saving a checkpoint" in out
     assert "Traceback" not in err
