@@ -111,6 +111,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise LMError(f"{path}: command must be a list of strings, e.g. [lm, fit, --config, X, '${{args}}']")
     if command is not None and not {"${args}", "${args_no_hyphens}"} & set(command):
         raise LMError(f"{path}: command never passes the sampled parameters: add '${{args}}' to it")
+    try:  # its macros (a ${program} with no program, say) now rather than when a trial starts
+        trial_command(config, {}, [])
+    except LMError as e:
+        raise LMError(f"{path}: {e}") from None
     return config
 
 
@@ -308,7 +312,10 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
         f"--checkpoint.monitor={metric}",
         f"--checkpoint.mode={'min' if goal == 'minimize' else 'max'}",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid())}
+    # Not the caller's W&B run: a sweep started from a job that set one (slurm/train.sbatch exports WANDB_RUN_ID) would
+    # have every trial log to, and resume, that one run. A resumed trial gets its own id back from its checkpoint.
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_SWEEP_ID")}
+    env |= {"PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid())}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
     with open(root / "trial.log", "a") as log:  # a resumed trial's log goes on after the cut-off one's
@@ -543,7 +550,10 @@ def run_local(
     Failed trials do not count, so a restart runs them (a grid point, a random draw) anew; within one run a grid
     point is tried once and at most `count` minus the completed trials are started, so a trial that always crashes
     cannot loop."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise LMError('lm sweep --local needs optuna: pip install "lm[sweep]"') from None
     from optuna.trial import TrialState
 
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
@@ -552,7 +562,7 @@ def run_local(
         space = grid_space(config["parameters"])
         # every parameter of the sweep, in its order, constants included: what the trial's command gets
         grid = [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
-        count = len(grid) if count is None else min(count, len(grid))
+        count = min(count or config.get("run_cap") or len(grid), len(grid))  # W&B caps a grid by run_cap too
     elif count is None:
         count = config.get("run_cap")
         if count is None:
@@ -664,7 +674,9 @@ def run_local(
         running = [t for t in trials if t.state == TrialState.RUNNING]
         others = [t for t in running if t.user_attrs.get("worker") != me]
         if grid is not None:
-            taken = {point(t) for t in trials}
+            # points of the current grid only: a value replaced or removed since the study began ran, but it must
+            # not take a new value's place in the count
+            taken = {point(t) for t in trials} & set(keys)
             free = [i for i in order if keys[i] in todo and keys[i] not in taken]
             if len(taken) < count and free:
                 todo.discard(keys[free[0]])
@@ -710,7 +722,7 @@ def run_local(
         # or the last place in --count at the same instant: the lowest trial number wins (the storage numbers
         # trials atomically); the others drop theirs and choose again.
         before = claimed_before(trial.number)
-        taken = {point(t) for t in before} if grid is not None else before
+        taken = {point(t) for t in before} & set(keys) if grid is not None else before
         twice = resumed is not None and any(t.user_attrs.get("resumes_trial") == resumed[0].number for t in before)
         if len(taken) >= count or (grid is not None and _grid_key(params) in taken) or twice:
             trial.set_user_attr("dropped", "another worker took this point or the last place in --count")
@@ -931,10 +943,11 @@ def sweep_command(argv: list[str]) -> None:
     name = args.name or config.get("name") or Path(args.file).stem
     if not re.fullmatch(r"[\w.-]+", name):
         raise LMError(f"sweep name {name!r}: use letters, digits, '.', '_' or '-'")
+    out = Path(args.out or Path("runs") / "sweeps" / name)
     summary = run_local(
         config,
         name=name,
-        out=Path(args.out or Path("runs") / "sweeps" / name),
+        out=out,
         count=args.count,
         workers=args.workers,
         storage=args.storage,
@@ -942,4 +955,4 @@ def sweep_command(argv: list[str]) -> None:
         extra=extra,
     )
     if summary["best"] is None:
-        raise LMError(f"no trial of sweep {name} finished: see the trial.log files under {args.out or 'runs/sweeps'}")
+        raise LMError(f"no trial of sweep {name} finished: see the trial.log files under {out}")

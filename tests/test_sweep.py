@@ -90,7 +90,13 @@ def test_bounds_yaml_reads_as_strings_are_numbers(tmp_path):
     """YAML 1.1 reads 1e-4 (no decimal point) as a string: it was compared as text ("needs min < max" for
     1e-4 < 1e-2) or raised a TypeError against a float."""
     lr = {"distribution": "log_uniform_values", "min": "1e-4", "max": "1e-2"}
-    path = _write(tmp_path, {"method": "random", "metric": {"name": "val/loss"}, "parameters": {"lr": lr}})
+    config = {
+        "method": "random",
+        "metric": {"name": "val/loss"},
+        "parameters": {"lr": lr},
+        "command": ["lm", "${args}"],
+    }
+    path = _write(tmp_path, config)
     spec = load_sweep(path)["parameters"]["lr"]
     assert (spec["min"], spec["max"]) == (1e-4, 1e-2)
 
@@ -660,6 +666,58 @@ def test_a_grid_extended_since_the_study_began_runs_its_new_points(tmp_path):
     )
     assert sorted(ran[:2]) == ["1", "2"] and ran[2:] == ["3"]  # it was Optuna's "dynamic value space" traceback
     assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
+
+
+def test_a_grid_value_replaced_since_the_study_began_runs_its_new_points(tmp_path):
+    """The points already run that the grid no longer holds took the new points' places in the count: the sweep said
+    done without running them."""
+    ran = []
+    kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    record = lambda argv, root, metric, goal: ran.append(_x(argv)) or 1.0  # noqa: E731
+    run_local(_grid("1", "2"), run=record, **kwargs)
+    run_local(_grid("1", "3"), run=record, **kwargs)
+    summary = run_local(_grid("1", "3", "4"), run=record, **kwargs)
+    assert sorted(ran[:2]) == ["1", "2"] and ran[2:] == ["3", "4"]
+    assert sorted(t["params"]["x"] for t in summary["trials"]) == ["1", "2", "3", "4"]  # 2 ran, and is kept
+
+
+def test_a_grid_sweep_stops_at_its_run_cap(tmp_path):
+    ran = []
+    kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(_grid("1", "2", "3") | {"run_cap": 2}, run=lambda argv, *_: ran.append(_x(argv)) or 1.0, **kwargs)
+    assert len(ran) == 2
+
+
+def test_a_trial_does_not_inherit_the_caller_s_wandb_run(tmp_path, monkeypatch):
+    """slurm/train.sbatch exports WANDB_RUN_ID: a sweep started from such a job had every trial log to that run."""
+    monkeypatch.setenv("WANDB_RUN_ID", "lm-1234")
+    monkeypatch.setenv("WANDB_RESUME", "allow")
+    monkeypatch.setenv("WANDB_PROJECT", "kept")
+    script = "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('WANDB_')}))"
+    with pytest.raises(lm.sweep.TrialFailed):  # the script writes no checkpoint: the trial fails, its log stays
+        lm.sweep.run_trial([sys.executable, "-c", script], tmp_path, "val/loss", "minimize")
+    env = json.loads((tmp_path / "trial.log").read_text().splitlines()[0])
+    assert "WANDB_RUN_ID" not in env and "WANDB_RESUME" not in env and env["WANDB_PROJECT"] == "kept"
+
+
+def test_a_command_that_cannot_run_is_refused_when_the_file_is_read(tmp_path):
+    """A ${program} with no program was found when the first trial started, which it left RUNNING in the study."""
+    config = _grid("1") | {"command": ["${interpreter}", "${program}", "${args}"]}
+    with pytest.raises(LMError, match=r"sweep.yaml: the sweep's command uses \$\{program\} but the file sets no"):
+        load_sweep(_write(tmp_path, config))
+    with pytest.raises(LMError, match=r"\$\{args_json\} is not supported"):
+        load_sweep(_write(tmp_path, config | {"command": ["lm", "fit", "${args}", "${args_json}"]}))
+    del config["command"]  # W&B's default command runs ${program}
+    with pytest.raises(LMError, match="sets no program"):
+        load_sweep(_write(tmp_path, config))
+
+
+def test_lm_sweep_local_without_optuna_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna then raises ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(_write(tmp_path, _grid("1"))), "--local", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == 'error: lm sweep --local needs optuna: pip install "lm[sweep]"\n'
 
 
 def test_random_bounds_changed_since_the_study_began_are_a_one_line_error_and_leave_no_trial_running(tmp_path):
