@@ -481,7 +481,20 @@ class HFTokenizer(Tokenizer):
         # Ids, not entries: a vocabulary with gaps in its ids (a hand-made WordLevel, say) counts fewer entries than
         # its largest id, and the embedding and the token file's dtype must hold the largest. Counted once: the
         # vocabulary dict of a 50k tokenizer takes milliseconds to build.
-        largest = max(backend.get_vocab(with_added_tokens=True).values(), default=-1)
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if missing:
+            # HF numbers added tokens from the count of entries, not past the largest id: with gaps, they land on ids
+            # that words hold (EOS = "b"), and every document boundary would read as that word.
+            added = {backend.token_to_id(t): t for t in missing}
+            shared = sorted((token, added[i]) for token, i in vocab.items() if i in added and token != added[i])
+            if shared:
+                token, special = shared[0]
+                raise LMError(
+                    f"this tokenizer's ids have gaps, and HF tokenizers gave the special token {special!r} that lm "
+                    f"adds the id of {token!r} ({backend.token_to_id(token)}): put {', '.join(missing)} in the "
+                    "tokenizer.json's added_tokens at ids of their own"
+                )
+        largest = max(vocab.values(), default=-1)
         self._vocab_size = max(backend.get_vocab_size(with_added_tokens=True), largest + 1)
         self.bos_token, self.eos_token = bos, eos
         self.bos_id, self.eos_id = backend.token_to_id(bos), backend.token_to_id(eos)

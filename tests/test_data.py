@@ -58,11 +58,21 @@ def test_txt_char_round_trip_and_split(tmp_path, text_file):
     assert dm.tokenizer.decode(tokens.tolist()) == TEXT + "<|eos|>"  # one document, EOS after it
     assert tokens[-1] == dm.tokenizer.eos_id
     n = len(tokens)
-    assert len(dm.train_tokens) == int(n * 0.9) and len(dm.val_tokens) == n - int(n * 0.9)
+    assert len(dm.train_tokens) + len(dm.val_tokens) == n
     # train is the first part of the stream, val the rest, nothing shared or skipped
     assert np.shares_memory(dm.train_tokens, dm.val_tokens) is False
     assert dm.meta["num_tokens"] == n and dm.meta["train_tokens"] == len(dm.train_tokens)
     assert dm.cache_path.parent == tmp_path / "cache" and (dm.cache_path / "tokens.bin").stat().st_size == 2 * n
+
+
+def test_one_text_file_splits_as_nanogpt_splits_its_characters(tmp_path):
+    """train = text[:int(len(text) * 0.9)], as nanoGPT's shakespeare_char. Counting the EOS after the text gave
+    training one character more whenever 0.9 x the length had a fraction of 0.1 or more (tinyshakespeare's does)."""
+    text = TEXT[:10_004]  # 10,004 x 0.9 = 9,003.6; 10,005 x 0.9 = 9,004.5
+    (tmp_path / "t.txt").write_text(text)
+    dm = make(tmp_path, tmp_path / "t.txt")
+    assert dm.tokenizer.decode(dm.train_tokens.tolist()) == text[:9_003]
+    assert dm.tokenizer.decode(dm.val_tokens.tolist()) == text[9_003:] + "<|eos|>"
 
 
 def test_jsonl_text_field_and_glob_documents(tmp_path):

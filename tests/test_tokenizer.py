@@ -172,6 +172,19 @@ def test_hf_reuses_existing_eos_and_adds_missing(tmp_path):
     assert reloaded.special_ids == tok.special_ids and reloaded.fingerprint == tok.fingerprint
 
 
+def test_a_vocabulary_with_gaps_whose_added_specials_would_take_words_ids_is_refused(tmp_path):
+    """HF numbers added tokens from the count of entries: EOS took id 5, which "b" has, so every document boundary in
+    the token file read as "b" (and "c" decoded as <|user|>). Gaps past the added ids stay fine (tests/test_data.py)."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import models, pre_tokenizers
+
+    backend = HFBackend(models.WordLevel({"a": 0, "[UNK]": 1, "b": 5, "c": 7}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(LMError, match=r"gave the special token '<\|eos\|>' that lm adds the id of 'b' \(5\)"):
+        Tokenizer.load(tmp_path / "tokenizer.json")
+
+
 def test_a_tokenizer_json_saved_with_truncation_or_padding_neither_cuts_nor_pads(tmp_path):
     from tokenizers import Tokenizer as HFBackend
     from tokenizers import models, pre_tokenizers
