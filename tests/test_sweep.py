@@ -319,7 +319,28 @@ def test_a_cut_off_random_or_bayes_trial_resumes_with_its_draw(tmp_path, method)
     assert len(runs) == 3 and not runs[2][2] and runs[2][1] not in {r[1] for r in runs[:2]}
 
 
-def test_a_grid_point_stopped_by_a_signal_resumes_on_restart(tmp_path):
+@pytest.fixture
+def signal_the_sweep(monkeypatch):
+    """SIGTERM to the sweep, returning once its handler has run. A real trial's run returns only after the sweep's
+    SIGTERM reached its lm fit; a fake that raised at once raced the handler (which runs in the main thread, the
+    trial in a worker's), and under load its trial was not marked as cut off, so it was not resumed."""
+    stops = []
+
+    class Recorded(lm.sweep.Stop):
+        def __init__(self):
+            super().__init__()
+            stops.append(self)
+
+    monkeypatch.setattr(lm.sweep, "Stop", Recorded)
+
+    def send():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops[-1].requested.wait(30)
+
+    return send
+
+
+def test_a_grid_point_stopped_by_a_signal_resumes_on_restart(tmp_path, signal_the_sweep):
     """SIGTERM to the sweep stops the running trial (whose lm fit saves last.ckpt): started again, the sweep resumes
     that point from the checkpoint; the points that had not started run from scratch."""
     calls = []
@@ -328,7 +349,7 @@ def test_a_grid_point_stopped_by_a_signal_resumes_on_restart(tmp_path):
         calls.append(argv)
         (root / "checkpoints").mkdir(parents=True)
         (root / "checkpoints" / "last.ckpt").write_bytes(b"")  # what lm fit writes on SIGTERM
-        os.kill(os.getpid(), signal.SIGTERM)  # the sweep's handler asks every trial to stop
+        signal_the_sweep()  # the sweep's handler asks every trial to stop
         raise lm.sweep.TrialFailed("stopped by SIGTERM (exit code 0)")
 
     kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
@@ -731,7 +752,7 @@ def test_random_bounds_changed_since_the_study_began_are_a_one_line_error_and_le
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
 
 
-def test_a_resumed_grid_point_that_then_fails_by_itself_starts_anew(tmp_path):
+def test_a_resumed_grid_point_that_then_fails_by_itself_starts_anew(tmp_path, signal_the_sweep):
     """Cut off, resumed, then crashed (writing its crash checkpoint into the same folder): every restart resumed the
     point from that crash checkpoint instead of training it anew."""
     kwargs = {"name": "g", "out": tmp_path, "count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
@@ -741,7 +762,7 @@ def test_a_resumed_grid_point_that_then_fails_by_itself_starts_anew(tmp_path):
     def cut_off(argv, root, metric, goal):
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(b"")
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal_the_sweep()
         raise lm.sweep.TrialFailed("stopped by SIGTERM (exit code 0)")
 
     def crash(argv, root, metric, goal):
