@@ -261,8 +261,9 @@ class PreferenceData(ChatData):
             )
 
         why = (
-            "not a preference pair (no chosen and rejected keys); preference data needs chosen/rejected replies, in "
-            f"one of the formats {PREFERENCE_FORMATS}"
+            "not a preference pair (no chosen and rejected keys, or text replies with no prompt and no HH transcript: "
+            "lm does not split prompt-less text pairs); preference data needs chosen/rejected replies, in one of the "
+            f"formats {PREFERENCE_FORMATS}"
         )
         return self._split(self._read_valid(detect_preference_format, why, parse))
 

@@ -152,13 +152,14 @@ def test_an_assistant_message_of_weight_0_is_shown_but_not_learned(tmp_path):
         messages[1]["weight"], messages[3]["weight"] = first_weight, second_weight
         return {"messages": messages}
 
-    records = [chat(i, 0) for i in range(4)] + [chat(9, 0, 0)]  # the last: nothing to learn
+    # the last: nothing to learn; it opens as the first does, so whichever side they land on has a supervised one
+    records = [chat(i, 0) for i in range(4)] + [chat(0, 0, 0)]
     data = ChatData(source=_write_jsonl(tmp_path / "d.jsonl", records), tokenizer="char", block_size=64)
     data.setup()
     for ids, labels in data.train_examples + data.val_examples:
         assert "bad" in data.tokenizer.decode(ids)  # in the context
         assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "good<|end|>"  # not in the loss
-    assert data.counts["dropped_train_unsupervised"] + data.counts.get("dropped_val_unsupervised", 0) == 1
+    assert data.counts.get("dropped_train_unsupervised", 0) + data.counts.get("dropped_val_unsupervised", 0) == 1
     for bad in ({"weight": 2}, {"weight": 0.5}):
         record = chat(0, 1)
         record["messages"][1].update(bad)
@@ -374,6 +375,30 @@ def test_validation_shards_every_example_once_whatever_the_number_of_devices():
                 ]
         assert len(set(batches)) == 1  # sharded models need the same number of forward passes on every rank
         assert sorted(scored) == sorted(tuple(ids) for ids, _ in data.val_examples)  # each example once
+
+
+def test_sft_and_dpo_files_of_the_same_conversations_hold_out_the_same_openings(tmp_path):
+    """SFT on one file, then DPO from that model on another (sft_hh.yaml, dpo_hh.yaml): each file's own shuffle put
+    104 of the shared HH files' 117 DPO val pairs in SFT's training data. The groups are now ordered by a hash of
+    their opening, so the same openings are held out whatever the file, its order or its other records."""
+    from lm.preference import PreferenceData
+
+    def chat(i):
+        return [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+
+    conversations = _write_jsonl(tmp_path / "sft.jsonl", [{"messages": chat(i)} for i in range(60)])
+    pairs = [{"prompt": chat(i)[:1], "chosen": chat(i)[1:], "rejected": [{"role": "assistant", "content": "no"}]}
+             for i in reversed(range(60))]  # fmt: skip
+    pairs = _write_jsonl(tmp_path / "dpo.jsonl", pairs)
+
+    def openings(examples, first_user):
+        return {first_user(example) for _, *example in examples}
+
+    sft_train, sft_val = ChatData(source=conversations, val_fraction=0.1)._conversations()
+    dpo_train, dpo_val = PreferenceData(source=pairs, val_fraction=0.1)._conversations()
+    held_out = openings(sft_val, lambda e: e[0][0]["content"])
+    assert len(held_out) == 6 and openings(dpo_val, lambda e: e[0][0]["content"]) == held_out
+    assert openings(dpo_train, lambda e: e[0][0]["content"]) == openings(sft_train, lambda e: e[0][0]["content"])
 
 
 def test_split_keeps_conversations_with_the_same_opening_on_one_side(tmp_path):

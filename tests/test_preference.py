@@ -138,6 +138,10 @@ def test_bad_pairs_name_file_and_line_or_are_skipped_and_counted(tmp_path):
     not_pairs = _write_jsonl(tmp_path / "m.jsonl", [{"messages": PROMPT + CHOSEN}] * 3)
     with pytest.raises(LMError, match="not a preference pair"):
         PreferenceData(source=not_pairs)._conversations()
+    # TRL's prompt-less text pairs: both keys are there, so the message must not say they are missing alone
+    text_pairs = _write_jsonl(tmp_path / "t.jsonl", [{"chosen": "The sky is blue.", "rejected": "It is green."}] * 3)
+    with pytest.raises(LMError, match="or text replies with no prompt and no HH transcript"):
+        PreferenceData(source=text_pairs)._conversations()
 
 
 def test_batches_are_chosen_rows_then_rejected_rows_with_the_same_prompt_and_loss_on_replies_only(tmp_path):
