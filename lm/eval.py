@@ -22,9 +22,9 @@ What is scored, exactly:
   ctx_a + " " + ctx_b.capitalize() if the row has them (the hub dataset's rows do), choices =
   preprocess(ending), each scored as the continuation " " + choice of the query (encode query + continuation once,
   the continuation's tokens are those after the query's own encoding). `acc`: argmax of the summed log-likelihood;
-  `acc_norm`: argmax of log-likelihood / len(choice) in characters (lm-eval's `completion_len`; HellaSwag is ASCII,
-  so this is also the byte length). Log-probabilities are a softmax over all embedding rows, padding included, as
-  the exported HF model computes them.
+  `acc_norm`: argmax of log-likelihood / len(choice) in characters (lm-eval's `completion_len`, which counts
+  characters too: a few rows hold "°" or "¾", where bytes would differ). Log-probabilities are a softmax over all
+  embedding rows, padding included, as the exported HF model computes them.
 - `addition`, `reverse`, `count`: exact match of greedy answers, by `lm.tasks.evaluate_task`.
 """
 
@@ -499,6 +499,9 @@ class EvalCallback(L.Callback):
     def __init__(
         self, tasks: list[EvalSpec], every_n_validations: int | None = 1, every_n_steps: int | None = None
     ) -> None:
+        for name, value in (("every_n_validations", every_n_validations), ("every_n_steps", every_n_steps)):
+            if value is not None and value < 1:  # -1 would pass every "step % n == 0" test: an eval every step
+                raise LMError(f"EvalCallback: {name} must be at least 1 (or null), got {value}")
         self.specs = [spec if isinstance(spec, EvalSpec) else EvalSpec(**spec) for spec in tasks]
         self.tasks = [build_task(spec) for spec in self.specs]
         self.every_n_validations = every_n_validations

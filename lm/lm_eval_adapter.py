@@ -47,10 +47,24 @@ class LMEvalAdapter(TemplateLM):
 
     Args (`--model_args key=value,...`):
         ckpt: an lm checkpoint; or pass `model=` and `tokenizer=` objects from Python.
-        batch_size: sequences per forward pass (lm-eval's `--batch_size`; "auto" means 16).
-        device: cpu, cuda, ... (default: cuda when available).
+        batch_size: sequences per forward pass; "auto" means 16. lm-eval's `--batch_size` (its default: 1) sets it
+            too; a batch_size in --model_args wins.
+        device: cpu, cuda, ... (default: cuda when available); as batch_size, over lm-eval's `--device`.
         max_gen_toks: default generation budget of generate_until.
     """
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        # lm-eval's command line passes its own batch_size and device beside --model_args: a key given in both was
+        # a TypeError ("got multiple values for keyword argument 'device'")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def __init__(
         self,

@@ -380,6 +380,13 @@ def test_a_bad_eval_data_path_stops_the_run_before_training_and_the_count_surviv
     assert resumed._validations == 0
 
 
+@pytest.mark.parametrize("when", [{"every_n_steps": -1}, {"every_n_validations": 0}])
+def test_eval_callback_refuses_a_count_below_1(when):
+    """every_n_steps=-1 was taken: step % -1 == 0 on every step, so the evaluation ran after each one."""
+    with pytest.raises(LMError, match=f"EvalCallback: {next(iter(when))} must be at least 1"):
+        EvalCallback([{"task": "addition", "num_problems": 2}], **when)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["lm", "addition"])
 def test_eval_callback_and_task_accuracy_run_under_fsdp(tmp_path, task):

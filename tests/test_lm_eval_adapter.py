@@ -193,6 +193,18 @@ def test_chat_template_markers_encode_back_where_bos_decodes_to_another_string(t
     assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
 
 
+def test_model_args_may_set_device_and_batch_size_beside_the_harness_s_flags(tmp_path):
+    """lm-eval's command line always passes its --batch_size (default 1) and --device as well: the docstring's
+    device= or batch_size= in --model_args was a TypeError ("multiple values"). --model_args wins."""
+    path = tmp_path / "tiny.ckpt"
+    write_checkpoint(path, CharTokenizer.train(["ab"]), block_size=8, n_layer=1, n_head=2, n_embd=16)
+    both = {"batch_size": 1, "device": "cuda:3", "max_batch_size": None}
+    adapter = LMEvalAdapter.create_from_arg_string(f"ckpt={path},device=cpu,batch_size=8", both)
+    assert adapter.batch_size == 8 and next(adapter.model.parameters()).device == torch.device("cpu")
+    adapter = LMEvalAdapter.create_from_arg_obj({"ckpt": str(path)}, {"batch_size": 4, "device": "cpu"})
+    assert adapter.batch_size == 4
+
+
 def test_a_misspelled_model_arg_is_named_not_swallowed(tmp_path):
     path = tmp_path / "tiny.ckpt"
     write_checkpoint(path, CharTokenizer.train(["ab"]), block_size=8, n_layer=1, n_head=2, n_embd=16)
