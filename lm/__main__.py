@@ -230,6 +230,10 @@ class LMCLI(LightningCLI):
                 f"{config.model.class_path}; resume with the config it was trained with"
             )
         given = config.model.init_args.as_dict() if config.model.get("init_args") else {}
+        if given.get("init_from") is None:
+            # init_from only when given: the fine-tuning YAMLs leave it null, and a resume or validate with them had
+            # dropped the checkpoint's (a DPO checkpoint then had no reference model, and an SFT one lost its origin)
+            given.pop("init_from", None)
         for key in RUNTIME_ARGS:
             if key in given:
                 hparams[key] = given[key]

@@ -263,6 +263,35 @@ def test_a_fine_tuning_run_resumes_after_its_init_from_checkpoint_moved(tmp_path
     assert torch.load(tmp_path / "runs/sft/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.slow
+def test_fine_tuning_runs_resume_and_validate_without_init_from_given_again(tmp_path, capsys, monkeypatch):
+    """The fine-tuning YAMLs leave init_from null, and resume/validate replaced the checkpoint's with that null: a DPO
+    checkpoint could be neither resumed nor validated ("preference tuning starts from a fine-tuned lm checkpoint"),
+    and a resumed SFT run's checkpoints lost where their weights came from."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.val_check_interval", "2"]
+    pre, sft = "runs/pre/checkpoints/last.ckpt", "runs/sft/checkpoints/last.ckpt"
+    main(["fit", "--config", str(REPO / "experiments/pretrain_addition.yaml"), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", "runs/pre", *quick])  # fmt: skip
+    sft_run = ["--config", str(REPO / "experiments/sft_addition.yaml"), "--trainer.default_root_dir", "runs/sft",
+               "--data.init_args.tokenizer", pre, *quick]  # fmt: skip
+    main(["fit", *sft_run, "--trainer.max_steps", "2", "--model.init_args.init_from", pre])
+    dpo_run = ["--config", str(REPO / "experiments/dpo_addition.yaml"), "--trainer.default_root_dir", "runs/dpo",
+               "--data.init_args.tokenizer", sft, *quick]  # fmt: skip
+    main(["fit", *dpo_run, "--trainer.max_steps", "2", "--model.init_args.init_from", sft])
+    capsys.readouterr()
+
+    main(["fit", *dpo_run, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    main(["validate", *dpo_run, "--ckpt_path", "last"])
+    dpo = torch.load(tmp_path / "runs/dpo/checkpoints/last.ckpt", weights_only=True)
+    assert (dpo["global_step"], dpo["hyper_parameters"]["init_from"]) == (4, sft)
+    main(["fit", *sft_run, "--trainer.max_steps", "4", "--ckpt_path", "last"])  # after DPO: its reference changed
+    resumed = torch.load(tmp_path / sft, weights_only=True)
+    assert (resumed["global_step"], resumed["hyper_parameters"]["init_from"]) == (4, pre)
+    out = capsys.readouterr().out
+    assert "ignored here" not in out, out
+
+
 def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys):
     """They read "unknown key data.init_args.source; lightning.LightningDataModule accepts: ." and "Problems parsing
     config: while parsing a flow node" (no file, no line)."""
