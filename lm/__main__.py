@@ -137,6 +137,14 @@ class LMCLI(LightningCLI):
 
     def parse_arguments(self, parser, args):
         super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None:
+            # "~/runs/x" (a YAML's): Lightning, ModelCheckpoint and W&B expand it, lm's own paths did not, so
+            # `--ckpt_path last` looked for ./~/runs/x/checkpoints/last.ckpt and lm's resume checks were skipped
+            for key in ("trainer.default_root_dir", "checkpoint.dirpath", "snapshots.dirpath", "ckpt_path"):
+                value = config.get(key)
+                if isinstance(value, str) and value.startswith("~"):
+                    config[key] = os.path.expanduser(value)
         sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
         if self.config.get("subcommand") == "fit" and sweep_id and run_id:
             # A trial started by `wandb agent` (lm sweep on the W&B server): every trial runs the sweep's one command,
@@ -156,6 +164,11 @@ class LMCLI(LightningCLI):
         self._given_config = config.clone()
         self.save_config_kwargs = {**self.save_config_kwargs, "given": self._given_config}
         root = Path(config.trainer.default_root_dir)
+        if self.subcommand == "fit":
+            try:  # a root under a file, or not ours to write: one line now, not a traceback from whichever writer
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise cannot_write(root, e) from None
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.snapshots.dirpath is None:
@@ -199,6 +212,10 @@ class LMCLI(LightningCLI):
                 if self.config.get("subcommand") != "fit":  # validating untrained weights: a meaningless loss
                     raise LMError(f"--ckpt_path last: no {ckpt_path} to validate")
                 return  # Lightning starts from scratch (and says so): `--ckpt_path last` can be set and forgotten
+        if ckpt_path == "best" and self.config.get("subcommand") == "validate":
+            # Lightning knows "best" only in the process that trained ("ModelCheckpoint is not configured to save the
+            # best model"); the run's last.ckpt records it
+            config["ckpt_path"] = ckpt_path = self._best_checkpoint(config)
         if ckpt_path not in (None, "best", "hpc", "registry"):
             ckpt = read_checkpoint(ckpt_path)
             # Lightning's restore reads these two keys and fails with a bare KeyError (e.g. on an exported file).
@@ -210,6 +227,20 @@ class LMCLI(LightningCLI):
                 )
             self._resume_info = ckpt.get("lm") or {}
             self._take_model_args_from(ckpt, ckpt_path)
+
+    @staticmethod
+    def _best_checkpoint(config) -> str:
+        """The best checkpoint by the monitored metric, as the run's last.ckpt records it."""
+        last = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        states = read_checkpoint(last, mmap=True).get("callbacks") or {} if last.is_file() else {}
+        best = next(
+            (s["best_model_path"] for s in states.values() if isinstance(s, dict) and s.get("monitor") and
+             s.get("best_model_path")),
+            None,
+        )  # fmt: skip
+        if best is None or not Path(best).is_file():
+            raise LMError(f"--ckpt_path best: {last} records no best checkpoint that exists; give its path instead")
+        return best
 
     def _take_model_args_from(self, ckpt: dict, ckpt_path) -> None:
         """The model's arguments on resume (and validate) are the checkpoint's, whether --ckpt_path is a file or

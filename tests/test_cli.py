@@ -292,6 +292,49 @@ def test_fine_tuning_runs_resume_and_validate_without_init_from_given_again(tmp_
     assert "ignored here" not in out, out
 
 
+def test_an_output_root_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path / "a_file" / "run")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'a_file' / 'run'}: Not a directory\n"
+
+
+def test_a_root_under_the_home_directory_resumes_and_validates(tmp_path, capsys, monkeypatch):
+    """ "~/runs/x" (from a YAML) was expanded by Lightning and W&B but not by lm: --ckpt_path last looked under
+    ./~/runs/x, so validate failed and a resume skipped lm's checks (Lightning still found the file)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "root.yaml").write_text("trainer:\n  default_root_dir: ~/runs/tilde\n")
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--config", "root.yaml", "--trainer.logger", "false"]
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    assert (tmp_path / "home/runs/tilde/checkpoints/last.ckpt").is_file() and not (tmp_path / "~").exists()
+    capsys.readouterr()
+    main(["fit", *run, "--trainer.max_steps", "3", "--ckpt_path", "last", "--model.init_args.lr", "0.5"])
+    assert "ignored here: lr 0.5" in capsys.readouterr().out  # lm's resume check ran
+    main(["validate", *run, "--ckpt_path", "last"])  # was: error: --ckpt_path last: no ~/runs/tilde/... to validate
+    assert "val/loss" in capsys.readouterr().out
+
+
+def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path, capsys, monkeypatch):
+    """Lightning knows "best" only in the process that trained: lm validate --ckpt_path best said ModelCheckpoint "is
+    not configured to save the best model", though it was and best-step=N.ckpt was there."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as exit_info:  # nothing trained yet
+        main(["validate", *run, "--ckpt_path", "best"])
+    assert exit_info.value.code == 2 and "--ckpt_path best: runs/debug/checkpoints/last.ckpt records no best" in (
+        capsys.readouterr().err
+    )
+    main(["fit", *run, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"])
+    (best,) = (tmp_path / "runs/debug/checkpoints").glob("best-*.ckpt")
+    capsys.readouterr()
+    main(["validate", *run, "--ckpt_path", "best"])
+    assert "val/loss" in capsys.readouterr().out
+    assert torch.load(best, weights_only=True)["global_step"] in (2, 4)
+
+
 def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys):
     """They read "unknown key data.init_args.source; lightning.LightningDataModule accepts: ." and "Problems parsing
     config: while parsing a flow node" (no file, no line)."""
