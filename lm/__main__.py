@@ -10,7 +10,6 @@ Trainer and the callbacks below is a config key, shown with its doc by `lm fit -
 data or checkpoint) print one line and exit with code 2.
 """
 
-import argparse
 import difflib
 import inspect
 import netrc
@@ -38,7 +37,7 @@ from lm.chat import chat_command
 from lm.checkpoint import read_checkpoint
 from lm.cli_errors import OneLineErrorParser, import_class
 from lm.distributed import DestroyProcessGroup
-from lm.errors import LMError, cannot_write
+from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, Checkpoint, PreemptionSignal, RNGState
 from lm.serve import serve_command
@@ -353,7 +352,7 @@ def _wandb_logged_in() -> bool:
 
 def generate_command(argv: list[str]) -> None:
     """lm generate: sample text from a checkpoint."""
-    p = argparse.ArgumentParser(prog="lm generate", description="Sample text from a checkpoint.")
+    p = ArgumentParser(prog="lm generate", description="Sample text from a checkpoint.")
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -399,7 +398,7 @@ def generate_command(argv: list[str]) -> None:
 
 def tokenizer_command(argv: list[str]) -> None:
     """lm tokenizer train: train a tokenizer on a data source and save it (tokenizer.json + lm_tokenizer.json)."""
-    p = argparse.ArgumentParser(prog="lm tokenizer", description="Train a tokenizer on a data source.")
+    p = ArgumentParser(prog="lm tokenizer", description="Train a tokenizer on a data source.")
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a char or byte-level BPE tokenizer")
     t.add_argument("--source", required=True, help="same forms as data.source: path/glob, hub id, builtin:NAME")

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lm.errors import LMError
+from lm.errors import ArgumentParser, LMError
 from lm.tokenizer import ASSISTANT, BOS, END, EOS, SYSTEM, USER, Tokenizer
 
 CHAT_TEMPLATE_VERSION = 1  # bump when the rendering below changes: models fine-tuned on another version mismatch
@@ -203,7 +203,7 @@ def read_message() -> str:
 
 def chat_command(argv: list[str]) -> None:
     """lm chat: talk to a checkpoint in the terminal, or answer one --prompt and exit."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lm chat",
         description="Chat with a fine-tuned checkpoint. Commands: /reset (forget the conversation), /system TEXT "
         '(set the system message and reset), /quit. A line of three double quotes (""") starts a message of '

@@ -30,7 +30,6 @@ What is scored, exactly:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import json
@@ -49,7 +48,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
 from lm.distributed import root_weights_gathered
-from lm.errors import LMError, cannot_write
+from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
@@ -630,7 +629,7 @@ def check_writable(path: Path) -> None:
 
 def eval_command(argv: list[str]) -> None:
     """lm eval: evaluate a checkpoint on one task, print a table and write a JSON result."""
-    p = argparse.ArgumentParser(prog="lm eval", description="Evaluate a checkpoint on one task.")
+    p = ArgumentParser(prog="lm eval", description="Evaluate a checkpoint on one task.")
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
     p.add_argument("--task", required=True, choices=list(TASKS), help="what to evaluate")
     p.add_argument("--data", help="lm: a text source (path/glob/hub id/builtin:shakespeare); hellaswag: a JSONL file")

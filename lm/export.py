@@ -26,7 +26,6 @@ transformers is an optional extra (`pip install "lm[hf]"`); only the tokenizer f
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from lm.chat import reply_stop_ids
 from lm.config import GPTConfig
-from lm.errors import LMError, cannot_write
+from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
 from lm.tokenizer import (
     CHAT_TOKENS,
@@ -270,7 +269,7 @@ def chat_template_agrees(out: Path, tokenizer: Tokenizer) -> bool:
 
 def export_command(argv: list[str]) -> None:
     """lm export: write a checkpoint as a Hugging Face transformers directory."""
-    p = argparse.ArgumentParser(prog="lm export", description="Export a checkpoint to a transformers directory.")
+    p = ArgumentParser(prog="lm export", description="Export a checkpoint to a transformers directory.")
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
     p.add_argument("--out", required=True, help="directory to write (created; existing files are overwritten)")
     args = p.parse_args(argv)

@@ -40,7 +40,6 @@ restarted server gives the same sequence again.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -72,7 +71,7 @@ from lm.chat import (
     load_chat_checkpoint,
     reply_stop_ids,
 )
-from lm.errors import LMError
+from lm.errors import ArgumentParser, LMError
 from lm.generate import Finish, check_sampling, stream_text
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
@@ -524,7 +523,7 @@ def _usage(job: Job) -> dict:
 
 def serve_command(argv: list[str]) -> None:
     """lm serve: answer OpenAI-style HTTP requests with a checkpoint until Ctrl-C or SIGTERM."""
-    p = argparse.ArgumentParser(prog="lm serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
+    p = ArgumentParser(prog="lm serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument(

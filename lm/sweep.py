@@ -30,7 +30,6 @@ WANDB_SWEEP_ID and WANDB_RUN_ID and gives each trial its own root, `<the command
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
@@ -53,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from lm.errors import LMError, cannot_write
+from lm.errors import ArgumentParser, LMError, cannot_write
 
 METHODS = ("grid", "random", "bayes")
 SWEEP_PID = "LM_SWEEP_PID"  # set in each trial's environment: the pid of the sweep that started it
@@ -915,7 +914,7 @@ def sweep_command(argv: list[str]) -> None:
     if "--" in argv:  # everything after `--` is appended to every trial's command
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lm sweep",
         description="Run a W&B-format sweep file: on the W&B server, or locally with Optuna (--local).",
         epilog="Arguments after `--` are appended to every trial's command, e.g. -- --trainer.max_steps 10",

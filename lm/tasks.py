@@ -16,7 +16,6 @@ exact-match greedy answers on the test split:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 import string
@@ -27,7 +26,7 @@ import lightning as L
 import torch
 
 from lm.distributed import root_weights_gathered
-from lm.errors import LMError
+from lm.errors import ArgumentParser, LMError
 
 TEST_PERCENT = 10  # share of each task's problem space held out for testing
 
@@ -204,7 +203,7 @@ class TaskAccuracy(L.Callback):
 
 def tasks_command(argv: list[str]) -> None:
     """lm tasks eval: exact-match accuracy of a checkpoint's greedy answers on a built-in task's test problems."""
-    p = argparse.ArgumentParser(prog="lm tasks", description="Built-in synthetic chat tasks.")
+    p = ArgumentParser(prog="lm tasks", description="Built-in synthetic chat tasks.")
     sub = p.add_subparsers(dest="action", required=True)
     e = sub.add_parser("eval", help="score greedy answers on held-out problems")
     e.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")

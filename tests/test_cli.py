@@ -335,6 +335,19 @@ def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path
     assert torch.load(best, weights_only=True)["global_step"] in (2, 4)
 
 
+@pytest.mark.parametrize(
+    "argv", [["generate"], ["chat"], ["eval", "--ckpt", "x"], ["export"], ["serve", "--port", "http"], ["tasks"],
+             ["tokenizer", "train"], ["sweep"], ["generate", "--ckpt", "x", "--bogus"]],
+)  # fmt: skip
+def test_a_usage_error_of_lm_s_own_commands_is_one_line(argv, capsys):
+    """argparse printed its usage block before the error: four lines where every other user error is one."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: lm {argv[0]}") and err.rstrip().endswith("--help`)")
+
+
 def test_a_missing_class_path_and_a_yaml_syntax_error_are_named(tmp_path, capsys):
     """They read "unknown key data.init_args.source; lightning.LightningDataModule accepts: ." and "Problems parsing
     config: while parsing a flow node" (no file, no line)."""
