@@ -194,7 +194,13 @@ class LMCLI(LightningCLI):
                     print(f"W&B: no API key found, logging offline under {root}/wandb (`wandb sync` later)")
                     args["offline"] = True
                 if resume_info.get("wandb_run_id") and not args.get("id"):
-                    args["id"], args["resume"] = resume_info["wandb_run_id"], "allow"
+                    ours = Path(resume_info["path"]).resolve().parent == Path(config.checkpoint.dirpath).resolve()
+                    if ours:
+                        args["id"], args["resume"] = resume_info["wandb_run_id"], "allow"
+                    elif _rank() == 0:
+                        # a branch (a new decay from a snapshot, say) logged into the original W&B run, its steps
+                        # going back and its summary overwriting the original's
+                        print(f"W&B: {resume_info['path']} is another run's checkpoint: this run logs as a new W&B run")
 
     def _parse_ckpt_path(self):
         """Read the checkpoint named by --ckpt_path up front: a corrupted file is a one-line error before any work,
@@ -224,7 +230,7 @@ class LMCLI(LightningCLI):
                     f"{ckpt_path}: not a Lightning checkpoint (no {' or '.join(missing)}); "
                     "--ckpt_path takes a .ckpt written by lm fit"
                 )
-            self._resume_info = ckpt.get("lm") or {}
+            self._resume_info = {**(ckpt.get("lm") or {}), "path": str(ckpt_path)}
             self._take_model_args_from(ckpt, ckpt_path)
 
     @staticmethod

@@ -81,6 +81,16 @@ def test_fit_debug_then_generate(tmp_path):
     assert torch.load(other / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
     assert len(list((root / "wandb").glob("offline-run-*"))) == wandb_runs and list((other / "wandb").glob("offline-*"))
 
+    # A branch from this run's checkpoint into another root is a new W&B run: it had continued the original one, its
+    # steps going back and its summary overwriting the original's
+    branch = tmp_path / "runs" / "branch"
+    again = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.default_root_dir", branch,
+               "--ckpt_path", last, "--trainer.max_steps", "8", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    original = torch.load(last, map_location="cpu", weights_only=True)["lm"]["wandb_run_id"]
+    (run_dir,) = (branch / "wandb").glob("offline-run-*")
+    assert original and not run_dir.name.endswith(original) and "is another run's checkpoint" in again.stdout
+
 
 def test_other_loggers_also_write_under_the_run_root(tmp_path):
     """A CSVLogger named on the command line (no save_dir) logs under trainer.default_root_dir, like W&B: two runs
