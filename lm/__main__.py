@@ -194,7 +194,9 @@ class LMCLI(LightningCLI):
                     print(f"W&B: no API key found, logging offline under {root}/wandb (`wandb sync` later)")
                     args["offline"] = True
                 if resume_info.get("wandb_run_id") and not args.get("id"):
-                    ours = Path(resume_info["path"]).resolve().parent == Path(config.checkpoint.dirpath).resolve()
+                    # this run's folders: its checkpoints, its snapshots, and the root (Lightning's hpc_ckpt_N.ckpt)
+                    folders = (config.checkpoint.dirpath, config.snapshots.dirpath, config.trainer.default_root_dir)
+                    ours = Path(resume_info["path"]).resolve().parent in {Path(f).resolve() for f in folders}
                     if ours:
                         args["id"], args["resume"] = resume_info["wandb_run_id"], "allow"
                     elif _rank() == 0:
@@ -238,12 +240,15 @@ class LMCLI(LightningCLI):
         """The best checkpoint by the monitored metric, as the run's last.ckpt records it."""
         last = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints") / "last.ckpt"
         states = read_checkpoint(last, mmap=True).get("callbacks") or {} if last.is_file() else {}
+        # lm's Checkpoint on the configured metric; not the snapshots' (monitor "step") nor another ModelCheckpoint's
         best = next(
-            (s["best_model_path"] for s in states.values() if isinstance(s, dict) and s.get("monitor") and
-             s.get("best_model_path")),
+            (s.get("best_model_path") for key, s in states.items() if key.startswith(f"{Checkpoint.__qualname__}{{")
+             and isinstance(s, dict) and s.get("monitor") == config.checkpoint.monitor),
             None,
         )  # fmt: skip
-        if best is None or not Path(best).is_file():
+        if best and not Path(best).is_file():  # recorded as an absolute path: the run's folder may have moved since
+            best = str(last.parent / Path(best).name)
+        if not best or not Path(best).is_file():
             raise LMError(f"--ckpt_path best: {last} records no best checkpoint that exists; give its path instead")
         return best
 
@@ -266,15 +271,19 @@ class LMCLI(LightningCLI):
                 f"{config.model.class_path}; resume with the config it was trained with"
             )
         given = config.model.init_args.as_dict() if config.model.get("init_args") else {}
+        started_from = hparams.get("init_from")
         if given.get("init_from") is None:
             # init_from only when given: the fine-tuning YAMLs leave it null, and a resume or validate with them had
             # dropped the checkpoint's (a DPO checkpoint then had no reference model, and an SFT one lost its origin)
             given.pop("init_from", None)
+            if started_from and not Path(started_from).is_file() and not _needs_its_init_from(class_path):
+                # SFT resumes from its own weights; only DPO needs the file again (its reference). Moved since: unset.
+                hparams["init_from"] = None
         for key in RUNTIME_ARGS:
             if key in given:
                 hparams[key] = given[key]
         ignored = _differences(given, hparams, skip="arch")
-        if not hparams.get("init_from"):  # with init_from the checkpoint's arch is that file's, not the config's
+        if not started_from:  # with init_from the checkpoint's arch is that file's, not the config's
             # vocab_size: set by the tokenizer
             ignored += _differences(
                 given.get("arch") or {}, hparams.get("arch") or {}, skip="vocab_size", prefix="arch."
@@ -319,6 +328,14 @@ class LMCLI(LightningCLI):
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
             refresh_rate=PROGRESS_BAR_REFRESH_RATE
         )
+
+
+def _needs_its_init_from(class_path: str) -> bool:
+    """Whether a model class reads its init_from file again on resume: preference tuning's reference model."""
+    from lm.preference import PreferenceModel
+
+    model_class = import_class(class_path)
+    return isinstance(model_class, type) and issubclass(model_class, PreferenceModel)
 
 
 def _names_a_progress_bar(callbacks) -> bool:

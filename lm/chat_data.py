@@ -354,7 +354,7 @@ class ChatData(L.LightningDataModule):
         class docstring)."""
         if len(conversations) < 2:
             raise LMError(f"{self.kind} {self.source!r}: fewer than 2 usable {self.item}s, nothing to split")
-        groups: dict[str, list[int]] = {}  # in file order, so the seeded shuffle below is deterministic
+        groups: dict[str, list[int]] = {}  # in file order: each group's conversations in the order of the file
         for i, (_, messages, *_) in enumerate(conversations):  # preference pairs: (where, prompt, chosen, rejected)
             opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one
             # the same opening typed again: "Hi there", "hi  there" and "Hi there\n" are one group

@@ -144,7 +144,8 @@ def _prefix_every_piece(pre_tokenizer: dict | None) -> None:
     """Metaspace's prepend_scheme "first" (Mistral's and newer Llama conversions) prefixes "▁" only to the text at
     offset 0. lm encodes each chat message apart, so every message starts with "▁Hello"; transformers renders the chat
     template to one string that its markers split, and there only the first piece would get the "▁". "always" gives
-    lm's ids there, and the same ids on any text that holds no special token."""
+    lm's ids there, and the same ids on any text that holds no added token (after a foreign tokenizer's non-special
+    added token, "first" gives no "▁" and "always" one)."""
     if not isinstance(pre_tokenizer, dict):
         return
     if pre_tokenizer.get("type") == "Metaspace" and pre_tokenizer.get("prepend_scheme") == "first":

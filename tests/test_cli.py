@@ -1,5 +1,7 @@
 """The `lm` command end to end, through real subprocesses, as a user runs it."""
 
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +92,13 @@ def test_fit_debug_then_generate(tmp_path):
     original = torch.load(last, map_location="cpu", weights_only=True)["lm"]["wandb_run_id"]
     (run_dir,) = (branch / "wandb").glob("offline-run-*")
     assert original and not run_dir.name.endswith(original) and "is another run's checkpoint" in again.stdout
+    # ... but the run's own checkpoint in its root (Lightning's hpc_ckpt_N.ckpt, what slurm/train.sbatch resumes) is its
+    shutil.copy(last, root / "hpc_ckpt_1.ckpt")
+    again = lm("fit", "--config", REPO / "experiments/debug.yaml", "--ckpt_path", root / "hpc_ckpt_1.ckpt",
+               "--trainer.max_steps", "7", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "another run's checkpoint" not in again.stdout
+    assert len([d for d in (root / "wandb").glob("offline-run-*") if d.name.endswith(original)]) == 2
 
 
 def test_other_loggers_also_write_under_the_run_root(tmp_path):
@@ -298,6 +307,9 @@ def test_fine_tuning_runs_resume_and_validate_without_init_from_given_again(tmp_
     main(["fit", *sft_run, "--trainer.max_steps", "4", "--ckpt_path", "last"])  # after DPO: its reference changed
     resumed = torch.load(tmp_path / sft, weights_only=True)
     assert (resumed["global_step"], resumed["hyper_parameters"]["init_from"]) == (4, pre)
+    # SFT resumes from its own weights: a base checkpoint moved since is not needed (DPO's reference file is)
+    (tmp_path / "runs/pre").rename(tmp_path / "runs/pre_moved")
+    main(["validate", *sft_run[:4], "--data.init_args.tokenizer", sft, *quick, "--ckpt_path", "last"])
     out = capsys.readouterr().out
     assert "ignored here" not in out, out
 
@@ -327,22 +339,31 @@ def test_a_root_under_the_home_directory_resumes_and_validates(tmp_path, capsys,
     assert "val/loss" in capsys.readouterr().out
 
 
-def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path, capsys, monkeypatch):
+def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path, capfd, caplog, monkeypatch):
     """Lightning knows "best" only in the process that trained: lm validate --ckpt_path best said ModelCheckpoint "is
-    not configured to save the best model", though it was and best-step=N.ckpt was there."""
+    not configured to save the best model", though it was and best-step=N.ckpt was there. The snapshots' checkpoint
+    (monitor "step") is not the best."""
     monkeypatch.chdir(tmp_path)
     run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
     with pytest.raises(SystemExit) as exit_info:  # nothing trained yet
         main(["validate", *run, "--ckpt_path", "best"])
     assert exit_info.value.code == 2 and "--ckpt_path best: runs/debug/checkpoints/last.ckpt records no best" in (
-        capsys.readouterr().err
+        capfd.readouterr().err
     )
-    main(["fit", *run, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"])
+    snapshots = ["--checkpoint.every_n_train_steps", "2", "--snapshots.every_n_train_steps", "2"]
+    main(["fit", *run, "--trainer.max_steps", "4", "--trainer.val_check_interval", "100", *snapshots])  # no validation
+    capfd.readouterr()
+    with pytest.raises(SystemExit):
+        main(["validate", *run, "--ckpt_path", "best"])
+    assert "records no best checkpoint" in capfd.readouterr().err  # not snapshot-step=4.ckpt
+    main(["fit", *run, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2"])
     (best,) = (tmp_path / "runs/debug/checkpoints").glob("best-*.ckpt")
-    capsys.readouterr()
-    main(["validate", *run, "--ckpt_path", "best"])
-    assert "val/loss" in capsys.readouterr().out
-    assert torch.load(best, weights_only=True)["global_step"] in (2, 4)
+    step = torch.load(best, weights_only=True)["global_step"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(["validate", *run, "--ckpt_path", "best"])
+    assert f"step {step}: val/loss" in caplog.text  # the weights' step: the best one's
+    assert f"Restoring states from the checkpoint path at {best}" in caplog.text  # that file, not last.ckpt
 
 
 @pytest.mark.parametrize(
