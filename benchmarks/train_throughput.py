@@ -109,6 +109,8 @@ def parse_args(argv=None):
         # A GPU step would need a sync around each timed part, which exposes the host work a GPU otherwise overlaps;
         # the last lm step is not timed, so one step leaves no pair
         p.error("--interleave: CPU only, without --bare, and at least 2 --steps")
+    if args.profile and args.warmup < 1:  # the profiler's own warm-up step is one of them; compilation another
+        p.error("--profile needs --warmup 1 or more (the profiled steps come after an untimed profiler warm-up)")
     if args.device.startswith("cuda:") and torch.device(args.device).index != 0:
         # Lightning's devices=1 is the first GPU: the two paths would train on different cards
         p.error("--device cuda:N: one GPU, the first; pick another with CUDA_VISIBLE_DEVICES=N and --device cuda")

@@ -59,14 +59,17 @@ class Throughput(L.Callback):
     restarts at the first batch after them), so a validation does not show as a dip in throughput.
 
     Time is taken on the host once per interval (with one device sync there, none per step), so the first interval,
-    which includes compilation and warm-up, is skipped. MFU = model FLOPs per token (`train_flops_per_token`) x tokens
-    per second per device / the device's peak for the training precision, from Lightning's table of chips; it is
-    not logged where the peak is unknown (CPUs).
+    which includes compilation and warm-up, is skipped. MFU = the window's model FLOPs (`train_flops_per_token` at
+    each batch's own length, x its tokens) per second per device / the device's peak for the training precision,
+    from Lightning's table of chips; it is not logged where the peak is unknown (CPUs). Tokens are positions of the
+    batches, padding included (chat and preference batches pad each to its longest row).
     """
 
     def __init__(self):
         self._start: float | None = None
         self._tokens = 0
+        self._flops = 0.0  # the window's model FLOPs, each batch at its own length (chat batches differ)
+        self._flops_per_token: dict[int, float] = {}  # by sequence length: the count is Python arithmetic
         self._intervals = 0
         self._peak_flops: float | None = None
         self._restart = False  # validation or a checkpoint save interrupted the window: restart at the next batch
@@ -93,11 +96,16 @@ class Throughput(L.Callback):
             # Once per validation or save, not per step; the sync makes the window start when the device is idle.
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()
-            self._start, self._tokens = time.perf_counter(), 0
+            self._start, self._tokens, self._flops = time.perf_counter(), 0, 0.0
         self._restart = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._tokens += batch["input_ids"].numel()
+        batch_size, seq_len = batch["input_ids"].shape
+        self._tokens += batch_size * seq_len
+        if self._peak_flops:
+            if seq_len not in self._flops_per_token:
+                self._flops_per_token[seq_len] = pl_module.train_flops_per_token(seq_len)
+            self._flops += batch_size * seq_len * self._flops_per_token[seq_len]
         if inside_accumulation_window(trainer):
             return  # windows end at optimizer steps
         if self._first_step_pending:
@@ -116,11 +124,10 @@ class Throughput(L.Callback):
             per_device = self._tokens / (now - self._start)
             pl_module.log("train/tokens_per_sec", per_device * trainer.world_size)
             if self._peak_flops:
-                seq_len = batch["input_ids"].shape[1]
-                mfu = per_device * pl_module.train_flops_per_token(seq_len) / self._peak_flops
-                pl_module.log("train/mfu", mfu)
+                # the attention term grows with the length: one batch's length for the window read MFU 10-14% off
+                pl_module.log("train/mfu", self._flops / (now - self._start) / self._peak_flops)
         self._intervals += 1
-        self._start, self._tokens = now, 0
+        self._start, self._tokens, self._flops = now, 0, 0.0
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):

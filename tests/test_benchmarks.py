@@ -206,6 +206,15 @@ def test_train_throughput_interleave_is_cpu_only_and_without_bare(flags):
         bench.parse_args(["--interleave", *flags])
 
 
+def test_train_throughput_profile_needs_a_warmup_step():
+    """With --warmup 0 the profiler had no warm-up step of its own (torch warned), so the first profiled step carried
+    the profiler's start-up and, with --compile, the compilation."""
+    bench = load("train_throughput")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--profile", "out", "--warmup", "0"])
+    assert bench.parse_args(["--profile", "out", "--warmup", "1"]).warmup == 1
+
+
 def test_train_throughput_refuses_a_gpu_other_than_the_first():
     """Lightning's devices=1 is GPU 0: with --device cuda:1 the raw path trained on GPU 1 and the lm path on GPU 0."""
     bench = load("train_throughput")
