@@ -169,7 +169,7 @@ class LMCLI(LightningCLI):
             except OSError as e:
                 raise cannot_write(root, e) from None
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(root / "checkpoints")
+            config.checkpoint.dirpath = str(_checkpoint_dir(config))
         if config.snapshots.dirpath is None:
             config.snapshots.dirpath = str(root / "checkpoints")
         resume_info = self._resume_info
@@ -213,8 +213,7 @@ class LMCLI(LightningCLI):
         if ckpt_path is None and self.config.get("subcommand") == "validate":
             raise LMError("lm validate needs --ckpt_path (a .ckpt or last): without it the weights are untrained")
         if ckpt_path == "last":  # where our Checkpoint callback writes it (`checkpoint.dirpath` is not resolved yet)
-            ckpt_path = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints")
-            ckpt_path = ckpt_path / "last.ckpt"
+            ckpt_path = _checkpoint_dir(config) / "last.ckpt"
             if not ckpt_path.is_file():
                 if self.config.get("subcommand") != "fit":  # validating untrained weights: a meaningless loss
                     raise LMError(f"--ckpt_path last: no {ckpt_path} to validate")
@@ -238,7 +237,7 @@ class LMCLI(LightningCLI):
     @staticmethod
     def _best_checkpoint(config) -> str:
         """The best checkpoint by the monitored metric, as the run's last.ckpt records it."""
-        last = Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        last = _checkpoint_dir(config) / "last.ckpt"
         states = read_checkpoint(last, mmap=True).get("callbacks") or {} if last.is_file() else {}
         # lm's Checkpoint on the configured metric; not the snapshots' (monitor "step") nor another ModelCheckpoint's
         best = next(
@@ -328,6 +327,12 @@ class LMCLI(LightningCLI):
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
             refresh_rate=PROGRESS_BAR_REFRESH_RATE
         )
+
+
+def _checkpoint_dir(config) -> Path:
+    """Where the run's Checkpoint callback writes: checkpoint.dirpath, by default <trainer.default_root_dir>/checkpoints
+    (before_instantiate_classes fills it in; --ckpt_path is read before that)."""
+    return Path(config.checkpoint.dirpath or Path(config.trainer.default_root_dir) / "checkpoints")
 
 
 def _needs_its_init_from(class_path: str) -> bool:

@@ -491,7 +491,7 @@ class HFTokenizer(Tokenizer):
                 token, special = shared[0]
                 raise LMError(
                     f"this tokenizer's ids have gaps, and HF tokenizers gave the special token {special!r} that lm "
-                    f"adds the id of {token!r} ({backend.token_to_id(token)}): put {', '.join(missing)} in the "
+                    f"adds the id of {token!r} ({vocab[token]}): put {', '.join(missing)} in the "
                     "tokenizer.json's added_tokens at ids of their own"
                 )
         largest = max(vocab.values(), default=-1)

@@ -23,16 +23,11 @@ def _offline(monkeypatch, tmp_path):
 # What a launcher (Slurm, torchrun) or a W&B sweep agent sets around the test run: Lightning would take it for its own
 # cluster (expecting srun to start rank 1, or using a fixed MASTER_PORT), and a Slurm SIGUSR1 test would requeue the
 # job itself; lm fit would take an agent's run for a sweep trial.
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
-LAUNCHER_PREFIXES = (
-    "SLURM_",
-    "SRUN_",
-    "TORCHELASTIC_",
-    "MASTER_PORT",
-    "WANDB_SWEEP_ID",
-    "WANDB_RUN_ID",
-    "WANDB_RESUME",
+LAUNCHER_VARIABLES = (
+    *("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
+    *("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_RESUME"),
 )
+LAUNCHER_PREFIXES = ("SLURM_", "SRUN_", "TORCHELASTIC_")
 
 
 @pytest.fixture(scope="session", autouse=True)
