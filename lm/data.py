@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.errors import LMError
-from lm.tokenizer import Tokenizer, build_tokenizer, text_groups
+from lm.tokenizer import Tokenizer, build_tokenizer, text_groups, trained_tokenizer_size
 
 FORMAT_VERSION = 2  # bump when tokens.bin/meta.json or the text read change: old caches are then ignored (2: no BOM)
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -698,7 +698,7 @@ class PretrainData(L.LightningDataModule):
     # ---- cache location --------------------------------------------------------------------------------------------
 
     def _is_trained_tokenizer(self) -> bool:
-        return self.tokenizer_spec == "char" or self.tokenizer_spec.startswith("bpe:")
+        return trained_tokenizer_size(self.tokenizer_spec) is not None  # LMError for a bad bpe:N, before any load
 
     def _fixed_tokenizer(self) -> Tokenizer | None:
         """gpt2 or a tokenizer file: built without the data, cheap, and its fingerprint goes into the cache key."""

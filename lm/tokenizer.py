@@ -660,6 +660,25 @@ class BPETokenizer(HFTokenizer):
         return cls(backend)
 
 
+def trained_tokenizer_size(spec: str) -> int | None:
+    """For a spec trained on the data: "char" -> 0, "bpe:N" -> N (checked); None for any other spec.
+
+    The data module calls it before it loads any document, so a bad size is refused at once, not after the load."""
+    if spec == "char":
+        return 0
+    if not spec.startswith("bpe:"):
+        return None
+    trained = re.fullmatch(r"bpe:(\d+)", spec)
+    if trained is None:
+        raise LMError(f"tokenizer {spec!r}: expected bpe:N with N a whole number of ids, such as bpe:4096")
+    vocab_size = int(trained.group(1))
+    if vocab_size <= len(SPECIAL_TOKENS) + 256:
+        raise LMError(
+            f"tokenizer {spec!r}: vocab size must exceed {len(SPECIAL_TOKENS) + 256} (6 specials + 256 bytes)"
+        )
+    return vocab_size
+
+
 def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
     """spec: "char" (train on texts), "gpt2", "bpe:N" (train byte-level BPE with vocab N on texts), a path to a
     tokenizer.json / a saved directory, or an lm `.ckpt` (the tokenizer stored inside it). `texts` returns an
@@ -667,17 +686,12 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None)
     forms = '"char", "gpt2", "bpe:N" or a path to a tokenizer.json / saved tokenizer directory / lm .ckpt'
     if spec == "gpt2":
         return GPT2Tokenizer()
-    trained = re.fullmatch(r"bpe:(\d+)", spec)
-    if spec == "char" or trained:
+    vocab_size = trained_tokenizer_size(spec)
+    if vocab_size is not None:
         if texts is None:
             raise LMError(f"tokenizer {spec!r} is trained on the data, but no training texts were given")
         if spec == "char":
             return CharTokenizer.train(texts())
-        vocab_size = int(trained.group(1))
-        if vocab_size <= len(SPECIAL_TOKENS) + 256:
-            raise LMError(
-                f"tokenizer {spec!r}: vocab size must exceed {len(SPECIAL_TOKENS) + 256} (6 specials + 256 bytes)"
-            )
         return BPETokenizer.train(texts(), vocab_size)
     if spec.endswith(".ckpt"):
         # Fine-tuning keeps the pretrained model's tokenizer: it travels inside the checkpoint.

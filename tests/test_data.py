@@ -317,6 +317,15 @@ def test_tokens_are_each_document_encoded_whole_then_eos(tmp_path, monkeypatch, 
         assert dm.meta["num_documents"] == len(docs) and dm.meta["num_tokens"] == len(reference)
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"), [("bpe:100", "vocab size must exceed 262"), ("bpe:4k", "expected bpe:N with N a whole number")]
+)
+def test_a_bad_bpe_spec_is_refused_before_any_document_is_read(tmp_path, spec, message):
+    # The source does not exist: had the documents been read first, the error would name the missing file instead.
+    with pytest.raises(LMError, match=message):
+        make(tmp_path, tmp_path / "missing.txt", tokenizer=spec)
+
+
 def test_user_errors(tmp_path, text_file):
     with pytest.raises(LMError, match="missing.txt"):
         make(tmp_path, tmp_path / "missing.txt")
