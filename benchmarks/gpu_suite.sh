@@ -5,7 +5,7 @@
 #   time512_b64 the same for experiments/shakespeare_char_fast.yaml (ctx512 at batch 64, lr 1.4e-3, 700 steps);
 #   time512_b128 four times the tokens per step (batch 128, lr 2e-3, schedule ending at step 400);
 #   throughput  training throughput of the GPT-2 124M shape, lm's Lightning path and a raw loop in one process (best
-#               of 2 alternations), with a count of host synchronisations in the lm path's timed steps and a profile
+#               of 2 alternations), with a count of host synchronisations in an extra untimed run of the lm path, and a profile
 #               of where each path's step goes (benchmarks/train_throughput.py);
 #   fp8         the same with float8 block matmuls (needs torchao);
 #   muon, adamw the same with Muon for the hidden matrices, and its AdamW baseline (one run of each path);

@@ -155,7 +155,26 @@ class RNGState(L.Callback):
     With several processes each rank's states are gathered into the checkpoint (which rank 0 alone writes) and each
     rank gets its own back: every rank's GPU draws its own dropout masks, and rank 0's process never used the
     generators of the other ranks' devices. (Saves run on every rank, so the gather is one more collective per save.)
+
+    Own masks need own streams: Lightning seeds every rank with the same seed (`seed_everything`), so on a fresh fit
+    all ranks would draw the same dropout masks, and N ranks of batch B would not be one device of batch N x B. So at
+    the start of training (after the weights are made, which must agree) every rank but 0 re-seeds its generators
+    from the seed and its rank, as nanoGPT offsets its seed by the rank. Rank 0 keeps its stream: one device trains
+    as before. Not after a restore, where each rank has its own state back, unless the world size changed (then every
+    rank took rank 0's).
     """
+
+    def __init__(self):
+        self._restored_own_state = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank > 0 and not self._restored_own_state:
+            # A large odd step between ranks: rank 1 of seed s must not replay rank 0 of seed s + 1
+            seed = (torch.initial_seed() + trainer.global_rank * 0x9E3779B97F4A7C15) % 2**64
+            torch.manual_seed(seed)  # also every CUDA device's generator
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+        self._restored_own_state = False  # this fit's; a later fit of the same Trainer starts afresh
 
     @staticmethod
     def _local_state() -> dict[str, Any]:
@@ -182,8 +201,10 @@ class RNGState(L.Callback):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
         by_rank = state.get("by_rank") or []
+        self._restored_own_state = not distributed
         if distributed and len(by_rank) == torch.distributed.get_world_size():
-            state = by_rank[rank]  # else another world size: every rank takes rank 0's, as before
+            state = by_rank[rank]  # else another world size: every rank takes rank 0's, then parts in on_train_start
+            self._restored_own_state = True
         version, py_state, gauss = state["python"]
         random.setstate((version, tuple(py_state), gauss))
         kind, keys, *rest = state["numpy"]

@@ -1,7 +1,7 @@
 """lm sweep: run a W&B-format sweep file on the W&B server, or locally with Optuna and no server at all.
 
     lm sweep sweeps/debug.yaml                                    # creates the sweep on W&B and runs an agent here
-    lm sweep sweeps/debug.yaml --local                            # grid: every point; random/bayes need --count
+    lm sweep sweeps/debug.yaml --local                            # grid: every point; random/bayes: --count or run_cap
     lm sweep sweeps/width_depth.yaml --local --count 9 --workers 2
     lm sweep sweeps/debug.yaml --local -- --trainer.max_steps 10 --trainer.val_check_interval 10  # to every trial
 

@@ -6,8 +6,8 @@
 # 1. brings the cluster up (slurm/up.sh);
 # 2. job A: the debug experiment as 2 srun tasks (CPU DDP over gloo) runs to the end and checkpoints;
 # 3. job B: a longer run gets SIGUSR1 mid-training (what `#SBATCH --signal=USR1@90` sends before the time limit);
-#    Lightning saves hpc_ckpt_1.ckpt and requeues the job, which starts again, resumes from that checkpoint
-#    (global_step continues) and finishes, logging to the same W&B run id;
+#    Lightning saves hpc_ckpt_1.ckpt and requeues the job, which starts again, resumes from the newer of that
+#    checkpoint and checkpoints/last.ckpt (global_step continues) and finishes, logging to the same W&B run id;
 # 4. tears the daemons down (slurm/down.sh), also on failure. The whole log is kept in $WORK/test.log.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,6 +1,8 @@
-"""Two gloo ranks on a CPU: RNGState gives each rank its own RNG state back (run by tests/test_reliability.py)."""
+"""Two gloo ranks on a CPU: RNGState parts the ranks' RNG streams on a fresh fit and gives each rank its own state
+back on a resume (run by tests/test_reliability.py)."""
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -11,14 +13,24 @@ from lm.reliability import RNGState
 def main(rank: int, path: str) -> None:
     # A file store, not a port: a free port picked by the caller could be taken before the store binds it
     dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    torch.rand(1 + 10 * rank)  # the ranks' streams part, as two GPUs' dropout masks do
+    trainer = SimpleNamespace(global_rank=rank)
+    torch.manual_seed(0)  # as seed_everything seeds every rank alike
+    RNGState().on_train_start(trainer, None)  # a fresh fit: the streams part (rank 0 keeps its own)
+    draws = [None, None]
+    dist.all_gather_object(draws, torch.rand(4))
+    assert not torch.equal(draws[0], draws[1]), "the ranks draw the same numbers (the same dropout masks)"
+    if rank == 0:
+        torch.manual_seed(0)
+        assert torch.equal(torch.rand(4), draws[0]), "rank 0's stream changed: one device would train differently"
+
     state = RNGState().state_dict()  # every rank takes part; rank 0 writes the checkpoint
     if rank == 0:
         torch.save(state, path)
     dist.barrier()
     expected = torch.rand(4)
-    RNGState().load_state_dict(torch.load(path, weights_only=True))
+    resumed = RNGState()
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    resumed.on_train_start(trainer, None)  # a resume with every rank's own state: not seeded again
     assert torch.equal(torch.rand(4), expected), f"rank {rank} did not get its own RNG state back"
     dist.destroy_process_group()
 

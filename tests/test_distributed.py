@@ -6,6 +6,7 @@ Under pytest, `strategy="ddp"` would relaunch pytest itself for rank 1, so the r
 subprocesses; `StepRecorder` below is loaded into them by class path (PYTHONPATH = the repo).
 """
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -38,8 +39,9 @@ class StepRecorder(L.Callback):
         tokens = int((batch["labels"] != -100).sum())
         # LanguageModel.training_step returns loss x tokens (the token-weighted sum); with no accumulation Lightning
         # hands it back unchanged
+        rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()  # whose dropout masks come next
         self.steps.append(
-            {"loss_sum": float(outputs["loss"]), "tokens": tokens, "input_ids": batch["input_ids"].tolist()}
+            {"loss_sum": float(outputs["loss"]), "tokens": tokens, "input_ids": batch["input_ids"].tolist(), "rng": rng}
         )
 
     def on_train_end(self, trainer, pl_module):
@@ -145,6 +147,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         # the two ranks' windows are disjoint halves of the single process' batch
         assert r0["input_ids"] + r1["input_ids"] == whole["input_ids"], f"step {step}: different data"
         assert r0["tokens"] + r1["tokens"] == whole["tokens"]
+        # rank 0 draws as one process does; rank 1 from its own stream (Lightning seeds both alike: same masks)
+        assert r0["rng"] == whole["rng"] and r1["rng"] != r0["rng"], f"step {step}: RNG streams"
         # and the global loss (token-weighted over ranks) follows the same curve: same weights at every step
         global_loss = (r0["loss_sum"] + r1["loss_sum"]) / (r0["tokens"] + r1["tokens"])
         assert global_loss == pytest.approx(whole["loss_sum"] / whole["tokens"], rel=1e-4), f"step {step}"
