@@ -300,6 +300,7 @@ class LanguageModel(L.LightningModule):
         self._params: list[torch.nn.Parameter] = []  # the model's, cached by _model_parameters()
         self._param_dims: dict[str, int] = {}  # each parameter's dims as built, before a strategy flattens them
         self._nonfinite_steps: torch.Tensor | None = None  # skipped steps not yet counted on the host
+        self._backward_divisor = 1.0  # fp16 only: the backward's loss is divided by it, the gradients multiplied back
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -400,13 +401,26 @@ class LanguageModel(L.LightningModule):
         self._step_tokens = n_tokens if self._step_tokens is None else self._step_tokens + n_tokens
         detached = loss_sum.detach()
         self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
+        if self._grad_scaler() is not None:
+            # fp16: a sum over N tokens makes gradients N times a mean's, and every run began with ~log2(N) steps
+            # the GradScaler skipped for overflow (its first scale, 2**16, is itself fp16's inf in the loss's backward).
+            # So the backward gets about the mean; a constant for the whole fit, multiplied back in
+            # on_before_optimizer_step, keeps micro-batches with different token counts weighted exactly.
+            if self._backward_divisor == 1.0:
+                self._backward_divisor = self._loss_units_per_batch(batch)
+            return loss_sum / self._backward_divisor
         return loss_sum
+
+    def _loss_units_per_batch(self, batch) -> float:
+        """What a micro-batch's loss sum counts at most (supervised tokens: rows x context), from shapes alone."""
+        return float(batch["input_ids"].shape[0] * self.context_length)
 
     def on_train_start(self):
         self._params = []  # read again after the strategy's set-up: FSDP replaces the parameters
         # A previous fit of this module may have stopped inside an accumulation window (max_time, should_stop)
         self._step_tokens = self._step_loss_sum = None
         self._logged_step, self._step_values = False, None
+        self._backward_divisor = 1.0  # set by the first fp16 micro-batch
         self.checkpoint_step = None  # a resume's: a later validate in this process scores weights trained on since
         # optimizer_zero_grad below does nothing: the first step must not add to gradients left from before the fit
         self.model.zero_grad(set_to_none=True)
@@ -433,7 +447,7 @@ class LanguageModel(L.LightningModule):
             both = self.trainer.strategy.reduce(torch.stack([tokens, loss_sum]), reduce_op="sum")
             tokens, loss_sum = (both / self.trainer.world_size).unbind()
         # Gradients are scaled (here by tokens, then by clipping) in one pass, in configure_gradient_clipping.
-        self._grad_scale = self.trainer.accumulate_grad_batches / tokens.clamp(min=1)
+        self._grad_scale = self.trainer.accumulate_grad_batches * self._backward_divisor / tokens.clamp(min=1)
         self._step_tokens = self._step_loss_sum = None
         grads = [p.grad for p in self._model_parameters() if p.grad is not None]
         norm_squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
@@ -502,8 +516,8 @@ class LanguageModel(L.LightningModule):
             self._add_skipped_steps(1)
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
-        """The precision plugin's GradScaler (fp16 mixed precision), or None (bf16, fp32)."""
-        return getattr(self.trainer.precision_plugin, "scaler", None)
+        """The precision plugin's GradScaler (fp16 mixed precision), or None (bf16, fp32, or no Trainer)."""
+        return getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
 
     def _nonfinite_steps_add(self, not_finite: torch.Tensor):
         """Count a skipped step on the device (no sync); _count_skipped_steps moves the count to the host."""

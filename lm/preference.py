@@ -529,6 +529,9 @@ class PreferenceModel(LanguageModel):
         self._step_reward_sums = sums if self._step_reward_sums is None else self._step_reward_sums + sums
         return loss_sum
 
+    def _loss_units_per_batch(self, batch) -> float:
+        return float(batch["input_ids"].shape[0] // 2)  # the loss sums over pairs: chosen rows, then rejected rows
+
     def on_before_optimizer_step(self, optimizer):
         # Kept before LanguageModel's hook clears the step's pair count, and logs on a logging step. A step that stops
         # the run logs too (LanguageModel.on_train_batch_end): with these, not the last logging step's rewards.

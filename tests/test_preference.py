@@ -585,3 +585,29 @@ def test_a_step_that_stops_the_run_logs_its_own_rewards(tmp_path):
     stop = {name: steps[6][f"train/rewards/{name}"] for name in REWARD_METRICS}
     assert stop == pytest.approx(expected)
     assert stop["margin"] != steps[4]["train/rewards/margin"]
+
+
+def test_fp16_dpo_gets_the_same_gradient_norm_as_fp32_and_keeps_its_loss_scale(tmp_path):
+    """Under fp16 the backward divides the loss sum by a per-fit constant (for DPO: the pairs of a batch) and the
+    gradients are multiplied back: the first step's gradient norm is fp32's, and no step overflows the first scale."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    path, _ = _sft_checkpoint(tmp_path)
+    norms, scales = {}, []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            norms.setdefault(trainer.precision, []).append(module._grad_norm.item())
+            if trainer.precision == "16-mixed":
+                scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    for plugins in ([], [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]):
+        data = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
+        module = PreferenceModel(get_config("tiny"), init_from=str(path), lr=1e-4, warmup_steps=1)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=4, plugins=plugins, callbacks=[Record()], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=data)
+    assert min(scales) == 2.0**16, scales
+    assert norms["16-mixed"][0] == pytest.approx(norms["32-true"][0], rel=2e-2)

@@ -294,14 +294,49 @@ def test_fp16_loss_scale_overflows_are_the_scalers_business_not_skipped_steps():
         norms.append(module._grad_norm.item())
 
     module.on_before_optimizer_step = record_norm
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # overflows fp16 gradients in the first ~7 steps
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**26)  # overflows fp16 gradients in the first steps
     fp16 = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     trainer = fit_quietly(module, 12, plugins=[fp16], gradient_clip_val=1.0)
-    assert scaler.get_scale() < 2.0**16  # the scaler did skip several steps
+    assert scaler.get_scale() < 2.0**24  # the scaler did skip several steps
     assert module.skipped_steps == 0 and module.stopped_at_step is None and trainer.global_step == 12
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
     finite = [n for n in norms if math.isfinite(n)]
     assert len(finite) >= 3 and max(finite) < 100  # unscaled: the tiny model's gradient norm is ~2, not ~2 x 8192
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fp16_with_the_default_loss_scale_skips_no_step_and_keeps_the_token_weighting(accumulate):
+    """The backward used to get the token-weighted sum, N times a mean's gradient: with the GradScaler's default first
+    scale (2**16) every fp16 run began with skipped steps (here the scale fell to 2**10 in the first 10 steps, at 8 x 64
+    tokens a micro-batch). Now it gets about the mean, multiplied back before the norm: the norm matches fp32's."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (8, 64), generator=g)} for _ in range(10 * accumulate)]
+    for i, b in enumerate(batches):
+        b["labels"] = b["input_ids"].clone()
+        b["labels"][: i % 3, :20] = -100  # micro-batches with different token counts: the weighting must stay exact
+    norms, scales = {}, []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            if module._grad_norm is not None:  # None until the first optimizer step (accumulation)
+                norms.setdefault(trainer.precision, []).append(module._grad_norm.item())
+            if trainer.precision == "16-mixed":
+                scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    for plugins in ([], [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]):
+        torch.manual_seed(0)
+        module = LanguageModel(get_config("tiny", block_size=64), lr=1e-3, warmup_steps=1, schedule="constant")
+        quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=10, plugins=plugins, callbacks=[Record()], accumulate_grad_batches=accumulate,
+            **quiet,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert min(scales) == 2.0**16, f"the GradScaler lowered its scale (skipped steps): {scales}"
+    # the same weights at the first step: the same gradient norm, to fp16's precision
+    assert norms["16-mixed"][0] == pytest.approx(norms["32-true"][0], rel=2e-2)
 
 
 @pytest.mark.parametrize("fp16", [False, True])
