@@ -248,6 +248,18 @@ def test_same_seed_same_batches_and_epochs_differ(tmp_path, text_file):
     assert starts.min() >= 0 and starts.max() <= 10_000 - 8 - 1
 
 
+def test_window_starts_reach_the_last_window_that_still_has_its_labels():
+    """A window at start s reads tokens s..s+T (inputs and their next-token labels), so the starts are 0..n-T-1: the
+    last one included (the end of the corpus is trained on), none past it."""
+    num_tokens, block_size = 20, 8
+    sampler = RandomWindowSampler(num_tokens, block_size=block_size, batch_size=4, seed=0)
+    starts = set()
+    for epoch in range(100):  # 4 draws an epoch, of 12 values
+        sampler.set_epoch(epoch)
+        starts.update(int(s) for batch in sampler for s in batch)
+    assert starts == set(range(num_tokens - block_size))
+
+
 def test_sampler_state_dict_resumes_exactly(tmp_path):
     sampler = RandomWindowSampler(10_000, block_size=8, batch_size=4, seed=3)
     sampler.set_epoch(2)

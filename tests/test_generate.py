@@ -70,6 +70,26 @@ def test_the_shortest_contexts_slide_to_a_window_that_is_not_empty(block_size):
     assert len(cached[0]) == 6 and cached == generate_batch(model, [[1, 2, 3]], use_cache=False, **kwargs)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_slide_keeps_exactly_the_last_half_context_of_the_row(model, use_cache):
+    """Past block_size (16) the window slides to the row's last block_size // 2 tokens: the model's input at each
+    slide (the cache's rebuild, or the recomputed window) is exactly those 8 tokens, and a slide comes every 9 steps."""
+    prompt, block_size = [1, 5, 9, 3], model.config.block_size
+    inputs = []  # the model's input ids at each step (one forward per step, one row)
+    handle = model.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0].tolist()))
+    new = list(stream_tokens(model, prompt, max_new_tokens=40, temperature=0, use_cache=use_cache))
+    handle.remove()
+    assert len(inputs) == len(new) == 40
+    if use_cache:  # a rebuild feeds the window; other steps feed one token
+        slides = [k for k, ids in enumerate(inputs) if k > 0 and len(ids) > 1]
+    else:  # every step feeds the whole window, which shrinks at a slide
+        slides = [k for k in range(1, len(inputs)) if len(inputs[k]) < len(inputs[k - 1])]
+    assert slides == [13, 22, 31]  # the row reaches 17 tokens at step 13, then 8 + 9 tokens every 9 steps
+    for k in slides:
+        row = prompt + new[:k]  # what step k continues
+        assert inputs[k] == row[-(block_size // 2) :], k
+
+
 def test_finished_rows_do_not_rebuild_the_cache(monkeypatch):
     """A row that has stopped is never read again: its growing context must not keep filling the cache and forcing
     rebuilds that the running rows do not need (it did every 8 steps: 9 prefills here)."""

@@ -108,6 +108,18 @@ def test_init_scales_residual_projections():
     assert torch.all(model.norm.weight == 1)
 
 
+def test_init_scales_the_mlp_down_projection_like_o_proj_and_not_gate_or_up():
+    """mlp.down_proj writes into the residual stream too, so it gets std / sqrt(2 * n_layer) in every layer; the
+    projections inside the MLP (gate_proj, up_proj) keep the plain std. 384 x 1024 entries: a std within 5%."""
+    torch.manual_seed(0)
+    model = GPT(get_config("baby", n_layer=8))
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp
+        assert mlp.down_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05), i
+        assert mlp.gate_proj.weight.std().item() == pytest.approx(0.02, rel=0.05), i
+        assert mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.05), i
+
+
 def test_flops_per_token_matches_flop_counter():
     """Our closed-form count equals torch's FLOP counter on a forward+backward, matmuls and attention included.
 

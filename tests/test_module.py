@@ -120,8 +120,10 @@ def test_compiled_loss_equals_eager_loss():
     assert n.item() == n_compiled.item() == 13
 
 
-def test_clipping_uses_the_step_norm_like_clip_grad_norm():
-    """configure_gradient_clipping reuses the norm of on_before_optimizer_step; the result equals torch's rule."""
+@pytest.mark.parametrize("clip", [0.05, 1e3], ids=["norm_above_the_clip", "norm_under_the_clip"])
+def test_clipping_uses_the_step_norm_like_clip_grad_norm(clip):
+    """configure_gradient_clipping reuses the norm of on_before_optimizer_step; the result equals torch's rule. Under
+    the clip the factor is 1: the gradients stay the token means, as clip_grad_norm_ leaves them, not scaled up."""
     import lightning as L
 
     module = LanguageModel(get_config("tiny"), lr=1e-3, decay_steps=10)
@@ -135,10 +137,11 @@ def test_clipping_uses_the_step_norm_like_clip_grad_norm():
     reference = [torch.zeros_like(p) for p in module.model.parameters()]
     for ref, p in zip(reference, module.model.parameters(), strict=True):
         ref.grad = p.grad / 32  # the step's 32 supervised tokens
-    expected_norm = torch.nn.utils.clip_grad_norm_(reference, 0.05)
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, clip)
+    assert (expected_norm.item() > clip) == (clip < 1)  # each case is the side of the clip its id says
     optimizer = module.configure_optimizers()["optimizer"]
     module.on_before_optimizer_step(optimizer)
-    module.configure_gradient_clipping(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
     torch.testing.assert_close(module._grad_norm, expected_norm)
     for p, ref in zip(module.model.parameters(), reference, strict=True):
         torch.testing.assert_close(p.grad, ref.grad)
@@ -276,6 +279,22 @@ def test_a_nan_validation_batch_makes_val_loss_nan_and_the_mean_is_token_weighte
     module.model_step = lambda batch: (torch.tensor(4.0), torch.tensor(2))
     module.validation_step({}, 0)
     assert module._val_loss().item() == 4.0  # reset after each validation
+
+
+def test_val_loss_weights_each_batch_by_its_tokens_and_a_batch_without_any_changes_nothing():
+    """A plain mean over batches would read 3.0 here, not 2.0: a short last batch would weigh as much as a full one.
+    A batch with no supervised tokens (its loss is 0 / 1, see next_token_loss) must not pull the mean towards 0."""
+    module = LanguageModel(get_config("tiny"))
+
+    def val_loss(batches):
+        module.on_validation_epoch_start()
+        for loss, tokens in batches:
+            module.model_step = lambda batch, loss=loss, tokens=tokens: (torch.tensor(loss), torch.tensor(tokens))
+            module.validation_step({}, 0)
+        return module._val_loss().item()
+
+    assert val_loss([(1.0, 3), (5.0, 1)]) == pytest.approx(2.0)  # (1 x 3 + 5 x 1) / 4; unweighted (1 + 5) / 2 = 3
+    assert val_loss([(1.0, 3), (0.0, 0), (5.0, 1)]) == pytest.approx(2.0)
 
 
 def test_log_every_n_steps_0_logs_nothing_and_does_not_crash():

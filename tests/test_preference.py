@@ -511,6 +511,30 @@ def test_sft_weight_is_per_pair_so_accumulation_still_equals_one_batch(tmp_path)
         torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_sft_term_is_each_chosen_reply_s_mean_token_nll(tmp_path):
+    """RPO's SFT term is per token of the chosen reply: without the division a long reply would outweigh a short one
+    and the term would grow with the reply lengths. Replies of 1 to 9 characters here."""
+    records = [{"prompt": f"is {i} fine?", "chosen": "yes" * (1 + i % 3), "rejected": "no!"} for i in range(8)]
+    path, _ = _sft_checkpoint(tmp_path)
+    data = PreferenceData(source=_write_jsonl(tmp_path / "pairs.jsonl", records), tokenizer=str(path), batch_size=4)
+    data.setup()
+    batch = PreferenceData.collate(data.train_examples[:4])
+
+    def step(sft_weight):
+        module = PreferenceModel(get_config("tiny"), init_from=str(path), sft_weight=sft_weight)
+        module.configure_model()
+        module.eval()
+        with torch.no_grad():
+            loss, n_pairs = module.model_step(batch)
+            logps, n_tokens = sequence_logprobs(module.model(batch["input_ids"]), batch["labels"])
+        return loss, n_pairs, logps.chunk(2)[0], n_tokens.chunk(2)[0]
+
+    plain, n_pairs, _, _ = step(0.0)
+    with_sft, _, chosen_logps, chosen_tokens = step(1.0)
+    assert n_pairs.item() == 4 and len(set(chosen_tokens.tolist())) > 1  # replies of different lengths
+    torch.testing.assert_close(with_sft, plain + (-chosen_logps / chosen_tokens).mean())
+
+
 def test_pairs_and_plain_rows_go_with_their_own_model(tmp_path):
     from lm.chat_data import ChatData
     from lm.module import LanguageModel

@@ -1,6 +1,7 @@
 """What the throughput callback logs: train/tokens_per_sec measures training steps, not validation or checkpoints."""
 
 import time
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -192,3 +193,25 @@ def test_tokens_per_sec_windows_end_at_optimizer_steps_across_accumulation_and_e
     rates = {s: steps[s].get("train/tokens_per_sec") for s in logged}
     assert rates[logged[0]] is None  # the first window (warm-up, compilation) is not logged
     assert all(rate == pytest.approx(true_rate) for rate in list(rates.values())[1:]), rates
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_tokens_per_sec_counts_every_rank_s_tokens(monkeypatch, world_size):
+    """Each rank counts only its own batches: train/tokens_per_sec is the run's rate, world_size x one rank's."""
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    trainer = SimpleNamespace(
+        world_size=world_size,
+        log_every_n_steps=1,
+        global_step=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),  # every batch a step
+    )
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.update({name: value}))
+    callback = Throughput()
+    batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long)}  # 64 tokens on this rank
+    for step in range(3):  # the first window (warm-up) is not logged
+        trainer.global_step = step
+        clock.now += STEP
+        callback.on_train_batch_end(trainer, module, None, batch, step)
+    assert logged == {"train/tokens_per_sec": pytest.approx(world_size * 64 / STEP)}
