@@ -69,6 +69,9 @@ DISTRIBUTIONS = (
 )
 
 
+MAX_INITIAL_FAILURES = 3  # W&B's agent stops too: after 3 failed runs in its first minute, or 5 in all
+
+
 class TrialFailed(Exception):
     """A trial's `lm fit` exited non-zero or left no metric: Optuna records the trial as FAIL and goes on."""
 
@@ -542,13 +545,16 @@ def run_local(
     seed: int | None,
     extra: list[str],
     run: Callable[[list[str], Path, str, str], float] | None = None,
+    max_initial_failures: int = MAX_INITIAL_FAILURES,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep until `count` trials have completed or are running; returns the summary written to
     summary.json.
 
     Failed trials do not count, so a restart runs them (a grid point, a random draw) anew; within one run a grid
     point is tried once and at most `count` minus the completed trials are started, so a trial that always crashes
-    cannot loop."""
+    cannot loop. When the first `max_initial_failures` trials of this run all fail by themselves (a typo in the
+    command, a data file missing), the sweep stops there (W&B's agent stops on failures too), instead of starting
+    every other trial only to fail the same way; 0 never stops."""
     try:
         import optuna
     except ImportError:
@@ -768,6 +774,18 @@ def run_local(
             study._storage.record_heartbeat(trial_id)
 
     errors: list[BaseException] = []
+    outcomes = {"completed": 0, "failed": 0}  # this run's trials that ended by themselves
+    outcomes_lock = threading.Lock()
+
+    def count_failure(error: TrialFailed) -> None:
+        with outcomes_lock:
+            outcomes["failed"] += 1
+            if outcomes["completed"] or not 0 < max_initial_failures <= outcomes["failed"]:
+                return
+        raise LMError(
+            f"sweep {name}: its first {outcomes['failed']} trials failed, the last with {error}; stopped there "
+            f"(--max_initial_failures {max_initial_failures}; 0 goes on)"
+        )
 
     def work() -> None:
         try:
@@ -803,6 +821,8 @@ def run_local(
                     trial.set_user_attr("interrupted", True)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 print(f"lm sweep: trial {trial.number} failed: {e}", flush=True)
+                if not trial.user_attrs.get("interrupted"):
+                    count_failure(e)
                 continue
             except BaseException:
                 # a bug: record the trial as failed rather than leave it RUNNING
@@ -811,6 +831,8 @@ def run_local(
             finally:
                 finished.set()
             study.tell(trial, value, skip_if_finished=True)
+            with outcomes_lock:
+                outcomes["completed"] += 1
             print(f"lm sweep: trial {trial.number} best {metric} = {value:.4f}", flush=True)
 
     # Signals reach the main thread only, which is here joining the workers; without a handler Ctrl-C is a
@@ -927,6 +949,12 @@ def sweep_command(argv: list[str]) -> None:
     p.add_argument("--name", default=None, help="local: study name (default: the file's `name` or its stem)")
     p.add_argument("--out", default=None, help="local: sweep directory (default runs/sweeps/<name>)")
     p.add_argument("--seed", type=int, default=None, help="local: sampler seed")
+    p.add_argument(
+        "--max_initial_failures",
+        type=int,
+        default=MAX_INITIAL_FAILURES,
+        help=f"local: stop when this run's first N trials all fail (default {MAX_INITIAL_FAILURES}; 0: never)",
+    )
     p.add_argument("--project", default=None, help="W&B project (default: the file's `project` or lm-sweeps)")
     p.add_argument("--entity", default=None, help="W&B entity (default: your default entity)")
     args = p.parse_args(argv)
@@ -952,6 +980,7 @@ def sweep_command(argv: list[str]) -> None:
         storage=args.storage,
         seed=args.seed,
         extra=extra,
+        max_initial_failures=args.max_initial_failures,
     )
     if summary["best"] is None:
         raise LMError(f"no trial of sweep {name} finished: see the trial.log files under {out}")

@@ -799,3 +799,33 @@ def test_wandb_sweep_takes_project_and_entity_from_the_file(tmp_path, monkeypatc
     assert calls == {"sweep": ("my-proj", "my-team"), "agent": ("my-proj", "my-team")}  # it was lm-sweeps, no entity
     main(["sweep", str(_write(tmp_path, config)), "--project", "other"])
     assert calls["sweep"] == ("other", "my-team")  # the flag wins
+
+
+def test_a_sweep_whose_first_trials_all_fail_stops_instead_of_failing_every_point(tmp_path):
+    """A typo or a missing data file fails every trial alike: the sweep had started all 9 points of a grid, each an
+    `lm fit` start-up, before saying that none finished. It stops after the first 3 failures when none completed."""
+    ran = []
+
+    def failing(argv, root, metric, goal):
+        ran.append(_x(argv))
+        raise lm.sweep.TrialFailed("exit code 2: error: data source 'data/x.txt': no such file")
+
+    kwargs = {"count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    with pytest.raises(LMError, match=r"first 3 trials failed, the last with exit code 2: error: data source"):
+        run_local(_grid(*"abcdefgh"), name="a", out=tmp_path / "a", run=failing, **kwargs)
+    assert len(ran) == 3
+    # 0 goes on through every point
+    summary = run_local(_grid(*"abcdefgh"), name="b", out=tmp_path / "b", run=failing, max_initial_failures=0, **kwargs)
+    assert len(ran) == 3 + 8 and summary["best"] is None
+
+    # once a trial has completed, later failures are the points' own: the sweep goes on
+    completed = []
+
+    def first_completes(argv, root, metric, goal):
+        if not completed:
+            completed.append(_x(argv))
+            return 1.0
+        failing(argv, root, metric, goal)
+
+    summary = run_local(_grid(*"abcdefgh"), name="c", out=tmp_path / "c", run=first_completes, **kwargs)
+    assert [t["state"] for t in summary["trials"]].count("FAIL") == 7
