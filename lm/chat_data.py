@@ -414,13 +414,15 @@ class ChatData(L.LightningDataModule):
             return None, cut
         return (ids[:-1], labels), cut
 
-    def _examples(self, items: list[tuple], split: str) -> list:
-        """The `_example` of each (where, *parts) item of a split; bad, dropped and cut ones counted."""
-        examples = []
+    def _examples(self, items: list[tuple], split: str) -> tuple[list, list[str]]:
+        """The `_example` of each (where, *parts) item of a split, bad, dropped and cut ones counted; and the items the
+        tokenizer could not encode."""
+        examples, unencodable = [], []
         for where, *parts in items:  # parts: (conversation,), or (prompt, chosen, rejected) for PreferenceData
             try:
                 example, cut = self._example(*parts)
             except LMError as e:  # e.g. a character outside a char tokenizer's vocabulary
+                unencodable.append(f"{where}: {e}")
                 self._bad(where, str(e))
                 continue
             if example is None:  # cut before its first reply, or every reply has weight 0
@@ -429,11 +431,7 @@ class ChatData(L.LightningDataModule):
             if cut:  # kept, but the model never sees its end: worth knowing when choosing block_size
                 self._count(f"truncated_{split}")
             examples.append(example)
-        if not examples:
-            raise LMError(
-                f"{self.kind} {self.source!r}: no {split} {self.item} has a supervised token within the context"
-            )
-        return examples
+        return examples, unencodable
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -447,8 +445,22 @@ class ChatData(L.LightningDataModule):
         # Every message of every item (a conversation, or a pair's prompt and replies); only char/bpe specs read them.
         texts = lambda: (m["content"] for item in train + val for part in item[1:] for m in part)  # noqa: E731
         self.tokenizer = build_tokenizer(self.tokenizer_spec, texts=texts)
-        self.train_examples = self._examples(train, "train")
-        self.val_examples = self._examples(val, "val")
+        self.train_examples, unencodable = self._examples(train, "train")
+        self.val_examples, more = self._examples(val, "val")
+        unencodable += more
+        if len(unencodable) * 2 > len(train) + len(val):
+            # on_bad_record: skip is for the odd broken record; most of them is the wrong tokenizer (a char vocabulary
+            # from Shakespeare skipped 1,784 of HH-RLHF's 2,344 conversations), and training on the rest misleads.
+            raise LMError(
+                f"{self.kind} {self.source!r}: the tokenizer ({self.tokenizer_spec}) cannot encode "
+                f"{len(unencodable):,} of the {len(train) + len(val):,} {self.item}s, the first {unencodable[0]}; use "
+                "a tokenizer that can spell this data: a byte-level one (gpt2, bpe:N, or a checkpoint trained with one)"
+            )
+        for split, examples in (("train", self.train_examples), ("val", self.val_examples)):
+            if not examples:
+                raise LMError(
+                    f"{self.kind} {self.source!r}: no {split} {self.item} has a supervised token within the context"
+                )
         rank_zero_info(self._summary())
 
     def _summary(self) -> str:
