@@ -3,7 +3,7 @@
     lm fit --config experiments/debug.yaml [--config more.yaml] [--model.init_args.lr 1e-3]   # also validate
     lm generate --ckpt runs/debug/checkpoints/last.ckpt --prompt "ROMEO:"
     lm serve --ckpt runs/debug/checkpoints/last.ckpt --port 8000      # an OpenAI-compatible HTTP API
-    lm tokenizer train --source builtin:shakespeare --kind bpe --vocab_size 4096 --out tokenizers/shakespeare
+    lm tokenizer train --source builtin:shakespeare --kind bpe --vocab_size 4096 --out runs/tokenizers/shakespeare
 
 fit and validate are Lightning's own (LightningCLI): every constructor argument of the model, the data module, the
 Trainer and the callbacks below is a config key, shown with its doc by `lm fit --help`. User errors (bad config,
@@ -491,7 +491,9 @@ around checkpoints
   export     a Hugging Face transformers model directory
 other
   tokenizer  train a tokenizer on a data source
-  sweep      hyperparameter sweeps (sweeps/*.yaml) on W&B, or locally with Optuna"""
+  sweep      hyperparameter sweeps (sweeps/*.yaml) on W&B, or locally with Optuna
+
+User errors print one line and exit with code 2; `--debug` anywhere on the command line shows their traceback."""
 
 
 def _unknown_command(name: str) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import Logger
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout (README, "Tests"), or wherever LM_SHARED_DATA points
+SHARED_DATA = Path(os.environ.get("LM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,7 +55,9 @@ def _scratch_tmpdir(tmp_path_factory):
 def shared_file(name: str) -> Path:
     """A file of ../shared/data; integration tests fail loudly (not skip) when it is missing, as CI must see it."""
     path = SHARED_DATA / name
-    assert path.is_file(), f"{path} is missing: the integration tests need ../shared/data beside the checkout"
+    assert path.is_file(), (
+        f"{path} is missing: the integration tests need ../shared/data beside the checkout (or LM_SHARED_DATA)"
+    )
     return path
 
 
