@@ -33,11 +33,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, join_text_parts, render_chat
-from lm.data import ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, trained_batches
+from lm.data import IGNORE_INDEX, ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, trained_batches
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
-IGNORE_INDEX = -100  # as lm.module.IGNORE_INDEX (not imported: the data side should not need the model side)
 FORMATS = ("messages", "alpaca", "sharegpt")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

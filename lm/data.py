@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer, text_groups, trained_tokenizer_size
 
+IGNORE_INDEX = -100  # a label with no loss, as lm.module's (not imported: the data side does not need the model's)
 FORMAT_VERSION = 2  # bump when tokens.bin/meta.json or the text read change: old caches are then ignored (2: no BOM)
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTINS = ("shakespeare",)
@@ -414,6 +415,9 @@ def write_tokens(
 class TokenWindows(Dataset):
     """`windows[starts]` -> {"input_ids", "labels"}: (B, T) int64 windows at `starts` of a token file, shifted by one.
 
+    A negative start -1 - s is a rank's padding (SequentialWindowSampler): the window at s with no label, so it
+    weighs nothing in the token-weighted val/loss.
+
     The file is memory-mapped lazily in each process; a pickled copy (DataLoader workers under spawn) carries only the
     path, not the tokens.
     """
@@ -434,9 +438,13 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
         starts = np.atleast_1d(np.asarray(starts, dtype=np.int64))
+        padding = torch.from_numpy(starts < 0)
+        starts = np.where(starts < 0, -1 - starts, starts)
         windows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64)  # (B, T + 1)
         windows = torch.from_numpy(windows)
-        return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+        labels = windows[:, 1:].clone()  # not .contiguous(): one row is contiguous already, a view of the inputs
+        labels[padding] = IGNORE_INDEX
+        return {"input_ids": windows[:, :-1].contiguous(), "labels": labels}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokens": None}
@@ -464,6 +472,9 @@ class ResumableBatchSampler(DistributedSampler):
         self.epoch_offset = 0
         # Set by ResumableDataLoader: the batches this rank has trained on in the whole run (resumes included)
         self.trained_batches: Callable[[], int | None] | None = None
+        # Batches to add to that count: non-zero after a resume with another number of ranks or batch size, whose
+        # count of batches means another position in the data (ResumableDataLoader.load_state_dict)
+        self.position_offset = 0
 
     def rank_batches(self, epoch: int) -> np.ndarray:
         """This rank's batches of one epoch: (len(self), batch_size) indices."""
@@ -477,7 +488,7 @@ class ResumableBatchSampler(DistributedSampler):
         (after a resume from a checkpoint saved at an epoch's end they run one ahead: an epoch would be skipped).
         """
         trained = self.trained_batches() if self.trained_batches is not None else None
-        return None if trained is None else divmod(trained, len(self))
+        return None if trained is None else divmod(trained + self.position_offset, len(self))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         if (position := self.trained_position()) is not None:  # with a Trainer, each pass starts where training is
@@ -552,8 +563,10 @@ class SequentialWindowSampler(DistributedSampler):
     split, dealt out to the ranks (rank::world_size).
 
     The windows are the same whatever the batch size or the number of ranks, so validation losses stay comparable
-    across a sweep; each rank gets the same number (the last few windows, fewer than world_size, are left out), so
-    sharded models run the same number of forward passes; `MeanMetric` then averages over all of them.
+    across a sweep and across devices; each rank gets the same number (sharded models run the same number of forward
+    passes): where the windows do not divide by world_size, the last ranks get copies of the first windows with no
+    label (negative starts, see TokenWindows), which weigh nothing in the token-weighted val/loss. (They had been
+    left out, so 33 windows on 2 ranks scored the first 32.)
     """
 
     def __init__(
@@ -567,8 +580,8 @@ class SequentialWindowSampler(DistributedSampler):
         world_size: int = 1,
     ):
         starts = np.arange(0, num_tokens - block_size, block_size, dtype=np.int64)[:max_windows]  # start + T <= n - 1
-        if len(starts) >= world_size:
-            starts = starts[rank::world_size][: len(starts) // world_size]
+        padding = -(-len(starts) // world_size) * world_size - len(starts)
+        starts = np.concatenate([starts, -1 - np.resize(starts, padding)])[rank::world_size]
         self.batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -610,11 +623,46 @@ class ResumableDataLoader(DataLoader):
         position = self.sampler.trained_position()
         if position is None:
             return {}
-        return {"epoch": position[0], "batches_yielded": position[1], "epoch_offset": 0}
+        sampler = self.sampler
+        return {
+            "epoch": position[0],
+            "batches_yielded": position[1],
+            "epoch_offset": 0,
+            # what a resume with another number of ranks or batch size needs to find the same place in the data
+            "world_size": sampler.world_size,
+            "batch_size": sampler.batch_size,
+            "epoch_batches": len(sampler),
+            "position_offset": sampler.position_offset,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict:
-            self.sampler.load_state_dict(state_dict)
+        if not state_dict:
+            return
+        sampler = self.sampler
+        offset = int(state_dict.get("position_offset", 0))
+        was = (
+            int(state_dict.get("world_size", sampler.world_size)),
+            int(state_dict.get("batch_size", sampler.batch_size)),
+        )
+        if was != (sampler.world_size, sampler.batch_size):
+            # Lightning restores its count of this rank's batches, which under another world size or batch size
+            # means another place: re-trained or skipped data. Both samplers deal an epoch out in global steps that
+            # each take the next world_size x batch_size items of one seeded stream, so the place is the items taken.
+            epoch, into = int(state_dict["epoch"]), int(state_dict["batches_yielded"])
+            trained = epoch * int(state_dict["epoch_batches"]) + into - offset  # Lightning's count, as restored
+            taken = into * was[0] * was[1]
+            into = taken // (sampler.world_size * sampler.batch_size)  # a part of a batch left over is taken again
+            if into >= len(sampler):
+                epoch, into = epoch + 1, 0
+            offset = epoch * len(sampler) + into - trained
+            rank_zero_info(
+                f"lm.data: resuming {was[0]} rank(s) x batch {was[1]} as {sampler.world_size} x {sampler.batch_size}: "
+                f"epoch {epoch}, {taken:,} items into it"
+                + ("" if taken % (sampler.world_size * sampler.batch_size) == 0 else " (a part of a batch again)")
+            )
+            state_dict = {**state_dict, "epoch": epoch, "batches_yielded": into}
+        sampler.position_offset = offset
+        sampler.load_state_dict(state_dict)
 
 
 class PretrainData(L.LightningDataModule):

@@ -169,8 +169,10 @@ class RNGState(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank > 0 and not self._restored_own_state:
-            # A large odd step between ranks: rank 1 of seed s must not replay rank 0 of seed s + 1
-            seed = (torch.initial_seed() + trainer.global_rank * 0x9E3779B97F4A7C15) % 2**64
+            # A large odd step between ranks: rank 1 of seed s must not replay rank 0 of seed s + 1. The step too: after
+            # a resume with another world size (rank 0's state restored, and with it the seed) a rank must not replay
+            # the masks of the run's first steps.
+            seed = (torch.initial_seed() + trainer.global_rank * 0x9E3779B97F4A7C15 + trainer.global_step) % 2**64
             torch.manual_seed(seed)  # also every CUDA device's generator
             np.random.seed(seed % 2**32)
             random.seed(seed)

@@ -13,7 +13,7 @@ from lm.reliability import RNGState
 def main(rank: int, path: str) -> None:
     # A file store, not a port: a free port picked by the caller could be taken before the store binds it
     dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=2)
-    trainer = SimpleNamespace(global_rank=rank)
+    trainer = SimpleNamespace(global_rank=rank, global_step=0)
     torch.manual_seed(0)  # as seed_everything seeds every rank alike
     RNGState().on_train_start(trainer, None)  # a fresh fit: the streams part (rank 0 keeps its own)
     draws = [None, None]
@@ -32,6 +32,16 @@ def main(rank: int, path: str) -> None:
     resumed.load_state_dict(torch.load(path, weights_only=True))
     resumed.on_train_start(trainer, None)  # a resume with every rank's own state: not seeded again
     assert torch.equal(torch.rand(4), expected), f"rank {rank} did not get its own RNG state back"
+
+    # A resume with another world size: every rank takes rank 0's state, then ranks > 0 part again, not replaying
+    # the draws of their first steps (restoring rank 0's state restores its seed, from which they were seeded)
+    state = torch.load(path, weights_only=True)
+    state["by_rank"] = state["by_rank"][:1]  # as written by one process
+    other_world = RNGState()
+    other_world.load_state_dict(state)
+    other_world.on_train_start(SimpleNamespace(global_rank=rank, global_step=100), None)
+    if rank == 1:
+        assert not torch.equal(torch.rand(4), draws[1]), "rank 1 replays the draws of its first step"
     dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ import torch
 from lm.data import (
     PretrainData,
     RandomWindowSampler,
+    ResumableDataLoader,
     SequentialWindowSampler,
     builtin_documents,
     markdown_play_to_text,
@@ -128,8 +129,38 @@ def test_val_windows_are_shared_out_to_ranks():
         ]
         for r in (0, 1)
     ]
-    assert len(ranks[0]) == len(ranks[1]) == 15  # the same number per rank; window 31 is left out
-    assert sorted(ranks[0] + ranks[1]) == one[:30]
+    assert len(ranks[0]) == len(ranks[1]) == 16  # the same number per rank: rank 1's last is padding
+    assert sorted(s for s in ranks[0] + ranks[1] if s >= 0) == one  # every window once; it had left out window 31
+    assert [s for s in ranks[0] + ranks[1] if s < 0] == [-1]  # a copy of window 0 (start -1 - 0), with no label
+
+
+def test_val_loss_on_windows_that_do_not_divide_by_the_ranks_is_the_one_process_loss(tmp_path, text_file):
+    """Rank 1's padding window carries no label, so the token-weighted mean over both ranks is one process's."""
+    from lm.module import next_token_loss
+
+    dm = make(tmp_path, text_file, block_size=16)
+    windows = dm._windows(dm.num_train, dm.num_train + len(dm.val_tokens))  # what val_dataloader reads
+    torch.manual_seed(0)
+    vocab = int(dm.val_tokens.max()) + 1
+    logits_of = torch.nn.Embedding(vocab, vocab)  # any fixed "model"
+    n_windows = 7
+
+    def loss_sum_and_tokens(world_size, rank):
+        sampler = SequentialWindowSampler(
+            len(dm.val_tokens), block_size=16, batch_size=3, max_windows=n_windows, rank=rank, world_size=world_size
+        )
+        total, tokens = 0.0, 0
+        for starts in sampler:
+            batch = windows[starts]
+            loss, n = next_token_loss(logits_of(batch["input_ids"]), batch["labels"])
+            total, tokens = total + float(loss * n), tokens + int(n)
+        return total, tokens, len(sampler)
+
+    one, n_one, _ = loss_sum_and_tokens(1, 0)
+    ranks = [loss_sum_and_tokens(2, r) for r in (0, 1)]
+    assert ranks[0][2] == ranks[1][2]  # as many batches on every rank
+    assert n_one == 16 * n_windows == ranks[0][1] + ranks[1][1]
+    assert (ranks[0][0] + ranks[1][0]) / n_one == pytest.approx(one / n_one, rel=1e-6)
 
 
 def test_cache_reused_and_keyed(tmp_path, text_file):
@@ -656,3 +687,48 @@ def test_overfit_batches_is_refused_in_one_line(tmp_path):
     dm.prepare_data()
     with pytest.raises(LMError, match="overfit_batches: not supported by PretrainData"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("kind", ["windows", "chat"])
+def test_a_resume_with_another_number_of_ranks_or_batch_size_goes_on_where_the_data_was(kind):
+    """Lightning restores its count of each rank's batches; 5 steps of 2 ranks x 4 are 40 items, and read by 1 rank x 8
+    as 5 batches of its own they were 40 items too only by luck of the product: 1 x 4 re-trained 20 of them. The
+    loader now takes the same place in the data whatever the ranks and batch size (both samplers deal each global
+    step the next world_size x batch_size items of one seeded stream)."""
+    from lm.chat_data import ShuffledBatchSampler
+
+    def loader(world_size, batch_size, rank, trained):
+        if kind == "windows":
+            sampler = RandomWindowSampler(
+                20_000, block_size=8, batch_size=batch_size, seed=3, rank=rank, world_size=world_size
+            )
+        else:
+            sampler = ShuffledBatchSampler(400, batch_size=batch_size, seed=3, rank=rank, world_size=world_size)
+        items = np.arange(20_000)
+        return ResumableDataLoader(items, batch_size=None, sampler=sampler, trained_batches=lambda: trained[0])
+
+    def batches(dl, n):
+        it = iter(dl)
+        return [next(it).tolist() for _ in range(n)]
+
+    trained = [5]  # each of the 2 ranks has trained on 5 batches of 4
+    old = [loader(2, 4, rank, trained) for rank in (0, 1)]
+    state = old[0].state_dict()
+    next_step, step_after = [[x for dl in old for x in batches(dl, 2)[i]] for i in (0, 1)]  # both ranks' next 2 steps
+    for world_size, batch_size in ((1, 8), (1, 4), (4, 2)):  # resumed with another shape: Lightning restores 5
+        new = [loader(world_size, batch_size, rank, [5]) for rank in range(world_size)]
+        for dl in new:
+            dl.load_state_dict(state)
+        taken = [x for dl in new for batch in batches(dl, 2 * 8 // (world_size * batch_size)) for x in batch]
+        assert sorted(taken) == sorted(next_step + step_after), (world_size, batch_size)
+
+    # a further resume in the same shape keeps that place: 1 x 8, saved after 2 more steps (Lightning's count 7)
+    count = [5]
+    resumed = loader(1, 8, 0, count)
+    resumed.load_state_dict(state)
+    first, second = batches(resumed, 2)
+    count[0] = 6
+    saved = resumed.state_dict()
+    again = loader(1, 8, 0, [6])
+    again.load_state_dict(saved)
+    assert sorted(batches(again, 1)[0]) == sorted(second) == sorted(step_after)
