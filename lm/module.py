@@ -301,6 +301,7 @@ class LanguageModel(L.LightningModule):
         self._param_dims: dict[str, int] = {}  # each parameter's dims as built, before a strategy flattens them
         self._nonfinite_steps: torch.Tensor | None = None  # skipped steps not yet counted on the host
         self._backward_divisor = 1.0  # fp16 only: the backward's loss is divided by it, the gradients multiplied back
+        self._restored_scale_divisor: float | None = None  # the divisor a restored GradScaler's scale was found with
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -408,6 +409,13 @@ class LanguageModel(L.LightningModule):
             # on_before_optimizer_step, keeps micro-batches with different token counts weighted exactly.
             if self._backward_divisor == 1.0:
                 self._backward_divisor = self._loss_units_per_batch(batch)
+                if self._restored_scale_divisor is not None:
+                    # A resumed scale was found for gradients old/new times these (a checkpoint written before the
+                    # divisor: 1, or another batch size): rescaled, instead of ~2000 steps per doubling to get back.
+                    scaler, state = self._grad_scaler(), self._grad_scaler().state_dict()
+                    state["scale"] *= self._restored_scale_divisor / self._backward_divisor
+                    scaler.load_state_dict(state)  # also before its first scale(), where it holds the state unset
+                    self._restored_scale_divisor = None
             return loss_sum / self._backward_divisor
         return loss_sum
 
@@ -655,6 +663,7 @@ class LanguageModel(L.LightningModule):
             "run_config": self.run_config,
             "skipped_steps": self.skipped_steps,
             "wandb_run_id": self.wandb_run_id(),
+            "fp16_backward_divisor": self._backward_divisor,  # what the GradScaler's saved scale was found with
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -664,6 +673,10 @@ class LanguageModel(L.LightningModule):
         self._check_tokenizer(info, "checkpoint tokenizer", "resume with the data it was trained on")
         self._check_architecture(info)
         self.skipped_steps = int(info.get("skipped_steps", 0))
+        # Lightning restores an fp16 run's GradScaler (its state: the precision plugin's entry); older checkpoints'
+        # scales were found without a backward divisor, i.e. with 1
+        if any(isinstance(v, dict) and "_growth_tracker" in v for v in checkpoint.values()):
+            self._restored_scale_divisor = float(info.get("fp16_backward_divisor", 1.0))
         # lm validate restores no loop state, so trainer.global_step reads 0 there: this names the weights' step
         self.checkpoint_step = checkpoint.get("global_step")
 

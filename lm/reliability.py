@@ -206,7 +206,8 @@ class RNGState(L.Callback):
         self._restored_own_state = not distributed
         if distributed and len(by_rank) == torch.distributed.get_world_size():
             state = by_rank[rank]  # else another world size: every rank takes rank 0's, then parts in on_train_start
-            self._restored_own_state = True
+            # Written before the ranks parted (all seeded alike, so all states equal): they part now
+            self._restored_own_state = any(not torch.equal(s["torch"], by_rank[0]["torch"]) for s in by_rank[1:])
         version, py_state, gauss = state["python"]
         random.setstate((version, tuple(py_state), gauss))
         kind, keys, *rest = state["numpy"]

@@ -69,7 +69,7 @@ DISTRIBUTIONS = (
 )
 
 
-MAX_INITIAL_FAILURES = 3  # W&B's agent stops too: after 3 failed runs in its first minute, or 5 in all
+MAX_INITIAL_FAILURES = 3  # W&B's agent stops too: after 3 failed runs in its first minute, or 5 before as many finish
 
 
 class TrialFailed(Exception):
@@ -776,16 +776,17 @@ def run_local(
     errors: list[BaseException] = []
     outcomes = {"completed": 0, "failed": 0}  # this run's trials that ended by themselves
     outcomes_lock = threading.Lock()
+    gave_up: list[str] = []  # why no new trial starts: the running ones finish, then the sweep stops with it
 
     def count_failure(error: TrialFailed) -> None:
         with outcomes_lock:
             outcomes["failed"] += 1
-            if outcomes["completed"] or not 0 < max_initial_failures <= outcomes["failed"]:
+            if gave_up or outcomes["completed"] or not 0 < max_initial_failures <= outcomes["failed"]:
                 return
-        raise LMError(
-            f"sweep {name}: its first {outcomes['failed']} trials failed, the last with {error}; stopped there "
-            f"(--max_initial_failures {max_initial_failures}; 0 goes on)"
-        )
+            gave_up.append(
+                f"sweep {name}: its first {outcomes['failed']} trials to end failed, the last with {error}; no new "
+                f"trial was started (--max_initial_failures {max_initial_failures}; 0 goes on)"
+            )
 
     def work() -> None:
         try:
@@ -797,6 +798,8 @@ def run_local(
 
     def run_trials() -> None:
         while True:
+            if gave_up:
+                return
             job = next_trial()
             if job == "done":
                 return
@@ -853,6 +856,8 @@ def run_local(
     if errors:
         raise errors[0]
     summary = summarize(study, config, out)
+    if gave_up:
+        raise LMError(gave_up[0])
     if stop.requested.is_set():
         raise LMError(f"sweep {name} stopped by {stop.name}: start the same command again to finish it")
     return summary

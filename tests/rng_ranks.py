@@ -42,6 +42,16 @@ def main(rank: int, path: str) -> None:
     other_world.on_train_start(SimpleNamespace(global_rank=rank, global_step=100), None)
     if rank == 1:
         assert not torch.equal(torch.rand(4), draws[1]), "rank 1 replays the draws of its first step"
+
+    # A checkpoint written before the ranks parted holds the same state for every rank: they part on resuming it
+    state = torch.load(path, weights_only=True)
+    state["by_rank"] = [state["by_rank"][0]] * 2
+    alike = RNGState()
+    alike.load_state_dict(state)
+    alike.on_train_start(SimpleNamespace(global_rank=rank, global_step=100), None)
+    draws = [None, None]
+    dist.all_gather_object(draws, torch.rand(4))
+    assert not torch.equal(draws[0], draws[1]), "resumed from equal states, the ranks still draw the same numbers"
     dist.destroy_process_group()
 
 

@@ -296,6 +296,19 @@ def test_val_loss_weights_each_batch_by_its_tokens_and_a_batch_without_any_chang
     assert val_loss([(1.0, 3), (5.0, 1)]) == pytest.approx(2.0)  # (1 x 3 + 5 x 1) / 4; unweighted (1 + 5) / 2 = 3
     assert val_loss([(1.0, 3), (0.0, 0), (5.0, 1)]) == pytest.approx(2.0)
 
+    # a real batch without labels (a rank's padding windows) through the real loss changes nothing either
+    torch.manual_seed(0)
+    real = LanguageModel(get_config("tiny"))
+    real.configure_model()
+    ids = torch.randint(0, 64, (2, 16))
+    real.on_validation_epoch_start()
+    real.validation_step({"input_ids": ids, "labels": ids}, 0)
+    alone = real._val_loss().item()
+    real.on_validation_epoch_start()
+    real.validation_step({"input_ids": ids, "labels": ids}, 0)
+    real.validation_step({"input_ids": ids, "labels": torch.full_like(ids, -100)}, 1)
+    assert alone == alone and real._val_loss().item() == pytest.approx(alone)  # alone == alone: not NaN
+
 
 def test_log_every_n_steps_0_logs_nothing_and_does_not_crash():
     import lightning as L

@@ -339,6 +339,47 @@ def test_fp16_with_the_default_loss_scale_skips_no_step_and_keeps_the_token_weig
     assert norms["16-mixed"][0] == pytest.approx(norms["32-true"][0], rel=2e-2)
 
 
+def test_an_fp16_resume_rescales_a_loss_scale_found_with_another_backward_divisor(tmp_path):
+    """A GradScaler's scale restored from a checkpoint was found for that run's gradients: a checkpoint written before
+    the backward divisor (gradients 8 x 64 times larger) or with another batch size. Lightning restores it as it was;
+    left so, it takes ~2000 clean steps per doubling to get back. It is rescaled by old / new divisor."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (8, 64), generator=g)} for _ in range(4)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+    scales = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    def fit(steps, ckpt_path=None):
+        module = LanguageModel(get_config("tiny", block_size=64), lr=1e-3, warmup_steps=1, schedule="constant")
+        fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", growth_interval=10**6))
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=steps, plugins=[fp16], callbacks=[Record()], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(2).save_checkpoint(tmp_path / "new.ckpt")
+    assert scales == [2.0**16, 2.0**16]
+    fit(3, tmp_path / "new.ckpt")  # the same divisor: the scale goes on as it was
+    assert scales[2:] == [2.0**16]
+
+    old = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    del old["lm"]["fp16_backward_divisor"]  # as written before it existed, when the scale had fallen to 2**10
+    (scaler_state,) = [v for v in old.values() if isinstance(v, dict) and "_growth_tracker" in v]
+    scaler_state["scale"] = 2.0**10
+    torch.save(old, tmp_path / "old.ckpt")
+    scales.clear()
+    fit(3, tmp_path / "old.ckpt")
+    assert scales == [2.0**10 / (8 * 64)]  # found with divisor 1, now 8 rows x 64 positions
+
+
 @pytest.mark.parametrize("fp16", [False, True])
 def test_value_clipping_bounds_every_gradient_also_under_fp16_with_fused_adamw(fp16):
     """gradient_clip_algorithm: value clamps each unscaled gradient entry. Under fp16, Lightning's own clipping refuses

@@ -811,9 +811,10 @@ def test_a_sweep_whose_first_trials_all_fail_stops_instead_of_failing_every_poin
         raise lm.sweep.TrialFailed("exit code 2: error: data source 'data/x.txt': no such file")
 
     kwargs = {"count": None, "workers": 1, "storage": None, "seed": 0, "extra": []}
-    with pytest.raises(LMError, match=r"first 3 trials failed, the last with exit code 2: error: data source"):
+    with pytest.raises(LMError, match=r"first 3 trials to end failed, the last with exit code 2: error: data source"):
         run_local(_grid(*"abcdefgh"), name="a", out=tmp_path / "a", run=failing, **kwargs)
     assert len(ran) == 3
+    assert [t["state"] for t in json.loads((tmp_path / "a" / "summary.json").read_text())["trials"]] == ["FAIL"] * 3
     # 0 goes on through every point
     summary = run_local(_grid(*"abcdefgh"), name="b", out=tmp_path / "b", run=failing, max_initial_failures=0, **kwargs)
     assert len(ran) == 3 + 8 and summary["best"] is None
@@ -829,3 +830,21 @@ def test_a_sweep_whose_first_trials_all_fail_stops_instead_of_failing_every_poin
 
     summary = run_local(_grid(*"abcdefgh"), name="c", out=tmp_path / "c", run=first_completes, **kwargs)
     assert [t["state"] for t in summary["trials"]].count("FAIL") == 7
+
+    # a trial still running when the third failure ends is let finish (not cut off), and counts in the summary
+    started = []
+
+    def first_is_slow(argv, root, metric, goal):
+        with lock:
+            first = not started
+            started.append(_x(argv))
+        if first:
+            time.sleep(1.0)  # the other worker's three failures end meanwhile
+            return 1.0
+        failing(argv, root, metric, goal)
+
+    lock = threading.Lock()
+    with pytest.raises(LMError, match="no new trial was started"):
+        run_local(_grid(*"abcdefgh"), name="d", out=tmp_path / "d", run=first_is_slow, **{**kwargs, "workers": 2})
+    trials = json.loads((tmp_path / "d" / "summary.json").read_text())["trials"]
+    assert sorted(t["state"] for t in trials) == ["COMPLETE", "FAIL", "FAIL", "FAIL"] and len(started) == 4
