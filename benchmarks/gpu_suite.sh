@@ -2,7 +2,7 @@
 # Every GPU measurement of docs/benchmarks.md, on one GPU. Phases run in the order PHASES lists them:
 #   time        shakespeare_char alone on the GPU: time from launch to each validation (experiments/shakespeare_char.yaml);
 #   time512     the same for experiments/shakespeare_char_ctx512.yaml;
-#   time512_b64 the same for experiments/shakespeare_char_fast.yaml (ctx512 at batch 64, lr 1.4e-3, 700 steps);
+#   time512_b64 the same for experiments/shakespeare_char_fast.yaml (ctx512 at batch 64, lr 1.4e-3, a 700-step schedule, 625 run);
 #   time512_b128 four times the tokens per step (batch 128, lr 2e-3, schedule ending at step 400);
 #   throughput  training throughput of the GPT-2 124M shape, lm's Lightning path and a raw loop in one process (best
 #               of 2 alternations), with a count of host synchronisations in an extra untimed run of the lm path, and a profile

@@ -113,6 +113,13 @@ class Throughput(L.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()  # once per fit: the step's kernels have run, not only been queued
             rank_zero_info(f"first step done: {time.time() - LAUNCHED_AT:.1f} s since launch")
+            # The recipes' LRs and schedules are tuned for a number of tokens per step, which the device count
+            # multiplies: the same YAML on 4 nodes instead of 1 trains 4x the tokens a step (a different recipe).
+            devices, micro = trainer.world_size, trainer.accumulate_grad_batches
+            rank_zero_info(
+                f"tokens per optimizer step: {batch_size * seq_len * devices * micro:,} = {batch_size} x {seq_len} "
+                f"(this batch) x {devices} device(s) x {micro} micro-batch(es)"
+            )
         # At the optimizer steps whose metrics Lightning writes (global_step counts them across epochs; batch_idx,
         # which counts micro-batches and restarts each epoch, put windows where nothing was written). 0: no logging.
         if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:

@@ -138,6 +138,10 @@ def test_start_up_and_first_step_are_reported_once_in_seconds_since_launch(tmp_p
     assert [line.split(":")[0] for line in lines] == ["training starts", "first step done"], messages
     seconds = [float(line.split(": ")[1].split(" s ")[0]) for line in lines]
     assert 0 < seconds[0] <= seconds[1], seconds
+    # and what a step is, which a recipe's LR is tuned for and the device count multiplies
+    assert [m for m in messages if m.startswith("tokens per optimizer step")] == [
+        "tokens per optimizer step: 32 = 2 x 16 (this batch) x 1 device(s) x 1 micro-batch(es)"
+    ]
 
 
 def test_a_run_stopped_by_max_skipped_steps_logs_that_step_s_values_not_the_last_logging_step_s():
