@@ -82,6 +82,9 @@ class Throughput(L.Callback):
         # run's time to loss: these two lines show which one to work on.
         rank_zero_info(f"training starts: {time.time() - LAUNCHED_AT:.1f} s since launch")
         self._first_step_pending = True
+        # Each fit's first window is its warm-up: a second fit with this callback would have logged its first window,
+        # timed from the end of the previous fit
+        self._start, self._tokens, self._flops, self._intervals = None, 0, 0.0, 0
 
     def on_validation_start(self, trainer, pl_module):
         self._restart = True

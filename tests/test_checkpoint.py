@@ -4,7 +4,7 @@ lands on the device asked for."""
 import pytest
 import torch
 
-from lm.checkpoint import load_for_inference, read_checkpoint
+from lm.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_for_inference, read_checkpoint
 from lm.errors import LMError
 from lm.tokenizer import CharTokenizer
 from tests.test_eval import write_checkpoint
@@ -56,6 +56,25 @@ def test_a_device_this_build_or_machine_lacks_is_an_lm_error(tmp_path, monkeypat
         load_for_inference(path, "cuda:7")
 
 
+def test_the_device_index_past_the_last_gpu_is_an_lm_error(tmp_path, monkeypatch):
+    """CUDA devices count from 0: on a two-GPU machine cuda:1 is the last one and cuda:2 is none."""
+    path = tmp_path / "model.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LMError, match="^--device cuda:2: this machine has 2 CUDA device"):
+        load_for_inference(path, "cuda:2")
+
+
+def test_a_loaded_model_is_in_eval_mode(tmp_path):
+    """Inference on a model left in training mode would apply dropout to every answer."""
+    path = tmp_path / "model.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    model, _, info = load_checkpoint(path)
+    assert not any(m.training for m in model.modules())
+    assert info["global_step"] == 3
+
+
 def _broken(tmp_path, change) -> str:
     """A good checkpoint with one thing changed by change(ckpt dict)."""
     path = tmp_path / "model.ckpt"
@@ -71,6 +90,10 @@ def _broken(tmp_path, change) -> str:
     [
         (lambda c: c["lm"]["model_config"].update(sliding_window=128), r"fields \['sliding_window'\] are unknown"),
         (lambda c: c["lm"].update(format=99), "checkpoint format 99 is newer than this lm reads"),
+        (
+            lambda c: c["lm"].update(format=CHECKPOINT_FORMAT + 1),
+            f"checkpoint format {CHECKPOINT_FORMAT + 1} is newer than this lm reads \\({CHECKPOINT_FORMAT}\\)",
+        ),
         (lambda c: c.pop("state_dict"), "not a Lightning checkpoint"),
         (lambda c: c["state_dict"].pop("model.norm.weight"), 'Missing key.*"norm.weight"'),
         (lambda c: c["lm"]["model_config"].update(n_embd=32), "size mismatch for"),

@@ -218,3 +218,13 @@ def test_the_average_follows_the_model_to_its_device():
     pinned.setup(trainer, LanguageModel(get_config("tiny")), "fit")
     pinned.on_fit_start(trainer, module)
     assert {p.device.type for p in pinned._average_model.parameters()} == {"cpu"}
+
+
+def test_each_update_moves_the_average_by_one_minus_decay_towards_the_live_weights():
+    """With decay 0.5 the two weights of the lerp are equal, so the tests above cannot tell decay from 1 - decay."""
+    update = EMA(decay=0.9)._kwargs["multi_avg_fn"]
+    average, live = [torch.tensor([0.0, 10.0])], [torch.tensor([10.0, 0.0])]
+    update(average, live, 1)
+    torch.testing.assert_close(average[0], torch.tensor([1.0, 9.0]))  # 0.9 * avg + 0.1 * live
+    update(average, live, 2)
+    torch.testing.assert_close(average[0], torch.tensor([1.9, 8.1]))

@@ -177,6 +177,30 @@ def test_temporary_files_of_writers_killed_mid_write_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, elsewhere.name])
 
 
+def test_a_temporary_file_of_another_user_s_living_writer_is_kept(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's living process raises PermissionError: its writer is alive, the file is not
+    stale. Only ProcessLookupError (no such process) makes it one."""
+    import os
+    import socket
+
+    from lm.reliability import remove_stale_temporary_files
+
+    theirs = tmp_path / f".last.ckpt.tmp@{socket.gethostname()}@4242"
+    theirs.write_bytes(b"half a checkpoint")
+    signalled = []
+
+    def kill(pid, sig):
+        signalled.append((pid, sig))
+        raise answer
+
+    monkeypatch.setattr(os, "kill", kill)
+    answer = PermissionError(1, "Operation not permitted")
+    assert remove_stale_temporary_files(tmp_path / "last.ckpt") == [] and theirs.exists()
+    assert signalled == [(4242, 0)]  # only asked whether it lives
+    answer = ProcessLookupError(3, "No such process")
+    assert remove_stale_temporary_files(tmp_path / "last.ckpt") == [theirs] and not theirs.exists()
+
+
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     callback = RNGState()
     state = callback.state_dict()
@@ -199,6 +223,58 @@ def test_each_rank_gets_its_own_rng_state_back(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(torch.load(tmp_path / "rng.pt", weights_only=True)["by_rank"]) == 2
+
+
+def test_rank_0_keeps_its_rng_stream_at_the_start_of_a_fresh_fit():
+    """Only the other ranks re-seed: one device trains on the stream seed_everything set, which the weights' init has
+    moved on. Re-seeding rank 0 would restart it, and its first dropout masks would repeat the init's draws."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    def seeded_and_moved_on():
+        torch.manual_seed(3)
+        np.random.seed(3)
+        random.seed(3)
+        torch.rand(4)  # what making the weights draws
+        np.random.rand(4)
+        random.random()
+
+    def streams():
+        return torch.rand(3), np.random.rand(3), random.random()
+
+    seeded_and_moved_on()
+    without_callback = streams()
+    seeded_and_moved_on()
+    RNGState().on_train_start(SimpleNamespace(global_rank=0, global_step=0), None)
+    with_callback = streams()
+    assert torch.equal(with_callback[0], without_callback[0])
+    assert np.array_equal(with_callback[1], without_callback[1]) and with_callback[2] == without_callback[2]
+
+    seeded_and_moved_on()  # rank 1 gets a stream of its own, from the seed and its rank
+    RNGState().on_train_start(SimpleNamespace(global_rank=1, global_step=0), None)
+    rank_1 = torch.rand(3)
+    torch.manual_seed((3 + 0x9E3779B97F4A7C15) % 2**64)
+    assert torch.equal(rank_1, torch.rand(3))
+
+
+def test_last_ckpt_holds_the_final_step_when_the_last_validation_came_before_it(tmp_path):
+    """Lightning writes last.ckpt at train end only if it never wrote one: after a validation at step 2, a run of 3
+    steps left last.ckpt at step 2, and a resume from it would train step 3 again."""
+    from lm.reliability import Checkpoint
+
+    ids = torch.randint(0, 64, (8, 2, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+        callbacks=[Checkpoint(dirpath=tmp_path, save_last=True, monitor="val/loss")], logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer.fit(LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1), loader, val_dataloaders=loader)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]  # the best one
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def test_init_from_refuses_a_different_tokenizer(tmp_path):

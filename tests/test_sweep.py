@@ -203,6 +203,42 @@ def _x(argv: list[str]) -> str:
     return next(a.split("=", 1)[1] for a in argv if a.startswith("--x="))
 
 
+COPY_FIT = textwrap.dedent(
+    """
+    # Stands in for `lm fit` without importing torch: its last.ckpt is the one the test saved beside it for its x.
+    import shutil, sys
+    from pathlib import Path
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    last = Path(args["trainer.default_root_dir"]) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / f"{args['x']}.ckpt", last)
+    """
+)
+
+
+def test_a_maximize_sweep_ranks_the_highest_value_first_and_its_trials_keep_their_highest(tmp_path):
+    """goal: maximize (an accuracy) must reach the trials' ModelCheckpoint as mode max, else each trial's best would
+    be its lowest accuracy, and the summary must rank the highest first."""
+    import torch
+
+    (tmp_path / "copy_fit.py").write_text(COPY_FIT)
+    for x in ("0.25", "0.75", "0.5"):
+        state = {"monitor": "eval/acc", "best_model_score": torch.tensor(float(x))}
+        torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'eval/acc'}": state}}, tmp_path / f"{x}.ckpt")
+    config = _grid("0.25", "0.75", "0.5") | {
+        "metric": {"name": "eval/acc", "goal": "maximize"},
+        "program": str(tmp_path / "copy_fit.py"),
+        "command": ["${interpreter}", "${program}", "${args}"],
+    }
+    out = tmp_path / "sweep"
+    summary = run_local(config, name="acc", out=out, count=None, workers=1, storage=None, seed=0, extra=[])
+    assert [t["eval/acc"] for t in summary["trials"]] == [0.75, 0.5, 0.25]
+    assert summary["best"]["params"] == {"x": "0.75"} and summary["best"]["eval/acc"] == 0.75
+    for trial in summary["trials"]:
+        command = json.loads((Path(trial["root"]) / "command.json").read_text())
+        assert "--checkpoint.mode=max" in command and "--checkpoint.monitor=eval/acc" in command
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_restart_runs_again_the_points_of_dead_workers_not_of_live_ones(tmp_path, monkeypatch):
     """A killed sweep left trials RUNNING: on this machine its pid says it is dead (rerun at once); on another

@@ -142,3 +142,62 @@ def test_a_problem_found_on_the_last_allowed_draw_counts(monkeypatch):
 
     monkeypatch.setitem(tasks.TASKS, "addition", the_test_problem_comes_last)
     assert [p.question for p in tasks.make_problems("addition", "test", 1)] == [test_q]
+
+
+def test_an_answer_that_only_contains_the_right_one_scores_zero():
+    """Exact match: a model that always replies "10" is right on no count problem (a word has at most 7 letters),
+    although "10" holds the answers "1" and "0"."""
+    import string
+
+    from lm.tokenizer import ASSISTANT
+    from tests.test_chat_replies import scripted_model
+
+    tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " "])
+    problems = make_problems("count", "test", 50, seed=0)
+    assert any(p.answer in ("1", "0") for p in problems)
+    model = scripted_model(tok, {ASSISTANT: "1", "1": "0"})
+    assert evaluate_task(model, tok, "count", num_problems=50)["exact_match"] == 0.0
+
+
+def test_two_digit_additions_add_two_digit_numbers_from_10_to_99():
+    operands = [int(x) for p in make_problems("addition", "train", 2000, digits=2) for x in p.question.split("+")]
+    assert min(operands) == 10 and max(operands) == 99
+
+
+def test_a_wrong_answer_changes_one_digit_and_never_writes_a_leading_zero():
+    """A rejected reply of "032" for "132" would teach a preference model that a leading zero is the mistake."""
+    import random
+
+    from lm.tasks import wrong_answer
+
+    rng = random.Random(0)
+    for answer in ("132", "10", "99", "1000"):
+        wrong = [wrong_answer(Problem("q", answer), rng) for _ in range(200)]
+        assert all(len(w) == len(answer) and w != answer and not w.startswith("0") for w in wrong), answer
+        assert all(sum(a != b for a, b in zip(w, answer, strict=True)) == 1 for w in wrong), answer
+    assert "0" in {wrong_answer(Problem("q", "5"), rng) for _ in range(200)}  # a one-digit answer may become 0
+
+
+def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(monkeypatch):
+    """every_n_validations=3: at validations 1, 4, 7 (the first shows where the run starts); sanity checks aside."""
+    from types import SimpleNamespace
+
+    import lm.tasks
+
+    calls = []
+    monkeypatch.setattr(
+        lm.tasks, "evaluate_task", lambda *args, **kwargs: calls.append(args[2:]) or {"exact_match": 1.0}
+    )
+    callback = TaskAccuracy(num_problems=5, every_n_validations=3, seed=4)
+    trainer = SimpleNamespace(sanity_checking=True, strategy=None)
+    logged = []
+    module = SimpleNamespace(model=None, tokenizer=object(), log=lambda name, value, **kwargs: logged.append(name))
+    callback.on_validation_epoch_end(trainer, module)  # the sanity check counts for nothing
+    trainer.sanity_checking = False
+    evaluated_at = []
+    for validation in range(1, 8):
+        callback.on_validation_epoch_end(trainer, module)
+        if calls:
+            assert calls.pop() == ("addition", 5, 4) and not calls
+            evaluated_at.append(validation)
+    assert evaluated_at == [1, 4, 7] and logged == ["eval/addition/exact_match"] * 3

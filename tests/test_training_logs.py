@@ -1,4 +1,5 @@
-"""What the throughput callback logs: train/tokens_per_sec measures training steps, not validation or checkpoints."""
+"""What the throughput callback logs: train/tokens_per_sec measures training steps, not validation or checkpoints;
+and what the text samples leave in samples.txt."""
 
 import time
 from types import SimpleNamespace
@@ -8,9 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lm.callbacks import Throughput
+from lm.callbacks import SampleText, Throughput
 from lm.config import get_config
 from lm.module import LanguageModel
+from lm.tokenizer import CharTokenizer
 from tests.conftest import MemoryLogger, nan_loss_from_step
 
 STEP, PAUSE = 0.01, 0.5  # seconds on the test's clock: a training step, and a validation or a checkpoint save
@@ -219,3 +221,52 @@ def test_tokens_per_sec_counts_every_rank_s_tokens(monkeypatch, world_size):
         clock.now += STEP
         callback.on_train_batch_end(trainer, module, None, batch, step)
     assert logged == {"train/tokens_per_sec": pytest.approx(world_size * 64 / STEP)}
+
+
+def test_samples_txt_keeps_the_samples_of_every_validation(tmp_path):
+    """Each validation appends its samples: the file is the run's history of them, not the last validation's."""
+    from tests.test_chat_replies import scripted_model
+
+    tokenizer = CharTokenizer.train(["abc"])
+    module = SimpleNamespace(
+        model=scripted_model(tokenizer, {"a": "b", "b": "c", "c": "a"}), tokenizer=tokenizer, device=torch.device("cpu")
+    )
+    trainer = SimpleNamespace(
+        sanity_checking=False, strategy=None, state=SimpleNamespace(fn="fit"), default_root_dir=tmp_path, loggers=[]
+    )
+    samples = SampleText(prompts=["a"], max_new_tokens=4)
+    for step in (2, 4):
+        trainer.global_step = step
+        samples.on_validation_epoch_end(trainer, module)
+    assert (tmp_path / "samples.txt").read_text() == (
+        "--- sample at step 2 ---\nabcab\n--- sample at step 4 ---\nabcab\n"
+    )
+
+
+def test_a_second_fit_with_the_same_throughput_callback_skips_its_own_warm_up_window(monkeypatch):
+    """The first window of every fit holds its warm-up; a callback reused for a second fit logged that fit's first
+    window, timed from the end of the previous fit."""
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    trainer = SimpleNamespace(
+        world_size=1,
+        precision="32-true",
+        log_every_n_steps=1,
+        global_step=0,
+        accumulate_grad_batches=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
+    )
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.append(name))
+    callback = Throughput()
+    batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long)}
+    for fit in range(2):
+        callback.on_train_start(trainer, module)
+        logged.clear()
+        for step in range(3):
+            trainer.global_step = step
+            clock.now += STEP if step else 100 * STEP  # a second fit starts long after the first ended
+            callback.on_train_batch_end(trainer, module, None, batch, step)
+            if step == 0:
+                assert logged == [], f"fit {fit}: its first window was logged"
+        assert logged == ["train/tokens_per_sec", "train/tokens_per_sec"]
