@@ -366,6 +366,86 @@ def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path
     assert f"Restoring states from the checkpoint path at {best}" in caplog.text  # that file, not last.ckpt
 
 
+def test_validate_best_finds_the_best_checkpoint_after_the_run_folder_moved(tmp_path, caplog, monkeypatch):
+    """last.ckpt records the best file by its absolute path, which is gone once the run's folder moved: the file of
+    that name beside last.ckpt is the one."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    (tmp_path / "runs/debug").rename(tmp_path / "runs/moved")
+    (best,) = (tmp_path / "runs/moved/checkpoints").glob("best-*.ckpt")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(["validate", *run, "--trainer.default_root_dir", "runs/moved", "--ckpt_path", "best"])
+    assert f"Restoring states from the checkpoint path at {best.relative_to(tmp_path)}" in caplog.text
+    assert "step 2: val/loss" in caplog.text
+
+
+def wandb_run_of_a_fit(argv: list[str], monkeypatch) -> str | None:
+    """The W&B run id `lm fit argv` would log into, read once its classes are built (nothing trains)."""
+    import lm.__main__ as cli
+
+    ids = []
+
+    def record(self):
+        ids.append(self.config.fit.trainer.logger.init_args.get("id"))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.LMCLI, "after_instantiate_classes", record)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(REPO / "experiments/debug.yaml"), *argv])
+    assert stop.value.code == 0
+    return ids[0]
+
+
+def test_only_a_run_s_own_checkpoint_continues_its_wandb_run(tmp_path, capsys, monkeypatch):
+    """A run branched from another run's snapshot (a new decay, say) logged into that run's W&B run, its steps going
+    back and its summary overwriting the original's; a resume from the run's own snapshot, or from Lightning's
+    hpc_ckpt_N.ckpt in its root, continues it."""
+    monkeypatch.chdir(tmp_path)
+    original = tmp_path / "runs/original"
+    snapshot = original / "checkpoints" / "snapshot-step=4.ckpt"
+    snapshot.parent.mkdir(parents=True)
+    ckpt = {"state_dict": {}, "pytorch-lightning_version": "2.0.0", "lm": {"wandb_run_id": "orig123"}}
+    torch.save(ckpt, snapshot)
+    torch.save(ckpt, original / "hpc_ckpt_1.ckpt")
+
+    branch = ["--trainer.default_root_dir", str(tmp_path / "runs/branch"), "--ckpt_path", str(snapshot)]
+    assert wandb_run_of_a_fit(branch, monkeypatch) is None
+    assert f"W&B: {snapshot} is another run's checkpoint: this run logs as a new W&B run" in capsys.readouterr().out
+    for resumed in (snapshot, original / "hpc_ckpt_1.ckpt"):
+        own = ["--trainer.default_root_dir", str(original), "--ckpt_path", str(resumed)]
+        assert wandb_run_of_a_fit(own, monkeypatch) == "orig123"
+        assert "another run's checkpoint" not in capsys.readouterr().out
+
+
+def test_a_run_stopped_by_non_finite_steps_exits_with_code_3(tmp_path, capsys, monkeypatch):
+    """A diverged run must not look like a finished one to a script or a scheduler: exit 3, naming the step and
+    where the last good weights are."""
+    import lm.__main__ as cli
+    from tests.conftest import nan_loss_from_step
+
+    original = cli.LMCLI.after_instantiate_classes
+
+    def diverge_from_step_2(self):
+        original(self)
+        nan_loss_from_step(self.model, 2)
+
+    monkeypatch.setattr(cli.LMCLI, "after_instantiate_classes", diverge_from_step_2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false",
+              "--trainer.max_steps", "6", "--trainer.val_check_interval", "100", "--model.init_args.max_skipped_steps",
+              "1"])  # fmt: skip
+    assert exit_info.value.code == 3
+    last = Path("runs/debug/checkpoints/last.ckpt")
+    assert capsys.readouterr().err.endswith(
+        "error: training stopped at step 3: 2 steps had a non-finite loss or gradient (limit "
+        f"model.max_skipped_steps=1); the last good weights are in {last}\n"
+    )
+    assert last.is_file()
+
+
 @pytest.mark.parametrize(
     "argv", [["generate"], ["chat"], ["eval", "--ckpt", "x"], ["export"], ["serve", "--port", "http"], ["tasks"],
              ["tokenizer", "train"], ["sweep"], ["generate", "--ckpt", "x", "--bogus"]],

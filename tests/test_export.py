@@ -69,6 +69,20 @@ def test_qwen3_export_with_qk_norm_gqa_and_tied_embeddings(tmp_path):
     assert_parity(model, out, tokenizer, "Qwen3ForCausalLM")
 
 
+def test_the_exported_config_carries_the_model_s_rope_theta_context_and_eos(tmp_path):
+    """A long-context model's RoPE base (Llama 3's 500000) must reach both keys transformers reads (4.x rope_theta,
+    5.x rope_parameters): with the default 10000 there, transformers computes other logits than lm."""
+    tokenizer = char_tokenizer()
+    arch = dict(block_size=24, n_layer=1, n_head=2, n_embd=32, rope_theta=500000.0)
+    model = write_checkpoint(tmp_path / "r.ckpt", tokenizer, **arch)
+    out = export_hf(tmp_path / "r.ckpt", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 500000.0
+    assert config["max_position_embeddings"] == 24
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)
+    assert_parity(model, out, tokenizer, "LlamaForCausalLM")
+
+
 @pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
 def test_exported_tokenizer_gives_the_same_ids(tmp_path, kind):
     tokenizer = {

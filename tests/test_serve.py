@@ -235,6 +235,15 @@ BAD_REQUESTS = [
         "messages: message 0: only text content parts",
     ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "only text content"),
+    # 20 prompt tokens fit the context of 32 only without the reply's 16: the history must leave the reply its room
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a" * 16}], "max_tokens": 16},
+        "the message is 20 tokens long; the context leaves room for 16",
+    ),
+    ("/v1/chat/completions", {"messages": HELLO, "stop": list("abcde")}, "'stop' takes at most 4 strings"),
+    ("/v1/chat/completions", {"messages": HELLO, "stop": [""]}, 'a list of non-empty strings, got [""]'),
+    ("/v1/chat/completions", {"messages": HELLO, "temperature": True}, "'temperature' must be a number, got true"),
 ]
 
 
@@ -245,6 +254,30 @@ def test_bad_requests_are_400s_and_the_server_goes_on(server, path, body, messag
     assert status == 400 and reply["error"]["type"] == "invalid_request_error"
     assert message in reply["error"]["message"]
     assert call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
+
+
+def test_requests_at_the_limits_are_accepted(server):
+    """Each limit is inclusive: a prompt that fills the context, the server's longest completion, OpenAI's four stop
+    strings, a chat prompt that leaves the reply exactly its room."""
+    url, _ = server
+    status, reply = call(url + "/v1/completions", {"prompt": "a" * 32, "max_tokens": 2})
+    assert status == 200 and reply["usage"]["prompt_tokens"] == 32
+    status, reply = call(url + "/v1/completions", {"prompt": "ab", "max_tokens": 64, "stop": list("wxyz")})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 64
+    fits = {"messages": [{"role": "user", "content": "a" * 12}], "max_tokens": 16}  # 16 prompt tokens + 16
+    status, reply = call(url + "/v1/chat/completions", fits)
+    assert status == 200 and reply["usage"]["prompt_tokens"] == 16
+
+
+def test_max_completion_tokens_is_openai_s_newer_name_for_max_tokens_and_wins(server):
+    """OpenAI's newer clients send max_completion_tokens (some with the legacy max_tokens too): it bounds the reply."""
+    url, srv = server
+    expected, n = engine(srv, srv.tokenizer.encode("to be or"), max_new_tokens=3, chat=False, temperature=0)
+    assert n == 3  # no EOS first: the length is max_completion_tokens'
+    body = {"prompt": "to be or", "max_completion_tokens": 3, "max_tokens": 5, "temperature": 0}
+    status, reply = call(url + "/v1/completions", body)
+    assert status == 200 and reply["choices"][0]["text"] == expected
+    assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 3
 
 
 def raw(url: str, request: bytes, *, half_close: bool = True) -> bytes:
@@ -523,6 +556,21 @@ def test_with_an_api_key_every_request_but_health_needs_it(ckpt):
         assert raw(base, head + b"Authorization: bearer s3cret\r\n" + length + b"\r\n" + body).startswith(
             b"HTTP/1.0 200"
         )
+
+
+@pytest.mark.parametrize("scheme", ["Basic", "Token", ""])
+def test_the_right_key_under_another_scheme_than_bearer_is_refused(ckpt, scheme):
+    """The key goes in `Authorization: Bearer <key>`; the same key sent as Basic credentials (or with no scheme) is
+    not what the server asks for."""
+    model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
+    with serving(model, tokenizer, api_key="s3cret") as (base, _):
+        header = f"{scheme} s3cret".strip()
+        request = urllib.request.Request(base + "/v1/models", headers={"Authorization": header})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            OPENER.open(request, timeout=60)
+        assert refused.value.code == 401
+        assert json.loads(refused.value.read())["error"]["code"] == "invalid_api_key"
+        assert call(base + "/v1/models", key="s3cret")[0] == 200
 
 
 @pytest.mark.parametrize("key", ["cl\u00e9", "two words", "k\u20ac", "abc "])

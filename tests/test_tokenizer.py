@@ -185,6 +185,22 @@ def test_a_vocabulary_with_gaps_whose_added_specials_would_take_words_ids_is_ref
         Tokenizer.load(tmp_path / "tokenizer.json")
 
 
+def test_a_vocabulary_with_a_gap_above_the_added_specials_counts_up_to_its_largest_id(tmp_path):
+    """5 words and 4 added chat tokens are 9 entries, but "b" is id 20: the embedding needs 21 rows, or the id of "b"
+    is out of range (the gap below the added ids is refused above)."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import models, pre_tokenizers
+
+    backend = HFBackend(models.WordLevel({"a": 0, "[UNK]": 1, "<s>": 2, "</s>": 3, "b": 20}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.vocab_size == 21
+    assert sorted(tok.token_id(t) for t in CHAT_TOKENS) == [5, 6, 7, 8]  # numbered from the count of entries
+    assert tok.encode("a b", bos=True, eos=True) == [2, 0, 20, 3]
+    assert tok.decode([20]) == "b"
+
+
 def test_a_tokenizer_json_saved_with_truncation_or_padding_neither_cuts_nor_pads(tmp_path):
     from tokenizers import Tokenizer as HFBackend
     from tokenizers import models, pre_tokenizers
@@ -216,6 +232,25 @@ def test_build_tokenizer_errors(tmp_path):
         Tokenizer.load(tmp_path)  # empty directory
     with pytest.raises(LMError):
         Tokenizer.from_state({"kind": "sentencepiece"})
+
+
+def test_a_trained_bpe_vocabulary_must_exceed_the_specials_and_the_bytes():
+    """6 specials and 256 byte tokens take 262 ids: bpe:262 leaves room for no merge, bpe:263 for one."""
+    with pytest.raises(LMError, match=r"tokenizer 'bpe:262': vocab size must exceed 262 \(6 specials \+ 256 bytes\)"):
+        build_tokenizer("bpe:262", _texts)
+    assert build_tokenizer("bpe:263", _texts).vocab_size == 263
+
+
+def test_fingerprints_are_stable_and_include_the_kind(tokenizers, tmp_path):
+    """The fingerprint keys the token cache: it hashes the whole state, kind included, and must not change between
+    versions (every dataset would be tokenized again). A bpe tokenizer and its tokenizer.json loaded as hf give the
+    same ids through other engines, and keep caches of their own."""
+    assert GPT2Tokenizer().fingerprint == "051a62319469004c"
+    assert CharTokenizer.train(["abc"]).fingerprint == "a94070585122e497"
+    tokenizers["bpe"].save(tmp_path)
+    hf = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert hf.kind == "hf" and hf.encode(TEXT) == tokenizers["bpe"].encode(TEXT)
+    assert hf.fingerprint != tokenizers["bpe"].fingerprint
 
 
 def test_a_binary_or_malformed_tokenizer_is_a_one_line_error(tmp_path):
@@ -342,6 +377,14 @@ def test_a_lone_surrogate_is_an_unknown_character_for_the_char_tokenizer():
     tok = CharTokenizer.train(["abc"])
     with pytest.raises(LMError, match=r"character '\\ud800' \(at offset 1\) is not in the char tokenizer's vocabulary"):
         tok.encode("a\ud800b")
+
+
+@pytest.mark.parametrize("surrogate", ["\ud800", "\udbff", "\udc00", "\udfff"])
+def test_the_char_tokenizer_leaves_out_every_surrogate_and_keeps_their_neighbours(surrogate):
+    """Surrogates are U+D800..U+DFFF, both ends included; U+D7FF and U+E000 are ordinary characters."""
+    tok = CharTokenizer.train([f"a{surrogate}\ud7ff\ue000"])
+    assert tok.chars == ["a", "\ud7ff", "\ue000"]
+    assert len(tok.fingerprint) == 16  # the state is valid Unicode: it hashes (and saves)
 
 
 def test_training_text_with_a_lone_surrogate_gives_a_tokenizer_that_saves(tmp_path):
