@@ -884,3 +884,78 @@ def test_a_sweep_whose_first_trials_all_fail_stops_instead_of_failing_every_poin
         run_local(_grid(*"abcdefgh"), name="d", out=tmp_path / "d", run=first_is_slow, **{**kwargs, "workers": 2})
     trials = json.loads((tmp_path / "d" / "summary.json").read_text())["trials"]
     assert sorted(t["state"] for t in trials) == ["COMPLETE", "FAIL", "FAIL", "FAIL"] and len(started) == 4
+
+
+def test_q_log_uniform_values_rounds_a_draw_below_half_q_up_to_q_never_to_0():
+    """With min below q/2, a draw near min rounds to 0 multiples of q: lm fit would get n_embd=0 (or lr=0.0) instead
+    of the smallest step, q."""
+    n = {"distribution": "q_log_uniform_values", "min": 1, "max": 512, "q": 32}
+    lr = {"distribution": "q_log_uniform_values", "min": 0.01, "max": 1.0, "q": 0.5}
+    p = suggest(optuna.trial.FixedTrial({"n": 3.0, "lr": 0.02}), {"n": n, "lr": lr})
+    assert p == {"n": 32, "lr": 0.5} and isinstance(p["n"], int)
+    assert suggest(optuna.trial.FixedTrial({"n": 40.0, "lr": 0.8}), {"n": n, "lr": lr}) == {"n": 32, "lr": 1.0}
+
+
+def test_min_max_without_a_distribution_is_int_uniform_only_when_both_bounds_are_ints():
+    """W&B infers int_uniform when min and max are both ints, else uniform: {min: 1, max: 2.5} drew only 1 or 2."""
+    infer = lm.sweep._distribution
+    assert [infer({"min": 1, "max": 3}), infer({"min": 1, "max": 2.5}), infer({"min": 1.5, "max": 3})] == [
+        "int_uniform",
+        "uniform",
+        "uniform",
+    ]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    p = suggest(trial, {"f": {"min": 1, "max": 2.5}, "i": {"min": 1, "max": 3}})
+    assert trial.distributions == {"f": FloatDistribution(1.0, 2.5), "i": IntDistribution(1, 3)}
+    assert isinstance(p["f"], float) and isinstance(p["i"], int) and p["i"] in (1, 2, 3)
+
+
+def test_a_restarted_random_sweep_starts_at_most_count_minus_its_completed_trials(tmp_path):
+    """Failed trials do not count, so a trial that always crashes would be started again and again: a run starts at
+    most --count minus the trials completed before it (2 done of 5: 3 starts, not 5)."""
+    config = _grid() | {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    kwargs = {"name": "r", "out": tmp_path, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(config, count=2, run=lambda argv, root, metric, goal: 1.0, **kwargs)
+    crashed = []
+
+    def crash(argv, root, metric, goal):
+        crashed.append(root.name)
+        raise lm.sweep.TrialFailed("exit code 1: boom")
+
+    summary = run_local(config, count=5, run=crash, max_initial_failures=0, **kwargs)
+    assert crashed == ["trial-0002", "trial-0003", "trial-0004"]
+    assert sorted(t["state"] for t in summary["trials"]) == ["COMPLETE"] * 2 + ["FAIL"] * 3
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_cut_off_trial_named_by_a_trial_dropped_for_a_lost_claim_still_resumes(tmp_path):
+    """A worker that lost its claim drops its trial, which may already name the cut-off trial it was to resume: that
+    trial never ran, so the cut-off one is still resumed, not given up for a new draw."""
+    config = _grid() | {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    out = tmp_path / "sweep"
+    out.mkdir()
+    storage = _storage(f"sqlite:///{out / 'optuna.db'}", "--out")
+    study = optuna.create_study(study_name="r", storage=storage)
+    trial = study.ask()
+    cut = suggest(trial, config["parameters"])
+    last = out / "trial-0000" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    trial.set_user_attr("params", cut)
+    trial.set_user_attr("root", str(last.parent.parent))
+    trial.set_user_attr("worker", f"{_host()}|{os.getpid()}|not-my-start-time")  # its worker died
+    storage.record_heartbeat(trial._trial_id)
+    lost = study.ask()  # another worker's resume of trial 0, dropped: a lower-numbered trial took the last place
+    lost.set_user_attr("params", suggest(lost, config["parameters"]))
+    lost.set_user_attr("resumes_trial", 0)
+    lost.set_user_attr("dropped", "another worker took this point or the last place in --count")
+    study.tell(lost, state=optuna.trial.TrialState.FAIL)
+    runs = []
+
+    def fake(argv, root, metric, goal):
+        runs.append((float(_x(argv)), root.name, [a for a in argv if a.startswith("--ckpt_path=")]))
+        return 1.0
+
+    run_local(config, name="r", out=out, count=1, workers=1, storage=None, seed=0, extra=[], run=fake)
+    assert runs == [(cut["x"], "trial-0000", [f"--ckpt_path={last}"])]
