@@ -438,12 +438,15 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
         starts = np.atleast_1d(np.asarray(starts, dtype=np.int64))
-        padding = torch.from_numpy(starts < 0)
-        starts = np.where(starts < 0, -1 - starts, starts)
+        padding = starts < 0
+        padded = bool(padding.any())  # validation's last ranks only: training batches skip the masking
+        if padded:
+            starts = np.where(padding, -1 - starts, starts)
         windows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64)  # (B, T + 1)
         windows = torch.from_numpy(windows)
         labels = windows[:, 1:].clone()  # not .contiguous(): one row is contiguous already, a view of the inputs
-        labels[padding] = IGNORE_INDEX
+        if padded:
+            labels[torch.from_numpy(padding)] = IGNORE_INDEX
         return {"input_ids": windows[:, :-1].contiguous(), "labels": labels}
 
     def __getstate__(self) -> dict[str, Any]:

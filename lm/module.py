@@ -402,7 +402,8 @@ class LanguageModel(L.LightningModule):
         self._step_tokens = n_tokens if self._step_tokens is None else self._step_tokens + n_tokens
         detached = loss_sum.detach()
         self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
-        if self._grad_scaler() is not None:
+        scaler = self._grad_scaler()
+        if scaler is not None:
             # fp16: a sum over N tokens makes gradients N times a mean's, and every run began with ~log2(N) steps
             # the GradScaler skipped for overflow (its first scale, 2**16, is itself fp16's inf in the loss's backward).
             # So the backward gets about the mean; a constant for the whole fit, multiplied back in
@@ -412,7 +413,7 @@ class LanguageModel(L.LightningModule):
                 if self._restored_scale_divisor is not None:
                     # A resumed scale was found for gradients old/new times these (a checkpoint written before the
                     # divisor: 1, or another batch size): rescaled, instead of ~2000 steps per doubling to get back.
-                    scaler, state = self._grad_scaler(), self._grad_scaler().state_dict()
+                    state = scaler.state_dict()
                     state["scale"] *= self._restored_scale_divisor / self._backward_divisor
                     scaler.load_state_dict(state)  # also before its first scale(), where it holds the state unset
                     self._restored_scale_divisor = None
@@ -505,7 +506,8 @@ class LanguageModel(L.LightningModule):
             # that unscales inside its step (fused AdamW), but on_before_optimizer_step has already unscaled them.
             torch._foreach_clamp_min_(grads, -gradient_clip_val)
             torch._foreach_clamp_max_(grads, gradient_clip_val)
-        if self._grad_scaler() is not None:
+        scaler = self._grad_scaler()
+        if scaler is not None:
             # fp16: the GradScaler already decided from the unscaled gradients whether this step runs (a NaN factor
             # here makes NaN gradients only in a step it skips); non-finite losses were counted before the step.
             if self.device.type != "cuda" or self._is_logging_step():
