@@ -33,7 +33,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, join_text_parts, render_chat
-from lm.data import IGNORE_INDEX, ResumableBatchSampler, ResumableDataLoader, rank_and_world_size, trained_batches
+from lm.data import (
+    DEFAULT_BLOCK_SIZE,
+    IGNORE_INDEX,
+    ResumableBatchSampler,
+    ResumableDataLoader,
+    rank_and_world_size,
+    trained_batches,
+)
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
@@ -216,7 +223,8 @@ class ChatData(L.LightningDataModule):
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
             Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
-        block_size: Context length: longest example, in tokens (the CLI sets it from the model, refusing another).
+        block_size: Context length: longest example, in tokens. None: the model's context under the CLI, which sets
+            it from the model and refuses any other value given (256 where the data module is built in Python).
         batch_size: Conversations per batch B, per device.
         val_fraction: Share of the conversations held out for validation (whole groups of conversations with the
             same first user message at a time, in an order seeded by split_seed).
@@ -244,7 +252,7 @@ class ChatData(L.LightningDataModule):
         format: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto",
         source_split: str = "train",
         tokenizer: str = "char",
-        block_size: int = 256,
+        block_size: int | None = None,
         batch_size: int = 32,
         val_fraction: float = 0.05,
         on_bad_record: Literal["error", "skip"] = "error",
@@ -258,6 +266,7 @@ class ChatData(L.LightningDataModule):
         pad_to_multiple_of: int = 1,
     ):
         super().__init__()
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if block_size < 2 or batch_size < 1:
             raise LMError(f"data.block_size must be >= 2 and data.batch_size >= 1, got {block_size}, {batch_size}")
         if not 0 < val_fraction < 1:

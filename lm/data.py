@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer, text_groups, trained_tokenizer_size
 
+DEFAULT_BLOCK_SIZE = 256  # data modules' window length where no model sets it (built in Python, not by the CLI)
 IGNORE_INDEX = -100  # a label with no loss, as lm.module's (not imported: the data side does not need the model's)
 FORMAT_VERSION = 2  # bump when tokens.bin/meta.json or the text read change: old caches are then ignored (2: no BOM)
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -686,7 +687,8 @@ class PretrainData(L.LightningDataModule):
             local and builtin sources.
         text_field: Column holding the text, for json/parquet files and hub datasets.
         tokenizer: Tokenizer spec: char, gpt2, bpe:N (trained on the source), or a tokenizer.json / saved directory.
-        block_size: Context length T of each window (the CLI sets it from the model and refuses another value).
+        block_size: Context length T of each window. None: the model's context under the CLI, which sets it from the
+            model and refuses any other value given (256 where the data module is built in Python).
         batch_size: Windows per batch B, per device.
         val_fraction: The last val_fraction of the token stream is validation, the first part training.
         cache_dir: Where tokenized data is cached; None = $XDG_CACHE_HOME/lm/data or ~/.cache/lm/data.
@@ -707,7 +709,7 @@ class PretrainData(L.LightningDataModule):
         source_revision: str | None = None,
         text_field: str = "text",
         tokenizer: str = "char",
-        block_size: int = 256,
+        block_size: int | None = None,
         batch_size: int = 64,
         val_fraction: float = 0.1,
         cache_dir: str | None = None,
@@ -718,6 +720,7 @@ class PretrainData(L.LightningDataModule):
         val_windows: int | None = None,
     ):
         super().__init__()
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if not 0 < val_fraction < 1:
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         if block_size < 1 or batch_size < 1:

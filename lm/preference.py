@@ -172,7 +172,8 @@ class PreferenceData(ChatData):
             is valid JSON); see the module docstring.
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         tokenizer: Tokenizer spec: the fine-tuned checkpoint's `.ckpt` path (its tokenizer is used).
-        block_size: Context length: longest sequence, in tokens (the CLI sets it from the model, refusing another).
+        block_size: Context length: longest sequence, in tokens. None: the model's context under the CLI, which sets
+            it from the model and refuses any other value given (256 where the data module is built in Python).
         batch_size: Pairs per batch B, per device (the batch holds 2B sequences).
         val_fraction: Share of the pairs held out for validation.
         on_bad_record: A malformed pair (bad roles or turns, empty content, identical replies) stops the run with its
@@ -196,7 +197,7 @@ class PreferenceData(ChatData):
         format: Literal["auto", "conversational", "standard", "implicit", "hh"] = "auto",
         source_split: str = "train",
         tokenizer: str = "char",
-        block_size: int = 256,
+        block_size: int | None = None,
         batch_size: int = 16,
         val_fraction: float = 0.05,
         on_bad_record: Literal["error", "skip"] = "error",

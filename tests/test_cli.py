@@ -487,6 +487,13 @@ def test_a_data_block_size_other_than_the_model_s_is_refused_not_replaced(tmp_pa
         "error: data.init_args.block_size 16: the data windows take the model's context, 64; set "
         "model.init_args.arch.block_size instead"
     )
+    # 256 was the data modules' default, and a default given in a config went unnoticed: replaced by 64 silently
+    with pytest.raises(SystemExit) as exit_info:
+        main([*debug, "--data.init_args.block_size", "256"])
+    assert exit_info.value.code == 2
+    assert (
+        "error: data.init_args.block_size 256: the data windows take the model's context, 64" in capsys.readouterr().err
+    )
     main([*debug, "--data.init_args.block_size", "64"])  # the model's own: nothing to refuse
     assert (tmp_path / "runs" / "debug" / "checkpoints" / "last.ckpt").is_file()
 
