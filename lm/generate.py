@@ -18,7 +18,7 @@ work. Stopping: max_new_tokens, stop token ids (not yielded) and stop strings (n
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from lm.errors import LMError
 from lm.model import GPT, KVCache
 
 DEFAULT_MAX_NEW_TOKENS = 256
+DECODE_CONTEXT_TOKENS = 8  # prompt tokens a continuation is decoded after (continuation_decoder)
 
 
 def sample_next(
@@ -223,12 +224,44 @@ def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=None)
 
 
-def _stop_cut(tokenizer, ids: Sequence[int], stop_strings: Sequence[str], skip_special: bool = False) -> int | None:
-    """Where `stream_text` cuts the text of these tokens: at the earliest stop string in the text of the shortest
-    token prefix that holds one (with overlapping stop strings, the first to complete decides), or None."""
+def continuation_decoder(
+    tokenizer, prompt_ids: Sequence[int], skip_special: bool = False
+) -> Callable[[Sequence[int]], str]:
+    """A function from a continuation's ids to the text they add after the prompt.
+
+    Decoded alone, a continuation can lose the space it starts with: Metaspace (SentencePiece-style, as Llama's and
+    Mistral's tokenizer.json) decoders strip the space that begins a decoded text, so "Hello" continued by " world"
+    read "Helloworld". So the continuation is decoded after the prompt's last tokens (at most DECODE_CONTEXT_TOKENS,
+    and none before the last special token: the text after a chat marker was encoded on its own, and begins the
+    text), and the context's own text is cut off. Where the context's text does not begin the whole (it ends inside a
+    character that the continuation completes) the continuation is decoded alone. lm's own tokenizers (char, byte
+    level) give the same text either way."""
+    specials = set(tokenizer.special_ids.values())
+    context: list[int] = []
+    for token in reversed(list(prompt_ids)[-DECODE_CONTEXT_TOKENS:]):
+        if token in specials:
+            break
+        context.append(token)
+    context.reverse()
+    prefix = tokenizer.decode(context, skip_special=skip_special)
+
+    def decode(ids: Sequence[int]) -> str:
+        if context:
+            whole = tokenizer.decode(context + list(ids), skip_special=skip_special)
+            if whole.startswith(prefix):
+                return whole[len(prefix) :]
+        return tokenizer.decode(ids, skip_special=skip_special)
+
+    return decode
+
+
+def _stop_cut(decode: Callable[[Sequence[int]], str], ids: Sequence[int], stop_strings: Sequence[str]) -> int | None:
+    """Where `stream_text` cuts the text of these tokens (decoded by a `continuation_decoder`): at the earliest stop
+    string in the text of the shortest token prefix that holds one (with overlapping stop strings, the first to
+    complete decides), or None."""
 
     def text(n: int) -> str:
-        return tokenizer.decode(ids[:n], skip_special=skip_special)
+        return decode(ids[:n])
 
     if not stop_strings or _first_stop(text(len(ids)), stop_strings) is None:
         return None  # the common case: one decode
@@ -263,12 +296,13 @@ def stream_text(
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
     finish = finish if finish is not None else Finish()
+    decode = continuation_decoder(tokenizer, prompt_ids, skip_special)
     ids: list[int] = []
     released = 0  # characters of the decoded continuation already yielded
     for token in stream_tokens(model, prompt_ids, **sampling):
         ids.append(token)
         finish.tokens = len(ids)
-        text = tokenizer.decode(ids, skip_special=skip_special)
+        text = decode(ids)
         cut = _first_stop(text, stop_strings)
         if cut is not None:
             if cut > released:
@@ -286,7 +320,7 @@ def stream_text(
             released = len(text) - hold
     # The stream ended (a stop token, max_new_tokens), maybe on text the loop skipped (a partial character at the
     # end) or held back: it can still hold a stop string.
-    text = tokenizer.decode(ids, skip_special=skip_special)
+    text = decode(ids)
     cut = _first_stop(text, stop_strings)
     # No stop token ended it (stream_tokens ran every step) and no stop string cut it: the length limit did.
     if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
@@ -320,8 +354,9 @@ def generate_texts(
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
     texts = []
-    for ids in generate_batch(model, prompts, **sampling):
-        text = tokenizer.decode(ids, skip_special=skip_special)
-        cut = _stop_cut(tokenizer, ids, stop_strings, skip_special)
+    for prompt, ids in zip(prompts, generate_batch(model, prompts, **sampling), strict=True):
+        decode = continuation_decoder(tokenizer, prompt, skip_special)
+        text = decode(ids)
+        cut = _stop_cut(decode, ids, stop_strings)
         texts.append(text if cut is None else text[:cut])
     return texts

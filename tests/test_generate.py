@@ -398,3 +398,39 @@ def test_cache_is_much_faster_than_recomputing_the_prefix():
         torch.set_num_threads(threads)
     assert outputs[True] == outputs[False]
     assert min(timings[False]) > 2 * min(timings[True]), timings
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer.json (as Llama's and Mistral's): its decoder strips the space that begins a
+    decoded text."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lm.tokenizer import HFTokenizer
+
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(["Hello world, hello there world again"] * 50, trainer)
+    return HFTokenizer.from_json(backend.to_str())
+
+
+def test_a_continuation_keeps_the_space_a_metaspace_decoder_strips_from_a_text_s_start(monkeypatch):
+    """Decoded alone, " world" after "Hello" came out "world" ("Helloworld" on screen and in /v1/completions), and a
+    stop string beginning with the space was missed."""
+    tok = _metaspace_tokenizer()
+    continuation = tok.encode(" world")
+    assert tok.decode(continuation) == "world"  # the case: the decoder strips the first space
+    monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, **sampling: iter(continuation))
+    monkeypatch.setattr(
+        lm.generate, "generate_batch", lambda model, prompts, **sampling: [continuation for _ in prompts]
+    )
+    assert generate_text(None, tok, "Hello") == " world"
+    assert "".join(stream_text(None, tok, tok.encode("Hello"))) == " world"
+    assert generate_texts(None, tok, [tok.encode("Hello")]) == [" world"]
+    assert generate_text(None, tok, "Hello", stop_strings=[" wor"]) == ""
+    assert generate_texts(None, tok, [tok.encode("Hello")], stop_strings=[" wor"]) == [""]
+    # After a special token (a chat marker, or EOS for an empty prompt) the text starts afresh, as it was encoded
+    assert generate_text(None, tok, "") == "world"
+    assert generate_texts(None, tok, [[tok.eos_id]]) == ["world"]
