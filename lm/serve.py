@@ -3,7 +3,7 @@
     lm serve --ckpt runs/sft_hh/checkpoints/last.ckpt                     # http://127.0.0.1:8000/v1
     curl 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
-    GET  /health                {"status": "ok"}
+    GET  /health                {"status": "ok"} (HEAD: the same status, no body)
     GET  /v1/models             the one model; its id is --model_name (default: the checkpoint's file stem)
     POST /v1/chat/completions   messages -> the assistant's reply, in lm.chat's template (SFT checkpoints)
     POST /v1/completions        prompt -> its continuation (pretrained checkpoints)
@@ -316,11 +316,12 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 30
 
     def _authorized(self, path: str) -> bool:
-        """True if the request may go on; otherwise a 401 has been sent. Every path needs the key but GET /health.
+        """True if the request may go on; otherwise a 401 has been sent. Every path needs the key but GET (or HEAD)
+        /health.
 
         Called before a body is read, so a stranger cannot make the server hold 16 MiB, or a thread, for a body.
         """
-        if self.server.api_key_digest is None or (self.command == "GET" and path == "/health"):
+        if self.server.api_key_digest is None or (self.command in ("GET", "HEAD") and path == "/health"):
             return True
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         # http.server decodes header bytes as Latin-1: encoding back gives the bytes the client sent
@@ -352,6 +353,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200, model)
         else:
             self._send_error(404, f"no such endpoint: GET {path}")
+
+    def do_HEAD(self):
+        """GET's status and headers without the body: load balancers probe /health with either."""
+        self.do_GET()
 
     def _method_not_allowed(self):
         self._send_error(405, f"{self.command} is not supported; use GET or POST")
@@ -482,7 +487,8 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _send_error(
         self,

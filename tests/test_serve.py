@@ -111,6 +111,10 @@ def engine(srv: LMServer, prompt_ids, *, max_new_tokens: int, chat: bool = True,
 def test_health_and_models(server):
     url, _ = server
     assert call(url + "/health") == (200, {"status": "ok"})
+    # a load balancer may probe with HEAD: GET's status and headers, no body (it was a 501 with an HTML page)
+    with OPENER.open(urllib.request.Request(url + "/health", method="HEAD"), timeout=60) as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "application/json"
+        assert int(response.headers["Content-Length"]) == len(b'{"status": "ok"}') and response.read() == b""
     status, models = call(url + "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
 
@@ -528,6 +532,8 @@ def test_with_an_api_key_every_request_but_health_needs_it(ckpt):
     model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
     with serving(model, tokenizer, api_key="s3cret") as (base, _):
         assert call(base + "/health") == (200, {"status": "ok"})  # for load balancers
+        head = urllib.request.Request(base + "/health", method="HEAD")
+        assert OPENER.open(head, timeout=60).status == 200  # HEAD too
         chat = {"messages": HELLO, "max_tokens": 2}
         for url, body, key in [
             ("/v1/models", None, None),
