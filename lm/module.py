@@ -433,6 +433,20 @@ class LanguageModel(L.LightningModule):
         self.checkpoint_step = None  # a resume's: a later validate in this process scores weights trained on since
         # optimizer_zero_grad below does nothing: the first step must not add to gradients left from before the fit
         self.model.zero_grad(set_to_none=True)
+        self._schedule_lr_for_this_step()
+
+    def _schedule_lr_for_this_step(self) -> None:
+        """Set each group's LR to what this fit's schedule gives at the step it starts from. A resume restores the LR
+        the checkpoint's schedule had set, and LambdaLR recomputes it only after the next step: a resume with a larger
+        max_steps (a later end of decay) took its first step at the old schedule's LR (1e-4 where the longer run had
+        1e-3). A fresh fit's LR is unchanged."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                groups = scheduler.optimizer.param_groups
+                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     def _model_parameters(self) -> list[torch.nn.Parameter]:
         """The model's parameters, listed once per fit: walking the modules twice a step costs a small model on a CPU

@@ -361,8 +361,11 @@ def test_under_accumulation_only_the_logging_steps_log():
 
 def test_a_second_fit_does_not_carry_the_first_fit_s_partial_window():
     module = LanguageModel(get_config("tiny"))
+    import lightning as L
+
     module._step_tokens, module._step_loss_sum = torch.tensor(32), torch.tensor(5.0)
     module.configure_model()
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     module.on_train_start()
     assert module._step_tokens is None and module._step_loss_sum is None
 
@@ -633,3 +636,45 @@ def test_activation_checkpointing_trains_the_same_weights():
     assert recomputed.model.checkpoint_layers and not plain.model.checkpoint_layers
     for (name, a), b in zip(plain.model.state_dict().items(), recomputed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resume_with_more_steps_takes_its_first_step_at_the_new_schedule_s_lr(tmp_path, optimizer):
+    """The optimizer's saved LR is the old schedule's, and LambdaLR recomputes only after a step: resuming a 4-step
+    run's checkpoint with max_steps 8 took step 4 at the 4-step cosine's floor, not at the 8-step cosine's LR."""
+    import lightning as L
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(8)]
+    batches = [{**b, "labels": b["input_ids"]} for b in batches]
+
+    def fit(max_steps: int, ckpt_path=None) -> dict[int, float]:
+        torch.manual_seed(0)
+        module = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, optimizer=optimizer)
+        lrs = {}
+
+        class Record(L.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, opt):
+                lrs[trainer.global_step] = [group["lr"] for group in opt.param_groups]
+
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            logger=False,
+            default_root_dir=tmp_path,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[Record()],
+        )
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / f"{max_steps}.ckpt")
+        return lrs
+
+    short, longer = fit(4), fit(8)
+    resumed = fit(8, ckpt_path=tmp_path / "4.ckpt")
+    assert short[3] != longer[3]  # the schedules differ by then
+    assert resumed.keys() == {4, 5, 6, 7}
+    for step, lrs in resumed.items():
+        assert lrs == pytest.approx(longer[step]), step
