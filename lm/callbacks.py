@@ -1,6 +1,7 @@
 """Callbacks the `lm` CLI adds to every run (throughput/MFU logging, text samples at validation end), and an
 exponential moving average of the weights that experiments can switch on (`EMA`)."""
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -313,6 +314,17 @@ class EMA(WeightAveraging):
         if self._has_average() and self._swapped != average:
             self._swap_models(pl_module)
             self._swapped = average
+
+    @contextlib.contextmanager
+    def average_in(self, pl_module):
+        """The average in the model for the block (the live weights while there is none yet), as validation sees it;
+        afterwards the model holds what it held before. For evaluations run between training steps."""
+        before = self._swapped
+        self._put(pl_module, average=True)
+        try:
+            yield
+        finally:
+            self._put(pl_module, average=before)
 
     def _swap_models(self, pl_module):
         """Lightning's swap, except that an average wider than the model (fp32 under bf16-true) comes back from

@@ -30,6 +30,7 @@ What is scored, exactly:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
+from lm.callbacks import EMA
 from lm.distributed import root_weights_gathered
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
@@ -204,6 +206,7 @@ class Task:
 
     primary: str  # the metric reported as the result's "metric"/"value"
     shardable = True  # items can be split over ranks and their sums added
+    unread: tuple[str, ...] = ()  # EvalSpec fields (None by default) this task does not read: refused when given
 
     def __init__(self, spec: EvalSpec):
         self.spec = spec
@@ -360,6 +363,7 @@ class MultipleChoice(Task):
     """HellaSwag-format multiple choice by log-likelihood (acc, acc_norm), as lm-evaluation-harness scores it."""
 
     primary = "acc_norm"
+    unread = ("stride",)
 
     def prepare(self, tokenizer, block_size):
         if not self.spec.data:
@@ -402,6 +406,7 @@ class ChatTask(Task):
 
     primary = "exact_match"
     shardable = False  # evaluate_task runs the whole set; the callback runs it on rank 0 and broadcasts
+    unread = ("data", "limit", "stride")  # the problems are generated: num_problems of them
 
     def num_items(self):
         return self.spec.num_problems
@@ -420,6 +425,7 @@ class ChatTask(Task):
             num_problems=self.spec.num_problems,
             seed=self.spec.seed,
             digits=self.spec.digits,
+            batch_size=self.spec.batch_size,
         )
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         numbers.pop("num_problems", None)  # that is num_items, not a metric
@@ -452,6 +458,11 @@ def build_task(spec: EvalSpec) -> Task:
         value = getattr(spec, key)
         if value is not None and value < 1:
             raise LMError(f"eval {spec.task}: {key} must be at least 1, got {value}")
+    # Refused rather than ignored: a chat task's --limit 50 scored all num_problems and recorded limit 50 beside them
+    given = [key for key in TASKS[spec.task].unread if getattr(spec, key) is not None]
+    if given:
+        hint = "; it takes num_problems" if TASKS[spec.task] is ChatTask else ""
+        raise LMError(f"eval {spec.task}: {' and '.join(given)} does not apply to this task{hint}")
     return TASKS[spec.task](spec)
 
 
@@ -537,7 +548,11 @@ class EvalCallback(L.Callback):
         # Called once per micro-batch: run once per optimizer step.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
-            self.run(trainer, pl_module)
+            # Between steps the model holds the live weights; under lm.callbacks.EMA the numbers logged under these
+            # keys at validation are the average's, so these must be too (one model behind each curve)
+            ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+            with ema.average_in(pl_module) if ema is not None else contextlib.nullcontext():
+                self.run(trainer, pl_module)
 
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

@@ -43,7 +43,7 @@ class Record(L.Callback):
         self.validation_epoch_end = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
 
-def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=None, precision="32-true"):
+def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=None, precision="32-true", extra=()):
     """Train the tiny model on one repeated batch with EMA; `checkpoint` defaults to saving last.ckpt every step."""
     g = torch.Generator().manual_seed(0)
     # One batch repeated: a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
@@ -60,7 +60,7 @@ def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=No
         max_steps=max_steps,
         val_check_interval=3,
         num_sanity_val_steps=0,
-        callbacks=[EMA(decay=DECAY, update_starting_at_step=start), record],
+        callbacks=[EMA(decay=DECAY, update_starting_at_step=start), record, *extra],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -228,3 +228,28 @@ def test_each_update_moves_the_average_by_one_minus_decay_towards_the_live_weigh
     torch.testing.assert_close(average[0], torch.tensor([1.0, 9.0]))  # 0.9 * avg + 0.1 * live
     update(average, live, 2)
     torch.testing.assert_close(average[0], torch.tensor([1.9, 8.1]))
+
+
+def test_evaluations_between_steps_see_the_average_as_those_at_validation_do(tmp_path, monkeypatch):
+    """EvalCallback(every_n_steps) ran on the live weights and logged them under the keys its validation-time runs
+    log the average's under: one curve switching between two models."""
+    from lm.eval import EvalCallback
+
+    evaluated = {}
+    evals = EvalCallback([{"task": "lm", "data": "unread.txt"}], every_n_validations=None, every_n_steps=2)
+    monkeypatch.setattr(evals, "_prepare", lambda pl_module: None)
+
+    def run(trainer, pl_module):
+        evaluated[trainer.global_step] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    monkeypatch.setattr(evals, "run", run)
+    module, record = fit(tmp_path, max_steps=6, extra=[evals])
+    assert evaluated.keys() == {2, 4, 6}
+    for step, weights in evaluated.items():
+        average, live = ema_of(record.after_step[:step]), record.after_step[step - 1]
+        if step > START + 1:  # the first update (after step START + 1) copies the weights; then they part
+            assert not torch.allclose(average["lm_head.weight"], live["lm_head.weight"])
+        for k, v in average.items():
+            torch.testing.assert_close(weights[k], v, msg=f"step {step}: {k} is not the average")
+    for k, v in record.after_step[3].items():  # the live weights came back for step 5 (0-based 4)
+        assert torch.equal(record.before_step[4][k], v), k

@@ -200,13 +200,20 @@ def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
 
     calls = []
 
-    def fake(model, tokenizer, task, num_problems, seed, digits):
-        calls.append((task, num_problems, seed, digits))
+    def fake(model, tokenizer, task, num_problems, seed, digits, batch_size):
+        calls.append((task, num_problems, seed, digits, batch_size))
         return {"exact_match": 0.25, "num_problems": float(num_problems)}
 
     monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
-    metrics, n = evaluate(model, tokenizer, EvalSpec(task="addition", num_problems=8, seed=3, digits=4))
-    assert calls == [("addition", 8, 3, 4)] and n == 8 and metrics["exact_match"] == 0.25
+    spec = EvalSpec(task="addition", num_problems=8, seed=3, digits=4, batch_size=2)
+    metrics, n = evaluate(model, tokenizer, spec)
+    assert calls == [("addition", 8, 3, 4, 2)] and n == 8 and metrics["exact_match"] == 0.25  # batch_size was dropped
+    # fields the task never reads are refused, not recorded beside numbers they did not shape
+    for given, named in (({"limit": 3}, "limit"), ({"data": "x.txt", "stride": 4}, "data and stride")):
+        with pytest.raises(LMError, match=f"eval addition: {named} does not apply to this task; it takes num_problems"):
+            evaluate(model, tokenizer, EvalSpec(task="addition", **given))
+    with pytest.raises(LMError, match="eval hellaswag: stride does not apply"):
+        evaluate(model, tokenizer, EvalSpec(task="hellaswag", data="h.jsonl", stride=4))
 
 
 def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
