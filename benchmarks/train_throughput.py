@@ -20,6 +20,7 @@ import gc
 import json
 import resource
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -29,7 +30,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 
-from lm.callbacks import Throughput, peak_flops
+from lm.__main__ import LMCLI
+from lm.callbacks import peak_flops
 from lm.config import SIZES
 from lm.model import GPT
 from lm.module import LanguageModel, convert_to_fp8, lr_multiplier, next_token_loss
@@ -267,9 +269,10 @@ class _ProfilerSteps(L.Callback):
 
 
 def lightning_loop(config, batches, args, profiler=None, extra_callbacks=(), count_syncs=False) -> float:
-    """Seconds per step through LanguageModel + Trainer, as `lm fit` runs it (minus data loading from disk and the
-    progress bar, unless extra_callbacks holds one: benchmarks/progress_bar.py). With count_syncs (CUDA), the host
-    syncs after warm-up are recorded in lightning_loop.syncs: a run whose time means nothing."""
+    """Seconds per step through LanguageModel on the Trainer `lm fit` builds (lm_fit_trainer: its callbacks,
+    checkpoint IO and profiler), minus data loading from disk and the progress bar, unless extra_callbacks holds one
+    (benchmarks/progress_bar.py). With count_syncs (CUDA), the host syncs after warm-up are recorded in
+    lightning_loop.syncs: a run whose time means nothing."""
     torch.manual_seed(0)
     module = LanguageModel(
         config,
@@ -282,8 +285,11 @@ def lightning_loop(config, batches, args, profiler=None, extra_callbacks=(), cou
         optimizer=args.optimizer,
     )
     timer = _StepTimer(args.warmup, args.device, count_syncs and profiler is None)
-    callbacks = [timer, Throughput(), *extra_callbacks] + ([_ProfilerSteps(profiler)] if profiler else [])
-    seconds = _fit(module, batches, args, callbacks)
+    callbacks = [timer, *extra_callbacks] + ([_ProfilerSteps(profiler)] if profiler else [])
+    with tempfile.TemporaryDirectory() as root:
+        trainer = lm_fit_trainer(args, len(batches), root)
+        module.run_config = trainer.lm_run_config
+        seconds = _fit(module, batches, args, callbacks, trainer)
     if timer.sync_debug:
         sites = {site: timer.syncs.count(site) for site in dict.fromkeys(timer.syncs)}
         print(f"host syncs in {args.steps} lm steps after warm-up (an untimed run): {len(timer.syncs)}", sites)
@@ -356,22 +362,65 @@ def interleaved_loops(config, batches, args) -> dict[str, float]:
     return {"raw": sum(r for r, _ in pairs) / len(pairs), "lm": sum(m for _, m in pairs) / len(pairs)}
 
 
-def _fit(module, batches, args, callbacks) -> float:
-    """Train module on the batches with lm's Trainer settings; seconds per timed step (callbacks[0]: the timer)."""
+class _TrainerOnly(LMCLI):
+    """`lm fit`'s command line, which builds the Trainer (callbacks and all) but does not run it."""
+
+    def _run_subcommand(self, subcommand):
+        pass
+
+
+def lm_fit_trainer(args, max_steps: int, root: str) -> L.Trainer:
+    """The Trainer `lm fit` builds, with every callback, plugin and replacement lm's CLI adds (the checkpoint
+    callbacks, throughput, RNG, preemption, model summary, ...), on this benchmark's settings: no logger, no progress
+    bar, and checkpoint callbacks that run their per-step checks but write nothing. Its run config is
+    trainer.lm_run_config. (The CLI also builds a model and a data module from its config; both go unused.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningCLI's note on args given while sys.argv is set too
+        cli = _TrainerOnly(
+            args=[
+                "fit",
+                "--model=lm.module.LanguageModel",
+                *("--model.init_args.arch.n_layer=1", "--model.init_args.arch.n_head=1"),
+                *("--model.init_args.arch.n_embd=8", "--model.init_args.arch.block_size=8"),
+                "--data=lm.data.PretrainData",
+                "--seed_everything=false",
+                f"--trainer.default_root_dir={root}",
+                f"--trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}",
+                "--trainer.devices=1",
+                f"--trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
+                f"--trainer.max_steps={max_steps}",
+                "--trainer.gradient_clip_val=1.0",
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.log_every_n_steps={LOG_EVERY}",
+                *("--checkpoint.save_top_k=0", "--checkpoint.save_last=false"),
+            ]
+        )
+    cli.trainer.lm_run_config = cli.model.run_config
+    return cli.trainer
+
+
+def _fit(module, batches, args, callbacks, trainer=None) -> float:
+    """Train module on the batches; seconds per timed step (callbacks[0]: the timer). The trainer: lm fit's
+    (lm_fit_trainer), with the callbacks added first, or by default a plain Trainer with lm's settings and only
+    the callbacks (--bare)."""
     timer = callbacks[0]
-    trainer = L.Trainer(
-        accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-        devices=1,
-        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-        max_steps=len(batches),
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
-        enable_model_summary=False,
-        callbacks=callbacks,
-        log_every_n_steps=LOG_EVERY,
-    )
+    if trainer is None:
+        trainer = L.Trainer(
+            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+            devices=1,
+            precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+            max_steps=len(batches),
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+            enable_model_summary=False,
+            callbacks=callbacks,
+            log_every_n_steps=LOG_EVERY,
+        )
+    else:
+        trainer.callbacks[:0] = callbacks
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return (timer.end - timer.start) / (len(batches) - args.warmup)

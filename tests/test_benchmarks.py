@@ -273,3 +273,33 @@ def test_progress_bar_benchmark_times_every_setting_against_no_bar(tmp_path):
     assert rows[0]["median_over_none"] == 0 and all(row["best_ms_per_step"] > 0 for row in rows)
     assert len(result["rounds_ms_per_step"]) == 2
     assert list(result["rounds_ms_per_step"][1])[0] == list(bench.SETTINGS)[1]  # the second round starts one further on
+
+
+def test_train_throughput_lm_path_runs_on_the_trainer_lm_fit_builds(tmp_path, monkeypatch):
+    """The lm path carried only a throughput timer, where `lm fit` runs ten callbacks (each hook of a step is
+    dispatched to every one), its checkpoint IO and its replacements: it now takes the Trainer lm's CLI builds."""
+    from lm.__main__ import LMCLI
+
+    class Built(LMCLI):
+        def _run_subcommand(self, subcommand):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    fit = Built(args=["fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false",
+                      "--trainer.enable_progress_bar", "false"]).trainer  # fmt: skip
+    bench = load("train_throughput")
+    args = bench.parse_args(["--size", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1"])
+    trainer = bench.lm_fit_trainer(args, 4, str(tmp_path / "bench"))
+    assert [type(c) for c in trainer.callbacks] == [type(c) for c in fit.callbacks]
+    assert type(trainer.strategy.checkpoint_io) is type(fit.strategy.checkpoint_io)
+    assert trainer.max_steps == 4 and trainer.gradient_clip_val == 1.0 and trainer.logger is None
+    built, used = bench.lm_fit_trainer, []
+
+    def recording(*a):
+        used.append(built(*a))
+        return used[-1]
+
+    monkeypatch.setattr(bench, "lm_fit_trainer", recording)
+    config = bench.make_config(args)
+    bench.lightning_loop(config, bench.make_batches(config, args), args)
+    assert len(used) == 1 and used[0].global_step == 4  # the path trained on it

@@ -231,6 +231,28 @@ def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kep
     assert type(beside_another) is type(default) and beside_another.refresh_rate == 10
 
 
+def test_lightning_s_default_profiler_is_replaced_by_a_cheaper_no_op_and_a_configured_one_is_kept(
+    tmp_path, monkeypatch
+):
+    """Lightning's default profiler records nothing, yet builds a generator context manager for each of ~70 hook
+    calls a step."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    import lm.__main__ as cli
+
+    class Built(cli.LMCLI):
+        def _run_subcommand(self, subcommand):
+            pass
+
+    monkeypatch.chdir(tmp_path)  # the run's root is made under it
+    fit = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false"]
+    profiler = Built(args=fit).trainer.profiler
+    assert type(profiler) is cli.NoProfiler
+    with profiler.profile("a hook") as inside, profiler.profile("a nested hook"):  # a context, reusable and nested
+        assert inside is None
+    assert type(Built(args=[*fit, "--trainer.profiler", "simple"]).trainer.profiler) is SimpleProfiler
+
+
 def test_lm_validate_without_a_checkpoint_is_refused(tmp_path, capsys):
     """It scored untrained weights: a meaningless loss, as --ckpt_path last with no checkpoint is refused."""
     with pytest.raises(SystemExit) as exit_info:
