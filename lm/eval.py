@@ -576,8 +576,10 @@ class EvalCallback(L.Callback):
                             packed = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=pl_module.device)
                             packed = trainer.strategy.reduce(packed, reduce_op="sum")
                             sums = dict(zip(keys, packed.tolist(), strict=True))
-                    else:
-                        sums = task.score(model, tokenizer) if rank == 0 or fsdp else None
+                    else:  # the chat tasks generate: a new shape each step, so a compiled model runs eager (as
+                        # lm.tasks.TaskAccuracy and the text samples do) rather than recompiling to its limit
+                        with torch.compiler.set_stance("force_eager"):
+                            sums = task.score(model, tokenizer) if rank == 0 or fsdp else None
                         if world_size > 1:
                             sums = trainer.strategy.broadcast(sums, src=0)
                     for metric, value in task.metrics(sums).items():

@@ -323,9 +323,10 @@ def stream_text(
     text = decode(ids)
     cut = _first_stop(text, stop_strings)
     # No stop token ended it (stream_tokens ran every step) and no stop string cut it: the length limit did.
+    end = len(text) if cut is None else cut
     if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
         finish.reason = "length"
-    end = len(text) if cut is None else cut
+        end = len(text.rstrip("\ufffd"))  # the limit cut the last character short: its first bytes are no text
     if end > released:
         yield text[released:end]
 
@@ -358,5 +359,7 @@ def generate_texts(
         decode = continuation_decoder(tokenizer, prompt, skip_special)
         text = decode(ids)
         cut = _stop_cut(decode, ids, stop_strings)
+        if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
+            cut = len(text.rstrip("\ufffd"))  # as stream_text: a character the limit cut short is left out
         texts.append(text if cut is None else text[:cut])
     return texts

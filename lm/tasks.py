@@ -135,14 +135,16 @@ def evaluate_task(
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = [render_prompt([{"role": "user", "content": p.question}], tokenizer) for p in chunk]
-        answers = generate_texts(
-            model, tokenizer, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop_ids, skip_special=True
-        )
-        correct += sum(a.strip() == p.answer for a, p in zip(answers, chunk, strict=True))
-    model.train(was_training)
+    try:
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            prompts = [render_prompt([{"role": "user", "content": p.question}], tokenizer) for p in chunk]
+            answers = generate_texts(
+                model, tokenizer, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop_ids, skip_special=True
+            )
+            correct += sum(a.strip() == p.answer for a, p in zip(answers, chunk, strict=True))
+    finally:  # an error (out of memory, a stop) inside a training run must not leave it training in eval mode
+        model.train(was_training)
     return {"exact_match": correct / len(problems), "num_problems": float(len(problems))}
 
 

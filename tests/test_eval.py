@@ -444,3 +444,49 @@ def test_lm_eval_reads_a_hub_dataset_s_config_split_and_revision(ckpt, text_dir,
     with pytest.raises(SystemExit):  # not silently ignored for a local source
         main(["eval", "--ckpt", str(path), "--task", "lm", "--data", str(text_dir), "--source_split", "validation"])
     assert "source_split: for hub datasets only" in capsys.readouterr().err
+
+
+def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(tmp_path, monkeypatch):
+    """Generation gives a compiled model a new shape at each step: recompiles up to torch's limit, each a pause."""
+    import lm.tasks
+    from lm.data import PretrainData
+    from lm.module import LanguageModel
+
+    stances = []
+
+    def fake(model, tokenizer, task, num_problems, seed, digits, batch_size):
+        stances.append(torch._dynamo.eval_frame._stance.stance)
+        return {"exact_match": 0.5, "num_problems": float(num_problems)}
+
+    monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    data = PretrainData(str(tmp_path / "t.txt"), block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1)
+    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
+    callback = EvalCallback([{"task": "addition", "num_problems": 2}], every_n_validations=None, every_n_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    assert stances == ["force_eager"] and torch._dynamo.eval_frame._stance.stance == "default"
+
+
+def test_a_chat_task_that_fails_leaves_the_model_in_the_mode_it_found(monkeypatch):
+    import lm.generate
+    import lm.tasks
+    from lm.tokenizer import CharTokenizer
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(lm.generate, "generate_texts", fail)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_size=64)).train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lm.tasks.evaluate_task(model, CharTokenizer("0123456789+= "), "addition", num_problems=2)
+    assert model.training

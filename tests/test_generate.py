@@ -434,3 +434,20 @@ def test_a_continuation_keeps_the_space_a_metaspace_decoder_strips_from_a_text_s
     # After a special token (a chat marker, or EOS for an empty prompt) the text starts afresh, as it was encoded
     assert generate_text(None, tok, "") == "world"
     assert generate_texts(None, tok, [[tok.eos_id]]) == ["world"]
+
+
+def test_a_stream_cut_by_the_length_limit_inside_a_character_leaves_the_partial_character_out(monkeypatch):
+    """Its first bytes decode to U+FFFD: /v1/completions and lm generate ended such a text with a replacement
+    character."""
+    tok = GPT2Tokenizer()
+    ids = tok.encode("ok \U0001f600")
+    partial = ids[:-1]
+    assert tok.decode(partial).endswith("\ufffd")  # the case: the emoji is split over tokens
+    monkeypatch.setattr(lm.generate, "stream_tokens", lambda model, prompt, **sampling: iter(partial))
+    monkeypatch.setattr(lm.generate, "generate_batch", lambda model, prompts, **sampling: [partial for _ in prompts])
+    finish = Finish()
+    streamed = "".join(stream_text(None, tok, [tok.eos_id], max_new_tokens=len(partial), finish=finish))
+    assert streamed == "ok " and finish == Finish(tokens=len(partial), reason="length")
+    assert generate_texts(None, tok, [[tok.eos_id]], max_new_tokens=len(partial)) == ["ok "]
+    # a stop token (not the limit) after the same bytes: the text is what the model wrote, as before
+    assert "".join(stream_text(None, tok, [tok.eos_id], max_new_tokens=len(partial) + 1)).endswith("\ufffd")
