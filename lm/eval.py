@@ -530,6 +530,11 @@ class EvalCallback(L.Callback):
         # a missing or malformed data file stops the run before training, not at its first evaluation
         self._prepare(pl_module)
 
+    def on_train_start(self, trainer, pl_module):
+        # A resumed fit starts at the checkpoint's step, whose evaluation (if one was due) ran before the checkpoint
+        # was written: under accumulation the next micro-batches end at that step too, and would run it again
+        self._last_step = trainer.global_step
+
     def _prepare(self, pl_module: L.LightningModule) -> None:
         if not self._prepared:
             for task in self.tasks:

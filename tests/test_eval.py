@@ -490,3 +490,38 @@ def test_a_chat_task_that_fails_leaves_the_model_in_the_mode_it_found(monkeypatc
     with pytest.raises(RuntimeError, match="out of memory"):
         lm.tasks.evaluate_task(model, CharTokenizer("0123456789+= "), "addition", num_problems=2)
     assert model.training
+
+
+def test_a_resumed_fit_under_accumulation_does_not_repeat_the_evaluation_of_the_step_it_resumes_at(tmp_path):
+    """every_n_steps is checked at each micro-batch's end: after a resume at step 2 with 2 micro-batches a step, the
+    first micro-batch ended at step 2 again and evaluated it a second time."""
+    from lm.module import LanguageModel
+
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(8)]
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+
+    def fit(max_steps, ckpt_path=None) -> list[int]:
+        evaluated = []
+        callback = EvalCallback([{"task": "lm", "data": "unread.txt"}], every_n_validations=None, every_n_steps=2)
+        callback._prepare = lambda pl_module: None
+        callback.run = lambda trainer, pl_module: evaluated.append(trainer.global_step)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            accumulate_grad_batches=2,
+            limit_val_batches=0,
+            logger=False,
+            callbacks=[callback],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_size=64))
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"{max_steps}.ckpt")
+        return evaluated
+
+    assert fit(2) == [2]
+    assert fit(4, ckpt_path=tmp_path / "2.ckpt") == [4]
