@@ -527,7 +527,9 @@ class LanguageModel(L.LightningModule):
             if self.device.type != "cuda" or self._is_logging_step():
                 self._count_skipped_steps()
             return
-        not_finite = ~torch.isfinite(self._grad_norm)
+        # A loss can be inf with finite gradients (a label's logit at -inf): that step is dropped too. The loss sum is
+        # all-reduced under DDP, so every rank agrees.
+        not_finite = ~torch.isfinite(self._grad_norm) | ~torch.isfinite(self._step_values[0])
         optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning may hand over its wrapper
         if getattr(optimizer, "defaults", {}).get("fused") or isinstance(optimizer, MuonWithAdamW):
             optimizer.found_inf = not_finite.float()

@@ -298,6 +298,8 @@ def test_init_from_refuses_a_different_tokenizer(tmp_path):
 
 # ---- non-finite steps ---------------------------------------------------------------------------------------------
 
+NAN, INF = float("nan"), float("inf")
+
 
 def fit_quietly(module: LanguageModel, steps: int, *, ckpt_path=None, **trainer_kwargs) -> L.Trainer:
     """Train `module` for `steps` steps on seeded random batches of 2 x 16 tokens, on the CPU, without logger,
@@ -313,7 +315,9 @@ def fit_quietly(module: LanguageModel, steps: int, *, ckpt_path=None, **trainer_
     return trainer
 
 
-def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6, optimizer: str = "adamw"):
+def fit_with_nan_steps(
+    nan_steps: set[int], *, max_skipped: int, steps: int = 6, optimizer: str = "adamw", spoil=lambda loss: loss * NAN
+):
     torch.manual_seed(0)
     module = LanguageModel(
         get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=max_skipped, optimizer=optimizer
@@ -325,7 +329,7 @@ def fit_with_nan_steps(nan_steps: set[int], *, max_skipped: int, steps: int = 6,
         loss, n = original_step(batch)
         snapshots.append({k: v.clone() for k, v in module.model.state_dict().items()})
         if module.trainer.global_step in nan_steps:
-            loss = loss * float("nan")
+            loss = spoil(loss)
         return loss, n
 
     module.model_step = model_step
@@ -344,6 +348,16 @@ def test_nan_step_is_skipped_and_counted(optimizer):
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
     # and the steps around it did train
     assert not torch.equal(snapshots[1]["lm_head.weight"], snapshots[2]["lm_head.weight"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_infinite_loss_with_finite_gradients_is_skipped_and_counted_too(optimizer):
+    """A label's logit at -inf makes the loss inf and its gradient finite: only the gradient norm was checked, so
+    the step was taken and nothing counted."""
+    module, snapshots = fit_with_nan_steps({2}, max_skipped=5, optimizer=optimizer, spoil=lambda loss: loss + INF)
+    assert module.skipped_steps == 1
+    for name, before in snapshots[2].items():
+        assert torch.equal(before, snapshots[3][name]), name
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
