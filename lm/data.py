@@ -49,7 +49,9 @@ from lm.tokenizer import Tokenizer, build_tokenizer, text_groups, trained_tokeni
 
 DEFAULT_BLOCK_SIZE = 256  # data modules' window length where no model sets it (built in Python, not by the CLI)
 IGNORE_INDEX = -100  # a label with no loss, as lm.module's (not imported: the data side does not need the model's)
-FORMAT_VERSION = 2  # bump when tokens.bin/meta.json or the text read change: old caches are then ignored (2: no BOM)
+# bump when tokens.bin/meta.json or the text read change: old caches are then ignored (2: no BOM; 3: no empty documents,
+# and a key that names a local source by its files and a fixed tokenizer by its fingerprint, not by how they are spelt)
+FORMAT_VERSION = 3
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTINS = ("shakespeare",)
 
@@ -369,9 +371,18 @@ BATCH_CHARS = 1 << 23  # documents are tokenized ~8M characters at a time: hundr
 
 
 def document_texts(ds) -> Iterator[str]:
-    """The "text" column of `ds` in source order, read in batches (one Python string at a time would be slow)."""
+    """The "text" column of `ds` in source order, read in batches (one Python string at a time would be slow),
+    without its empty documents: each would be a lone EOS in the stream (wikitext's rows are a third empty), which
+    `lm eval --task lm` leaves out too."""
     for rows in ds.iter(batch_size=1024):
-        yield from rows["text"]
+        yield from (text for text in rows["text"] if text)
+
+
+def count_empty_documents(ds) -> int:
+    """Empty texts in `ds`'s "text" column, counted on the Arrow column (no pass over the text in Python)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.equal(pc.binary_length(ds.data.column("text")), 0)).as_py() or 0)
 
 
 def document_batches(ds, max_chars: int) -> Iterator[list[str]]:
@@ -761,14 +772,16 @@ class PretrainData(L.LightningDataModule):
     def _resolve_cache_path(self, fixed: Tokenizer | None) -> Path:
         # A trained tokenizer is keyed on its spec (it is a function of the spec and the source, both in the key);
         # keying on its fingerprint would need the training run that setup() on other ranks must not repeat.
+        # A local source is its files (their resolved paths, sizes and times, in the identity) and a fixed tokenizer its
+        # fingerprint, however they are spelt: "a.txt", "./a.txt" and "/abs/a.txt" share one cache.
         key = {
             "format": FORMAT_VERSION,
-            "source": self.source,
+            "source": None if _is_local(self.source) else self.source,
             "identity": _source_identity(self.source),
             "source_config": self.source_config,
             "source_split": self.source_split,
             "text_field": self.text_field,
-            "tokenizer": self.tokenizer_spec,
+            "tokenizer": self.tokenizer_spec if fixed is None else None,
             "tokenizer_fingerprint": fixed.fingerprint if fixed is not None else None,
         }
         if self.source_revision is not None:  # only then: caches prepared before this option keep their keys
@@ -842,8 +855,9 @@ class PretrainData(L.LightningDataModule):
         texts = functools.partial(document_texts, ds)  # a fresh pass over the documents per call (BPE training)
         tok = fixed if fixed is not None else build_tokenizer(self.tokenizer_spec, texts=texts)
         dtype = token_dtype(tok.vocab_size)
+        empty = count_empty_documents(ds)
         # datasets' tqdm, so that datasets.disable_progress_bars() silences this bar along with datasets' own
-        with tqdm(total=len(ds), unit=" documents", desc="tokenizing") as bar:
+        with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing") as bar:
             num_tokens = write_tokens(
                 document_batches(ds, BATCH_CHARS),
                 tok,
@@ -852,7 +866,7 @@ class PretrainData(L.LightningDataModule):
                 num_threads=self.num_threads,
                 progress=bar.update,
             )
-        num_documents = len(ds)
+        num_documents = len(ds) - empty
         ds = None  # release the Arrow memory map before deleting its file
         shutil.rmtree(scratch, ignore_errors=True)
         tok.save(work)
@@ -860,6 +874,7 @@ class PretrainData(L.LightningDataModule):
             "format": FORMAT_VERSION,
             "num_tokens": num_tokens,
             "num_documents": num_documents,
+            "empty_documents_skipped": empty,
             "dtype": dtype.name,
             "val_fraction": self.val_fraction,
             "train_tokens": split_point(num_tokens, self.val_fraction),  # setup() recomputes it for its val_fraction

@@ -181,6 +181,34 @@ def test_cache_reused_and_keyed(tmp_path, text_file):
     assert changed.tokenizer.decode(all_tokens(changed).tolist()).endswith("more<|eos|>")
 
 
+def test_the_cache_key_names_a_local_source_by_its_files_and_a_tokenizer_file_by_its_contents(tmp_path, monkeypatch):
+    """The raw strings were keyed: launched from another folder, or given as ./x or /abs/x, the same file and
+    tokenizer were tokenized again into a second cache."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.txt").write_text(TEXT)
+    tokenizer = make(tmp_path, work / "a.txt", tokenizer="bpe:300").cache_path / "tokenizer.json"
+    monkeypatch.chdir(work)
+    spellings = [str(work / "a.txt"), "a.txt", "./a.txt", "../work/a.txt"]
+    paths = {make(tmp_path, source, tokenizer="gpt2").cache_path for source in spellings}
+    assert len(paths) == 1
+    paths = {
+        make(tmp_path, "a.txt", tokenizer=spec).cache_path for spec in (str(tokenizer), os.path.relpath(tokenizer))
+    }
+    assert len(paths) == 1
+    assert make(tmp_path, "a.txt", tokenizer="gpt2").cache_path not in paths  # another tokenizer, another cache
+
+
+def test_empty_documents_are_left_out_not_written_as_a_lone_eos(tmp_path):
+    """Hub corpora hold empty rows (wikitext: a third of them): each was an EOS of its own, EOS EOS pairs the model
+    trained and was scored on, where lm eval --task lm leaves them out."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["hello", "", "world", "", ""]))
+    dm = make(tmp_path, path, block_size=2)
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == "hello<|eos|>world<|eos|>"
+    assert dm.meta["num_documents"] == 2 and dm.meta["empty_documents_skipped"] == 3
+
+
 def test_interrupted_preparation_is_not_trusted(tmp_path, text_file):
     dm = PretrainData(source=str(text_file), block_size=8, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(LMError, match="run prepare_data"):
@@ -355,9 +383,9 @@ def test_tokens_are_each_document_encoded_whole_then_eos(tmp_path, monkeypatch, 
     for num_proc in (1, 3):
         dm = make(tmp_path, path, tokenizer=tokenizer, num_proc=num_proc, cache_dir=str(tmp_path / f"c{num_proc}"))
         tok = dm.tokenizer
-        reference = [i for doc in docs for i in tok.encode(doc) + [tok.eos_id]]
+        reference = [i for doc in docs if doc for i in tok.encode(doc) + [tok.eos_id]]  # an empty one: no EOS
         assert all_tokens(dm).tolist() == reference
-        assert dm.meta["num_documents"] == len(docs) and dm.meta["num_tokens"] == len(reference)
+        assert dm.meta["num_documents"] == len(docs) - 1 and dm.meta["num_tokens"] == len(reference)
 
 
 @pytest.mark.parametrize(
@@ -456,8 +484,9 @@ def test_a_hub_revision_is_read_and_keys_the_cache(tmp_path, monkeypatch):
     assert default.meta["source_revision"] is None and calls[-1][1]["revision"] is None
     make(tmp_path, "org/corpus", source_revision="abc123", text_field="content", source_config="en")
     assert len(calls) == 3  # prepared once per revision
-    # the name the code before the option gave, since cache format 2 (format 1: corpus-char-14717f724755f37c)
-    assert default.cache_path.name == "corpus-char-816349bec1cdf248"
+    # the key without the option's entry, as the code before it gave (format 3; format 2 named this
+    # corpus-char-816349bec1cdf248, format 1 corpus-char-14717f724755f37c)
+    assert default.cache_path.name == "corpus-char-00651d66181c4f0e"
 
 
 def test_builtin_shakespeare(tmp_path):
