@@ -316,9 +316,13 @@ class EMA(WeightAveraging):
             self._swapped = average
 
     @contextlib.contextmanager
-    def average_in(self, pl_module):
+    def average_in(self, trainer, pl_module):
         """The average in the model for the block (the live weights while there is none yet), as validation sees it;
-        afterwards the model holds what it held before. For evaluations run between training steps."""
+        afterwards the model holds what it held before. For evaluations run between training steps: the average
+        first takes this step's update if it is due and this callback's on_train_batch_end has not run yet (it runs
+        after the caller's when it comes later in trainer.callbacks; the update happens once a step either way)."""
+        if not self._swapped:
+            super().on_train_batch_end(trainer, pl_module, None, None, 0)
         before = self._swapped
         self._put(pl_module, average=True)
         try:

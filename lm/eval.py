@@ -556,7 +556,7 @@ class EvalCallback(L.Callback):
             # Between steps the model holds the live weights; under lm.callbacks.EMA the numbers logged under these
             # keys at validation are the average's, so these must be too (one model behind each curve)
             ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-            with ema.average_in(pl_module) if ema is not None else contextlib.nullcontext():
+            with ema.average_in(trainer, pl_module) if ema is not None else contextlib.nullcontext():
                 self.run(trainer, pl_module)
 
     @torch.no_grad()

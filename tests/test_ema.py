@@ -43,7 +43,17 @@ class Record(L.Callback):
         self.validation_epoch_end = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
 
-def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=None, precision="32-true", extra=()):
+def fit(
+    root,
+    max_steps,
+    ckpt_path=None,
+    start=START,
+    checkpoint=None,
+    record=None,
+    precision="32-true",
+    extra=(),
+    evals_first=False,
+):
     """Train the tiny model on one repeated batch with EMA; `checkpoint` defaults to saving last.ckpt every step."""
     g = torch.Generator().manual_seed(0)
     # One batch repeated: a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
@@ -60,7 +70,9 @@ def fit(root, max_steps, ckpt_path=None, start=START, checkpoint=None, record=No
         max_steps=max_steps,
         val_check_interval=3,
         num_sanity_val_steps=0,
-        callbacks=[EMA(decay=DECAY, update_starting_at_step=start), record, *extra],
+        callbacks=[*extra, EMA(decay=DECAY, update_starting_at_step=start), record]
+        if evals_first
+        else [EMA(decay=DECAY, update_starting_at_step=start), record, *extra],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -230,9 +242,11 @@ def test_each_update_moves_the_average_by_one_minus_decay_towards_the_live_weigh
     torch.testing.assert_close(average[0], torch.tensor([1.9, 8.1]))
 
 
-def test_evaluations_between_steps_see_the_average_as_those_at_validation_do(tmp_path, monkeypatch):
+@pytest.mark.parametrize("evals_first", [False, True])
+def test_evaluations_between_steps_see_the_average_as_those_at_validation_do(tmp_path, monkeypatch, evals_first):
     """EvalCallback(every_n_steps) ran on the live weights and logged them under the keys its validation-time runs
-    log the average's under: one curve switching between two models."""
+    log the average's under: one curve switching between two models. Placed before EMA in the callbacks, it must
+    still see the average with this step's update in it."""
     from lm.eval import EvalCallback
 
     evaluated = {}
@@ -243,7 +257,7 @@ def test_evaluations_between_steps_see_the_average_as_those_at_validation_do(tmp
         evaluated[trainer.global_step] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
     monkeypatch.setattr(evals, "run", run)
-    module, record = fit(tmp_path, max_steps=6, extra=[evals])
+    module, record = fit(tmp_path, max_steps=6, extra=[evals], evals_first=evals_first)
     assert evaluated.keys() == {2, 4, 6}
     for step, weights in evaluated.items():
         average, live = ema_of(record.after_step[:step]), record.after_step[step - 1]
