@@ -28,7 +28,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
 
 from lm.__main__ import LMCLI
 from lm.callbacks import peak_flops
@@ -89,8 +88,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--bare",
         action="store_true",
-        help="also time a bare LightningModule on the same Trainer (the model, the loss, the same schedule, "
-        "Lightning's own clipping; no lm hooks or callbacks): splits the overhead into Lightning's and lm's",
+        help="also time a bare LightningModule on the same Trainer, lm fit's (the model, the loss, the same schedule, "
+        "Lightning's own clipping; none of LanguageModel's hooks): splits the overhead into Lightning's loop with lm "
+        "fit's callbacks, and LanguageModel's",
     )
     p.add_argument(
         "--interleave",
@@ -321,9 +321,11 @@ class _BareModule(L.LightningModule):
 
 
 def bare_lightning_loop(config, batches, args) -> float:
-    """Seconds per step of _BareModule on lightning_loop's Trainer settings: Lightning's own share of the overhead."""
+    """Seconds per step of _BareModule on the Trainer lightning_loop trains on (lm fit's, its callbacks and all): the
+    share of Lightning's loop and lm fit's callbacks in the overhead, without LanguageModel's own hooks."""
     timer = _StepTimer(args.warmup, args.device)
-    return _fit(_BareModule(config, args), batches, args, [timer])
+    with tempfile.TemporaryDirectory() as root:
+        return _fit(_BareModule(config, args), batches, args, [timer], lm_fit_trainer(args, len(batches), root))
 
 
 class _Interleaved(L.Callback):
@@ -400,27 +402,11 @@ def lm_fit_trainer(args, max_steps: int, root: str) -> L.Trainer:
     return cli.trainer
 
 
-def _fit(module, batches, args, callbacks, trainer=None) -> float:
-    """Train module on the batches; seconds per timed step (callbacks[0]: the timer). The trainer: lm fit's
-    (lm_fit_trainer), with the callbacks added first, or by default a plain Trainer with lm's settings and only
-    the callbacks (--bare)."""
+def _fit(module, batches, args, callbacks, trainer) -> float:
+    """Train module on the batches on the trainer (lm_fit_trainer's), with the callbacks added first; seconds per
+    timed step (callbacks[0]: the timer)."""
     timer = callbacks[0]
-    if trainer is None:
-        trainer = L.Trainer(
-            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-            devices=1,
-            precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-            max_steps=len(batches),
-            gradient_clip_val=1.0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
-            enable_model_summary=False,
-            callbacks=callbacks,
-            log_every_n_steps=LOG_EVERY,
-        )
-    else:
-        trainer.callbacks[:0] = callbacks
+    trainer.callbacks[:0] = callbacks
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return (timer.end - timer.start) / (len(batches) - args.warmup)
@@ -546,7 +532,8 @@ def main(argv=None):
     # of the paired ratios says more than one lucky run on either side.
     paired = sorted(r["lm"] / r["raw"] - 1 for r in repeats)
     paired_median = statistics.median(paired)
-    # --bare: the same split into Lightning's loop (bare over raw) and lm's module and callbacks (lm over bare)
+    # --bare: the same split into Lightning's loop with lm fit's callbacks (bare over raw) and lm's module (lm over
+    # bare)
     split = {
         f"{b}_over_{a}": statistics.median(r[b] / r[a] - 1 for r in repeats)
         for a, b in (("raw", "bare"), ("bare", "lm"))
