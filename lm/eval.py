@@ -183,7 +183,8 @@ class EvalSpec:
         num_problems: Problems per synthetic chat task.
         seed: Seed of the synthetic chat problems.
         digits: Operand digits of the synthetic addition task (as the model was trained: data.task_digits).
-        batch_size: Sequences per forward pass.
+        batch_size: Sequences per forward pass (lm, hellaswag; None: 16), or problems per generated batch (chat tasks;
+            None: 64, as lm tasks and TaskAccuracy generate).
     """
 
     task: str
@@ -198,7 +199,7 @@ class EvalSpec:
     num_problems: int = 100
     seed: int = 0
     digits: int = 2
-    batch_size: int = 16
+    batch_size: int | None = None
 
 
 class Task:
@@ -207,6 +208,11 @@ class Task:
     primary: str  # the metric reported as the result's "metric"/"value"
     shardable = True  # items can be split over ranks and their sums added
     unread: tuple[str, ...] = ()  # EvalSpec fields (None by default) this task does not read: refused when given
+    default_batch_size = 16  # where EvalSpec.batch_size is None
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size or self.default_batch_size
 
     def __init__(self, spec: EvalSpec):
         self.spec = spec
@@ -288,10 +294,8 @@ class LanguageModelling(Task):
 
     def score(self, model, tokenizer, *, rank=0, world_size=1):
         windows = [self.windows[i] for i in shard(len(self.windows), rank, world_size)]
-        nats, count = stream_nats(model, self.tokens, windows, batch_size=self.spec.batch_size)
-        passes = [
-            math.ceil(len(shard(len(self.windows), r, world_size)) / self.spec.batch_size) for r in range(world_size)
-        ]
+        nats, count = stream_nats(model, self.tokens, windows, batch_size=self.batch_size)
+        passes = [math.ceil(len(shard(len(self.windows), r, world_size)) / self.batch_size) for r in range(world_size)]
         even_out_passes(model, passes[rank], max(passes))
         return {"nats": nats, "tokens": count}
 
@@ -381,8 +385,8 @@ class MultipleChoice(Task):
             return [req for i in shard(len(self.items), r, world_size) for req in self.requests[i]]
 
         mine = shard(len(self.items), rank, world_size)
-        scores = score_continuations(model, requests(rank), batch_size=self.spec.batch_size)
-        block_size, batch_size = model.config.block_size, self.spec.batch_size
+        scores = score_continuations(model, requests(rank), batch_size=self.batch_size)
+        block_size, batch_size = model.config.block_size, self.batch_size
         passes = [continuation_passes(requests(r), block_size, batch_size) for r in range(world_size)]
         even_out_passes(model, passes[rank], max(passes))
         correct = correct_norm = 0.0
@@ -407,6 +411,7 @@ class ChatTask(Task):
     primary = "exact_match"
     shardable = False  # evaluate_task runs the whole set; the callback runs it on rank 0 and broadcasts
     unread = ("data", "limit", "stride")  # the problems are generated: num_problems of them
+    default_batch_size = 64
 
     def num_items(self):
         return self.spec.num_problems
@@ -425,7 +430,7 @@ class ChatTask(Task):
             num_problems=self.spec.num_problems,
             seed=self.spec.seed,
             digits=self.spec.digits,
-            batch_size=self.spec.batch_size,
+            batch_size=self.batch_size,
         )
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         numbers.pop("num_problems", None)  # that is num_items, not a metric
@@ -665,7 +670,9 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
     p.add_argument("--digits", type=int, default=2, help="addition: operand digits (as trained: data.task_digits)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument(
+        "--batch_size", type=int, help="sequences per forward pass (default 16), or chat problems per batch (64)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <stem>.eval-<task>.json)")
     args = p.parse_args(argv)

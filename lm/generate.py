@@ -326,7 +326,9 @@ def stream_text(
     end = len(text) if cut is None else cut
     if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
         finish.reason = "length"
-        end = len(text.rstrip("\ufffd"))  # the limit cut the last character short: its first bytes are no text
+        # The limit cut the last character short: its first bytes are no text. (Text cannot tell them from a U+FFFD the
+        # model wrote as the very last character, which is dropped too.)
+        end = len(text.rstrip("\ufffd"))
     if end > released:
         yield text[released:end]
 

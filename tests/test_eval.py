@@ -208,6 +208,8 @@ def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
     spec = EvalSpec(task="addition", num_problems=8, seed=3, digits=4, batch_size=2)
     metrics, n = evaluate(model, tokenizer, spec)
     assert calls == [("addition", 8, 3, 4, 2)] and n == 8 and metrics["exact_match"] == 0.25  # batch_size was dropped
+    evaluate(model, tokenizer, EvalSpec(task="addition", num_problems=8))
+    assert calls[-1][-1] == 64  # unset: the chat tasks' own default, not the forward passes' 16
     # fields the task never reads are refused, not recorded beside numbers they did not shape
     for given, named in (({"limit": 3}, "limit"), ({"data": "x.txt", "stride": 4}, "data and stride")):
         with pytest.raises(LMError, match=f"eval addition: {named} does not apply to this task; it takes num_problems"):
