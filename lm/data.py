@@ -22,6 +22,7 @@ walks the val split in order.
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import hashlib
@@ -44,7 +45,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lm.errors import LMError
+from lm.errors import LMError, cannot_write
 from lm.tokenizer import Tokenizer, build_tokenizer, text_groups, trained_tokenizer_size
 
 DEFAULT_BLOCK_SIZE = 256  # data modules' window length where no model sets it (built in Python, not by the CLI)
@@ -224,6 +225,13 @@ def load_documents(
     ds = ds.select_columns([text_field])
     # Checked on the Arrow column (no pass over the text): a row without the field, or with null, reads as None.
     dtype = getattr(ds.features[text_field], "dtype", None)
+    if dtype is None:  # lists or structs; or rows of mixed types, which datasets reads as a Json feature
+        first = next(((i, v) for i, v in enumerate(ds[text_field]) if v is not None and not isinstance(v, str)), None)
+        if first is not None and any(isinstance(v, str) for v in ds[text_field]):
+            raise LMError(
+                f"data source {source!r}: column {text_field!r} mixes text with other types: document {first[0]} "
+                f"(counting from 0) holds a value of type {type(first[1]).__name__}, not text"
+            )
     if dtype not in ("string", "large_string"):
         raise LMError(f"data source {source!r}: column {text_field!r} holds {dtype or 'lists/structs'}, not text")
     column = ds.data.column(text_field)
@@ -806,11 +814,14 @@ class PretrainData(L.LightningDataModule):
             return
         self.reused_cache = False
         rank_zero_info(f"lm.data: tokenizing {self.source} with {self.tokenizer_spec!r} into {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Everything is written into a private sibling directory and renamed into place at the end: an interrupted run
         # leaves only a ".tmp" directory that no later run trusts, and concurrent runs cannot see half a cache. The
         # name carries this host, and the lock shows whether its builder still runs (remove_stale_work_dirs).
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.new@", dir=path.parent))
+        try:  # a cache_dir under a file, or not ours to write: one line, not a traceback
+            path.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{path.name}.new@", dir=path.parent))
+        except OSError as e:
+            raise cannot_write(path.parent, e) from None
         lock = None
         try:
             # Locked before it takes the name cleaners look for: a cleaner never finds it without its lock held
@@ -827,6 +838,10 @@ class PretrainData(L.LightningDataModule):
             except OSError:
                 if not (path / "meta.json").is_file():  # another process finished first: its cache is as good
                     raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk or quota filled up while the cache was written
+                raise cannot_write(path.parent, e) from None
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if lock is not None:

@@ -209,6 +209,23 @@ def test_empty_documents_are_left_out_not_written_as_a_lone_eos(tmp_path):
     assert dm.meta["num_documents"] == 2 and dm.meta["empty_documents_skipped"] == 3
 
 
+def test_a_cache_that_cannot_be_written_is_a_one_line_error(tmp_path, text_file, monkeypatch):
+    import errno
+
+    import lm.data
+
+    with pytest.raises(LMError, match=r"cannot write .*corpus.txt/cache: .*Not a directory"):
+        make(tmp_path, text_file, cache_dir=str(text_file / "cache"))  # under a file: a traceback before
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lm.data, "write_tokens", full)
+    with pytest.raises(LMError, match="cannot write .*: No space left on device"):
+        make(tmp_path, text_file)
+    assert not list((tmp_path / "cache").iterdir())  # and its half-written work folder is gone
+
+
 def test_interrupted_preparation_is_not_trusted(tmp_path, text_file):
     dm = PretrainData(source=str(text_file), block_size=8, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(LMError, match="run prepare_data"):
@@ -413,6 +430,9 @@ def test_user_errors(tmp_path, text_file):
         make(tmp_path, path)
     path.write_text('{"text": ["a", "list"]}\n')
     with pytest.raises(LMError, match="column 'text' holds lists/structs, not text"):
+        make(tmp_path, path)
+    path.write_text('{"text": "abc"}\n{"text": 5}\n')  # was "holds lists/structs": there were none
+    with pytest.raises(LMError, match="mixes text with other types: document 1 .* holds a value of type int"):
         make(tmp_path, path)
     with pytest.raises(LMError, match="builtin:shakespeare"):
         make(tmp_path, "builtin:nope")
