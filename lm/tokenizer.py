@@ -697,7 +697,8 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None)
         # Fine-tuning keeps the pretrained model's tokenizer: it travels inside the checkpoint.
         from lm.checkpoint import read_checkpoint  # here: lm.checkpoint imports this module
 
-        state = (read_checkpoint(spec).get("lm") or {}).get("tokenizer")
+        # memory-mapped: only the tokenizer is read, not the weights and optimizer state (called on every rank)
+        state = (read_checkpoint(spec, mmap=True).get("lm") or {}).get("tokenizer")
         if state is None:
             raise LMError(f"{spec}: not an lm checkpoint (no tokenizer inside)")
         return Tokenizer.from_state(state)

@@ -533,10 +533,15 @@ def test_chat_batches_accumulate_like_one_big_batch():
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_tokenizer_spec_can_be_a_checkpoint(tmp_path):
+def test_tokenizer_spec_can_be_a_checkpoint(tmp_path, monkeypatch):
+    import lm.checkpoint
+
     path = tmp_path / "model.ckpt"
     torch.save({"lm": {"tokenizer": TOK.to_state()}, "state_dict": {}}, path)
+    reads, read = [], lm.checkpoint.read_checkpoint
+    monkeypatch.setattr(lm.checkpoint, "read_checkpoint", lambda *a, **kw: reads.append(kw) or read(*a, **kw))
     assert build_tokenizer(str(path)).fingerprint == TOK.fingerprint
+    assert reads == [{"mmap": True}]  # the weights and optimizer state stay on disk: only the tokenizer is wanted
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(LMError, match="not an lm checkpoint"):
         build_tokenizer(str(tmp_path / "plain.ckpt"))
