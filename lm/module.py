@@ -298,6 +298,7 @@ class LanguageModel(L.LightningModule):
         self._grad_scale: torch.Tensor | None = None  # 1 / supervised tokens of the current optimizer step
         self._grad_norm: torch.Tensor | None = None  # of the current step, after token scaling, before clipping
         self._params: list[torch.nn.Parameter] = []  # the model's, cached by _model_parameters()
+        self._shard_copies: int | None = None
         self._param_dims: dict[str, int] = {}  # each parameter's dims as built, before a strategy flattens them
         self._nonfinite_steps: torch.Tensor | None = None  # skipped steps not yet counted on the host
         self._backward_divisor = 1.0  # fp16 only: the backward's loss is divided by it, the gradients multiplied back
@@ -426,6 +427,9 @@ class LanguageModel(L.LightningModule):
 
     def on_train_start(self):
         self._params = []  # read again after the strategy's set-up: FSDP replaces the parameters
+        self._shard_copies = (
+            None  # FSDP: ranks holding each gradient shard (_fsdp_shard_copies), found at the first step
+        )
         # A previous fit of this module may have stopped inside an accumulation window (max_time, should_stop)
         self._step_tokens = self._step_loss_sum = None
         self._logged_step, self._step_values = False, None
@@ -447,6 +451,20 @@ class LanguageModel(L.LightningModule):
                 for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
                     group["lr"] = base * factor(scheduler.last_epoch)
                 scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+    def _fsdp_shard_copies(self) -> int:
+        """How many ranks hold each gradient shard under FSDP: one when fully sharded (FULL_SHARD, SHARD_GRAD_OP),
+        every rank under NO_SHARD, one per shard group under HYBRID_SHARD (a node's shards copied on every node).
+        Summed over ranks without it, the gradient norm came out sqrt(copies) times too large, and clipping too
+        strong."""
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+        fsdp = next((m for m in self.trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+        if fsdp is None:
+            return 1
+        if fsdp.sharding_strategy == ShardingStrategy.NO_SHARD:
+            return self.trainer.world_size
+        return self.trainer.world_size // torch.distributed.get_world_size(fsdp.process_group)
 
     def _model_parameters(self) -> list[torch.nn.Parameter]:
         """The model's parameters, listed once per fit: walking the modules twice a step costs a small model on a CPU
@@ -475,7 +493,10 @@ class LanguageModel(L.LightningModule):
         grads = [p.grad for p in self._model_parameters() if p.grad is not None]
         norm_squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            norm_squared = self.trainer.strategy.reduce(norm_squared, reduce_op="sum")  # each rank holds a shard
+            # each rank holds a shard: their squares add up, counted once per copy of each shard
+            if self._shard_copies is None:  # once per fit: walking the modules every step costs a small model ~1%
+                self._shard_copies = self._fsdp_shard_copies()
+            norm_squared = self.trainer.strategy.reduce(norm_squared, reduce_op="sum") / self._shard_copies
         self._grad_norm = norm_squared.sqrt() * self._grad_scale
         if scaler is not None:
             # A GradScaler skips overflowing steps itself and lowers its scale: that is how fp16 training works,

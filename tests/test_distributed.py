@@ -207,3 +207,37 @@ def test_only_a_peer_s_failure_on_another_rank_is_taken_for_one(monkeypatch):
     assert _another_rank_failed(gloo) and not _another_rank_failed(RuntimeError("shape mismatch"))
     monkeypatch.setenv("RANK", "0")
     assert not _another_rank_failed(gloo)  # rank 0's own failure keeps its traceback
+
+
+@pytest.mark.slow
+def test_the_fsdp_gradient_norm_counts_each_shard_once_whatever_the_sharding(tmp_path):
+    """Each rank's squared norm was summed over the ranks: right when each holds its own shard (FULL_SHARD), but
+    NO_SHARD's ranks each hold every gradient (and HYBRID_SHARD's a copy per node), so the norm came out sqrt(2)
+    times too large on 2 ranks, and clipping cut the step by as much. Both ranks see the same batch here, so the norm
+    is one process's. 2 CPU processes (tests/fsdp_cpu_grad_norm.py)."""
+    from lm.config import GPTConfig
+    from lm.module import LanguageModel
+
+    norms = {}
+    for sharding in ("FULL_SHARD", "NO_SHARD"):
+        out = tmp_path / sharding
+        out.mkdir()
+        run = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "fsdp_cpu_grad_norm.py"), str(out), sharding],
+            env=cli_env(PYTHONPATH=str(REPO)),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        norms[sharding] = json.loads((out / "norm.json").read_text())
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    torch.manual_seed(0)
+    module = LanguageModel(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=64), warmup_steps=1)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, log_every_n_steps=1, limit_val_batches=0, **quiet)
+    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": ids, "labels": ids}], batch_size=None))
+    one_process = float(trainer.callback_metrics["train/grad_norm"])
+    assert norms == pytest.approx({"FULL_SHARD": one_process, "NO_SHARD": one_process}, rel=1e-5)
