@@ -501,7 +501,14 @@ class LanguageModel(L.LightningModule):
         if scaler is not None:
             # A GradScaler skips overflowing steps itself and lowers its scale: that is how fp16 training works,
             # not a fault. Only a non-finite loss, which no scale fixes, counts towards max_skipped_steps.
-            self._nonfinite_steps_add(~torch.isfinite(loss_sum))
+            bad_loss = ~torch.isfinite(loss_sum)
+            self._nonfinite_steps_add(bad_loss)
+            # The scaler skips only for overflowing gradients: a loss that is inf with finite gradients (a label's
+            # logit at -inf) is flagged to it as one more overflow (the gradients were unscaled by now, into this
+            # record, which its step reads; its scale backs off too).
+            found = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device", {})
+            for flag in found.values():
+                flag.add_(bad_loss.to(flag.device, flag.dtype))
         # The LR this step uses, read here: Lightning steps the scheduler before on_train_batch_end, which would show
         # the next step's. Kept with the step's sums for a stop at a step that is not a logging step (below).
         self._step_values = (loss_sum, tokens, optimizer.param_groups[0]["lr"])

@@ -316,7 +316,13 @@ def fit_quietly(module: LanguageModel, steps: int, *, ckpt_path=None, **trainer_
 
 
 def fit_with_nan_steps(
-    nan_steps: set[int], *, max_skipped: int, steps: int = 6, optimizer: str = "adamw", spoil=lambda loss: loss * NAN
+    nan_steps: set[int],
+    *,
+    max_skipped: int,
+    steps: int = 6,
+    optimizer: str = "adamw",
+    spoil=lambda loss: loss * NAN,
+    **trainer_kwargs,
 ):
     torch.manual_seed(0)
     module = LanguageModel(
@@ -334,7 +340,7 @@ def fit_with_nan_steps(
 
     module.model_step = model_step
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
-        fit_quietly(module, steps)
+        fit_quietly(module, steps, **trainer_kwargs)
     return module, snapshots
 
 
@@ -358,6 +364,21 @@ def test_an_infinite_loss_with_finite_gradients_is_skipped_and_counted_too(optim
     assert module.skipped_steps == 1
     for name, before in snapshots[2].items():
         assert torch.equal(before, snapshots[3][name]), name
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_under_fp16_an_infinite_loss_with_finite_gradients_is_skipped_not_only_counted(optimizer):
+    """The GradScaler skips a step for overflowing gradients only: the step was counted as skipped, and taken."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module, snapshots = fit_with_nan_steps(
+        {2}, max_skipped=5, optimizer=optimizer, spoil=lambda loss: loss + INF, plugins=[scaler]
+    )
+    assert module.skipped_steps == 1
+    for name, before in snapshots[2].items():
+        assert torch.equal(before, snapshots[3][name]), name
+    assert not torch.equal(snapshots[3]["lm_head.weight"], snapshots[4]["lm_head.weight"])  # and then it trains on
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
