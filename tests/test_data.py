@@ -189,9 +189,10 @@ def test_the_cache_key_names_a_local_source_by_its_files_and_a_tokenizer_file_by
     (work / "a.txt").write_text(TEXT)
     tokenizer = make(tmp_path, work / "a.txt", tokenizer="bpe:300").cache_path / "tokenizer.json"
     monkeypatch.chdir(work)
-    spellings = [str(work / "a.txt"), "a.txt", "./a.txt", "../work/a.txt"]
+    (tmp_path / "link").symlink_to(work)  # the same folder reached through a symlink
+    spellings = [str(work / "a.txt"), "a.txt", "./a.txt", "../work/a.txt", "../link/a.txt", ".", "*.txt"]
     paths = {make(tmp_path, source, tokenizer="gpt2").cache_path for source in spellings}
-    assert len(paths) == 1
+    assert len(paths) == 1 and next(iter(paths)).name.startswith("a-txt-gpt2-")  # named after the file
     paths = {
         make(tmp_path, "a.txt", tokenizer=spec).cache_path for spec in (str(tokenizer), os.path.relpath(tokenizer))
     }
@@ -220,10 +221,19 @@ def test_a_cache_that_cannot_be_written_is_a_one_line_error(tmp_path, text_file,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    write_tokens = lm.data.write_tokens
     monkeypatch.setattr(lm.data, "write_tokens", full)
     with pytest.raises(LMError, match="cannot write .*: No space left on device"):
         make(tmp_path, text_file)
     assert not list((tmp_path / "cache").iterdir())  # and its half-written work folder is gone
+    # the disk fills up earlier, in datasets' copy of the text into the cache folder: it said "could not read it"
+    import datasets.arrow_writer
+
+    monkeypatch.setattr(lm.data, "write_tokens", write_tokens)
+    for name in ("write", "write_batch", "write_table", "write_examples_on_file", "write_rows_on_file"):
+        monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, name, full)
+    with pytest.raises(LMError, match="cannot write .*: No space left on device"):
+        make(tmp_path, text_file)
 
 
 def test_interrupted_preparation_is_not_trusted(tmp_path, text_file):
