@@ -43,7 +43,7 @@ from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, Checkpoint, PreemptionSignal, RNGState
 from lm.serve import serve_command
-from lm.sweep import die_with_the_sweep
+from lm.sweep import SWEEP_TRIAL, die_with_the_sweep
 from lm.tasks import tasks_command
 
 # No `test`: lm's modules have one held-out split, and validate scores it (LightningCLI's test would find no test_step)
@@ -192,6 +192,12 @@ class LMCLI(LightningCLI):
                 args["save_dir"] = str(root)
                 root.mkdir(parents=True, exist_ok=True)
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
+                # A sweep's trials would all carry the experiment's run name: W&B names an agent's runs itself, and
+                # lm sweep --local names each after its trial
+                if os.environ.get("WANDB_SWEEP_ID"):
+                    args["name"] = None
+                elif os.environ.get(SWEEP_TRIAL):
+                    args["name"] = os.environ[SWEEP_TRIAL]
                 if "WANDB_MODE" not in os.environ and not args.get("offline") and not _wandb_logged_in():
                     print(f"W&B: no API key found, logging offline under {root}/wandb (`wandb sync` later)")
                     args["offline"] = True

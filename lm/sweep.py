@@ -56,6 +56,7 @@ from lm.errors import ArgumentParser, LMError, cannot_write
 
 METHODS = ("grid", "random", "bayes")
 SWEEP_PID = "LM_SWEEP_PID"  # set in each trial's environment: the pid of the sweep that started it
+SWEEP_TRIAL = "LM_SWEEP_TRIAL"  # and the trial's name (<sweep folder>-trial-NNNN), which lm fit gives its W&B run
 # W&B parameter distributions that have an Optuna equivalent (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
 DISTRIBUTIONS = (
     "constant",
@@ -135,8 +136,10 @@ def _check_parameter(path: Path, name: str, spec: Any) -> None:
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             raise LMError(f"{where}: values must be a non-empty list")
-        if not all(v is None or isinstance(v, bool | int | float | str) for v in values):
-            raise LMError(f"{where}: values must be numbers, strings, booleans or null, got {values!r}")
+        if not all(v is None or isinstance(v, bool | int | float | str | list | dict) for v in values):
+            raise LMError(
+                f"{where}: values must be numbers, strings, booleans, null, lists or mappings, got {values!r}"
+            )
     elif kind == "constant":
         if "value" not in spec:
             raise LMError(f"{where}: distribution constant needs a value, e.g. {{value: 3}}")
@@ -212,7 +215,11 @@ def suggest(trial: Any, parameters: dict[str, dict[str, Any]]) -> dict[str, Any]
         if kind == "constant":
             value = spec["value"]
         elif kind == "categorical":
-            value = trial.suggest_categorical(name, spec["values"])
+            values = spec["values"]
+            if any(isinstance(v, list | dict) for v in values):  # Optuna draws scalars only: it draws the index
+                value = values[trial.suggest_categorical(name, list(range(len(values))))]
+            else:
+                value = trial.suggest_categorical(name, values)
         elif kind == "int_uniform":
             value = trial.suggest_int(name, int(lo), int(hi))
         elif kind == "uniform":
@@ -317,7 +324,7 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
     # Not the caller's W&B run: a sweep started from a job that set one (slurm/train.sbatch exports WANDB_RUN_ID) would
     # have every trial log to, and resume, that one run. A resumed trial gets its own id back from its checkpoint.
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_SWEEP_ID")}
-    env |= {"PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid())}
+    env |= {"PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid()), SWEEP_TRIAL: f"{root.parent.name}-{root.name}"}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
     with open(root / "trial.log", "a") as log:  # a resumed trial's log goes on after the cut-off one's
@@ -530,8 +537,13 @@ def _fail_dead_trials(study: Any) -> None:
 
 def _grid_key(params: dict[str, Any]) -> tuple:
     # 10 and 10.0 are one grid point (an old study's q_uniform params are floats); true and 1 are two (Python's
-    # True == 1 would merge them)
-    return tuple((type(v) is bool, int(v) if isinstance(v, float) and v.is_integer() else v) for v in params.values())
+    # True == 1 would merge them); a list or mapping value (betas: [0.9, 0.95]) is keyed by its JSON
+    def key(v):
+        if isinstance(v, list | dict):
+            return json.dumps(v, sort_keys=True)
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    return tuple((type(v) is bool, key(v)) for v in params.values())
 
 
 def run_local(
@@ -567,13 +579,18 @@ def run_local(
         space = grid_space(config["parameters"])
         # every parameter of the sweep, in its order, constants included: what the trial's command gets
         grid = [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
-        count = min(count or config.get("run_cap") or len(grid), len(grid))  # W&B caps a grid by run_cap too
+        count = min(count or len(grid), config.get("run_cap") or len(grid), len(grid))  # W&B caps a grid by run_cap
     elif count is None:
         count = config.get("run_cap")
         if count is None:
             raise LMError(f"a {config['method']} sweep never ends by itself: pass --count N (or set run_cap)")
-    for key in ("early_terminate",):
-        if key in config:
+    elif config.get("run_cap"):
+        count = min(count, config["run_cap"])  # W&B's run_cap bounds the whole sweep, whatever an agent's count
+    for key, value in (
+        ("early_terminate", config.get("early_terminate")),
+        ("metric.target", config["metric"].get("target")),
+    ):
+        if value is not None:
             print(f"lm sweep: {key} is ignored by local sweeps")
 
     try:
@@ -967,6 +984,11 @@ def sweep_command(argv: list[str]) -> None:
     config = load_sweep(args.file)
     if args.count is not None and args.count < 1:
         raise LMError(f"--count must be at least 1, got {args.count}")
+    # An extra argument comes after the swept ones, so it would win: every trial would run its value while the
+    # summary reported the swept ones
+    swept = [a for a in extra if a.startswith("--") and a[2:].split("=", 1)[0] in config["parameters"]]
+    if swept:
+        raise LMError(f"{swept[0].split('=', 1)[0]} after `--` is a parameter of the sweep; leave it to the sweep")
     if not args.local:
         if extra:
             raise LMError("arguments after `--` only apply to --local sweeps; put them in the file's command")

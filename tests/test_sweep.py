@@ -4,6 +4,7 @@ pytest tests/test_sweep.py        # the real sweep is marked slow (~40 s on 2 co
 """
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -119,7 +120,7 @@ def test_grid_points_tell_true_from_1_but_not_10_from_10_0():
         ({"values": [1, 2], "probabilities": [0.5, 0.5]}, "probabilities"),
         ({"min": 3, "max": 1}, "min < max"),
         ({"parameters": {"x": {"value": 1}}}, "nested"),
-        ({"values": [[1, 2]]}, "numbers, strings"),
+        ({"values": [datetime.date(2026, 1, 1)]}, "numbers, strings"),  # YAML's dates: not a JSON value (lists are)
         ({"distribution": "q_uniform", "min": 0, "max": 4, "q": "a"}, "q must be a number"),  # was a TypeError
         ({"distribution": "int_uniform", "min": 0.5, "max": 3.5}, "whole-number bounds"),  # crashed the grid later
         ({"min": True, "max": 3}, "min must be a number"),
@@ -959,3 +960,70 @@ def test_a_cut_off_trial_named_by_a_trial_dropped_for_a_lost_claim_still_resumes
 
     run_local(config, name="r", out=out, count=1, workers=1, storage=None, seed=0, extra=[], run=fake)
     assert runs == [(cut["x"], "trial-0000", [f"--ckpt_path={last}"])]
+
+
+@pytest.mark.parametrize("method", ["grid", "random", "bayes"])
+def test_a_list_value_as_betas_takes_runs_in_every_method(tmp_path, method):
+    """A grid with a list value (`betas: {value: [0.9, 0.95]}`) crashed on an unhashable list, and a list among
+    `values` was refused, where W&B takes any JSON value and betas is a list argument of lm's."""
+    config = {
+        "method": method,
+        "metric": {"name": "val/loss"},
+        "parameters": {
+            "x": {"values": ["1", "2"]},
+            "betas": {"values": [[0.9, 0.95], [0.9, 0.99]]},
+            "fixed": {"value": [1, 2]},
+        },
+        "command": ["lm", "${args}"],
+    }
+    load_sweep(_write(tmp_path, config))  # accepted
+    ran = []
+    kwargs = {"name": "l", "out": tmp_path / "out", "workers": 1, "storage": None, "seed": 0, "extra": []}
+    summary = run_local(config, count=4, run=lambda argv, *_: ran.append(argv) or 1.0, **kwargs)
+    betas = [next(a for a in argv if a.startswith("--betas=")) for argv in ran]
+    assert len(ran) == 4 and set(betas) <= {"--betas=[0.9, 0.95]", "--betas=[0.9, 0.99]"}
+    assert all("--fixed=[1, 2]" in argv for argv in ran)
+    assert all(t["params"]["betas"] in ([0.9, 0.95], [0.9, 0.99]) for t in summary["trials"])
+    if method == "grid":  # every point once
+        assert len({(_x(argv), b) for argv, b in zip(ran, betas, strict=True)}) == 4
+
+
+def test_an_argument_after_the_separator_that_is_a_swept_parameter_is_refused(tmp_path, capsys):
+    """It came after the swept values, so every trial ran it while the summary reported the swept ones."""
+    path = _write(tmp_path, _grid("1", "2") | {"parameters": {"model.init_args.lr": {"values": [1e-3, 3e-3]}}})
+    for extra in (["--model.init_args.lr", "0.05"], ["--model.init_args.lr=0.05"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", str(path), "--local", "--out", str(tmp_path / "o"), "--", *extra])
+        assert exit_info.value.code == 2
+        assert "--model.init_args.lr after `--` is a parameter of the sweep" in capsys.readouterr().err
+
+
+def test_run_cap_bounds_a_random_sweep_whatever_its_count_and_target_is_said_to_be_ignored(tmp_path, capsys):
+    config = _grid() | {"method": "random", "run_cap": 2, "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    config["metric"] = {"name": "val/loss", "target": 0.5}
+    ran = []
+    kwargs = {"name": "c", "out": tmp_path, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(config, count=5, run=lambda argv, *_: ran.append(argv) or 1.0, **kwargs)
+    assert len(ran) == 2
+    assert "lm sweep: metric.target is ignored by local sweeps" in capsys.readouterr().out
+
+
+def test_each_trial_s_wandb_run_is_named_after_the_trial_and_an_agent_s_after_nothing(tmp_path, monkeypatch):
+    """Every trial's W&B run carried the experiment's name (debug.yaml's `debug`): indistinguishable after a sync,
+    and on the W&B server every agent run named alike."""
+    import lm.__main__ as cli
+
+    class Built(cli.LMCLI):
+        def _run_subcommand(self, subcommand):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit = ["fit", "--config", str(REPO / "experiments" / "debug.yaml")]
+    assert Built(args=fit).trainer.logger._wandb_init["name"] == "debug"  # the experiment's, outside a sweep
+    monkeypatch.setenv(lm.sweep.SWEEP_TRIAL, "lr-trial-0003")
+    assert Built(args=fit).trainer.logger._wandb_init["name"] == "lr-trial-0003"
+    monkeypatch.delenv(lm.sweep.SWEEP_TRIAL)
+    monkeypatch.setenv("WANDB_SWEEP_ID", "s1")
+    monkeypatch.setenv("WANDB_RUN_ID", "r1")
+    assert Built(args=fit).trainer.logger._wandb_init.get("name") is None  # W&B names the agent's run
