@@ -128,6 +128,10 @@ class LMCLI(LightningCLI):
                 "snapshots.every_n_epochs": 0,
                 "snapshots.filename": "snapshot-{step}",
                 "snapshots.enable_version_counter": False,
+                # saved at once at an epoch's last step too: Lightning puts that save off to a validation it expects
+                # there, which under val_check_interval never comes, and the next micro-batch (mid-window under
+                # accumulation) saved half a step
+                "snapshots.save_on_train_epoch_end": True,
             }
         )
         parser.add_lightning_class_args(SampleText, "samples")

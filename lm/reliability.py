@@ -108,13 +108,35 @@ class Checkpoint(ModelCheckpoint):
         # this micro-batch is seen here: stopped mid-window, last.ckpt would hold half a step
         if trainer.should_stop and inside_accumulation_window(trainer):
             trainer.should_stop, self._stop_at_step_end = False, True
+        if inside_accumulation_window(trainer):
+            # Lightning's periodic save (every_n_train_steps, train_time_interval) looks at the step count only, which
+            # stays put through the next window: a save it put off at an epoch's end came a micro-batch later,
+            # holding half a step
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not inside_accumulation_window(trainer):
-            if self._save_at_step_end:
-                self._save_at_step_end = False
-                super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
-            if self._stop_at_step_end:
-                self._stop_at_step_end, trainer.should_stop = False, True
+        self._save_last_before_any_validation(trainer)
+        if self._save_at_step_end:
+            self._save_at_step_end = False
+            super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
+        if self._stop_at_step_end:
+            self._stop_at_step_end, trainer.should_stop = False, True
+
+    def _save_last_before_any_validation(self, trainer) -> None:
+        """Lightning puts off every save, last.ckpt's too, while the monitored metric (val/loss) does not exist yet:
+        `every_n_train_steps` wrote nothing before the first validation, and a run killed before it resumed from
+        nothing. last.ckpt is written now; the step is not marked saved, so a validation at this step still writes
+        the best checkpoint (and last.ckpt again)."""
+        every = self._every_n_train_steps
+        if not (self.save_last and every >= 1 and trainer.global_step % every == 0):
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:
+            return
+        saved = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_global_step_saved = saved
 
     def on_train_end(self, trainer, pl_module):
         if self._save_at_step_end:  # the run ended inside the window after all (the data ran out): save what it has

@@ -974,3 +974,48 @@ def test_cannot_write_names_the_failing_part_once():
     assert str(cannot_write("./tok", OSError(20, "Not a directory", "tok"))) == "cannot write ./tok: Not a directory"
     blocked = cannot_write("a/b/out.json", OSError(17, "File exists", "a/b"))
     assert str(blocked) == "cannot write a/b/out.json: a/b: File exists"
+
+
+# ---- periodic checkpoints ------------------------------------------------------------------------------------------
+
+SAVES: list[tuple[int, bool]] = []  # (step, inside an accumulation window) of every checkpoint SaveProbe saw written
+
+
+class SaveProbe(L.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        from lm.callbacks import inside_accumulation_window
+
+        SAVES.append((trainer.global_step, inside_accumulation_window(trainer)))
+
+
+def test_periodic_checkpoints_hold_whole_steps_and_start_before_the_first_validation(tmp_path, monkeypatch):
+    """Three gaps of Lightning's periodic saves, as lm fit configures them:
+    - a save put off at an epoch's last step (Lightning expects a validation there; under val_check_interval none
+      comes) came a micro-batch later under accumulation, holding half a step, for last.ckpt and the snapshots alike;
+    - without accumulation that step's snapshot was missing;
+    - every_n_train_steps wrote nothing before the first validation (val/loss did not exist yet)."""
+    import random
+
+    from lm.checkpoint import read_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    # 5,700 characters: with val_fraction 0.1, batch 8 and context 64 an epoch is 10 batches
+    (tmp_path / "c.txt").write_text(" ".join(rng.choice(["to", "be", "or", "not"]) for _ in range(2000))[:5700])
+    common = ["fit", "--config", DEBUG, "--data.init_args.source", str(tmp_path / "c.txt"), "--trainer.logger", "false"]
+    common += ["--trainer.callbacks+=tests.test_reliability.SaveProbe", "--samples.max_new_tokens", "0"]
+    common += ["--checkpoint.every_n_train_steps", "1", "--snapshots.every_n_train_steps", "1"]
+    common += ["--snapshots.save_top_k", "-1"]
+
+    SAVES.clear()
+    main([*common, "--trainer.default_root_dir", "acc", "--trainer.accumulate_grad_batches", "2",
+          "--trainer.max_steps", "8", "--trainer.val_check_interval", "4"])  # fmt: skip
+    assert SAVES and not any(inside for _, inside in SAVES), SAVES  # never half a step
+    snapshots = sorted(int(p.stem.split("=")[1]) for p in (tmp_path / "acc" / "checkpoints").glob("snapshot-*.ckpt"))
+    assert snapshots == list(range(1, 9))  # the epoch's last step (5) too
+
+    SAVES.clear()
+    main([*common, "--trainer.default_root_dir", "early", "--trainer.max_steps", "3",
+          "--trainer.val_check_interval", "1000", "--trainer.limit_val_batches", "0"])  # fmt: skip
+    last = read_checkpoint(tmp_path / "early" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3 and [step for step, _ in SAVES].count(1) >= 2  # last.ckpt from step 1 on
