@@ -178,6 +178,13 @@ class LMCLI(LightningCLI):
             config.checkpoint.dirpath = str(_checkpoint_dir(config))
         if config.snapshots.dirpath is None:
             config.snapshots.dirpath = str(root / "checkpoints")
+        if self.subcommand == "fit":
+            # given elsewhere, they failed with a traceback at the first save, after training up to it
+            for folder in dict.fromkeys((config.checkpoint.dirpath, config.snapshots.dirpath)):
+                try:
+                    Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise cannot_write(folder, e) from None
         resume_info = self._resume_info
         fresh_fit = self.subcommand == "fit" and config.get("ckpt_path") is None
         earlier = list(Path(config.checkpoint.dirpath).glob("*.ckpt")) if fresh_fit else []

@@ -343,6 +343,14 @@ def test_an_output_root_that_cannot_be_made_is_one_line(tmp_path, capsys):
               "--trainer.default_root_dir", str(tmp_path / "a_file" / "run")])  # fmt: skip
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'a_file' / 'run'}: Not a directory\n"
+    # a checkpoint or snapshot folder given elsewhere: a traceback at the first save, after training up to it
+    for group in ("checkpoint", "snapshots"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false",
+                  "--trainer.default_root_dir", str(tmp_path / "run"),
+                  f"--{group}.dirpath", str(tmp_path / "a_file" / "ck")])  # fmt: skip
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'a_file' / 'ck'}: Not a directory\n"
 
 
 def test_a_root_under_the_home_directory_resumes_and_validates(tmp_path, capsys, monkeypatch):
