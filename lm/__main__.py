@@ -189,11 +189,16 @@ class LMCLI(LightningCLI):
         fresh_fit = self.subcommand == "fit" and config.get("ckpt_path") is None
         earlier = list(Path(config.checkpoint.dirpath).glob("*.ckpt")) if fresh_fit else []
         if earlier and _rank() == 0:
+            # The earlier run's last.ckpt is moved aside now, not replaced at this run's first save: until then a
+            # requeue of this run (--ckpt_path last) would have resumed the earlier run
+            last = Path(config.checkpoint.dirpath) / "last.ckpt"
+            moved = last.is_file() and not os.replace(last, last.with_name("last.previous.ckpt"))
             print(
-                f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; this run "
-                "replaces last.ckpt and any of the same name (best-step=N.ckpt at a step it saves too) and keeps the "
-                "others (resume that run instead with --ckpt_path last, or give this one another "
-                "trainer.default_root_dir)"
+                f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; "
+                + ("its last.ckpt is now last.previous.ckpt; " if moved else "")
+                + "this run replaces any of the same name (best-step=N.ckpt at a step it saves too) and keeps the "
+                "others (to resume that run instead, stop this one and pass --ckpt_path with its checkpoint, or give "
+                "this run another trainer.default_root_dir)"
             )
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:

@@ -68,8 +68,11 @@ def test_fit_debug_then_generate(tmp_path):
     # A new run in the same root: last.ckpt is now its last step (Lightning alone would write last-v1.ckpt beside it).
     again = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "6", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "checkpoint(s) of an earlier run; this run replaces last.ckpt and any of the same name" in again.stdout
+    assert "checkpoint(s) of an earlier run; its last.ckpt is now last.previous.ckpt; this run replaces" in again.stdout
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    # moved aside at the start: until the new run's first save, --ckpt_path last (a requeue) resumed the earlier run
+    previous = torch.load(last.with_name("last.previous.ckpt"), map_location="cpu", weights_only=True)
+    assert previous["global_step"] == 40
     assert not list((root / "checkpoints").glob("*-v1.ckpt"))
 
     # The run's saved config, started again with another root, writes there: it used to hold the directories derived
