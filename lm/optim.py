@@ -102,9 +102,9 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.
     batch of matmuls: 3 shapes at 124M, 92 ops a step (not yet timed on a GPU). On this repository's 2-core CPU
     the step for the CPU recipe's 28 matrices takes 6-7 ms instead of 17-18 ms (benchmarks/optimizer_step.py).
     With fp32 weights the result equals torch.optim.Muon's up to the bf16 rounding inside Newton-Schulz: bit-equal
-    for some shapes, for others (48 x 32) within ~0.3% of how far the step moved the weights, as batched bf16
-    matmuls may round differently. With bf16 weights ~1% of the elements differ in their last bits
-    (tests/test_optim.py).
+    for some shapes, for others (48 x 32; on an AMD CPU also 64 x 32) within ~0.3-0.4% of how far the step moved the
+    weights, as batched bf16 matmuls may round differently. With bf16 weights ~1% of the elements differ in their
+    last bits (tests/test_optim.py).
 
     Set `found_inf` (a 0-dim float tensor, 1.0 = skip) before `step` to skip that step, as fused AdamW does. On a GPU
     the flag is not read on the host: where it is set, torch.where keeps the old momentum, a zero update and no

@@ -31,13 +31,15 @@ def run_both(steps: int, dtype=torch.float32, shapes=SHAPES, **hyper):
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("momentum", [0.95, 0.0])
 def test_muon_matches_torch_muon(adjust_lr_fn, nesterov, momentum):
-    """Same weights and momentum after five steps. fp32 weights: to within 1e-5 of how far the steps moved them
-    (bit-equal for these shapes; a wrong LR adjustment or orientation gives ~0.3)."""
+    """Same momentum, and the same weights up to Newton-Schulz's bf16 rounding after five steps: within 1% of how
+    far the steps moved them (a wrong LR adjustment or orientation gives ~30%). Bit-equal for these shapes on an
+    Intel CPU; on an AMD EPYC the batched bf16 matmuls of one tall (64 x 32) matrix round differently, 0.34% of its
+    move without Nesterov (0.42% after the first step), bit-equal everywhere else."""
     start, (theirs, their_opt), (ours, our_opt) = run_both(
         5, lr=1e-2, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn, nesterov=nesterov, momentum=momentum
     )
     for p0, a, b in zip(start, theirs, ours, strict=True):
-        assert (a - b).abs().max() <= 1e-5 * (a - p0).abs().max()
+        assert (a - b).abs().max() <= 1e-2 * (a - p0).abs().max()
         torch.testing.assert_close(our_opt.state[b]["momentum_buffer"], their_opt.state[a]["momentum_buffer"])
 
 
