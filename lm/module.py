@@ -246,6 +246,28 @@ class LanguageModel(L.LightningModule):
 
     trains_on_pairs = False  # lm.preference.PreferenceModel: True (its data module must be PreferenceData)
 
+    # Attributes set on every step: Lightning's name of the running hook (set and restored around each hook it calls,
+    # ~50 times a step) and this class's step bookkeeping. They never hold parameters, buffers or submodules, so they
+    # skip nn.Module.__setattr__'s registry checks: 0.3 us a set instead of 2.2 us (measured on a CPU), ~0.1 ms a step.
+    _PLAIN_STEP_ATTRIBUTES = frozenset(
+        {
+            "_current_fx_name",
+            "_step_tokens",
+            "_step_loss_sum",
+            "_grad_scale",
+            "_grad_norm",
+            "_step_values",
+            "_logged_step",
+            "_nonfinite_steps",
+        }
+    )
+
+    def __setattr__(self, name, value):
+        if name in self._PLAIN_STEP_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __init__(
         self,
         arch: GPTConfig = GPTConfig(),  # noqa: B008 - a dataclass default; jsonargparse copies it
@@ -424,6 +446,15 @@ class LanguageModel(L.LightningModule):
     def _loss_units_per_batch(self, batch) -> float:
         """What a micro-batch's loss sum counts at most (supervised tokens: rows x context), from shapes alone."""
         return float(batch["input_ids"].shape[0] * self.context_length)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """lm's batches are flat dicts of tensors (DESIGN: one batch shape): moved in one comprehension, as Lightning's
+        default moves them (non-blocking except to a CPU or MPS device), without its walk through nested collections
+        (~40 Python calls a step). Anything else goes to Lightning's default."""
+        if type(batch) is dict and all(type(value) is torch.Tensor for value in batch.values()):
+            non_blocking = device.type not in ("cpu", "mps")
+            return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_start(self):
         self._params = []  # read again after the strategy's set-up: FSDP replaces the parameters

@@ -91,6 +91,17 @@ class Checkpoint(ModelCheckpoint):
     _save_at_step_end = False  # a validation inside an accumulation window: its checkpoints wait for the step's end
     _stop_at_step_end = False  # a stop asked for inside a window (max_time, a callback): held until the step's end
 
+    _state_key: tuple[tuple, str] | None = None  # (the settings it was built from, the key)
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key (its settings' repr), built again only when they change: Lightning reads it for every
+        hook it calls on this callback, ~7 times a step."""
+        settings = (self.monitor, self.mode, self._every_n_train_steps, self._every_n_epochs, self._train_time_interval)
+        if self._state_key is None or self._state_key[0] != settings:
+            self._state_key = (settings, super().state_key)
+        return self._state_key[1]
+
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
         self._save_at_step_end = self._stop_at_step_end = False

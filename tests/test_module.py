@@ -678,3 +678,47 @@ def test_a_resume_with_more_steps_takes_its_first_step_at_the_new_schedule_s_lr(
     assert resumed.keys() == {4, 5, 6, 7}
     for step, lrs in resumed.items():
         assert lrs == pytest.approx(longer[step]), step
+
+
+def test_the_attributes_set_every_step_skip_nn_module_s_registry_and_stay_plain(monkeypatch):
+    """Lightning sets `_current_fx_name` around every hook and lm keeps its step sums on the module: ~60 sets a step,
+    which went through nn.Module.__setattr__'s registry checks. They bypass it now, stay plain attributes (no
+    parameter, buffer or submodule), and everything else still registers as before."""
+    calls = []
+    module_setattr = torch.nn.Module.__setattr__
+
+    def counting_setattr(self, name, value):
+        calls.append(name)
+        module_setattr(self, name, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counting_setattr)
+    batches = [{"input_ids": t, "labels": t} for t in torch.randint(0, 64, (2, 2, 16))]
+    module = _fit_two_steps(batches)
+    assert not set(calls) & LanguageModel._PLAIN_STEP_ATTRIBUTES
+    assert module._current_fx_name is None and module._step_values is None
+    registered = set(dict(module.named_parameters(recurse=False))) | set(dict(module.named_buffers(recurse=False)))
+    assert not (registered | set(module._modules)) & LanguageModel._PLAIN_STEP_ATTRIBUTES
+    module.extra_weight = torch.nn.Parameter(torch.zeros(2))
+    module.extra_layer = torch.nn.Linear(2, 2)
+    assert "extra_weight" in module._parameters and "extra_layer" in module._modules
+
+
+def test_a_flat_dict_batch_moves_without_lightning_s_collection_walk(monkeypatch):
+    """lm's batches (flat dicts of tensors) go to the device in one comprehension, with the same result as
+    Lightning's default; any other batch still goes through Lightning's default."""
+    import lightning.pytorch.core.hooks as hooks
+
+    module = LanguageModel(get_config("tiny"))
+    walked = []
+    default = hooks.move_data_to_device
+    monkeypatch.setattr(hooks, "move_data_to_device", lambda batch, device: walked.append(1) or default(batch, device))
+    batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.ones(2, 3, dtype=torch.long)}
+    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert walked == [] and type(moved) is dict and list(moved) == ["input_ids", "labels"]
+    for key in batch:
+        assert torch.equal(moved[key], batch[key]) and moved[key].device.type == "cpu"
+    nested = {"input_ids": batch["input_ids"], "meta": {"lengths": torch.tensor([3, 3])}}
+    assert torch.equal(
+        module.transfer_batch_to_device(nested, torch.device("cpu"), 0)["meta"]["lengths"], torch.tensor([3, 3])
+    )
+    assert walked == [1]

@@ -1019,3 +1019,23 @@ def test_periodic_checkpoints_hold_whole_steps_and_start_before_the_first_valida
           "--trainer.val_check_interval", "1000", "--trainer.limit_val_batches", "0"])  # fmt: skip
     last = read_checkpoint(tmp_path / "early" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 3 and [step for step, _ in SAVES].count(1) >= 2  # last.ckpt from step 1 on
+
+
+def test_checkpoint_state_key_is_lightning_s_built_once_per_setting(monkeypatch):
+    """Lightning reads a callback's state_key for every hook it calls on it (~7 a step); lm's Checkpoint builds
+    ModelCheckpoint's key (a repr of its settings) again only when a setting changes, and it is the same key, so
+    checkpoints load either way."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lm.reliability import Checkpoint
+
+    callback = Checkpoint(monitor="val/loss", every_n_train_steps=5)
+    lightnings = ModelCheckpoint.state_key.fget  # the key as Lightning builds it, on this instance
+    expected = lightnings(callback)
+    built = []
+    generate = Checkpoint._generate_state_key
+    monkeypatch.setattr(Checkpoint, "_generate_state_key", lambda self, **kw: built.append(1) or generate(self, **kw))
+    assert {callback.state_key for _ in range(10)} == {expected} and len(built) == 1
+    callback.monitor = "train/loss"
+    assert callback.state_key == lightnings(callback) != expected
+    assert len(built) == 3  # one for the new setting, one for lightnings() above
