@@ -32,9 +32,9 @@ def run_both(steps: int, dtype=torch.float32, shapes=SHAPES, **hyper):
 @pytest.mark.parametrize("momentum", [0.95, 0.0])
 def test_muon_matches_torch_muon(adjust_lr_fn, nesterov, momentum):
     """Same momentum, and the same weights up to Newton-Schulz's bf16 rounding after five steps: within 1% of how
-    far the steps moved them (a wrong LR adjustment or orientation gives ~30%). Bit-equal for these shapes on an
-    Intel CPU; on an AMD EPYC the batched bf16 matmuls of one tall (64 x 32) matrix round differently, 0.34% of its
-    move without Nesterov (0.42% after the first step), bit-equal everywhere else."""
+    far the steps moved them (a wrong LR adjustment or orientation gives ~30%). Bit-equal for these shapes on the
+    CPUs of earlier runs; on an AMD EPYC the batched bf16 matmuls of one tall (64 x 32) matrix round differently,
+    0.34% of its move without Nesterov (0.42% after the first step), bit-equal everywhere else."""
     start, (theirs, their_opt), (ours, our_opt) = run_both(
         5, lr=1e-2, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn, nesterov=nesterov, momentum=momentum
     )
