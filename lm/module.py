@@ -447,15 +447,6 @@ class LanguageModel(L.LightningModule):
         """What a micro-batch's loss sum counts at most (supervised tokens: rows x context), from shapes alone."""
         return float(batch["input_ids"].shape[0] * self.context_length)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        """lm's batches are flat dicts of tensors (DESIGN: one batch shape): moved in one comprehension, as Lightning's
-        default moves them (non-blocking except to a CPU or MPS device), without its walk through nested collections
-        (~40 Python calls a step). Anything else goes to Lightning's default."""
-        if type(batch) is dict and all(type(value) is torch.Tensor for value in batch.values()):
-            non_blocking = device.type not in ("cpu", "mps")
-            return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_train_start(self):
         self._params = []  # read again after the strategy's set-up: FSDP replaces the parameters
         self._shard_copies = (

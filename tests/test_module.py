@@ -701,24 +701,3 @@ def test_the_attributes_set_every_step_skip_nn_module_s_registry_and_stay_plain(
     module.extra_weight = torch.nn.Parameter(torch.zeros(2))
     module.extra_layer = torch.nn.Linear(2, 2)
     assert "extra_weight" in module._parameters and "extra_layer" in module._modules
-
-
-def test_a_flat_dict_batch_moves_without_lightning_s_collection_walk(monkeypatch):
-    """lm's batches (flat dicts of tensors) go to the device in one comprehension, with the same result as
-    Lightning's default; any other batch still goes through Lightning's default."""
-    import lightning.pytorch.core.hooks as hooks
-
-    module = LanguageModel(get_config("tiny"))
-    walked = []
-    default = hooks.move_data_to_device
-    monkeypatch.setattr(hooks, "move_data_to_device", lambda batch, device: walked.append(1) or default(batch, device))
-    batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.ones(2, 3, dtype=torch.long)}
-    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
-    assert walked == [] and type(moved) is dict and list(moved) == ["input_ids", "labels"]
-    for key in batch:
-        assert torch.equal(moved[key], batch[key]) and moved[key].device.type == "cpu"
-    nested = {"input_ids": batch["input_ids"], "meta": {"lengths": torch.tensor([3, 3])}}
-    assert torch.equal(
-        module.transfer_batch_to_device(nested, torch.device("cpu"), 0)["meta"]["lengths"], torch.tensor([3, 3])
-    )
-    assert walked == [1]
