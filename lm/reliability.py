@@ -253,6 +253,10 @@ class RNGState(L.Callback):
                 torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-batch broadcast of the SIGTERM flag (see PreemptionSignal)."""
+
+
 class PreemptionSignal(L.Callback):
     """SIGTERM and SIGUSR1: finish the current step, save a checkpoint (`checkpoint.save_on_exception`), exit 143.
 
@@ -264,8 +268,13 @@ class PreemptionSignal(L.Callback):
       checkpoint that resumes past it, so that validation (if it was the last, the run's score) was lost.
     - Under DDP, Lightning's SIGTERM handler broadcasts from inside the handler: a collective at whatever point the
       signal interrupts, which hung every rank when rank 0 was in rank-0-only work (sampling, logging) while the
-      others waited in validation's metric sync. Here the ranks agree at the step boundary with one all-reduce of
-      the flag (a sync per step under DDP, like Lightning's own per-batch broadcast of it).
+      others waited in validation's metric sync. Here the ranks agree with one all-reduce of the flag, at the end of
+      each validation and at each optimizer step that logs (every `trainer.log_every_n_steps`, whose logging reads
+      the loss anyway): reading the flag waits for the GPU, so doing it every step would cost the host its lead
+      over the device. Lightning's own broadcast of the flag before every batch (the same host sync) is switched
+      off while these handlers are in place: it has nothing left to tell. A signal so waits up to that many steps,
+      well inside the usual grace (SLURM's `--signal=USR1@90`, 30 s in Kubernetes) unless a step takes seconds:
+      then lower log_every_n_steps.
     Under SLURM with auto-requeue, SIGUSR1 is Lightning's: it saves an HPC checkpoint and requeues the job; that too
     runs at the next step boundary instead of inside the signal handler, where it saved wherever the step was.
     """
@@ -292,6 +301,8 @@ class PreemptionSignal(L.Callback):
         """Ours replace Lightning's, which it installs just before the sanity check (before that, no hook runs)."""
         if self._previous:
             return
+        if trainer.world_size > 1:  # ranks agree in _at_step_boundary; an instance attribute, removed in on_train_end
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = _no_broadcast
 
         def note(signum, frame):
             if not self._pending and signum == signal.SIGTERM and trainer.strategy.launcher is not None:
@@ -326,8 +337,15 @@ class PreemptionSignal(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._take_lightnings_flag(trainer)
-        if not inside_accumulation_window(trainer):  # the optimizer step is complete
+        if not inside_accumulation_window(trainer) and self._check_now(trainer):  # the optimizer step is complete
             self._at_step_boundary(trainer)
+
+    def _check_now(self, trainer) -> bool:
+        """Every step in one process (reading the flag is free); under DDP at the steps that log."""
+        if trainer.world_size == 1:
+            return True
+        every = trainer.log_every_n_steps or 50  # log_every_n_steps 0: nothing logs, but a signal must get through
+        return trainer.global_step % every == 0  # global_step counts the step just taken
 
     def on_validation_start(self, trainer, pl_module):
         self._take_lightnings_flag(trainer)  # so that Lightning does not stop the validation after its first batch
@@ -361,6 +379,7 @@ class PreemptionSignal(L.Callback):
     def on_train_end(self, trainer, pl_module):
         while self._previous:
             signal.signal(*self._previous.pop())
+        trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)  # Lightning's method again
 
     def on_exception(self, trainer, pl_module, exception):
         self.on_train_end(trainer, pl_module)

@@ -60,6 +60,30 @@ class SigtermInValidation(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermAtStep2OnRank1(L.Callback):
+    """Rank 1 gets SIGTERM after step 2; each rank writes down the broadcasts of every training batch."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.broadcasts = 0
+        broadcast = torch.distributed.broadcast
+
+        def counted(*args, **kwargs):
+            self.broadcasts += 1
+            return broadcast(*args, **kwargs)
+
+        torch.distributed.broadcast = counted
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        out = Path(trainer.default_root_dir) / f"broadcasts-rank{trainer.global_rank}.txt"
+        with out.open("a") as f:
+            f.write(f"{trainer.global_step} {self.broadcasts}\n")
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_trainer_overlays_parse(overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -180,6 +204,27 @@ def test_ddp_sigterm_during_validation_stops_every_rank_after_it(tmp_path):
     assert result.returncode == 143, result.stderr[-4000:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert len(_val_losses(root)) == 1  # the validation at step 4 ran to its end and was logged
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_signal_at_the_logging_interval_without_a_broadcast_per_batch(tmp_path):
+    """Lightning broadcast the SIGTERM flag before every batch and lm all-reduced it after every step: each read
+    back on the host, a sync per step that stalls a GPU's queue. Now the ranks agree every log_every_n_steps (5 in
+    debug.yaml): rank 1's signal after step 2 stops both ranks after step 5, which is saved, and no batch broadcasts."""
+    root = tmp_path / "run"
+    result = _lm_fit(
+        tmp_path,
+        *("--config", DEBUG, "--config", REPO / "experiments/trainer/ddp_cpu.yaml", *_logged_under(root)),
+        *("--trainer.callbacks+=tests.test_distributed.SigtermAtStep2OnRank1",),
+        *("--trainer.max_steps", "8", "--trainer.val_check_interval", "8", "--data.init_args.val_windows", "16"),
+        *("--data.init_args.batch_size", "4", "--samples.max_new_tokens", "0"),
+    )
+    assert result.returncode == 143, result.stderr[-4000:]
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    for rank in (0, 1):
+        steps = [line.split() for line in (root / f"broadcasts-rank{rank}.txt").read_text().splitlines()]
+        assert [int(step) for step, _ in steps] == [1, 2, 3, 4, 5], f"rank {rank}"
+        assert {int(count) for _, count in steps} == {0}, f"rank {rank}: broadcasts during training {steps}"
 
 
 @pytest.mark.slow
