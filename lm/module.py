@@ -574,7 +574,7 @@ class LanguageModel(L.LightningModule):
         if scaler is not None:
             # fp16: the GradScaler already decided from the unscaled gradients whether this step runs (a NaN factor
             # here makes NaN gradients only in a step it skips); non-finite losses were counted before the step.
-            if self.device.type != "cuda" or self._is_logging_step():
+            if self._host_may_read_device():
                 self._count_skipped_steps()
             return
         # A loss can be inf with finite gradients (a label's logit at -inf): that step is dropped too. The loss sum is
@@ -584,7 +584,7 @@ class LanguageModel(L.LightningModule):
         if getattr(optimizer, "defaults", {}).get("fused") or isinstance(optimizer, MuonWithAdamW):
             optimizer.found_inf = not_finite.float()
             self._nonfinite_steps_add(not_finite)
-            if self.device.type != "cuda" or self._is_logging_step():
+            if self._host_may_read_device():
                 self._count_skipped_steps()
         elif not_finite:
             for p in self._model_parameters():
@@ -664,6 +664,12 @@ class LanguageModel(L.LightningModule):
             # A host number goes in as a CPU tensor: Lightning would copy a Python float to the GPU, a sync.
             self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
         self._logged_step, self._step_values = False, None
+
+    def _host_may_read_device(self) -> bool:
+        """Whether this step may read device values on the host: off CUDA always (the values are there already), on
+        CUDA only at logging steps, since a read waits for the device to finish its queue and so loses the host's
+        lead over it. (A test pretends to be on CUDA by replacing this.)"""
+        return self.device.type != "cuda" or self._is_logging_step()
 
     def _is_logging_step(self) -> bool:
         """Whether the Trainer hands this optimizer step's metrics to the logger (every log_every_n_steps; 0 = never,

@@ -118,12 +118,16 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.
     @torch.no_grad()
     def step(self, closure=None):
         loss, found_inf = _closure_and_flag(self, closure)
-        if found_inf is not None and found_inf.device.type == "cpu":  # reading the flag is free here; masking is not
+        if found_inf is not None and self._host_reads_flag(found_inf):
             if found_inf:
                 return loss
             found_inf = None
         self._step(found_inf)
         return loss
+
+    def _host_reads_flag(self, found_inf: torch.Tensor) -> bool:
+        """On a CPU reading the flag is free and masking is not; on a GPU reading waits for its queue to drain."""
+        return found_inf.device.type == "cpu"
 
     @torch.no_grad()
     def _step(self, found_inf: torch.Tensor | None):

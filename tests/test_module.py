@@ -512,6 +512,69 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
         assert {"train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"} <= set(metrics)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_on_cuda_no_step_reads_the_device_on_the_host_except_at_logging_steps(optimizer, monkeypatch):
+    """The CUDA path of a training step, run on CPU with every host read of a tensor (.item(), bool(), float(),
+    int(), .tolist()) made to fail between the start and end of each non-logging step: a read there waits for the
+    GPU's queue to drain. A NaN loss at step 5, skipped on the device, is counted at the logging step after it."""
+    import lightning as L
+
+    from lm.optim import Muon
+
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10, optimizer=optimizer)
+    module._host_may_read_device = module._is_logging_step  # as on CUDA
+    monkeypatch.setattr(Muon, "_host_reads_flag", lambda self, found_inf: False)  # as on CUDA
+    training_step = module.training_step
+
+    def nan_at_step_5(batch, batch_idx):
+        loss = training_step(batch, batch_idx)
+        return loss * float("nan") if module.global_step == 5 else loss
+
+    module.training_step = nan_at_step_5
+    host_reads = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "__float__", "__int__", "tolist")}
+    armed_at = []
+
+    def refuse(name):
+        def read(tensor, *args, **kwargs):
+            if armed_at:
+                raise AssertionError(f"Tensor.{name} at step {armed_at[0]}, which does not log")
+            return host_reads[name](tensor, *args, **kwargs)
+
+        return read
+
+    class Arm(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not pl_module._is_logging_step():
+                armed_at.append(trainer.global_step)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            armed_at.clear()
+
+    ids = torch.randint(0, 64, (12, 2, 16))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        log_every_n_steps=4,
+        logger=MemoryLogger(),
+        callbacks=[Arm()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    for name in host_reads:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        with pytest.warns(UserWarning, match="non-finite loss or gradient at step 7"):
+            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    finally:
+        for name, method in host_reads.items():
+            setattr(torch.Tensor, name, method)
+    assert trainer.global_step == 12 and module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())  # the NaN step was skipped
+
+
 @pytest.mark.filterwarnings("ignore:model.fp8 on CPU")
 def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
     """torchao's CPU path (torch's reference _scaled_mm) runs the same code as on a GPU, only slowly."""
