@@ -241,6 +241,8 @@ class ChatData(L.LightningDataModule):
         num_workers: DataLoader worker processes (batches are padded lists: 0 is usually enough).
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (at most block_size); 16 for
             `model.fp8`, whose float8 matmuls need batch x length to be a multiple of 16.
+        pin_memory: Pin batches in page-locked memory, so that the copy to the GPU runs beside its work (only used on
+            CUDA; Lightning copies with non_blocking=True).
     """
 
     kind, item = "chat data", "conversation"  # in messages; PreferenceData says "preference data", "pair"
@@ -264,6 +266,7 @@ class ChatData(L.LightningDataModule):
         split_seed: int = 1337,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
+        pin_memory: bool = True,
     ):
         super().__init__()
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
@@ -275,7 +278,7 @@ class ChatData(L.LightningDataModule):
         self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise
         self.task_size, self.task_val_size, self.task_digits = task_size, task_val_size, task_digits
-        self.seed, self.split_seed, self.num_workers = seed, split_seed, num_workers
+        self.seed, self.split_seed, self.num_workers, self.pin_memory = seed, split_seed, num_workers, pin_memory
         if num_workers < 0:
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         if pad_to_multiple_of < 1:
@@ -534,6 +537,7 @@ class ChatData(L.LightningDataModule):
             batch_size=None,  # the sampler yields whole batches of indices; the dataset collates them
             sampler=sampler,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             # Each new iterator draws a seed from this generator instead of torch's global RNG (as PretrainData's):
             # a resume builds a fresh iterator after RNGState restored that RNG, which shifted every dropout mask

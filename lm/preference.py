@@ -186,6 +186,7 @@ class PreferenceData(ChatData):
         split_seed: Seed of the train/val split, the task problems and their wrong answers (apart from `seed`).
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (at most block_size).
+        pin_memory: Pin batches in page-locked memory for the copy to the GPU (only used on CUDA).
     """
 
     kind, item = "preference data", "pair"
@@ -209,6 +210,7 @@ class PreferenceData(ChatData):
         split_seed: int = 1337,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
+        pin_memory: bool = True,
     ):
         super().__init__(
             source=source,
@@ -225,6 +227,7 @@ class PreferenceData(ChatData):
             split_seed=split_seed,
             num_workers=num_workers,
             pad_to_multiple_of=pad_to_multiple_of,
+            pin_memory=pin_memory,
         )
         if not 0 < max_prompt_fraction < 1:
             raise LMError(f"data.max_prompt_fraction must be between 0 and 1 (exclusive), got {max_prompt_fraction}")

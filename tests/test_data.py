@@ -791,3 +791,24 @@ def test_a_resume_with_another_number_of_ranks_or_batch_size_goes_on_where_the_d
     again = loader(1, 8, 0, [6])
     again.load_state_dict(saved)
     assert sorted(batches(again, 1)[0]) == sorted(second) == sorted(step_after)
+
+
+@pytest.mark.parametrize("pin_memory", [True, False])
+def test_every_data_module_pins_its_batches_on_cuda_unless_told_not_to(tmp_path, text_file, monkeypatch, pin_memory):
+    """Pinned batches let Lightning's non_blocking copy to the GPU run beside the GPU's work; the chat and preference
+    loaders did not pin. Off CUDA nothing is pinned (pinning needs a GPU)."""
+    from lm.chat_data import ChatData
+    from lm.preference import PreferenceData
+
+    modules = [
+        make(tmp_path, text_file, pin_memory=pin_memory),
+        ChatData(source="task:addition", task_size=64, task_val_size=8, batch_size=4, pin_memory=pin_memory),
+        PreferenceData(source="task:addition", task_size=64, task_val_size=8, batch_size=4, pin_memory=pin_memory),
+    ]
+    for dm in modules[1:]:
+        dm.setup("fit")
+    assert [dm.train_dataloader().pin_memory for dm in modules] == [False] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for dm in modules:
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            assert loader.pin_memory is pin_memory, type(dm).__name__
