@@ -188,6 +188,9 @@ def _check_hyperparameters(
     weight_decay: float,
     betas: tuple[float, float],
     max_skipped_steps: int,
+    muon_lr: float | None = None,
+    muon_momentum: float = 0.95,
+    muon_ns_steps: int = 5,
 ) -> None:
     """Refuse values no run could mean, naming the key, before torch or the schedule fail on them mid-setup."""
     problems = {
@@ -199,6 +202,9 @@ def _check_hyperparameters(
         "weight_decay": (weight_decay, not (math.isfinite(weight_decay) and weight_decay >= 0), ">= 0"),
         "betas": (tuple(betas), len(betas) != 2 or not all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
         "max_skipped_steps": (max_skipped_steps, max_skipped_steps < 0, ">= 0"),
+        "muon_lr": (muon_lr, muon_lr is not None and not (math.isfinite(muon_lr) and muon_lr > 0), "> 0, or null"),
+        "muon_momentum": (muon_momentum, not 0 <= muon_momentum < 1, "in [0, 1)"),
+        "muon_ns_steps": (muon_ns_steps, muon_ns_steps < 1, ">= 1"),
     }
     for key, (value, bad, expected) in problems.items():
         if bad:
@@ -227,7 +233,12 @@ class LanguageModel(L.LightningModule):
         betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
         optimizer: adamw for every parameter, or muon: Muon (torch.optim.Muon's update, batched by shape in
             lm.optim.Muon; torch >= 2.9) for the 2-D weights inside the blocks and AdamW for embeddings, head and
-            norms, with the same lr and schedule.
+            norms, with the same schedule. Muon scales its update to AdamW's RMS (adjust_lr_fn match_rms_adamw), so
+            AdamW's lr is a sound start for both.
+        muon_lr: Muon's peak LR; null: lr. The schedule scales both alike; train/lr logs AdamW's.
+        muon_momentum: Muon's momentum (torch's default 0.95).
+        muon_nesterov: Nesterov momentum in Muon (torch's default).
+        muon_ns_steps: Newton-Schulz iterations that orthogonalise each update (torch's default 5).
         compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
         fp8: Run the blocks' matmuls in float8 (torchao's float8 training, dynamic tensorwise scales; the head and
             everything else stay in bf16). Needs a GPU of CUDA compute capability >= 8.9 (Ada, Hopper, newer), the `fp8`
@@ -281,6 +292,10 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float | None = None,
+        muon_momentum: float = 0.95,
+        muon_nesterov: bool = True,
+        muon_ns_steps: int = 5,
         compile: bool = False,
         fp8: bool = False,
         activation_checkpointing: bool = False,
@@ -296,6 +311,9 @@ class LanguageModel(L.LightningModule):
             weight_decay=weight_decay,
             betas=betas,
             max_skipped_steps=max_skipped_steps,
+            muon_lr=muon_lr,
+            muon_momentum=muon_momentum,
+            muon_ns_steps=muon_ns_steps,
         )
         super().__init__()
         self.arch = arch
@@ -533,7 +551,7 @@ class LanguageModel(L.LightningModule):
                 flag.add_(bad_loss.to(flag.device, flag.dtype))
         # The LR this step uses, read here: Lightning steps the scheduler before on_train_batch_end, which would show
         # the next step's. Kept with the step's sums for a stop at a step that is not a logging step (below).
-        self._step_values = (loss_sum, tokens, optimizer.param_groups[0]["lr"])
+        self._step_values = (loss_sum, tokens, optimizer.param_groups[-1]["lr"])  # AdamW's last group (Muon's first)
         self._logged_step = self._is_logging_step()
         if self._logged_step:
             self._log_train_metrics()
@@ -700,7 +718,14 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         dims = self._param_dims
-        optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, dims)
+        # .get: checkpoints written before these settings existed lack them
+        muon = {
+            "lr": hp.get("muon_lr") or hp.lr,
+            "momentum": hp.get("muon_momentum", 0.95),
+            "nesterov": hp.get("muon_nesterov", True),
+            "ns_steps": hp.get("muon_ns_steps", 5),
+        }
+        optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, dims, muon)
         rank_zero_info(summary)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         schedule = hp.schedule

@@ -31,6 +31,7 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float],
     dims: dict[str, int] | None = None,
+    muon: dict | None = None,
 ) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer LanguageModel trains with (the throughput benchmark's raw loop builds the same one), and a line
     that says how the parameters were split.
@@ -41,6 +42,7 @@ def build_optimizer(
 
     dims: each parameter's number of dimensions in the unwrapped model, by plain name. FSDP hands the optimizer
     flat 1-D shards, which would otherwise all land in the no-decay group; Muon cannot take shards at all.
+    muon: Muon's settings (lr, momentum, nesterov, ns_steps); lr defaults to AdamW's, the rest to torch's.
     """
     params = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     dim = {n: (dims or {}).get(n, p.dim()) for n, p in params}
@@ -72,8 +74,10 @@ def build_optimizer(
     adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
     if optimizer != "muon":
         return adamw, summary
-    muon = Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonWithAdamW(muon, adamw), summary
+    muon_optimizer = Muon(
+        hidden, **{"lr": lr, **(muon or {})}, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
+    return MuonWithAdamW(muon_optimizer, adamw), summary
 
 
 def _closure_and_flag(optimizer, closure) -> tuple[torch.Tensor | None, torch.Tensor | None]:

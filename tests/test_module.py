@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lm.config import get_config
+from lm.errors import LMError
 from lm.module import IGNORE_INDEX, LanguageModel, chunked_cross_entropy, lr_multiplier, next_token_loss
 from tests.conftest import MemoryLogger
 
@@ -397,12 +398,46 @@ def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tm
     assert optimizer.param_groups[0] is optimizer.muon.param_groups[0]  # the schedule still reaches Muon's groups
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step: LRs only
+def test_muon_settings_reach_muon_and_the_schedule_scales_both_optimizers_alike():
+    """Muon's LR, momentum, Nesterov and Newton-Schulz steps are model settings (YAML), not code."""
+    module = LanguageModel(
+        get_config("tiny"),
+        lr=1e-3,
+        warmup_steps=10,
+        decay_steps=20,
+        optimizer="muon",
+        muon_lr=2e-2,
+        muon_momentum=0.9,
+        muon_nesterov=False,
+        muon_ns_steps=3,
+    )
+    module.configure_model()
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    for group in optimizer.muon.param_groups:
+        assert (group["momentum"], group["nesterov"], group["ns_steps"]) == (0.9, False, 3)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-2] + [1e-3] * len(optimizer.adamw.param_groups)
+    for _ in range(5):
+        scheduler.step()
+    muon_lr, adamw_lr = optimizer.muon.param_groups[0]["lr"], optimizer.adamw.param_groups[-1]["lr"]
+    assert muon_lr == pytest.approx(20 * adamw_lr) and adamw_lr < 1e-3  # warming up, both alike
+    assert optimizer.param_groups[-1] is optimizer.adamw.param_groups[-1]  # what train/lr reads
+
+    defaults = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20, optimizer="muon")
+    defaults.configure_model()
+    (group,) = defaults.configure_optimizers()["optimizer"].muon.param_groups
+    assert (group["initial_lr"], group["momentum"], group["nesterov"], group["ns_steps"]) == (1e-3, 0.95, True, 5)
+    for bad in ({"muon_lr": 0.0}, {"muon_momentum": 1.0}, {"muon_ns_steps": 0}):
+        with pytest.raises(LMError, match=f"model.init_args.{next(iter(bad))} must be"):
+            LanguageModel(get_config("tiny"), optimizer="muon", **bad)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_optimizer_groups_hold_when_fsdp_hands_over_flat_shards(optimizer):
     """FSDP (use_orig_params) gives configure_optimizers 1-D shards under wrapped names: the groups come from the
     shapes recorded before wrapping, not from the shards (every tensor went without weight decay), and Muon, which
     needs whole matrices, is refused in one line (it failed on an empty parameter list)."""
-    from lm.errors import LMError
     from lm.model import GPT
     from lm.optim import build_optimizer
 
@@ -608,7 +643,6 @@ def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
 def test_fp8_errors_are_one_line_and_say_what_to_do(monkeypatch):
     import sys
 
-    from lm.errors import LMError
     from lm.model import GPT
     from lm.module import convert_to_fp8
 
@@ -625,7 +659,6 @@ def test_fp8_errors_are_one_line_and_say_what_to_do(monkeypatch):
 
 def test_fp8_refuses_a_batch_whose_token_count_is_not_a_multiple_of_16():
     """CUDA's float8 weight-gradient matmul contracts over the batch's tokens; torch's CPU kernel would not notice."""
-    from lm.errors import LMError
 
     module = LanguageModel(get_config("tiny"), fp8=True)
     batch = {"input_ids": torch.zeros(3, 10, dtype=torch.long), "labels": torch.zeros(3, 10, dtype=torch.long)}
