@@ -12,6 +12,7 @@ and on a cluster `srun lm fit ...` (see slurm/train.sbatch), where Lightning rea
 import contextlib
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -30,6 +31,17 @@ def root_weights_gathered(trainer: L.Trainer) -> contextlib.AbstractContextManag
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, recurse=False, writeback=False)
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks, in place, as a collective queued on the device: the host does not wait.
+
+    Lightning's `strategy.reduce` runs `torch.distributed.barrier()` before each all-reduce, and on NCCL a barrier
+    waits on the host for the GPU's queue to drain (cudaStreamSynchronize): called every step, it cost the host its
+    lead over the GPU. Every rank must call it, in the same order, as any collective.
+    """
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 class DestroyProcessGroup(L.Callback):

@@ -22,6 +22,7 @@ from torchmetrics.aggregation import SumMetric
 from lm.chat import CHAT_TEMPLATE_VERSION
 from lm.checkpoint import CHECKPOINT_FORMAT, gpt_state_dict, read_checkpoint
 from lm.config import GPTConfig, padded_vocab_size
+from lm.distributed import sum_over_ranks
 from lm.errors import LMError
 from lm.model import GPT
 from lm.optim import MuonWithAdamW, build_optimizer
@@ -525,7 +526,7 @@ class LanguageModel(L.LightningModule):
         if self.trainer.world_size > 1:
             # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead. The same all-reduce
             # carries the summed loss: train/loss is over all ranks, and every rank sees a non-finite loss on any.
-            both = self.trainer.strategy.reduce(torch.stack([tokens, loss_sum]), reduce_op="sum")
+            both = sum_over_ranks(torch.stack([tokens, loss_sum]))
             tokens, loss_sum = (both / self.trainer.world_size).unbind()
         # Gradients are scaled (here by tokens, then by clipping) in one pass, in configure_gradient_clipping.
         self._grad_scale = self.trainer.accumulate_grad_batches * self._backward_divisor / tokens.clamp(min=1)
@@ -536,7 +537,7 @@ class LanguageModel(L.LightningModule):
             # each rank holds a shard: their squares add up, counted once per copy of each shard
             if self._shard_copies is None:  # once per fit: walking the modules every step costs a small model ~1%
                 self._shard_copies = self._fsdp_shard_copies()
-            norm_squared = self.trainer.strategy.reduce(norm_squared, reduce_op="sum") / self._shard_copies
+            norm_squared = sum_over_ranks(norm_squared) / self._shard_copies
         self._grad_norm = norm_squared.sqrt() * self._grad_scale
         if scaler is not None:
             # A GradScaler skips overflowing steps itself and lowers its scale: that is how fp16 training works,

@@ -44,6 +44,7 @@ from torchmetrics.aggregation import SumMetric
 from lm.chat import Message, check_messages, join_text_parts, render_chat
 from lm.chat_data import IGNORE_INDEX, ChatData
 from lm.config import GPTConfig
+from lm.distributed import sum_over_ranks
 from lm.errors import LMError
 from lm.model import GPT
 from lm.module import LanguageModel, convert_to_fp8, token_cross_entropy
@@ -548,7 +549,7 @@ class PreferenceModel(LanguageModel):
         sums = self._step_rewards
         if self.trainer.world_size > 1:
             # Every rank gets here: on logging steps, and on the step that stops the run, which the ranks agree on
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # over all ranks' pairs
+            sums = sum_over_ranks(sums.clone())  # over all ranks' pairs; a copy: a second log of the step sums once
         means = sums[:-1] / sums[-1].clamp(min=1)
         for name, value in zip(REWARD_METRICS, means, strict=True):
             self.log(f"train/rewards/{name}", value)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lm.callbacks import inside_accumulation_window
 from lm.checkpoint import read_checkpoint
+from lm.distributed import sum_over_ranks
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -360,8 +361,8 @@ class PreemptionSignal(L.Callback):
         """Stop here if any rank got a signal (every rank decides the same, at the same point); requeue if asked."""
         flags = [self._pending, self._requeue_asked]
         if trainer.world_size > 1:
-            flags = trainer.strategy.reduce(
-                torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device), reduce_op="sum"
+            flags = sum_over_ranks(
+                torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device)
             ).tolist()
         stop, requeue = (flag > 0 for flag in flags)
         if requeue and self._requeue is not None:  # every rank: Lightning's handler saves a checkpoint, a collective

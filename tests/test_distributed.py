@@ -61,25 +61,28 @@ class SigtermInValidation(L.Callback):
 
 
 class SigtermAtStep2OnRank1(L.Callback):
-    """Rank 1 gets SIGTERM after step 2; each rank writes down the broadcasts of every training batch."""
+    """Rank 1 gets SIGTERM after step 2; each rank writes down, after every training batch, how many broadcasts and
+    barriers (on NCCL each waits on the host for the GPU) and all-reduces it has made so far."""
 
     def on_train_start(self, trainer, pl_module):
-        self.broadcasts = 0
-        broadcast = torch.distributed.broadcast
+        self.calls = {"broadcast": 0, "barrier": 0, "all_reduce": 0}
+        for name in self.calls:
+            setattr(torch.distributed, name, self._counted(name, getattr(torch.distributed, name)))
 
+    def _counted(self, name, collective):
         def counted(*args, **kwargs):
-            self.broadcasts += 1
-            return broadcast(*args, **kwargs)
+            self.calls[name] += 1
+            return collective(*args, **kwargs)
 
-        torch.distributed.broadcast = counted
+        return counted
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import os
         import signal
 
-        out = Path(trainer.default_root_dir) / f"broadcasts-rank{trainer.global_rank}.txt"
+        out = Path(trainer.default_root_dir) / f"collectives-rank{trainer.global_rank}.jsonl"
         with out.open("a") as f:
-            f.write(f"{trainer.global_step} {self.broadcasts}\n")
+            f.write(json.dumps({"step": trainer.global_step, **self.calls}) + "\n")
         if trainer.global_rank == 1 and trainer.global_step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -207,10 +210,12 @@ def test_ddp_sigterm_during_validation_stops_every_rank_after_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_ranks_agree_on_a_signal_at_the_logging_interval_without_a_broadcast_per_batch(tmp_path):
+def test_ddp_ranks_agree_on_a_signal_at_logging_steps_and_no_step_waits_on_the_host(tmp_path):
     """Lightning broadcast the SIGTERM flag before every batch and lm all-reduced it after every step: each read
     back on the host, a sync per step that stalls a GPU's queue. Now the ranks agree every log_every_n_steps (5 in
-    debug.yaml): rank 1's signal after step 2 stops both ranks after step 5, which is saved, and no batch broadcasts."""
+    debug.yaml): rank 1's signal after step 2 stops both ranks after step 5, which is saved. No batch broadcasts or
+    waits at a barrier (Lightning's strategy.reduce put one before each all-reduce), and one all-reduce a step
+    carries the loss and token sums (the flag's, at step 5, comes after this callback's count)."""
     root = tmp_path / "run"
     result = _lm_fit(
         tmp_path,
@@ -222,9 +227,11 @@ def test_ddp_ranks_agree_on_a_signal_at_the_logging_interval_without_a_broadcast
     assert result.returncode == 143, result.stderr[-4000:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
     for rank in (0, 1):
-        steps = [line.split() for line in (root / f"broadcasts-rank{rank}.txt").read_text().splitlines()]
-        assert [int(step) for step, _ in steps] == [1, 2, 3, 4, 5], f"rank {rank}"
-        assert {int(count) for _, count in steps} == {0}, f"rank {rank}: broadcasts during training {steps}"
+        lines = (root / f"collectives-rank{rank}.jsonl").read_text().splitlines()
+        calls = [json.loads(line) for line in lines]
+        assert [c["step"] for c in calls] == [1, 2, 3, 4, 5], f"rank {rank}"
+        assert {(c["broadcast"], c["barrier"]) for c in calls} == {(0, 0)}, f"rank {rank}: {calls}"
+        assert [c["all_reduce"] for c in calls] == [1, 2, 3, 4, 5], f"rank {rank}: {calls}"
 
 
 @pytest.mark.slow
