@@ -189,9 +189,9 @@ def _check_hyperparameters(
     weight_decay: float,
     betas: tuple[float, float],
     max_skipped_steps: int,
-    muon_lr: float | None = None,
-    muon_momentum: float = 0.95,
-    muon_ns_steps: int = 5,
+    muon_lr: float | None,
+    muon_momentum: float,
+    muon_ns_steps: int,
 ) -> None:
     """Refuse values no run could mean, naming the key, before torch or the schedule fail on them mid-setup."""
     problems = {
@@ -719,12 +719,12 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         dims = self._param_dims
-        # .get: checkpoints written before these settings existed lack them
+        # a checkpoint from before these settings resumes with __init__'s defaults for them, like any missing argument
         muon = {
-            "lr": hp.get("muon_lr") or hp.lr,
-            "momentum": hp.get("muon_momentum", 0.95),
-            "nesterov": hp.get("muon_nesterov", True),
-            "ns_steps": hp.get("muon_ns_steps", 5),
+            "lr": hp.muon_lr or hp.lr,
+            "momentum": hp.muon_momentum,
+            "nesterov": hp.muon_nesterov,
+            "ns_steps": hp.muon_ns_steps,
         }
         optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, dims, muon)
         rank_zero_info(summary)
