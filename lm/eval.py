@@ -49,7 +49,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
 from lm.callbacks import EMA
-from lm.distributed import root_weights_gathered
+from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
@@ -584,8 +584,7 @@ class EvalCallback(L.Callback):
                         if world_size > 1:
                             keys = sorted(sums)
                             packed = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=pl_module.device)
-                            packed = trainer.strategy.reduce(packed, reduce_op="sum")
-                            sums = dict(zip(keys, packed.tolist(), strict=True))
+                            sums = dict(zip(keys, sum_over_ranks(packed).tolist(), strict=True))
                     else:  # the chat tasks generate: a new shape each step, so a compiled model runs eager (as
                         # lm.tasks.TaskAccuracy and the text samples do) rather than recompiling to its limit
                         with torch.compiler.set_stance("force_eager"):
