@@ -657,7 +657,9 @@ def test_fit_history_keeps_what_dropping_one_exchange_at_a_time_keeps_in_one_pas
     long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "ab"} for i in range(16001)]
     start = time.perf_counter()
     kept, _ = fit_history(long, TOK, budget=60)
-    assert time.perf_counter() - start < 2.0 and kept[-1] is long[-1]
+    # 0.3 s on an idle 2-core box; quadratic, 16,001 messages would take ~100 x the 10 s of 1,600: the bound is loose
+    # enough for a loaded CI box and still that far from the quadratic time
+    assert time.perf_counter() - start < 20.0 and kept[-1] is long[-1]
 
 
 def test_chat_loaders_leave_the_global_rng_alone():

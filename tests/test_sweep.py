@@ -245,7 +245,10 @@ def test_restart_runs_again_the_points_of_dead_workers_not_of_live_ones(tmp_path
     """A killed sweep left trials RUNNING: on this machine its pid says it is dead (rerun at once); on another
     machine only a stale heartbeat does (rerun once it is GRACE_S old, not before)."""
     monkeypatch.setattr(lm.sweep, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(lm.sweep, "GRACE_S", 2)
+    # "at once" is a quarter of a second here, but took 1.3 s on a loaded 2-core CI box: the grace is 5 s, so the two
+    # cases stay apart by seconds either way
+    grace = 5
+    monkeypatch.setattr(lm.sweep, "GRACE_S", grace)
     out = tmp_path / "sweep"
     out.mkdir()
     storage = _storage(f"sqlite:///{out / 'optuna.db'}", "--out")
@@ -269,8 +272,9 @@ def test_restart_runs_again_the_points_of_dead_workers_not_of_live_ones(tmp_path
                         extra=[], run=fake)  # fmt: skip
     assert [x for x, _, _ in ran] == ["2", "3"]  # the grid's point 1 had completed
     _, states, when = ran[0]
-    assert states == {0: "COMPLETE", 1: "FAIL", 2: "RUNNING", 3: "RUNNING"} and when < 1  # 2 (live) is kept
-    assert ran[1][2] >= 2  # point 3 only after its heartbeat went stale
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "RUNNING", 3: "RUNNING"}  # 2 (live) is kept
+    assert when < grace / 2  # point 2 at once, without waiting for a stale heartbeat
+    assert ran[1][2] >= grace - 1  # point 3 only after its heartbeat went stale (recorded just before `start`)
     by_trial = {t["trial"]: t for t in summary["trials"]}
     assert by_trial[1]["state"] == by_trial[2]["state"] == "FAIL" and "worker died" in by_trial[1]["error"]
     assert sorted(t["params"]["x"] for t in summary["trials"] if t["state"] == "COMPLETE") == ["1", "2", "3"]
