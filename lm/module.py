@@ -453,10 +453,11 @@ class LanguageModel(L.LightningModule):
             if self._backward_divisor == 1.0:
                 self._backward_divisor = self._loss_units_per_batch(batch)
                 if self._restored_scale_divisor is not None:
-                    # A resumed scale was found for gradients old/new times these (a checkpoint written before the
-                    # divisor: 1, or another batch size): rescaled, instead of ~2000 steps per doubling to get back.
+                    # A resumed scale was found for a backward divided by another divisor (1 in a checkpoint written
+                    # before it; another batch size). What must carry over is scale / divisor, the factor that reaches
+                    # the gradients: rescaled at once, instead of ~2000 clean steps per doubling to get there.
                     state = scaler.state_dict()
-                    state["scale"] *= self._restored_scale_divisor / self._backward_divisor
+                    state["scale"] *= self._backward_divisor / self._restored_scale_divisor
                     scaler.load_state_dict(state)  # also before its first scale(), where it holds the state unset
                     self._restored_scale_divisor = None
             return loss_sum / self._backward_divisor

@@ -453,7 +453,8 @@ def test_fp16_with_the_default_loss_scale_skips_no_step_and_keeps_the_token_weig
 def test_an_fp16_resume_rescales_a_loss_scale_found_with_another_backward_divisor(tmp_path):
     """A GradScaler's scale restored from a checkpoint was found for that run's gradients: a checkpoint written before
     the backward divisor (gradients 8 x 64 times larger) or with another batch size. Lightning restores it as it was;
-    left so, it takes ~2000 clean steps per doubling to get back. It is rescaled by old / new divisor."""
+    left so, it takes ~2000 clean steps per doubling to get back. The backward takes loss / divisor, so what reaches
+    the gradients is scale / divisor: that ratio carries over, i.e. the scale is multiplied by new / old divisor."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     g = torch.Generator().manual_seed(0)
@@ -488,7 +489,8 @@ def test_an_fp16_resume_rescales_a_loss_scale_found_with_another_backward_diviso
     torch.save(old, tmp_path / "old.ckpt")
     scales.clear()
     fit(3, tmp_path / "old.ckpt")
-    assert scales == [2.0**10 / (8 * 64)]  # found with divisor 1, now 8 rows x 64 positions
+    # found with divisor 1, now 8 rows x 64 positions: the same gradients' scale, not 2**18 times less
+    assert scales == [2.0**10 * (8 * 64)]
 
 
 @pytest.mark.parametrize("fp16", [False, True])
