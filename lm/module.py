@@ -44,7 +44,8 @@ def lr_multiplier(
 
     - warmup: linear from 1/warmup_steps to 1 over the first warmup_steps steps (all schedules);
     - cosine: then cosine from 1 down to min_lr_ratio at total_steps, flat after;
-    - wsd (warmup-stable-decay): flat at 1, then linear down to min_lr_ratio over the last decay_fraction of training;
+    - wsd (warmup-stable-decay): flat at 1, then linear down to min_lr_ratio over the last decay_fraction of training
+      (or over all the steps after warmup, when that fraction reaches back into it);
     - constant: flat at 1 after warmup.
     """
     if step < warmup_steps:
@@ -58,6 +59,8 @@ def lr_multiplier(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "wsd":
         decay_start = total_steps - round(decay_fraction * total_steps)  # int() made 0.7 x 90 = 62.99... 62
+        # A decay window reaching back into warmup starts where warmup ends: the LR must not jump from 1 to below it
+        decay_start = max(decay_start, warmup_steps)
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))

@@ -55,6 +55,16 @@ def test_wsd_decays_over_the_rounded_fraction():
     assert lr_multiplier(28, schedule="wsd", **args) == pytest.approx(1 - 1 / 63)
 
 
+def test_a_wsd_decay_window_that_reaches_into_warmup_starts_where_warmup_ends():
+    """Warmup 100 of 300 steps with decay_fraction 0.8 (from step 60): the LR went 0.99, 1.0, then 0.85 at step 100."""
+    args = dict(warmup_steps=100, total_steps=300, min_lr_ratio=0.1, decay_fraction=0.8)
+    values = [lr_multiplier(s, schedule="wsd", **args) for s in range(300)]
+    assert values[99] == values[100] == 1.0
+    assert values[200] == pytest.approx(1 - 0.9 * 100 / 200)  # linear over the 200 steps after warmup
+    assert all(a >= b for a, b in zip(values[99:], values[100:], strict=False))
+    assert lr_multiplier(300, schedule="wsd", **args) == pytest.approx(0.1)
+
+
 def test_loss_ignores_masked_positions_and_averages_over_supervised_tokens():
     logits = torch.randn(2, 4, 10)
     labels = torch.tensor([[1, 2, IGNORE_INDEX, 3], [IGNORE_INDEX, IGNORE_INDEX, 4, 5]])
