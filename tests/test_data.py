@@ -524,7 +524,7 @@ def test_builtin_shakespeare(tmp_path):
     text = "".join(docs)
     assert len(docs) == 38 and len(text) > 4_000_000
     assert re.search(r"^ROMEO:$", text, re.M) and re.search(r"^HAMLET:$", text, re.M)
-    assert "**" not in text and not re.search(r"^[#_]", text, re.M) and "\n\n\n" not in text
+    assert "*" not in text and not re.search(r"^[#_]", text, re.M) and "\n\n\n" not in text  # Edward III had 264 *
     assert docs == builtin_documents("shakespeare")  # deterministic order
 
     dm = make(tmp_path, "builtin:shakespeare")  # the quickstart default, char-tokenized (~2 s)
@@ -536,10 +536,12 @@ def test_markdown_play_to_text():
     markdown = (
         "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter ROMEO and a long\nline of attendants_\n\n"
         "**ROMEO**  \n_\\[Aside]_  \nBut soft, what light  \nthrough yonder window\\--breaks?\n\n\n\n"
-        "_Exit_\n\n**JULIET**  \nAy me.\n"
+        "_Exit_\n\n**JULIET**  \nAy me.\n\n*Enter King Edward, Derby, and  \nArtois.*\n\n**KING EDWARD**  \n"
+        "Robert of Artois.\n\n*Sound a horn.*\n\n_\n\n**ROMEO**  \n_Aside, to the audience_  \nAnon.\n"
     )
     assert markdown_play_to_text(markdown) == (
-        "ROMEO:\nBut soft, what light\nthrough yonder window--breaks?\n\nJULIET:\nAy me.\n"
+        "ROMEO:\nBut soft, what light\nthrough yonder window--breaks?\n\nJULIET:\nAy me.\n\n"
+        "KING EDWARD:\nRobert of Artois.\n\nROMEO:\nAnon.\n"
     )
 
 
