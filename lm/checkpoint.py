@@ -17,8 +17,8 @@ CHECKPOINT_FORMAT = 1  # bump when what LanguageModel.on_save_checkpoint writes 
 
 def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """The raw checkpoint dict, loaded without executing pickled code (weights_only=True). mmap: the tensors stay on
-    disk until read, for a caller that wants the metadata only."""
-    path = Path(path)
+    disk until read, for a caller that wants the metadata only. "~" is expanded: a YAML's paths meet no shell."""
+    path = Path(path).expanduser()
     if path.is_dir():
         raise LMError(
             f"{path}: a directory, not a checkpoint file (a sharded checkpoint? lm reads one .ckpt file: train with "

@@ -324,7 +324,7 @@ def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str,
     As lm-evaluation-harness builds the context: `ctx_a + " " + ctx_b.capitalize()` where a row has both (the hub
     dataset's rows do), else `ctx` (a slice that kept only it).
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # EvalCallback's path comes from a YAML, which no shell expanded
     if not path.is_file():
         raise LMError(f"{path}: HellaSwag file not found")
     items = []

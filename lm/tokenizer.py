@@ -702,6 +702,6 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None)
         if state is None:
             raise LMError(f"{spec}: not an lm checkpoint (no tokenizer inside)")
         return Tokenizer.from_state(state)
-    if Path(spec).exists():
-        return Tokenizer.load(spec)
+    if Path(spec).expanduser().exists():  # "~/tokenizers/x" in a YAML: no shell expanded it
+        return Tokenizer.load(Path(spec).expanduser())
     raise LMError(f"unknown tokenizer {spec!r}: expected {forms}")

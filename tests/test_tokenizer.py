@@ -234,6 +234,16 @@ def test_build_tokenizer_errors(tmp_path):
         Tokenizer.from_state({"kind": "sentencepiece"})
 
 
+def test_a_tokenizer_path_or_checkpoint_under_home_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """`tokenizer: ~/tokenizers/x` in a YAML reaches lm unexpanded (no shell): it was "unknown tokenizer '~/tok'"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tok = CharTokenizer.train(["abc"])
+    tok.save(tmp_path / "tok")
+    torch.save({"lm": {"tokenizer": tok.to_state()}}, tmp_path / "run.ckpt")
+    for spec in ("~/tok", "~/run.ckpt"):
+        assert build_tokenizer(spec).encode("cab") == tok.encode("cab")
+
+
 def test_a_trained_bpe_vocabulary_must_exceed_the_specials_and_the_bytes():
     """6 specials and 256 byte tokens take 262 ids: bpe:262 leaves room for no merge, bpe:263 for one."""
     with pytest.raises(LMError, match=r"tokenizer 'bpe:262': vocab size must exceed 262 \(6 specials \+ 256 bytes\)"):
