@@ -202,7 +202,8 @@ class LMServer(ThreadingHTTPServer):
             stop_strings=stop,
             seed=_field(body, "seed", int, "an integer", None),
             stream=_field(body, "stream", bool, "true or false", False),
-            include_usage=bool(options.get("include_usage")),
+            # a bool, as OpenAI's API checks it: bool("false") was True
+            include_usage=_field(options, "include_usage", bool, "true or false", False),
         )
 
     # ---- generation: call with the lock held ----

@@ -248,6 +248,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": HELLO, "stop": list("abcde")}, "'stop' takes at most 4 strings"),
     ("/v1/chat/completions", {"messages": HELLO, "stop": [""]}, 'a list of non-empty strings, got [""]'),
     ("/v1/chat/completions", {"messages": HELLO, "temperature": True}, "'temperature' must be a number, got true"),
+    (
+        "/v1/chat/completions",
+        {"messages": HELLO, "stream": True, "stream_options": {"include_usage": "false"}},
+        "'include_usage' must be true or false, got \"false\"",
+    ),
 ]
 
 
