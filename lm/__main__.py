@@ -241,7 +241,14 @@ class LMCLI(LightningCLI):
             if not ckpt_path.is_file():
                 if self.config.get("subcommand") != "fit":  # validating untrained weights: a meaningless loss
                     raise LMError(f"--ckpt_path last: no {ckpt_path} to validate")
-                return  # Lightning starts from scratch (and says so): `--ckpt_path last` can be set and forgotten
+                # From scratch: `--ckpt_path last` can be set and forgotten. Not left to Lightning: its "last" is the
+                # newest last*.ckpt, so a requeue of a fresh run that died before its first save resumed the earlier
+                # run's last.previous.ckpt, past lm's checks of the checkpoint
+                config["ckpt_path"] = None
+                if _rank() == 0:
+                    print(f"lm: --ckpt_path last: no {ckpt_path} yet; training starts from scratch")
+                return
+            config["ckpt_path"] = str(ckpt_path.absolute())  # the file checked below, for Lightning to restore
         if ckpt_path == "best" and self.config.get("subcommand") == "validate":
             # Lightning knows "best" only in the process that trained ("ModelCheckpoint is not configured to save the
             # best model"); the run's last.ckpt records it

@@ -372,6 +372,23 @@ def test_a_root_under_the_home_directory_resumes_and_validates(tmp_path, capsys,
     assert "val/loss" in capsys.readouterr().out
 
 
+def test_last_of_a_run_that_died_before_its_first_save_starts_from_scratch(tmp_path, capsys, monkeypatch):
+    """A fresh run in a used root moves the earlier run's last.ckpt to last.previous.ckpt. Killed before its first
+    save and requeued with --ckpt_path last, it resumed that earlier run: Lightning's "last" is the newest
+    last*.ckpt, and lm had handed it "last" unresolved."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
+    main(["fit", *run, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"])
+    checkpoints = tmp_path / "runs/debug/checkpoints"
+    (checkpoints / "last.ckpt").rename(checkpoints / "last.previous.ckpt")  # what the fresh run did, then it died
+    capsys.readouterr()
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--ckpt_path", "last"])
+    printed = capsys.readouterr()
+    assert "training starts from scratch" in printed.out and "Restoring states" not in printed.out + printed.err
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2  # was 3: step 3 of the old run
+    assert torch.load(checkpoints / "last.previous.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path, capfd, caplog, monkeypatch):
     """Lightning knows "best" only in the process that trained: lm validate --ckpt_path best said ModelCheckpoint "is
     not configured to save the best model", though it was and best-step=N.ckpt was there. The snapshots' checkpoint
