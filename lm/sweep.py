@@ -246,11 +246,20 @@ def suggest(trial: Any, parameters: dict[str, dict[str, Any]]) -> dict[str, Any]
 
 
 def trial_command(config: dict[str, Any], params: dict[str, Any], extra: list[str]) -> list[str]:
-    """Expand W&B's command macros for one trial; a leading `lm` runs this Python's lm, whatever PATH says."""
+    """Expand W&B's command macros for one trial; a leading `lm` runs this Python's lm, whatever PATH says.
+
+    `extra` (what came after `--`) goes just before the swept arguments: later arguments win, and a `--config`
+    overlay setting a swept key, placed after them, ran its own value in every trial while the summary reported the
+    swept ones."""
     template = config.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's default
     args = [f"--{k}={_cli_value(v)}" for k, v in params.items()]
     argv: list[str] = []
+    if not any(part in ("${args}", "${args_no_hyphens}") for part in template):
+        template = [*template, "${extra}"]  # no swept arguments in the command: extra goes last
     for part in template:
+        if part in ("${args}", "${args_no_hyphens}", "${extra}"):
+            argv.extend(extra)
+            extra = []  # once, before the first of them
         if part == "${env}":
             continue  # W&B inserts /usr/bin/env; we run the next word with the same environment directly
         elif part == "${interpreter}":
@@ -263,13 +272,15 @@ def trial_command(config: dict[str, Any], params: dict[str, Any], extra: list[st
             argv.extend(args)
         elif part == "${args_no_hyphens}":
             argv.extend(a[2:] for a in args)
+        elif part == "${extra}":
+            continue
         elif part in ("${args_json}", "${args_json_file}"):
             raise LMError(f"{part} is not supported by lm sweep; use ${{args}}")
         else:
             argv.append(part)
     if argv[:1] == ["lm"]:
         argv[:1] = [sys.executable, "-m", "lm"]
-    return argv + extra
+    return argv
 
 
 def _cli_value(value: Any) -> str:
@@ -984,8 +995,7 @@ def sweep_command(argv: list[str]) -> None:
     config = load_sweep(args.file)
     if args.count is not None and args.count < 1:
         raise LMError(f"--count must be at least 1, got {args.count}")
-    # An extra argument comes after the swept ones, so it would win: every trial would run its value while the
-    # summary reported the swept ones
+    # A swept key after `--` would be overridden by the sweep's value in every trial: refused, not silently ignored
     swept = [a for a in extra if a.startswith("--") and a[2:].split("=", 1)[0] in config["parameters"]]
     if swept:
         raise LMError(f"{swept[0].split('=', 1)[0]} after `--` is a parameter of the sweep; leave it to the sweep")

@@ -136,19 +136,28 @@ def test_bad_parameters_are_one_line_errors(tmp_path, spec, message):
 
 def test_command_macros_expand_like_wandb():
     config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--x", "${args}"]}
-    argv = trial_command(config, {"model.init_args.lr": 0.001, "flag": True, "none": None}, ["--extra", "1"])
+    argv = trial_command(config, {"model.init_args.lr": 0.001, "flag": True, "none": None}, ["--config", "o.yaml"])
+    # what came after `--` goes before the swept values, which win: an overlay setting lr ran its own lr in every trial
     assert argv == [
         sys.executable,
         "train.py",
         "--x",
+        "--config",
+        "o.yaml",
         "--model.init_args.lr=0.001",
         "--flag=true",
         "--none=null",
-        "--extra",
-        "1",
     ]
-    lm_argv = trial_command({"command": ["lm", "fit", "${args_no_hyphens}"]}, {"a": 1}, [])
-    assert lm_argv == [sys.executable, "-m", "lm", "fit", "a=1"]
+    lm_argv = trial_command({"command": ["lm", "fit", "${args_no_hyphens}"]}, {"a": 1}, ["--b", "2"])
+    assert lm_argv == [sys.executable, "-m", "lm", "fit", "--b", "2", "a=1"]
+    assert trial_command({"command": ["lm", "fit"]}, {"a": 1}, ["--b", "2"]) == [
+        sys.executable,
+        "-m",
+        "lm",
+        "fit",
+        "--b",
+        "2",
+    ]
 
 
 FAKE_FIT = textwrap.dedent(
