@@ -254,12 +254,10 @@ def trial_command(config: dict[str, Any], params: dict[str, Any], extra: list[st
     template = config.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's default
     args = [f"--{k}={_cli_value(v)}" for k, v in params.items()]
     argv: list[str] = []
-    if not any(part in ("${args}", "${args_no_hyphens}") for part in template):
-        template = [*template, "${extra}"]  # no swept arguments in the command: extra goes last
     for part in template:
-        if part in ("${args}", "${args_no_hyphens}", "${extra}"):
+        if part in ("${args}", "${args_no_hyphens}"):
             argv.extend(extra)
-            extra = []  # once, before the first of them
+            extra = []  # once, before the first of them; with no swept arguments in the command, it goes last
         if part == "${env}":
             continue  # W&B inserts /usr/bin/env; we run the next word with the same environment directly
         elif part == "${interpreter}":
@@ -272,15 +270,13 @@ def trial_command(config: dict[str, Any], params: dict[str, Any], extra: list[st
             argv.extend(args)
         elif part == "${args_no_hyphens}":
             argv.extend(a[2:] for a in args)
-        elif part == "${extra}":
-            continue
         elif part in ("${args_json}", "${args_json_file}"):
             raise LMError(f"{part} is not supported by lm sweep; use ${{args}}")
         else:
             argv.append(part)
     if argv[:1] == ["lm"]:
         argv[:1] = [sys.executable, "-m", "lm"]
-    return argv
+    return argv + extra
 
 
 def _cli_value(value: Any) -> str:

@@ -702,6 +702,7 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None)
         if state is None:
             raise LMError(f"{spec}: not an lm checkpoint (no tokenizer inside)")
         return Tokenizer.from_state(state)
-    if Path(spec).expanduser().exists():  # "~/tokenizers/x" in a YAML: no shell expanded it
-        return Tokenizer.load(Path(spec).expanduser())
+    path = Path(spec).expanduser()  # "~/tokenizers/x" in a YAML: no shell expanded it
+    if path.exists():
+        return Tokenizer.load(path)
     raise LMError(f"unknown tokenizer {spec!r}: expected {forms}")
