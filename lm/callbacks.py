@@ -20,10 +20,17 @@ from lm.generate import check_sampling, generate_text
 
 _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
 
-# Dense peak FLOP/s of chips that Lightning's table misses under the name the driver reports. A plain "NVIDIA H200"
-# is the SXM part: the H100 SXM's tensor cores with faster memory (vendor datasheet).
+# Dense peak FLOP/s of chips that Lightning's table misses or gets wrong under the name the driver reports (vendor
+# datasheets, per GPU, without sparsity). A plain "NVIDIA H200" is the SXM part: the H100 SXM's tensor cores with
+# faster memory. Lightning reads "NVIDIA H100 NVL" as twice an H100 SXM (a two-card NVL pair's figure), has no entry
+# for "NVIDIA H200 NVL", and parses "NVIDIA L40S" and "NVIDIA L40" as an L4.
+_NVL = {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tfloat32": 417.5e12, torch.float32: 60e12}
 _MORE_PEAK_FLOPS = {
-    "nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+    "nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "nvidia h100 nvl": _NVL,
+    "nvidia h200 nvl": _NVL,
+    "nvidia l40s": {torch.bfloat16: 362.05e12, torch.float16: 362.05e12, "tfloat32": 183e12, torch.float32: 91.6e12},
+    "nvidia l40": {torch.bfloat16: 181.05e12, torch.float16: 181.05e12, "tfloat32": 90.5e12, torch.float32: 90.5e12},
 }
 
 

@@ -230,6 +230,24 @@ def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("name", "bf16"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835.5e12),  # Lightning's table: 1978.8e12, a two-card pair's
+        ("NVIDIA H200 NVL", 835.5e12),  # Lightning's table: none
+        ("NVIDIA L40S", 362.05e12),  # Lightning's parsing: an L4's 121e12
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+    ],
+)
+def test_peak_flops_is_one_gpus_dense_bf16_peak(monkeypatch, name, bf16):
+    from lm.callbacks import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == pytest.approx(bf16)
+
+
+@pytest.mark.parametrize(
     ("precision", "dtype"),
     [
         ("bf16-mixed", torch.bfloat16),
