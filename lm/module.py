@@ -767,7 +767,11 @@ class LanguageModel(L.LightningModule):
             "run_config": self.run_config,
             "skipped_steps": self.skipped_steps,
             "wandb_run_id": self.wandb_run_id(),
-            "fp16_backward_divisor": self._backward_divisor,  # what the GradScaler's saved scale was found with
+            # what the GradScaler's saved scale was found with: the restored checkpoint's until this fit's first
+            # fp16 step has set (and rescaled to) its own divisor
+            "fp16_backward_divisor": (
+                self._restored_scale_divisor if self._restored_scale_divisor is not None else self._backward_divisor
+            ),
         }
 
     def on_load_checkpoint(self, checkpoint):

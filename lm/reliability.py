@@ -51,21 +51,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def remove_stale_temporary_files(path: Path) -> list[Path]:
-    """Remove the temporary files that writers of `path` killed mid-write (SIGKILL, out of memory) left beside it: each
-    is a checkpoint's size, and every kill left another. Only this host's, of processes that are gone: another
-    host's writer may still be running (a pid means nothing here)."""
+    """Remove the temporary files that writers killed mid-write (SIGKILL, out of memory) left beside `path`: each
+    is a checkpoint's size, and every kill left another. Those of every checkpoint in the folder, not only of
+    `path`'s name: a top-k, snapshot or HPC checkpoint is never written under the same name again. Only this host's,
+    of processes that are gone: another host's writer may still be running (a pid means nothing here)."""
     removed = []
     # The older name, without the host (.last.ckpt.tmp-PID), is taken for this host's: two hosts writing one
     # checkpoint file at once is no working set-up anyway
-    for prefix in (f".{path.name}.tmp@{socket.gethostname()}@", f".{path.name}.tmp-"):
-        removed += _remove_if_writer_gone(path.parent.glob(f"{glob.escape(prefix)}*"), prefix)
+    host = glob.escape(socket.gethostname())
+    for pattern, separator in ((f".*.tmp@{host}@*", "@"), (".*.tmp-*", ".tmp-")):
+        removed += _remove_if_writer_gone(path.parent.glob(pattern), separator)
     return removed
 
 
-def _remove_if_writer_gone(files, prefix: str) -> list[Path]:
+def _remove_if_writer_gone(files, separator: str) -> list[Path]:
     removed = []
     for tmp in files:
-        pid = tmp.name[len(prefix) :]
+        pid = tmp.name.rsplit(separator, 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:

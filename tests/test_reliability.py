@@ -177,6 +177,25 @@ def test_temporary_files_of_writers_killed_mid_write_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, elsewhere.name])
 
 
+def test_temporary_files_of_killed_writers_of_other_checkpoints_are_removed_too(tmp_path):
+    """best-step=N, snapshot-step=N and hpc_ckpt_N are never written under the same name again: a writer killed while
+    writing one left its temporary file for good when only the name being saved was looked at."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f".best-step=100.ckpt.tmp@{host}@{gone.stdout.strip()}"
+    dead_snapshot = tmp_path / f".snapshot-step=100.ckpt.tmp-{gone.stdout.strip()}"
+    alive = tmp_path / f".best-step=90.ckpt.tmp@{host}@{os.getppid()}"
+    for leftover in (dead, dead_snapshot, alive):
+        leftover.write_bytes(b"half a checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"step": 200}, tmp_path / "best-step=200.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best-step=200.ckpt", alive.name])
+
+
 def test_a_temporary_file_of_another_user_s_living_writer_is_kept(tmp_path, monkeypatch):
     """os.kill(pid, 0) on another user's living process raises PermissionError: its writer is alive, the file is not
     stale. Only ProcessLookupError (no such process) makes it one."""
@@ -491,6 +510,41 @@ def test_an_fp16_resume_rescales_a_loss_scale_found_with_another_backward_diviso
     fit(3, tmp_path / "old.ckpt")
     # found with divisor 1, now 8 rows x 64 positions: the same gradients' scale, not 2**18 times less
     assert scales == [2.0**10 * (8 * 64)]
+
+
+def test_an_fp16_resume_that_stops_before_its_first_step_keeps_the_scale_s_divisor(tmp_path):
+    """The divisor is set by the first fp16 step of a fit; a crash or Ctrl-C before it (a long compile, an OOM in the
+    first forward) saved last.ckpt with divisor 1 beside the restored scale, and the next resume multiplied the scale
+    by 8 x 64: ~9 steps skipped for overflow."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lm.reliability import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (8, 64), generator=g)} for _ in range(4)]
+    for b in batches:
+        b["labels"] = b["input_ids"]
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, *args):
+            raise RuntimeError("out of memory in the first step")
+
+    def fit(steps, ckpt_path=None, callbacks=()):
+        module = LanguageModel(get_config("tiny", block_size=64), lr=1e-3, warmup_steps=1, schedule="constant")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+            callbacks=[Checkpoint(dirpath=tmp_path, save_last=True, save_on_exception=True, monitor=None), *callbacks],
+            logger=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(3, tmp_path / "last.ckpt", [Crash()])
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["lm"]["fp16_backward_divisor"] == 8 * 64
+    assert fit(3, tmp_path / "last.ckpt").precision_plugin.scaler.get_scale() == 2.0**10
 
 
 @pytest.mark.parametrize("fp16", [False, True])
