@@ -163,6 +163,7 @@ class LMCLI(LightningCLI):
         """Point every writer at trainer.default_root_dir (DESIGN.md: one output root); on resume, check the checkpoint
         and continue its W&B run."""
         config = self.config[self.subcommand]
+        _check_trainer_values(config.trainer)
         # The config as given, before the values below that the root, the login and a resume fill in: what
         # <root>/config.yaml and the checkpoints' run_config record, so that a run started again from them with
         # another root writes there, not into this run's checkpoints, logs and W&B run.
@@ -204,8 +205,9 @@ class LMCLI(LightningCLI):
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             args = getattr(logger, "init_args", None)
             if args is not None and "save_dir" in args and args.get("save_dir") in (None, "."):
-                # W&B, CSV, TensorBoard: logs of a run live under its root, not in whatever directory it started in
-                args["save_dir"] = str(root)
+                # W&B, CSV, TensorBoard: logs of a run live under its root, not in whatever directory it started in.
+                # A W&B `dir` given is where W&B writes (WandbLogger takes save_dir, "." by default, over it)
+                args["save_dir"] = str(args.get("dir") or root)
                 root.mkdir(parents=True, exist_ok=True)
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
                 # A sweep's trials would all carry the experiment's run name: W&B names an agent's runs itself, and
@@ -347,6 +349,15 @@ class LMCLI(LightningCLI):
         self.trainer.callbacks.append(DestroyProcessGroup())  # clean gloo/NCCL exit (lm/distributed.py)
         self.model.run_config = self._parser(self.subcommand).dump(self._given_config, skip_none=False)
 
+    def instantiate_trainer(self, **kwargs):
+        """`trainer.enable_checkpointing: false` runs without lm's checkpoint and snapshot callbacks (a benchmark, a
+        throwaway trial): Lightning refused them as a ModelCheckpoint the user had not given."""
+        if self._get(self.config_init, "trainer", default={}).get("enable_checkpointing", True) is not False:
+            return super().instantiate_trainer(**kwargs)
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        keys = [k for k in self._parser(self.subcommand).callback_keys if k not in ("checkpoint", "snapshots")]
+        return self._instantiate_trainer(trainer_config, [self._get(self.config_init, k) for k in keys])
+
     def _calm_default_progress_bar(self) -> None:
         """Lightning's default progress bar (rich's where rich is installed) becomes tqdm's, redrawn every
         PROGRESS_BAR_REFRESH_RATE batches: in a terminal, rich's redraw after every batch cost a small model's CPU step
@@ -360,6 +371,19 @@ class LMCLI(LightningCLI):
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
             refresh_rate=PROGRESS_BAR_REFRESH_RATE
         )
+
+
+def _check_trainer_values(trainer) -> None:
+    """Trainer values Lightning takes without a check: 0 failed with a ZeroDivisionError at the first step, a negative
+    clip value turned every update into gradient ascent."""
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not clip >= 0:
+        raise LMError(f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip}")
+    if trainer.get("accumulate_grad_batches", 1) < 1:
+        raise LMError(f"trainer.accumulate_grad_batches must be >= 1, got {trainer.accumulate_grad_batches}")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+        raise LMError(f"trainer.val_check_interval must be >= 1 batch (or a fraction of an epoch), got {interval}")
 
 
 def _checkpoint_dir(config) -> Path:
@@ -621,14 +645,14 @@ def _lightning_user_error(e: Exception) -> bool:
     traceback says nothing more to a user."""
     if isinstance(e, MisconfigurationException) or (isinstance(e, ValueError) and "ckpt_path" in str(e)):
         return True
-    frame = e.__traceback__
-    while frame is not None and frame.tb_next is not None:
+    # The accelerator connector checks devices, accelerator, strategy and precision against each other, itself or
+    # through the accelerator it picks (`devices: -1` on the CPU: a TypeError from fabric's CPU accelerator)
+    connector = os.path.join("trainer", "connectors", "accelerator_connector.py")
+    frame, through_connector = e.__traceback__, False
+    while frame is not None:
+        through_connector = through_connector or frame.tb_frame.f_code.co_filename.endswith(connector)
         frame = frame.tb_next
-    # The accelerator connector checks devices, accelerator, strategy and precision against each other
-    raised_in = frame.tb_frame.f_code.co_filename if frame is not None else ""
-    return isinstance(e, ValueError) and raised_in.endswith(
-        os.path.join("trainer", "connectors", "accelerator_connector.py")
-    )
+    return isinstance(e, (ValueError, TypeError)) and through_connector
 
 
 class _SaveFitConfig(SaveConfigCallback):

@@ -22,7 +22,8 @@ _GROUP_KEY = re.compile(r"Parser key \"([\w.]+)\"")
 _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':\s*(.+?)(?:\n|$)")
 _UNION_EXPECTED = re.compile(r"^\s*- Expected a (.+?)\s*$", re.M)
 _GIVEN_VALUE = re.compile(r"^\s*Given value: (.+?)\s*$", re.M)
-_TOP_OPTION = re.compile(r"(?:does not accept option '|unrecognized arguments: --)([\w.]+)")
+# "Group 'trainer' does not accept option 'max_stepz'": how --print_config reports a YAML's unknown key in a group
+_TOP_OPTION = re.compile(r"(?:Group '([\w.]+)' )?(?:does not accept option '|unrecognized arguments: --)([\w.]+)")
 _TOP_VALUE = re.compile(r"Parser key \"([\w.]+)\":\s*(Expected .+?|File does not exist.+?)(?:\n|$)")
 
 
@@ -118,7 +119,7 @@ def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
     if m := _CLASS_PROBLEM.search(message):  # e.g. a class_path that does not import
         return f"{group}: class_path '{m.group(1)}': {m.group(2).strip()}"
     if m := _TOP_OPTION.search(message):
-        key = m.group(1)
+        key = f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
         prefix = key.rpartition(".")[0]
         siblings = [k for k in known_keys if k.rpartition(".")[0] == prefix]
         allowed = f"; {prefix or 'top level'} accepts: {', '.join(s.rpartition('.')[2] for s in siblings)}"
@@ -151,7 +152,7 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)  # inner parsers raise, and the outer one reports
         known = [a.dest for p in _parsers(self) for a in p._actions if a.dest and not a.dest.startswith("help")]
         known = list(dict.fromkeys(known))  # fit's and validate's parsers share most keys
-        print(f"error: {explain(message, known, self._args)}. See `lm fit --help`.", file=sys.stderr)
+        print(f"error: {explain(message, known, self._args).rstrip('.')}. See `lm fit --help`.", file=sys.stderr)
         sys.exit(2)
 
 

@@ -116,6 +116,25 @@ def test_other_loggers_also_write_under_the_run_root(tmp_path):
     assert not (tmp_path / "debug").exists()
 
 
+def test_a_wandb_dir_given_is_where_wandb_writes(tmp_path):
+    """lm filled save_dir with the run root whenever it was unset, and WandbLogger takes save_dir over `dir`: a `dir`
+    given was recorded in config.yaml and ignored."""
+    fit = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "2",
+             "--trainer.logger.init_args.dir", tmp_path / "wandb-here", cwd=tmp_path)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert list((tmp_path / "wandb-here" / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "runs" / "debug" / "wandb").exists()
+
+
+def test_enable_checkpointing_false_trains_without_checkpoints(tmp_path):
+    """lm's checkpoint and snapshot callbacks made Lightning refuse it ("found ModelCheckpoint in callbacks list")."""
+    fit = lm("fit", "--config", REPO / "experiments/debug.yaml", "--trainer.max_steps", "3",
+             "--trainer.enable_checkpointing", "false", cwd=tmp_path)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "`max_steps=3` reached" in fit.stdout + fit.stderr
+    assert not list((tmp_path / "runs" / "debug").rglob("*.ckpt"))
+
+
 def test_a_trial_of_a_wandb_server_sweep_gets_its_own_root(tmp_path):
     """`wandb agent` runs the sweep file's one command for every trial: they all wrote runs/debug, each replacing the
     last trial's checkpoints. The agent names the sweep and the trial's run in the environment."""

@@ -53,6 +53,23 @@ def test_config_errors_are_one_line_naming_the_key(capsys, override, expected):
     assert err.startswith("error: ") and expected in err
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # fabric's CPU accelerator raises a TypeError (was a traceback): ddp.yaml's `devices: -1` with accelerator cpu
+        (["--trainer.accelerator", "cpu", "--trainer.devices", "-1"], "should be an int > 0"),
+        # Lightning divides by these at the first step (ZeroDivisionError traceback)
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be >= 1 batch"),
+        # trained without a word, every update reversed (gradient ascent)
+        (["--trainer.gradient_clip_val=-1.0"], "trainer.gradient_clip_val must be >= 0"),
+    ],
+)
+def test_trainer_values_lightning_does_not_check_are_one_line_errors(capsys, tmp_path, override, expected):
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), *override)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err
+
+
 def test_unknown_key_lists_the_allowed_ones(capsys):
     _, err = run_cli(capsys, "fit", "--config", DEBUG, "--model.init_args.lrr", "1")
     assert "lm.module.LanguageModel accepts: arch, lr, min_lr_ratio" in err
@@ -69,6 +86,19 @@ def test_the_list_of_allowed_keys_names_each_once(capsys):
     _, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.max_stepz", "3")
     allowed = err.partition("accepts: ")[2].removesuffix(". See `lm fit --help`.").split(", ")
     assert "max_steps" in allowed and len(allowed) == len(set(allowed))  # fit's and validate's parsers, merged
+
+
+def test_unknown_yaml_key_under_print_config_names_its_group(capsys, tmp_path):
+    """--print_config reports it as "Group 'trainer' does not accept option 'max_stepz'": the group was dropped."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stepz: 3\n")
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(bad), "--print_config")
+    assert code == 2 and "unknown key trainer.max_stepz (did you mean 'trainer.max_steps'?); trainer accepts:" in err
+
+
+def test_a_missing_subcommand_is_one_sentence(capsys):
+    code, err = run_cli(capsys, "--config", DEBUG)
+    assert code == 2 and "but it was not provided. See `lm fit --help`." in err
 
 
 def test_validate_without_a_last_checkpoint_is_an_error_not_a_random_model(capsys, tmp_path):
