@@ -944,7 +944,7 @@ def run_wandb(config: dict[str, Any], *, count: int | None, project: str | None,
 
     project = project or config.get("project") or "lm-sweeps"  # read before they leave the config W&B gets
     entity = entity or config.get("entity")
-    config = {k: v for k, v in config.items() if k not in ("project", "entity")} | {"name": config.get("name")}
+    config = {k: v for k, v in config.items() if k not in ("project", "entity")}
     try:
         sweep_id = wandb.sweep(sweep=config, project=project, entity=entity)
     except Exception as e:  # network or auth problems: one line, not a traceback
@@ -975,7 +975,9 @@ def sweep_command(argv: list[str]) -> None:
     p.add_argument("--count", type=int, default=None, help="trials in total (local: the study's total, resumable)")
     p.add_argument("--workers", type=int, default=1, help="local: trials run at the same time by this process")
     p.add_argument("--storage", default=None, help="local: Optuna storage URL (default sqlite:///<out>/optuna.db)")
-    p.add_argument("--name", default=None, help="local: study name (default: the file's `name` or its stem)")
+    p.add_argument(
+        "--name", default=None, help="sweep name, on W&B or the local study (default: the file's `name` or its stem)"
+    )
     p.add_argument("--out", default=None, help="local: sweep directory (default runs/sweeps/<name>)")
     p.add_argument("--seed", type=int, default=None, help="local: sampler seed")
     p.add_argument(
@@ -995,12 +997,13 @@ def sweep_command(argv: list[str]) -> None:
     swept = [a for a in extra if a.startswith("--") and a[2:].split("=", 1)[0] in config["parameters"]]
     if swept:
         raise LMError(f"{swept[0].split('=', 1)[0]} after `--` is a parameter of the sweep; leave it to the sweep")
+    # The sweep's name on W&B as locally (it got a null name, that the server left to its own naming)
+    name = args.name or config.get("name") or Path(args.file).stem
     if not args.local:
         if extra:
             raise LMError("arguments after `--` only apply to --local sweeps; put them in the file's command")
-        run_wandb(config, count=args.count, project=args.project, entity=args.entity)
+        run_wandb(config | {"name": name}, count=args.count, project=args.project, entity=args.entity)
         return
-    name = args.name or config.get("name") or Path(args.file).stem
     if not re.fullmatch(r"[\w.-]+", name):
         raise LMError(f"sweep name {name!r}: use letters, digits, '.', '_' or '-'")
     out = Path(args.out or Path("runs") / "sweeps" / name)

@@ -587,6 +587,24 @@ def test_wandb_sweep_without_api_key_is_a_one_line_error(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_wandb_sweep_is_named_like_a_local_one(tmp_path, monkeypatch):
+    """W&B got `name: null` for a file without a name; it is now the file's stem, or --name, as for --local."""
+    import wandb
+
+    sent = []
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr("lm.__main__._wandb_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "sweep", lambda sweep, project, entity: sent.append((sweep, project)) or "abc")
+    monkeypatch.setattr(wandb, "agent", lambda *args, **kwargs: None)
+    config = yaml.safe_load((REPO / "sweeps" / "debug.yaml").read_text())
+    config.pop("name", None)
+    path = tmp_path / "lr_grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["sweep", str(path)])
+    main(["sweep", str(path), "--name", "mine", "--project", "p"])
+    assert [(sweep["name"], project) for sweep, project in sent] == [("lr_grid", "lm-debug"), ("mine", "p")]
+
+
 @pytest.mark.slow
 def test_local_grid_sweep_of_the_debug_experiment(tmp_path, monkeypatch, capsys):
     """sweeps/debug.yaml as shipped (2 lr x 2 batch sizes), cut to 10 steps; stopped after 2 trials and resumed."""
