@@ -46,8 +46,8 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         (["--ckpt_path", "hpc"], "no HPC checkpoint was found"),  # Lightning's ValueError, was a traceback
     ],
 )
-def test_config_errors_are_one_line_naming_the_key(capsys, override, expected):
-    code, err = run_cli(capsys, "fit", "--config", DEBUG, *override)
+def test_config_errors_are_one_line_naming_the_key(capsys, tmp_path, override, expected):
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), *override)
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("error: ") and expected in err
