@@ -1,7 +1,7 @@
 #!/bin/bash
 # slurm/up.sh: a one-node Slurm cluster on localhost (Debian 12 / Slurm 22.05, as root, no systemd needed).
-# Installs slurmctld, slurmd, slurm-client and munge from Debian when missing. Tested bring-up from
-# ../shared/notes/slurm.md; stop it with slurm/down.sh.
+# Installs slurmctld, slurmd, slurm-client and munge from Debian when missing. Stop it with
+# slurm/down.sh.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
