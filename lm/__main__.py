@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +39,7 @@ from lm.callbacks import SampleText, Throughput
 from lm.chat import chat_command
 from lm.checkpoint import read_checkpoint
 from lm.cli_errors import OneLineErrorParser, import_class
+from lm.config import GPTConfig
 from lm.distributed import DestroyProcessGroup
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.module import LanguageModel
@@ -164,6 +166,8 @@ class LMCLI(LightningCLI):
         and continue its W&B run."""
         config = self.config[self.subcommand]
         _check_trainer_values(config.trainer)
+        if self.subcommand == "fit" and config.get("ckpt_path") is None and _rank() == 0:
+            _note_arch_replaced_by_init_from(config.model)
         # The config as given, before the values below that the root, the login and a resume fill in: what
         # <root>/config.yaml and the checkpoints' run_config record, so that a run started again from them with
         # another root writes there, not into this run's checkpoints, logs and W&B run.
@@ -248,7 +252,11 @@ class LMCLI(LightningCLI):
                 # run's last.previous.ckpt, past lm's checks of the checkpoint
                 config["ckpt_path"] = None
                 if _rank() == 0:
-                    print(f"lm: --ckpt_path last: no {ckpt_path} yet; training starts from scratch")
+                    previous = ckpt_path.with_name("last.previous.ckpt")
+                    earlier = (
+                        f" ({previous} is an earlier run's: pass it to resume that run)" if previous.is_file() else ""
+                    )
+                    print(f"lm: --ckpt_path last: no {ckpt_path} yet; training starts from scratch{earlier}")
                 return
             config["ckpt_path"] = str(ckpt_path.absolute())  # the file checked below, for Lightning to restore
         if ckpt_path == "best" and self.config.get("subcommand") == "validate":
@@ -384,6 +392,25 @@ def _check_trainer_values(trainer) -> None:
     interval = trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
         raise LMError(f"trainer.val_check_interval must be >= 1 batch (or a fraction of an epoch), got {interval}")
+
+
+def _note_arch_replaced_by_init_from(model) -> None:
+    """A fresh fine-tuning run takes init_from's architecture (keeping its own dropout): an arch field given here
+    that differs from that file's is named in one line, as a resume names them, instead of being dropped silently."""
+    args = model.get("init_args") or {}
+    init_from, given = args.get("init_from"), args.get("arch")
+    if not init_from or given is None:
+        return
+    theirs = (read_checkpoint(init_from, mmap=True).get("lm") or {}).get("model_config") or {}
+    defaults = asdict(GPTConfig())
+    ignored = [
+        f"arch.{key} {_plain(value)} (init_from: {_plain(theirs[key])})"
+        for key, value in (given.as_dict() if hasattr(given, "as_dict") else dict(given)).items()
+        if key in theirs and key not in ("dropout", "vocab_size")  # dropout: this run's; vocab_size: the tokenizer's
+        and _plain(value) != _plain(defaults.get(key)) and _plain(value) != _plain(theirs[key])
+    ]  # fmt: skip
+    if ignored:
+        print(f"lm: the model takes init_from {init_from}'s architecture; ignored here: {'; '.join(ignored)}")
 
 
 def _checkpoint_dir(config) -> Path:
@@ -657,14 +684,24 @@ def _lightning_user_error(e: Exception) -> bool:
 
 class _SaveFitConfig(SaveConfigCallback):
     """Writes <root>/config.yaml for fit only (`lm validate` on a run's root used to overwrite the training config),
-    with the config as given (LMCLI.before_instantiate_classes)."""
+    with the config as given (LMCLI.before_instantiate_classes) but the architecture that trains: vocab_size from the
+    tokenizer, init_from's shape. So it is written at fit start, once configure_model has resolved those."""
 
     def __init__(self, parser, config, *, given=None, **kwargs):
         super().__init__(parser, given if given is not None else config, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
+        pass
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        arch = getattr(pl_module, "arch", None)
+        if arch is not None and self.config.get("model.init_args.arch") is not None:
+            self.config = self.config.clone()
+            written = self.config.get("model.init_args.arch")
+            for key, value in asdict(arch).items():
+                if key in written:
+                    written[key] = value
+        super().setup(trainer, pl_module, "fit")
 
 
 def _report_stop(cli: LMCLI) -> None:

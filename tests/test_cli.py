@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lm.__main__ import main
 from tests.conftest import REPO, cli_env
@@ -404,6 +405,8 @@ def test_last_of_a_run_that_died_before_its_first_save_starts_from_scratch(tmp_p
     main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--ckpt_path", "last"])
     printed = capsys.readouterr()
     assert "training starts from scratch" in printed.out and "Restoring states" not in printed.out + printed.err
+    # and it names the earlier run's checkpoint, for whoever meant to resume that run (its new run failed in set-up)
+    assert "(runs/debug/checkpoints/last.previous.ckpt is an earlier run's: pass it to resume that run)" in printed.out
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2  # was 3: step 3 of the old run
     assert torch.load(checkpoints / "last.previous.ckpt", weights_only=True)["global_step"] == 3
 
@@ -576,10 +579,19 @@ def test_fine_tuning_windows_take_the_init_from_checkpoint_s_context(tmp_path, c
           "--trainer.default_root_dir", "runs/pre", *quick])  # fmt: skip
     first = "runs/pre/checkpoints/last.ckpt"
     main(["fit", "--config", str(REPO / "experiments/sft_addition.yaml"), "--trainer.default_root_dir", "runs/sft",
-          "--model.init_args.arch.block_size", "256", "--data.init_args.tokenizer", first,
+          "--model.init_args.arch.block_size", "256", "--model.init_args.arch.n_layer", "5",
+          "--model.init_args.arch.dropout", "0.1", "--data.init_args.tokenizer", first,
           "--model.init_args.init_from", first, "--trainer.max_steps", "1", *quick])  # fmt: skip
     saved = torch.load(tmp_path / "runs/sft/checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == 1 and saved["lm"]["model_config"]["block_size"] == 32
+    assert saved["lm"]["model_config"]["n_layer"] != 5 and saved["lm"]["model_config"]["dropout"] == 0.1
+    # the given shape was dropped silently; it is named, as a resume names what it ignores (dropout is this run's)
+    note = f"lm: the model takes init_from {first}'s architecture; ignored here: arch.block_size 256 (init_from: 32); "
+    printed = capsys.readouterr().out
+    assert note + "arch.n_layer 5 (init_from: " in printed and "arch.dropout" not in printed
+    # config.yaml holds the architecture that trained (it held the one given, and a vocab_size of 50304)
+    written = yaml.safe_load((tmp_path / "runs/sft/config.yaml").read_text())["model"]["init_args"]["arch"]
+    assert written == saved["lm"]["model_config"]
 
 
 def test_a_strategy_the_accelerator_cannot_run_is_one_line(tmp_path, capsys, monkeypatch):
