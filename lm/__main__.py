@@ -541,19 +541,27 @@ def tokenizer_command(argv: list[str]) -> None:
 
     refuse_hub_options_of_a_local_source(args.source, args.source_config, args.source_split, args.source_revision)
 
+    out = Path(args.out)
+    created = not out.exists()
     try:  # before training, which can take minutes
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cannot_write(args.out, e) from None
     spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
-    documents = load_documents(
-        args.source,
-        source_config=args.source_config,
-        source_split=args.source_split,
-        source_revision=args.source_revision,
-        text_field=args.text_field,
-    )
-    tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
+    try:
+        documents = load_documents(
+            args.source,
+            source_config=args.source_config,
+            source_split=args.source_split,
+            source_revision=args.source_revision,
+            text_field=args.text_field,
+        )
+        tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
+    except BaseException:  # a source without the text field, Ctrl-C: no empty folder left behind
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     try:
         tok.save(args.out)
     except OSError as e:
@@ -590,7 +598,8 @@ other
   tokenizer  train a tokenizer on a data source
   sweep      hyperparameter sweeps (sweeps/*.yaml) on W&B, or locally with Optuna
 
-User errors print one line and exit with code 2; `--debug` anywhere on the command line shows their traceback."""
+User errors print one line and exit with code 2; `--debug` anywhere on the command line shows their traceback.
+`lm --version` prints the version."""
 
 
 def _unknown_command(name: str) -> str:
@@ -606,6 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        print(f"lm {lm.__version__}")
+        sys.exit(0)
     if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *COMMANDS):
         print(f"error: {_unknown_command(argv[0])}", file=sys.stderr)
         sys.exit(2)

