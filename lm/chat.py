@@ -215,6 +215,8 @@ def chat_command(argv: list[str]) -> None:
     add_reply_flags(p, max_new_tokens_help="longest reply, in tokens (at most half the model's context)")
     p.set_defaults(max_new_tokens=None)  # to tell a length asked for, capped with a note, from the default
     args = p.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():  # as lm serve refuses it: an empty message asks nothing
+        raise LMError("--prompt is empty")
     asked = args.max_new_tokens is not None
     if not asked:
         args.max_new_tokens = DEFAULT_REPLY_TOKENS

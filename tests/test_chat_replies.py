@@ -152,6 +152,14 @@ def test_max_new_tokens_below_one_is_refused(monkeypatch, capsys, value):
     assert capsys.readouterr().err == f"error: --max_new_tokens must be at least 1, got {value}\n"
 
 
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_an_empty_prompt_is_refused_as_lm_serve_refuses_it(capsys, prompt):
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", "--ckpt", "x.ckpt", "--prompt", prompt])  # was answered, as if a message had been sent
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: --prompt is empty\n"
+
+
 def test_a_message_of_several_lines_between_triple_quotes_is_one_turn(monkeypatch, capsys):
     """A pasted paragraph arrived as one turn per line; between triple quotes it is one message. Ctrl-C inside
     such a block drops it, and the chat goes on."""
