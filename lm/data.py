@@ -804,6 +804,11 @@ class PretrainData(L.LightningDataModule):
         """gpt2 or a tokenizer file: built without the data, cheap, and its fingerprint goes into the cache key."""
         return None if self._is_trained_tokenizer() else build_tokenizer(self.tokenizer_spec)
 
+    def _reads_text_field(self) -> bool:
+        if self.source.startswith("builtin:"):
+            return False
+        return not _is_local(self.source) or BUILDERS[local_files(self.source)[0].suffix.lower()] != "text"
+
     def _resolve_cache_path(self, fixed: Tokenizer | None) -> Path:
         # A trained tokenizer is keyed on its spec (it is a function of the spec and the source, both in the key);
         # keying on its fingerprint would need the training run that setup() on other ranks must not repeat.
@@ -815,14 +820,16 @@ class PretrainData(L.LightningDataModule):
             "identity": _source_identity(self.source),
             "source_config": self.source_config,
             "source_split": self.source_split,
-            "text_field": self.text_field,
+            # read for json/parquet files and hub datasets only: elsewhere the default, so that it re-tokenizes nothing
+            "text_field": self.text_field if self._reads_text_field() else "text",
             "tokenizer": self.tokenizer_spec if fixed is None else None,
             "tokenizer_fingerprint": fixed.fingerprint if fixed is not None else None,
         }
         if self.source_revision is not None:  # only then: caches prepared before this option keep their keys
             key["source_revision"] = self.source_revision
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        tok_name = "file" if fixed is not None and self.tokenizer_spec != "gpt2" else self.tokenizer_spec
+        # named by the tokenizer, not its spelling: gpt2 from a file or a .ckpt has gpt2's key and so its folder too
+        tok_name = self.tokenizer_spec if fixed is None else "gpt2" if fixed.kind == "gpt2" else "file"
         name = f"{_slug(_cache_label(self.source))}-{_slug(tok_name)}-{digest}"
         return (Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()) / name
 

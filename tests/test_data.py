@@ -814,3 +814,26 @@ def test_every_data_module_pins_its_batches_on_cuda_unless_told_not_to(tmp_path,
     for dm in modules:
         for loader in (dm.train_dataloader(), dm.val_dataloader()):
             assert loader.pin_memory is pin_memory, type(dm).__name__
+
+
+def test_gpt2_given_as_a_file_or_checkpoint_reuses_the_gpt2_cache(tmp_path):
+    """The folder was named by the tokenizer's spelling: gpt2 from a tokenizer file or a GPT-2 model's .ckpt (continued
+    pretraining) tokenized the whole corpus again into a second folder, with the same key inside."""
+    from lm.tokenizer import GPT2Tokenizer
+
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    GPT2Tokenizer().save(tmp_path / "tok")  # what a GPT-2 .ckpt's tokenizer state holds too: {"kind": "gpt2"}
+    first = make(tmp_path, tmp_path / "t.txt", tokenizer="gpt2")
+    again = make(tmp_path, tmp_path / "t.txt", tokenizer=str(tmp_path / "tok"))
+    assert again.reused_cache and again.cache_path == first.cache_path
+
+
+def test_a_text_field_a_source_does_not_read_is_not_part_of_its_cache_key(tmp_path):
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    first = make(tmp_path, tmp_path / "t.txt")
+    again = make(tmp_path, tmp_path / "t.txt", text_field="body")  # a .txt file has no fields: the same tokens
+    assert again.reused_cache and again.cache_path == first.cache_path
+    (tmp_path / "r.jsonl").write_text('{"a": "xy", "b": "zw"}\n' * 50)  # where it is read, it keys the cache
+    assert make(tmp_path, tmp_path / "r.jsonl", text_field="a").cache_path != (
+        make(tmp_path, tmp_path / "r.jsonl", text_field="b").cache_path
+    )
