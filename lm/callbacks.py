@@ -82,6 +82,7 @@ class Throughput(L.Callback):
         self._peak_flops: float | None = None
         self._restart = False  # validation or a checkpoint save interrupted the window: restart at the next batch
         self._first_step_pending = False
+        self._paused = 0.0  # seconds of the window spent in `paused` blocks (evaluations between steps)
 
     def on_train_start(self, trainer, pl_module):
         dtype = training_dtype(str(trainer.precision))
@@ -92,7 +93,21 @@ class Throughput(L.Callback):
         self._first_step_pending = True
         # Each fit's first window is its warm-up: a second fit with this callback would have logged its first window,
         # timed from the end of the previous fit
-        self._start, self._tokens, self._flops, self._intervals = None, 0, 0.0, 0
+        self._start, self._tokens, self._flops, self._intervals, self._paused = None, 0, 0.0, 0, 0.0
+
+    @contextlib.contextmanager
+    def paused(self, pl_module):
+        """Leave the block's time out of the current window: work between training steps that is not training
+        (lm.eval.EvalCallback's every_n_steps evaluations), whichever side of this callback's batch end it runs on."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._paused += time.perf_counter() - start
 
     def on_validation_start(self, trainer, pl_module):
         self._restart = True
@@ -107,7 +122,7 @@ class Throughput(L.Callback):
             # Once per validation or save, not per step; the sync makes the window start when the device is idle.
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()
-            self._start, self._tokens, self._flops = time.perf_counter(), 0, 0.0
+            self._start, self._tokens, self._flops, self._paused = time.perf_counter(), 0, 0.0, 0.0
         self._restart = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -139,13 +154,14 @@ class Throughput(L.Callback):
             torch.cuda.synchronize()
         now = time.perf_counter()
         if self._start is not None and self._intervals > 0:
-            per_device = self._tokens / (now - self._start)
+            elapsed = now - self._start - self._paused
+            per_device = self._tokens / elapsed
             pl_module.log("train/tokens_per_sec", per_device * trainer.world_size)
             if self._peak_flops:
                 # the attention term grows with the length: one batch's length for the window read MFU 10-14% off
-                pl_module.log("train/mfu", self._flops / (now - self._start) / self._peak_flops)
+                pl_module.log("train/mfu", self._flops / elapsed / self._peak_flops)
         self._intervals += 1
-        self._start, self._tokens, self._flops = now, 0, 0.0
+        self._start, self._tokens, self._flops, self._paused = now, 0, 0.0, 0.0
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
-from lm.callbacks import EMA
+from lm.callbacks import EMA, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
@@ -567,7 +567,12 @@ class EvalCallback(L.Callback):
             # Between steps the model holds the live weights; under lm.callbacks.EMA the numbers logged under these
             # keys at validation are the average's, so these must be too (one model behind each curve)
             ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-            with ema.average_in(trainer, pl_module) if ema is not None else contextlib.nullcontext():
+            # Not training time: train/tokens_per_sec and train/mfu leave it out, as they leave out validation
+            throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+            with (
+                ema.average_in(trainer, pl_module) if ema is not None else contextlib.nullcontext(),
+                throughput.paused(pl_module) if throughput is not None else contextlib.nullcontext(),
+            ):
                 self.run(trainer, pl_module)
 
     @torch.no_grad()

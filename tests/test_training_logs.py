@@ -270,3 +270,29 @@ def test_a_second_fit_with_the_same_throughput_callback_skips_its_own_warm_up_wi
             if step == 0:
                 assert logged == [], f"fit {fit}: its first window was logged"
         assert logged == ["train/tokens_per_sec", "train/tokens_per_sec"]
+
+
+@pytest.mark.parametrize("throughput_first", [False, True])
+def test_tokens_per_sec_leaves_out_evaluations_run_between_steps(monkeypatch, throughput_first):
+    """EvalCallback(every_n_steps=N) evaluates between steps, outside validation: its time fell into the window, and
+    the windows holding one logged 246 tokens/s for 6400 (a 26x dip in train/tokens_per_sec and train/mfu)."""
+    from lm.eval import EvalCallback
+
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    module.training_step = clock.taking(STEP, module.training_step)
+    evals = EvalCallback(tasks=[], every_n_validations=None, every_n_steps=4)  # evaluates after steps 4 and 8
+    monkeypatch.setattr(evals, "run", lambda trainer, pl_module: setattr(clock, "now", clock.now + PAUSE))
+    ids = torch.randint(0, 64, (12, 4, 16), generator=torch.Generator().manual_seed(0))
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=12, log_every_n_steps=2, limit_val_batches=0, logger=logger,
+        callbacks=[Throughput(), evals] if throughput_first else [evals, Throughput()],  # the CLI's order: evals first
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None))
+    rates = {s: m["train/tokens_per_sec"] for s, m in logger.by_step().items() if "train/tokens_per_sec" in m}
+    assert sorted(rates) == [3, 5, 7, 9, 11]
+    assert all(rate == pytest.approx(64 / STEP) for rate in rates.values()), rates
