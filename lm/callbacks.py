@@ -64,7 +64,8 @@ class Throughput(L.Callback):
     """Logs `train/tokens_per_sec` (all ranks together) and `train/mfu` every `log_every_n_steps` optimizer steps.
 
     Both measure training steps only: the time spent in validation and in saving checkpoints is left out (the window
-    restarts at the first batch after them), so a validation does not show as a dip in throughput.
+    restarts at the first batch after them), and so is work between steps run inside `paused` (lm.eval.EvalCallback's
+    every_n_steps evaluations), so neither shows as a dip in throughput.
 
     Time is taken on the host once per interval (with one device sync there, none per step), so the first interval,
     which includes compilation and warm-up, is skipped. MFU = the window's model FLOPs (`train_flops_per_token` at
