@@ -148,7 +148,12 @@ def local_files(source: str) -> list[Path]:
     elif Path(expanded).is_file():  # a file is itself, also when its name holds glob characters ("part[1].txt")
         paths = [Path(expanded)]
     else:
-        paths = [Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()]
+        # glob leaves out hidden files; a finished lm cache inside the corpus, as a directory source does
+        paths = [
+            Path(p)
+            for p in glob.glob(expanded, recursive=True)
+            if Path(p).is_file() and not (Path(p).parent / "tokens.bin").is_file()
+        ]
     if not paths:
         raise LMError(f"data source {source!r}: no such file (or the glob/directory matches no data files)")
     # Absolute, but symlinks kept: a content-addressed store (a hub snapshot folder, git-annex, DVC) links named files

@@ -459,6 +459,10 @@ def test_a_cache_or_hidden_folder_inside_a_corpus_folder_is_not_data(tmp_path):
     again = make(tmp_path, corpus, cache_dir=str(corpus / "cache"))  # and change its key: "no prepared data"
     assert again.meta["num_documents"] == first.meta["num_documents"] == 2
     assert "notes" not in first.tokenizer.decode(all_tokens(first).tolist())
+    # the same through a glob (it read the cache's meta.json as a document: "could not read it as json")
+    (corpus / "c.json").write_text('{"text": "one document of the corpus"}\n' * 20)
+    globbed = make(tmp_path, f"{corpus}/**/*.json", cache_dir=str(corpus / "cache"))
+    assert globbed.meta["num_documents"] == 20
 
 
 def test_a_missing_path_is_not_taken_for_a_hub_id(tmp_path):
