@@ -62,10 +62,11 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _differences(given: dict, saved: dict, *, skip: str, prefix: str = "") -> list[str]:
-    """`key given (checkpoint: saved)` for each key but `skip` whose value given here differs from the checkpoint's."""
+def _differences(given: dict, saved: dict, *, skip: str, prefix: str = "", whose: str = "checkpoint") -> list[str]:
+    """`key given (checkpoint: saved)` for each key but `skip` whose value given here differs from the saved one (of a
+    checkpoint, or of `whose`)."""
     return [
-        f"{prefix}{key} {_plain(given[key])} (checkpoint: {_plain(saved[key])})"
+        f"{prefix}{key} {_plain(given[key])} ({whose}: {_plain(saved[key])})"
         for key in saved
         if key in given and key != skip and _plain(given[key]) != _plain(saved[key])
     ]
@@ -360,10 +361,10 @@ class LMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """`trainer.enable_checkpointing: false` runs without lm's checkpoint and snapshot callbacks (a benchmark, a
         throwaway trial): Lightning refused them as a ModelCheckpoint the user had not given."""
-        if self._get(self.config_init, "trainer", default={}).get("enable_checkpointing", True) is not False:
-            return super().instantiate_trainer(**kwargs)
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        keys = [k for k in self._parser(self.subcommand).callback_keys if k not in ("checkpoint", "snapshots")]
+        keys = self._parser(self.subcommand).callback_keys
+        if trainer_config.get("enable_checkpointing") is False:
+            keys = [k for k in keys if k not in ("checkpoint", "snapshots")]
         return self._instantiate_trainer(trainer_config, [self._get(self.config_init, k) for k in keys])
 
     def _calm_default_progress_bar(self) -> None:
@@ -397,18 +398,15 @@ def _check_trainer_values(trainer) -> None:
 def _note_arch_replaced_by_init_from(model) -> None:
     """A fresh fine-tuning run takes init_from's architecture (keeping its own dropout): an arch field given here
     that differs from that file's is named in one line, as a resume names them, instead of being dropped silently."""
-    args = model.get("init_args") or {}
+    args = model.init_args.as_dict() if model.get("init_args") else {}
     init_from, given = args.get("init_from"), args.get("arch")
     if not init_from or given is None:
         return
     theirs = (read_checkpoint(init_from, mmap=True).get("lm") or {}).get("model_config") or {}
+    # Fields left at their defaults were not given; dropout is this run's, vocab_size the tokenizer's
     defaults = asdict(GPTConfig())
-    ignored = [
-        f"arch.{key} {_plain(value)} (init_from: {_plain(theirs[key])})"
-        for key, value in (given.as_dict() if hasattr(given, "as_dict") else dict(given)).items()
-        if key in theirs and key not in ("dropout", "vocab_size")  # dropout: this run's; vocab_size: the tokenizer's
-        and _plain(value) != _plain(defaults.get(key)) and _plain(value) != _plain(theirs[key])
-    ]  # fmt: skip
+    given = {k: v for k, v in given.items() if k != "dropout" and _plain(v) != _plain(defaults.get(k))}
+    ignored = _differences(given, theirs, skip="vocab_size", prefix="arch.", whose="init_from")
     if ignored:
         print(f"lm: the model takes init_from {init_from}'s architecture; ignored here: {'; '.join(ignored)}")
 
