@@ -19,6 +19,32 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the data cache never leaks between tests
+    # wandb-core's system monitor logs to $WANDB_CACHE_DIR, else $HOME/.cache/wandb/logs (it ignores XDG_CACHE_HOME);
+    # its settings go to $WANDB_CONFIG_DIR, else ~/.config/wandb. Child processes inherit all three.
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    # A test that forgets its tmp_path writes there, not into whatever directory pytest was started in (the checkout)
+    monkeypatch.chdir(tmp_path)
+
+
+def _checkout_files() -> set[str]:
+    """Every file and folder under the checkout, ignored ones included, but git's, the venv's and the caches'."""
+    skip = {".git", ".venv", ".pytest_cache", ".ruff_cache", "__pycache__", "lm.egg-info"}
+    found = set()
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in skip]
+        found.update(os.path.relpath(os.path.join(folder, name), REPO) for name in dirs + files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_untouched():
+    """Unit tests write under tmp_path only: anything new in the checkout (runs/debug/checkpoints, lightning_logs,
+    wandb/) fails the session loudly instead of piling up unseen (runs/ and wandb/ are git-ignored)."""
+    before = _checkout_files()
+    yield
+    added = sorted(_checkout_files() - before)
+    assert not added, f"tests wrote into the checkout: {added[:20]}"
 
 
 # What a launcher (Slurm, torchrun) or a W&B sweep agent sets around the test run: Lightning would take it for its own

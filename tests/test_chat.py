@@ -46,6 +46,20 @@ def test_mask_is_one_exactly_on_assistant_content_and_its_end():
     assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "hello<|end|>4<|end|>you are welcome.<|end|>"
 
 
+def test_supervise_all_learns_every_token_after_bos():
+    """supervise: all (pretraining on transcripts, experiments/pretrain_addition.yaml): every next token carries loss,
+    where the default learns the assistant turns only."""
+
+    def examples(**kwargs):
+        data = ChatData(source="task:addition", block_size=32, task_size=20, task_val_size=4, **kwargs)
+        data.setup()
+        return data.train_examples
+
+    assert all(labels == ids[1:] + labels[-1:] for ids, labels in examples(supervise="all"))
+    assert all(IGNORE_INDEX not in labels for _, labels in examples(supervise="all"))
+    assert all(IGNORE_INDEX in labels for _, labels in examples())
+
+
 def test_prompt_is_the_rendering_up_to_the_assistant_marker():
     prompt = render_prompt(CONVERSATION[:4], TOK)
     full, _ = render_chat(CONVERSATION, TOK)
@@ -548,7 +562,8 @@ def test_tokenizer_spec_can_be_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_every_chat_marker_is_reserved():
-    assert all(TOK.token_id(t) is not None for t in CHAT_TOKENS)
+    ids = [TOK.token_id(t) for t in CHAT_TOKENS]  # raises LMError for a marker that is not a special token
+    assert len(set(ids)) == len(CHAT_TOKENS) and not set(ids) & set(TOK.encode("".join(CHAT_TOKENS)))
 
 
 def test_hh_messages_file_loads():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers  # lm[dev] installs it: a missing one fails here rather than skipping the HF parity checks
 
 from lm.__main__ import main
 from lm.chat import render_prompt, reply_stop_ids
@@ -13,8 +14,6 @@ from lm.generate import stream_tokens
 from lm.model import GPT
 from lm.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from tests.test_eval import write_checkpoint
-
-transformers = pytest.importorskip("transformers")
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll: Speak, speak!  it's 42 ü"
 

@@ -17,7 +17,8 @@ from lm.generate import (
     stream_tokens,
 )
 from lm.model import GPT
-from lm.tokenizer import CharTokenizer, GPT2Tokenizer
+from lm.tokenizer import EOS, CharTokenizer, GPT2Tokenizer
+from tests.test_chat_replies import scripted_model
 
 
 @pytest.fixture
@@ -188,10 +189,22 @@ def test_generate_text_decodes_the_stream_and_stops_at_eos():
     model = GPT(get_config("tiny", vocab_size=64)).eval()
     text = generate_text(model, tok, "abc", max_new_tokens=12, temperature=0)
     ids = list(stream_tokens(model, tok.encode("abc"), max_new_tokens=12, temperature=0, vocab_size=tok.vocab_size))
-    if tok.eos_id in ids:
-        ids = ids[: ids.index(tok.eos_id)]
+    assert tok.eos_id not in ids  # this seed's model never emits EOS: the stop is checked with a scripted one below
     assert text == tok.decode(ids)
     assert all(i < tok.vocab_size for i in ids)
+    scripted = scripted_model(tok, {"a": "b", "b": EOS, EOS: "c", "c": "c"})  # emits EOS for sure
+    assert generate_text(scripted, tok, "a", max_new_tokens=6, temperature=0) == "b"  # stops at EOS, leaves it out
+    assert generate_texts(scripted, tok, [tok.encode("a")], max_new_tokens=6, temperature=0) == ["b"]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    """Sampled frequencies match softmax(logits / T); lm serve's tests compare with this same engine, so only this
+    checks the scaling itself."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20_000, 4)
+    draws = sample_next(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(frequencies, (logits[0] / temperature).softmax(-1), atol=0.015, rtol=0)  # ~4 sigma
 
 
 # ---- batches, penalties, stop strings, the cache's speed ------------------------------------------------------------

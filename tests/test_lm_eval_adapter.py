@@ -6,19 +6,16 @@ import math
 
 import pytest
 import torch
+from lm_eval import simple_evaluate  # lm[dev] installs lm-eval: a missing one fails here rather than skipping
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 
 from lm.chat import render_chat, reply_stop_ids
 from lm.eval import EvalSpec, evaluate
 from lm.generate import stream_tokens
-from lm.tokenizer import CharTokenizer
+from lm.lm_eval_adapter import LMEvalAdapter, generation_args
+from lm.tokenizer import ASSISTANT, CharTokenizer
 from tests.test_eval import hand_nats, write_checkpoint
-
-pytest.importorskip("lm_eval")
-from lm_eval import simple_evaluate  # noqa: E402 - only after the optional-extra check
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from lm.lm_eval_adapter import LMEvalAdapter, generation_args  # noqa: E402
 
 ROWS = [
     {"activity_label": "Roof", "ctx": "A man is on a roof. he", "endings": ["is up.", "eats", "runs far.", "x"]},
@@ -160,10 +157,17 @@ def test_chat_template_is_lm_s_and_its_markers_encode_back_to_special_tokens(ada
     tasks.mkdir()
     (tasks / "tiny_hellaswag.yaml").write_text(TASK_YAML.format(data=data))
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    contexts = []
+    loglikelihood = adapter.loglikelihood
+    adapter.loglikelihood = lambda requests, **kw: (
+        contexts.extend(r.args[0] for r in requests) or loglikelihood(requests, **kw)
+    )
     out = simple_evaluate(
         model=adapter, tasks=["tiny_hellaswag"], task_manager=manager, bootstrap_iters=0, apply_chat_template=True
     )
-    assert 0.0 <= out["results"]["tiny_hellaswag"]["acc,none"] <= 1.0
+    # a range check of acc (0 <= acc <= 1, as before) cannot fail: what matters is that the contexts were chat-rendered
+    assert "acc,none" in out["results"]["tiny_hellaswag"]
+    assert contexts and all(adapter.tok_encode(c)[-1] == tokenizer.token_id(ASSISTANT) for c in contexts)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "hf"])

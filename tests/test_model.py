@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import lm.model
 from lm.config import SIZES, GPTConfig, get_config, padded_vocab_size
 from lm.model import GPT, KVCache, apply_rope, rope_tables
 
@@ -70,6 +71,31 @@ def test_rope_rotates_pairs_by_position():
         torch.testing.assert_close(out[pos, [0, 2]], torch.tensor([math.cos(pos), math.sin(pos)]))
 
 
+def test_rope_uses_the_llama_frequency_for_every_pair():
+    """Pair (i, i + head_dim/2) turns by position * theta^(-2i/head_dim), from the formula, not from the tables the
+    model reads (pair 0's frequency is 1 whatever the exponent)."""
+    head_dim, theta, max_len = 8, 10000.0, 5
+    cos, sin = rope_tables(head_dim=head_dim, max_len=max_len, theta=theta)
+    x = torch.randn(max_len, head_dim)
+    out = apply_rope(x.view(1, 1, max_len, head_dim), cos, sin)[0, 0]
+    for pos in range(max_len):
+        for i in range(head_dim // 2):
+            angle = pos * theta ** (-2 * i / head_dim)
+            a, b = x[pos, i], x[pos, i + head_dim // 2]
+            torch.testing.assert_close(out[pos, i], a * math.cos(angle) - b * math.sin(angle))
+            torch.testing.assert_close(out[pos, i + head_dim // 2], b * math.cos(angle) + a * math.sin(angle))
+
+
+def test_mlp_is_swiglu_with_the_activation_on_gate_proj():
+    """down(silu(gate(x)) * up(x)), as Llama/Qwen3 name it: the export maps these weights one-to-one."""
+    mlp = tiny().layers[0].mlp
+    x = torch.randn(2, 3, 32)
+    expected = F.linear(
+        F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight
+    )
+    torch.testing.assert_close(mlp(x), expected)
+
+
 def test_rmsnorm_matches_formula():
     model = tiny()
     norm = model.norm
@@ -120,11 +146,17 @@ def test_init_scales_the_mlp_down_projection_like_o_proj_and_not_gate_or_up():
         assert mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.05), i
 
 
-def test_flops_per_token_matches_flop_counter():
-    """Our closed-form count equals torch's FLOP counter on a forward+backward, matmuls and attention included.
+@pytest.mark.parametrize(
+    "arch",
+    [{}, {"n_kv_head": 1}, {"n_kv_head": 2, "tie_embeddings": True}],
+    ids=["mha", "gqa", "gqa_tied"],
+)
+def test_flops_per_token_matches_flop_counter(arch):
+    """Our closed-form count equals torch's FLOP counter on a forward+backward, matmuls and attention included:
+    k/v projections n_kv_head heads wide under GQA, and a tied head still one matmul per token.
 
     The math SDPA backend runs attention as counted matmuls (the fused CPU kernel is invisible to the counter)."""
-    model = GPT(GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64))
+    model = GPT(GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64, **arch))
     x = torch.randint(0, 128, (2, 32))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
@@ -280,7 +312,7 @@ def test_compiled_training_step_has_no_graph_breaks(checkpoint_layers):
     assert loss.graph_break_count == 0, loss.break_reasons
 
 
-def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less_for_the_backward():
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less_for_the_backward(monkeypatch):
     """Each block is recomputed in the backward pass: the same loss and gradients (the recomputed dropout masks are
     the forward's), far fewer bytes saved for the backward; no-grad passes (generation, the KV cache) skip it."""
     config = get_config("tiny", dropout=0.1)
@@ -307,6 +339,14 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less_for_th
     assert torch.equal(loss, loss_ckpt)
     assert all(torch.equal(grads[name], grads_ckpt[name]) for name in grads)
     assert saved_ckpt < saved / 4
+    calls = []
+    original = lm.model.checkpoint
+    monkeypatch.setattr(lm.model, "checkpoint", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    with torch.no_grad():
+        model(ids)
+    assert calls == []  # no-grad passes run the blocks as they are
+    model(ids)
+    assert len(calls) == config.n_layer  # a training forward recomputes every block
     model.eval()
     with torch.no_grad():  # as generation runs it: the blocks run as they are, and fill the cache
         cache = KVCache(config, batch_size=2, max_len=16)

@@ -121,6 +121,7 @@ def test_chunked_cross_entropy_leaves_the_logits_alone_and_ignores_masked_rows_w
         chunked_cross_entropy(logits.clone().requires_grad_(), torch.tensor([1, -1, 3, 4, 5, 9]))
 
 
+@pytest.mark.slow  # torch.compile: ~10 s of CPU
 def test_compiled_loss_equals_eager_loss():
     logits = torch.randn(2, 8, 64, requires_grad=True)
     labels = torch.randint(0, 64, (2, 8))

@@ -611,6 +611,23 @@ def test_fp16_still_counts_a_non_finite_loss():
     assert module.skipped_steps == 2 and module.stopped_at_step == 3
 
 
+def test_a_resumed_run_keeps_counting_its_skipped_steps(tmp_path):
+    """The count travels in the checkpoint: a run that diverges again after each requeue still stops at
+    max_skipped_steps, not max_skipped_steps per requeue."""
+    torch.manual_seed(0)
+    first = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
+    nan_loss_from_step(first, 2)
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        trainer = fit_quietly(first, 3)
+    assert first.skipped_steps == 1 and first.stopped_at_step is None
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = LanguageModel(get_config("tiny"), lr=1e-2, warmup_steps=1, decay_steps=10, max_skipped_steps=1)
+    nan_loss_from_step(resumed, 4)
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        fit_quietly(resumed, 8, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.skipped_steps == 2 and resumed.stopped_at_step == 4  # the first skip after the resume is the 2nd
+
+
 # ---- configuration errors -----------------------------------------------------------------------------------------
 
 
@@ -642,8 +659,12 @@ def test_invalid_hyperparameters_are_one_line_errors_naming_the_key(kwargs, mess
         (["--samples.top_k", "-1"], "top_k must be at least 0 (0 = no top-k filter), got -1"),
     ],
 )
-def test_constructor_errors_on_the_command_line_are_one_line(capsys, override, expected):
-    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.logger", "false", *override)
+def test_constructor_errors_on_the_command_line_are_one_line(capsys, tmp_path, override, expected):
+    # lm fit makes the run's root and checkpoint folders before the model is built: they must land in tmp_path
+    code, err = run_cli(
+        capsys, "fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        *override,
+    )  # fmt: skip
     assert code == 2 and err == f"error: {expected}"
 
 

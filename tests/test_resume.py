@@ -168,4 +168,10 @@ def test_preemption_signal_saves_a_checkpoint_and_the_run_resumes(uninterrupted,
         [*command, "--ckpt_path", "last"], env=env(tmp_path), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    restored = f"Restored all states from the checkpoint at {root / 'checkpoints' / 'last.ckpt'}"
+    assert restored in done.stdout + done.stderr
+    resumed_log = max(root.glob("**/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    with open(resumed_log) as f:
+        resumed_steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert resumed_steps[0] == stopped_at  # carries on from the saved step, not from step 0
     assert last_step(root / "checkpoints" / "last.ckpt") == STEPS

@@ -249,6 +249,7 @@ def test_a_maximize_sweep_ranks_the_highest_value_first_and_its_trials_keep_thei
         assert "--checkpoint.mode=max" in command and "--checkpoint.monitor=eval/acc" in command
 
 
+@pytest.mark.slow  # waits out the 5 s grace on purpose
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_restart_runs_again_the_points_of_dead_workers_not_of_live_ones(tmp_path, monkeypatch):
     """A killed sweep left trials RUNNING: on this machine its pid says it is dead (rerun at once); on another

@@ -1,13 +1,13 @@
 """Built-in synthetic tasks: correct answers, seeded draws, train/test splits that never overlap, evaluation."""
 
-import pytest
-import torch
+import string
 
-from lm.config import get_config
+import pytest
+
 from lm.errors import LMError
-from lm.model import GPT
 from lm.tasks import TASKS, Problem, TaskAccuracy, evaluate_task, make_problems, split_of
-from lm.tokenizer import CharTokenizer
+from lm.tokenizer import ASSISTANT, CharTokenizer
+from tests.test_chat_replies import scripted_model
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -95,11 +95,17 @@ def test_asking_for_more_problems_than_exist_is_a_user_error():
 
 
 def test_evaluate_task_scores_greedy_answers():
-    tok = CharTokenizer.train(["0123456789+"])
-    torch.manual_seed(0)
-    model = GPT(get_config("tiny", vocab_size=64, block_size=32)).eval()
-    result = evaluate_task(model, tok, "addition", num_problems=30, batch_size=8)
-    assert result["num_problems"] == 30 and 0.0 <= result["exact_match"] <= 1.0
+    """Exact match per problem, batched (batch 8): a model that always answers "2" scores the share of problems whose
+    answer is "2"; one that always answers "10" scores 0 (no count answer is 10). The random model this test used had
+    exact_match 0.0 on every run, so its `0 <= exact_match <= 1` could not fail."""
+    tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " "])
+    problems = make_problems("count", "test", 30, seed=0)
+    twos = sum(p.answer == "2" for p in problems)
+    assert 0 < twos < 30
+    result = evaluate_task(scripted_model(tok, {ASSISTANT: "2"}), tok, "count", num_problems=30, batch_size=8)
+    assert result == {"exact_match": twos / 30, "num_problems": 30.0}
+    result = evaluate_task(scripted_model(tok, {ASSISTANT: "1", "1": "0"}), tok, "count", num_problems=30, batch_size=8)
+    assert result["exact_match"] == 0.0
 
 
 def test_an_answer_is_scored_as_lm_chat_shows_it():
@@ -147,11 +153,6 @@ def test_a_problem_found_on_the_last_allowed_draw_counts(monkeypatch):
 def test_an_answer_that_only_contains_the_right_one_scores_zero():
     """Exact match: a model that always replies "10" is right on no count problem (a word has at most 7 letters),
     although "10" holds the answers "1" and "0"."""
-    import string
-
-    from lm.tokenizer import ASSISTANT
-    from tests.test_chat_replies import scripted_model
-
     tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " "])
     problems = make_problems("count", "test", 50, seed=0)
     assert any(p.answer in ("1", "0") for p in problems)
