@@ -654,6 +654,10 @@ def main(argv: list[str] | None = None) -> None:
     except SIGTERMException:
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.
         print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
+        if os.environ.get("WANDB_SWEEP_ID"):
+            # A W&B sweep's trial: its agent stops a run with SIGTERM (early_terminate, the UI's stop) and counts an
+            # exit code > 0 as a failed run, shutting itself down after 5 of them (3 in its first minute)
+            sys.exit(0)
         sys.exit(128 + signal.SIGTERM)
 
 

@@ -70,6 +70,14 @@ DISTRIBUTIONS = (
 )
 
 
+# What a launcher sets for the process it starts as one rank (srun, torchrun); kept for a command that is a launcher
+RANK_VARIABLES = (
+    *("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"),
+    *("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
+    *("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS"),
+)
+LAUNCHERS = ("srun", "torchrun", "mpirun", "mpiexec")
+
 MAX_INITIAL_FAILURES = 3  # W&B's agent stops too: after 3 failed runs in its first minute, or 5 before as many finish
 
 
@@ -114,6 +122,16 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise LMError(f"{path}: command must be a list of strings, e.g. [lm, fit, --config, X, '${{args}}']")
     if command is not None and not {"${args}", "${args_no_hyphens}"} & set(command):
         raise LMError(f"{path}: command never passes the sampled parameters: add '${{args}}' to it")
+    if command is not None:
+        # Later arguments win: a --config (or a swept key) after the swept values sets its own value in every trial
+        first = min(command.index(m) for m in ("${args}", "${args_no_hyphens}") if m in command)
+        for part in command[first + 1 :]:
+            key = part.split("=", 1)[0]
+            if key in ("--config", "-c") or key[2:] in parameters:
+                raise LMError(
+                    f"{path}: command passes {key} after ${{args}}, where it overrides the swept values; "
+                    "put ${args} after it"
+                )
     try:  # its macros (a ${program} with no program, say) now rather than when a trial starts
         trial_command(config, {}, [])
     except LMError as e:
@@ -285,6 +303,8 @@ def _cli_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | dict):  # JSON, which YAML reads: str() wrote None and 'a\\b' that YAML misreads
+        return json.dumps(value)
     return str(value)
 
 
@@ -331,6 +351,10 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
     # Not the caller's W&B run: a sweep started from a job that set one (slurm/train.sbatch exports WANDB_RUN_ID) would
     # have every trial log to, and resume, that one run. A resumed trial gets its own id back from its checkpoint.
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_SWEEP_ID")}
+    if Path(argv[0]).name not in LAUNCHERS:
+        # The trial is a process of its own, not a rank of the job or torchrun that started the sweep: Lightning took
+        # these for its own cluster (a DDP trial in `sbatch --ntasks-per-node=2` waited for ever for a rank 1)
+        env = {k: v for k, v in env.items() if k not in RANK_VARIABLES}
     env |= {"PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid()), SWEEP_TRIAL: f"{root.parent.name}-{root.name}"}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
@@ -440,6 +464,18 @@ def make_sampler(config: dict[str, Any], seed: int | None) -> Any:
                     return self.replay[name]
                 return super().sample_independent(study, trial, name, distribution)
 
+            def before_trial(self, study: Any, trial: Any) -> None:
+                super().before_trial(study, trial)
+                if seed is not None:
+                    # Seeded per trial, not per process: a restarted sweep, or another process on the same study
+                    # with the same --seed, drew the first run's values again
+                    import numpy as np
+
+                    trial_seed = int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0])
+                    self._rng.rng.seed(trial_seed)
+                    if hasattr(self, "_random_sampler"):  # TPE's draws before n_startup_trials
+                        self._random_sampler._rng.rng.seed(trial_seed)
+
         return Replay(seed=seed)
 
     class GridPoint(optuna.samplers.RandomSampler):
@@ -461,17 +497,26 @@ def _storage(url: str, flag: str) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are experimental in Optuna 5
-        try:
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                # SQLite: several workers write the same file; wait for the lock rather than fail at once
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-            )
-        except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
-            reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-            raise LMError(f"{flag}: cannot open the Optuna storage {_hide_password(url)} ({reason})") from None
+        for attempt in range(10):
+            try:
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    # SQLite: several workers write the same file; wait for the lock rather than fail at once
+                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+                # Workers started together (a job array) on a new storage: another one is creating the tables
+                # ("table studies already exists", "UNIQUE constraint failed: alembic_version"); it is there next time
+                racing = re.search(r"already exists|UNIQUE constraint|Duplicate entry|duplicate key", str(e))
+                if attempt == 9 or not racing:
+                    reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+                    raise LMError(f"{flag}: cannot open the Optuna storage {_hide_password(url)} ({reason})") from None
+                time.sleep(0.2 + random.random() * 0.3)
+            except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
+                reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+                raise LMError(f"{flag}: cannot open the Optuna storage {_hide_password(url)} ({reason})") from None
 
 
 def _hide_password(url: str) -> str:
@@ -636,6 +681,19 @@ def run_local(
         raise LMError(
             f"study {name!r} was run for {recorded[0]} ({recorded[1]}), this sweep asks for {metric} ({goal}): "
             "give it another --out (and, in a shared --storage, another --name)"
+        )
+    # Nor another parameter set: a copied sweep file that kept `name:` counted the old trials towards --count (and
+    # ran none of its own) and ranked them as its own, their new parameters shown as None. Values may change.
+    names = sorted(config["parameters"])
+    ran = study.user_attrs.get("parameters") or next(
+        (sorted(t.user_attrs["params"]) for t in study.get_trials(deepcopy=False) if "params" in t.user_attrs), None
+    )
+    if ran is None or "parameters" not in study.user_attrs and ran == names:
+        study.set_user_attr("parameters", names)
+    elif ran != names:
+        raise LMError(
+            f"study {name!r} swept the parameters {ran}, this sweep sweeps {names}: give it another --out (and, in "
+            "a shared --storage, another --name)"
         )
     # ask/tell instead of study.optimize (which would decide --count and the grid per thread, unlocked): the
     # heartbeats that Optuna keeps in optimize are recorded by run_trials() below, so its warning does not apply.

@@ -4,6 +4,10 @@
 # slurm/down.sh.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+# Only ever our own throwaway cluster: a slurm.conf or running daemons of a real one are not overwritten
+if [ -s /etc/slurm/slurm.conf ] && ! grep -qx 'ClusterName=localcluster' /etc/slurm/slurm.conf; then
+  echo "slurm/up.sh: /etc/slurm/slurm.conf belongs to another cluster; not replacing it" >&2; exit 2
+fi
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null

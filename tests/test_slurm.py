@@ -28,3 +28,14 @@ def test_sbatch_template_requeues_and_resumes():
     assert "srun --kill-on-bad-exit=1 ${LM:-lm} fit" in text
     assert "hpc_ckpt_*.ckpt" in text and "checkpoints/last.ckpt" in text and "--ckpt_path" in text
     assert "WANDB_RUN_ID" in text
+
+
+def test_the_local_cluster_scripts_leave_a_real_cluster_alone():
+    """up.sh wrote /etc/slurm/slurm.conf over whatever was there, and down.sh killed the slurmd/slurmctld of the pid
+    files and wiped /var/spool/slurmctld: run on a machine of a real cluster, they took it down."""
+    for name in ("up.sh", "down.sh"):
+        text = (REPO / "slurm" / name).read_text()
+        guard = text.find("ClusterName=localcluster' /etc/slurm/slurm.conf")
+        commands = ("\ncat > /etc/slurm", "\nstop /run", "\n  scancel")
+        first_change = min(i for i in (text.find(c) for c in commands) if i >= 0)
+        assert 0 <= guard < first_change, name

@@ -1059,3 +1059,141 @@ def test_each_trial_s_wandb_run_is_named_after_the_trial_and_an_agent_s_after_no
     monkeypatch.setenv("WANDB_SWEEP_ID", "s1")
     monkeypatch.setenv("WANDB_RUN_ID", "r1")
     assert Built(args=fit).trainer.logger._wandb_init.get("name") is None  # W&B names the agent's run
+
+
+# ---- seeds, parameter sets, concurrent storage creation, launcher variables, W&B agent stops ------------------------
+
+
+def _recorded_x(argv: list[str], root: Path, metric: str, goal: str) -> float:
+    return float(_x(argv))
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_a_seeded_sweep_started_again_draws_new_values_not_the_same_ones_again(tmp_path, method):
+    """--seed seeded one sampler per process: a restarted sweep (or a second process on the same study, same command)
+    drew the first run's values again, so trials 2 and 3 repeated trials 0 and 1."""
+    config = _grid() | {"method": method, "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    kwargs = {"name": "s", "out": tmp_path, "workers": 1, "storage": None, "seed": 0, "extra": [], "run": _recorded_x}
+    run_local(config, count=2, **kwargs)
+    summary = run_local(config, count=4, **kwargs)
+    xs = [t["params"]["x"] for t in sorted(summary["trials"], key=lambda t: t["trial"])]
+    assert len(xs) == 4 and len(set(xs)) == 4, xs
+    # still reproducible: the same seed gives the same values trial for trial in a new study
+    again = run_local(config, count=4, **(kwargs | {"out": tmp_path / "again"}))
+    assert [t["params"]["x"] for t in sorted(again["trials"], key=lambda t: t["trial"])] == xs
+
+
+def test_a_sweep_with_other_parameters_does_not_join_the_old_study(tmp_path):
+    """A copied sweep file that kept `name:` (same study, same --out) but sweeps another parameter ran no trial (the
+    old ones filled --count) and reported the old sweep's best as its own, with its parameter as None."""
+    old = _grid() | {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    kwargs = {"name": "exp", "out": tmp_path, "count": 2, "workers": 1, "storage": None, "seed": 0, "extra": []}
+    run_local(old, run=_recorded_x, **kwargs)
+    new = old | {"parameters": {"y": {"min": 5.0, "max": 6.0}}}
+    with pytest.raises(LMError, match=r"parameters .*'x'.*'y'|parameters .*x.*y"):
+        run_local(new, run=lambda *a: pytest.fail("a trial of the new sweep ran in the old study"), **kwargs)
+
+
+def _open_storage_at(url: str, start: float, results) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        _storage(url, "--out x")
+        results.put("ok")
+    except LMError as e:
+        results.put(str(e))
+
+
+def test_workers_started_together_on_a_new_sqlite_study_all_open_it(tmp_path):
+    """A job array starts its workers at the same moment: all but one failed with `cannot open the Optuna storage
+    (UNIQUE constraint failed: alembic_version.version_num)` while the first one created the schema."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    failures = []
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'optuna-{round_}.db'}"
+        results = ctx.Queue()
+        start = time.time() + 1.5
+        procs = [ctx.Process(target=_open_storage_at, args=(url, start, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        failures += [r for r in (results.get(timeout=5) for _ in procs) if r != "ok"]
+    assert not failures, failures[0]
+
+
+ENV_FIT = textwrap.dedent(
+    """
+    # Stands in for `lm fit`: records the launcher variables it was started with, and a val/loss of 1.
+    import json, os, sys
+    from pathlib import Path
+    import torch
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+    root = Path(args["trainer.default_root_dir"])
+    names = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "RANK", "WORLD_SIZE", "MASTER_PORT")
+    names += ("SLURM_JOB_ID",)
+    root.joinpath("env.json").write_text(json.dumps({n: os.environ[n] for n in names if n in os.environ}))
+    last = root / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    state = {"monitor": args["checkpoint.monitor"], "best_model_score": torch.tensor(1.0)}
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": state}}, last)
+    """
+)
+
+
+def test_a_trial_is_not_taken_for_a_rank_of_the_job_that_started_the_sweep(tmp_path, monkeypatch):
+    """`lm sweep --local` inside `sbatch --ntasks-per-node=2` (or under torchrun): each trial inherited SLURM_NTASKS
+    and SLURM_PROCID, Lightning took it for rank 0 of 2 srun tasks, and a DDP trial waited for ever for a rank 1
+    (`--ntasks=2`: every trial failed). The job's id stays, for a command that starts srun itself."""
+    for name, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "0", "RANK": "0",
+                        "WORLD_SIZE": "2", "MASTER_PORT": "29500", "SLURM_JOB_ID": "77"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    (tmp_path / "env_fit.py").write_text(ENV_FIT)
+    command = ["${interpreter}", "${program}", "${args}"]
+    config = _grid("1") | {"program": str(tmp_path / "env_fit.py"), "command": command}
+    summary = run_local(config, name="e", out=tmp_path / "out", count=None, workers=1, storage=None, seed=0, extra=[])
+    seen = json.loads((Path(summary["trials"][0]["root"]) / "env.json").read_text())
+    assert seen == {"SLURM_JOB_ID": "77"}
+
+
+def test_a_command_that_passes_a_config_after_the_swept_arguments_is_refused(tmp_path):
+    """`[lm, fit, ${args}, --config, X]`: X is read after the swept values and sets its own lr in every trial, while
+    the summary reports the swept ones."""
+    config = _grid("1") | {"command": ["lm", "fit", "${args}", "--config", "experiments/debug.yaml"]}
+    with pytest.raises(LMError, match=r"--config .*after .*\$\{args\}"):
+        load_sweep(_write(tmp_path, config))
+    config = _grid("1") | {"command": ["lm", "fit", "${args}", "--x=2"]}  # a swept key set again after ${args}
+    with pytest.raises(LMError, match=r"--x .*after .*\$\{args\}"):
+        load_sweep(_write(tmp_path, config))
+    load_sweep(_write(tmp_path, _grid("1") | {"command": ["lm", "fit", "--config", "e.yaml", "${args}", "--y=3"]}))
+
+
+def test_a_list_or_mapping_value_holding_null_reaches_lm_fit_as_null():
+    from lm.sweep import _cli_value
+
+    for value in ([0.9, None], {"a": None, "b": True, "c": "x y"}):
+        assert yaml.safe_load(_cli_value(value)) == value
+
+
+@pytest.mark.slow
+def test_lm_fit_stopped_by_a_wandb_agent_does_not_exit_as_a_failed_run(tmp_path):
+    """W&B's early_terminate stops a run with SIGTERM from its agent, and the agent counts an exit code > 0 as a
+    failed run: after 5 (or 3 in its first minute) it shut itself down. lm fit saved and exited 143 for each."""
+    root = tmp_path / "root"
+    env = cli_env(WANDB_SWEEP_ID="sweep1", WANDB_RUN_ID="run1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "lm", "fit", "--config", "experiments/debug.yaml", "--trainer.max_steps", "100000",
+               "--samples.max_new_tokens", "0", "--trainer.default_root_dir", str(root)]  # fmt: skip
+    with open(tmp_path / "out.log", "w+") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        # Lightning's model summary: training starts
+        while "Trainable params" not in (tmp_path / "out.log").read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "out.log").read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert "stopped by a signal after saving a checkpoint" in (tmp_path / "out.log").read_text()
+    assert (root / "sweep-sweep1" / "run1" / "checkpoints" / "last.ckpt").is_file()
+    assert proc.returncode <= 0, f"exit code {proc.returncode}: wandb's agent counts it as a failed run"
