@@ -11,8 +11,9 @@ The sweep file is W&B's format (https://docs.wandb.ai/guides/sweeps/define-sweep
 
 Locally, one Optuna study kept in SQLite (`<out>/optuna.db`, or `--storage` for any RDB URL): a grid runs every point
 once (in a shuffled order), random/bayes draw with Optuna's RandomSampler/TPESampler. Several workers share it:
-`--workers K` threads here, or the same command started elsewhere with the same `--storage` (e.g. a SLURM job array); no
-grid point runs twice and never more than `--count` trials are completed or running. `--count` is the study's total of
+`--workers K` threads here (each with its own slice of the visible GPUs), or the same command started elsewhere with
+the same `--storage` (e.g. a SLURM job array); no grid point runs twice and never more than `--count` trials are
+completed or running. `--count` is the study's total of
 completed trials: a killed sweep resumes when started again, and runs anew the trials that failed or were cut off (a
 RUNNING trial whose worker is dead: on the same machine its pid says so, elsewhere a heartbeat older than 90 s). A trial
 cut off by the sweep (the sweep stopped or died; its `lm fit` got SIGTERM and saved a checkpoint) resumes from its
@@ -335,8 +336,35 @@ def best_metric(root: Path, metric: str) -> float:
     raise TrialFailed(f"{last}: no finite best {metric} recorded by a ModelCheckpoint")
 
 
-def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | None = None) -> float:
-    """Run one trial's command with its own output root and W&B offline; return its best `metric`.
+def worker_devices(workers: int) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each of `workers` local workers: the GPUs this process sees, split into
+    contiguous equal slices (8 GPUs, 4 workers: "0,1", "2,3", ...); fewer GPUs than workers share them round-robin.
+    None each (the trials see what the sweep sees) for one worker or no GPU: without it, every worker's
+    `devices: 1` trial ran on GPU 0."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if workers <= 1:
+        return [None] * max(workers, 1)
+    if visible is not None:
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
+        gpus = gpus[: next((i for i, g in enumerate(gpus) if g.startswith("-")), len(gpus))]  # CUDA stops at -1
+    else:
+        import torch  # counts through NVML where it can, without starting CUDA in the sweep's process
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        return [None] * workers
+    if len(gpus) < workers:
+        print(f"lm sweep: {workers} workers share {len(gpus)} GPUs: some trials run on the same GPU", flush=True)
+        return [gpus[i % len(gpus)] for i in range(workers)]
+    share = len(gpus) // workers  # the remainder stays idle: equal slices keep the trials comparable
+    return [",".join(gpus[i * share : (i + 1) * share]) for i in range(workers)]
+
+
+def run_trial(
+    argv: list[str], root: Path, metric: str, goal: str, stop: Stop | None = None, devices: str | None = None
+) -> float:
+    """Run one trial's command with its own output root and W&B offline; return its best `metric`. `devices`, when
+    given, is the trial's CUDA_VISIBLE_DEVICES (its worker's GPUs).
 
     When `stop` is requested (the sweep got SIGINT/SIGTERM) the trial's `lm fit` gets SIGTERM, saves a checkpoint
     and exits; a second signal kills it."""
@@ -357,6 +385,8 @@ def run_trial(argv: list[str], root: Path, metric: str, goal: str, stop: Stop | 
         env = {k: v for k, v in env.items() if k not in RANK_VARIABLES}
     env |= {"PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid()), SWEEP_TRIAL: f"{root.parent.name}-{root.name}"}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
     with open(root / "trial.log", "a") as log:  # a resumed trial's log goes on after the cut-off one's
         # Its own process group: a terminal's Ctrl-C reaches only the sweep, which then stops the whole trial
@@ -700,7 +730,11 @@ def run_local(
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     me = _worker_id()
     stop = Stop()
-    run = run or functools.partial(run_trial, stop=stop)
+    workers = max(1, workers)
+    if run is None:  # each worker's trials run on its own GPUs
+        runs = [functools.partial(run_trial, stop=stop, devices=d) for d in worker_devices(workers)]
+    else:  # the caller's (tests)
+        runs = [run] * workers
     lock = threading.Lock()  # one worker at a time decides what runs next, so --count and the grid hold
 
     def point(t: Any) -> tuple:
@@ -870,15 +904,15 @@ def run_local(
                 f"trial was started (--max_initial_failures {max_initial_failures}; 0 goes on)"
             )
 
-    def work() -> None:
+    def work(run: Callable[[list[str], Path, str, str], float]) -> None:
         try:
-            run_trials()
+            run_trials(run)
         except BaseException as e:  # a bug, or a user error the sweep file made: stop everything and raise it
             errors.append(e)
             stop.name = stop.name or type(e).__name__
             stop.requested.set()
 
-    def run_trials() -> None:
+    def run_trials(run: Callable[[list[str], Path, str, str], float]) -> None:
         while True:
             if gave_up:
                 return
@@ -927,7 +961,7 @@ def run_local(
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, stop) for s in handled}
     try:
-        threads = [threading.Thread(target=work, name=f"sweep-worker-{i}") for i in range(max(1, workers))]
+        threads = [threading.Thread(target=work, args=(runs[i],), name=f"sweep-worker-{i}") for i in range(workers)]
         for t in threads:
             t.start()
         for t in threads:
@@ -1051,6 +1085,8 @@ def sweep_command(argv: list[str]) -> None:
     config = load_sweep(args.file)
     if args.count is not None and args.count < 1:
         raise LMError(f"--count must be at least 1, got {args.count}")
+    if args.workers < 1:
+        raise LMError(f"--workers must be at least 1, got {args.workers}")
     # A swept key after `--` would be overridden by the sweep's value in every trial: refused, not silently ignored
     swept = [a for a in extra if a.startswith("--") and a[2:].split("=", 1)[0] in config["parameters"]]
     if swept:

@@ -25,7 +25,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 import lm.sweep
 from lm.__main__ import main
 from lm.errors import LMError
-from lm.sweep import _host, _storage, grid_space, load_sweep, run_local, suggest, trial_command
+from lm.sweep import _host, _storage, grid_space, load_sweep, run_local, suggest, trial_command, worker_devices
 from tests.conftest import REPO, cli_env
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -502,6 +502,8 @@ def test_summary_shows_the_values_the_trial_ran_with(tmp_path):
         (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage: cannot open .*/nonexistent/dir/x.db"),
         (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], r"postgresql://me:\*\*\*@"),  # no password shown
         (["--out", "{file}/sweep"], "cannot write .*/file/sweep: Not a directory"),
+        (["--workers", "0"], "--workers must be at least 1, got 0"),  # it ran one worker
+        (["--count", "0"], "--count must be at least 1, got 0"),
     ],
 )
 def test_bad_storage_or_out_is_a_one_line_error(tmp_path, flags, message):
@@ -1126,13 +1128,14 @@ def test_workers_started_together_on_a_new_sqlite_study_all_open_it(tmp_path):
 ENV_FIT = textwrap.dedent(
     """
     # Stands in for `lm fit`: records the launcher variables it was started with, and a val/loss of 1.
-    import json, os, sys
+    import json, os, sys, time
     from pathlib import Path
     import torch
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
     root = Path(args["trainer.default_root_dir"])
     names = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "RANK", "WORLD_SIZE", "MASTER_PORT")
-    names += ("SLURM_JOB_ID",)
+    names += ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES")
+    time.sleep(float(os.environ.get("ENV_FIT_SLEEP", "0")))  # lets the other workers claim their trials meanwhile
     root.joinpath("env.json").write_text(json.dumps({n: os.environ[n] for n in names if n in os.environ}))
     last = root / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
@@ -1155,6 +1158,39 @@ def test_a_trial_is_not_taken_for_a_rank_of_the_job_that_started_the_sweep(tmp_p
     summary = run_local(config, name="e", out=tmp_path / "out", count=None, workers=1, storage=None, seed=0, extra=[])
     seen = json.loads((Path(summary["trials"][0]["root"]) / "env.json").read_text())
     assert seen == {"SLURM_JOB_ID": "77"}
+
+
+@pytest.mark.parametrize(
+    ("visible", "workers", "expected"),
+    [
+        ("0,1,2,3", 2, ["0,1", "2,3"]),
+        ("0,1,2", 2, ["0", "1"]),  # equal slices: the odd GPU stays idle
+        ("3", 2, ["3", "3"]),  # fewer GPUs than workers: shared
+        ("GPU-a,GPU-b", 2, ["GPU-a", "GPU-b"]),  # UUIDs as given
+        ("0,-1,2", 2, ["0", "0"]),  # CUDA ignores the devices after an invalid one
+        ("", 2, [None, None]),  # no GPU: nothing to split
+        ("0,1", 1, [None]),  # one worker sees what the sweep sees
+        (None, 2, [None, None]),  # this CPU machine: torch counts no GPU
+    ],
+)
+def test_each_local_worker_gets_its_own_gpus(monkeypatch, visible, workers, expected):
+    """Every worker's `devices: 1` trial ran on GPU 0 (and `devices: -1` trials all on every GPU)."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert worker_devices(workers) == expected
+
+
+def test_a_trial_runs_on_its_worker_s_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setenv("ENV_FIT_SLEEP", "2")  # both workers hold a trial at once
+    (tmp_path / "env_fit.py").write_text(ENV_FIT)
+    command = ["${interpreter}", "${program}", "${args}"]
+    config = _grid("1", "2") | {"program": str(tmp_path / "env_fit.py"), "command": command}
+    summary = run_local(config, name="g", out=tmp_path / "out", count=None, workers=2, storage=None, seed=0, extra=[])
+    seen = [json.loads((Path(t["root"]) / "env.json").read_text()) for t in summary["trials"]]
+    assert sorted(s["CUDA_VISIBLE_DEVICES"] for s in seen) == ["4,5", "6,7"]
 
 
 def test_a_command_that_passes_a_config_after_the_swept_arguments_is_refused(tmp_path):
