@@ -213,7 +213,8 @@ class LMCLI(LightningCLI):
                 # W&B, CSV, TensorBoard: logs of a run live under its root, not in whatever directory it started in.
                 # A W&B `dir` given is where W&B writes (WandbLogger takes save_dir, "." by default, over it)
                 args["save_dir"] = str(args.get("dir") or root)
-                root.mkdir(parents=True, exist_ok=True)
+                # made here: wandb < 0.19.9 does not create a `dir` that is missing, and writes to /tmp instead
+                Path(args["save_dir"]).expanduser().mkdir(parents=True, exist_ok=True)
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
                 # A sweep's trials would all carry the experiment's run name: W&B names an agent's runs itself, and
                 # lm sweep --local names each after its trial

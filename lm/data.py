@@ -245,8 +245,11 @@ def load_documents(
         raise LMError(f"data source {source!r}: no column {text_field!r} (data.text_field); columns: {ds.column_names}")
     ds = ds.select_columns([text_field])
     # Checked on the Arrow column (no pass over the text): a row without the field, or with null, reads as None.
-    dtype = getattr(ds.features[text_field], "dtype", None)
-    if isinstance(ds.features[text_field], datasets.features.Json):  # rows of mixed types: name the first non-text
+    feature = ds.features[text_field]
+    # (datasets < 4 gives its Sequence, a list column, the dtype "list"; 4's List has none)
+    dtype = None if isinstance(feature, datasets.Sequence) else getattr(feature, "dtype", None)
+    # datasets >= 4.7 reads a JSON column of mixed types as Json (3.x fails to load it: "could not read it")
+    if isinstance(feature, getattr(datasets.features, "Json", ())):  # name the first non-text
         values = ds[text_field]
         first = next(((i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
         if first is not None and any(isinstance(v, str) for v in values):

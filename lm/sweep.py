@@ -602,8 +602,12 @@ def _fail_dead_trials(study: Any) -> None:
 
     On this machine the worker's pid says so at once; on another one its heartbeat has to be GRACE_S old. A trial
     that a live worker runs is left alone, whichever machine it is on."""
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
+
+    try:
+        from optuna.exceptions import UpdateFinishedTrialError
+    except ImportError:  # optuna < 4.3 raises a plain RuntimeError
+        UpdateFinishedTrialError = RuntimeError
 
     storage = study._storage
     stale = set(storage._get_stale_trial_ids(study._study_id))  # what Optuna's fail_stale_trials checks

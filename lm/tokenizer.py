@@ -84,18 +84,14 @@ def _without_surrogates(text: str) -> str:
 
 def _tiktoken_arrays(enc, texts: list[str], num_threads: int) -> list[np.ndarray]:
     """Each text's ids from a tiktoken Encoding as a uint32 array, on num_threads threads (`encode_ordinary`)."""
-    if hasattr(enc, "encode_to_numpy"):
-        # tiktoken's own buffer as an array: no list of Python ints to build (with the GIL held, so threads would
-        # queue for it) and convert (~10% of the single-thread time here). No special token is allowed and none
-        # is refused (disallowed_special=()), which is exactly encode_ordinary: special-token strings stay text.
-        def encode(text: str) -> np.ndarray:
-            try:
-                return enc.encode_to_numpy(text, disallowed_special=())
-            except UnicodeEncodeError:  # a lone surrogate: encode_ordinary replaces it, and so must this path
-                return np.array(enc.encode_ordinary(text), dtype=np.uint32)
-    else:  # tiktoken < 0.9
 
-        def encode(text: str) -> np.ndarray:
+    # tiktoken's own buffer as an array: no list of Python ints to build (with the GIL held, so threads would queue
+    # for it) and convert (~10% of the single-thread time here). No special token is allowed and none is refused
+    # (disallowed_special=()), which is exactly encode_ordinary: special-token strings stay text.
+    def encode(text: str) -> np.ndarray:
+        try:
+            return enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:  # a lone surrogate: encode_ordinary replaces it, and so must this path
             return np.array(enc.encode_ordinary(text), dtype=np.uint32)
 
     if num_threads <= 1:

@@ -442,7 +442,11 @@ def test_user_errors(tmp_path, text_file):
     with pytest.raises(LMError, match="column 'text' holds lists/structs, not text"):
         make(tmp_path, path)
     path.write_text('{"text": "abc"}\n{"text": 5}\n')  # was "holds lists/structs": there were none
-    with pytest.raises(LMError, match="mixes text with other types: document 1 .* holds a value of type int"):
+    import datasets
+
+    # datasets < 4.7 (no Json feature) cannot load such a column at all: a one-line error all the same
+    mixed = "mixes text with other types: document 1 .* holds a value of type int"
+    with pytest.raises(LMError, match=mixed if hasattr(datasets.features, "Json") else "could not read it as json"):
         make(tmp_path, path)
     with pytest.raises(LMError, match="builtin:shakespeare"):
         make(tmp_path, "builtin:nope")
