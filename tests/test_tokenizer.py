@@ -322,17 +322,6 @@ def test_encode_to_array_is_encode_batch_flattened(tokenizers, kind):
     assert tok.encode_to_array([], eos=True).tolist() == []
 
 
-def test_gpt2_encode_to_array_without_tiktoken_numpy_output(tokenizers, monkeypatch):
-    """tiktoken < 0.9 has no encode_to_numpy; the list route must give the same ids."""
-    import lm.tokenizer as tokenizer_module
-
-    tok, real = tokenizers["gpt2"], tokenizer_module._gpt2_encoding()
-    expected = tok.encode_to_array(CORPUS, eos=True, num_threads=2).tolist()
-    old_tiktoken = type("OldEncoding", (), {"encode_ordinary": staticmethod(real.encode_ordinary)})()
-    monkeypatch.setattr(tokenizer_module, "_gpt2_encoding", lambda: old_tiktoken)
-    assert tok.encode_to_array(CORPUS, eos=True, num_threads=2).tolist() == expected
-
-
 def _pseudo_words(rng, n: int) -> list[str]:
     syllables = ["th", "e", "an", "qu", "ing", "o", "st", "re", "a", "ll", "é", "日本", "x", "'s", "12", "0"]
     return ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 5))) for _ in range(n)]
