@@ -280,6 +280,17 @@ def _ema_update(decay: float):
     return update
 
 
+def _ema_update_one(decay: float):
+    """_ema_update for one tensor at a time (AveragedModel's avg_fn): for an average wider than the weights on torch
+    < 2.12, whose foreach grouping refuses two dtypes at one index ("Tensors of the same index must be on the same
+    device and the same dtype") before multi_avg_fn is called."""
+
+    def update(average: torch.Tensor, live: torch.Tensor, num_averaged) -> torch.Tensor:
+        return torch.lerp(average, live.to(average.dtype), 1 - decay)
+
+    return update
+
+
 class EMA(WeightAveraging):
     """An exponential moving average (EMA) of the weights: validation, checkpoints and the end of training use it.
 
@@ -317,6 +328,7 @@ class EMA(WeightAveraging):
         if update_every_n_steps < 1:
             raise LMError(f"EMA update_every_n_steps must be >= 1, got {update_every_n_steps}")
         super().__init__(use_buffers=False, multi_avg_fn=_ema_update(decay))
+        self.decay = decay
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step or 0
         self._swapped = False  # whether the model holds the average (during validation) and the copy the live weights
@@ -419,4 +431,9 @@ class EMA(WeightAveraging):
         with warnings.catch_warnings():
             # The parent warns that configure_model is run unsharded; outside FSDP that is exactly what happens anyway.
             warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model")
+            if trainer.precision in ("bf16-true", "16-true", "64-true") and torch.__version__ < (2, 12):
+                # The model is cast after the average was copied in fp32, and torch < 2.12 refuses to group the two
+                # dtypes for multi_avg_fn (measured: 2.6-2.11 fail, 2.12 works): average tensor by tensor instead.
+                # _kwargs: what WeightAveraging hands to AveragedModel.
+                self._kwargs = {"avg_fn": _ema_update_one(self.decay)}
             super().setup(trainer, pl_module, stage)

@@ -156,6 +156,10 @@ def convert_to_fp8(model: GPT, device: torch.device) -> GPT:
             )
     elif device.type == "cpu":
         # torch's CPU _scaled_mm computes the same numbers slowly: good for tests, never for speed
+        if torch.__version__ < (2, 8):  # torch._scaled_mm got its CPU kernel in 2.8
+            raise LMError(
+                f"model.fp8 on CPU needs torch >= 2.8 (torch._scaled_mm on CPU); this is torch {torch.__version__}"
+            )
         rank_zero_warn("model.fp8 on CPU runs float8 matmuls through torch's reference kernel: expect no speedup")
     else:
         raise LMError(f"model.fp8 runs on CUDA GPUs (compute capability >= 8.9) or, for tests, on CPU; not {device}")

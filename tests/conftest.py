@@ -5,11 +5,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.loggers import Logger
 
 # ../shared/data beside the checkout (README, "Tests"), or wherever LM_SHARED_DATA points
 SHARED_DATA = Path(os.environ.get("LM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 REPO = Path(__file__).resolve().parents[1]
+
+# Features of a newer torch than the oldest lm supports (pyproject.toml: torch>=2.6); lm refuses them in one line there
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="model.optimizer muon: torch >= 2.9")
+needs_cpu_fp8 = pytest.mark.skipif(torch.__version__ < (2, 8), reason="model.fp8 on CPU (_scaled_mm): torch >= 2.8")
+OPTIMIZERS = ["adamw", pytest.param("muon", marks=needs_muon)]
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import OPTIMIZERS, REPO, needs_muon
 
 
 def load(name: str):
@@ -33,7 +33,7 @@ def test_train_throughput_builds_the_model_asked_for(flags, shape):
     assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == shape
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_train_throughput_runs_both_paths_and_writes_json(tmp_path, capsys, optimizer):
     bench = load("train_throughput")
     out = tmp_path / "t.json"
@@ -244,6 +244,7 @@ def test_serve_tasks_asks_for_lm_tasks_eval_s_decoding(monkeypatch):
     assert all(b["temperature"] == 0 and b["repetition_penalty"] == 1.0 for b in bodies)
 
 
+@needs_muon
 def test_optimizer_step_times_lm_and_torch_muon_on_the_same_parameters(tmp_path, capsys):
     bench = load("optimizer_step")
     out = tmp_path / "o.json"

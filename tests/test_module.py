@@ -4,7 +4,7 @@ import torch
 from lm.config import get_config
 from lm.errors import LMError
 from lm.module import IGNORE_INDEX, LanguageModel, chunked_cross_entropy, lr_multiplier, next_token_loss
-from tests.conftest import MemoryLogger
+from tests.conftest import OPTIMIZERS, MemoryLogger, needs_cpu_fp8, needs_muon
 
 
 def schedule(step, name, **kw):
@@ -160,6 +160,7 @@ def test_clipping_uses_the_step_norm_like_clip_grad_norm(clip):
     assert optimizer.found_inf.item() == 0.0  # fused AdamW: a finite step is taken
 
 
+@needs_muon
 def test_clipping_flags_a_non_finite_muon_step_for_the_optimizer_to_skip_without_a_host_read():
     import lightning as L
 
@@ -382,6 +383,7 @@ def test_a_second_fit_does_not_carry_the_first_fit_s_partial_window():
     assert module._step_tokens is None and module._step_loss_sum is None
 
 
+@needs_muon
 def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tmp_path):
     module = LanguageModel(get_config("tiny"), lr=3e-3, warmup_steps=1, decay_steps=20, optimizer="muon")
     module.configure_model()
@@ -410,6 +412,7 @@ def test_muon_option_trains_hidden_matrices_with_muon_and_the_rest_with_adamw(tm
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step: LRs only
+@needs_muon
 def test_muon_settings_reach_muon_and_the_schedule_scales_both_optimizers_alike():
     """Muon's LR, momentum, Nesterov and Newton-Schulz steps are model settings (YAML), not code."""
     module = LanguageModel(
@@ -444,7 +447,7 @@ def test_muon_settings_reach_muon_and_the_schedule_scales_both_optimizers_alike(
             LanguageModel(get_config("tiny"), optimizer="muon", **bad)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_optimizer_groups_hold_when_fsdp_hands_over_flat_shards(optimizer):
     """FSDP (use_orig_params) gives configure_optimizers 1-D shards under wrapped names: the groups come from the
     shapes recorded before wrapping, not from the shards (every tensor went without weight decay), and Muon, which
@@ -477,6 +480,7 @@ def test_optimizer_groups_hold_when_fsdp_hands_over_flat_shards(optimizer):
     assert adamw.param_groups[0]["weight_decay"] == 0.1 and len(adamw.param_groups[0]["params"]) > 0
 
 
+@needs_muon
 def test_muon_with_adamw_skips_a_flagged_step_and_takes_an_unflagged_one():
     """found_inf = 1 leaves every weight and both optimizers' state as they were; found_inf = 0 is an ordinary
     step."""
@@ -558,7 +562,7 @@ def test_training_logs_only_at_logging_steps_and_reads_nothing_off_the_device_in
         assert {"train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"} <= set(metrics)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_on_cuda_no_step_reads_the_device_on_the_host_except_at_logging_steps(optimizer, monkeypatch):
     """The CUDA path of a training step, run on CPU with every host read of a tensor (.item(), bool(), float(),
     int(), .tolist()) made to fail between the start and end of each non-logging step: a read there waits for the
@@ -621,6 +625,7 @@ def test_on_cuda_no_step_reads_the_device_on_the_host_except_at_logging_steps(op
     assert all(torch.isfinite(p).all() for p in module.model.parameters())  # the NaN step was skipped
 
 
+@needs_cpu_fp8
 @pytest.mark.filterwarnings("ignore:model.fp8 on CPU")
 def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
     """torchao's CPU path (torch's reference _scaled_mm) runs the same code as on a GPU, only slowly."""
@@ -654,9 +659,15 @@ def test_fp8_trains_the_block_linears_in_float8_and_keeps_the_checkpoint_keys():
 def test_fp8_errors_are_one_line_and_say_what_to_do(monkeypatch):
     import sys
 
+    from torch.torch_version import TorchVersion
+
     from lm.model import GPT
     from lm.module import convert_to_fp8
 
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.7.1"))  # torch._scaled_mm on CPU came in 2.8
+    with pytest.raises(LMError, match=r"on CPU needs torch >= 2\.8 .*this is torch 2\.7\.1"):
+        convert_to_fp8(GPT(get_config("tiny")), torch.device("cpu"))
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.8.0"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(LMError, match=r"compute capability >= 8.9.*A100.* is 8\.0: set model.fp8 false"):
@@ -745,7 +756,7 @@ def test_activation_checkpointing_trains_the_same_weights():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_a_resume_with_more_steps_takes_its_first_step_at_the_new_schedule_s_lr(tmp_path, optimizer):
     """The optimizer's saved LR is the old schedule's, and LambdaLR recomputes only after a step: resuming a 4-step
     run's checkpoint with max_steps 8 took step 4 at the 4-step cosine's floor, not at the 8-step cosine's LR."""

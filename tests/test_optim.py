@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm.optim import Muon
+from tests.conftest import needs_muon
 
 # square, wide, tall (X^T X in Newton-Schulz), and repeats of each, as a Transformer's blocks have
 SHAPES = [(48, 48), (32, 64), (64, 32), (48, 48), (32, 64), (64, 32), (16, 80)]
@@ -27,6 +28,7 @@ def run_both(steps: int, dtype=torch.float32, shapes=SHAPES, **hyper):
     return start, (theirs, their_opt), (ours, our_opt)
 
 
+@needs_muon
 @pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original", None])
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("momentum", [0.95, 0.0])
@@ -43,6 +45,7 @@ def test_muon_matches_torch_muon(adjust_lr_fn, nesterov, momentum):
         torch.testing.assert_close(our_opt.state[b]["momentum_buffer"], their_opt.state[a]["momentum_buffer"])
 
 
+@needs_muon
 @pytest.mark.parametrize("steps", [1, 2])
 def test_muon_matches_torch_muon_up_to_bf16_rounding_where_shapes_round_differently(steps):
     """fp32 weights, shapes whose batched bf16 Newton-Schulz rounds unlike torch's one matrix at a time (two 48 x 32
@@ -53,6 +56,7 @@ def test_muon_matches_torch_muon_up_to_bf16_rounding_where_shapes_round_differen
         assert (a - b).abs().max() <= 1e-2 * (a - p0).abs().max()
 
 
+@needs_muon
 @pytest.mark.parametrize("lr", [1e-2, 2e-2])
 def test_muon_matches_torch_muon_on_bf16_weights(lr):
     """bf16 weights (precision bf16-true): all but ~1% of the elements are bit-equal after five steps; the rest
@@ -65,6 +69,7 @@ def test_muon_matches_torch_muon_on_bf16_weights(lr):
     assert moved > 0.4 * total and differ < 0.02 * total
 
 
+@needs_muon
 def test_muon_batches_newton_schulz_by_shape():
     """One batch of matmuls per distinct shape, not per matrix: 4 shapes x 5 iterations x 3 matmuls."""
     params = [torch.randn(shape, requires_grad=True) for shape in SHAPES]
@@ -90,6 +95,7 @@ def test_muon_batches_newton_schulz_by_shape():
     assert CountMatmuls.count == len(set(SHAPES)) * 5 * 3
 
 
+@needs_muon
 def test_muon_splits_a_large_shape_into_bounded_batches(monkeypatch):
     """Stacks stay under MUON_BATCH_ELEMENTS: with room for two 48x48 matrices, the three of them take two batches
     (and the same numbers as one batch)."""
@@ -120,6 +126,7 @@ def test_muon_splits_a_large_shape_into_bounded_batches(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+@needs_muon
 def test_muon_state_loads_into_torch_muon_and_back():
     """Checkpoints written with torch.optim.Muon (and by it) load either way: same state layout."""
     _, (theirs, their_opt), (ours, our_opt) = run_both(2, lr=1e-2)
@@ -131,6 +138,7 @@ def test_muon_state_loads_into_torch_muon_and_back():
     torch.testing.assert_close(back.state_dict(), our_opt.state_dict())
 
 
+@needs_muon
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("on_device", [False, True])
 def test_muon_skips_a_flagged_step_and_takes_an_unflagged_one(on_device, dtype):
@@ -185,7 +193,11 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
     import sys
 
     fresh = subprocess.run(
-        [sys.executable, "-c", "import torch; del torch.optim.Muon; import lm.optim, lm.module, lm.__main__"],
+        [
+            sys.executable,
+            "-c",
+            "import torch; vars(torch.optim).pop('Muon', None); import lm.optim, lm.module, lm.__main__",
+        ],
         capture_output=True,
         text=True,
     )
@@ -194,13 +206,14 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
     from lm.optim import build_optimizer
 
     model = torch.nn.Linear(4, 4)
-    monkeypatch.delattr(torch.optim, "Muon")
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
     with pytest.raises(LMError, match=r"needs torch >= 2.9"):
         build_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.95))
     optimizer, _ = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
+@needs_muon
 def test_muon_with_adamw_shows_its_state_to_code_that_walks_optimizer_state():
     """Lightning moves optimizer.state to the device at set-up and to the CPU at teardown: the wrapper's own state
     was empty, so Muon's and AdamW's buffers stayed where they were."""
@@ -233,6 +246,7 @@ def test_muon_with_adamw_shows_its_state_to_code_that_walks_optimizer_state():
     assert ours == inner and ours  # still the inner optimizers' state after loading
 
 
+@needs_muon
 def test_muon_with_adamw_state_of_a_parameter_without_state_is_its_own_optimizer_s():
     """optimizer.state[p] for a parameter not stepped yet: an empty entry, as torch's defaultdict gives, in the
     optimizer that owns p (not a KeyError, and not an entry in the other optimizer)."""

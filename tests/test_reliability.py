@@ -15,7 +15,7 @@ from lm.errors import LMError
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, RNGState
 from lm.tokenizer import CharTokenizer
-from tests.conftest import REPO, nan_loss_from_step
+from tests.conftest import OPTIMIZERS, REPO, nan_loss_from_step
 
 DEBUG = str(REPO / "experiments" / "debug.yaml")
 
@@ -260,6 +260,9 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.skipif(
+    torch.__version__ < (2, 8), reason="gloo's process group can deadlock in destroy_process_group before torch 2.8"
+)
 def test_each_rank_gets_its_own_rng_state_back(tmp_path):
     """Rank 0 writes the checkpoint: every rank restored rank 0's states, so on GPUs each rank's dropout masks after a
     resume were not its own (rank 0's process had never used the other devices' generators)."""
@@ -393,7 +396,7 @@ def fit_with_nan_steps(
     return module, snapshots
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_nan_step_is_skipped_and_counted(optimizer):
     module, snapshots = fit_with_nan_steps({2}, max_skipped=5, optimizer=optimizer)
     assert module.skipped_steps == 1 and module.stopped_at_step is None
@@ -405,7 +408,7 @@ def test_nan_step_is_skipped_and_counted(optimizer):
     assert not torch.equal(snapshots[1]["lm_head.weight"], snapshots[2]["lm_head.weight"])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_an_infinite_loss_with_finite_gradients_is_skipped_and_counted_too(optimizer):
     """A label's logit at -inf makes the loss inf and its gradient finite: only the gradient norm was checked, so
     the step was taken and nothing counted."""
@@ -415,7 +418,7 @@ def test_an_infinite_loss_with_finite_gradients_is_skipped_and_counted_too(optim
         assert torch.equal(before, snapshots[3][name]), name
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_under_fp16_an_infinite_loss_with_finite_gradients_is_skipped_not_only_counted(optimizer):
     """The GradScaler skips a step for overflowing gradients only: the step was counted as skipped, and taken."""
     from lightning.pytorch.plugins.precision import MixedPrecision
@@ -430,7 +433,7 @@ def test_under_fp16_an_infinite_loss_with_finite_gradients_is_skipped_not_only_c
     assert not torch.equal(snapshots[3]["lm_head.weight"], snapshots[4]["lm_head.weight"])  # and then it trains on
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_too_many_nan_steps_stop_the_run_naming_the_step(optimizer):
     module, snapshots = fit_with_nan_steps({1, 2, 3, 4, 5}, max_skipped=2, optimizer=optimizer)
     assert module.skipped_steps == 3
