@@ -94,21 +94,28 @@ class Throughput(L.Callback):
         self._first_step_pending = True
         # Each fit's first window is its warm-up: a second fit with this callback would have logged its first window,
         # timed from the end of the previous fit
-        self._start, self._tokens, self._flops, self._intervals, self._paused = None, 0, 0.0, 0, 0.0
+        self._open_window(None)
+        self._intervals = 0
+
+    def _open_window(self, start: float | None) -> None:
+        self._start, self._tokens, self._flops, self._paused = start, 0, 0.0, 0.0
+
+    @staticmethod
+    def _idle_clock(pl_module) -> float:
+        """time.perf_counter() once the device has run what was queued: a window's ends on the host (one sync each)."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     @contextlib.contextmanager
     def paused(self, pl_module):
         """Leave the block's time out of the current window: work between training steps that is not training
         (lm.eval.EvalCallback's every_n_steps evaluations), whichever side of this callback's batch end it runs on."""
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self._idle_clock(pl_module)
         try:
             yield
         finally:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize()
-            self._paused += time.perf_counter() - start
+            self._paused += self._idle_clock(pl_module) - start
 
     def on_validation_start(self, trainer, pl_module):
         self._restart = True
@@ -121,9 +128,7 @@ class Throughput(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._restart and self._start is not None:
             # Once per validation or save, not per step; the sync makes the window start when the device is idle.
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize()
-            self._start, self._tokens, self._flops, self._paused = time.perf_counter(), 0, 0.0, 0.0
+            self._open_window(self._idle_clock(pl_module))
         self._restart = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -151,9 +156,7 @@ class Throughput(L.Callback):
         # which counts micro-batches and restarts each epoch, put windows where nothing was written). 0: no logging.
         if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = self._idle_clock(pl_module)
         if self._start is not None and self._intervals > 0:
             elapsed = now - self._start - self._paused
             per_device = self._tokens / elapsed
@@ -162,7 +165,7 @@ class Throughput(L.Callback):
                 # the attention term grows with the length: one batch's length for the window read MFU 10-14% off
                 pl_module.log("train/mfu", self._flops / elapsed / self._peak_flops)
         self._intervals += 1
-        self._start, self._tokens, self._flops, self._paused = now, 0, 0.0, 0.0
+        self._open_window(now)
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):

@@ -341,9 +341,9 @@ def worker_devices(workers: int) -> list[str | None]:
     contiguous equal slices (8 GPUs, 4 workers: "0,1", "2,3", ...); fewer GPUs than workers share them round-robin.
     None each (the trials see what the sweep sees) for one worker or no GPU: without it, every worker's
     `devices: 1` trial ran on GPU 0."""
+    if workers == 1:
+        return [None]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if workers <= 1:
-        return [None] * max(workers, 1)
     if visible is not None:
         gpus = [g.strip() for g in visible.split(",") if g.strip()]
         gpus = gpus[: next((i for i, g in enumerate(gpus) if g.startswith("-")), len(gpus))]  # CUDA stops at -1
@@ -536,17 +536,16 @@ def _storage(url: str, flag: str) -> Any:
                     # SQLite: several workers write the same file; wait for the lock rather than fail at once
                     engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
                 )
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+            except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
                 # Workers started together (a job array) on a new storage: another one is creating the tables
                 # ("table studies already exists", "UNIQUE constraint failed: alembic_version"); it is there next time
-                racing = re.search(r"already exists|UNIQUE constraint|Duplicate entry|duplicate key", str(e))
-                if attempt == 9 or not racing:
+                racing = isinstance(e, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.OperationalError) and re.search(
+                    r"already exists|UNIQUE constraint|Duplicate entry|duplicate key", str(e)
+                )
+                if not racing or attempt == 9:
                     reason = str(getattr(e, "orig", None) or e).splitlines()[0]
                     raise LMError(f"{flag}: cannot open the Optuna storage {_hide_password(url)} ({reason})") from None
                 time.sleep(0.2 + random.random() * 0.3)
-            except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
-                reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-                raise LMError(f"{flag}: cannot open the Optuna storage {_hide_password(url)} ({reason})") from None
 
 
 def _hide_password(url: str) -> str:
@@ -719,16 +718,17 @@ def run_local(
     # Nor another parameter set: a copied sweep file that kept `name:` counted the old trials towards --count (and
     # ran none of its own) and ranked them as its own, their new parameters shown as None. Values may change.
     names = sorted(config["parameters"])
-    ran = study.user_attrs.get("parameters") or next(
+    recorded = study.user_attrs.get("parameters")  # studies begun before this check: their trials' params say
+    ran = recorded or next(
         (sorted(t.user_attrs["params"]) for t in study.get_trials(deepcopy=False) if "params" in t.user_attrs), None
     )
-    if ran is None or "parameters" not in study.user_attrs and ran == names:
-        study.set_user_attr("parameters", names)
-    elif ran != names:
+    if ran is not None and ran != names:
         raise LMError(
             f"study {name!r} swept the parameters {ran}, this sweep sweeps {names}: give it another --out (and, in "
             "a shared --storage, another --name)"
         )
+    if recorded is None:
+        study.set_user_attr("parameters", names)
     # ask/tell instead of study.optimize (which would decide --count and the grid per thread, unlocked): the
     # heartbeats that Optuna keeps in optimize are recorded by run_trials() below, so its warning does not apply.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
