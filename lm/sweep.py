@@ -506,7 +506,14 @@ def make_sampler(config: dict[str, Any], seed: int | None) -> Any:
                     if hasattr(self, "_random_sampler"):  # TPE's draws before n_startup_trials
                         self._random_sampler._rng.rng.seed(trial_seed)
 
-        return Replay(seed=seed)
+        if base is optuna.samplers.RandomSampler:
+            return Replay(seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Parallel workers (--workers K, or other processes on the study): TPE counts each running trial as if it
+            # had its worst value, so the next draw looks elsewhere instead of near the points already being tried.
+            # With nothing running it draws as without. Optuna 5's default; 4.x, which lm still supports, had it off.
+            return Replay(seed=seed, constant_liar=True)
 
     class GridPoint(optuna.samplers.RandomSampler):
         """Returns `point`, the grid point that run_local chose for the next trial (Optuna's GridSampler hands out

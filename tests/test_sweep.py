@@ -1233,3 +1233,27 @@ def test_lm_fit_stopped_by_a_wandb_agent_does_not_exit_as_a_failed_run(tmp_path)
     assert "stopped by a signal after saving a checkpoint" in (tmp_path / "out.log").read_text()
     assert (root / "sweep-sweep1" / "run1" / "checkpoints" / "last.ckpt").is_file()
     assert proc.returncode <= 0, f"exit code {proc.returncode}: wandb's agent counts it as a failed run"
+
+
+@pytest.mark.parametrize("method", ["bayes", "random"])
+def test_a_trial_still_running_moves_the_next_bayes_draw_away_and_leaves_random_alone(method):
+    """Parallel workers: without Optuna's constant liar (off by default before Optuna 5) TPE ignored the trials
+    being run, so a second worker drew right beside the first one's point. Two studies differ only in trial 12,
+    running in one and failed in the other (a failed trial counts for nothing); trial 13's draw, seeded by its
+    number, differs only where TPE sees it."""
+    params = {"x": {"min": 0.0, "max": 1.0}}
+    config = _grid() | {"method": method, "parameters": params}
+    draws = []
+    for last in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL):
+        study = optuna.create_study(sampler=lm.sweep.make_sampler(config, 3))
+        for i in range(12):
+            trial = study.ask()
+            study.tell(trial, (suggest(trial, params)["x"] - 0.3) ** 2 + 0.01 * i)
+        trial = study.ask()
+        suggest(trial, params)
+        if last == optuna.trial.TrialState.FAIL:
+            study.tell(trial, state=last)
+        trial = study.ask()
+        draws.append(suggest(trial, params)["x"])
+    running, failed = draws
+    assert (running != failed) == (method == "bayes")
