@@ -7,7 +7,8 @@
 # 2. job A: the debug experiment as 2 srun tasks (CPU DDP over gloo) runs to the end and checkpoints;
 # 3. job B: a longer run gets SIGUSR1 mid-training (what `#SBATCH --signal=USR1@90` sends before the time limit);
 #    Lightning saves hpc_ckpt_1.ckpt and requeues the job, which starts again, resumes from the newer of that
-#    checkpoint and checkpoints/last.ckpt (global_step continues) and finishes, logging to the same W&B run id;
+#    checkpoint and checkpoints/last.ckpt (global_step continues) and finishes, logging to the same W&B run id (the
+#    one train.sbatch drew at the job's first start);
 # 4. tears the daemons down (slurm/down.sh), also on failure. The whole log is kept in $WORK/test.log.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -92,6 +93,7 @@ grep -aq "Restoring states from the checkpoint path at $RESUME_CKPT" "$WORK/job-
     || fail "job B's second run did not restore $RESUME_CKPT"
 [ "$STEP_HPC" -gt 0 ] && [ "$STEP_HPC" -lt 400 ] || fail "the resumed checkpoint is at step $STEP_HPC, not mid-run"
 [ "$STEP_B" = 400 ] || fail "job B's last.ckpt is at step $STEP_B, not 400"
-[ "$(echo "$RUNS" | wc -w)" -ge 2 ] && ! echo "$RUNS" | tr ' ' '\n' | grep -v "^$" | grep -vq -- "-lm-$B\$" \
-    || fail "the restarted job did not continue W&B run lm-$B"
+RUN_ID=$(cat "$ROOT_B/wandb_run_id")  # train.sbatch draws it at the job's first start
+[ "$(echo "$RUNS" | wc -w)" -ge 2 ] && ! echo "$RUNS" | tr ' ' '\n' | grep -v "^$" | grep -vq -- "-$RUN_ID\$" \
+    || fail "the restarted job did not continue W&B run $RUN_ID"
 say "PASS: job A completed and checkpointed; job B was requeued at step $STEP_HPC and resumed to step $STEP_B"
