@@ -88,12 +88,12 @@ def time_row(model: GPT, row: str, args) -> tuple[float, int]:
     with CountOps() as counter:
         step()
     if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(args.device)  # the device it runs on: without one, the current device (cuda:0)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(args.device)
     return (time.perf_counter() - start) / args.steps, counter.count
 
 

@@ -313,6 +313,9 @@ class _BareModule(L.LightningModule):
         if (batch_idx + 1) % LOG_EVERY == 0:
             outputs["loss"].item()  # as the raw loop reads it (a host sync on a GPU)
 
+    def train_flops_per_token(self, seq_len: int) -> float:  # lm's Throughput callback logs MFU where the peak is known
+        return self.model.flops_per_token(seq_len)
+
     def configure_optimizers(self):
         optimizer = make_optimizer(self.model, self.args)
         total = self.trainer.max_steps

@@ -23,10 +23,13 @@ _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.flo
 # Dense peak FLOP/s of chips that Lightning's table misses or gets wrong under the name the driver reports (vendor
 # datasheets, per GPU, without sparsity). A plain "NVIDIA H200" is the SXM part: the H100 SXM's tensor cores with
 # faster memory. Lightning reads "NVIDIA H100 NVL" as twice an H100 SXM (a two-card NVL pair's figure), has no entry
-# for "NVIDIA H200 NVL", and parses "NVIDIA L40S" and "NVIDIA L40" as an L4.
+# for "NVIDIA H200 NVL", parses "NVIDIA L40S" and "NVIDIA L40" as an L4, and finds no peak for a Grace Hopper
+# superchip ("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e": the H100 SXM's tensor cores, whatever the memory).
 _NVL = {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tfloat32": 417.5e12, torch.float32: 60e12}
+_HOPPER_SXM = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
 _MORE_PEAK_FLOPS = {
-    "nvidia h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "nvidia h200": _HOPPER_SXM,
+    "nvidia gh200": _HOPPER_SXM,  # any memory size: matched by the start of the name
     "nvidia h100 nvl": _NVL,
     "nvidia h200 nvl": _NVL,
     "nvidia l40s": {torch.bfloat16: 362.05e12, torch.float16: 362.05e12, "tfloat32": 183e12, torch.float32: 91.6e12},
@@ -48,6 +51,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device).lower()
+    if name.startswith("nvidia gh200"):
+        name = "nvidia gh200"
     if name in _MORE_PEAK_FLOPS:
         if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
             dtype = "tfloat32"  # fp32 matmuls run on the tensor cores as TF32, as Lightning's table reads it
@@ -385,7 +390,7 @@ class EMA(WeightAveraging):
     def on_fit_start(self, trainer, pl_module):
         """The average was built in `setup`, before the strategy moved the model to its device, so it sits on the CPU:
         every update would copy all the weights from the GPU and average them on the CPU. It follows the model now
-        (unless a device was chosen for it); a checkpoint's average is loaded after this, into it."""
+        (unless a device was chosen for it), with a resumed checkpoint's average, which Lightning loaded before this."""
         if self._average_model is not None and self._device is None:
             self._average_model.to(pl_module.device)
 

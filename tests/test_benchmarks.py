@@ -65,7 +65,13 @@ def test_train_throughput_runs_both_paths_and_writes_json(tmp_path, capsys, opti
     assert "Lightning overhead:" in out_text and "per repeat: median" in out_text
 
 
-def test_train_throughput_bare_lightning_path_splits_the_overhead(tmp_path, capsys):
+@pytest.mark.parametrize("peak", [None, 989.4e12], ids=["cpu", "a-known-gpu-peak"])
+def test_train_throughput_bare_lightning_path_splits_the_overhead(tmp_path, capsys, monkeypatch, peak):
+    """Where the device's peak is known (any GPU in lm's table) lm fit's Throughput callback asks the module for its
+    FLOPs per token: the bare module had none, and the path crashed at its first logging step on a GPU."""
+    import lm.callbacks
+
+    monkeypatch.setattr(lm.callbacks, "peak_flops", lambda device, dtype: peak)
     bench = load("train_throughput")
     out = tmp_path / "t.json"
     flags = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--bare"]

@@ -269,6 +269,8 @@ def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
         ("NVIDIA H100 NVL", 835.5e12),  # Lightning's table: 1978.8e12, a two-card pair's
         ("NVIDIA H200 NVL", 835.5e12),  # Lightning's table: none
         ("NVIDIA L40S", 362.05e12),  # Lightning's parsing: an L4's 121e12
+        ("NVIDIA GH200 480GB", 989.4e12),  # Lightning's table: none (no MFU logged)
+        ("NVIDIA GH200 144G HBM3e", 989.4e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
     ],
 )
