@@ -38,7 +38,9 @@ PHASES=${PHASES:-time time512 time512_b64 throughput fp8 generation variants}
 DEADLINE=${DEADLINE:-100000}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py import lm without an install
-CSV=(--trainer.logger=lightning.pytorch.loggers.CSVLogger)
+# CSV logs (no W&B), and no progress bar: its carriage-return redraws in a log put the "step N: val/loss" lines
+# mid-line, where the summary's greps did not find them
+CSV=(--trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.enable_progress_bar=false)
 
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -66,7 +68,7 @@ time_to_loss() {  # experiment, name of the run, then overrides
     --data.init_args.cache_dir "$OUT/cache_$name" --trainer.default_root_dir "$OUT/$name" "${CSV[@]}" "$@" \
     > "$OUT/$name.log" 2>&1
   note "$name: exit $?, $((SECONDS - start)) s launch to exit"
-  grep -E "since launch" "$OUT/$name.log" >> "$OUT/summary.txt"
+  grep -aE "since launch" "$OUT/$name.log" >> "$OUT/summary.txt"
 }
 phase_time() { time_to_loss shakespeare_char shakespeare_char; }
 phase_time512() { time_to_loss shakespeare_char_ctx512 shakespeare_char_ctx512; }
@@ -123,14 +125,16 @@ variant() {  # name, then overrides of experiments/shakespeare_char.yaml
     --data.init_args.cache_dir "$OUT/cache" --trainer.default_root_dir "$OUT/variants/$name" "${CSV[@]}" \
     --model.init_args.compile true --trainer.val_check_interval 125 --samples.prompts '[]' \
     --checkpoint.save_top_k 0 --checkpoint.save_last false "$@" > "$OUT/variant_$name.log" 2>&1
+  echo "lm fit exit $?" >> "$OUT/variant_$name.log"  # 124: cut off by its time limit
 }
 # the ctx512 recipe (experiments/shakespeare_char_ctx512.yaml) as overrides of shakespeare_char.yaml
 CTX512=(--model.init_args.arch.block_size 512 --data.init_args.batch_size 32 --trainer.max_steps 1250)
 summarise_variants() {  # each variant's lowest val loss and its last validation
+  local validations="step [0-9]+: val/loss [0-9.]+, [0-9.]+ s since launch"
   for log in "$@"; do
-    best=$(grep -E "^step [0-9]+: val/loss" "$log" | sort -t' ' -k4 -n | head -1)
-    note "$(basename "$log" .log): ${best:-no validation: $(grep -E "Error|error" "$log" | tail -1)}," \
-      "last: $(grep -E "^step [0-9]+: val/loss" "$log" | tail -1)"
+    best=$(grep -aoE "$validations" "$log" | sort -t' ' -k4 -n | head -1)
+    note "$(basename "$log" .log): ${best:-no validation: $(grep -aE "Error|error" "$log" | tail -1)}," \
+      "last: $(grep -aoE "$validations" "$log" | tail -1), $(tail -1 "$log")"
   done
 }
 phase_variants() {
@@ -260,6 +264,9 @@ phase_variants8() {
   summarise_variants "$OUT"/variant_r8_*.log
 }
 
+for phase in $PHASES; do  # a misspelt phase stops the suite before it spends any GPU time
+  declare -F "phase_$phase" > /dev/null || { echo "gpu_suite.sh: no phase '$phase'" >&2; exit 2; }
+done
 for phase in $PHASES; do
   if ((DEADLINE - SECONDS < 30)); then note "$phase: skipped, past the deadline"; continue; fi
   note "--- $phase at $SECONDS s"
