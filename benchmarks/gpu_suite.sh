@@ -38,8 +38,8 @@ PHASES=${PHASES:-time time512 time512_b64 throughput fp8 generation variants}
 DEADLINE=${DEADLINE:-100000}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py import lm without an install
-# CSV logs (no W&B), and no progress bar: its carriage-return redraws in a log put the "step N: val/loss" lines
-# mid-line, where the summary's greps did not find them
+# CSV logs (no W&B), and no progress bar: a log holds lm's own lines only (tqdm's redraws, which lm fit drew into
+# files before it printed plain progress lines there, put the "step N: val/loss" lines mid-line)
 CSV=(--trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.enable_progress_bar=false)
 
 {

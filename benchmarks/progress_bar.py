@@ -1,8 +1,9 @@
 """What a progress bar costs lm's training step: LanguageModel on train_throughput.py's model and batches, trained by
 the same Trainer without a bar, with Lightning's default bars (rich's, tqdm's: both redrawn after every batch), rich's
-at refresh rate 10 (a second: its thread's rate) and tqdm's every 10 batches (lm's default). Paired rounds in one
-process, each round starting one setting further on; the table gives each setting's median ratio to no bar.
-A bar costs most in a terminal: run it in one (or under `script -qc "..." /dev/null`), not with its output in a file.
+at refresh rate 10 (a second: its thread's rate), tqdm's every 10 batches (lm's default in a terminal) and lm's
+plain lines every 10 steps (its default where the output is a file). Paired rounds in one process, each round
+starting one setting further on; the table gives each setting's median ratio to no bar. A bar costs most in a
+terminal: run it in one (or under `script -qc "..." /dev/null`) for the bars, with the output in a file for the lines.
 
     python benchmarks/progress_bar.py --rounds 6 --steps 100 [--size tiny] [--json out.json]
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_throughput as bench  # noqa: E402 - the benchmark next to this file
 
 from lm.__main__ import PROGRESS_BAR_REFRESH_RATE  # noqa: E402
+from lm.callbacks import ProgressLines  # noqa: E402
 
 SETTINGS = {
     "none": None,
@@ -30,6 +32,7 @@ SETTINGS = {
     f"tqdm, refresh_rate {PROGRESS_BAR_REFRESH_RATE} (lm's default)": lambda: TQDMProgressBar(
         PROGRESS_BAR_REFRESH_RATE
     ),
+    "lines every 10 steps (lm's, in a file)": lambda: ProgressLines(every=10),
 }
 
 
@@ -63,9 +66,9 @@ def main(argv=None) -> dict:
         }
         for name in names
     ]
-    print(f"{'progress bar':<34} {'best ms/step':>12} {'over none':>10}   ({args.rounds} paired rounds, CPU)")
+    print(f"{'progress bar':<40} {'best ms/step':>12} {'over none':>10}   ({args.rounds} paired rounds, CPU)")
     for row in rows:
-        print(f"{row['setting']:<34} {row['best_ms_per_step']:>12.2f} {row['median_over_none']:>+10.1%}")
+        print(f"{row['setting']:<40} {row['best_ms_per_step']:>12.2f} {row['median_over_none']:>+10.1%}")
     result = {"torch": torch.__version__, "lightning": L.__version__, "steps": args.steps, "rows": rows}
     result["rounds_ms_per_step"] = [{k: round(v * 1e3, 2) for k, v in r.items()} for r in rounds]
     if args.json:

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 import lm.chat_data  # noqa: F401 - imported, the data modules are known by name: `lm fit --data.help ChatData`
 import lm.data  # noqa: F401
 import lm.preference  # noqa: F401
-from lm.callbacks import SampleText, Throughput
+from lm.callbacks import ProgressLines, SampleText, Throughput
 from lm.chat import chat_command
 from lm.checkpoint import read_checkpoint
 from lm.cli_errors import OneLineErrorParser, import_class
@@ -372,15 +372,19 @@ class LMCLI(LightningCLI):
         """Lightning's default progress bar (rich's where rich is installed) becomes tqdm's, redrawn every
         PROGRESS_BAR_REFRESH_RATE batches: in a terminal, rich's redraw after every batch cost a small model's CPU step
         ~10% whatever its refresh rate, tqdm's after every batch 6%, tqdm's every 10 batches 1.3% (docs/benchmarks.md,
-        "The progress bar's share"). A progress bar given in trainer.callbacks is left as configured."""
+        "The progress bar's share"). Where the output is not a terminal (a file, a pipe) it becomes lm's
+        ProgressLines, a plain line every trainer.log_every_n_steps steps. A progress bar given in trainer.callbacks
+        is left as configured."""
         bar = self.trainer.progress_bar_callback
         if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar):
             return
         if _names_a_progress_bar(self.config[self.subcommand].trainer.get("callbacks")):
             return
-        self.trainer.callbacks[self.trainer.callbacks.index(bar)] = TQDMProgressBar(
-            refresh_rate=PROGRESS_BAR_REFRESH_RATE
-        )
+        if _stdout_is_a_terminal():
+            calm = TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)
+        else:
+            calm = ProgressLines(every=self.trainer.log_every_n_steps)
+        self.trainer.callbacks[self.trainer.callbacks.index(bar)] = calm
 
 
 def _check_trainer_values(trainer) -> None:
@@ -424,6 +428,10 @@ def _needs_its_init_from(class_path: str) -> bool:
 
     model_class = import_class(class_path)
     return isinstance(model_class, type) and issubclass(model_class, PreferenceModel)
+
+
+def _stdout_is_a_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _names_a_progress_bar(callbacks) -> bool:

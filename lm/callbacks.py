@@ -1,7 +1,9 @@
-"""Callbacks the `lm` CLI adds to every run (throughput/MFU logging, text samples at validation end), and an
-exponential moving average of the weights that experiments can switch on (`EMA`)."""
+"""Callbacks the `lm` CLI adds to every run (throughput/MFU logging, text samples at validation end, plain progress
+lines where the output is not a terminal), and an exponential moving average of the weights that experiments can
+switch on (`EMA`)."""
 
 import contextlib
+import datetime
 import time
 import warnings
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import ProgressBar, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -182,6 +184,51 @@ class Throughput(L.Callback):
             f"step {weights_step(trainer, pl_module)}: val/loss {val_loss:.4f}, {time.time() - LAUNCHED_AT:.1f} s "
             "since launch"
         )
+
+
+class ProgressLines(ProgressBar):
+    """The progress bar of a run whose output is not a terminal (a Slurm log, `nohup`, a sweep's trial.log): one plain
+    line every `every` optimizer steps, `step 200/5000: loss 1.8312, 11.2 steps/s, 0:07:08 left`, with the metrics a
+    bar would show (what was last logged) and the training speed since the previous line (validation and the
+    checkpoints saved after it left out, as is their time from the time left). A bar's redraws end in carriage
+    returns and cursor codes, and put lm's own lines (`step N: val/loss ...`) in the middle of a line in a file."""
+
+    def __init__(self, every: int = 50):
+        super().__init__()
+        self.every, self._enabled = every, True
+        self._last: tuple[int, float] | None = None  # (step, time) of the previous line
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module):
+        self._last = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._last is None:  # the first batch after a validation: its time and the saves' are not training's
+            self._last = (trainer.global_step, time.perf_counter())
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not self._enabled or step == self._last[0] or step % self.every:
+            return  # (the same step: more micro-batches of one accumulation window, or a skipped step)
+        now = time.perf_counter()
+        rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
+        self._last = (step, now)
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        parts.append(f"{rate:.3g} steps/s" if rate < 100 else f"{rate:.0f} steps/s")
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if total:
+            parts.append(f"{datetime.timedelta(seconds=round((total - step) / rate))} left")
+        print(f"step {step}{f'/{total}' if total else ''}: {', '.join(parts)}", flush=True)
 
 
 def weights_step(trainer, pl_module) -> int:

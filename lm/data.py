@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -913,8 +914,10 @@ class PretrainData(L.LightningDataModule):
         tok = fixed if fixed is not None else build_tokenizer(self.tokenizer_spec, texts=texts)
         dtype = token_dtype(tok.vocab_size)
         empty = count_empty_documents(ds)
-        # datasets' tqdm, so that datasets.disable_progress_bars() silences this bar along with datasets' own
-        with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing") as bar:
+        # datasets' tqdm, so that datasets.disable_progress_bars() silences this bar along with datasets' own. In a
+        # file (a Slurm log) each redraw stays there: one a minute, not ten a second, over an hours-long corpus
+        redraw_s = 0.1 if sys.stderr.isatty() else 60
+        with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing", mininterval=redraw_s) as bar:
             num_tokens = write_tokens(
                 document_batches(ds, BATCH_CHARS),
                 tok,

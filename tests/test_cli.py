@@ -1,6 +1,7 @@
 """The `lm` command end to end, through real subprocesses, as a user runs it."""
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kep
 
     import lm.__main__ as cli
 
+    monkeypatch.setattr(cli, "_stdout_is_a_terminal", lambda: True)
     bars = []
     original = cli.LMCLI.after_instantiate_classes
 
@@ -260,6 +262,61 @@ def test_the_default_progress_bar_redraws_less_often_and_a_configured_one_is_kep
     assert type(configured) is TQDMProgressBar and configured.refresh_rate == 3
     assert disabled is None
     assert type(beside_another) is type(default) and beside_another.refresh_rate == 10
+
+
+def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path, monkeypatch, capsys, caplog):
+    """In a file (a Slurm log, nohup, a sweep's trial.log) tqdm's redraws were carriage returns and cursor codes, with
+    lm's `step N: val/loss` lines glued to the end of a bar's line."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false"]
+             + ["--trainer.default_root_dir", str(tmp_path / "run"), "--samples.max_new_tokens", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out  # Lightning's bars draw on stdout
+    lines = out.splitlines() + [r.getMessage() for r in caplog.records]  # lm's val lines are logging's
+    lines = [line for line in lines if line.startswith("step ")]
+    progress = r"step (\d+)/40: loss \d\.\d{4}(?:, val/loss (\d\.\d{4}))?, [\d.]+ steps/s, 0:00:\d\d left"
+    steps = [int(re.fullmatch(progress, line).group(1)) for line in lines if "/40:" in line]
+    assert steps == list(range(5, 41, 5))  # every trainer.log_every_n_steps (5 in debug.yaml)
+    val = {int(s): v for s, v in (re.fullmatch(r"step (\d+): val/loss (\d\.\d{4}), .* since launch", line).groups()
+                                 for line in lines if "/40:" not in line)}  # fmt: skip
+    assert sorted(val) == [20, 40]
+    after_first_val = [
+        re.fullmatch(progress, line).group(2) for line in lines if re.match(r"step (25|30|35|40)/", line)
+    ]
+    assert after_first_val == [val[20]] * 4  # the bar's metrics: the last val/loss logged
+
+
+def test_progress_lines_time_training_only(monkeypatch, capsys):
+    """The speed and the time left come from training steps: the first line after a validation counted the
+    validation's time (and its checkpoint saves') as steps' time, ~10x too slow on the debug recipe."""
+    from types import SimpleNamespace
+
+    import lm.callbacks
+    from lm.callbacks import ProgressLines
+
+    clock = [0.0]
+    monkeypatch.setattr(lm.callbacks.time, "perf_counter", lambda: clock[0])
+    bar = ProgressLines(every=10)
+    monkeypatch.setattr(bar, "get_metrics", lambda trainer, module: {"loss": 2.5, "v_num": "x"})
+    trainer = SimpleNamespace(global_step=0, max_steps=100, sanity_checking=False)
+    bar.on_train_start(trainer, None)
+
+    def steps(n, seconds_each):
+        for _ in range(n):
+            bar.on_train_batch_start(trainer, None, None, 0)
+            clock[0] += seconds_each
+            trainer.global_step += 1
+            bar.on_train_batch_end(trainer, None, None, None, 0)
+
+    steps(10, 0.1)
+    bar.on_validation_start(trainer, None)
+    clock[0] += 30.0  # validation and checkpoint saves
+    steps(10, 0.1)
+    assert capsys.readouterr().out.splitlines() == [
+        "step 10/100: loss 2.5000, 10 steps/s, 0:00:09 left",
+        "step 20/100: loss 2.5000, 10 steps/s, 0:00:08 left",
+    ]
 
 
 def test_lightning_s_default_profiler_is_replaced_by_a_cheaper_no_op_and_a_configured_one_is_kept(
