@@ -68,7 +68,9 @@ def inside_accumulation_window(trainer: L.Trainer) -> bool:
 
 
 class Throughput(L.Callback):
-    """Logs `train/tokens_per_sec` (all ranks together) and `train/mfu` every `log_every_n_steps` optimizer steps.
+    """Logs `train/tokens_per_sec` (all ranks together), `train/mfu` and `train/tokens` (the tokens trained on so far,
+    all ranks, kept across resumes: an x-axis on which runs of different batch sizes compare) every
+    `log_every_n_steps` optimizer steps.
 
     Both measure training steps only: the time spent in validation and in saving checkpoints is left out (the window
     restarts at the first batch after them), and so is work between steps run inside `paused` (lm.eval.EvalCallback's
@@ -84,6 +86,7 @@ class Throughput(L.Callback):
     def __init__(self):
         self._start: float | None = None
         self._tokens = 0
+        self.tokens_trained = 0  # this rank's, since the run began (resumes included)
         self._flops = 0.0  # the window's model FLOPs, each batch at its own length (chat batches differ)
         self._flops_per_token: dict[int, float] = {}  # by sequence length: the count is Python arithmetic
         self._intervals = 0
@@ -141,6 +144,7 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         batch_size, seq_len = batch["input_ids"].shape
         self._tokens += batch_size * seq_len
+        self.tokens_trained += batch_size * seq_len
         if self._peak_flops:
             if seq_len not in self._flops_per_token:
                 self._flops_per_token[seq_len] = pl_module.train_flops_per_token(seq_len)
@@ -163,6 +167,8 @@ class Throughput(L.Callback):
         # which counts micro-batches and restarts each epoch, put windows where nothing was written). 0: no logging.
         if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
             return
+        # float64: float32 counts in steps of 1,024 past 2^33 tokens. A CPU tensor: no copy to the GPU.
+        pl_module.log("train/tokens", torch.tensor(self.tokens_trained * trainer.world_size, dtype=torch.float64))
         now = self._idle_clock(pl_module)
         if self._start is not None and self._intervals > 0:
             elapsed = now - self._start - self._paused
@@ -173,6 +179,12 @@ class Throughput(L.Callback):
                 pl_module.log("train/mfu", self._flops / elapsed / self._peak_flops)
         self._intervals += 1
         self._open_window(now)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"tokens_trained": self.tokens_trained}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.tokens_trained = state_dict.get("tokens_trained", 0)
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):

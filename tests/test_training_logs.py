@@ -115,6 +115,29 @@ def test_mfu_counts_each_batch_at_its_own_length(monkeypatch):
     assert module.train_flops_per_token(16) != module.train_flops_per_token(2)  # so the lengths matter
 
 
+def test_tokens_trained_count_every_micro_batch_and_go_on_after_a_resume(tmp_path):
+    """train/tokens, the x-axis on which runs of different batch sizes compare: each optimizer step of 2 micro-batches
+    of 4 x 16 positions trains 128 tokens, and a run resumed at step 4 goes on from 512, not from 0."""
+
+    def fit(max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+        ids = torch.randint(0, 64, (16, 4, 16), generator=torch.Generator().manual_seed(0))
+        logger = MemoryLogger()
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, log_every_n_steps=2, logger=logger,
+            callbacks=[Throughput(), ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)],
+            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+        return {step: m["train/tokens"] for step, m in logger.by_step().items() if "train/tokens" in m}
+
+    assert fit(6) == {1: 256, 3: 512, 5: 768}  # logger steps are 0-based: optimizer steps 2, 4, 6
+    (checkpoint,) = tmp_path.glob("*step=4.ckpt")
+    assert fit(6, ckpt_path=checkpoint) == {5: 768}
+
+
 def test_start_up_and_first_step_are_reported_once_in_seconds_since_launch(tmp_path, caplog):
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
     ids = torch.randint(0, 64, (6, 2, 16), generator=torch.Generator().manual_seed(0))
@@ -203,7 +226,8 @@ def test_tokens_per_sec_windows_end_at_optimizer_steps_across_accumulation_and_e
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_tokens_per_sec_counts_every_rank_s_tokens(monkeypatch, world_size):
-    """Each rank counts only its own batches: train/tokens_per_sec is the run's rate, world_size x one rank's."""
+    """Each rank counts only its own batches: train/tokens_per_sec is the run's rate, world_size x one rank's, and
+    train/tokens the run's count."""
     clock = Clock()
     monkeypatch.setattr("lm.callbacks.time", clock)
     trainer = SimpleNamespace(
@@ -220,7 +244,7 @@ def test_tokens_per_sec_counts_every_rank_s_tokens(monkeypatch, world_size):
         trainer.global_step = step
         clock.now += STEP
         callback.on_train_batch_end(trainer, module, None, batch, step)
-    assert logged == {"train/tokens_per_sec": pytest.approx(world_size * 64 / STEP)}
+    assert logged == {"train/tokens_per_sec": pytest.approx(world_size * 64 / STEP), "train/tokens": world_size * 192}
 
 
 def test_samples_txt_keeps_the_samples_of_every_validation(tmp_path):
@@ -257,7 +281,12 @@ def test_a_second_fit_with_the_same_throughput_callback_skips_its_own_warm_up_wi
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
     )
     logged = []
-    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.append(name))
+
+    def log(name, value, **kwargs):
+        if name != "train/tokens":  # logged at every logging step: a count, not a rate of the window
+            logged.append(name)
+
+    module = SimpleNamespace(device=torch.device("cpu"), log=log)
     callback = Throughput()
     batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long)}
     for fit in range(2):
