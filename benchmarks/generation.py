@@ -20,12 +20,13 @@ from lm.model import GPT
 
 
 def timed(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool) -> tuple[list[int], float]:
-    if next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the model's GPU: without one, the current device (cuda:0)
     start = time.perf_counter()
     ids = list(stream_tokens(model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=use_cache))
-    if next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return ids, time.perf_counter() - start
 
 

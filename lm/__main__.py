@@ -372,9 +372,9 @@ class LMCLI(LightningCLI):
         """Lightning's default progress bar (rich's where rich is installed) becomes tqdm's, redrawn every
         PROGRESS_BAR_REFRESH_RATE batches: in a terminal, rich's redraw after every batch cost a small model's CPU step
         ~10% whatever its refresh rate, tqdm's after every batch 6%, tqdm's every 10 batches 1.3% (docs/benchmarks.md,
-        "The progress bar's share"). Where the output is not a terminal (a file, a pipe) it becomes lm's
-        ProgressLines, a plain line every trainer.log_every_n_steps steps. A progress bar given in trainer.callbacks
-        is left as configured."""
+        "The progress bar's share"). Where the output is not a terminal (a file, a pipe; also a notebook's) it becomes
+        lm's ProgressLines, a plain line every trainer.log_every_n_steps steps. A progress bar given in
+        trainer.callbacks is left as configured."""
         bar = self.trainer.progress_bar_callback
         if bar is None or type(bar) not in (RichProgressBar, TQDMProgressBar):
             return
@@ -383,7 +383,7 @@ class LMCLI(LightningCLI):
         if _stdout_is_a_terminal():
             calm = TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)
         else:
-            calm = ProgressLines(every=self.trainer.log_every_n_steps)
+            calm = ProgressLines(every=self.trainer.log_every_n_steps or 50)  # 0: nothing logged, a line every 50
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = calm
 
 

@@ -203,12 +203,16 @@ class ProgressLines(ProgressBar):
     line every `every` optimizer steps, `step 200/5000: loss 1.8312, 11.2 steps/s, 0:07:08 left`, with the metrics a
     bar would show (what was last logged) and the training speed since the previous line (validation and the
     checkpoints saved after it left out, as is their time from the time left). A bar's redraws end in carriage
-    returns and cursor codes, and put lm's own lines (`step N: val/loss ...`) in the middle of a line in a file."""
+    returns and cursor codes, and put lm's own lines (`step N: val/loss ...`) in the middle of a line in a file.
+    Validation shows no progress of its own: lm prints each validation's result (and `lm validate` its table)."""
 
     def __init__(self, every: int = 50):
         super().__init__()
+        if every < 1:
+            raise LMError(f"ProgressLines(every={every}): a line every N >= 1 optimizer steps")
         self.every, self._enabled = every, True
         self._last: tuple[int, float] | None = None  # (step, time) of the previous line
+        self._total: int | None = None  # the run's optimizer steps (max_steps, or what its epochs come to)
 
     def disable(self) -> None:
         self._enabled = False
@@ -218,6 +222,8 @@ class ProgressLines(ProgressBar):
 
     def on_train_start(self, trainer, pl_module):
         self._last = (trainer.global_step, time.perf_counter())
+        total = trainer.estimated_stepping_batches  # max_steps, or the epochs' steps where those end first
+        self._total = int(total) if total != float("inf") else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._last is None:  # the first batch after a validation: its time and the saves' are not training's
@@ -230,16 +236,16 @@ class ProgressLines(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if not self._enabled or step == self._last[0] or step % self.every:
-            return  # (the same step: more micro-batches of one accumulation window, or a skipped step)
+            return  # (the same step: more micro-batches of one accumulation window)
         now = time.perf_counter()
         rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
         self._last = (step, now)
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
         parts.append(f"{rate:.3g} steps/s" if rate < 100 else f"{rate:.0f} steps/s")
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        total = self._total
         if total:
-            parts.append(f"{datetime.timedelta(seconds=round((total - step) / rate))} left")
+            parts.append(f"{datetime.timedelta(seconds=round(max(total - step, 0) / rate))} left")
         print(f"step {step}{f'/{total}' if total else ''}: {', '.join(parts)}", flush=True)
 
 

@@ -915,9 +915,10 @@ class PretrainData(L.LightningDataModule):
         dtype = token_dtype(tok.vocab_size)
         empty = count_empty_documents(ds)
         # datasets' tqdm, so that datasets.disable_progress_bars() silences this bar along with datasets' own. In a
-        # file (a Slurm log) each redraw stays there: one a minute, not ten a second, over an hours-long corpus
-        redraw_s = 0.1 if sys.stderr.isatty() else 60
-        with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing", mininterval=redraw_s) as bar:
+        # file (a Slurm log) each redraw stays there: one a minute (tqdm's monitor thread too), not ten a second, over
+        # an hours-long corpus
+        redraws = {} if sys.stderr.isatty() else {"mininterval": 60, "maxinterval": 60}
+        with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing", **redraws) as bar:
             num_tokens = write_tokens(
                 document_batches(ds, BATCH_CHARS),
                 tok,

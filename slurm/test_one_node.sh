@@ -22,13 +22,14 @@ trap 'say "tearing down"; "$REPO/slurm/down.sh"' EXIT
 say "bringing up Slurm"
 "$REPO/slurm/up.sh"
 
-cd "$REPO"  # the experiments are named relative to the checkout
+cd "$REPO"  # job A runs from the checkout (its root is LM_ROOT), job B from $WORK
 export PATH="$REPO/.venv/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export XDG_CACHE_HOME="$WORK/cache" PYTHONUNBUFFERED=1
 PY="$REPO/.venv/bin/python"
 # 2 tasks x 1 CPU on this 2-CPU node; no GPUs here, so the template's GPU request is dropped
 SBATCH=(sbatch --parsable --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0)
-FIT=(--config experiments/debug.yaml --config experiments/trainer/ddp_cpu.yaml --samples.max_new_tokens 0)
+FIT=(--config "$REPO/experiments/debug.yaml" --config "$REPO/experiments/trainer/ddp_cpu.yaml"
+     --samples.max_new_tokens 0)
 
 state() { scontrol show job "$1" -o | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
 wait_state() {  # wait_state JOB TIMEOUT STATE...: until the job is in one of the states
@@ -56,10 +57,11 @@ say "job A: COMPLETED, $ROOT_A/checkpoints/last.ckpt global_step=$STEP_A; checkp
 [ "$STEP_A" = 20 ] || fail "job A's last.ckpt is at step $STEP_A, not 20"
 
 # ---- job B: SIGUSR1 mid-run -> hpc checkpoint + requeue -> resume -> completion ------------------------------------
-ROOT_B="$WORK/job-b"
-B=$(LM_ROOT="$ROOT_B" "${SBATCH[@]}" --job-name=lm-b --output="$WORK/job-b.out" slurm/train.sbatch "${FIT[@]}" \
+# submitted from $WORK without LM_ROOT: the default root, runs/slurm-<job id>, which only a requeue may continue
+B=$(cd "$WORK" && "${SBATCH[@]}" --job-name=lm-b --output="$WORK/job-b.out" "$REPO/slurm/train.sbatch" "${FIT[@]}" \
     --trainer.max_steps 400 --trainer.val_check_interval 200 --snapshots.every_n_train_steps 20)
-say "submitted job B = $B (400 steps)"
+ROOT_B="$WORK/runs/slurm-$B"
+say "submitted job B = $B (400 steps, root $ROOT_B)"
 for i in $(seq 600); do  # wait until training is under way: the step-20 snapshot exists
   ls "$ROOT_B"/checkpoints/snapshot-step=20*.ckpt >/dev/null 2>&1 && break
   case $(state "$B") in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL) fail "job B ended before the signal";; esac
@@ -89,7 +91,7 @@ grep -ah "lm-slurm:\|auto-requeue\|equeu\|Restoring states\|Restored all states"
 STEP_B=$(step_of "$ROOT_B/checkpoints/last.ckpt")
 RUNS=$(ls -d "$ROOT_B"/wandb/offline-run-* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')
 say "job B: COMPLETED after 1 restart; resumed at global_step=$STEP_HPC, last.ckpt global_step=$STEP_B; W&B runs: $RUNS"
-grep -aq "Restoring states from the checkpoint path at $RESUME_CKPT" "$WORK/job-b.out" \
+grep -aq "Restoring states from the checkpoint path at ${RESUME_CKPT#"$WORK"/}" "$WORK/job-b.out" \
     || fail "job B's second run did not restore $RESUME_CKPT"
 [ "$STEP_HPC" -gt 0 ] && [ "$STEP_HPC" -lt 400 ] || fail "the resumed checkpoint is at step $STEP_HPC, not mid-run"
 [ "$STEP_B" = 400 ] || fail "job B's last.ckpt is at step $STEP_B, not 400"

@@ -275,7 +275,7 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path, monke
     assert "\r" not in out and "\x1b" not in out  # Lightning's bars draw on stdout
     lines = out.splitlines() + [r.getMessage() for r in caplog.records]  # lm's val lines are logging's
     lines = [line for line in lines if line.startswith("step ")]
-    progress = r"step (\d+)/40: loss \d\.\d{4}(?:, val/loss (\d\.\d{4}))?, [\d.]+ steps/s, 0:00:\d\d left"
+    progress = r"step (\d+)/40: loss \d\.\d{4}(?:, val/loss (\d\.\d{4}))?, [\d.]+ steps/s, \d+:\d\d:\d\d left"
     steps = [int(re.fullmatch(progress, line).group(1)) for line in lines if "/40:" in line]
     assert steps == list(range(5, 41, 5))  # every trainer.log_every_n_steps (5 in debug.yaml)
     val = {int(s): v for s, v in (re.fullmatch(r"step (\d+): val/loss (\d\.\d{4}), .* since launch", line).groups()
@@ -285,6 +285,28 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path, monke
         re.fullmatch(progress, line).group(2) for line in lines if re.match(r"step (25|30|35|40)/", line)
     ]
     assert after_first_val == [val[20]] * 4  # the bar's metrics: the last val/loss logged
+
+
+@pytest.mark.parametrize(
+    ("args", "first_line"),
+    [
+        # 0 logs nothing (no loss to show): a line every 50 steps
+        (["--trainer.log_every_n_steps", "0", "--trainer.max_steps", "50"], r"step 50/50: .* steps/s, 0:00:00 left"),
+        # an epoch-based run: its total comes from its epochs (the debug data's 10 batches an epoch, 2 epochs)
+        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "10"],
+         r"step 5/20: loss \d\.\d{4}, [\d.]+ steps/s, \d+:\d\d:\d\d left"),
+    ],
+    ids=["log_every_n_steps-0", "epochs"],
+)  # fmt: skip
+def test_progress_lines_without_a_logging_interval_or_max_steps(tmp_path, monkeypatch, capsys, args, first_line):
+    """log_every_n_steps 0 (no logging) divided by zero at the first step of any run whose output was a file; a run
+    bounded by epochs showed neither its total nor the time left."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    main(["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false",
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--samples.max_new_tokens", "0",
+          "--trainer.val_check_interval", "10", *args])  # fmt: skip
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"step \d+/", line)]
+    assert lines and re.fullmatch(first_line, lines[0]), lines
 
 
 def test_progress_lines_time_training_only(monkeypatch, capsys):
@@ -299,7 +321,7 @@ def test_progress_lines_time_training_only(monkeypatch, capsys):
     monkeypatch.setattr(lm.callbacks.time, "perf_counter", lambda: clock[0])
     bar = ProgressLines(every=10)
     monkeypatch.setattr(bar, "get_metrics", lambda trainer, module: {"loss": 2.5, "v_num": "x"})
-    trainer = SimpleNamespace(global_step=0, max_steps=100, sanity_checking=False)
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, sanity_checking=False)
     bar.on_train_start(trainer, None)
 
     def steps(n, seconds_each):

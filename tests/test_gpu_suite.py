@@ -186,6 +186,7 @@ def _check_name(root: str, config) -> None:
             assert check(re.fullmatch(pattern, part).group(1)), f"variant {name}: its config is not {part!r}"
 
 
+@pytest.mark.slow
 def test_every_lm_fit_command_line_parses_and_builds_its_model_config(phase_calls, monkeypatch):
     from lm.config import GPTConfig
 
@@ -251,6 +252,7 @@ def test_every_benchmark_command_line_parses(phase_calls, monkeypatch):
     assert seen == set(benchmarks)
 
 
+@pytest.mark.slow
 def test_a_variant_summary_reads_real_lm_fit_output(tmp_path):
     """One variant of a round trains for real (shrunk: tiny model, 2 steps, CPU), and the suite's summary finds its
     validations in the log the suite wrote: the line it greps for is what lm fit prints, where it prints it."""

@@ -92,3 +92,10 @@ def test_a_requeued_job_resumes_its_root_in_the_same_wandb_run_and_a_new_job_nev
 
     given, argv = _submit(tmp_path, SLURM_JOB_ID="125", WANDB_RUN_ID="mine")
     assert given.returncode == 0 and argv[0] == "WANDB_RUN_ID=mine"
+
+    # a root from before the id file: no new id drawn for it (lm fit continues the W&B run its checkpoint names)
+    (tmp_path / "runs/old/checkpoints").mkdir(parents=True)
+    (tmp_path / "runs/old/checkpoints/last.ckpt").write_bytes(b"")
+    older, argv = _submit(tmp_path, SLURM_JOB_ID="126", LM_ROOT="runs/old")
+    assert older.returncode == 0 and argv[0] == "WANDB_RUN_ID=" and argv[-1] == "runs/old/checkpoints/last.ckpt"
+    assert not (tmp_path / "runs/old/wandb_run_id").exists() and "W&B run named by the checkpoint" in older.stdout

@@ -1236,11 +1236,17 @@ def test_lm_fit_stopped_by_a_wandb_agent_does_not_exit_as_a_failed_run(tmp_path)
 
 
 @pytest.mark.parametrize("method", ["bayes", "random"])
-def test_a_trial_still_running_moves_the_next_bayes_draw_away_and_leaves_random_alone(method):
+def test_a_trial_still_running_moves_the_next_bayes_draw_away_and_leaves_random_alone(method, monkeypatch):
     """Parallel workers: without Optuna's constant liar (off by default before Optuna 5) TPE ignored the trials
     being run, so a second worker drew right beside the first one's point. Two studies differ only in trial 12,
     running in one and failed in the other (a failed trial counts for nothing); trial 13's draw, seeded by its
-    number, differs only where TPE sees it."""
+    number, differs only where TPE sees it. Run against Optuna 4.x's default, whichever Optuna is installed."""
+
+    class Optuna4TPE(optuna.samplers.TPESampler):
+        def __init__(self, *args, constant_liar: bool = False, **kwargs):
+            super().__init__(*args, constant_liar=constant_liar, **kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", Optuna4TPE)
     params = {"x": {"min": 0.0, "max": 1.0}}
     config = _grid() | {"method": method, "parameters": params}
     draws = []
