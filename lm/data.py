@@ -327,8 +327,9 @@ def _slug(text: str) -> str:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 halves the file (and the page cache it occupies) whenever every id fits; GPT-2's 50,257 does."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
+    """uint16 halves the file (and the page cache it occupies) whenever every id, 0 .. vocab_size - 1, fits: GPT-2's
+    50,257 do, and so do the 65,536 of a 2^16 BPE."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 try:

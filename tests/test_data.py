@@ -381,7 +381,9 @@ def test_ranks_draw_disjoint_batches():
 
 def test_token_dtype_choice(tmp_path, text_file):
     assert token_dtype(71) == np.uint16 and token_dtype(65_535) == np.uint16
-    assert token_dtype(65_536) == np.uint32 and token_dtype(100_277) == np.uint32
+    # a 2^16 vocabulary's ids end at 65,535, which uint16 holds: it was given uint32, a file twice the size
+    assert token_dtype(65_536) == np.uint16 and np.array([65_535], token_dtype(65_536)).item() == 65_535
+    assert token_dtype(65_537) == np.uint32 and token_dtype(100_277) == np.uint32
     dm = make(tmp_path, text_file, tokenizer="gpt2")  # GPT-2's 50k vocabulary still fits 16 bits
     assert dm.train_tokens.dtype == np.uint16 and dm.meta["dtype"] == "uint16"
     assert dm.tokenizer.decode(all_tokens(dm).tolist()) == TEXT + "<|endoftext|>"
