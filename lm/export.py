@@ -239,6 +239,9 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
             generation["suppress_tokens"] = padding_ids
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors >= 0.8 writes through a temporary file of mode 0600, whatever the umask: the model would be
+        # readable by its owner alone (another user's vLLM, a container's non-root user). It gets config.json's mode.
+        (out / "model.safetensors").chmod((out / "config.json").stat().st_mode & 0o777)
         save_hf_tokenizer(tokenizer, out)
     except OSError as e:  # not ours to write, a full disk, ...
         raise cannot_write(out, e) from None

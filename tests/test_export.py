@@ -59,6 +59,22 @@ def test_llama_export_matches_logits_and_greedy(tmp_path):
     assert_parity(model, out, tokenizer, "LlamaForCausalLM")
 
 
+def test_the_exported_weights_are_as_readable_as_the_rest_of_the_directory(tmp_path):
+    """safetensors writes a private (0600) file whatever the umask: the exported model was readable by its owner
+    alone, where config.json and the tokenizer follow the umask (0644 under the usual 022)."""
+    import os
+    import stat
+
+    write_checkpoint(tmp_path / "c.ckpt", char_tokenizer(), block_size=8, n_layer=1, n_head=2, n_embd=16)
+    old_umask = os.umask(0o022)
+    try:
+        out = export_hf(tmp_path / "c.ckpt", tmp_path / "hf")
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+
+
 def test_qwen3_export_with_qk_norm_gqa_and_tied_embeddings(tmp_path):
     tokenizer = char_tokenizer()
     arch = dict(block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, qk_norm=True, tie_embeddings=True)
