@@ -200,8 +200,9 @@ class Throughput(L.Callback):
 
 class ProgressLines(ProgressBar):
     """The progress bar of a run whose output is not a terminal (a Slurm log, `nohup`, a sweep's trial.log): one plain
-    line every `every` optimizer steps, `step 200/5000: loss 1.8312, 11.2 steps/s, 0:07:08 left`, with the metrics a
-    bar would show (what was last logged) and the training speed since the previous line (validation and the
+    line every `every` optimizer steps, `step 200/5000: loss 1.8312, 91,750 tokens/s, 11.2 steps/s, 0:07:08 left`, with
+    the metrics a bar would show (what was last logged) and the training speed since the previous line (tokens are
+    batch positions of all ranks, padding included, as train/tokens_per_sec counts them; validation and the
     checkpoints saved after it left out, as is their time from the time left). A bar's redraws end in carriage
     returns and cursor codes, and put lm's own lines (`step N: val/loss ...`) in the middle of a line in a file.
     Validation shows no progress of its own: lm prints each validation's result (and `lm validate` its table)."""
@@ -212,6 +213,7 @@ class ProgressLines(ProgressBar):
             raise LMError(f"ProgressLines(every={every}): a line every N >= 1 optimizer steps")
         self.every, self._enabled = every, True
         self._last: tuple[int, float] | None = None  # (step, time) of the previous line
+        self._tokens = 0  # this rank's batch positions since then
         self._total: int | None = None  # the run's optimizer steps (max_steps, or what its epochs come to)
 
     def disable(self) -> None:
@@ -221,27 +223,31 @@ class ProgressLines(ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer, pl_module):
-        self._last = (trainer.global_step, time.perf_counter())
+        self._last, self._tokens = (trainer.global_step, time.perf_counter()), 0
         total = trainer.estimated_stepping_batches  # max_steps, or the epochs' steps where those end first
         self._total = int(total) if total != float("inf") else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._last is None:  # the first batch after a validation: its time and the saves' are not training's
-            self._last = (trainer.global_step, time.perf_counter())
+            self._last, self._tokens = (trainer.global_step, time.perf_counter()), 0
 
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self._last = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens += batch["input_ids"].numel()
         step = trainer.global_step
         if not self._enabled or step == self._last[0] or step % self.every:
             return  # (the same step: more micro-batches of one accumulation window)
         now = time.perf_counter()
-        rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
-        self._last = (step, now)
+        seconds = max(now - self._last[1], 1e-9)
+        rate = (step - self._last[0]) / seconds
+        tokens_per_sec = self._tokens * trainer.world_size / seconds
+        self._last, self._tokens = (step, now), 0
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        parts.append(f"{tokens_per_sec:,.0f} tokens/s")
         parts.append(f"{rate:.3g} steps/s" if rate < 100 else f"{rate:.0f} steps/s")
         total = self._total
         if total:

@@ -275,7 +275,9 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path, monke
     assert "\r" not in out and "\x1b" not in out  # Lightning's bars draw on stdout
     lines = out.splitlines() + [r.getMessage() for r in caplog.records]  # lm's val lines are logging's
     lines = [line for line in lines if line.startswith("step ")]
-    progress = r"step (\d+)/40: loss \d\.\d{4}(?:, val/loss (\d\.\d{4}))?, [\d.]+ steps/s, \d+:\d\d:\d\d left"
+    progress = (
+        r"step (\d+)/40: loss \d\.\d{4}(?:, val/loss (\d\.\d{4}))?, [\d,]+ tokens/s, [\d.]+ steps/s, \d+:\d\d:\d\d left"
+    )
     steps = [int(re.fullmatch(progress, line).group(1)) for line in lines if "/40:" in line]
     assert steps == list(range(5, 41, 5))  # every trainer.log_every_n_steps (5 in debug.yaml)
     val = {int(s): v for s, v in (re.fullmatch(r"step (\d+): val/loss (\d\.\d{4}), .* since launch", line).groups()
@@ -294,7 +296,7 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path, monke
         (["--trainer.log_every_n_steps", "0", "--trainer.max_steps", "50"], r"step 50/50: .* steps/s, 0:00:00 left"),
         # an epoch-based run: its total comes from its epochs (the debug data's 10 batches an epoch, 2 epochs)
         (["--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "10"],
-         r"step 5/20: loss \d\.\d{4}, [\d.]+ steps/s, \d+:\d\d:\d\d left"),
+         r"step 5/20: loss \d\.\d{4}, [\d,]+ tokens/s, [\d.]+ steps/s, \d+:\d\d:\d\d left"),
     ],
     ids=["log_every_n_steps-0", "epochs"],
 )  # fmt: skip
@@ -321,7 +323,8 @@ def test_progress_lines_time_training_only(monkeypatch, capsys):
     monkeypatch.setattr(lm.callbacks.time, "perf_counter", lambda: clock[0])
     bar = ProgressLines(every=10)
     monkeypatch.setattr(bar, "get_metrics", lambda trainer, module: {"loss": 2.5, "v_num": "x"})
-    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, sanity_checking=False)
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, sanity_checking=False, world_size=2)
+    batch = {"input_ids": torch.zeros(4, 16)}  # 64 tokens a step on each of 2 ranks: 1,280 tokens/s at 10 steps/s
     bar.on_train_start(trainer, None)
 
     def steps(n, seconds_each):
@@ -329,15 +332,15 @@ def test_progress_lines_time_training_only(monkeypatch, capsys):
             bar.on_train_batch_start(trainer, None, None, 0)
             clock[0] += seconds_each
             trainer.global_step += 1
-            bar.on_train_batch_end(trainer, None, None, None, 0)
+            bar.on_train_batch_end(trainer, None, None, batch, 0)
 
     steps(10, 0.1)
     bar.on_validation_start(trainer, None)
     clock[0] += 30.0  # validation and checkpoint saves
     steps(10, 0.1)
     assert capsys.readouterr().out.splitlines() == [
-        "step 10/100: loss 2.5000, 10 steps/s, 0:00:09 left",
-        "step 20/100: loss 2.5000, 10 steps/s, 0:00:08 left",
+        "step 10/100: loss 2.5000, 1,280 tokens/s, 10 steps/s, 0:00:09 left",
+        "step 20/100: loss 2.5000, 1,280 tokens/s, 10 steps/s, 0:00:08 left",
     ]
 
 
