@@ -222,14 +222,17 @@ class ProgressLines(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
-    def on_train_start(self, trainer, pl_module):
+    def _open_window(self, trainer) -> None:
         self._last, self._tokens = (trainer.global_step, time.perf_counter()), 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._open_window(trainer)
         total = trainer.estimated_stepping_batches  # max_steps, or the epochs' steps where those end first
         self._total = int(total) if total != float("inf") else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._last is None:  # the first batch after a validation: its time and the saves' are not training's
-            self._last, self._tokens = (trainer.global_step, time.perf_counter()), 0
+            self._open_window(trainer)
 
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking:
