@@ -205,13 +205,18 @@ class ProgressLines(ProgressBar):
     batch positions of all ranks, padding included, as train/tokens_per_sec counts them; validation and the
     checkpoints saved after it left out, as is their time from the time left). A bar's redraws end in carriage
     returns and cursor codes, and put lm's own lines (`step N: val/loss ...`) in the middle of a line in a file.
-    Validation shows no progress of its own: lm prints each validation's result (and `lm validate` its table)."""
+    A validation (fit's, or `lm validate`'s) that runs longer than `validation_seconds` gets a line that often,
+    `validation 120/400 batches, 0:01:02 so far, 0:02:05 left`: a short one stays quiet, and a long one (a large
+    held-out set on a cluster) no longer looks like a hung job. lm prints each validation's result itself."""
 
-    def __init__(self, every: int = 50):
+    def __init__(self, every: int = 50, validation_seconds: float = 60.0):
         super().__init__()
         if every < 1:
             raise LMError(f"ProgressLines(every={every}): a line every N >= 1 optimizer steps")
-        self.every, self._enabled = every, True
+        if not validation_seconds > 0:
+            raise LMError(f"ProgressLines(validation_seconds={validation_seconds}): a line every T > 0 seconds")
+        self.every, self.validation_seconds, self._enabled = every, validation_seconds, True
+        self._validation_clock = (0.0, 0.0)  # (start of this validation, time of its last line)
         self._last: tuple[int, float] | None = None  # (step, time) of the previous line
         self._tokens = 0  # this rank's batch positions since then
         self._total: int | None = None  # the run's optimizer steps (max_steps, or what its epochs come to)
@@ -237,6 +242,22 @@ class ProgressLines(ProgressBar):
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self._last = None
+        now = time.perf_counter()
+        self._validation_clock = (now, now)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        started, last_line = self._validation_clock
+        now = time.perf_counter()
+        if not self._enabled or trainer.sanity_checking or now - last_line < self.validation_seconds:
+            return
+        self._validation_clock = (started, now)
+        done, total = batch_idx + 1, trainer.num_val_batches[dataloader_idx]
+        finite = total != float("inf")
+        line = f"validation {done}{f'/{total}' if finite else ''} batches, "
+        line += f"{datetime.timedelta(seconds=round(now - started))} so far"
+        if finite:
+            line += f", {datetime.timedelta(seconds=round((now - started) / done * max(total - done, 0)))} left"
+        print(line, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch["input_ids"].numel()

@@ -344,6 +344,70 @@ def test_progress_lines_time_training_only(monkeypatch, capsys):
     ]
 
 
+def test_a_long_validation_in_a_file_prints_a_line_every_validation_seconds(monkeypatch, capsys):
+    """A validation showed nothing until its result: an hour-long one over a large held-out set looked, in a Slurm
+    log, like a hung job. A short one, the sanity check and a disabled bar (ranks > 0) stay quiet."""
+    from types import SimpleNamespace
+
+    import lm.callbacks
+    from lm.callbacks import ProgressLines
+    from lm.errors import LMError
+
+    clock = [0.0]
+    monkeypatch.setattr(lm.callbacks.time, "perf_counter", lambda: clock[0])
+    bar = ProgressLines(every=10, validation_seconds=60)
+    trainer = SimpleNamespace(sanity_checking=False, num_val_batches=[400], global_step=0)
+
+    def validate(seconds_each, batches=400):
+        bar.on_validation_start(trainer, None)
+        for index in range(batches):
+            clock[0] += seconds_each
+            bar.on_validation_batch_end(trainer, None, None, None, index)
+
+    validate(0.1)  # 40 s in all
+    trainer.sanity_checking = True
+    validate(1.0, batches=100)
+    trainer.sanity_checking = False
+    assert capsys.readouterr().out == ""
+    validate(0.5)  # 200 s: a line at 60, 120 and 180 s
+    assert capsys.readouterr().out.splitlines() == [
+        "validation 120/400 batches, 0:01:00 so far, 0:02:20 left",
+        "validation 240/400 batches, 0:02:00 so far, 0:01:20 left",
+        "validation 360/400 batches, 0:03:00 so far, 0:00:20 left",
+    ]
+    trainer.num_val_batches = [float("inf")]
+    validate(0.5, batches=120)
+    assert capsys.readouterr().out.splitlines() == ["validation 120 batches, 0:01:00 so far"]
+    bar.disable()
+    validate(0.5)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(LMError, match="validation_seconds=0"):
+        ProgressLines(validation_seconds=0)
+
+
+def test_lm_validate_in_a_file_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """lm validate, whose output is a file, gets the same lines as fit's validations (a clock that jumps a minute per
+    reading: a line after every batch)."""
+    import lm.callbacks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false",
+           "--trainer.default_root_dir", str(tmp_path / "run"), "--samples.max_new_tokens", "0"]  # fmt: skip
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    capsys.readouterr()
+    clock = [0.0]
+
+    def a_minute_per_reading():
+        clock[0] += 60.0
+        return clock[0]
+
+    monkeypatch.setattr(lm.callbacks.time, "perf_counter", a_minute_per_reading)
+    main(["validate", *run, "--ckpt_path", "last", "--data.init_args.val_windows", "16"])  # 2 batches of 8
+    out = capsys.readouterr().out
+    assert re.findall(r"^validation (\d+)/(\d+) batches, ", out, re.M) == [("1", "2"), ("2", "2")], out
+    assert "val/loss" in out and "\r" not in out
+
+
 def test_lightning_s_default_profiler_is_replaced_by_a_cheaper_no_op_and_a_configured_one_is_kept(
     tmp_path, monkeypatch
 ):
