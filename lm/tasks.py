@@ -192,11 +192,13 @@ class TaskAccuracy(L.Callback):
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations:
             return
-        # every rank, as each forward is a collective under FSDP (root_weights_gathered)
+        # Every rank, as each forward is a collective under FSDP (root_weights_gathered); in the run's precision, as
+        # validation and EvalCallback: under FSDP with bf16-mixed the gathered root's fp32 output met bf16 Blocks.
         with (
-            torch.compiler.set_stance("force_eager"),
+            torch.compiler.set_stance("force_eager"),  # generation: a new shape each step
+            trainer.precision_plugin.forward_context(),
             root_weights_gathered(trainer),
-        ):  # generation: a new shape each step
+        ):
             result = evaluate_task(
                 pl_module.model, pl_module.tokenizer, self.task, self.num_problems, self.seed, digits=self.digits
             )

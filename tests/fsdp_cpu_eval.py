@@ -1,10 +1,11 @@
 """Run by tests/test_eval.py: EvalCallback and TaskAccuracy inside a real Lightning FSDPStrategy fit on 2 CPU processes
 (gloo), where Lightning re-runs this script for the second rank.
 
-Lightning refuses FSDP with accelerator=cpu, and hands FSDP device_id=None there; both are patched below, nothing else,
-so the sharding (each Block wrapped, the LightningModule the root) is the one a GPU run gets.
+Lightning refuses FSDP with accelerator=cpu, hands FSDP device_id=None there, and autocasts its mixed precisions on
+"cuda" only; these three are patched below, nothing else, so the sharding (each Block wrapped, the LightningModule the
+root) and the precision are those a GPU run gets.
 
-    python tests/fsdp_cpu_eval.py OUT_DIR TASK     # TASK: lm or addition; each rank writes OUT_DIR/rank-R.json
+    python tests/fsdp_cpu_eval.py OUT_DIR TASK [PRECISION]  # TASK: lm or addition; each rank writes OUT_DIR/rank-R.json
 """
 
 import datetime
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.connectors import accelerator_connector
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -37,7 +39,16 @@ def _on_the_cpu(self, *args, **kwargs):
 
 FullyShardedDataParallel.__init__ = _on_the_cpu
 
+
+def _autocast_on_the_cpu(self):
+    dtype = torch.bfloat16 if self.precision.startswith("bf16") else torch.float16
+    return torch.autocast("cpu", dtype=dtype, enabled="mixed" in self.precision)
+
+
+FSDPPrecision.forward_context = _autocast_on_the_cpu
+
 out, task = Path(sys.argv[1]), sys.argv[2]
+precision = sys.argv[3] if len(sys.argv) > 3 else "32-true"
 (out / "corpus").mkdir(parents=True, exist_ok=True)
 (out / "corpus" / "0.txt").write_text("0123456789+ abcdefghijklmnopqrstuvwxyz reverse count in\n" * 40)
 data = PretrainData(
@@ -53,6 +64,7 @@ trainer = L.Trainer(
     devices=2,
     strategy=FSDPStrategy(auto_wrap_policy={Block}, timeout=datetime.timedelta(seconds=180)),
     max_steps=3,
+    precision=precision,
     val_check_interval=3,
     limit_val_batches=1,
     num_sanity_val_steps=0,

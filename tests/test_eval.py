@@ -407,18 +407,22 @@ def test_eval_callback_refuses_a_count_below_1(when):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["lm", "addition"])
-def test_eval_callback_and_task_accuracy_run_under_fsdp(tmp_path, task):
+@pytest.mark.parametrize(
+    ("task", "precision"), [("lm", "32-true"), ("addition", "32-true"), ("addition", "bf16-mixed")]
+)
+def test_eval_callback_and_task_accuracy_run_under_fsdp(tmp_path, task, precision):
     """Lightning's FSDP makes the LightningModule the root, whose own weights (embedding, head, final norm) are flat
     shards outside its forward: calling pl_module.model directly failed ("'weight' must be 2-D"), and a chat task on
-    rank 0 alone left the other rank waiting in a collective. 2 CPU processes (tests/fsdp_cpu_eval.py)."""
+    rank 0 alone left the other rank waiting in a collective. Under bf16-mixed, TaskAccuracy ran outside autocast:
+    the gathered root's fp32 embeddings met the Blocks' bf16 weights ("expected m1 and m2 to have the same dtype").
+    2 CPU processes (tests/fsdp_cpu_eval.py)."""
     import subprocess
     import sys
 
     env = cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
     script = str(REPO / "tests" / "fsdp_cpu_eval.py")
     run = subprocess.run(
-        [sys.executable, script, str(tmp_path), task], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, script, str(tmp_path), task, precision], env=env, capture_output=True, text=True, timeout=240
     )
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]  # what each rank logged

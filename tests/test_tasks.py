@@ -181,6 +181,7 @@ def test_a_wrong_answer_changes_one_digit_and_never_writes_a_leading_zero():
 
 def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(monkeypatch):
     """every_n_validations=3: at validations 1, 4, 7 (the first shows where the run starts); sanity checks aside."""
+    import contextlib
     from types import SimpleNamespace
 
     import lm.tasks
@@ -190,7 +191,8 @@ def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(mon
         lm.tasks, "evaluate_task", lambda *args, **kwargs: calls.append(args[2:]) or {"exact_match": 1.0}
     )
     callback = TaskAccuracy(num_problems=5, every_n_validations=3, seed=4)
-    trainer = SimpleNamespace(sanity_checking=True, strategy=None)
+    precision = SimpleNamespace(forward_context=contextlib.nullcontext)
+    trainer = SimpleNamespace(sanity_checking=True, strategy=None, precision_plugin=precision)
     logged = []
     module = SimpleNamespace(model=None, tokenizer=object(), log=lambda name, value, **kwargs: logged.append(name))
     callback.on_validation_epoch_end(trainer, module)  # the sanity check counts for nothing
