@@ -80,8 +80,9 @@ def check_sampling(
         raise LMError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not top_k >= 0:
         raise LMError(f"top_k must be at least 0 (0 = no top-k filter), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LMError(f"top_p must be in (0, 1] (or unset for no top-p filter), got {top_p}")
+    # 0 keeps the top token alone (greedy), as OpenAI's API and transformers take it; vLLM refuses it
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise LMError(f"top_p must be in [0, 1] (0: the top token only; unset: no top-p filter), got {top_p}")
     # Bounded: a penalty of 1e-300 divides a logit into inf, and sampling from inf - inf fails
     if not 1e-3 <= repetition_penalty <= 1e3:
         raise LMError(f"repetition_penalty must be in [0.001, 1000] (1 = off), got {repetition_penalty}")
@@ -171,6 +172,7 @@ def stream_batch(
                     starts[i] = len(row) - max(1, block_size // 2)  # a context of 1 keeps its 1 token
             windows = [r[s:] for r, s in zip(rows, starts, strict=True)]
             if use_cache:
+                cache = None  # freed first: the old cache and the new one held together twice a full cache's memory
                 cache, logits = _prefill(model, windows, device)
             else:
                 logits = torch.cat([model(torch.tensor([w], device=device), last_only=True)[:, -1] for w in windows])

@@ -56,6 +56,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -93,6 +94,8 @@ UNSUPPORTED = {
 }
 MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is read
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # per request (OpenAI allows 4 stop sequences)
+GET_ENDPOINTS = ("/health", "/v1/models")  # and /v1/models/<name>
+POST_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 REFUSED_BODY_BYTES = 2**16  # of a request refused for its key, this much body is read and dropped, no more
 API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750's bearer token: what a client can send as it is
 
@@ -330,8 +333,10 @@ class Handler(BaseHTTPRequestHandler):
         if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.server.api_key_digest):
             return True
         length = self._content_length()
-        if self.command == "POST" and length is not None and length <= REFUSED_BODY_BYTES:
-            self.rfile.read(length)  # a small body is read, or closing on it could reset the 401 away
+        # A small body is read, or closing on it could reset the 401 away; one the client holds back until it hears
+        # "100 Continue" is not coming, and reading it would wait for the client's timeout
+        if self.command == "POST" and length is not None and length <= REFUSED_BODY_BYTES and not self._expects_100():
+            self.rfile.read(length)
         self.close_connection = True  # what is left of a larger body is never read
         self._send_error(
             401,
@@ -353,14 +358,30 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name:
             self._send_json(200, model)
         else:
-            self._send_error(404, f"no such endpoint: GET {path}")
+            self._no_such_endpoint(path)
 
     def do_HEAD(self):
         """GET's status and headers without the body: load balancers probe /health with either."""
         self.do_GET()
 
     def _method_not_allowed(self):
-        self._send_error(405, f"{self.command} is not supported; use GET or POST")
+        path = urlsplit(self.path).path
+        allowed = "POST" if path in POST_ENDPOINTS else "GET, HEAD" if path in GET_ENDPOINTS else "GET, HEAD, POST"
+        self.close_connection = True  # its body, if any, is never read
+        self._send_error(405, f"{self.command} is not supported here; use {allowed}", headers={"Allow": allowed})
+
+    def _no_such_endpoint(self, path: str) -> None:
+        """404, or 405 (with the methods it takes, as RFC 9110 asks) for an endpoint called with the wrong method."""
+        if path in POST_ENDPOINTS or (self.command == "POST" and path in GET_ENDPOINTS):
+            self._method_not_allowed()
+        else:
+            self._send_error(404, f"no such endpoint: {self.command} {path}")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (an unknown method: 501; a malformed request line: 400; a header too long: 431)
+        in the API's JSON error shape, as every other failure, not as its HTML page."""
+        self.close_connection = True
+        self._send_error(code, message or HTTPStatus(code).phrase)
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
 
@@ -372,7 +393,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             body = self._read_body()  # even for a 404: a socket closed on unread data resets, losing the answer
             if path not in make_job:
-                return self._send_error(404, f"no such endpoint: POST {path}")
+                return self._no_such_endpoint(path)
             job = make_job[path](_parse_json(body))
             if job.stream:
                 self._stream(job)
@@ -397,10 +418,18 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(411, "the request needs a Content-Length header (chunked bodies are not supported)")
         if length > MAX_BODY_BYTES:
             raise RequestError(413, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+        if self._expects_100():
+            # curl asks for it before a body over 1 MiB and waited a second for it (http.server sends it only to
+            # HTTP/1.1 servers' clients): go on at once
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
         body = self.rfile.read(length)
         if len(body) < length:
             raise LMError(f"the body ended after {len(body)} of its {length} bytes")
         return body
+
+    def _expects_100(self) -> bool:
+        return self.headers.get("Expect", "").lower() == "100-continue"
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection: readable with nothing to read (it sends nothing after its body)."""

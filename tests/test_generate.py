@@ -109,6 +109,24 @@ def test_finished_rows_do_not_rebuild_the_cache(monkeypatch):
     assert in_batch == len(prefills) + 1
 
 
+def test_a_slide_frees_the_old_cache_before_it_builds_the_new_one(model, monkeypatch):
+    """Each rebuild past the context allocated the new cache while the old one was still held: twice a full cache's
+    memory at every slide (~9.7 GB for 64 rows of the 124m shape in fp32), out of memory where one fitted."""
+    import weakref
+
+    alive, most = weakref.WeakSet(), [0]
+
+    class Counted(lm.generate.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            alive.add(self)
+            most[0] = max(most[0], len(alive))
+
+    monkeypatch.setattr(lm.generate, "KVCache", Counted)
+    assert len(generate_batch(model, [[1, 2, 3]], max_new_tokens=40, temperature=0)[0]) == 40  # 4 slides
+    assert most[0] == 1
+
+
 def test_stop_token_ends_generation_and_is_not_yielded(model):
     prompt = [1, 2, 3]
     free = list(stream_tokens(model, prompt, max_new_tokens=10, temperature=0))
@@ -147,11 +165,17 @@ def test_top_p_always_keeps_the_top_token():
     assert torch.equal(sample_next(logits, top_p=0.0), logits.argmax(-1))
 
 
+def test_top_p_zero_is_taken_as_greedy(model):
+    """OpenAI's API and transformers take top_p 0 (clients send it for a deterministic reply); it was refused."""
+    greedy = generate_batch(model, [[1, 5, 9]], max_new_tokens=12, temperature=0)
+    sampled = generate_batch(model, [[1, 5, 9]], max_new_tokens=12, temperature=1.0, top_p=0.0)
+    assert sampled == greedy
+
+
 @pytest.mark.parametrize(
     ("argument", "value"),
     [
         ("top_k", -3),
-        ("top_p", 0.0),
         ("top_p", -0.5),
         ("top_p", 1.5),
         ("top_p", float("nan")),

@@ -47,7 +47,7 @@ def test_generate_prints_characters_that_span_tokens(capsys, tmp_path, monkeypat
 
 BAD_SAMPLING = [
     ("--top_k", "-1", "top_k"),
-    ("--top_p", "0", "top_p"),
+    ("--top_p", "-0.1", "top_p"),
     ("--top_p", "1.5", "top_p"),
     ("--temperature", "nan", "temperature"),
     ("--temperature", "-1", "temperature"),
@@ -98,9 +98,9 @@ def test_interactive_chat_stops_at_a_bad_sampling_argument(capsys, char_ckpt, mo
     where it would fail every message."""
     lines = iter(["hi", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    code, _, err = run(capsys, "chat", "--ckpt", char_ckpt, "--device", "cpu", "--top_p", "0")
+    code, _, err = run(capsys, "chat", "--ckpt", char_ckpt, "--device", "cpu", "--top_p", "1.5")
     assert code == 2
-    assert err == "error: top_p must be in (0, 1] (or unset for no top-p filter), got 0.0"
+    assert err == "error: top_p must be in [0, 1] (0: the top token only; unset: no top-p filter), got 1.5"
 
 
 def test_resume_from_a_file_that_is_not_a_lightning_checkpoint(capsys, tmp_path):

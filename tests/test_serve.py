@@ -218,7 +218,7 @@ def test_a_seed_makes_sampling_reproducible(server):
 
 BAD_REQUESTS = [
     ("/v1/chat/completions", b'{"messages": [', "not valid JSON"),
-    ("/v1/chat/completions", {"messages": HELLO, "top_p": 0}, "top_p must be in (0, 1]"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_p": -0.1}, "top_p must be in [0, 1]"),
     ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, "'temperature' must be a number"),
     ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 0}, "max_tokens must be at least 1"),
     ("/v1/chat/completions", {"messages": HELLO, "n": 2}, "'n' is not supported"),
@@ -432,6 +432,49 @@ def test_models_by_id_and_other_methods(server):
     assert answer.startswith(b"HTTP/1.0 405") and b'"invalid_request_error"' in answer
 
 
+@pytest.mark.parametrize(
+    ("request_line", "status", "allow"),
+    [
+        (b"PUT /v1/models", 405, b"GET, HEAD"),
+        (b"GET /v1/chat/completions", 405, b"POST"),  # was a 404: the endpoint is there
+        (b"POST /v1/models", 405, b"GET, HEAD"),
+        (b"DELETE /v1/completions", 405, b"POST"),
+        (b"FOO /v1/models", 501, None),  # was http.server's HTML page
+        (b"GET /no such path", 400, None),  # a malformed request line: likewise
+    ],
+)  # fmt: skip
+def test_a_wrong_method_is_a_405_naming_the_allowed_ones_and_every_refusal_is_json(server, request_line, status, allow):
+    """RFC 9110 asks a 405 for an endpoint called with the wrong method, with the methods it takes in `Allow`."""
+    url, _ = server
+    answer = raw(url, request_line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 %d" % status), answer
+    assert (f"Allow: {allow.decode()}".encode() in head.split(b"\r\n")) if allow else b"Allow:" not in head
+    assert b"Content-Type: application/json" in head and json.loads(body)["error"]["message"]
+    assert call(url + "/health")[0] == 200
+
+
+def test_a_client_that_expects_100_continue_gets_it_at_once(server):
+    """curl sends `Expect: 100-continue` before a body over 1 MiB and holds the body back: http.server answers it only
+    in HTTP/1.1 mode, so every such request waited a second for curl to give up and send it anyway."""
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "ab", "max_tokens": 2}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body))
+        sock.settimeout(5)  # the body is sent only once the server says to go on, as curl does
+        assert sock.recv(100) == b"HTTP/1.0 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200") and json.loads(answer.partition(b"\r\n\r\n")[2])["choices"]
+    too_big = head + b"Content-Length: 99999999999\r\n\r\n"  # refused before the client sends a byte of it
+    assert raw(url, too_big).startswith(b"HTTP/1.0 413")
+
+
 @pytest.mark.parametrize("client", ["leaves", "leaves a stream", "stops reading a stream"])
 def test_a_client_that_leaves_or_stalls_frees_the_model_for_the_next_request(server, monkeypatch, client):
     """An endless generation for a client that disconnects, or stops reading, must not hold the lock for ever."""
@@ -562,6 +605,10 @@ def test_with_an_api_key_every_request_but_health_needs_it(ckpt):
         # a thread waiting for the bytes; the scheme's name is not case-sensitive.
         head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
         assert raw(base, head + b"Content-Length: 16777216\r\n\r\n", half_close=False).startswith(b"HTTP/1.0 401")
+        # A small body held back for "100 Continue": waiting to read it waited for the client's own timeout
+        waits = head + b"Expect: 100-continue\r\nContent-Length: 100\r\n\r\n"
+        start = time.perf_counter()
+        assert raw(base, waits, half_close=False).startswith(b"HTTP/1.0 401") and time.perf_counter() - start < 5
         body = b'{"prompt": "ab", "max_tokens": 2}'
         length = f"Content-Length: {len(body)}\r\n".encode()
         assert raw(base, head + b"Authorization: bearer s3cret\r\n" + length + b"\r\n" + body).startswith(
@@ -604,7 +651,7 @@ def test_loopback_hosts_are_told_from_reachable_ones(host, loopback):
     ("argv", "error"),
     [
         (["--ckpt", "missing.ckpt"], "error: missing.ckpt: checkpoint not found"),
-        (["--ckpt", "missing.ckpt", "--top_p", "0"], "error: top_p must be in (0, 1]"),
+        (["--ckpt", "missing.ckpt", "--top_p", "1.1"], "error: top_p must be in [0, 1]"),
         # Before the checkpoint loads: socket.bind raised OverflowError (a traceback) once the model was loaded.
         (["--ckpt", "missing.ckpt", "--port", "70000"], "error: --port must be in [0, 65535], got 70000"),
         (["--ckpt", "missing.ckpt", "--port", "-1"], "error: --port must be in [0, 65535], got -1"),
