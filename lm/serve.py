@@ -18,7 +18,8 @@ Both POSTs take max_tokens, temperature, top_p, stop (a string or a list), seed 
 top_k (0: no top-k filter) and repetition_penalty as extensions; what a request leaves out comes from the flags. The
 `model` field is not checked. Not supported, and a 400 when asked for: n > 1, logprobs, tools/functions, logit_bias,
 presence/frequency penalties, best_of, echo, suffix, a `prompt` list of more than one prompt (one in a
-list is read as itself). A bad request is a 400 `{"error": {"message", "type"}}` and the
+list is read as itself). A completion's `prompt` may also be token ids of this model's tokenizer, as OpenAI's API
+takes them (`[15496, 995]`, or a list of one such list). A bad request is a 400 `{"error": {"message", "type"}}` and the
 server goes on.
 
 The engine is lm.generate's, with lm chat's conventions: a reply is at most half the context, the oldest exchanges
@@ -153,12 +154,20 @@ class LMServer(ThreadingHTTPServer):
 
     def completion_job(self, body: dict) -> Job:
         prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and len(prompt) == 1:  # OpenAI's array form, one prompt (n prompts: a batch)
+        # OpenAI's array forms of one prompt: [text], [ids] or ids (a list of texts or of id lists is a batch)
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        prompt = _field({"prompt": prompt}, "prompt", str, "a string (or a list of one string)", "")
         job = self._job(body, chat=False)
-        # An empty prompt starts a new document, as in lm generate.
-        job.prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
+        if _token_ids(prompt):  # a prompt tokenized by the client (lm-evaluation-harness does), this model's ids
+            if not all(0 <= i < self.tokenizer.vocab_size for i in prompt):
+                bad = next(i for i in prompt if not 0 <= i < self.tokenizer.vocab_size)
+                raise LMError(f"prompt: token id {bad} is outside the vocabulary (size {self.tokenizer.vocab_size})")
+            job.prompt_ids = list(prompt)
+        else:
+            what = "a string, a list of token ids, or a list of one of them"
+            prompt = _field({"prompt": prompt}, "prompt", str, what, "")
+            # An empty prompt starts a new document, as in lm generate.
+            job.prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
         if len(job.prompt_ids) > self.model.config.block_size:
             raise LMError(
                 f"the prompt is {len(job.prompt_ids)} tokens long; the context holds {self.model.config.block_size}"
@@ -253,6 +262,11 @@ def _field(body: dict, name: str, types, what: str, default):
     if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
         raise LMError(f"{name!r} must be {what}, got {json.dumps(value)}")
     return value
+
+
+def _token_ids(value) -> bool:
+    """Whether a prompt is a non-empty list of token ids (integers; JSON's true and false are not)."""
+    return isinstance(value, list) and bool(value) and all(type(i) is int for i in value)
 
 
 class RequestError(LMError):

@@ -391,7 +391,28 @@ def test_a_prompt_given_as_a_list_of_one_is_that_prompt(server):
     as_list = call(url + "/v1/completions", {**body, "prompt": ["to be"]})
     assert as_list[0] == 200 and as_list[1]["choices"] == as_string[1]["choices"]
     status, error = call(url + "/v1/completions", {**body, "prompt": ["to be", "or not"]})
-    assert status == 400 and "a list of one string" in error["error"]["message"]
+    assert status == 400 and "or a list of one of them" in error["error"]["message"]
+
+
+def test_a_prompt_given_as_token_ids_is_those_ids(server):
+    """OpenAI's API takes a prompt as token ids (lm-evaluation-harness sends them so): it was refused, not a string."""
+    url, srv = server
+    body = {"max_tokens": 4, "temperature": 0}
+    as_string = call(url + "/v1/completions", {**body, "prompt": "to be"})
+    ids = srv.tokenizer.encode("to be")
+    for prompt in (ids, [ids]):
+        status, reply = call(url + "/v1/completions", {**body, "prompt": prompt})
+        assert status == 200 and reply["choices"] == as_string[1]["choices"]
+        assert reply["usage"] == as_string[1]["usage"]
+    for prompt, message in [
+        ([1, srv.tokenizer.vocab_size], f"token id {srv.tokenizer.vocab_size} is outside the vocabulary"),
+        ([1, -2], "token id -2 is outside"),
+        ([1, 2.5], "a list of token ids"),
+        ([True], "a list of token ids"),
+        ([ids, ids], "a list of token ids"),  # two prompts: a batch
+    ]:
+        status, error = call(url + "/v1/completions", {**body, "prompt": prompt})
+        assert status == 400 and message in error["error"]["message"], (prompt, error)
 
 
 def test_the_client_check_works_on_sockets_numbered_above_1024():
