@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import jsonargparse
 import torch
 import torch.distributed
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -52,6 +52,7 @@ from lm.tasks import tasks_command
 LIGHTNING_COMMANDS = ("fit", "validate")
 # lm's default progress bar: tqdm's, redrawn every this many batches
 PROGRESS_BAR_REFRESH_RATE = 10
+_MOVED_ASIDE: list[Path] = []  # the earlier run's last.ckpt that this fresh fit moved to last.previous.ckpt
 # A resumed run may change these. init_from too: the file may have moved since (the weights come from the resumed
 # checkpoint; an architecture that differs is refused, and DPO refuses a reference whose weights changed).
 RUNTIME_ARGS = ("compile", "fp8", "activation_checkpointing", "max_skipped_steps", "init_from")
@@ -199,6 +200,8 @@ class LMCLI(LightningCLI):
             # requeue of this run (--ckpt_path last) would have resumed the earlier run
             last = Path(config.checkpoint.dirpath) / "last.ckpt"
             moved = last.is_file() and not os.replace(last, last.with_name("last.previous.ckpt"))
+            if moved:
+                _MOVED_ASIDE.append(last)  # put back if this run stops before it trains (a typo, a missing file)
             print(
                 f"lm: {config.checkpoint.dirpath} holds {len(earlier)} checkpoint(s) of an earlier run; "
                 + ("its last.ckpt is now last.previous.ckpt; " if moved else "")
@@ -290,6 +293,12 @@ class LMCLI(LightningCLI):
         )  # fmt: skip
         if best and not Path(best).is_file():  # recorded as an absolute path: the run's folder may have moved since
             best = str(last.parent / Path(best).name)
+        if not last.is_file():
+            previous = last.with_name("last.previous.ckpt")
+            hint = f" ({previous} is an earlier run's)" if previous.is_file() else ""
+            raise LMError(
+                f"--ckpt_path best: no {last}, which records the run's best checkpoint{hint}; give a checkpoint's path"
+            )
         if not best or not Path(best).is_file():
             raise LMError(f"--ckpt_path best: {last} records no best checkpoint that exists; give its path instead")
         return best
@@ -353,7 +362,7 @@ class LMCLI(LightningCLI):
         self._calm_default_progress_bar()
         if type(self.trainer.profiler) is PassThroughProfiler:  # Lightning's default: no profiler was asked for
             self.trainer.profiler = NoProfiler()
-        self.trainer.callbacks += [Throughput(), RNGState(), PreemptionSignal()]
+        self.trainer.callbacks += [Throughput(), RNGState(), PreemptionSignal(), _TrainingStarted()]
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self.trainer.callbacks.append(DestroyProcessGroup())  # clean gloo/NCCL exit (lm/distributed.py)
@@ -385,6 +394,25 @@ class LMCLI(LightningCLI):
         else:
             calm = ProgressLines(every=self.trainer.log_every_n_steps or 50)  # 0: nothing logged, a line every 50
         self.trainer.callbacks[self.trainer.callbacks.index(bar)] = calm
+
+
+class _TrainingStarted(Callback):
+    """From the start of training on, the earlier run's last.ckpt stays moved aside (_put_back_the_earlier_last)."""
+
+    def on_train_start(self, trainer, pl_module):
+        _MOVED_ASIDE.clear()
+
+
+def _put_back_the_earlier_last() -> None:
+    """A fresh fit moves the earlier run's last.ckpt aside at launch, so that a requeue of this run cannot resume that
+    one. A fit that fails before it trains (a typo, a missing data file) has changed nothing: the earlier last.ckpt is
+    put back, or the corrected command's --ckpt_path last would have started from scratch."""
+    while _MOVED_ASIDE:
+        last = _MOVED_ASIDE.pop()
+        previous = last.with_name("last.previous.ckpt")
+        if previous.is_file() and not last.exists():
+            os.replace(previous, last)
+            print(f"lm: this run stopped before it trained; {last} is the earlier run's again")
 
 
 def _check_trainer_values(trainer) -> None:
@@ -635,6 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     # Attribute docstrings (GPTConfig's fields) become help text. Parsing them reads the classes' source, ~0.7 s of
     # every launch on a 2-core CPU, so only when help (or a commented config) is shown.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=_shows_help(argv))
+    _MOVED_ASIDE.clear()  # another main() of this process (tests) moved nothing of this run's
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
@@ -644,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
             cli = LMCLI(args=argv)
             _report_stop(cli)
     except Exception as e:
+        _put_back_the_earlier_last()
         # jsonargparse wraps an error raised in a constructor (a bad model.init_args value) in its own ValueError,
         # with ours as the cause: look down the chain.
         user_error = e

@@ -565,6 +565,30 @@ def test_last_of_a_run_that_died_before_its_first_save_starts_from_scratch(tmp_p
     assert torch.load(checkpoints / "last.previous.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_a_fresh_run_that_fails_before_it_trains_puts_the_earlier_last_ckpt_back(tmp_path, capsys, monkeypatch):
+    """A fresh run with a typo (a missing data file) moved the earlier run's last.ckpt aside and stopped: the corrected
+    command's --ckpt_path last then trained from scratch, and lm generate --ckpt .../last.ckpt found nothing. A run
+    that has trained keeps it moved aside (a requeue of it must not resume the earlier run)."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
+    main(["fit", *run, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"])
+    checkpoints = tmp_path / "runs/debug/checkpoints"
+    capsys.readouterr()
+    for mistake in (["--data.init_args.source", "typo.txt"], ["--data.init_args.batch_size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *run, "--trainer.max_steps", "2", *mistake])
+        printed = capsys.readouterr()
+        assert exit_info.value.code == 2 and "its last.ckpt is now last.previous.ckpt" in printed.out
+        assert f"this run stopped before it trained; {Path('runs/debug/checkpoints/last.ckpt')}" in printed.out
+        assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+        assert not (checkpoints / "last.previous.ckpt").exists()
+    main(["fit", *run, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--ckpt_path", "last"])
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4  # the resume the user meant
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])  # a fresh run that trains
+    assert torch.load(checkpoints / "last.previous.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path, capfd, caplog, monkeypatch):
     """Lightning knows "best" only in the process that trained: lm validate --ckpt_path best said ModelCheckpoint "is
     not configured to save the best model", though it was and best-step=N.ckpt was there. The snapshots' checkpoint
@@ -573,7 +597,8 @@ def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path
     run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
     with pytest.raises(SystemExit) as exit_info:  # nothing trained yet
         main(["validate", *run, "--ckpt_path", "best"])
-    assert exit_info.value.code == 2 and "--ckpt_path best: runs/debug/checkpoints/last.ckpt records no best" in (
+    # It named a last.ckpt that was not there as recording no best checkpoint
+    assert exit_info.value.code == 2 and "--ckpt_path best: no runs/debug/checkpoints/last.ckpt, which records" in (
         capfd.readouterr().err
     )
     snapshots = ["--checkpoint.every_n_train_steps", "2", "--snapshots.every_n_train_steps", "2"]
