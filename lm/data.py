@@ -56,6 +56,10 @@ IGNORE_INDEX = -100  # a label with no loss, as lm.module's (not imported: the d
 FORMAT_VERSION = 3
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTINS = ("shakespeare",)
+# how errors number a source's documents
+DOCUMENT_ORDER = (
+    "documents counted from 1 in file order: a .txt/.md file is one, a JSONL/Parquet row one; empty ones not"
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -450,10 +454,13 @@ def write_tokens(
     Each batch goes from the tokenizer straight into a numpy array and onto the file: no Python int per token, no
     Arrow list column, and only one batch of ids in memory however big the corpus is.
     """
-    num_tokens = 0
+    num_tokens, documents = 0, 0
     with open(path, "wb") as f:
         for texts in batches:
-            ids = tokenizer.encode_to_array(texts, eos=True, num_threads=num_threads)
+            try:
+                ids = tokenizer.encode_to_array(texts, eos=True, num_threads=num_threads)
+            except LMError as e:  # a char vocabulary without one of the text's characters: say which document
+                raise LMError(f"document {documents + first_unencodable(tokenizer, texts) + 1}: {e}") from None
             if ids.size and ids.max() > np.iinfo(dtype).max:  # astype would wrap it round, silently
                 raise LMError(
                     f"token id {ids.max()} does not fit the token file's {dtype}: the tokenizer's ids go "
@@ -461,8 +468,19 @@ def write_tokens(
                 )
             ids.astype(dtype, copy=False).tofile(f)  # appending to a plain file: no need to know the total up front
             num_tokens += len(ids)
+            documents += len(texts)
             progress(len(texts))
     return num_tokens
+
+
+def first_unencodable(tokenizer: Tokenizer, texts: list[str]) -> int:
+    """The index of the first text that `tokenizer` cannot encode (only called once encoding them all failed)."""
+    for index, text in enumerate(texts):
+        try:
+            tokenizer.encode(text)
+        except LMError:
+            return index
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -920,14 +938,17 @@ class PretrainData(L.LightningDataModule):
         # an hours-long corpus
         redraws = {} if sys.stderr.isatty() else {"mininterval": 60, "maxinterval": 60}
         with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing", **redraws) as bar:
-            num_tokens = write_tokens(
-                document_batches(ds, BATCH_CHARS),
-                tok,
-                work / "tokens.bin",
-                dtype=dtype,
-                num_threads=self.num_threads,
-                progress=bar.update,
-            )
+            try:
+                num_tokens = write_tokens(
+                    document_batches(ds, BATCH_CHARS),
+                    tok,
+                    work / "tokens.bin",
+                    dtype=dtype,
+                    num_threads=self.num_threads,
+                    progress=bar.update,
+                )
+            except LMError as e:
+                raise LMError(f"data source {self.source!r}, {e} ({DOCUMENT_ORDER})") from None
         num_documents = len(ds) - empty
         ds = None  # release the Arrow memory map before deleting its file
         shutil.rmtree(scratch, ignore_errors=True)

@@ -267,7 +267,7 @@ class LanguageModelling(Task):
     unread = _CHAT_OPTIONS
 
     def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
-        from lm.data import load_documents, refuse_hub_options_of_a_local_source
+        from lm.data import DOCUMENT_ORDER, first_unencodable, load_documents, refuse_hub_options_of_a_local_source
 
         spec = self.spec
         if not spec.data:
@@ -286,7 +286,12 @@ class LanguageModelling(Task):
         if not texts:
             raise LMError(f"data source {self.spec.data!r}: no non-empty documents to evaluate")
         ids = [tokenizer.eos_id]
-        for doc in tokenizer.encode_batch(texts, eos=True):
+        try:
+            encoded = tokenizer.encode_batch(texts, eos=True)
+        except LMError as e:  # a char vocabulary without one of the text's characters: say which document
+            document = first_unencodable(tokenizer, texts) + 1
+            raise LMError(f"data source {self.spec.data!r}, document {document}: {e} ({DOCUMENT_ORDER})") from None
+        for doc in encoded:
             ids.extend(doc)
         self.tokens = np.asarray(ids, dtype=np.int64)
         self.num_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -355,6 +360,7 @@ def read_hellaswag(path: str | Path, limit: int | None = None) -> list[dict[str,
                     "query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
                     "choices": [hellaswag_preprocess(e) for e in endings],
                     "gold": int(label),
+                    "line": line_no,
                 }
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a list row
                 raise LMError(
@@ -378,9 +384,12 @@ class MultipleChoice(Task):
         if not self.spec.data:
             raise LMError("task hellaswag needs a JSONL file (--data ../shared/data/hellaswag_val_every5th.jsonl)")
         self.items = read_hellaswag(self.spec.data, self.spec.limit)
-        self.requests = [
-            [encode_pair(tokenizer, item["query"], " " + choice) for choice in item["choices"]] for item in self.items
-        ]
+        self.requests = []
+        for item in self.items:
+            try:
+                self.requests.append([encode_pair(tokenizer, item["query"], " " + c) for c in item["choices"]])
+            except LMError as e:  # a char vocabulary without one of its characters
+                raise LMError(f"{self.spec.data}:{item['line']}: {e}") from None
 
     def num_items(self):
         return len(self.items)

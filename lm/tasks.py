@@ -130,6 +130,14 @@ def evaluate_task(
     from lm.generate import generate_texts
 
     problems = make_problems(task, "test", num_problems, seed=seed, digits=digits)
+    try:
+        for problem in problems:
+            tokenizer.encode(problem.question + problem.answer)
+    except LMError as e:  # a char vocabulary learned from other text: before any generation
+        raise LMError(
+            f"task {task}: the model's {tokenizer.kind} tokenizer cannot write its problems ({e}); train on the task "
+            "(experiments/pretrain_addition.yaml does) or use a byte-level tokenizer"
+        ) from None
     stop_ids = reply_stop_ids(tokenizer)  # the answer is the reply `lm chat` would show
     max_new = max(len(tokenizer.encode(p.answer)) for p in problems) + 4  # enough to be wrong, but not much more
     was_training = model.training

@@ -541,3 +541,32 @@ def test_a_resumed_fit_under_accumulation_does_not_repeat_the_evaluation_of_the_
 
     assert fit(2) == [2]
     assert fit(4, ckpt_path=tmp_path / "2.ckpt") == [4]
+
+
+def test_text_a_char_vocabulary_cannot_write_is_named_where_it_is(ckpt, text_dir, tmp_path, capsys):
+    """A char tokenizer learned from other text met a character it lacks: the error named the character and its
+    offset in some piece of text, but no file, line or document (chat data named file:line already)."""
+    from lm.data import PretrainData
+
+    path, _, _ = ckpt
+    (text_dir / "9.txt").write_text("a price of 5 €\n")  # the third document, in file order
+
+    def error_of(*argv) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    where = f"data source '{text_dir}', document 3: character '5' (at offset 11)"
+    assert where in error_of("eval", "--ckpt", str(path), "--task", "lm", "--data", str(text_dir))
+    data = PretrainData(source=str(text_dir), tokenizer=str(path), block_size=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(LMError, match=re.escape(where)):  # lm fit with the checkpoint's tokenizer
+        data.prepare_data()
+    row = {"activity_label": "A", "ctx": "a b", "endings": ["c", "d"], "label": 0}
+    rows = [row, row | {"endings": ["c", "100%"]}]
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hellaswag = error_of("eval", "--ckpt", str(path), "--task", "hellaswag", "--data", str(tmp_path / "hs.jsonl"))
+    assert f"error: {tmp_path / 'hs.jsonl'}:2: character '1'" in hellaswag
+    for command in ("eval", "tasks eval"):  # '+' is not in the vocabulary
+        task = error_of(*command.split(), "--ckpt", str(path), "--task", "addition")
+        assert "error: task addition: the model's char tokenizer cannot write its problems (character '+'" in task
