@@ -15,7 +15,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 _CLASS_OPTION = re.compile(
     r"Problem with given class_path '([\w.]+)':\s*"
-    r"(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))"
+    r"(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+)"
+    # a YAML's unknown key inside a dataclass argument (model.init_args.arch.n_layerz)
+    r"|Group '([\w.]+)' does not accept option '(\w+)')"
 )
 _CLASS_VALUE = re.compile(r"Problem with given class_path '([\w.]+)':\s*Parser key \"([\w.]+)\":\s*(.+?)(?:\n|$)")
 _GROUP_KEY = re.compile(r"Parser key \"([\w.]+)\"")
@@ -109,7 +111,8 @@ def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
     if m := _CLASS_VALUE.search(message):
         return f"bad value for {group}.init_args.{m.group(2)}: {m.group(3).strip()}"
     if m := _CLASS_OPTION.search(message):
-        *nested, option = (m.group(2) or m.group(3)).split(".")
+        dotted = m.group(2) or m.group(3) or f"{m.group(4)}.{m.group(5)}"
+        *nested, option = dotted.split(".")
         options = _init_params(m.group(1), nested)
         key = ".".join([group, "init_args", *nested, option])
         owner = ".".join([m.group(1), *nested])

@@ -75,11 +75,22 @@ def test_unknown_key_lists_the_allowed_ones(capsys):
     assert "lm.module.LanguageModel accepts: arch, lr, min_lr_ratio" in err
 
 
-def test_unknown_key_in_a_yaml_file(capsys, tmp_path):
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("trainer:\n  max_stepz: 3\n", "unknown key trainer.max_stepz"),
+        ("model:\n  init_args:\n    lrr: 1\n", "unknown key model.init_args.lrr (did you mean 'lr'?)"),
+        # under arch (a dataclass) it was jsonargparse's "Group 'arch' does not accept option 'n_layerz'"
+        ("model:\n  init_args:\n    arch:\n      n_layerz: 3\n",
+         "unknown key model.init_args.arch.n_layerz (did you mean 'n_layer'?); lm.module.LanguageModel.arch accepts: "
+         "vocab_size, block_size, n_layer,"),
+    ],
+)  # fmt: skip
+def test_unknown_key_in_a_yaml_file(capsys, tmp_path, yaml_text, expected):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("trainer:\n  max_stepz: 3\n")
+    bad.write_text(yaml_text)
     code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(bad))
-    assert code == 2 and "unknown key trainer.max_stepz" in err
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
 
 
 def test_the_list_of_allowed_keys_names_each_once(capsys):
