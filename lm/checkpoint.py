@@ -36,6 +36,12 @@ def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load on a file that is not a checkpoint raises almost anything (KeyError, ...)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "WeightsUnpickler error:" in str(e):
+            # torch's first line advises weights_only=False ("will likely succeed"), which lm never does (and a text
+            # file would not load either): its unpickler's own reason is the news
+            lines = str(e).partition("WeightsUnpickler error:")[2].splitlines()
+            reason = next((line for line in lines if line.strip()), "?")
+            first_line = f"torch.load(weights_only=True): {reason.strip().partition('. Please')[0]}"
         why = "truncated or corrupted, or no .ckpt at all?"
         raise LMError(f"{path}: not a readable checkpoint ({why}): {first_line}") from e
     if not isinstance(ckpt, dict):

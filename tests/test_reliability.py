@@ -1,5 +1,6 @@
 """Faults and what docs/reliability.md promises: one-line user errors, atomic checkpoints, skipped NaN steps."""
 
+import argparse
 import math
 import re
 
@@ -140,6 +141,20 @@ def test_truncated_checkpoint_for_resume_is_one_line(capsys, tmp_path):
     code, err = run_cli(capsys, "fit", "--config", DEBUG, "--ckpt_path", str(ckpt))
     assert code == 2 and len(err.splitlines()) == 1
     assert str(ckpt) in err and "truncated or corrupted" in err
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_without_torch_s_advice_to_unpickle_it(capsys, tmp_path):
+    """torch's first line said re-running with weights_only=False "will likely succeed": an option lm never takes, and
+    wrong for a text file. Its unpickler's reason is shown instead."""
+    (tmp_path / "text.ckpt").write_text("garbage\n")
+    torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "object.ckpt")  # a pickled Python object
+    for name, reason in [
+        ("text.ckpt", "Unsupported operand"),
+        ("object.ckpt", "Unsupported global: GLOBAL argparse.Namespace"),
+    ]:
+        code, err = run_cli(capsys, "generate", "--ckpt", str(tmp_path / name))
+        assert code == 2 and len(err.splitlines()) == 1 and "weights_only=False" not in err, err
+        assert f"{name}: not a readable checkpoint" in err and f"torch.load(weights_only=True): {reason}" in err
 
 
 def data(tmp_path, name: str, content: bytes, **kwargs) -> PretrainData:
