@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {user_error}\n")
         sys.exit(2)
-    except SIGTERMException:
+    except SIGTERMException:  # (a SystemExit, handled before that): a requeue must not find the earlier last.ckpt
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.
         print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
         if os.environ.get("WANDB_SWEEP_ID"):
@@ -698,6 +698,10 @@ def main(argv: list[str] | None = None) -> None:
             # exit code > 0 as a failed run, shutting itself down after 5 of them (3 in its first minute)
             sys.exit(0)
         sys.exit(128 + signal.SIGTERM)
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C (which Lightning turns into exit 1 inside fit), say while a corpus is tokenized: nothing trained
+        _put_back_the_earlier_last()
+        raise
 
 
 def _another_rank_failed(e: Exception) -> bool:

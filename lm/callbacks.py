@@ -217,6 +217,7 @@ class ProgressLines(ProgressBar):
             raise LMError(f"ProgressLines(validation_seconds={validation_seconds}): a line every T > 0 seconds")
         self.every, self.validation_seconds, self._enabled = every, validation_seconds, True
         self._validation_clock = (0.0, 0.0)  # (start of this validation, time of its last line)
+        self._validation_batches = 0  # done in this validation, over all its dataloaders
         self._last: tuple[int, float] | None = None  # (step, time) of the previous line
         self._tokens = 0  # this rank's batch positions since then
         self._total: int | None = None  # the run's optimizer steps (max_steps, or what its epochs come to)
@@ -243,15 +244,16 @@ class ProgressLines(ProgressBar):
         if not trainer.sanity_checking:
             self._last = None
         now = time.perf_counter()
-        self._validation_clock = (now, now)
+        self._validation_clock, self._validation_batches = (now, now), 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._validation_batches += 1
         started, last_line = self._validation_clock
         now = time.perf_counter()
         if not self._enabled or trainer.sanity_checking or now - last_line < self.validation_seconds:
             return
         self._validation_clock = (started, now)
-        done, total = batch_idx + 1, trainer.num_val_batches[dataloader_idx]
+        done, total = self._validation_batches, sum(trainer.num_val_batches)  # every dataloader's
         finite = total != float("inf")
         line = f"validation {done}{f'/{total}' if finite else ''} batches, "
         line += f"{datetime.timedelta(seconds=round(now - started))} so far"

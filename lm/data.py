@@ -460,7 +460,10 @@ def write_tokens(
             try:
                 ids = tokenizer.encode_to_array(texts, eos=True, num_threads=num_threads)
             except LMError as e:  # a char vocabulary without one of the text's characters: say which document
-                raise LMError(f"document {documents + first_unencodable(tokenizer, texts) + 1}: {e}") from None
+                index = first_unencodable(tokenizer, texts)
+                if index is None:
+                    raise
+                raise UnencodableDocument(f"document {documents + index + 1}: {e}") from None
             if ids.size and ids.max() > np.iinfo(dtype).max:  # astype would wrap it round, silently
                 raise LMError(
                     f"token id {ids.max()} does not fit the token file's {dtype}: the tokenizer's ids go "
@@ -473,14 +476,18 @@ def write_tokens(
     return num_tokens
 
 
-def first_unencodable(tokenizer: Tokenizer, texts: list[str]) -> int:
-    """The index of the first text that `tokenizer` cannot encode (only called once encoding them all failed)."""
+class UnencodableDocument(LMError):
+    """A document the tokenizer cannot encode (a char vocabulary without one of its characters), named by number."""
+
+
+def first_unencodable(tokenizer: Tokenizer, texts: list[str]) -> int | None:
+    """The index of the first text that `tokenizer` cannot encode, or None if each encodes on its own."""
     for index, text in enumerate(texts):
         try:
             tokenizer.encode(text)
         except LMError:
             return index
-    return 0
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -947,7 +954,7 @@ class PretrainData(L.LightningDataModule):
                     num_threads=self.num_threads,
                     progress=bar.update,
                 )
-            except LMError as e:
+            except UnencodableDocument as e:
                 raise LMError(f"data source {self.source!r}, {e} ({DOCUMENT_ORDER})") from None
         num_documents = len(ds) - empty
         ds = None  # release the Arrow memory map before deleting its file

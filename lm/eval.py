@@ -289,8 +289,11 @@ class LanguageModelling(Task):
         try:
             encoded = tokenizer.encode_batch(texts, eos=True)
         except LMError as e:  # a char vocabulary without one of the text's characters: say which document
-            document = first_unencodable(tokenizer, texts) + 1
-            raise LMError(f"data source {self.spec.data!r}, document {document}: {e} ({DOCUMENT_ORDER})") from None
+            index = first_unencodable(tokenizer, texts)
+            if index is None:
+                raise
+            where = f"data source {self.spec.data!r}, document {index + 1}"
+            raise LMError(f"{where}: {e} ({DOCUMENT_ORDER})") from None
         for doc in encoded:
             ids.extend(doc)
         self.tokens = np.asarray(ids, dtype=np.int64)

@@ -95,7 +95,7 @@ UNSUPPORTED = {
 }
 MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is read
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # per request (OpenAI allows 4 stop sequences)
-GET_ENDPOINTS = ("/health", "/v1/models")  # and /v1/models/<name>
+GET_ENDPOINTS = ("/health", "/v1/models")  # and /v1/models/<the model's id>
 POST_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 REFUSED_BODY_BYTES = 2**16  # of a request refused for its key, this much body is read and dropped, no more
 API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750's bearer token: what a client can send as it is
@@ -378,22 +378,31 @@ class Handler(BaseHTTPRequestHandler):
         """GET's status and headers without the body: load balancers probe /health with either."""
         self.do_GET()
 
+    def _allowed(self, path: str) -> str | None:
+        """The methods an endpoint takes, as a 405's Allow header lists them; None where there is no such endpoint."""
+        if path in POST_ENDPOINTS:
+            return "POST"
+        model_id = (
+            path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name
+        )
+        return "GET, HEAD" if path in GET_ENDPOINTS or model_id else None
+
     def _method_not_allowed(self):
-        path = urlsplit(self.path).path
-        allowed = "POST" if path in POST_ENDPOINTS else "GET, HEAD" if path in GET_ENDPOINTS else "GET, HEAD, POST"
-        self.close_connection = True  # its body, if any, is never read
-        self._send_error(405, f"{self.command} is not supported here; use {allowed}", headers={"Allow": allowed})
+        self._no_such_endpoint(urlsplit(self.path).path)
 
     def _no_such_endpoint(self, path: str) -> None:
-        """404, or 405 (with the methods it takes, as RFC 9110 asks) for an endpoint called with the wrong method."""
-        if path in POST_ENDPOINTS or (self.command == "POST" and path in GET_ENDPOINTS):
-            self._method_not_allowed()
-        else:
+        """405 for an endpoint called with the wrong method, with the methods it takes (as RFC 9110 asks); else 404."""
+        allowed = self._allowed(path)
+        if allowed is None:
             self._send_error(404, f"no such endpoint: {self.command} {path}")
+            return
+        self.close_connection = True  # a body, if any, is never read
+        self._send_error(405, f"{self.command} is not supported here; use {allowed}", headers={"Allow": allowed})
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (an unknown method: 501; a malformed request line: 400; a header too long: 431)
-        in the API's JSON error shape, as every other failure, not as its HTML page."""
+        in the API's JSON error shape, as every other failure, not as its HTML page; logged as http.server logs them."""
+        self.log_error("code %d, message %s", code, message)
         self.close_connection = True
         self._send_error(code, message or HTTPStatus(code).phrase)
 
@@ -443,7 +452,10 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _expects_100(self) -> bool:
-        return self.headers.get("Expect", "").lower() == "100-continue"
+        """Whether the client holds its body back until "100 Continue": never an HTTP/1.0 one (RFC 9110 allows no 1xx
+        answer to it)."""
+        http_1_1_or_later = self.request_version not in ("HTTP/0.9", "HTTP/1.0")
+        return http_1_1_or_later and self.headers.get("Expect", "").lower() == "100-continue"
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection: readable with nothing to read (it sends nothing after its body)."""

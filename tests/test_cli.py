@@ -378,6 +378,18 @@ def test_a_long_validation_in_a_file_prints_a_line_every_validation_seconds(monk
     trainer.num_val_batches = [float("inf")]
     validate(0.5, batches=120)
     assert capsys.readouterr().out.splitlines() == ["validation 120 batches, 0:01:00 so far"]
+    trainer.num_val_batches = [100, 100]  # two dataloaders: counted together (each restarts its batch_idx)
+    clock[0] = 1000.0  # a round start: the tenths added above are not exact
+    bar.on_validation_start(trainer, None)
+    for loader in (0, 1):
+        for index in range(100):
+            clock[0] += 1.0
+            bar.on_validation_batch_end(trainer, None, None, None, index, loader)
+    assert capsys.readouterr().out.splitlines() == [
+        "validation 60/200 batches, 0:01:00 so far, 0:02:20 left",
+        "validation 120/200 batches, 0:02:00 so far, 0:01:20 left",
+        "validation 180/200 batches, 0:03:00 so far, 0:00:20 left",
+    ]
     bar.disable()
     validate(0.5)
     assert capsys.readouterr().out == ""
@@ -582,6 +594,16 @@ def test_a_fresh_run_that_fails_before_it_trains_puts_the_earlier_last_ckpt_back
         assert f"this run stopped before it trained; {Path('runs/debug/checkpoints/last.ckpt')}" in printed.out
         assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
         assert not (checkpoints / "last.previous.ckpt").exists()
+    import lm.data
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # Ctrl-C while the corpus is tokenized (Lightning makes it exit 1)
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(lm.data.PretrainData, "prepare_data", interrupted)
+        main(["fit", *run, "--trainer.max_steps", "2"])
+    assert "this run stopped before it trained" in capsys.readouterr().out
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
     main(["fit", *run, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--ckpt_path", "last"])
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4  # the resume the user meant
     main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])  # a fresh run that trains

@@ -460,14 +460,21 @@ def test_models_by_id_and_other_methods(server):
         (b"GET /v1/chat/completions", 405, b"POST"),  # was a 404: the endpoint is there
         (b"POST /v1/models", 405, b"GET, HEAD"),
         (b"DELETE /v1/completions", 405, b"POST"),
+        (b"POST /v1/models/tiny", 405, b"GET, HEAD"),  # the model by its id
+        (b"PUT /v1/models/tiny", 405, b"GET, HEAD"),
+        (b"PUT /nope", 404, None),  # no such endpoint, whatever the method
         (b"FOO /v1/models", 501, None),  # was http.server's HTML page
         (b"GET /no such path", 400, None),  # a malformed request line: likewise
     ],
 )  # fmt: skip
-def test_a_wrong_method_is_a_405_naming_the_allowed_ones_and_every_refusal_is_json(server, request_line, status, allow):
+def test_a_wrong_method_is_a_405_naming_the_allowed_ones_and_every_refusal_is_json(
+    server, capfd, request_line, status, allow
+):
     """RFC 9110 asks a 405 for an endpoint called with the wrong method, with the methods it takes in `Allow`."""
     url, _ = server
     answer = raw(url, request_line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    if status in (400, 501):  # http.server's own refusals keep their line in the server's log
+        assert f"code {status}, message " in capfd.readouterr().err
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 %d" % status), answer
     assert (f"Allow: {allow.decode()}".encode() in head.split(b"\r\n")) if allow else b"Allow:" not in head
@@ -494,6 +501,9 @@ def test_a_client_that_expects_100_continue_gets_it_at_once(server):
     assert answer.startswith(b"HTTP/1.0 200") and json.loads(answer.partition(b"\r\n\r\n")[2])["choices"]
     too_big = head + b"Content-Length: 99999999999\r\n\r\n"  # refused before the client sends a byte of it
     assert raw(url, too_big).startswith(b"HTTP/1.0 413")
+    # never to an HTTP/1.0 client, which may take a 100 for the answer (RFC 9110)
+    old_client = head.replace(b"HTTP/1.1", b"HTTP/1.0") + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    assert raw(url, old_client).startswith(b"HTTP/1.0 200 OK")
 
 
 @pytest.mark.parametrize("client", ["leaves", "leaves a stream", "stops reading a stream"])
