@@ -43,6 +43,20 @@ def join_text_parts(messages: Sequence[Any]) -> list[Any]:
     return joined
 
 
+def tidy_messages(messages: Sequence[Any]) -> list[Any]:
+    """OpenAI's `developer` role read as `system` (its newer name for it), and a system message whose content is blank
+    left out (exports often carry `"system": ""`, which says nothing): both were refused as malformed. Other messages
+    are returned unchanged, for check_messages to judge."""
+    tidy = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "developer":
+            m = {**m, "role": "system"}
+        blank = isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip()
+        if not (blank and m.get("role") == "system"):
+            tidy.append(m)
+    return tidy
+
+
 def check_messages(messages: Sequence[Message], *, need_reply: bool = True) -> str | None:
     """Why a conversation is malformed, or None when it is fine.
 

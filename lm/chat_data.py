@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, join_text_parts, render_chat
+from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, join_text_parts, render_chat, tidy_messages
 from lm.data import (
     DEFAULT_BLOCK_SIZE,
     IGNORE_INDEX,
@@ -313,7 +313,7 @@ class ChatData(L.LightningDataModule):
             )
 
         def parse(record: Any, fmt: str) -> tuple[list[Message]]:
-            messages = join_text_parts(to_messages(record, fmt))
+            messages = tidy_messages(join_text_parts(to_messages(record, fmt)))
             problem = check_messages(messages)
             if problem is not None:
                 raise ValueError(problem)
@@ -332,7 +332,15 @@ class ChatData(L.LightningDataModule):
             "cannot tell the chat format (no messages / conversations / instruction+output keys); set "
             f"data.init_args.format to one of {FORMATS}"
         )
-        return self._split(self._read_valid(detect_format, why, parse))
+        conversations = self._read_valid(detect_format, why, parse)
+        if self.supervise == "assistant":
+            # Every reply shown, none learned (weight 0): dropped before the split, which would otherwise count them
+            # into val and could leave it with nothing to score
+            learnable = [c for c in conversations if any(m["role"] == "assistant" and m.get("weight", 1) for m in c[1])]
+            if len(learnable) < len(conversations):
+                self.counts["dropped_unsupervised"] = len(conversations) - len(learnable)
+            conversations = learnable
+        return self._split(conversations)
 
     def _read_valid(self, detect: Callable[[Any], str | None], unknown: str, parse: Callable) -> list[tuple]:
         """(where, *parse(record, fmt)) for each record of a file or hub source. fmt is `format`, or detected from the
@@ -373,8 +381,9 @@ class ChatData(L.LightningDataModule):
         # Groups in the order of a hash of their opening and split_seed, not a shuffle of this file's groups: every
         # file's val is then the start of one order, so SFT on one HH file and DPO on another (sft_hh.yaml, then
         # dpo_hh.yaml) hold out the same openings, but for a few at the margin. With a shuffle, 104 of DPO's 117 val
-        # pairs were in SFT's training data.
-        keys = sorted(groups, key=lambda key: hashlib.sha256(f"{self.split_seed}:{key}".encode()).digest())
+        # pairs were in SFT's training data. (surrogatepass: a lone surrogate, a JSON "\ud800", is hashed too)
+        seeded = lambda key: f"{self.split_seed}:{key}".encode("utf-8", "surrogatepass")  # noqa: E731
+        keys = sorted(groups, key=lambda key: hashlib.sha256(seeded(key)).digest())
         n, n_val = len(conversations), max(1, round(self.val_fraction * len(conversations)))
         val: set[int] = set()
         # A group may take val a little past n_val, never past twice it, nor past what leaves train n - n_val: one

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import SumMetric
 
-from lm.chat import Message, check_messages, join_text_parts, render_chat
+from lm.chat import Message, check_messages, join_text_parts, render_chat, tidy_messages
 from lm.chat_data import IGNORE_INDEX, ChatData
 from lm.config import GPTConfig
 from lm.distributed import sum_over_ranks
@@ -114,7 +114,7 @@ def to_pair(record: Any, fmt: str) -> tuple[list[Message], list[Message], list[M
     # OpenAI text parts ([{"type": "text", "text": ...}]) read as their joined text, as in ChatData; before the
     # implicit format's shared-prefix comparison, so that a prompt written either way is the same prompt
     if fmt == "conversational":
-        return tuple(join_text_parts(_message_list(record[k], k)) for k in needed)
+        return tuple(tidy_messages(join_text_parts(_message_list(record[k], k))) for k in needed)
     if fmt == "hh" and isinstance(record.get("prompt"), str) and not HH_TURN.search(str(record["chosen"])):
         # The prompt's transcript ends with the turn the replies fill in ("...\n\nAssistant:"); they are its text
         prompt = parse_hh(record["prompt"])
@@ -129,8 +129,8 @@ def to_pair(record: Any, fmt: str) -> tuple[list[Message], list[Message], list[M
     if fmt == "hh":
         chosen, rejected = parse_hh(record["chosen"]), parse_hh(record["rejected"])
     else:
-        chosen = join_text_parts(_message_list(record["chosen"], "chosen"))
-        rejected = join_text_parts(_message_list(record["rejected"], "rejected"))
+        chosen = tidy_messages(join_text_parts(_message_list(record["chosen"], "chosen")))
+        rejected = tidy_messages(join_text_parts(_message_list(record["rejected"], "rejected")))
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1

@@ -72,6 +72,7 @@ from lm.chat import (
     join_text_parts,
     load_chat_checkpoint,
     reply_stop_ids,
+    tidy_messages,
 )
 from lm.errors import ArgumentParser, LMError
 from lm.generate import Finish, check_sampling, stream_text
@@ -300,10 +301,7 @@ def _messages(value) -> list[Message]:
         messages = join_text_parts(value)
     except ValueError as e:
         raise LMError(f"messages: {e}") from None
-    # OpenAI's newer name for the system role (its reasoning models take instructions as "developer" messages)
-    messages = [
-        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages
-    ]
+    messages = tidy_messages(messages)  # "developer" is OpenAI's newer name for "system"; a blank system is left out
 
     # A reply can be empty or blank (the model ended its turn at once, or wrote only spaces or newlines); sent back as
     # history, it must not be refused.

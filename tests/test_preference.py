@@ -83,6 +83,22 @@ def test_openai_text_parts_give_the_same_pair_as_strings(fmt):
         to_pair(record, fmt)
 
 
+@pytest.mark.parametrize("fmt", ["conversational", "implicit"])
+def test_a_blank_system_message_is_left_out_and_developer_is_system(fmt):
+    """Both made the pair malformed ("message 0 (system) has empty content", "unknown role 'developer'")."""
+    record = json.loads(json.dumps(RECORDS[fmt]))
+    first = "prompt" if fmt == "conversational" else "chosen"
+    record[first].insert(0, {"role": "system", "content": " "})
+    if fmt == "implicit":
+        record["rejected"].insert(0, {"role": "system", "content": " "})
+    assert to_pair(record, fmt) == (PROMPT, CHOSEN, REJECTED)
+    for key in ["prompt"] if fmt == "conversational" else ["chosen", "rejected"]:
+        record[key][0] = {"role": "developer", "content": "be brief"}
+    prompt, chosen, rejected = to_pair(record, fmt)
+    assert (prompt, chosen, rejected) == ([{"role": "system", "content": "be brief"}, *PROMPT], CHOSEN, REJECTED)
+    assert pair_problem(prompt, chosen, rejected) is None
+
+
 def test_standard_format_is_one_user_turn_and_one_reply():
     record = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
     assert detect_preference_format(record) == "standard"
