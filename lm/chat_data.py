@@ -135,7 +135,19 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
         extra = record.get("input") or ""
         question = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
         system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        return [*system, {"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]
+        # Multi-turn Alpaca (LLaMA-Factory's): the earlier exchanges as [question, answer] pairs, oldest first
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(t, str) for t in h) for h in history
+        ):
+            raise ValueError('"history" must be a list of [question, answer] string pairs')
+        earlier = [{"role": role, "content": t} for q, a in history for role, t in (("user", q), ("assistant", a))]
+        return [
+            *system,
+            *earlier,
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": record["output"]},
+        ]
     if fmt == "sharegpt":
         turns = record.get("conversations")
         if not isinstance(turns, list):

@@ -321,6 +321,26 @@ def test_alpaca_fields_must_be_strings_and_a_system_field_is_the_system_message(
         ChatData(source=path, tokenizer="char", block_size=64).setup()
 
 
+def test_multi_turn_alpaca_history_comes_before_the_last_exchange(tmp_path):
+    """LLaMA-Factory's `history` ([question, answer] pairs, oldest first) was ignored: the conversation trained
+    without its earlier turns, and without a word."""
+    alpaca = [
+        {"instruction": f"and {i}?", "output": "yes", "history": [[f"q{i}", "one"], ["more", "two"]]} for i in range(6)
+    ]
+    turns = [("user", "q{i}"), ("assistant", "one"), ("user", "more"), ("assistant", "two")]
+    turns += [("user", "and {i}?"), ("assistant", "yes")]
+    messages = [{"messages": [{"role": r, "content": c.format(i=i)} for r, c in turns]} for i in range(6)]
+    built = []
+    for name, records in (("alpaca", alpaca), ("messages", messages)):
+        data = ChatData(source=_write_jsonl(tmp_path / f"{name}.jsonl", records), tokenizer="char", block_size=64)
+        data.setup()
+        built.append(data.tokenizer.decode(data.train_examples[0][0]))
+    assert built[0] == built[1] and "<|user|>more<|end|><|assistant|>two<|end|>" in built[0]
+    alpaca[1]["history"] = [["only a question"]]
+    with pytest.raises(LMError, match='alpaca.jsonl:2: "history" must be a list of .question, answer. string pairs'):
+        ChatData(source=_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), tokenizer="char", block_size=64).setup()
+
+
 def test_file_suffixes_are_not_case_sensitive_and_jsonl_in_a_json_file_gets_a_hint(tmp_path):
     upper = _write_jsonl(tmp_path / "D.JSONL", [_messages(i) for i in range(4)])
     data = ChatData(source=upper, tokenizer="char", block_size=32)
