@@ -4,8 +4,11 @@
 
     messages   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}   (OpenAI; a
                content may also be a list of text parts [{"type": "text", "text": ...}], read as their text joined)
-    alpaca     {"instruction": ..., "input": ..., "output": ...}
+    alpaca     {"instruction": ..., "input": ..., "output": ...}   (optional "system", and "history": [[question,
+               answer], ...] of earlier exchanges, oldest first, as LLaMA-Factory writes multi-turn data)
     sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}
+
+OpenAI's "developer" role is read as "system", and a system message with blank content is left out.
 
 from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or a built-in task (`task:addition`,
 `task:reverse`, `task:count`; see lm.tasks). Each conversation is rendered by `lm.chat.render_chat`; labels are the
