@@ -42,6 +42,7 @@ from lm.data import (
     ResumableBatchSampler,
     ResumableDataLoader,
     rank_and_world_size,
+    refuse_hub_options_of_a_local_source,
     trained_batches,
 )
 from lm.errors import LMError
@@ -289,6 +290,7 @@ class ChatData(L.LightningDataModule):
             raise LMError(f"data.block_size must be >= 2 and data.batch_size >= 1, got {block_size}, {batch_size}")
         if not 0 < val_fraction < 1:
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        refuse_hub_options_of_a_local_source(source, None, source_split, None)
         self.source, self.format, self.source_split = source, format, source_split
         self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise

@@ -43,7 +43,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.errors import LMError, cannot_write
@@ -185,11 +185,12 @@ def _disk_full(error: BaseException) -> OSError | None:
 
 
 def refuse_hub_options_of_a_local_source(source: str, config: str | None, split: str, revision: str | None) -> None:
-    """LMError when a hub dataset's config, split (other than the default train) or revision comes with a local or
-    builtin source, which has none of them: refused rather than ignored."""
+    """LMError when a hub dataset's config, split (other than the default train) or revision comes with a local,
+    builtin or task source, which has none of them: refused rather than ignored (source_split: validation on a local
+    file trained on that file, and keyed a second cache of the same tokens)."""
     given = {"source_config": config, "source_split": split if split != "train" else None, "source_revision": revision}
     if (named := [k for k, v in given.items() if v is not None]) and (
-        source.startswith("builtin:") or _is_local(source)
+        source.startswith(("builtin:", "task:")) or _is_local(source)
     ):
         raise LMError(f"{', '.join(named)}: for hub datasets only; {source!r} is a local or builtin source")
 
@@ -473,7 +474,31 @@ def write_tokens(
             num_tokens += len(ids)
             documents += len(texts)
             progress(len(texts))
+        f.flush()
+        os.fsync(f.fileno())  # on the disk before meta.json marks the cache complete
     return num_tokens
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write `text` to `path` and wait until it is on the disk."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cache_damage(path: Path) -> str | None:
+    """What is wrong with a finished cache's tokens.bin (missing, or not the size meta.json records), or None."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json unreadable: {e}"
+    try:
+        size = (path / "tokens.bin").stat().st_size
+    except FileNotFoundError:
+        return "tokens.bin is missing"
+    return None if size == expected else f"tokens.bin holds {size:,} bytes, meta.json records {expected:,}"
 
 
 class UnencodableDocument(LMError):
@@ -812,6 +837,12 @@ class PretrainData(L.LightningDataModule):
             raise LMError(f"data.val_windows must be >= 1 (or null for the whole split), got {val_windows}")
         if num_workers < 0:
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
+        # A local source has no split to pick (refused), and no config or revision: those are dropped, so that a hub
+        # recipe (gpt2_124m.yaml names FineWeb's config) runs on a local file as it is, keyed as that file alone
+        refuse_hub_options_of_a_local_source(source, None, source_split, None)
+        if (source_config or source_revision) and (source.startswith("builtin:") or _is_local(source)):
+            rank_zero_info(f"lm.data: source_config and source_revision are for hub datasets; {source!r} ignores them")
+            source_config = source_revision = None
         self.source, self.source_config = source, source_config
         self.source_split, self.source_revision, self.text_field = source_split, source_revision, text_field
         self.tokenizer_spec = tokenizer
@@ -877,6 +908,11 @@ class PretrainData(L.LightningDataModule):
         self.cache_path = path
         # A killed run's half-built cache is removed whether or not the cache was finished since (one glob)
         remove_stale_work_dirs(path)
+        if (path / "meta.json").is_file() and (damage := cache_damage(path)):
+            # Truncated or deleted since it was built (a full disk, a crash before the data reached the disk, a
+            # cleanup): a shorter file moved the train/val split silently. Built again, as if it had never been.
+            rank_zero_warn(f"lm.data: the cached tokens in {path} are damaged ({damage}); tokenizing again")
+            (path / "meta.json").unlink(missing_ok=True)
         if (path / "meta.json").is_file():
             self.reused_cache = True
             rank_zero_info(f"lm.data: using cached tokens {path}")
@@ -898,7 +934,7 @@ class PretrainData(L.LightningDataModule):
             work = work.rename(work.with_name(f".{path.name}.tmp@{socket.gethostname()}@{work.name.rsplit('@')[-1]}"))
             work.chmod(0o755)  # mkdtemp makes it private; the finished cache should be readable as any directory
             meta = self._build(work, fixed)
-            (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the "complete" marker
+            write_durably(work / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the "complete" marker
             (work / WORK_LOCK).unlink(missing_ok=True)  # not part of the cache; held on through the open file
             if path.exists() and not (path / "meta.json").is_file():
                 shutil.rmtree(path)  # a directory without meta.json is incomplete (or foreign): never trust it
@@ -992,6 +1028,8 @@ class PretrainData(L.LightningDataModule):
         if not (path / "meta.json").is_file():
             raise LMError(f"no prepared data for {self.source!r} in {path}: run prepare_data() first (Trainer does)")
         self.cache_path = path
+        if damage := cache_damage(path):  # prepare_data rebuilds it; here (a rank that did not prepare) it is an error
+            raise LMError(f"the cached tokens in {path} are damaged ({damage}): delete {path} and run again")
         self.meta = json.loads((path / "meta.json").read_text())
         tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
         self.num_train = split_point(len(tokens), self.val_fraction)

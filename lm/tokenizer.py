@@ -564,6 +564,14 @@ def _byte_level_chars() -> dict[str, int]:
     return {chr(b): b for b in visible} | {chr(256 + i): b for i, b in enumerate(hidden)}
 
 
+def _splits_as_gpt2(spec: dict) -> bool:
+    """Whether a tokenizer.json's text goes through GPT-2's pre-tokenizer alone (ByteLevel with its regex, no prefix
+    space, no normalizer): its pieces then never span the places `_pieces` cuts at."""
+    pre = spec.get("pre_tokenizer") or {}
+    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    return byte_level and not pre.get("add_prefix_space") and not spec.get("normalizer")
+
+
 def _as_tiktoken(tokenizer_json: str):
     """The same byte-level BPE as a tiktoken Encoding (token id = rank), or None where the tokenizer.json is not the
     shape `BPETokenizer.train` makes or tiktoken is missing.
@@ -580,16 +588,16 @@ def _as_tiktoken(tokenizer_json: str):
     except ImportError:
         return None
     spec = json.loads(tokenizer_json)
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    model = spec.get("model") or {}
     plain_bpe = model.get("type") == "BPE" and not any(
         model.get(key) for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback")
     )
-    gpt2_split = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+    gpt2_split = _splits_as_gpt2(spec)
     # Only our six specials, all marked special: HF would match any other added token inside text.
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     ours = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     only_ours = added == ours and len(spec.get("added_tokens", [])) == len(ours)
-    if not plain_bpe or not gpt2_split or spec.get("normalizer") or not only_ours:
+    if not plain_bpe or not gpt2_split or not only_ours:
         return None
     chars, vocab = _byte_level_chars(), model["vocab"]
     ranks = {}
@@ -615,9 +623,13 @@ class BPETokenizer(HFTokenizer):
     """
 
     kind = "bpe"
-    # GPT-2's pre-tokenizer regex, so it may cut (see _pieces). Small pieces suit HF, ~64 per call (see
-    # HFTokenizer._encode_arrays): measured at least as fast as 64K pieces, and steadier.
-    piece_chars = 1 << 12
+
+    @functools.cached_property
+    def piece_chars(self) -> int | None:
+        """GPT-2's pre-tokenizer regex, so it may cut (see _pieces); small pieces suit HF, ~64 per call (see
+        HFTokenizer._encode_arrays): measured at least as fast as 64K pieces, and steadier. A state made elsewhere or
+        edited (a prefix space, a normalizer) splits otherwise: HF encodes such a text whole, as its encode does."""
+        return 1 << 12 if _splits_as_gpt2(json.loads(self._tk.to_str())) else None
 
     @functools.cached_property
     def _tiktoken(self):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from lm.chat_data import ChatData
 from lm.data import (
     PretrainData,
     RandomWindowSampler,
@@ -499,6 +500,35 @@ def test_token_ids_past_the_file_dtype_are_an_error_not_wrapped_round(tmp_path):
 def test_hub_id_fails_fast_offline(tmp_path):
     with pytest.raises(LMError, match="some-org/some-dataset.*offline"):
         make(tmp_path, "some-org/some-dataset")
+
+
+def test_a_damaged_token_cache_is_built_again(tmp_path, text_file):
+    """meta.json was the only check: a tokens.bin truncated since (a crash before the data reached the disk, a full
+    disk, a cleanup) was used as it was, moving the train/val split silently; a deleted one was a traceback."""
+    import os
+
+    first = make(tmp_path, text_file)
+    tokens = first.cache_path / "tokens.bin"
+    expected = np.concatenate([first.train_tokens, first.val_tokens]).copy()
+    for damage in (lambda: os.truncate(tokens, tokens.stat().st_size // 2), tokens.unlink):
+        damage()
+        with pytest.raises(LMError, match="the cached tokens in .* are damaged"):  # a rank that did not prepare
+            first.setup("fit")
+        again = make(tmp_path, text_file)  # prepare_data, then setup
+        assert not again.reused_cache and np.array_equal(all_tokens(again), expected)
+
+
+def test_hub_options_on_a_local_source_are_refused_or_dropped(tmp_path, text_file):
+    """source_split: validation on a local file trained on that file, and config or revision keyed a second cache of
+    the same tokens. A split is refused (it cannot mean anything here); a config or revision, which a hub recipe such
+    as gpt2_124m.yaml carries into a run on a local file, is dropped."""
+    with pytest.raises(LMError, match="source_split: for hub datasets only"):
+        PretrainData(source=str(text_file), source_split="validation")
+    with pytest.raises(LMError, match="source_split: for hub datasets only"):
+        ChatData(source="task:addition", source_split="test")
+    plain = make(tmp_path, text_file)
+    hub_options = make(tmp_path, text_file, source_config="sample-10BT", source_revision="v1")
+    assert hub_options.cache_path == plain.cache_path and hub_options.reused_cache
 
 
 def test_a_hub_revision_is_read_and_keys_the_cache(tmp_path, monkeypatch):

@@ -311,6 +311,25 @@ def test_long_texts_cut_into_pieces_encode_exactly_as_whole(monkeypatch, spec):
         assert flat.tolist() == whole + [tok.eos_id] + tok.encode("short", eos=True)
 
 
+@pytest.mark.parametrize("edit", [{"add_prefix_space": True}, {"use_regex": False}])
+def test_a_bpe_state_that_does_not_split_as_gpt2_encodes_long_texts_whole(edit):
+    """A bpe state made elsewhere or edited (a prefix space) falls back to HF, which was still handed 4K-character
+    pieces: each got its own prefix space, and tokens.bin's ids differed from encode's."""
+    import json
+    import random
+
+    words = _pseudo_words(random.Random(0), 6000)
+    text = "".join(" ".join(words[i : i + 12]) + ("\n\n" if i % 96 == 0 else "\n") for i in range(0, 6000, 12))
+    trained = BPETokenizer.train([text], 500)
+    state = json.loads(trained.to_state()["tokenizer_json"])
+    state["pre_tokenizer"].update(edit)
+    tok = BPETokenizer.from_json(json.dumps(state))
+    assert tok.engine == "HF tokenizers" and tok.piece_chars is None and trained.piece_chars == 1 << 12
+    whole = tok.encode(text)
+    assert tok.encode_batch([text])[0] == whole
+    assert tok.encode_to_array([text], num_threads=2).tolist() == whole
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_encode_to_array_is_encode_batch_flattened(tokenizers, kind):
     tok = tokenizers[kind]
