@@ -170,6 +170,7 @@ class LMCLI(LightningCLI):
         _check_trainer_values(config.trainer)
         if self.subcommand == "fit" and config.get("ckpt_path") is None and _rank() == 0:
             _note_arch_replaced_by_init_from(config.model)
+            _note_fine_tuning_from_scratch(config)
         # The config as given, before the values below that the root, the login and a resume fill in: what
         # <root>/config.yaml and the checkpoints' run_config record, so that a run started again from them with
         # another root writes there, not into this run's checkpoints, logs and W&B run.
@@ -444,6 +445,20 @@ def _note_arch_replaced_by_init_from(model) -> None:
         print(f"lm: the model takes init_from {init_from}'s architecture; ignored here: {'; '.join(ignored)}")
 
 
+def _note_fine_tuning_from_scratch(config) -> None:
+    """SFT data (loss on the replies) with no init_from trains a new model from random weights: legitimate (a task
+    learned from scratch), but a forgotten --model.init_args.init_from silently fine-tuned GPTConfig's default 85M
+    model with a char vocabulary. One line says so."""
+    data, model = config.get("data") or {}, config.get("model") or {}
+    data_args, model_args = data.get("init_args") or {}, model.get("init_args") or {}
+    sft = str(data.get("class_path", "")).endswith("ChatData") and data_args.get("supervise") == "assistant"
+    if sft and not model_args.get("init_from"):
+        print(
+            "lm: fine-tuning data without model.init_args.init_from: this trains a new model from random weights "
+            "(to fine-tune one, give --model.init_args.init_from CKPT --data.init_args.tokenizer CKPT)"
+        )
+
+
 def _checkpoint_dir(config) -> Path:
     """Where the run's Checkpoint callback writes: checkpoint.dirpath, by default <trainer.default_root_dir>/checkpoints
     (before_instantiate_classes fills it in; --ckpt_path is read before that)."""
@@ -681,6 +696,11 @@ def main(argv: list[str] | None = None) -> None:
             user_error = user_error.__cause__
         if user_error is None and _lightning_user_error(e):
             user_error = str(e).strip().splitlines()[0]
+            if "No supported gpu backend found" in user_error:  # the GPU experiments name accelerator: gpu
+                user_error += (
+                    " (the config asks for trainer.accelerator gpu; to try it on a CPU: --trainer.accelerator cpu "
+                    "--trainer.precision 32-true --model.init_args.compile false)"
+                )
         if user_error is None and _another_rank_failed(e) and not debug:
             # rank 0 has printed the error (a missing data file, say) and left; its peers' collectives then fail
             # one write per line: every rank shares the terminal, and print() writes the text and newline apart

@@ -611,6 +611,25 @@ def test_a_fresh_run_that_fails_before_it_trains_puts_the_earlier_last_ckpt_back
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_fine_tuning_data_without_init_from_says_it_trains_from_scratch(tmp_path, capsys, monkeypatch):
+    """A forgotten --model.init_args.init_from fine-tuned GPTConfig's default 85M model from random weights, without a
+    word; pretraining on a task's whole transcripts (supervise: all) is from scratch by design and says nothing."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.logger", "false", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"]
+    small = [
+        "--model.init_args.arch.n_layer",
+        "1",
+        "--model.init_args.arch.n_embd",
+        "32",
+        "--model.init_args.arch.n_head",
+        "2",
+    ]
+    for experiment, noted in (("sft_addition", True), ("pretrain_addition", False)):
+        main(["fit", "--config", str(REPO / f"experiments/{experiment}.yaml"), *quick, *small])
+        printed = capsys.readouterr().out
+        assert ("fine-tuning data without model.init_args.init_from: this trains a new model" in printed) == noted
+
+
 def test_validate_best_takes_the_best_checkpoint_that_last_ckpt_records(tmp_path, capfd, caplog, monkeypatch):
     """Lightning knows "best" only in the process that trained: lm validate --ckpt_path best said ModelCheckpoint "is
     not configured to save the best model", though it was and best-step=N.ckpt was there. The snapshots' checkpoint

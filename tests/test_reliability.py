@@ -120,6 +120,18 @@ def test_validate_without_a_last_checkpoint_is_an_error_not_a_random_model(capsy
     assert code == 2 and err == f"error: --ckpt_path last: no {tmp_path}/checkpoints/last.ckpt to validate"
 
 
+def test_a_gpu_experiment_on_a_cpu_says_how_to_try_it_there(capsys, tmp_path):
+    """experiments/shakespeare_char*.yaml and gpt2_124m.yaml ask for accelerator: gpu; on a CPU Lightning's refusal
+    said only "No supported gpu backend found!"."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the experiment would run")
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.accelerator", "gpu",
+                        "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: No supported gpu backend found! (the config asks for trainer.accelerator gpu; to try")
+    assert "--trainer.accelerator cpu --trainer.precision 32-true --model.init_args.compile false)" in err
+
+
 def test_lightnings_own_refusals_are_one_line():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
