@@ -160,8 +160,8 @@ class LMServer(ThreadingHTTPServer):
             prompt = prompt[0]
         job = self._job(body, chat=False)
         if _token_ids(prompt):  # a prompt tokenized by the client (lm-evaluation-harness does), this model's ids
-            if not all(0 <= i < self.tokenizer.vocab_size for i in prompt):
-                bad = next(i for i in prompt if not 0 <= i < self.tokenizer.vocab_size)
+            bad = next((i for i in prompt if not 0 <= i < self.tokenizer.vocab_size), None)
+            if bad is not None:
                 raise LMError(f"prompt: token id {bad} is outside the vocabulary (size {self.tokenizer.vocab_size})")
             job.prompt_ids = list(prompt)
         else:
@@ -367,7 +367,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [model]})
-        elif path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name:
+        elif self._is_the_model(path):
             self._send_json(200, model)
         else:
             self._no_such_endpoint(path)
@@ -380,10 +380,11 @@ class Handler(BaseHTTPRequestHandler):
         """The methods an endpoint takes, as a 405's Allow header lists them; None where there is no such endpoint."""
         if path in POST_ENDPOINTS:
             return "POST"
-        model_id = (
-            path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name
-        )
-        return "GET, HEAD" if path in GET_ENDPOINTS or model_id else None
+        return "GET, HEAD" if path in GET_ENDPOINTS or self._is_the_model(path) else None
+
+    def _is_the_model(self, path: str) -> bool:
+        """Whether `path` is /v1/models/<this server's model id> (percent-encoded or not)."""
+        return path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name
 
     def _method_not_allowed(self):
         self._no_such_endpoint(urlsplit(self.path).path)
