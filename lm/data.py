@@ -56,10 +56,6 @@ IGNORE_INDEX = -100  # a label with no loss, as lm.module's (not imported: the d
 FORMAT_VERSION = 3
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTINS = ("shakespeare",)
-# how errors number a source's documents
-DOCUMENT_ORDER = (
-    "documents counted from 1 in file order: a .txt/.md file is one, a JSONL/Parquet row one; empty ones not"
-)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,14 +180,18 @@ def _disk_full(error: BaseException) -> OSError | None:
     return None
 
 
+def is_hub_source(source: str) -> bool:
+    """Whether a source is a hub dataset id (which has configs, splits and revisions), not a path, glob, builtin or
+    task."""
+    return not (source.startswith(("builtin:", "task:")) or _is_local(source))
+
+
 def refuse_hub_options_of_a_local_source(source: str, config: str | None, split: str, revision: str | None) -> None:
     """LMError when a hub dataset's config, split (other than the default train) or revision comes with a local,
     builtin or task source, which has none of them: refused rather than ignored (source_split: validation on a local
     file trained on that file, and keyed a second cache of the same tokens)."""
     given = {"source_config": config, "source_split": split if split != "train" else None, "source_revision": revision}
-    if (named := [k for k, v in given.items() if v is not None]) and (
-        source.startswith(("builtin:", "task:")) or _is_local(source)
-    ):
+    if (named := [k for k, v in given.items() if v is not None]) and not is_hub_source(source):
         raise LMError(f"{', '.join(named)}: for hub datasets only; {source!r} is a local or builtin source")
 
 
@@ -448,9 +448,11 @@ def write_tokens(
     dtype: np.dtype,
     num_threads: int,
     progress: Callable[[int], Any] = lambda documents: None,
+    source: str = "the source",
 ) -> int:
     """Tokenize every document, each followed by EOS, and write all ids to `path` as one flat `dtype` array;
-    returns the number of tokens. `progress(n)` is called after each batch of n documents.
+    returns the number of tokens. `progress(n)` is called after each batch of n documents; a document the tokenizer
+    cannot encode is named by its number in `source`.
 
     Each batch goes from the tokenizer straight into a numpy array and onto the file: no Python int per token, no
     Arrow list column, and only one batch of ids in memory however big the corpus is.
@@ -461,10 +463,7 @@ def write_tokens(
             try:
                 ids = tokenizer.encode_to_array(texts, eos=True, num_threads=num_threads)
             except LMError as e:  # a char vocabulary without one of the text's characters: say which document
-                index = first_unencodable(tokenizer, texts)
-                if index is None:
-                    raise
-                raise UnencodableDocument(f"document {documents + index + 1}: {e}") from None
+                raise naming_the_document(e, source, tokenizer, texts, documents) from None
             if ids.size and ids.max() > np.iinfo(dtype).max:  # astype would wrap it round, silently
                 raise LMError(
                     f"token id {ids.max()} does not fit the token file's {dtype}: the tokenizer's ids go "
@@ -501,18 +500,18 @@ def cache_damage(path: Path) -> str | None:
     return None if size == expected else f"tokens.bin holds {size:,} bytes, meta.json records {expected:,}"
 
 
-class UnencodableDocument(LMError):
-    """A document the tokenizer cannot encode (a char vocabulary without one of its characters), named by number."""
-
-
-def first_unencodable(tokenizer: Tokenizer, texts: list[str]) -> int | None:
-    """The index of the first text that `tokenizer` cannot encode, or None if each encodes on its own."""
+def naming_the_document(error: LMError, source: str, tokenizer: Tokenizer, texts: list[str], before: int = 0):
+    """`error`, raised encoding `texts` (the documents after the source's first `before`), as an LMError that names the
+    first of them `tokenizer` cannot encode (a char vocabulary without one of its characters); `error` itself if each
+    encodes on its own."""
     for index, text in enumerate(texts):
         try:
             tokenizer.encode(text)
         except LMError:
-            return index
-    return None
+            where = f"data source {source!r}, document {before + index + 1}"
+            order = "documents counted from 1 in file order: a .txt/.md file is one, a JSONL/Parquet row one"
+            return LMError(f"{where}: {error} ({order}; empty ones not)")
+    return error
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -840,7 +839,7 @@ class PretrainData(L.LightningDataModule):
         # A local source has no split to pick (refused), and no config or revision: those are dropped, so that a hub
         # recipe (gpt2_124m.yaml names FineWeb's config) runs on a local file as it is, keyed as that file alone
         refuse_hub_options_of_a_local_source(source, None, source_split, None)
-        if (source_config or source_revision) and (source.startswith("builtin:") or _is_local(source)):
+        if (source_config or source_revision) and not is_hub_source(source):
             rank_zero_info(f"lm.data: source_config and source_revision are for hub datasets; {source!r} ignores them")
             source_config = source_revision = None
         self.source, self.source_config = source, source_config
@@ -981,17 +980,15 @@ class PretrainData(L.LightningDataModule):
         # an hours-long corpus
         redraws = {} if sys.stderr.isatty() else {"mininterval": 60, "maxinterval": 60}
         with tqdm(total=len(ds) - empty, unit=" documents", desc="tokenizing", **redraws) as bar:
-            try:
-                num_tokens = write_tokens(
-                    document_batches(ds, BATCH_CHARS),
-                    tok,
-                    work / "tokens.bin",
-                    dtype=dtype,
-                    num_threads=self.num_threads,
-                    progress=bar.update,
-                )
-            except UnencodableDocument as e:
-                raise LMError(f"data source {self.source!r}, {e} ({DOCUMENT_ORDER})") from None
+            num_tokens = write_tokens(
+                document_batches(ds, BATCH_CHARS),
+                tok,
+                work / "tokens.bin",
+                dtype=dtype,
+                num_threads=self.num_threads,
+                progress=bar.update,
+                source=self.source,
+            )
         num_documents = len(ds) - empty
         ds = None  # release the Arrow memory map before deleting its file
         shutil.rmtree(scratch, ignore_errors=True)

@@ -267,7 +267,7 @@ class LanguageModelling(Task):
     unread = _CHAT_OPTIONS
 
     def prepare(self, tokenizer: Tokenizer, block_size: int) -> None:
-        from lm.data import DOCUMENT_ORDER, first_unencodable, load_documents, refuse_hub_options_of_a_local_source
+        from lm.data import load_documents, naming_the_document, refuse_hub_options_of_a_local_source
 
         spec = self.spec
         if not spec.data:
@@ -289,11 +289,7 @@ class LanguageModelling(Task):
         try:
             encoded = tokenizer.encode_batch(texts, eos=True)
         except LMError as e:  # a char vocabulary without one of the text's characters: say which document
-            index = first_unencodable(tokenizer, texts)
-            if index is None:
-                raise
-            where = f"data source {self.spec.data!r}, document {index + 1}"
-            raise LMError(f"{where}: {e} ({DOCUMENT_ORDER})") from None
+            raise naming_the_document(e, self.spec.data, tokenizer, texts) from None
         for doc in encoded:
             ids.extend(doc)
         self.tokens = np.asarray(ids, dtype=np.int64)
