@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -217,15 +218,15 @@ class ChatData(L.LightningDataModule):
     Conversations longer than block_size + 1 tokens are cut at the end and counted (`truncated_train`,
     `truncated_val`); one left with no assistant token is dropped instead and counted apart (`dropped_*_truncated`).
 
-    The train/val split of a file or hub source keeps conversations that open with the same user message (ignoring
-    case and spacing) on the same side: HH-style data holds several transcripts branching from one opening exchange,
-    and splitting them apart would put val replies' histories (and often the replies) in train. The groups, ordered by
-    a hash of their opening and split_seed, fill val until it holds at least round(val_fraction * n) conversations
-    (at least 1), skipping any group that would take it past twice that, so val may be a little larger than the
-    fraction. The order is the same in every file, so SFT data and DPO pairs of the same conversations hold out the
-    same openings, but for a few at the margin (1 of 117 val pairs on the HH-RLHF files of ../shared/data). When
-    every group is larger, val is the smallest group, with a warning. `task:` sources draw their val problems from
-    the task's own test split instead.
+    The train/val split of a file or hub source keeps conversations that open with the same user message (ignoring case,
+    spacing and Unicode form: NFKC) on the same side: HH-style data holds several transcripts branching from one opening
+    exchange, and splitting them apart would put val replies' histories (and often the replies) in train. The groups,
+    ordered by a hash of their opening and split_seed, fill val until it holds at least round(val_fraction * n)
+    conversations (at least 1), skipping any group that would take it past twice that, so val may be a little larger
+    than the fraction. The order is the same in every file, so SFT data and DPO pairs of the same conversations hold out
+    the same openings, but for a few at the margin (1 of 117 val pairs on the HH-RLHF files of ../shared/data). When
+    every group is larger, val is the smallest group, with a warning. `task:` sources draw their val problems from the
+    task's own test split instead.
 
     In the messages format, an assistant message with `"weight": 0` (OpenAI's fine-tuning format) carries no loss;
     `"weight": 1` is the default. A conversation with nothing left to learn is dropped and counted
@@ -393,8 +394,10 @@ class ChatData(L.LightningDataModule):
         groups: dict[str, list[int]] = {}  # in file order: each group's conversations in the order of the file
         for i, (_, messages, *_) in enumerate(conversations):  # preference pairs: (where, prompt, chosen, rejected)
             opening = next(m["content"] for m in messages if m["role"] == "user")  # check_messages ensures one
-            # the same opening typed again: "Hi there", "hi  there" and "Hi there\n" are one group
-            groups.setdefault(" ".join(opening.split()).casefold(), []).append(i)
+            # the same opening typed again: "Hi there", "hi  there" and "Hi there\n" are one group, and so are a
+            # composed and a decomposed "é" or a full-width "Ｈｉ" (NFKC)
+            key = " ".join(unicodedata.normalize("NFKC", opening).split()).casefold()
+            groups.setdefault(key, []).append(i)
         # Groups in the order of a hash of their opening and split_seed, not a shuffle of this file's groups: every
         # file's val is then the start of one order, so SFT on one HH file and DPO on another (sft_hh.yaml, then
         # dpo_hh.yaml) hold out the same openings, but for a few at the margin. With a shuffle, 104 of DPO's 117 val
