@@ -8,11 +8,11 @@
                answer], ...] of earlier exchanges, oldest first, as LLaMA-Factory writes multi-turn data)
     sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}
 
-OpenAI's "developer" role is read as "system", and a system message with blank content is left out.
-
 from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or a built-in task (`task:addition`,
-`task:reverse`, `task:count`; see lm.tasks). Each conversation is rendered by `lm.chat.render_chat`; labels are the
-next token where the mask is 1 and -100 elsewhere, so only the assistant's words (and their END) carry loss.
+`task:reverse`, `task:count`; see lm.tasks). OpenAI's "developer" role is read as "system", and a system message with
+blank content is left out. An assistant message or "gpt" turn with `"weight": 0` is shown but not learned. Each
+conversation is rendered by `lm.chat.render_chat`; labels are the next token where the mask is 1 and -100 elsewhere,
+so only the assistant's words (and their END) carry loss.
 
     lm fit --config experiments/sft_hh.yaml --model.init_args.init_from runs/hh_base/checkpoints/last.ckpt \
         --data.init_args.tokenizer runs/hh_base/checkpoints/last.ckpt
@@ -164,6 +164,10 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
             if t["from"] not in SHAREGPT_ROLES:
                 raise ValueError(f"turn {i} has unknown role {t['from']!r} (expected one of {list(SHAREGPT_ROLES)})")
             messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+            # A turn's "weight", as in the messages format (0: a reply shown, not learned). On a human or system turn
+            # a 0 is what lm does anyway: some exports mark every turn not to learn, so it is no error there.
+            if t.get("weight") is not None and not (messages[-1]["role"] != "assistant" and t["weight"] == 0):
+                messages[-1]["weight"] = t["weight"]
         return messages
     raise LMError(f"unknown chat format {fmt!r}: expected auto or one of {FORMATS}")
 

@@ -204,6 +204,39 @@ def test_an_assistant_message_of_weight_0_is_shown_but_not_learned(tmp_path):
         ChatData(source=path, tokenizer="char", block_size=64).setup()
 
 
+def test_a_sharegpt_turn_carries_its_weight_as_a_message_does(tmp_path):
+    """A ShareGPT "gpt" turn with "weight": 0 was learned all the same: the weight was dropped in the conversion."""
+
+    def chat(i, fmt):
+        turns = [("user", f"q{i}", 0), ("assistant", "bad", 0), ("user", "again", None), ("assistant", "good", 1)]
+        if fmt == "messages":  # OpenAI's format allows a weight on assistant messages only
+            return {
+                "messages": [
+                    {"role": r, "content": c} | ({"weight": w} if r == "assistant" else {}) for r, c, w in turns
+                ]
+            }
+        sharegpt = {"user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": sharegpt[r], "value": c, "weight": w} for r, c, w in turns]}
+
+    examples = {}
+    for fmt in ("messages", "sharegpt"):
+        data = ChatData(
+            source=_write_jsonl(tmp_path / f"{fmt}.jsonl", [chat(i, fmt) for i in range(5)]),
+            tokenizer="char",
+            block_size=64,
+        )
+        data.setup()
+        examples[fmt] = data.train_examples + data.val_examples
+    assert examples["sharegpt"] == examples["messages"]
+    ids, labels = examples["sharegpt"][0]
+    assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "good<|end|>"
+    learn_user = chat(0, "sharegpt")
+    learn_user["conversations"][0]["weight"] = 1  # lm learns assistant turns only: refused, not ignored
+    path = _write_jsonl(tmp_path / "u.jsonl", [learn_user] + [chat(i, "sharegpt") for i in range(1, 5)])
+    with pytest.raises(LMError, match="u.jsonl:1: message 0 .user.: weight must be 0 or 1, on assistant"):
+        ChatData(source=path, tokenizer="char", block_size=64).setup()
+
+
 def test_weights_read_through_arrow_where_unweighted_messages_get_null_train_as_from_jsonl(tmp_path):
     """Parquet, the Hub and Dataset.to_json give every message every key: the user's "weight" is null, not absent."""
     from datasets import Dataset
