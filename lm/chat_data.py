@@ -42,6 +42,7 @@ from lm.data import (
     IGNORE_INDEX,
     ResumableBatchSampler,
     ResumableDataLoader,
+    leave_sigterm_to_the_run,
     rank_and_world_size,
     refuse_hub_options_of_a_local_source,
     trained_batches,
@@ -572,6 +573,7 @@ class ChatData(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=leave_sigterm_to_the_run,
             # Each new iterator draws a seed from this generator instead of torch's global RNG (as PretrainData's):
             # a resume builds a fresh iterator after RNGState restored that RNG, which shifted every dropout mask
             generator=torch.Generator().manual_seed(self.seed),

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -718,6 +719,14 @@ def trained_batches(datamodule: L.LightningDataModule) -> int | None:
     return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
+def leave_sigterm_to_the_run(worker_id: int) -> None:
+    """A data-loader worker's `worker_init_fn`: SIGTERM is ignored there. scancel, a Slurm preemption and `lm sweep`
+    send it to every process of the run, and torch's workers die of one that their parent did not send; the run then
+    raised "DataLoader worker is killed by signal" wherever it was, often inside the preemption's save. The run itself
+    saves and exits; its workers stop with it (end of the data, or torch's check that their parent is alive)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning saves in every checkpoint and restores before iterating on resume
     (Lightning calls `state_dict`/`load_state_dict` on loaders that have them): its sampler's `trained_position`,
@@ -1057,6 +1066,7 @@ class PretrainData(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=leave_sigterm_to_the_run,
             # Each new iterator draws a seed from this generator instead of torch's global RNG, so creating loaders
             # (every epoch, every validation, after a resume) never shifts the dropout masks of training.
             generator=torch.Generator().manual_seed(self.seed),

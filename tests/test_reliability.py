@@ -1187,3 +1187,46 @@ def test_checkpoint_state_key_is_lightning_s_built_once_per_setting(monkeypatch)
     callback.monitor = "train/loss"
     assert callback.state_key == lightnings(callback) != expected
     assert len(built) == 3  # one for the new setting, one for lightnings() above
+
+
+class SigtermToTheWholeProcessGroupAtStep3(L.Callback):
+    """At step 3 every process of the run gets SIGTERM, its data-loader workers too: what `scancel`, a Slurm preemption
+    and `lm sweep`'s stop send (to the job step, or to the trial's process group)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 3:
+            import os
+            import subprocess
+            import sys
+
+            # Sent from another process, as scancel's is: a worker takes one from the run itself (its parent) as the
+            # order to exit, quietly
+            kill = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
+            subprocess.run([sys.executable, "-c", kill], start_new_session=True, check=True)
+
+
+def test_sigterm_to_the_run_and_its_data_loader_workers_saves_and_exits_143(tmp_path):
+    """A worker took the group's SIGTERM as a crash and died; the run then raised "DataLoader worker (pid N) is killed
+    by signal: Terminated" wherever it was, often inside the preemption's own save: exit 1 and no checkpoint of the
+    steps since the last validation. The workers now leave the signal to the run, which saves and exits 143."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    root = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "lm", "fit", "--config", str(REPO / "experiments" / "debug.yaml")]
+        + ["--trainer.default_root_dir", str(root), "--trainer.logger", "false", "--trainer.max_steps", "50"]
+        + ["--trainer.val_check_interval", "50", "--samples.max_new_tokens", "0", "--data.init_args.num_workers", "2"]
+        + ["--trainer.callbacks+=tests.test_reliability.SigtermToTheWholeProcessGroupAtStep3"],
+        cwd=tmp_path,
+        env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,  # its own process group: the signal must not reach pytest
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "is killed by signal" not in result.stderr
+    assert 3 <= torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 50
