@@ -710,9 +710,16 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {user_error}\n")
         sys.exit(2)
-    except SIGTERMException:  # (a SystemExit, handled before that): a requeue must not find the earlier last.ckpt
-        # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt.
-        print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
+    except SIGTERMException as e:  # (a SystemExit, handled before that): a requeue must not find the earlier last.ckpt
+        # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt
+        # (lm.reliability's Checkpoint notes it on the exception), unless the config turned that off.
+        if getattr(e, "lm_last_checkpoint", ""):
+            print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
+        else:
+            print(
+                "stopped by a signal; no last.ckpt was written (trainer.enable_checkpointing, checkpoint.save_last or "
+                "checkpoint.save_on_exception is false), so --ckpt_path last has nothing to resume from"
+            )
         if os.environ.get("WANDB_SWEEP_ID"):
             # A W&B sweep's trial: its agent stops a run with SIGTERM (early_terminate, the UI's stop) and counts an
             # exit code > 0 as a failed run, shutting itself down after 5 of them (3 in its first minute)

@@ -164,6 +164,8 @@ class Checkpoint(ModelCheckpoint):
         """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading. Not
         inside an accumulation window (a crash or Ctrl-C there): that last.ckpt would hold half a step, so the one
         from the last whole step is kept."""
+        # The last.ckpt a `--ckpt_path last` would resume from ("" for none), for lm fit's closing line
+        exception.lm_last_checkpoint = self.last_model_path if self.save_last else ""
         if not (self._should_save_on_exception(trainer) and self.save_last):
             return
         name = type(exception).__name__
@@ -181,6 +183,7 @@ class Checkpoint(ModelCheckpoint):
             )
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        exception.lm_last_checkpoint = self.last_model_path
         rank_zero_info(f"lm: {name} during training, saved {self.last_model_path}")
 
 

@@ -1230,3 +1230,32 @@ def test_sigterm_to_the_run_and_its_data_loader_workers_saves_and_exits_143(tmp_
     assert result.returncode == 143, result.stderr[-3000:]
     assert "is killed by signal" not in result.stderr
     assert 3 <= torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 50
+
+
+class SigtermAtStep2(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    "no_last",
+    [["--trainer.enable_checkpointing", "false"], ["--checkpoint.save_last", "false"]],
+    ids=["checkpointing-off", "save_last-false"],
+)
+def test_a_signal_that_saved_no_last_ckpt_says_so_instead_of_how_to_resume(capsys, tmp_path, monkeypatch, no_last):
+    """With checkpointing off, lm fit still said "stopped by a signal after saving a checkpoint; resume with ...
+    --ckpt_path last", and that resume then trained from scratch."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.logger", "false", "--trainer.max_steps", "20", "--samples.max_new_tokens", "0", *no_last]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--trainer.callbacks+=tests.test_reliability.SigtermAtStep2"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 143 and not list(tmp_path.rglob("last.ckpt"))
+    assert "after saving a checkpoint" not in out
+    assert "stopped by a signal; no last.ckpt was written" in out
