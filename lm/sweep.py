@@ -987,6 +987,13 @@ def run_local(
         raise LMError(gave_up[0])
     if stop.requested.is_set():
         raise LMError(f"sweep {name} stopped by {stop.name}: start the same command again to finish it")
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if outcomes["failed"] and completed < count:  # not replaced within a run: a trial that always fails would loop
+        print(
+            f"lm sweep: {completed} of {count} trials completed; {outcomes['failed']} failed in this run (their logs "
+            "are above): start the same command again to run them anew",
+            flush=True,
+        )
     return summary
 
 

@@ -420,7 +420,7 @@ def test_a_grid_point_stopped_by_a_signal_resumes_on_restart(tmp_path, signal_th
     assert resumed == {first: [f"--ckpt_path={checkpoint}"], {"1": "2", "2": "1"}[first]: []}
 
 
-def test_count_holds_for_random_sweeps_and_a_failed_trial_is_replaced_on_restart(tmp_path):
+def test_count_holds_for_random_sweeps_and_a_failed_trial_is_replaced_on_restart(tmp_path, capsys):
     config = _grid() | {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}}
     calls = []
 
@@ -434,9 +434,13 @@ def test_count_holds_for_random_sweeps_and_a_failed_trial_is_replaced_on_restart
     kwargs = {"name": "r", "out": tmp_path, "storage": None, "seed": 0, "extra": []}
     summary = run_local(config, count=3, workers=4, run=fake, **kwargs)
     assert len(calls) == 3 and [t["state"] for t in summary["trials"]].count("FAIL") == 1  # not replaced in this run
+    # ... which the sweep says, rather than end short without a word
+    short = "lm sweep: 2 of 3 trials completed; 1 failed in this run (their logs are above): start the same command"
+    assert short in capsys.readouterr().out
     summary = run_local(config, count=3, workers=4, run=fake, **kwargs)
     assert len(calls) == 4  # ... but when started again: 3 completed, as --count says
     assert [t["state"] for t in summary["trials"]].count("COMPLETE") == 3
+    assert "trials completed;" not in capsys.readouterr().out
 
 
 def test_workers_run_each_grid_point_once(tmp_path):
