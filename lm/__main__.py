@@ -45,7 +45,7 @@ from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.module import LanguageModel
 from lm.reliability import AtomicCheckpointIO, Checkpoint, PreemptionSignal, RNGState
 from lm.serve import serve_command
-from lm.sweep import SWEEP_TRIAL, die_with_the_sweep
+from lm.sweep import SWEEP_TRIAL
 from lm.tasks import tasks_command
 
 # No `test`: lm's modules have one held-out split, and validate scores it (LightningCLI's test would find no test_step)
@@ -671,7 +671,6 @@ def main(argv: list[str] | None = None) -> None:
     if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *COMMANDS):
         print(f"error: {_unknown_command(argv[0])}", file=sys.stderr)
         sys.exit(2)
-    die_with_the_sweep()  # a trial of lm sweep (SWEEP_PID set) must not outlive the sweep; otherwise nothing
     debug = "--debug" in argv  # show the traceback of user errors too
     argv = [a for a in argv if a != "--debug"]
     OneLineErrorParser.verbose_errors = debug

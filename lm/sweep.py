@@ -40,6 +40,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,7 +57,6 @@ import yaml
 from lm.errors import ArgumentParser, LMError, cannot_write
 
 METHODS = ("grid", "random", "bayes")
-SWEEP_PID = "LM_SWEEP_PID"  # set in each trial's environment: the pid of the sweep that started it
 SWEEP_TRIAL = "LM_SWEEP_TRIAL"  # and the trial's name (<sweep folder>-trial-NNNN), which lm fit gives its W&B run
 # W&B parameter distributions that have an Optuna equivalent (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
 DISTRIBUTIONS = (
@@ -383,15 +383,17 @@ def run_trial(
         # The trial is a process of its own, not a rank of the job or torchrun that started the sweep: Lightning took
         # these for its own cluster (a DDP trial in `sbatch --ntasks-per-node=2` waited for ever for a rank 1)
         env = {k: v for k, v in env.items() if k not in RANK_VARIABLES}
-    env |= {"PYTHONUNBUFFERED": "1", SWEEP_PID: str(os.getpid()), SWEEP_TRIAL: f"{root.parent.name}-{root.name}"}
+    env |= {"PYTHONUNBUFFERED": "1", SWEEP_TRIAL: f"{root.parent.name}-{root.name}"}
     env.setdefault("WANDB_MODE", "offline")  # the user's WANDB_MODE (online, disabled) wins
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     (root / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
+    if shutil.which(argv[0], path=env.get("PATH")) is None:
+        raise LMError(f"the sweep's command {argv[0]!r} is not found (not on PATH, or not executable)")
     with open(root / "trial.log", "a") as log:  # a resumed trial's log goes on after the cut-off one's
         # Its own process group: a terminal's Ctrl-C reaches only the sweep, which then stops the whole trial
         # (lm fit and its data-loader workers) once, with SIGTERM, instead of each process getting SIGINT.
-        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        child = start_trial(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         sent = None
         while (code := _wait(child, 0.2)) is None:
             if not (stop and stop.requested.is_set()):
@@ -408,22 +410,27 @@ def run_trial(
     return best_metric(root, metric)
 
 
-def die_with_the_sweep() -> None:
-    """Called first thing by `lm` in a trial: when the sweep dies, even by SIGKILL, which it cannot forward, the trial
-    gets SIGTERM (and saves a checkpoint and exits, as on a cluster's preemption) instead of running on as an orphan.
-    Linux's PR_SET_PDEATHSIG; elsewhere nothing. The signal comes when the sweep's thread that started the trial ends,
-    and that thread waits for the trial: only the sweep's death sends it."""
-    # Popped: processes the trial starts itself (DDP ranks re-run this command) have the trial as their parent.
-    sweep = os.environ.pop(SWEEP_PID, "")
-    parent = os.getppid()
-    if not sys.platform.startswith("linux") or not sweep.isdigit() or parent != int(sweep):
-        return  # not Linux, or a wrapper command (bash, uv run, srun) stands between: its death would send it
-    import ctypes
+# The trial's first moments, in its own process: ask the kernel for SIGTERM when the sweep's thread that started it
+# ends (that thread waits for the trial, so only the sweep's death sends it, SIGKILL included, which the sweep cannot
+# forward), then become the trial's command. exec keeps the pid and the request, so the command itself gets the signal:
+# lm fit saves a checkpoint and exits, as on a preemption, and a launcher (torchrun, srun) passes it to its ranks,
+# rather than train on as an orphan beside the restarted sweep's resume of the same folder.
+BECOME_THE_TRIAL = """
+import ctypes, os, signal, sys
+sweep, command = int(sys.argv[1]), sys.argv[2:]
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG, <linux/prctl.h>
+if os.getppid() != sweep:  # the sweep died before the request: no signal would come
+    sys.exit(128 + signal.SIGTERM)
+os.execvp(command[0], command)
+"""
 
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # the sweep died between the two reads: no signal will come
-        os.kill(os.getpid(), signal.SIGTERM)
+
+def start_trial(argv: list[str], **popen) -> subprocess.Popen:
+    """subprocess.Popen(argv, **popen), whose process gets SIGTERM when the calling thread ends (on Linux;
+    elsewhere a plain Popen)."""
+    if not sys.platform.startswith("linux"):
+        return subprocess.Popen(argv, **popen)
+    return subprocess.Popen([sys.executable, "-c", BECOME_THE_TRIAL, str(os.getpid()), *argv], **popen)
 
 
 def _wait(child: subprocess.Popen, seconds: float) -> int | None:

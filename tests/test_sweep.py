@@ -638,40 +638,39 @@ def test_local_grid_sweep_of_the_debug_experiment(tmp_path, monkeypatch, capsys)
     assert list(Path(best["root"]).glob("wandb/offline-run-*"))  # each trial logs to W&B offline
 
 
-def test_a_trial_behind_a_wrapper_command_keeps_running():
-    """A sweep's command may start lm through bash, uv run or srun: lm's parent is then not the sweep, which is no
-    sign that the sweep died (the trial used to SIGTERM itself at once)."""
-    code = "from lm.sweep import die_with_the_sweep; die_with_the_sweep(); print('still here')"
-    wrapper = [
-        "bash",
-        "-c",
-        f"{sys.executable} -c {shlex.quote(code)}; true",  # the trailing command keeps bash from exec'ing python
-    ]
-    env = {**os.environ, lm.sweep.SWEEP_PID: str(os.getpid())}
-    result = subprocess.run(wrapper, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert result.stdout.strip() == "still here", result.stderr
+def test_a_sweep_command_that_is_not_found_is_one_line(tmp_path):
+    with pytest.raises(LMError, match="the sweep's command 'lm-no-such-command' is not found"):
+        lm.sweep.run_trial(["lm-no-such-command", "fit"], tmp_path / "trial-0000", "val/loss", "minimize")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path):
-    """SIGKILL cannot be caught and forwarded: the trial asked the kernel for SIGTERM on the sweep's death instead
-    (it then saves a checkpoint and exits, as on a preemption), rather than run on as an orphan."""
+@pytest.mark.parametrize("command", ["lm", "launcher"])
+def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path, command):
+    """SIGKILL cannot be caught and forwarded: the trial's process asks the kernel for SIGTERM on the sweep's death
+    instead (lm fit then saves a checkpoint and exits, as on a preemption), rather than run on as an orphan. lm used to
+    ask for it itself, so a launcher's trial (torchrun, srun) trained on beside the restarted sweep's resume of the
+    same folder; the request now comes before the command starts, whatever it is: here a Python trial, and a bash one
+    standing for a launcher."""
     marker = tmp_path / "trial got SIGTERM"
-    trial = (
-        "import os, signal, sys, time\n"
-        "from lm.sweep import die_with_the_sweep\n"
-        f"signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, 'w').close(), sys.exit(0)))\n"
-        "die_with_the_sweep()\n"
-        "assert 'LM_SWEEP_PID' not in os.environ  # the trial's own children (DDP ranks) are not the sweep's\n"
-        "print(os.getpid(), flush=True)\n"
-        "time.sleep(60)\n"
-    )
+    if command == "lm":
+        code = (
+            "import os, signal, sys, time\n"
+            f"signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, 'w').close(), sys.exit(0)))\n"
+            "print(os.getpid(), flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        trial = [sys.executable, "-c", code]
+    else:
+        trial = [
+            "bash",
+            "-c",
+            f'trap "touch {shlex.quote(str(marker))}; exit 0" TERM; echo $$; while :; do sleep 0.1; done',
+        ]
     sweep = (  # starts the trial as run_trial does, from a thread that waits for it
-        "import os, subprocess, sys, threading, time\n"
-        "from lm.sweep import SWEEP_PID\n"
+        "import subprocess, sys, threading\n"
+        "from lm.sweep import start_trial\n"
         "def run():\n"
-        f"    child = subprocess.Popen([sys.executable, '-c', {trial!r}], stdout=subprocess.PIPE, text=True,\n"
-        "                             env={**os.environ, SWEEP_PID: str(os.getpid())}, start_new_session=True)\n"
+        f"    child = start_trial({trial!r}, stdout=subprocess.PIPE, text=True, start_new_session=True)\n"
         "    print(child.stdout.readline().strip(), flush=True)\n"
         "    child.wait()\n"
         "threading.Thread(target=run).start()\n"
@@ -679,6 +678,7 @@ def test_a_trial_gets_sigterm_when_the_sweep_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", sweep], stdout=subprocess.PIPE, text=True, cwd=REPO)
     trial_pid = int(parent.stdout.readline())
     try:
+        time.sleep(0.5)
         assert not marker.exists()  # a living sweep sends nothing
         parent.kill()
         parent.wait()
