@@ -28,6 +28,7 @@ import glob
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -204,11 +205,14 @@ def load_documents(
     source_revision: str | None = None,
     text_field: str = "text",
     hf_cache_dir: str | None = None,
+    limit: int | None = None,
 ):
     """Load `source` as a `datasets.Dataset` with one column, "text", one row per document, in source order.
 
     `hf_cache_dir` is where datasets keeps its Arrow copy of local files (None = its own default cache); hub
     datasets always use the HF cache so a big download is shared by every tokenizer and run.
+    `limit`: only the first N documents. A hub dataset is then streamed and read no further than them (lm eval
+    --limit 1000 on fineweb-edu's sample-10BT downloaded all its tens of GB first); a local source is read whole.
     """
     import datasets  # heavy import (~1 s): only prepare_data needs it
 
@@ -239,8 +243,10 @@ def load_documents(
     else:
         try:
             ds = datasets.load_dataset(
-                source, name=source_config, split=source_split, revision=source_revision, streaming=False
+                source, name=source_config, split=source_split, revision=source_revision, streaming=limit is not None
             )
+            if limit is not None:  # inside the try: streaming reads the hub while the documents are taken
+                ds = _documents_of_a_stream(ds, limit, text_field)
         except Exception as err:  # noqa: BLE001 - offline, unknown id, bad config/split: all a problem with the input
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
             why = "the hub is unreachable in offline mode (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else err
@@ -273,7 +279,24 @@ def load_documents(
             f"data source {source!r}: {nulls} documents have no {text_field!r} (missing or null), the first is "
             f"document {first} (counting from 0)"
         )
-    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+    ds = ds.rename_column(text_field, "text") if text_field != "text" else ds
+    return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+
+def _documents_of_a_stream(stream, limit: int, text_field: str):
+    """The first `limit` rows of a streamed hub split as a `datasets.Dataset`, with every column, so that the checks
+    of the text field (missing, null, not text) read them as they read a downloaded split."""
+    import datasets
+
+    rows = list(itertools.islice(stream, limit))
+    if not rows and stream.features is None:  # an empty split of unknown columns: no documents, nothing to check
+        return datasets.Dataset.from_dict(
+            {text_field: []}, features=datasets.Features({text_field: datasets.Value("string")})
+        )
+    # the stream's features where the hub gives them (a split of no rows keeps its text column); else the rows' keys,
+    # those of every row (a key missing from the first row is a null there, as in a downloaded split)
+    columns = stream.column_names or list(dict.fromkeys(key for row in rows for key in row))
+    return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}, features=stream.features)
 
 
 def _find_bad_record(paths: list[Path], builder: str) -> str | None:

@@ -174,7 +174,7 @@ class EvalSpec:
             ("addition", "reverse", "count").
         data: Text source for "lm" (path/glob/hub id/builtin:NAME), HellaSwag-format JSONL for "hellaswag".
         name: Name in the metric keys (`eval/<name>/<metric>`); defaults to the task.
-        limit: Evaluate only the first N documents (lm) or items (hellaswag).
+        limit: Evaluate only the first N documents (lm; of a hub dataset only they are streamed) or items (hellaswag).
         text_field: Column holding the text in JSONL/Parquet/hub sources (lm).
         source_config: A hub dataset's configuration (lm), as data.source_config in training (e.g. sample-10BT).
         source_split: A hub dataset's split (lm); a held-out metric wants the split training did not read.
@@ -279,9 +279,8 @@ class LanguageModelling(Task):
             source_split=spec.source_split,
             source_revision=spec.source_revision,
             text_field=spec.text_field,
+            limit=spec.limit,
         )
-        if self.spec.limit is not None:
-            documents = documents.select(range(min(self.spec.limit, len(documents))))
         texts = [t for t in documents["text"] if t]
         if not texts:
             raise LMError(f"data source {self.spec.data!r}: no non-empty documents to evaluate")

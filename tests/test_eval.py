@@ -462,6 +462,61 @@ def test_lm_eval_reads_a_hub_dataset_s_config_split_and_revision(ckpt, text_dir,
     assert "source_split: for hub datasets only" in capsys.readouterr().err
 
 
+def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents_it_scores(monkeypatch, tmp_path):
+    """--limit 1000 on a hub dataset (the README's fineweb-edu sample-10BT) downloaded and prepared the whole split,
+    tens of GB, before taking the first 1000 documents. (The hub is stubbed: many rows, each read counted.)"""
+    import datasets
+
+    from lm.eval import build_task
+
+    calls, read, load_dataset = [], [], datasets.load_dataset
+
+    def rows(n, untitled):
+        for i in range(n):
+            read.append(i)
+            yield {"id": i} if i == untitled else {"id": i, "content": f"doc {i}"}
+
+    def hub(source, n=10_000, untitled=None, **kwargs):  # untitled: the row without text
+        calls.append({"source": source, **kwargs})
+        if kwargs["streaming"]:
+            return datasets.IterableDataset.from_generator(rows, gen_kwargs={"n": n, "untitled": untitled})
+        return datasets.Dataset.from_list(list(rows(n, untitled)))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    tokenizer = CharTokenizer.train(["doc 0123456789"])
+
+    def prepare(**spec):
+        task = build_task(EvalSpec(task="lm", data="org/corpus", source_config="sample-10BT", **spec))
+        task.prepare(tokenizer, 64)
+        return task
+
+    task = prepare(limit=3, text_field="content")
+    assert [(c["source"], c["name"], c["split"], c["streaming"]) for c in calls] == [
+        ("org/corpus", "sample-10BT", "train", True)
+    ]
+    assert read == [0, 1, 2]  # not one document past the limit
+    docs = ["doc 0", "doc 1", "doc 2"]
+    assert task.tokens.tolist() == [tokenizer.eos_id, *[t for d in tokenizer.encode_batch(docs, eos=True) for t in d]]
+    assert (task.num_documents, task.num_bytes) == (3, 15)
+    # the text field is checked on the documents read, with the messages of a downloaded split
+    with pytest.raises(LMError, match="no column 'text'"):
+        prepare(limit=3)
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, **kwargs: hub(source, untitled=4, **kwargs))
+    with pytest.raises(LMError, match="1 documents have no 'content' .* the first is document 4"):
+        prepare(limit=5, text_field="content")
+    prepare(limit=4, text_field="content")  # it comes after the documents read
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, **kwargs: hub(source, n=0, **kwargs))
+    with pytest.raises(LMError, match="no non-empty documents to evaluate"):  # an empty split
+        prepare(limit=3, text_field="content")
+    # a local file, read by datasets' own JSON builder as before: whole, then cut to the limit
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    local = tmp_path / "docs.jsonl"
+    local.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    task = build_task(EvalSpec(task="lm", data=str(local), limit=2))
+    task.prepare(tokenizer, 64)
+    assert (task.num_documents, task.num_bytes) == (2, 10)
+
+
 def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(tmp_path, monkeypatch):
     """Generation gives a compiled model a new shape at each step: recompiles up to torch's limit, each a pause."""
     import lm.tasks
