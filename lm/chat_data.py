@@ -256,7 +256,7 @@ class ChatData(L.LightningDataModule):
             same text, e.g. the task transcripts).
         task_size: Training conversations drawn from a task: source (distinct problems of its train split).
         task_val_size: Validation conversations drawn from the task's test split.
-        task_digits: Operand digits of the addition task.
+        task_digits: Operand digits of the addition task (another value for task:reverse or task:count is refused).
         seed: Seed of the shuffling of training batches.
         split_seed: Seed of the train/val split and of the task problems; apart from `seed`, so that a sweep over
             `seed` keeps one validation set and its val/loss values compare.
@@ -297,6 +297,10 @@ class ChatData(L.LightningDataModule):
         if not 0 < val_fraction < 1:
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         refuse_hub_options_of_a_local_source(source, None, source_split, None)
+        if source.startswith("task:"):
+            from lm.tasks import refuse_digits_of_a_word_task
+
+            refuse_digits_of_a_word_task(source.removeprefix("task:"), task_digits, "data.task_digits")
         self.source, self.format, self.source_split = source, format, source_split
         self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise

@@ -458,13 +458,19 @@ class ChatTask(Task):
         return metrics
 
 
+class WordTask(ChatTask):
+    """reverse and count: their problems are pseudo-words, with no operands whose digits --digits could set."""
+
+    unread = (*ChatTask.unread, "digits")
+
+
 # The registry of task names. The chat tasks are wired to lm.tasks.evaluate_task through ChatTask.
 TASKS: dict[str, type[Task]] = {
     "lm": LanguageModelling,
     "hellaswag": MultipleChoice,
     "addition": ChatTask,
-    "reverse": ChatTask,
-    "count": ChatTask,
+    "reverse": WordTask,
+    "count": WordTask,
 }
 
 
@@ -479,7 +485,7 @@ def build_task(spec: EvalSpec) -> Task:
     defaults = {f.name: f.default for f in fields(EvalSpec)}
     given = [key for key in TASKS[spec.task].unread if getattr(spec, key) != defaults[key]]
     if given:
-        hint = "; it takes num_problems" if TASKS[spec.task] is ChatTask else ""
+        hint = "; it takes num_problems" if issubclass(TASKS[spec.task], ChatTask) else ""
         raise LMError(f"eval {spec.task}: {' and '.join(given)} does not apply to this task{hint}")
     return TASKS[spec.task](spec)
 
@@ -686,7 +692,7 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--stride", type=int, help="lm: sliding-window stride in tokens (default: block_size)")
     p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
-    p.add_argument("--digits", type=int, default=2, help="addition: operand digits (as trained: data.task_digits)")
+    p.add_argument("--digits", type=int, default=2, help="addition only: operand digits (as trained: data.task_digits)")
     p.add_argument(
         "--batch_size", type=int, help="sequences per forward pass (default 16), or chat problems per batch (64)"
     )

@@ -182,7 +182,7 @@ class PreferenceData(ChatData):
         max_prompt_fraction: Share of the context a too-long pair's prompt keeps, at least (its replies get the rest).
         task_size: Training pairs drawn from a task: source.
         task_val_size: Validation pairs drawn from the task's test split.
-        task_digits: Operand digits of the addition task.
+        task_digits: Operand digits of the addition task (another value for task:reverse or task:count is refused).
         seed: Seed of the shuffling of training batches.
         split_seed: Seed of the train/val split, the task problems and their wrong answers (apart from `seed`).
         num_workers: DataLoader worker processes.

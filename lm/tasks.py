@@ -69,6 +69,15 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
     "reverse": _reverse,
     "count": _count,
 }
+DEFAULT_DIGITS = 2
+DIGIT_TASKS = ("addition",)  # the tasks that read `digits`; reverse and count draw pseudo-words
+
+
+def refuse_digits_of_a_word_task(task: str, digits: int, option: str) -> None:
+    """LMError when `option` sets digits (other than the default) for a task that has none to set: refused rather than
+    ignored, as a score or a run would otherwise record digits that shaped none of its problems."""
+    if task in TASKS and task not in DIGIT_TASKS and digits != DEFAULT_DIGITS:
+        raise LMError(f"{option} does not apply to task {task}: its problems are words; only addition has digits")
 
 
 def _asks(question: str) -> str:
@@ -101,7 +110,7 @@ def wrong_answer(problem: Problem, rng: random.Random) -> str:
     return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
 
 
-def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int = 2) -> list[Problem]:
+def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int = DEFAULT_DIGITS) -> list[Problem]:
     """`num` distinct problems of one split of a task, drawn by a seeded RNG (same arguments, same list)."""
     if task not in TASKS:
         raise LMError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
@@ -123,7 +132,14 @@ def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int
 
 
 def evaluate_task(
-    model, tokenizer, task: str, num_problems: int = 200, seed: int = 0, *, digits: int = 2, batch_size: int = 64
+    model,
+    tokenizer,
+    task: str,
+    num_problems: int = 200,
+    seed: int = 0,
+    *,
+    digits: int = DEFAULT_DIGITS,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on test problems: {"exact_match": fraction, "num_problems": n}."""
     from lm.chat import render_prompt, reply_stop_ids
@@ -165,7 +181,7 @@ class TaskAccuracy(L.Callback):
         task: Built-in task to score: addition, reverse or count.
         num_problems: Test problems per evaluation.
         every_n_validations: Evaluate at every n-th validation run (generation is slower than a validation batch).
-        digits: Operand digits of the addition task.
+        digits: Operand digits of the addition task (another value for reverse or count is refused).
         seed: Seed choosing the test problems (the same ones at every evaluation).
     """
 
@@ -174,7 +190,7 @@ class TaskAccuracy(L.Callback):
         task: str = "addition",
         num_problems: int = 200,
         every_n_validations: int = 1,
-        digits: int = 2,
+        digits: int = DEFAULT_DIGITS,
         seed: int = 0,
     ):
         if task not in TASKS:
@@ -184,6 +200,7 @@ class TaskAccuracy(L.Callback):
                 raise LMError(f"TaskAccuracy: {name} must be at least 1, got {value}")
         if digits < 1:
             raise LMError(f"TaskAccuracy: digits must be at least 1, got {digits}")
+        refuse_digits_of_a_word_task(task, digits, "TaskAccuracy: digits")
         self.task, self.num_problems, self.every_n_validations = task, num_problems, every_n_validations
         self.digits, self.seed = digits, seed
         self._validations = 0
@@ -221,10 +238,11 @@ def tasks_command(argv: list[str]) -> None:
     e.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
     e.add_argument("--task", required=True, choices=sorted(TASKS))
     e.add_argument("--num_problems", type=int, default=200)
-    e.add_argument("--digits", type=int, default=2, help="operand digits (addition)")
+    e.add_argument("--digits", type=int, default=DEFAULT_DIGITS, help="addition only: operand digits")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     args = p.parse_args(argv)
+    refuse_digits_of_a_word_task(args.task, args.digits, "lm tasks eval: --digits")  # before loading the checkpoint
 
     from lm.checkpoint import load_for_inference
 

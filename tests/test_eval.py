@@ -228,6 +228,23 @@ def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
             evaluate(model, tokenizer, EvalSpec(task=task, data="x.txt" if task != "count" else None, **given))
 
 
+def test_digits_is_refused_for_the_word_tasks_before_the_checkpoint_is_loaded(tmp_path, capsys):
+    """reverse and count draw pseudo-words: --digits 5 ran them as ever and recorded digits 5 beside the score."""
+    from lm.eval import build_task
+
+    for task in ("reverse", "count"):
+        with pytest.raises(LMError, match=f"eval {task}: digits does not apply to this task; it takes num_problems"):
+            build_task(EvalSpec(task=task, num_problems=20, digits=5))
+        with pytest.raises(SystemExit) as exit_info:  # no checkpoint there: refused before it is read
+            main(
+                ["eval", "--ckpt", str(tmp_path / "none.ckpt"), "--task", task, "--num_problems", "20", "--digits", "5"]
+            )
+        assert exit_info.value.code == 2
+        assert f"eval {task}: digits does not apply to this task" in capsys.readouterr().err
+        assert build_task(EvalSpec(task=task, digits=2)).spec.digits == 2  # the default, as for every other option
+    assert build_task(EvalSpec(task="addition", digits=5)).spec.digits == 5  # addition's operands
+
+
 def test_user_errors_are_lm_errors(ckpt, tmp_path, capsys):
     path, _, _ = ckpt
     for args in (["--task", "lm"], ["--task", "hellaswag", "--data", str(tmp_path / "missing.jsonl")]):

@@ -66,6 +66,27 @@ def test_task_accuracy_checks_its_arguments_when_built():
             TaskAccuracy(**kwargs)
 
 
+@pytest.mark.parametrize("task", ["reverse", "count"])
+def test_digits_is_refused_for_a_task_of_words_wherever_it_is_given(task, tmp_path, capsys):
+    """Their problems have no operands: digits was taken and ignored, by lm tasks eval, TaskAccuracy and chat data."""
+    from lm.__main__ import main
+    from lm.chat_data import ChatData
+    from lm.preference import PreferenceData
+
+    with pytest.raises(SystemExit) as exit_info:  # no checkpoint there: refused before it is read
+        main(["tasks", "eval", "--ckpt", str(tmp_path / "none.ckpt"), "--task", task, "--digits", "3"])
+    assert exit_info.value.code == 2
+    assert f"lm tasks eval: --digits does not apply to task {task}" in capsys.readouterr().err
+    with pytest.raises(LMError, match=f"TaskAccuracy: digits does not apply to task {task}"):
+        TaskAccuracy(task=task, digits=3)
+    for data in (ChatData, PreferenceData):
+        with pytest.raises(LMError, match=f"data.task_digits does not apply to task {task}"):
+            data(source=f"task:{task}", task_digits=3)
+        assert data(source=f"task:{task}").task_digits == 2  # the default is no setting
+        assert data(source="task:addition", task_digits=3).task_digits == 3
+    assert TaskAccuracy(task=task).digits == 2 and TaskAccuracy(task="addition", digits=3).digits == 3
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_problems_are_seeded_and_distinct(task):
     a = make_problems(task, "train", 300, seed=3)
