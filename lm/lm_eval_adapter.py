@@ -100,8 +100,8 @@ class LMEvalAdapter(TemplateLM):
         # Keyed by the text each special decodes to, which is what the rendered chat holds: gpt2's BOS is
         # "<|endoftext|>" and a Llama-style tokenizer.json's "<s>", not lm's "<|bos|>". Longest first, so that no
         # marker matches the start of a longer one.
-        decoded = {tokenizer.decode([i]): i for i in sorted(set(tokenizer.special_ids.values()))}
-        self._specials = {text: i for text, i in decoded.items() if text}
+        self._special_text = {i: tokenizer.decode([i]) for i in sorted(set(tokenizer.special_ids.values()))}
+        self._specials = {text: i for i, text in self._special_text.items() if text}
         self._special_pattern = re.compile(
             "(" + "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))) + ")"
         )
@@ -139,14 +139,26 @@ class LMEvalAdapter(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as SFT renders it, as text: BOS, then each turn's role marker, content and END;
         with add_generation_prompt the assistant marker follows, and without it a last assistant message is left
-        open (the harness prefills the reply's start)."""
-        from lm.chat import render_chat
+        open (the harness prefills the reply's start). tok_encode turns it into `lm.chat.render_chat`'s ids."""
+        from lm.chat import ROLES
+        from lm.tokenizer import ASSISTANT, BOS, END
 
-        ids, _ = render_chat(chat_history, self.tokenizer, add_generation_prompt=add_generation_prompt)
-        if not add_generation_prompt and chat_history and chat_history[-1]["role"] == "assistant":
-            ids = ids[:-1]  # its END
+        # Each content is put in as it is, not decoded from render_chat's ids: tok_encode encodes the text between
+        # markers as render_chat encodes a content, and a decode does not always give back the text that encodes to
+        # the same ids (a SentencePiece-style decoder writes "▁Hello" after a marker as " Hello", which encodes to
+        # "▁▁Hello").
+        def marker(token: str) -> str:
+            return self._special_text[self.tokenizer.token_id(token)]
+
+        parts = [marker(BOS)]
+        for m in chat_history:
+            parts += [marker(ROLES[m["role"]]), m["content"], marker(END)]
+        if add_generation_prompt:
+            parts.append(marker(ASSISTANT))
+        elif chat_history and chat_history[-1]["role"] == "assistant":
+            parts.pop()  # its END
         self._specials_in_text = True
-        return self.tokenizer.decode(ids)
+        return "".join(parts)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)

@@ -14,7 +14,7 @@ from lm.chat import render_chat, reply_stop_ids
 from lm.eval import EvalSpec, evaluate
 from lm.generate import stream_tokens
 from lm.lm_eval_adapter import LMEvalAdapter, generation_args
-from lm.tokenizer import ASSISTANT, CharTokenizer
+from lm.tokenizer import ASSISTANT, USER, CharTokenizer
 from tests.test_eval import hand_nats, write_checkpoint
 
 ROWS = [
@@ -214,3 +214,44 @@ def test_a_misspelled_model_arg_is_named_not_swallowed(tmp_path):
     write_checkpoint(path, CharTokenizer.train(["ab"]), block_size=8, n_layer=1, n_head=2, n_embd=16)
     with pytest.warns(UserWarning, match=r"ignoring model_args \['max_gen_tok'\]"):
         LMEvalAdapter.create_from_arg_string(f"ckpt={path},max_gen_tok=8", {"device": "cpu", "max_batch_size": None})
+
+
+def sentencepiece_style_tokenizer(directory):
+    """A Llama-2-style tokenizer.json: the normalizer writes a text's start and every space as "▁", and the decoder
+    strips the one space that begins a decoded text, so the decode of a content after a marker begins with a space
+    that encodes as another "▁"."""
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import decoders, models, normalizers, trainers
+
+    from lm.tokenizer import Tokenizer
+
+    backend = HFBackend(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(["Hello there. Be brief, say hi. What is it?"] * 20, trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    return Tokenizer.load(directory / "tokenizer.json")
+
+
+def test_chat_template_gives_lm_chat_s_ids_with_a_sentencepiece_style_tokenizer(tmp_path):
+    """The rendered chat used to be decoded from render_chat's ids, and " Hello" after a marker encoded back as
+    "▁▁Hello": every message gained a token that SFT never trained on."""
+    tokenizer = sentencepiece_style_tokenizer(tmp_path)
+    user = tokenizer.token_id(USER)
+    assert tokenizer.decode([user, *tokenizer.encode("Hello")]) == "<|user|> Hello"  # the case: a space added
+    path = tmp_path / "sp.ckpt"
+    write_checkpoint(path, tokenizer, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    adapter = LMEvalAdapter(ckpt=str(path), batch_size=2, device="cpu")
+    single = [{"role": "user", "content": "Hello there"}]
+    several = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Say hi."},
+        {"role": "user", "content": "What is it?"},
+    ]
+    for history in (single, several):
+        text = adapter.apply_chat_template(history)
+        assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
+    open_reply = adapter.apply_chat_template(several[:3], add_generation_prompt=False)
+    assert adapter.tok_encode(open_reply) == render_chat(several[:3], tokenizer)[0][:-1]  # no END after the reply
