@@ -14,8 +14,9 @@ or from Python:
 
 Scoring is `lm.eval.score_continuations` (the same code as `lm eval --task hellaswag`), batched; `generate_until`
 uses lm's generation engine (`lm.generate.generate_texts`, batched, KV cache), reads the generation arguments as the
-harness's own models do, stops at any special token (a chat model's end of turn) and leaves special tokens out of
-the text, as HF models decode with skip_special_tokens. `--apply_chat_template` renders prompts with lm's chat
+harness's own models do (temperature, top_k, top_p and repetition_penalty are applied; another, such as num_beams, is
+named in a warning), stops at any special token (a chat model's end of turn) and leaves special tokens out of the
+text, as HF models decode with skip_special_tokens. `--apply_chat_template` renders prompts with lm's chat
 template (`lm.chat.render_chat`, the one SFT trains on). lm-eval is an optional extra (`pip install "lm[eval]"`).
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 from lm.errors import LMError
 
@@ -94,6 +95,7 @@ class LMEvalAdapter(TemplateLM):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = max_gen_toks
+        self._ignored_gen_kwargs: set[str] = set()  # generation arguments already warned about, each named once
         # Set by apply_chat_template: the harness then encodes the rendered text, whose role markers must become the
         # special tokens again (lm's tokenizers otherwise encode special-token strings as plain text, by design).
         self._specials_in_text = False
@@ -195,8 +197,9 @@ class LMEvalAdapter(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, if asked) continuations cut at the first `until` string; requests with the same
-        generation arguments run as one batch through lm's generation engine."""
+        """Greedy (or sampled, if asked: temperature, top_k, top_p, repetition_penalty) continuations cut at the
+        first `until` string; requests with the same generation arguments run as one batch through lm's generation
+        engine. Another generation argument (num_beams, min_p, ...) is named in a warning, once, and not applied."""
         from lm.chat import reply_stop_ids
         from lm.generate import generate_texts
 
@@ -205,7 +208,14 @@ class LMEvalAdapter(TemplateLM):
         for i, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
         for indices in groups.values():
-            until, max_new, temperature = generation_args(requests[indices[0]].args[1], self.max_gen_toks)
+            until, max_new, sampling, unsupported = generation_args(requests[indices[0]].args[1], self.max_gen_toks)
+            if unheard := [k for k in unsupported if k not in self._ignored_gen_kwargs]:
+                self._ignored_gen_kwargs.update(unheard)
+                warnings.warn(
+                    f"lm model: ignoring generation arguments {unheard}; lm's generation reads until, max_gen_toks (or "
+                    f"an alias), do_sample, {', '.join(SAMPLING_ARGS)}",
+                    stacklevel=2,
+                )
             keep = max(1, self.max_length - max_new) if max_new < self.max_length else self.max_length // 2
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
@@ -218,7 +228,7 @@ class LMEvalAdapter(TemplateLM):
                     stop_ids=reply_stop_ids(self.tokenizer),  # EOS, and a chat model's end of turn
                     skip_special=True,
                     max_new_tokens=max_new,
-                    temperature=temperature,
+                    **sampling,
                 )
                 for i, text in zip(chunk, texts, strict=True):
                     outputs[i] = text
@@ -226,18 +236,35 @@ class LMEvalAdapter(TemplateLM):
         return outputs  # type: ignore[return-value]
 
 
-def generation_args(kwargs: dict[str, Any], default_max_gen_toks: int) -> tuple[list[str], int, float]:
-    """(stop strings, token budget, temperature) of a generate_until request, read as lm-eval's own models read them
-    (its `normalize_gen_kwargs`): the budget from max_gen_toks, max_new_tokens, max_tokens or max_completion_tokens,
-    in that order; without do_sample, a temperature above 0 samples; do_sample false is greedy."""
+# Generation arguments lm's engine reads: beside these, generate_until's gen_kwargs hold the stop strings, the
+# budget and do_sample. lm-eval's HF model hands every other key to transformers' generate().
+SAMPLING_ARGS = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}
+BUDGET_ARGS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # in lm-eval's order
+
+
+class GenerationArgs(NamedTuple):
+    until: list[str]  # stop strings
+    max_new_tokens: int
+    sampling: dict[str, float | int]  # lm.generate's temperature, and top_k, top_p, repetition_penalty when given
+    unsupported: list[str]  # keys lm's engine has no setting for (num_beams, min_p, ...): not applied
+
+
+def generation_args(kwargs: dict[str, Any], default_max_gen_toks: int) -> GenerationArgs:
+    """The generation arguments of a generate_until request, read as lm-eval's own models read them (its
+    `normalize_gen_kwargs`): the budget from max_gen_toks, max_new_tokens, max_tokens or max_completion_tokens, in
+    that order; without do_sample, a temperature above 0 samples; do_sample false is greedy. top_k, top_p and
+    repetition_penalty go to lm.generate, as lm-eval's HF model hands them to transformers' generate()."""
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else [s for s in until if s]  # an empty stop string is no stop
-    budgets = (kwargs.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"))
+    budgets = (kwargs.get(k) for k in BUDGET_ARGS)
     max_new = int(next((b for b in budgets if b is not None), default_max_gen_toks))
-    temperature = float(kwargs.get("temperature") or 0.0)
+    sampling = {k: convert(kwargs[k]) for k, convert in SAMPLING_ARGS.items() if kwargs.get(k) is not None}
+    sampling["temperature"] = sampling.get("temperature") or 0.0
     if kwargs.get("do_sample") is False:
-        temperature = 0.0
-    return until, max_new, temperature
+        sampling["temperature"] = 0.0
+    known = {"until", "do_sample", *BUDGET_ARGS, *SAMPLING_ARGS}
+    unsupported = sorted(k for k, v in kwargs.items() if k not in known and v is not None)
+    return GenerationArgs(until, max_new, sampling, unsupported)
 
 
 def main() -> None:

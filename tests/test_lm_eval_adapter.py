@@ -3,6 +3,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -113,10 +114,43 @@ def test_generation_arguments_are_read_as_the_harness_reads_them(kwargs):
     used to read max_gen_toks only, so max_new_tokens: 3 generated 256 tokens, and a temperature alone was greedy)."""
     from lm_eval.models.utils import normalize_gen_kwargs
 
-    until, max_new, temperature = generation_args(kwargs, 256)
+    until, max_new, sampling, unsupported = generation_args(kwargs, 256)
     harness = normalize_gen_kwargs(kwargs, 256)
     assert until == [s for s in harness["until"] if s] and max_new == harness["max_gen_toks"]
-    assert temperature == (harness["temperature"] if harness["do_sample"] else 0.0)
+    assert sampling == {"temperature": harness["temperature"] if harness["do_sample"] else 0.0}
+    assert unsupported == []
+
+
+def test_sampling_arguments_reach_lm_s_engine_and_others_are_named():
+    kwargs = {"until": ["\n"], "do_sample": True, "temperature": 0.7, "top_p": "0.95", "top_k": 40}
+    others = {"repetition_penalty": 1.1, "num_beams": 2, "min_p": 0.05, "typical_p": None}
+    args = generation_args(kwargs | others, 256)  # top_p "0.95" as text is read as the number
+    assert args.sampling == {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1}
+    assert args.unsupported == ["min_p", "num_beams"]  # an argument left unset (None) is no request
+
+
+@pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"top_p": 0.0}])
+def test_sampling_narrowed_to_the_top_token_is_greedy(adapter, narrowing):
+    """top_k and top_p were dropped (humaneval asks for top_p 0.95): sampling at temperature 1 kept every token."""
+    contexts = ["The dog", "A cat sits.", "Roof: A man"]
+
+    def generate(kwargs):
+        return adapter.generate_until([Instance("generate_until", {}, (c, kwargs), i) for i, c in enumerate(contexts)])
+
+    asked = {"until": ["\n"], "max_gen_toks": 12}
+    greedy = generate(asked | {"do_sample": False})
+    for seed in range(4):
+        torch.manual_seed(seed)
+        assert generate(asked | {"do_sample": True, "temperature": 1.0} | narrowing) == greedy
+
+
+def test_an_unsupported_generation_argument_is_named_once(adapter):
+    request = Instance("generate_until", {}, ("The dog", {"until": ["s"], "max_gen_toks": 2, "num_beams": 4}), 0)
+    with pytest.warns(UserWarning, match=r"ignoring generation arguments \['num_beams'\]"):
+        adapter.generate_until([request])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter.generate_until([request])
 
 
 def test_generate_until_keeps_to_a_max_new_tokens_budget(adapter):
