@@ -124,10 +124,14 @@ def stream_batch(
     vocab_size: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    row_finished: Callable[[int, Sequence[int]], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Decode a batch of prompts (token id lists, any lengths) together; each step yields one entry per row: its new
     token, or None once the row has stopped (a stop token, which is not yielded). Ends when every row has stopped or
     after max_new_tokens steps.
+
+    row_finished(i, new_tokens), asked after each token of a running row i, with that row's new tokens so far: True
+    stops the row after this token, which is yielded (generate_texts stops a row once its text holds a stop string).
 
     Every row has its own context window, rows[i][starts[i]:]: a prompt longer than block_size starts with its last
     block_size tokens, and when a row's context outgrows block_size it slides to its last block_size // 2 tokens (at
@@ -147,6 +151,7 @@ def stream_batch(
     device = next(model.parameters()).device
     block_size = model.config.block_size
     rows = [list(p) for p in prompts]
+    prompt_lengths = [len(p) for p in prompts]
     # Where each row's context window begins (the cache holds rows[i][starts[i]:]): a long prompt's last block_size.
     starts = [max(0, len(r) - block_size) for r in rows]
     running = [True] * len(rows)
@@ -191,9 +196,12 @@ def stream_batch(
             running[i] = running[i] and not stopped[i]
             step.append(token if running[i] else None)
             rows[i].append(token)  # finished rows keep decoding (simpler than shrinking the batch); nobody reads it
+            if running[i] and row_finished is not None and row_finished(i, rows[i][prompt_lengths[i] :]):
+                running[i] = False  # after this token, which is yielded: it is part of the row's text
+        if any(token is not None for token in step):
+            yield step
         if not any(running):
             return
-        yield step
 
 
 def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
@@ -355,14 +363,33 @@ def generate_texts(
     **sampling,
 ) -> list[str]:
     """A batch of prompts (token ids) -> the decoded continuation of each, cut where `stream_text` would cut it
-    (with skip_special, special tokens decode to nothing, as `stream_text(skip_special=True)` shows them in chat)."""
+    (with skip_special, special tokens decode to nothing, as `stream_text(skip_special=True)` shows them in chat).
+    A row stops at the token that completes a stop string, and the batch once every row has stopped: a one-line answer
+    cut at the newline costs its own few steps, not max_new_tokens."""
     sampling.setdefault("stop_ids", (tokenizer.eos_id,))
     sampling.setdefault("vocab_size", tokenizer.vocab_size)
+    decoders = [continuation_decoder(tokenizer, prompt, skip_special) for prompt in prompts]
+    stopped_texts: dict[int, str] = {}  # a row a stop string stopped: its text at that token
+
+    def holds_stop_string(row: int, ids: Sequence[int]) -> bool:
+        # The whole continuation is decoded at every step, as stream_text does: a token's text alone is not its part
+        # of the whole (a BPE token can end mid-character, a Metaspace decoder strips a text's first space), and a
+        # stop string can span tokens.
+        text = decoders[row](ids)
+        if _first_stop(text, stop_strings) is None:
+            return False
+        stopped_texts[row] = text
+        return True
+
+    batch = generate_batch(model, prompts, row_finished=holds_stop_string if stop_strings else None, **sampling)
     texts = []
-    for prompt, ids in zip(prompts, generate_batch(model, prompts, **sampling), strict=True):
-        decode = continuation_decoder(tokenizer, prompt, skip_special)
-        text = decode(ids)
-        cut = _stop_cut(decode, ids, stop_strings)
+    for row, (decode, ids) in enumerate(zip(decoders, batch, strict=True)):
+        if row in stopped_texts:  # the first token prefix holding a stop string is the whole: no need to search
+            text = stopped_texts[row]
+            cut = _first_stop(text, stop_strings)
+        else:
+            text = decode(ids)
+            cut = _stop_cut(decode, ids, stop_strings)
         if cut is None and len(ids) == sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
             cut = len(text.rstrip("\ufffd"))  # as stream_text: a character the limit cut short is left out
         texts.append(text if cut is None else text[:cut])

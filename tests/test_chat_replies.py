@@ -16,12 +16,12 @@ from lm.tokenizer import ASSISTANT, END, SPECIAL_TOKENS, USER, CharTokenizer, To
 DIGITS = CharTokenizer.train(["0123456789+"])  # as an addition SFT run's: no space, no "<"
 
 
-def scripted_model(tokenizer: Tokenizer, follow: dict[str | int, str | int]) -> GPT:
+def scripted_model(tokenizer: Tokenizer, follow: dict[str | int, str | int], vocab_size: int = 64) -> GPT:
     """A tiny GPT whose logits make follow[last token] (tokens as strings, specials by name, or ids) the only likely
-    next token; any other last token is followed by <|end|>."""
+    next token; any other last token is followed by <|end|>. vocab_size: at least the tokenizer's."""
     torch.manual_seed(0)
-    model = GPT(get_config("tiny", vocab_size=64, block_size=64)).eval()
-    table = torch.full((64,), tokenizer.token_id(END))
+    model = GPT(get_config("tiny", vocab_size=vocab_size, block_size=64)).eval()
+    table = torch.full((vocab_size,), tokenizer.token_id(END))
 
     def token_id(token: str | int) -> int:
         if isinstance(token, int):

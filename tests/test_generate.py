@@ -396,6 +396,30 @@ def test_a_batch_cuts_overlapping_stop_strings_where_the_stream_does(monkeypatch
     assert generate_texts(None, tok, [[1]], stop_strings=["d", "abc"]) == ["xx"]  # "abc" completes first
 
 
+def test_a_batch_stops_once_every_row_holds_a_stop_string():
+    """The batch ran every row to max_new_tokens and cut the texts afterwards: lm-eval's triviaqa (until "\n", ".",
+    ",") took 256 steps for a one-word answer. A stop string can span tokens and end inside a character: GPT-2 spells
+    "\nUser: 😀" with the stop string's last space in the token that begins the emoji."""
+    tok = GPT2Tokenizer()
+    first = tok.encode("Sure.\nUser: \U0001f600 ok")
+    ends_stop = next(n for n in range(1, len(first) + 1) if "\nUser: " in tok.decode(first[:n]).replace("\ufffd", ""))
+    assert ends_stop < len(first) and tok.decode(first[:ends_stop]).endswith("\ufffd")  # the case
+    (a,), (b,), (x,) = tok.encode("A"), tok.encode("B"), tok.encode(" x")
+    chain = [a, *first]  # "A" -> "Sure.\nUser: 😀 ok ok ...", "B" -> " x x x ..."
+    follow = dict(zip(chain[:-1], chain[1:], strict=True)) | {first[-1]: first[-1], b: x, x: x}
+    model = scripted_model(tok, follow, vocab_size=tok.vocab_size)
+    passes = []
+    model.register_forward_hook(lambda *args: passes.append(1))
+    prompts, stops, kwargs = [[a], [b]], ["\nUser: ", "x x"], {"max_new_tokens": 40, "temperature": 0}
+    texts = generate_texts(model, tok, prompts, stop_strings=stops, **kwargs)
+    assert len(passes) == ends_stop  # the second row's "x x" completed at its second token
+    assert texts == ["Sure.", " "]
+    # The texts are those of the whole generation cut at the first stop string, and what stream_text gives
+    whole = generate_texts(model, tok, prompts, **kwargs)
+    assert texts == [text[: min(i for s in stops if (i := text.find(s)) >= 0)] for text in whole]
+    assert texts == ["".join(stream_text(model, tok, p, stop_strings=stops, **kwargs)) for p in prompts]
+
+
 @pytest.mark.parametrize(
     "stream, stop_strings, expected",
     [

@@ -153,6 +153,22 @@ def test_an_unsupported_generation_argument_is_named_once(adapter):
         adapter.generate_until([request])
 
 
+def test_generate_until_stops_once_every_answer_holds_a_stop_string(adapter):
+    """Stop strings used to cut the texts after max_gen_toks steps: each row here writes one at its first token, and
+    the batch took 32 forward passes for one."""
+    contexts = ["The dog", "A cat sits.", "Roof: A man"]
+
+    def generate(kwargs):
+        return adapter.generate_until([Instance("generate_until", {}, (c, kwargs), i) for i, c in enumerate(contexts)])
+
+    firsts = generate({"until": [], "max_gen_toks": 1})  # each row's first character, greedy
+    assert all(len(first) == 1 for first in firsts)
+    passes = []
+    adapter.model.register_forward_hook(lambda *args: passes.append(1))
+    assert generate({"until": sorted(set(firsts)), "max_gen_toks": 32}) == ["", "", ""]
+    assert len(passes) == 1  # the prompts' prefill, which gave every row its first token
+
+
 def test_generate_until_keeps_to_a_max_new_tokens_budget(adapter):
     request = Instance("generate_until", {}, ("The dog", {"until": ["\x00"], "max_new_tokens": 3}), 0)
     (text,) = adapter.generate_until([request])
