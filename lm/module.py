@@ -233,7 +233,8 @@ class LanguageModel(L.LightningModule):
         arch: Architecture of the GPT. `vocab_size` is replaced by the data module's tokenizer size (padded to 64).
         lr: Peak learning rate of AdamW.
         min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and wsd schedules).
-        schedule: LR schedule after warmup: cosine decay, warmup-stable-decay, or constant.
+        schedule: LR schedule after warmup: cosine decay, warmup-stable-decay, or constant. cosine and wsd decay
+            towards an end, so they need trainer.max_steps (or max_epochs over a sized loader) or decay_steps.
         warmup_steps: Optimizer steps of linear warmup.
         decay_steps: Optimizer step at which the schedule reaches its minimum; None means the Trainer's total steps.
         wsd_decay_fraction: Fraction of training spent decaying at the end of a wsd schedule.
@@ -738,8 +739,16 @@ class LanguageModel(L.LightningModule):
         rank_zero_info(summary)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         schedule = hp.schedule
-        if not math.isfinite(total):
-            total, schedule = hp.warmup_steps, "constant"  # no max_steps/max_epochs: warmup then constant
+        # Lightning's length of a run that has none: inf under max_epochs -1 (what max_time alone leaves), and -1
+        # (max_steps) for an unsized, iterable, loader bounded by epochs. A decay cannot be placed in either: it
+        # used to fall back silently to a constant LR, or to min_lr_ratio right after warmup.
+        if not (math.isfinite(total) and total >= 0):
+            if schedule != "constant":
+                raise LMError(
+                    f"schedule {schedule} needs a length: set trainer.max_steps or model.init_args.decay_steps "
+                    f"(max_time, max_epochs -1 and an unsized loader give none)"
+                )
+            total = hp.warmup_steps  # a constant schedule never reads its length
         elif total <= hp.warmup_steps and schedule != "constant":
             rank_zero_warn(
                 f"the {schedule} schedule ends at step {int(total)}, within the {hp.warmup_steps} warmup steps: the LR "

@@ -1,3 +1,6 @@
+import re
+
+import lightning as L
 import pytest
 import torch
 
@@ -63,6 +66,69 @@ def test_a_wsd_decay_window_that_reaches_into_warmup_starts_where_warmup_ends():
     assert values[200] == pytest.approx(1 - 0.9 * 100 / 200)  # linear over the 200 steps after warmup
     assert all(a >= b for a, b in zip(values[99:], values[100:], strict=False))
     assert lr_multiplier(300, schedule="wsd", **args) == pytest.approx(0.1)
+
+
+def _tiny_batches(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (ids := torch.randint(0, 64, (2, 16), generator=g)), "labels": ids} for _ in range(n)]
+
+
+class _UnsizedBatches(torch.utils.data.IterableDataset):
+    """Batches with no len(): Lightning cannot count an epoch's steps, and gives max_steps (-1) as the run's."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(_tiny_batches(self.n))
+
+
+class _StopAfterOneStep(L.Callback):
+    """Keeps a run without a length from going on for ever, should it start."""
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = True
+
+
+def _fit_tiny(module: LanguageModel, batches, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("schedule", "run", "batches"),
+    [
+        ("cosine", {"max_time": "00:00:00:30"}, _tiny_batches(4)),  # Lightning: max_epochs -1, no length
+        ("wsd", {"max_epochs": -1}, _tiny_batches(4)),
+        ("cosine", {"max_epochs": 1}, _UnsizedBatches(4)),  # Lightning: a length of -1
+    ],
+    ids=["max_time", "max_epochs-1", "unsized-loader"],
+)
+def test_a_decaying_schedule_without_a_run_length_is_refused(schedule, run, batches):
+    """The run gives the schedule no end to decay towards: it trained at a constant LR (max_time, max_epochs -1) or
+    dropped to min_lr_ratio x lr right after warmup (an unsized loader), and said nothing."""
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, schedule=schedule)
+    message = f"schedule {schedule} needs a length: set trainer.max_steps or model.init_args.decay_steps ("
+    with pytest.raises(LMError, match=re.escape(message)):
+        _fit_tiny(module, batches, callbacks=[_StopAfterOneStep()], **run)
+
+
+def test_a_constant_schedule_or_an_explicit_decay_needs_no_run_length():
+    constant = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, schedule="constant")
+    trainer = _fit_tiny(constant, _UnsizedBatches(3), max_epochs=1)
+    assert trainer.global_step == 3 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    decaying = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=5, min_lr_ratio=0.0)
+    trainer = _fit_tiny(decaying, _UnsizedBatches(3), max_epochs=1)
+    assert trainer.global_step == 3 and trainer.optimizers[0].param_groups[0]["lr"] < 1e-3  # decaying towards step 5
 
 
 def test_loss_ignores_masked_positions_and_averages_over_supervised_tokens():

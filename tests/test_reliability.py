@@ -54,6 +54,19 @@ def test_config_errors_are_one_line_naming_the_key(capsys, tmp_path, override, e
     assert err.startswith("error: ") and expected in err
 
 
+def test_a_run_bounded_by_max_time_alone_is_refused_in_one_line_before_it_trains(capsys, tmp_path):
+    """max_time without max_steps gives the cosine schedule no end to decay towards: the run trained at a constant
+    LR and said nothing."""
+    override = ("--trainer.max_steps", "-1", "--trainer.max_time", "00:00:00:08")
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), *override)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (  # after the data's tokenizing progress
+        "error: schedule cosine needs a length: set trainer.max_steps or model.init_args.decay_steps (max_time, "
+        "max_epochs -1 and an unsized loader give none)"
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
