@@ -737,35 +737,59 @@ class LanguageModel(L.LightningModule):
         }
         optimizer, summary = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, dims, muon)
         rank_zero_info(summary)
-        total = hp.decay_steps or self.trainer.estimated_stepping_batches
-        schedule = hp.schedule
+        if hp.decay_steps is None:
+            run_steps = self.trainer.estimated_stepping_batches
+        else:  # estimated_stepping_batches may load the data, needlessly here: max_steps tells enough for a warning
+            run_steps = self.trainer.max_steps if self._trainer is not None else -1
         # Lightning's length of a run that has none: inf under max_epochs -1 (what max_time alone leaves), and -1
-        # (max_steps) for an unsized, iterable, loader bounded by epochs. A decay cannot be placed in either: it
-        # used to fall back silently to a constant LR, or to min_lr_ratio right after warmup.
-        if not (math.isfinite(total) and total >= 0):
-            if schedule != "constant":
-                raise LMError(
-                    f"schedule {schedule} needs a length: set trainer.max_steps or model.init_args.decay_steps "
-                    f"(max_time, max_epochs -1 and an unsized loader give none)"
-                )
-            total = hp.warmup_steps  # a constant schedule never reads its length
-        elif total <= hp.warmup_steps and schedule != "constant":
-            rank_zero_warn(
-                f"the {schedule} schedule ends at step {int(total)}, within the {hp.warmup_steps} warmup steps: the LR "
-                f"warms up, then stays at min_lr_ratio x lr (set model.init_args.decay_steps or warmup_steps)"
+        # (max_steps) for an unsized, iterable, loader bounded by epochs. A decay cannot be placed in either, and a
+        # fallback (a constant LR, or min_lr_ratio right after warmup) is not the schedule the config names.
+        known_length = math.isfinite(run_steps) and run_steps >= 0
+        if hp.decay_steps is None and not known_length and hp.schedule != "constant":
+            raise LMError(
+                f"schedule {hp.schedule} needs a length: set trainer.max_steps or model.init_args.decay_steps "
+                f"(max_time, max_epochs -1 and an unsized loader give none)"
             )
+        self._warn_if_the_run_misses_the_schedule(int(run_steps) if known_length else -1)
+        # a constant schedule never reads its length
+        total = hp.decay_steps or (int(run_steps) if known_length else hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(
                 step,
-                schedule=schedule,
+                schedule=hp.schedule,
                 warmup_steps=hp.warmup_steps,
-                total_steps=int(total),
+                total_steps=total,
                 min_lr_ratio=hp.min_lr_ratio,
                 decay_fraction=hp.wsd_decay_fraction,
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _warn_if_the_run_misses_the_schedule(self, run_steps: int) -> None:
+        """Say so where the LR never does what the schedule promises: the run ends inside warmup, below the peak LR,
+        or as warmup ends, before any decay; or decay_steps ends the schedule within warmup. run_steps: -1 unknown."""
+        hp = self.hparams
+        warmup = hp.warmup_steps
+        if run_steps == 0:  # max_steps 0 prepares the data and trains nothing
+            return
+        if 0 < run_steps < warmup:  # every schedule, constant included, warms up linearly
+            rank_zero_warn(
+                f"the run ends at step {run_steps}, inside the {warmup} warmup steps: the LR peaks at "
+                f"{run_steps / warmup:.3g} x lr; lower model.init_args.warmup_steps"
+            )
+        elif hp.schedule == "constant":
+            return
+        elif hp.decay_steps is None and run_steps == warmup:
+            rank_zero_warn(
+                f"the run ends at step {run_steps}, as its {warmup} warmup steps do: the {hp.schedule} schedule never "
+                f"decays from the peak LR; lower model.init_args.warmup_steps"
+            )
+        elif hp.decay_steps is not None and hp.decay_steps <= warmup:
+            rank_zero_warn(
+                f"the {hp.schedule} schedule ends at step {hp.decay_steps}, within the {warmup} warmup steps: the LR "
+                f"warms up, then stays at min_lr_ratio x lr (set model.init_args.decay_steps or warmup_steps)"
+            )
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 

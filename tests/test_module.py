@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import lightning as L
 import pytest
@@ -129,6 +130,57 @@ def test_a_constant_schedule_or_an_explicit_decay_needs_no_run_length():
     decaying = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=5, min_lr_ratio=0.0)
     trainer = _fit_tiny(decaying, _UnsizedBatches(3), max_epochs=1)
     assert trainer.global_step == 3 and trainer.optimizers[0].param_groups[0]["lr"] < 1e-3  # decaying towards step 5
+
+
+def _configured_schedule(max_steps: int, **module_kwargs):
+    """The LR multiplier configure_optimizers sets up for a run of max_steps, and the warnings it gave."""
+    module = LanguageModel(get_config("tiny"), lr=1e-3, **module_kwargs)
+    module.configure_model()
+    module.trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    return scheduler.lr_lambdas[0], [str(w.message) for w in caught if "warmup steps" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["cosine", "wsd", "constant"])
+def test_a_run_that_ends_inside_warmup_is_told_the_peak_it_reaches(name):
+    """It was told the LR "warms up, then stays at min_lr_ratio x lr", while the run ended warming up at 10/100 of
+    the peak; a constant schedule, which never reached its peak either, was told nothing."""
+    multiplier, warned = _configured_schedule(10, schedule=name, warmup_steps=100)
+    assert warned == [
+        "the run ends at step 10, inside the 100 warmup steps: the LR peaks at 0.1 x lr; lower "
+        "model.init_args.warmup_steps"
+    ]
+    assert multiplier(9) == pytest.approx(0.1)  # the last step's, as said
+
+
+@pytest.mark.parametrize("name", ["cosine", "wsd"])
+def test_a_run_that_ends_as_warmup_ends_is_told_its_schedule_never_decays(name):
+    multiplier, warned = _configured_schedule(100, schedule=name, warmup_steps=100)
+    assert warned == [
+        f"the run ends at step 100, as its 100 warmup steps do: the {name} schedule never decays from the peak LR; "
+        "lower model.init_args.warmup_steps"
+    ]
+    assert multiplier(99) == 1.0
+
+
+def test_a_run_that_reaches_its_schedule_or_trains_nothing_is_not_warned():
+    """max_steps 0 prepares the data (experiments/gpt2_124m.yaml): the warning was noise there."""
+    assert _configured_schedule(0, warmup_steps=700)[1] == []
+    assert _configured_schedule(101, warmup_steps=100)[1] == []
+    assert _configured_schedule(50, schedule="constant", warmup_steps=50)[1] == []
+
+
+def test_an_explicit_decay_steps_within_warmup_is_told_the_lr_stays_at_its_minimum_after():
+    multiplier, warned = _configured_schedule(1000, warmup_steps=100, decay_steps=50, min_lr_ratio=0.1)
+    assert warned == [
+        "the cosine schedule ends at step 50, within the 100 warmup steps: the LR warms up, then stays at "
+        "min_lr_ratio x lr (set model.init_args.decay_steps or warmup_steps)"
+    ]
+    assert multiplier(99) == 1.0 and multiplier(100) == multiplier(999) == pytest.approx(0.1)
+    # a run that ends inside warmup all the same is told so
+    assert _configured_schedule(10, warmup_steps=100, decay_steps=50)[1][0].startswith("the run ends at step 10, ")
 
 
 def test_loss_ignores_masked_positions_and_averages_over_supervised_tokens():
