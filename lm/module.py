@@ -47,6 +47,11 @@ def lr_multiplier(
     - wsd (warmup-stable-decay): flat at 1, then linear down to min_lr_ratio over the last decay_fraction of training
       (or over all the steps after warmup, when that fraction reaches back into it);
     - constant: flat at 1 after warmup.
+
+    Steps count from 0, so a run of total_steps steps ends with step total_steps - 1, one before the minimum (as
+    nanoGPT's schedule reaches min_lr at lr_decay_iters). That last step is above min_lr_ratio by
+    (1 - min_lr_ratio)(1 - cos(pi / D)) / 2 for a cosine over D steps (2.5e-6 for D = 1000), and by
+    (1 - min_lr_ratio) / D for a wsd decay over D steps: a run's recorded results are of this schedule.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -232,11 +237,13 @@ class LanguageModel(L.LightningModule):
     Args:
         arch: Architecture of the GPT. `vocab_size` is replaced by the data module's tokenizer size (padded to 64).
         lr: Peak learning rate of AdamW.
-        min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and wsd schedules).
+        min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and wsd schedules), reached at step
+            max_steps (or decay_steps), one after the last step a run trains (see lr_multiplier).
         schedule: LR schedule after warmup: cosine decay, warmup-stable-decay, or constant. cosine and wsd decay
             towards an end, so they need trainer.max_steps (or max_epochs over a sized loader) or decay_steps.
         warmup_steps: Optimizer steps of linear warmup.
-        decay_steps: Optimizer step at which the schedule reaches its minimum; None means the Trainer's total steps.
+        decay_steps: Optimizer step at which the schedule reaches its minimum; None means the Trainer's total steps
+            (max_steps, or what max_epochs comes to).
         wsd_decay_fraction: Fraction of training spent decaying at the end of a wsd schedule.
         weight_decay: Weight decay, applied to 2-D matmul weights only (not norms or the embedding).
         betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
