@@ -619,10 +619,24 @@ class EvalCallback(L.Callback):
                         logged[f"eval/{task.name}/{metric}"] = value
         finally:
             model.train(was_training)
-        for key, value in logged.items():
-            # Every rank holds the same reduced value, so no further sync.
-            pl_module.log(key, float(value), sync_dist=False)
+        if trainer.training:  # between steps (every_n_steps)
+            self._log_between_steps(trainer, logged)
+        else:
+            for key, value in logged.items():
+                # Every rank holds the same reduced value, so no further sync.
+                pl_module.log(key, float(value), sync_dist=False)
         return logged
+
+    @staticmethod
+    def _log_between_steps(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        """Written to the loggers now, at the step Lightning's own metrics of this step get. (pl_module.log makes a
+        step metric here, which Lightning writes only at a logging step, and again at each one after until it
+        changes: an evaluation reached the logger late, then as copies, and not at all with logging off.)"""
+        metrics = {key: float(value) for key, value in metrics.items()}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
 
 
 # --------------------------------------------------------------------------------------------------------------------

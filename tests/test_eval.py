@@ -565,6 +565,40 @@ def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(t
     assert stances == ["force_eager"] and torch._dynamo.eval_frame._stance.stance == "default"
 
 
+def test_an_evaluation_between_steps_is_logged_once_at_the_step_it_ran(tmp_path):
+    """Logged with pl_module.log between steps, an evaluation was a step metric, which Lightning writes only at a
+    logging step and then again at each one after: step 3's result reached the logger at step 5, and again at 10."""
+    from lm.data import PretrainData
+    from lm.module import LanguageModel
+    from tests.conftest import MemoryLogger
+
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    data = PretrainData(str(tmp_path / "t.txt"), block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1)
+    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
+    callback = EvalCallback(
+        [{"task": "lm", "data": str(tmp_path / "t.txt"), "limit": 1}], every_n_validations=None, every_n_steps=3
+    )
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        limit_val_batches=0,
+        log_every_n_steps=5,
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    # Lightning's step of a metric logged at global step g is g - 1 (train/loss of step 5 is logged at 4)
+    evaluated = [step for step, metrics in logger.calls if "eval/lm/loss" in metrics]
+    assert evaluated == [2, 5, 8]
+    assert {step for step, metrics in logger.calls if "train/loss" in metrics} == {4, 9}
+    last = [metrics["eval/lm/loss"] for _, metrics in logger.calls if "eval/lm/loss" in metrics][-1]
+    assert trainer.callback_metrics["eval/lm/loss"].item() == pytest.approx(last)  # for a monitor, say
+
+
 def test_a_chat_task_that_fails_leaves_the_model_in_the_mode_it_found(monkeypatch):
     import lm.generate
     import lm.tasks
