@@ -363,7 +363,12 @@ class LMCLI(LightningCLI):
         self._calm_default_progress_bar()
         if type(self.trainer.profiler) is PassThroughProfiler:  # Lightning's default: no profiler was asked for
             self.trainer.profiler = NoProfiler()
-        self.trainer.callbacks += [Throughput(), RNGState(), PreemptionSignal(), _TrainingStarted()]
+        # Throughput before the checkpoint callbacks, which Lightning has put last: a checkpoint saved at a step's end
+        # must hold that step's tokens, and its write must fall outside the step's throughput window
+        callbacks = self.trainer.callbacks
+        first_save = next((i for i, c in enumerate(callbacks) if isinstance(c, ModelCheckpoint)), len(callbacks))
+        callbacks.insert(first_save, Throughput())
+        callbacks += [RNGState(), PreemptionSignal(), _TrainingStarted()]
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self.trainer.callbacks.append(DestroyProcessGroup())  # clean gloo/NCCL exit (lm/distributed.py)

@@ -132,7 +132,8 @@ class Throughput(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # Called while a checkpoint is being assembled, before it is written: the restart comes at the next batch,
-        # after the write (Lightning runs checkpoint callbacks last, after this one's batch-end and validation hooks).
+        # after the write (Lightning runs checkpoint callbacks after this one's batch-end and validation hooks, when
+        # this one comes before them in trainer.callbacks, as lm fit puts it).
         self._restart = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
