@@ -86,7 +86,12 @@ class Throughput(L.Callback):
     def __init__(self):
         self._start: float | None = None
         self._tokens = 0
-        self.tokens_trained = 0  # this rank's, since the run began (resumes included)
+        self.tokens_trained = 0  # this rank's, in this fit
+        # All ranks', in the fits this run resumed from: a total, so that a resume on another number of devices goes
+        # on from it (this rank's count times the new world size rescaled the whole history)
+        self._tokens_before = 0
+        self._rank_tokens_before: int | None = None  # a checkpoint of an older lm: its rank's count
+        self._world_size = 1
         self._flops = 0.0  # the window's model FLOPs, each batch at its own length (chat batches differ)
         self._flops_per_token: dict[int, float] = {}  # by sequence length: the count is Python arithmetic
         self._intervals = 0
@@ -96,6 +101,7 @@ class Throughput(L.Callback):
         self._paused = 0.0  # seconds of the window spent in `paused` blocks (evaluations between steps)
 
     def on_train_start(self, trainer, pl_module):
+        self._world_size = trainer.world_size
         dtype = training_dtype(str(trainer.precision))
         self._peak_flops = peak_flops(pl_module.device, dtype)
         # Start-up (imports, device, data, model) and the first step (compilation, kernel choice) are most of a short
@@ -169,7 +175,8 @@ class Throughput(L.Callback):
         if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
             return
         # float64: float32 counts in steps of 1,024 past 2^33 tokens. A CPU tensor: no copy to the GPU.
-        pl_module.log("train/tokens", torch.tensor(self.tokens_trained * trainer.world_size, dtype=torch.float64))
+        self._world_size = trainer.world_size
+        pl_module.log("train/tokens", torch.tensor(self.tokens_all_ranks(), dtype=torch.float64))
         now = self._idle_clock(pl_module)
         if self._start is not None and self._intervals > 0:
             elapsed = now - self._start - self._paused
@@ -181,11 +188,22 @@ class Throughput(L.Callback):
         self._intervals += 1
         self._open_window(now)
 
+    def tokens_all_ranks(self) -> int:
+        """Tokens trained on since the run began, by all ranks, resumes included (train/tokens)."""
+        before = self._tokens_before
+        if self._rank_tokens_before is not None:  # saved per rank, by a run on (we take it) as many devices
+            before = self._rank_tokens_before * self._world_size
+        return before + self.tokens_trained * self._world_size
+
     def state_dict(self) -> dict[str, int]:
-        return {"tokens_trained": self.tokens_trained}
+        return {"tokens_all_ranks": self.tokens_all_ranks()}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.tokens_trained = state_dict.get("tokens_trained", 0)
+        self.tokens_trained = 0
+        if "tokens_all_ranks" in state_dict:
+            self._tokens_before = state_dict["tokens_all_ranks"]
+        else:
+            self._rank_tokens_before = state_dict.get("tokens_trained", 0)
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):

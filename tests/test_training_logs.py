@@ -247,6 +247,31 @@ def test_tokens_per_sec_counts_every_rank_s_tokens(monkeypatch, world_size):
     assert logged == {"train/tokens_per_sec": pytest.approx(world_size * 64 / STEP), "train/tokens": world_size * 192}
 
 
+@pytest.mark.parametrize("saved", [{"tokens_all_ranks": 1000}, {"tokens_trained": 500}], ids=["total", "older-lm"])
+def test_train_tokens_go_on_from_the_checkpoint_s_total_on_another_number_of_devices(monkeypatch, saved):
+    """A checkpoint held one rank's count, which the resumed run multiplied by its own world size: resumed on 2
+    devices, a 1-device run's 1,000 tokens became 2,000. It now holds the run's total. (A checkpoint of an older lm
+    holds one rank's count, taken as of a run on as many devices as the resumed one.)"""
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    trainer = SimpleNamespace(
+        world_size=2,
+        log_every_n_steps=1,
+        global_step=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
+    )
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.update({name: value}))
+    callback = Throughput()
+    callback.load_state_dict(saved)
+    for step in range(3):  # 64 tokens a step on each of the 2 ranks
+        trainer.global_step = step
+        clock.now += STEP
+        callback.on_train_batch_end(trainer, module, None, {"input_ids": torch.zeros(4, 16, dtype=torch.long)}, step)
+    assert logged["train/tokens"] == 1000 + 3 * 2 * 64
+    assert callback.state_dict() == {"tokens_all_ranks": 1000 + 3 * 2 * 64}  # and a resume on 1 device goes on from it
+
+
 def test_samples_txt_keeps_the_samples_of_every_validation(tmp_path):
     """Each validation appends its samples: the file is the run's history of them, not the last validation's."""
     from tests.test_chat_replies import scripted_model
