@@ -716,9 +716,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except SIGTERMException as e:  # (a SystemExit, handled before that): a requeue must not find the earlier last.ckpt
         # SIGTERM/SIGUSR1: the step finished and checkpoint.save_on_exception wrote a checkpoint and last.ckpt
-        # (lm.reliability's Checkpoint notes it on the exception), unless the config turned that off.
-        if getattr(e, "lm_last_checkpoint", ""):
+        # (lm.reliability's Checkpoint notes on the exception what it wrote), unless the config turned that off.
+        last = getattr(e, "lm_last_checkpoint", "")
+        if argv[0] != "fit":  # lm validate or test: nothing to resume
+            print("stopped by a signal")
+        elif getattr(e, "lm_saved_now", False):
             print("stopped by a signal after saving a checkpoint; resume with the same command and --ckpt_path last")
+        elif last:
+            print(
+                f"stopped by a signal without saving (checkpoint.save_on_exception is false, or the step was not "
+                f"whole); --ckpt_path last resumes from the checkpoint written before, {last}"
+            )
         else:
             print(
                 "stopped by a signal; no last.ckpt was written (trainer.enable_checkpointing, checkpoint.save_last or "

@@ -164,8 +164,12 @@ class Checkpoint(ModelCheckpoint):
         """On SIGTERM/SIGUSR1 or a crash, refresh last.ckpt only: a top-k file named "best" would be misleading. Not
         inside an accumulation window (a crash or Ctrl-C there): that last.ckpt would hold half a step, so the one
         from the last whole step is kept."""
-        # The last.ckpt a `--ckpt_path last` would resume from ("" for none), for lm fit's closing line
+        # For lm fit's closing line: the last.ckpt a `--ckpt_path last` would resume from ("" for none), and whether
+        # it was written now, at this step, or before
         exception.lm_last_checkpoint = self.last_model_path if self.save_last else ""
+        exception.lm_saved_now = (
+            bool(exception.lm_last_checkpoint) and self._last_global_step_saved == trainer.global_step
+        )
         if not (self._should_save_on_exception(trainer) and self.save_last):
             return
         name = type(exception).__name__
@@ -183,7 +187,7 @@ class Checkpoint(ModelCheckpoint):
             )
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        exception.lm_last_checkpoint = self.last_model_path
+        exception.lm_last_checkpoint, exception.lm_saved_now = self.last_model_path, True
         rank_zero_info(f"lm: {name} during training, saved {self.last_model_path}")
 
 

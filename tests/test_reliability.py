@@ -1272,3 +1272,29 @@ def test_a_signal_that_saved_no_last_ckpt_says_so_instead_of_how_to_resume(capsy
     assert stop.value.code == 143 and not list(tmp_path.rglob("last.ckpt"))
     assert "after saving a checkpoint" not in out
     assert "stopped by a signal; no last.ckpt was written" in out
+
+
+class SigtermAfterStep4(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 4:  # the run stops after the step this batch starts, step 5
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_that_saved_nothing_after_an_earlier_save_names_that_checkpoint(capsys, tmp_path, monkeypatch):
+    """With save_on_exception false and a last.ckpt from step 4's validation, a signal in step 5 said "after saving
+    a checkpoint", and a resume trained step 5 again: it says what --ckpt_path last resumes from."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.logger", "false", "--trainer.max_steps", "20", "--samples.max_new_tokens", "0"]
+    args += ["--checkpoint.save_on_exception", "false", "--trainer.val_check_interval", "2"]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--trainer.callbacks+=tests.test_reliability.SigtermAfterStep4"])
+    out = capsys.readouterr().out
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert stop.value.code == 143 and torch.load(last, weights_only=True)["global_step"] == 4
+    assert "after saving a checkpoint" not in out
+    assert "stopped by a signal without saving (checkpoint.save_on_exception is false" in out and str(last) in out
