@@ -167,8 +167,12 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
             messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
             # A turn's "weight", as in the messages format (0: a reply shown, not learned). On a human or system turn
             # a 0 is what lm does anyway: some exports mark every turn not to learn, so it is no error there.
-            if t.get("weight") is not None and not (messages[-1]["role"] != "assistant" and t["weight"] == 0):
-                messages[-1]["weight"] = t["weight"]
+            # SlimOrca and its kin store weights as floats (0.0 on human turns, 1.0 on gpt ones): read as 0 and 1.
+            weight = t.get("weight")
+            if isinstance(weight, float) and weight in (0.0, 1.0):
+                weight = int(weight)
+            if weight is not None and not (messages[-1]["role"] != "assistant" and weight == 0):
+                messages[-1]["weight"] = weight
         return messages
     raise LMError(f"unknown chat format {fmt!r}: expected auto or one of {FORMATS}")
 

@@ -230,6 +230,15 @@ def test_a_sharegpt_turn_carries_its_weight_as_a_message_does(tmp_path):
     assert examples["sharegpt"] == examples["messages"]
     ids, labels = examples["sharegpt"][0]
     assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "good<|end|>"
+    slim_orca = [chat(i, "sharegpt") for i in range(5)]  # SlimOrca's float64 weights: 0.0 and 1.0, null on system
+    for record in slim_orca:
+        record["conversations"].insert(0, {"from": "system", "value": "Be brief.", "weight": None})
+        for turn in record["conversations"][1:]:
+            turn["weight"] = float(turn["weight"] if turn["weight"] is not None else 0)
+    data = ChatData(source=_write_jsonl(tmp_path / "slim.jsonl", slim_orca), tokenizer="char", block_size=96)
+    data.setup()
+    ids, labels = (data.train_examples + data.val_examples)[0]
+    assert data.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "good<|end|>"
     learn_user = chat(0, "sharegpt")
     learn_user["conversations"][0]["weight"] = 1  # lm learns assistant turns only: refused, not ignored
     path = _write_jsonl(tmp_path / "u.jsonl", [learn_user] + [chat(i, "sharegpt") for i in range(1, 5)])
