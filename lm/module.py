@@ -787,10 +787,12 @@ class LanguageModel(L.LightningModule):
             )
         elif hp.schedule == "constant":
             return
-        elif hp.decay_steps is None and run_steps == warmup:
+        # The decay's first step (warmup_steps, counted from 0) is still at the peak: a run one step past warmup
+        # trains its last step there too
+        elif hp.decay_steps is None and 0 < warmup <= run_steps <= warmup + 1:
             rank_zero_warn(
-                f"the run ends at step {run_steps}, as its {warmup} warmup steps do: the {hp.schedule} schedule never "
-                f"decays from the peak LR; lower model.init_args.warmup_steps"
+                f"the run ends at step {run_steps}, as its {warmup} warmup steps do or one after: the {hp.schedule} "
+                f"schedule never decays from the peak LR; lower model.init_args.warmup_steps"
             )
         elif hp.decay_steps is not None and hp.decay_steps <= warmup:
             rank_zero_warn(

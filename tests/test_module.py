@@ -156,19 +156,21 @@ def test_a_run_that_ends_inside_warmup_is_told_the_peak_it_reaches(name):
 
 
 @pytest.mark.parametrize("name", ["cosine", "wsd"])
-def test_a_run_that_ends_as_warmup_ends_is_told_its_schedule_never_decays(name):
-    multiplier, warned = _configured_schedule(100, schedule=name, warmup_steps=100)
+@pytest.mark.parametrize("steps", [100, 101])
+def test_a_run_that_ends_as_warmup_ends_is_told_its_schedule_never_decays(name, steps):
+    """One step past warmup is no decay either: that step, the decay's first, is at the peak."""
+    multiplier, warned = _configured_schedule(steps, schedule=name, warmup_steps=100)
     assert warned == [
-        f"the run ends at step 100, as its 100 warmup steps do: the {name} schedule never decays from the peak LR; "
-        "lower model.init_args.warmup_steps"
+        f"the run ends at step {steps}, as its 100 warmup steps do or one after: the {name} schedule never decays "
+        "from the peak LR; lower model.init_args.warmup_steps"
     ]
-    assert multiplier(99) == 1.0
+    assert multiplier(steps - 1) == 1.0
 
 
 def test_a_run_that_reaches_its_schedule_or_trains_nothing_is_not_warned():
     """max_steps 0 prepares the data (experiments/gpt2_124m.yaml): the warning was noise there."""
     assert _configured_schedule(0, warmup_steps=700)[1] == []
-    assert _configured_schedule(101, warmup_steps=100)[1] == []
+    assert _configured_schedule(102, warmup_steps=100)[1] == []
     assert _configured_schedule(50, schedule="constant", warmup_steps=50)[1] == []
 
 
