@@ -242,10 +242,12 @@ def load_documents(
             return ds  # the text builder's column is already "text"
     else:
         try:
+            # A sliced split (train[90%:], the held-out end of a train-only dataset) cannot be streamed: read whole
+            stream = limit is not None and "[" not in (source_split or "")
             ds = datasets.load_dataset(
-                source, name=source_config, split=source_split, revision=source_revision, streaming=limit is not None
+                source, name=source_config, split=source_split, revision=source_revision, streaming=stream
             )
-            if limit is not None:  # inside the try: streaming reads the hub while the documents are taken
+            if stream:  # inside the try: streaming reads the hub while the documents are taken
                 ds = _documents_of_a_stream(ds, limit, text_field)
         except Exception as err:  # noqa: BLE001 - offline, unknown id, bad config/split: all a problem with the input
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"

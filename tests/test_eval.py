@@ -522,6 +522,12 @@ def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents
     with pytest.raises(LMError, match="1 documents have no 'content' .* the first is document 4"):
         prepare(limit=5, text_field="content")
     prepare(limit=4, text_field="content")  # it comes after the documents read
+    # datasets streams no sliced split ("Bad split"): such a split, the held-out end of a train-only dataset, is
+    # read whole, then cut to the limit
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, **kwargs: hub(source, n=100, **kwargs))
+    calls.clear()
+    task = prepare(limit=3, text_field="content", source_split="train[90%:]")
+    assert [(c["split"], c["streaming"]) for c in calls] == [("train[90%:]", False)] and task.num_documents == 3
     monkeypatch.setattr(datasets, "load_dataset", lambda source, **kwargs: hub(source, n=0, **kwargs))
     with pytest.raises(LMError, match="no non-empty documents to evaluate"):  # an empty split
         prepare(limit=3, text_field="content")
