@@ -52,6 +52,7 @@ from lm.callbacks import EMA, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
+from lm.tasks import DIGIT_TASKS
 from lm.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -458,19 +459,13 @@ class ChatTask(Task):
         return metrics
 
 
-class WordTask(ChatTask):
-    """reverse and count: their problems are pseudo-words, with no operands whose digits --digits could set."""
-
-    unread = (*ChatTask.unread, "digits")
-
-
 # The registry of task names. The chat tasks are wired to lm.tasks.evaluate_task through ChatTask.
 TASKS: dict[str, type[Task]] = {
     "lm": LanguageModelling,
     "hellaswag": MultipleChoice,
     "addition": ChatTask,
-    "reverse": WordTask,
-    "count": WordTask,
+    "reverse": ChatTask,
+    "count": ChatTask,
 }
 
 
@@ -483,7 +478,10 @@ def build_task(spec: EvalSpec) -> Task:
             raise LMError(f"eval {spec.task}: {key} must be at least 1, got {value}")
     # Refused rather than ignored: a chat task's --limit 50 scored all num_problems and recorded limit 50 beside them
     defaults = {f.name: f.default for f in fields(EvalSpec)}
-    given = [key for key in TASKS[spec.task].unread if getattr(spec, key) != defaults[key]]
+    unread = TASKS[spec.task].unread
+    if issubclass(TASKS[spec.task], ChatTask) and spec.task not in DIGIT_TASKS:  # reverse, count: words, no operands
+        unread = (*unread, "digits")
+    given = [key for key in unread if getattr(spec, key) != defaults[key]]
     if given:
         hint = "; it takes num_problems" if issubclass(TASKS[spec.task], ChatTask) else ""
         raise LMError(f"eval {spec.task}: {' and '.join(given)} does not apply to this task{hint}")
