@@ -216,8 +216,11 @@ def load_documents(
     """
     import datasets  # heavy import (~1 s): only prepare_data needs it
 
+    def first_documents(ds):  # of every source, whichever way it is read
+        return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
     if source.startswith("builtin:"):
-        return datasets.Dataset.from_dict({"text": builtin_documents(source.removeprefix("builtin:"))})
+        return first_documents(datasets.Dataset.from_dict({"text": builtin_documents(source.removeprefix("builtin:"))}))
     if _is_local(source):
         paths = local_files(source)
         builder = BUILDERS[paths[0].suffix.lower()]
@@ -239,7 +242,7 @@ def load_documents(
             where = _find_bad_record(paths, builder)  # only on failure: pinpoint the file and line
             raise LMError(f"data source {source!r}: could not read it as {builder}: {where or err}") from err
         if builder == "text":
-            return ds  # the text builder's column is already "text"
+            return first_documents(ds)  # the text builder's column is already "text"
     else:
         try:
             # A sliced split (train[90%:], the held-out end of a train-only dataset) cannot be streamed: read whole
@@ -281,8 +284,7 @@ def load_documents(
             f"data source {source!r}: {nulls} documents have no {text_field!r} (missing or null), the first is "
             f"document {first} (counting from 0)"
         )
-    ds = ds.rename_column(text_field, "text") if text_field != "text" else ds
-    return ds if limit is None else ds.select(range(min(limit, len(ds))))
+    return first_documents(ds.rename_column(text_field, "text") if text_field != "text" else ds)
 
 
 def _documents_of_a_stream(stream, limit: int, text_field: str):

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lm.eval
 from lm.__main__ import main
 from lm.config import GPTConfig, padded_vocab_size
+from lm.data import load_documents
 from lm.errors import LMError
 from lm.eval import EvalCallback, EvalSpec, evaluate, stream_windows
 from lm.model import GPT
@@ -538,6 +539,15 @@ def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents
     task = build_task(EvalSpec(task="lm", data=str(local), limit=2))
     task.prepare(tokenizer, 64)
     assert (task.num_documents, task.num_bytes) == (2, 10)
+    # and text files and builtin sources, which load_documents returned before it took the limit
+    for i in range(5):
+        (tmp_path / f"doc{i}.txt").write_text(f"doc {i}")
+    task = build_task(EvalSpec(task="lm", data=str(tmp_path / "doc*.txt"), limit=2))
+    task.prepare(tokenizer, 64)
+    assert (task.num_documents, task.num_bytes) == (2, 10)
+    task = build_task(EvalSpec(task="lm", data="builtin:shakespeare", limit=3))
+    task.prepare(CharTokenizer.train(load_documents("builtin:shakespeare")["text"]), 64)
+    assert task.num_documents == 3
 
 
 def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(tmp_path, monkeypatch):
