@@ -37,7 +37,7 @@ lint: install
 	$(BIN)/ruff format --check lm tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)  # the virtualenv only: runs/ holds checkpoints and W&B runs, never cleaned by make
 
 # A one-node Slurm cluster on localhost (root; installs Debian's slurm-wlm if missing): a 2-task CPU DDP job runs
 # to completion, a second is preempted with SIGUSR1, requeued and resumed; then the daemons stop. Log in /tmp.
