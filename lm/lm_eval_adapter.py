@@ -35,7 +35,11 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:
-    raise LMError('the lm-evaluation-harness adapter needs lm-eval: pip install "lm[eval]"') from None
+    NEEDS = 'the lm-evaluation-harness adapter needs lm-eval: pip install "lm[eval]"'
+    if __name__ == "__main__":  # python -m lm.lm_eval_adapter: one line, as lm's own commands say it
+        print(f"error: {NEEDS}", file=sys.stderr)
+        sys.exit(2)
+    raise LMError(NEEDS) from None
 
 import torch
 

@@ -305,3 +305,18 @@ def test_chat_template_gives_lm_chat_s_ids_with_a_sentencepiece_style_tokenizer(
         assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
     open_reply = adapter.apply_chat_template(several[:3], add_generation_prompt=False)
     assert adapter.tok_encode(open_reply) == render_chat(several[:3], tokenizer)[0][:-1]  # no END after the reply
+
+
+def test_the_adapter_s_command_without_lm_eval_is_one_line():
+    """python -m lm.lm_eval_adapter without the eval extra was a traceback ending in the LMError."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import runpy, sys; sys.modules['lm_eval'] = None; runpy.run_module('lm.lm_eval_adapter', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == 'error: the lm-evaluation-harness adapter needs lm-eval: pip install "lm[eval]"\n'
