@@ -36,7 +36,7 @@ import lm.chat_data  # noqa: F401 - imported, the data modules are known by name
 import lm.data  # noqa: F401
 import lm.preference  # noqa: F401
 from lm.callbacks import ProgressLines, SampleText, Throughput
-from lm.chat import chat_command
+from lm.chat import chat_command, undecodable_bytes_pass_through
 from lm.checkpoint import read_checkpoint
 from lm.cli_errors import OneLineErrorParser, import_class
 from lm.config import GPTConfig
@@ -556,6 +556,7 @@ def generate_command(argv: list[str]) -> None:
             raise LMError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     model, tokenizer, _, device = load_for_inference(args.ckpt, args.device)
     generator = torch.Generator(device).manual_seed(args.seed)
+    undecodable_bytes_pass_through()
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -691,6 +692,9 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             cli = LMCLI(args=argv)
             _report_stop(cli)
+    except BrokenPipeError:  # `lm generate ... | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        sys.exit(128 + signal.SIGPIPE)
     except Exception as e:
         _put_back_the_earlier_last()
         # jsonargparse wraps an error raised in a constructor (a bad model.init_args value) in its own ValueError,
@@ -737,9 +741,12 @@ def main(argv: list[str] | None = None) -> None:
             # exit code > 0 as a failed run, shutting itself down after 5 of them (3 in its first minute)
             sys.exit(0)
         sys.exit(128 + signal.SIGTERM)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as e:
         # Ctrl-C (which Lightning turns into exit 1 inside fit), say while a corpus is tokenized: nothing trained
         _put_back_the_earlier_last()
+        if isinstance(e, KeyboardInterrupt) and not debug:  # lm generate, lm tokenizer train...: the user's stop
+            print(file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         raise
 
 

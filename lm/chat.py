@@ -16,6 +16,7 @@ typed by a user into marker tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -215,6 +216,16 @@ def read_message() -> str:
     return "\n".join(lines)
 
 
+def undecodable_bytes_pass_through() -> None:
+    """Bytes that are not UTF-8 in what the terminal types or pipes in (a Latin-1 file) come through as lone
+    surrogates, as Python already reads them under a C locale, and are written back as they came, instead of a
+    traceback from input() or print(): the tokenizers then write them as U+FFFD (BPE) or refuse them in one line
+    (char)."""
+    for stream in (sys.stdin, sys.stdout):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper; not pytest's capture, say
+            stream.reconfigure(errors="surrogateescape")
+
+
 def chat_command(argv: list[str]) -> None:
     """lm chat: talk to a checkpoint in the terminal, or answer one --prompt and exit."""
     p = ArgumentParser(
@@ -259,6 +270,7 @@ def chat_command(argv: list[str]) -> None:
         generator=generator,
     )
     system = args.system
+    undecodable_bytes_pass_through()
 
     def reply(history: list[Message]) -> str:
         history[:], prompt = fit_history(history, tokenizer, model.config.block_size - max_new)
@@ -278,6 +290,9 @@ def chat_command(argv: list[str]) -> None:
         return
 
     history = fresh()
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # not on every platform's Python
+            import readline  # noqa: F401 - input() then edits the line (arrows, Ctrl-A...) and recalls earlier ones
     print(f"lm chat: /reset, /system TEXT, /quit (Ctrl-D); {BLOCK} starts and ends a message of several lines")
     while True:
         try:

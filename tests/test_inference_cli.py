@@ -199,3 +199,45 @@ def test_tokenizer_train_reads_a_hub_dataset_s_config_split_and_revision(capsys,
     code, _, err = run(capsys, "tokenizer", "train", "--source", str(text), "--kind", "char", "--source_config", "x",
                        "--out", str(tmp_path / "tok2"))  # fmt: skip
     assert code == 2 and err.startswith("error: source_config: for hub datasets only")
+
+
+def _lm(*argv, **popen):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    env = cli_env(PYTHONPATH=str(REPO), PYTHONIOENCODING="utf-8")  # strict UTF-8, as under en_US.UTF-8
+    return subprocess.Popen([sys.executable, "-m", "lm", *argv], env=env, cwd=REPO, text=False, **popen)
+
+
+def test_generate_into_a_pipe_that_closes_or_stopped_by_ctrl_c_ends_without_a_traceback(char_ckpt):
+    """`lm generate ... | head -c 1` ended in a BrokenPipeError traceback, and Ctrl-C in a torch one, ~30 frames."""
+    import signal
+    import subprocess
+
+    args = ("generate", "--ckpt", char_ckpt, "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "100000")
+    head = _lm(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert head.stdout.read(1) == b"a"
+    head.stdout.close()  # as head does once it has its byte
+    assert head.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert head.stderr.read() == b""
+
+    stopped = _lm(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert stopped.stdout.read(1) == b"a"  # generating
+    stopped.send_signal(signal.SIGINT)
+    out, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 128 + signal.SIGINT and b"Traceback" not in err, err[-2000:]
+
+
+def test_chat_input_that_is_not_utf8_is_refused_in_one_line_and_the_chat_goes_on(char_ckpt):
+    """A Latin-1 byte piped or typed into lm chat under a UTF-8 locale was a UnicodeDecodeError traceback from input()
+    and the conversation was lost; it now reaches the tokenizer, which refuses it (char) or writes U+FFFD (BPE)."""
+    import subprocess
+
+    chat = _lm("chat", "--ckpt", char_ckpt, "--device", "cpu", "--max_new_tokens", "4", stdin=subprocess.PIPE,
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    out, err = chat.communicate(b"caf\xe9\nhello\n", timeout=120)
+    assert chat.returncode == 0 and b"Traceback" not in err, err[-2000:]
+    assert err.count(b"error: ") == 1 and b"is not in the char tokenizer's vocabulary" in err
+    assert out.count(b"> ") == 3  # the bad line, hello (answered), then the end of the input
