@@ -229,6 +229,9 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / STATE_FILE).write_text(json.dumps(self.to_state(), ensure_ascii=False), encoding="utf-8")
+        # One tokenizer per folder: a char tokenizer saved where a BPE one was left its tokenizer.json there, which
+        # transformers (and a path to the file) then read instead. bpe/hf write their own after this.
+        (directory / HF_FILE).unlink(missing_ok=True)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Tokenizer:

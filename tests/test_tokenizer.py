@@ -110,6 +110,17 @@ def test_state_save_load_pickle(tokenizers, kind, tmp_path):
         assert copy.encode(USER) == tok.encode(USER)  # specials still not parsed from text after a reload
 
 
+def test_a_tokenizer_saved_over_another_leaves_no_file_of_the_other(tokenizers, tmp_path):
+    """A char tokenizer saved where a BPE one was left its tokenizer.json: the folder then held two tokenizers, and
+    transformers or a path to the file read the stale one."""
+    tokenizers["bpe"].save(tmp_path)
+    tokenizers["char"].save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_tokenizer.json"]
+    assert build_tokenizer(str(tmp_path)).fingerprint == tokenizers["char"].fingerprint
+    tokenizers["bpe"].save(tmp_path)  # and back: its own tokenizer.json again
+    assert build_tokenizer(str(tmp_path / "tokenizer.json")).encode(TEXT) == tokenizers["bpe"].encode(TEXT)
+
+
 def test_gpt2_matches_openai():
     tok = GPT2Tokenizer()
     assert tok.encode("Hello world") == [15496, 995]
