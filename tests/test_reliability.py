@@ -1218,6 +1218,7 @@ class SigtermToTheWholeProcessGroupAtStep3(L.Callback):
             subprocess.run([sys.executable, "-c", kill], start_new_session=True, check=True)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_run_and_its_data_loader_workers_saves_and_exits_143(tmp_path):
     """A worker took the group's SIGTERM as a crash and died; the run then raised "DataLoader worker (pid N) is killed
     by signal: Terminated" wherever it was, often inside the preemption's own save: exit 1 and no checkpoint of the
