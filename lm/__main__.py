@@ -578,7 +578,8 @@ def generate_command(argv: list[str]) -> None:
 
 
 def tokenizer_command(argv: list[str]) -> None:
-    """lm tokenizer train: train a tokenizer on a data source and save it (tokenizer.json + lm_tokenizer.json)."""
+    """lm tokenizer train: train a tokenizer on a data source and save it (lm_tokenizer.json, and tokenizer.json for
+    bpe)."""
     p = ArgumentParser(prog="lm tokenizer", description="Train a tokenizer on a data source.")
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a char or byte-level BPE tokenizer")

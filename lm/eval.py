@@ -175,7 +175,8 @@ class EvalSpec:
             ("addition", "reverse", "count").
         data: Text source for "lm" (path/glob/hub id/builtin:NAME), HellaSwag-format JSONL for "hellaswag".
         name: Name in the metric keys (`eval/<name>/<metric>`); defaults to the task.
-        limit: Evaluate only the first N documents (lm; of a hub dataset only they are streamed) or items (hellaswag).
+        limit: Evaluate only the first N documents (lm; of a hub dataset's plain split only they are streamed, a sliced
+            one such as train[90%:] is read whole, then cut) or items (hellaswag).
         text_field: Column holding the text in JSONL/Parquet/hub sources (lm).
         source_config: A hub dataset's configuration (lm), as data.source_config in training (e.g. sample-10BT).
         source_split: A hub dataset's split (lm); a held-out metric wants the split training did not read.
@@ -506,8 +507,9 @@ def evaluate(model: GPT, tokenizer: Tokenizer, spec: EvalSpec) -> tuple[dict[str
 
 
 class EvalCallback(L.Callback):
-    """Runs evaluation tasks during training and logs `eval/<name>/<metric>` through `pl_module.log` (so W&B and
-    every other logger get them).
+    """Runs evaluation tasks during training and logs `eval/<name>/<metric>` (so W&B and every other logger get
+    them): at validation through `pl_module.log`, and between steps (`every_n_steps`) straight to the loggers, once,
+    at the step it ran.
 
     Shardable tasks (lm, hellaswag) split their items over the ranks and add the counts with one sum all-reduce;
     the chat tasks run on rank 0 (on every rank under FSDP, where each forward pass is a collective) and rank 0's

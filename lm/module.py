@@ -238,7 +238,8 @@ class LanguageModel(L.LightningModule):
         arch: Architecture of the GPT. `vocab_size` is replaced by the data module's tokenizer size (padded to 64).
         lr: Peak learning rate of AdamW.
         min_lr_ratio: Final learning rate as a fraction of `lr` (cosine and wsd schedules), reached at step
-            max_steps (or decay_steps), one after the last step a run trains (see lr_multiplier).
+            decay_steps, or at max_steps when decay_steps is unset (one after the run's last step; see lr_multiplier),
+            and flat after.
         schedule: LR schedule after warmup: cosine decay, warmup-stable-decay, or constant. cosine and wsd decay
             towards an end, so they need trainer.max_steps (or max_epochs over a sized loader) or decay_steps.
         warmup_steps: Optimizer steps of linear warmup.
