@@ -92,15 +92,10 @@ class _StopAfterOneStep(L.Callback):
 
 
 def _fit_tiny(module: LanguageModel, batches, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+    """A fit of `module` on `batches` (one dict per step) on the CPU, quiet: no logger, checkpoints, progress bar,
+    model summary or validation unless trainer_kwargs ask for them."""
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(**{"accelerator": "cpu", **quiet, "limit_val_batches": 0, **trainer_kwargs})
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer
 
@@ -317,7 +312,6 @@ def _fit_two_steps(
 ) -> LanguageModel:
     """The tiny model after two optimizer steps of the Trainer on `batches` (clip 1.0, constant LR after 1 step);
     prepare(module), if given, runs on the built module before the fit."""
-    import lightning as L
 
     torch.manual_seed(0)
     module = LanguageModel(
@@ -325,19 +319,9 @@ def _fit_two_steps(
     )
     if prepare is not None:
         prepare(module)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_steps=2,
-        accumulate_grad_batches=accumulate,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    _fit_tiny(
+        module, batches, precision=precision, max_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=1.0
     )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return module
 
 
@@ -444,50 +428,28 @@ def test_val_loss_weights_each_batch_by_its_tokens_and_a_batch_without_any_chang
 
 
 def test_log_every_n_steps_0_logs_nothing_and_does_not_crash():
-    import lightning as L
 
     from lm.callbacks import Throughput
 
     logger = MemoryLogger()
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10)
     ids = torch.randint(0, 64, (3, 2, 16), generator=torch.Generator().manual_seed(0))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        log_every_n_steps=0,
-        logger=logger,
-        callbacks=[Throughput()],  # its timer reads the interval too
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": t, "labels": t} for t in ids], batch_size=None))
+    batches = [{"input_ids": t, "labels": t} for t in ids]
+    trainer = _fit_tiny(module, batches, max_steps=3, log_every_n_steps=0, logger=logger, callbacks=[Throughput()])
     assert trainer.global_step == 3 and not any(k.startswith("train/") for m in logger.by_step().values() for k in m)
 
 
 def test_under_accumulation_only_the_logging_steps_log():
     """accumulate 4, log every 2 steps: each self.log costs ~1 ms, and the micro-batches after a logging step (and
     the first three micro-batches of the run) used to log train/skipped_steps again."""
-    import lightning as L
 
     module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=10)
     calls = []
     log = module.log
     module.log = lambda name, *args, **kwargs: (calls.append((name, module.global_step)), log(name, *args, **kwargs))
     ids = torch.randint(0, 64, (16, 2, 16), generator=torch.Generator().manual_seed(0))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        accumulate_grad_batches=4,
-        log_every_n_steps=2,
-        logger=MemoryLogger(),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": t, "labels": t} for t in ids], batch_size=None))
+    batches = [{"input_ids": t, "labels": t} for t in ids]
+    _fit_tiny(module, batches, max_steps=4, accumulate_grad_batches=4, log_every_n_steps=2, logger=MemoryLogger())
     assert [step for name, step in calls if name == "train/skipped_steps"] == [2, 4]  # after steps 2 and 4
     assert [step for name, step in calls if name == "train/loss"] == [1, 3]  # before them
 
@@ -842,18 +804,9 @@ def test_train_loss_is_the_token_weighted_mean_over_the_step_and_lr_is_the_one_t
 
     module.model_step = recording_model_step
     used, logger = UsedLR(), MemoryLogger()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        accumulate_grad_batches=2,
-        log_every_n_steps=1,
-        logger=logger,
-        callbacks=[used],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    _fit_tiny(
+        module, batches, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=logger, callbacks=[used]
     )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     received = logger.by_step()
     assert len(micro) == 6 and sorted(received) == [0, 1, 2]
     for step in range(3):
