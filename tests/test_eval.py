@@ -299,33 +299,39 @@ def test_an_unwritable_out_stops_before_evaluating(ckpt, text_dir, tmp_path, cap
     assert json.loads(nested.read_text())["task"] == "lm"
 
 
-def test_callback_logs_eval_metrics_in_training(tmp_path):
-    """The callback inside a real Trainer: `eval/<name>/<metric>` reach the logger at each validation."""
+def _tiny_training(tmp_path, source, callbacks, **trainer_kwargs):
+    """(trainer, module, data) of a tiny char model about to train on `source`: on the CPU, quiet (no logger,
+    checkpoints, progress bar, model summary or validation unless trainer_kwargs ask for them)."""
     from lm.data import PretrainData
     from lm.module import LanguageModel
 
+    data = PretrainData(str(source), block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1)
+    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        **{"accelerator": "cpu", **quiet, "limit_val_batches": 0, "callbacks": callbacks, **trainer_kwargs}
+    )
+    return trainer, module, data
+
+
+def test_callback_logs_eval_metrics_in_training(tmp_path):
+    """The callback inside a real Trainer: `eval/<name>/<metric>` reach the logger at each validation."""
     text_dir = tmp_path / "corpus"
     text_dir.mkdir()
     for i, doc in enumerate(DOCS):
         (text_dir / f"{i}.txt").write_text(doc * 20, encoding="utf-8")
 
-    data = PretrainData(
-        source=str(text_dir), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1
-    )
-    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
     callback = EvalCallback([{"task": "lm", "data": str(text_dir), "name": "texts"}], every_n_steps=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer, module, data = _tiny_training(
+        tmp_path,
+        text_dir,
+        [callback],
         max_steps=4,
         val_check_interval=2,
         check_val_every_n_epoch=None,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=CSVLogger(tmp_path / "logs"),
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
     metrics = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
@@ -385,14 +391,7 @@ def test_every_rank_runs_the_same_number_of_forward_passes_and_the_shards_add_up
 
 
 def test_a_bad_eval_data_path_stops_the_run_before_training_and_the_count_survives_a_resume(tmp_path):
-    from lm.data import PretrainData
-    from lm.module import LanguageModel
-
     (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
-    data = PretrainData(
-        source=str(tmp_path / "t.txt"), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c")
-    )
-    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
     steps = []
 
     class Steps(L.Callback):
@@ -400,10 +399,7 @@ def test_a_bad_eval_data_path_stops_the_run_before_training_and_the_count_surviv
             steps.append(trainer.global_step)
 
     callback = EvalCallback([{"task": "hellaswag", "data": str(tmp_path / "typo.jsonl")}], every_n_steps=3)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=4, logger=False, callbacks=[callback, Steps()], limit_val_batches=0,
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", [callback, Steps()], max_steps=4)
     with pytest.raises(LMError, match="typo.jsonl"):
         trainer.fit(module, datamodule=data)
     assert steps == []  # it used to train 3 steps first
@@ -553,8 +549,6 @@ def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents
 def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(tmp_path, monkeypatch):
     """Generation gives a compiled model a new shape at each step: recompiles up to torch's limit, each a pause."""
     import lm.tasks
-    from lm.data import PretrainData
-    from lm.module import LanguageModel
 
     stances = []
 
@@ -564,19 +558,8 @@ def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(t
 
     monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
     (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
-    data = PretrainData(str(tmp_path / "t.txt"), block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1)
-    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
     callback = EvalCallback([{"task": "addition", "num_problems": 2}], every_n_validations=None, every_n_steps=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        limit_val_batches=0,
-        logger=False,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", [callback], max_steps=2)
     trainer.fit(module, datamodule=data)
     assert stances == ["force_eager"] and torch._dynamo.eval_frame._stance.stance == "default"
 
@@ -584,27 +567,15 @@ def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(t
 def test_an_evaluation_between_steps_is_logged_once_at_the_step_it_ran(tmp_path):
     """Logged with pl_module.log between steps, an evaluation was a step metric, which Lightning writes only at a
     logging step and then again at each one after: step 3's result reached the logger at step 5, and again at 10."""
-    from lm.data import PretrainData
-    from lm.module import LanguageModel
     from tests.conftest import MemoryLogger
 
     (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
-    data = PretrainData(str(tmp_path / "t.txt"), block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), num_proc=1)
-    module = LanguageModel(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), warmup_steps=1)
     callback = EvalCallback(
         [{"task": "lm", "data": str(tmp_path / "t.txt"), "limit": 1}], every_n_validations=None, every_n_steps=3
     )
     logger = MemoryLogger()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=10,
-        limit_val_batches=0,
-        log_every_n_steps=5,
-        logger=logger,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+    trainer, module, data = _tiny_training(
+        tmp_path, tmp_path / "t.txt", [callback], max_steps=10, log_every_n_steps=5, logger=logger
     )
     trainer.fit(module, datamodule=data)
     # Lightning's step of a metric logged at global step g is g - 1 (train/loss of step 5 is logged at 4)
