@@ -52,7 +52,7 @@ from lm.callbacks import EMA, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
-from lm.tasks import DIGIT_TASKS
+from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS
 from lm.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class EvalSpec:
     stride: int | None = None
     num_problems: int = 100
     seed: int = 0
-    digits: int = 2
+    digits: int = DEFAULT_DIGITS
     batch_size: int | None = None
 
 
@@ -479,12 +479,13 @@ def build_task(spec: EvalSpec) -> Task:
             raise LMError(f"eval {spec.task}: {key} must be at least 1, got {value}")
     # Refused rather than ignored: a chat task's --limit 50 scored all num_problems and recorded limit 50 beside them
     defaults = {f.name: f.default for f in fields(EvalSpec)}
+    chat = issubclass(TASKS[spec.task], ChatTask)
     unread = TASKS[spec.task].unread
-    if issubclass(TASKS[spec.task], ChatTask) and spec.task not in DIGIT_TASKS:  # reverse, count: words, no operands
+    if chat and spec.task not in DIGIT_TASKS:  # reverse, count: words, no operands
         unread = (*unread, "digits")
     given = [key for key in unread if getattr(spec, key) != defaults[key]]
     if given:
-        hint = "; it takes num_problems" if issubclass(TASKS[spec.task], ChatTask) else ""
+        hint = "; it takes num_problems" if chat else ""
         raise LMError(f"eval {spec.task}: {' and '.join(given)} does not apply to this task{hint}")
     return TASKS[spec.task](spec)
 
@@ -706,7 +707,12 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--stride", type=int, help="lm: sliding-window stride in tokens (default: block_size)")
     p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
-    p.add_argument("--digits", type=int, default=2, help="addition only: operand digits (as trained: data.task_digits)")
+    p.add_argument(
+        "--digits",
+        type=int,
+        default=DEFAULT_DIGITS,
+        help="addition only: operand digits (as trained: data.task_digits)",
+    )
     p.add_argument(
         "--batch_size", type=int, help="sequences per forward pass (default 16), or chat problems per batch (64)"
     )
