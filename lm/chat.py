@@ -269,7 +269,8 @@ def chat_command(argv: list[str]) -> None:
         stop_ids=reply_stop_ids(tokenizer),
         generator=generator,
     )
-    system = args.system
+    # A blank --system is no system message, as lm serve and the SFT data read a blank one (and as /system clears it)
+    system = args.system if args.system and args.system.strip() else None
     undecodable_bytes_pass_through()
 
     def reply(history: list[Message]) -> str:

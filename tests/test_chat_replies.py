@@ -143,6 +143,24 @@ def test_a_system_message_too_long_for_the_context_is_named(monkeypatch, capsys)
     )
 
 
+@pytest.mark.parametrize("system", [" ", "\n"])
+def test_a_blank_system_flag_is_no_system_message_as_in_lm_serve(monkeypatch, capsys, system):
+    """lm serve and the SFT data leave a blank system message out; --system " " rendered it, so lm chat prompted
+    (and answered) differently from lm serve for the same conversation."""
+    prompts = []
+
+    def stream_text(model, tokenizer, prompt, **sampling):
+        prompts.append(prompt)
+        yield "1"
+
+    monkeypatch.setattr(lm.generate, "stream_text", stream_text)
+    monkeypatch.setattr(
+        lm.checkpoint, "load_for_inference", lambda ckpt, device: (scripted_model(DIGITS, {}), DIGITS, {}, "cpu")
+    )
+    main(["chat", "--ckpt", "x.ckpt", "--prompt", "7", "--system", system])
+    assert prompts == [render_prompt([{"role": "user", "content": "7"}], DIGITS)]
+
+
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_max_new_tokens_below_one_is_refused(monkeypatch, capsys, value):
     monkeypatch.setattr(lm.checkpoint, "load_for_inference", lambda ckpt, device: (None, DIGITS, {}, "cpu"))
