@@ -90,6 +90,19 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss_sum / n_tokens.clamp(min=1), n_tokens
 
 
+def _row_losses(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cross-entropy of each row of fp32 logits x (N, V), 0 where labels == -100: (N,); and, for the gradient, the
+    rows' logsumexp (N, 1), the labels as gather indices (N, 1) and which rows are supervised (N, 1). Both paths of
+    token_cross_entropy take their losses from here, so that they agree to the bit: DPO compares its policy's
+    log-probabilities (with gradients) with its reference's (without), which must tie while the weights are equal."""
+    supervised = (labels != IGNORE_INDEX).unsqueeze(1)
+    # Masked rows take index 0 and are zeroed below; any other label out of range still fails in gather
+    index = labels.masked_fill(labels == IGNORE_INDEX, 0).unsqueeze(1)
+    log_z = torch.logsumexp(x, dim=1, keepdim=True)
+    # where, not a multiply: a masked row's NaN or -inf logits must not reach the loss (NaN x 0 = NaN)
+    return torch.where(supervised, log_z - x.gather(1, index), 0.0).squeeze(1), log_z, index, supervised
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy whose forward pass also computes d(loss)/d(logits), chunk by chunk in fp32.
 
@@ -105,13 +118,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], chunk_rows):
             # A copy even of fp32 logits: the softmax below works in this buffer, and the caller's logits stay intact
             x = logits[start : start + chunk_rows].to(torch.float32, copy=True)
-            y = labels[start : start + chunk_rows]
-            supervised = (y != IGNORE_INDEX).unsqueeze(1)
-            # Masked rows take index 0 and are zeroed below; any other label out of range still fails in gather
-            y = y.masked_fill(y == IGNORE_INDEX, 0).unsqueeze(1)
-            log_z = torch.logsumexp(x, dim=1, keepdim=True)
-            # where, not a multiply: a masked row's NaN or -inf logits must not reach the loss (NaN x 0 = NaN)
-            losses[start : start + chunk_rows] = torch.where(supervised, log_z - x.gather(1, y), 0.0).squeeze(1)
+            losses[start : start + chunk_rows], log_z, y, supervised = _row_losses(
+                x, labels[start : start + chunk_rows]
+            )
             probs = torch.exp(x.sub_(log_z))  # softmax, reusing the chunk's fp32 buffer
             probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
             grad[start : start + chunk_rows] = probs.masked_fill_(~supervised, 0.0)
@@ -132,7 +141,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elemen
     if not torch.is_grad_enabled() or not logits.requires_grad:
         return torch.cat(
             [
-                F.cross_entropy(chunk.float(), chunk_labels, ignore_index=IGNORE_INDEX, reduction="none")
+                _row_losses(chunk.float(), chunk_labels)[0]
                 for chunk, chunk_labels in zip(logits.split(chunk_rows), labels.split(chunk_rows), strict=True)
             ]
         )

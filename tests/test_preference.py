@@ -452,6 +452,19 @@ def test_the_policy_ties_its_reference_before_training_in_every_precision(tmp_pa
     assert (module.reference._compiled_call_impl is not None) == compile
 
 
+def test_the_policy_ties_its_reference_in_the_first_training_step(tmp_path):
+    """Training takes the policy's log-probabilities with gradients (lm.module's chunked cross-entropy) and the
+    reference's without (then F.cross_entropy): the two rounded differently, so step 0 logged noise rewards (1e-8) and
+    a train/rewards/accuracy of ~0.4 for a policy equal to its reference, where the docs promise 0."""
+    data, module = _agree_over_refuse_pairs(tmp_path)
+    logger = MemoryLogger()
+    _trainer(tmp_path, 1, logger=logger).fit(module, datamodule=data)
+    first = logger.by_step()[0]
+    assert first["train/rewards/chosen"] == 0 and first["train/rewards/rejected"] == 0
+    assert first["train/rewards/accuracy"] == 0 and first["train/rewards/margin"] == 0
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 @needs_cpu_fp8
 def test_the_policy_ties_its_reference_also_with_fp8(tmp_path):
     """model.fp8 converted the policy's block matmuls to float8 and not the reference's: at step 0 the rewards were
