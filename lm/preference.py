@@ -346,7 +346,9 @@ def preference_loss(
     """Per-pair losses (B,) and the implicit rewards of the chosen and rejected replies (B,), detached.
 
     logps, ref_logps, n_tokens: (2B,), the B chosen sequences first. The reward of a reply is beta times its
-    log-likelihood ratio, policy over reference; with loss_type ipo the ratios are per token, as in the IPO paper.
+    log-likelihood ratio, policy over reference; with loss_type ipo the ratios are per token. (The IPO paper writes
+    them for whole sequences; its authors advised averaging over the tokens, as TRL does, so that beta's target
+    margin does not depend on the replies' lengths.)
     """
     log_ratios = logps - ref_logps
     if loss_type == "ipo":
