@@ -278,6 +278,12 @@ class LMCLI(LightningCLI):
                     f"{ckpt_path}: not a Lightning checkpoint (no {' or '.join(missing)}); "
                     "--ckpt_path takes a .ckpt written by lm fit"
                 )
+            if self.config.get("subcommand") == "fit" and "optimizer_states" not in ckpt:
+                # checkpoint.save_weights_only: Lightning's restore fails with a KeyError traceback after the set-up
+                raise LMError(
+                    f"{ckpt_path}: holds the weights only (checkpoint.save_weights_only), not the optimizer and "
+                    f"schedule a resume continues; start a new run from it with --model.init_args.init_from {ckpt_path}"
+                )
             self._resume_info = {**(ckpt.get("lm") or {}), "path": str(ckpt_path)}
             self._take_model_args_from(ckpt, ckpt_path)
 

@@ -698,7 +698,8 @@ def test_only_a_run_s_own_checkpoint_continues_its_wandb_run(tmp_path, capsys, m
     original = tmp_path / "runs/original"
     snapshot = original / "checkpoints" / "snapshot-step=4.ckpt"
     snapshot.parent.mkdir(parents=True)
-    ckpt = {"state_dict": {}, "pytorch-lightning_version": "2.0.0", "lm": {"wandb_run_id": "orig123"}}
+    ckpt = {"state_dict": {}, "optimizer_states": [], "pytorch-lightning_version": "2.0.0"}
+    ckpt["lm"] = {"wandb_run_id": "orig123"}
     torch.save(ckpt, snapshot)
     torch.save(ckpt, original / "hpc_ckpt_1.ckpt")
 

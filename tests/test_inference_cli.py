@@ -112,6 +112,19 @@ def test_resume_from_a_file_that_is_not_a_lightning_checkpoint(capsys, tmp_path)
     assert err.startswith(f"error: {path}: not a Lightning checkpoint")
 
 
+def test_resume_from_a_weights_only_checkpoint_is_one_line(capsys, tmp_path):
+    """checkpoint.save_weights_only writes no optimizer state: Lightning's restore failed with a KeyError traceback
+    (exit 1) after the whole set-up. Such a file starts a new run through init_from."""
+    path = tmp_path / "weights.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "pytorch-lightning_version": "2.6.0", "loops": {}}, path)  # what save_weights_only keeps
+    code, _, err = run(capsys, "fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--ckpt_path", str(path))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}: holds the weights only (checkpoint.save_weights_only)")
+    assert f"--model.init_args.init_from {path}" in err
+
+
 def test_resume_keeps_the_checkpoints_model_arguments_for_a_file_and_for_last_alike(capsys, tmp_path, monkeypatch):
     """The restored optimizer holds the run's lr: a new one must not be written into the checkpoint unused (as it was
     with `last`), nor dropped without a word (as with a file). Runtime arguments (max_skipped_steps,
