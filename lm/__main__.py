@@ -334,7 +334,13 @@ class LMCLI(LightningCLI):
             # init_from only when given: the fine-tuning YAMLs leave it null, and a resume or validate with them had
             # dropped the checkpoint's (a DPO checkpoint then had no reference model, and an SFT one lost its origin)
             given.pop("init_from", None)
-            if started_from and not Path(started_from).is_file() and not _needs_its_init_from(class_path):
+            if started_from and not Path(started_from).expanduser().is_file():
+                if _needs_its_init_from(class_path):
+                    # A relative path is stored as given: run from another folder, it names nothing. Say whose it is
+                    raise LMError(
+                        f"{ckpt_path}: its reference model, init_from {started_from}, is not found from here: give "
+                        f"the file again with --model.init_args.init_from PATH"
+                    )
                 # SFT resumes from its own weights; only DPO needs the file again (its reference). Moved since: unset.
                 hparams["init_from"] = None
         for key in RUNTIME_ARGS:

@@ -523,6 +523,17 @@ def test_fine_tuning_runs_resume_and_validate_without_init_from_given_again(tmp_
     main(["validate", *sft_run[:4], "--data.init_args.tokenizer", sft, *quick, "--ckpt_path", "last"])
     out = capsys.readouterr().out
     assert "ignored here" not in out, out
+    # DPO's reference moved (or the run is validated from another folder: init_from is stored as given): it said
+    # only "runs/sft/checkpoints/last.ckpt: checkpoint not found", not whose file that was or how to give it again
+    (tmp_path / "runs/sft").rename(tmp_path / "runs/sft_moved")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *dpo_run[:4], "--data.init_args.tokenizer", "runs/sft_moved/checkpoints/last.ckpt", *quick,
+              "--ckpt_path", "last"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: runs/dpo/checkpoints/last.ckpt: its reference model, init_from {sft}, is not found "
+        "from here: give the file again with --model.init_args.init_from PATH\n"
+    )
 
 
 def test_an_output_root_that_cannot_be_made_is_one_line(tmp_path, capsys):
