@@ -334,6 +334,14 @@ class SampleText(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         """Encode the prompts now, on every rank, so a prompt the tokenizer cannot encode stops the run before
         training rather than at its first validation."""
+        self._check_prompts(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        """lm validate: before the pass, not after it (whose loss was then lost to the error)."""
+        if trainer.state.fn == "validate":
+            self._check_prompts(trainer, pl_module)
+
+    def _check_prompts(self, trainer, pl_module) -> None:
         tokenizer = getattr(pl_module, "tokenizer", None)
         if not self.prompts or self.max_new_tokens <= 0 or tokenizer is None:
             return

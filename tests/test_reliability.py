@@ -757,6 +757,15 @@ def test_a_sample_prompt_the_tokenizer_cannot_encode_stops_the_run_before_traini
     with pytest.raises(LMError, match=r"^samples.prompts: 'ROMEO:' cannot be encoded .*character 'R'") as error:
         fit_quietly(module, 2, callbacks=[samples])
     assert "\n" not in str(error.value) and steps == []  # refused before the first step
+    # lm validate: it was refused only after the whole pass, whose loss the error then hid
+    module.validation_step = lambda batch, batch_idx: steps.append(batch_idx)
+    batches = [{"input_ids": torch.zeros(2, 16, dtype=torch.long), "labels": torch.zeros(2, 16, dtype=torch.long)}]
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(LMError, match=r"^samples.prompts: 'ROMEO:' cannot be encoded"):
+        L.Trainer(accelerator="cpu", callbacks=[samples], **quiet).validate(
+            module, torch.utils.data.DataLoader(batches, batch_size=None)
+        )
+    assert steps == []
 
 
 class _SignalDuring(L.Callback):
