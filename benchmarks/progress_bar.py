@@ -1,9 +1,10 @@
 """What a progress bar costs lm's training step: LanguageModel on train_throughput.py's model and batches, trained by
 the same Trainer without a bar, with Lightning's default bars (rich's, tqdm's: both redrawn after every batch), rich's
 at refresh rate 10 (a second: its thread's rate), tqdm's every 10 batches (lm's default in a terminal) and lm's
-plain lines every 10 steps (its default where the output is a file). Paired rounds in one process, each round
-starting one setting further on; the table gives each setting's median ratio to no bar. A bar costs most in a
-terminal: run it in one (or under `script -qc "..." /dev/null`) for the bars, with the output in a file for the lines.
+plain lines (what lm fit prints where the output is a file, one every trainer.log_every_n_steps steps: every 10 here,
+five times as often as the CPU recipe's 50). Paired rounds in one process, each round starting one setting further
+on; the table gives each setting's median ratio to no bar. A bar costs most in a terminal: run it in one (or under
+`script -qc "..." /dev/null`) for the bars, with the output in a file for the lines.
 
     python benchmarks/progress_bar.py --rounds 6 --steps 100 [--size tiny] [--json out.json]
 """
