@@ -23,6 +23,7 @@ Conversations are tokenized in `setup()` (seconds for thousands of conversations
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import unicodedata
 from collections.abc import Callable
@@ -253,12 +254,13 @@ class ChatData(L.LightningDataModule):
             it from the model and refuses any other value given (256 where the data module is built in Python).
         batch_size: Conversations per batch B, per device.
         val_fraction: Share of the conversations held out for validation (whole groups of conversations with the
-            same first user message at a time, in an order seeded by split_seed).
+            same first user message at a time, in an order seeded by split_seed); not for a task: source.
         on_bad_record: A malformed record (unknown role, empty content, turns not alternating, no assistant reply)
             stops the run with its file and line (error), or is logged and counted (skip).
         supervise: Which tokens carry loss: the assistant turns (SFT), or all tokens after BOS (pretraining on the
             same text, e.g. the task transcripts).
-        task_size: Training conversations drawn from a task: source (distinct problems of its train split).
+        task_size: Training conversations drawn from a task: source (distinct problems of its train split); the task_*
+            settings are refused for other sources.
         task_val_size: Validation conversations drawn from the task's test split.
         task_digits: Operand digits of the addition task (another value for task:reverse or task:count is refused).
         seed: Seed of the shuffling of training batches.
@@ -301,7 +303,24 @@ class ChatData(L.LightningDataModule):
         if not 0 < val_fraction < 1:
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         refuse_hub_options_of_a_local_source(source, None, source_split, None)
-        if source.startswith("task:"):
+        # Refused rather than ignored: a task: source takes its val problems from the task's test split (task_val_size
+        # of them), not a val_fraction of its train problems, and a file or hub source has no task problems to size.
+        # A value equal to the default is no setting, as for digits.
+        task = source.startswith("task:")
+        unread = (
+            {"val_fraction": val_fraction}
+            if task
+            else {"task_size": task_size, "task_val_size": task_val_size, "task_digits": task_digits}
+        )
+        defaults = {name: p.default for name, p in inspect.signature(ChatData.__init__).parameters.items()}
+        if given := [f"data.{name}" for name, value in unread.items() if value != defaults[name]]:
+            why = (
+                "its val problems come from the task's test split (data.task_val_size)"
+                if task
+                else "not a task: source"
+            )
+            raise LMError(f"{' and '.join(given)} does not apply to {source!r}: {why}")
+        if task:
             from lm.tasks import refuse_digits_of_a_word_task
 
             refuse_digits_of_a_word_task(source.removeprefix("task:"), task_digits, "data.task_digits")

@@ -176,11 +176,11 @@ class PreferenceData(ChatData):
         block_size: Context length: longest sequence, in tokens. None: the model's context under the CLI, which sets
             it from the model and refuses any other value given (256 where the data module is built in Python).
         batch_size: Pairs per batch B, per device (the batch holds 2B sequences).
-        val_fraction: Share of the pairs held out for validation.
+        val_fraction: Share of the pairs held out for validation; not for a task: source.
         on_bad_record: A malformed pair (bad roles or turns, empty content, identical replies) stops the run with its
             file and line (error), or is logged and counted (skip).
         max_prompt_fraction: Share of the context a too-long pair's prompt keeps, at least (its replies get the rest).
-        task_size: Training pairs drawn from a task: source.
+        task_size: Training pairs drawn from a task: source; the task_* settings are refused for other sources.
         task_val_size: Validation pairs drawn from the task's test split.
         task_digits: Operand digits of the addition task (another value for task:reverse or task:count is refused).
         seed: Seed of the shuffling of training batches.

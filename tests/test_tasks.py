@@ -87,6 +87,25 @@ def test_digits_is_refused_for_a_task_of_words_wherever_it_is_given(task, tmp_pa
     assert TaskAccuracy(task=task).digits == 2 and TaskAccuracy(task="addition", digits=3).digits == 3
 
 
+def test_a_setting_for_another_kind_of_source_is_refused(tmp_path):
+    """A task: source takes task_val_size test problems, whatever val_fraction says, and a file reads no task_*
+    setting: both were accepted and ignored (val_fraction 0.5 gave 200 val problems, task_size 10 the whole file)."""
+    from lm.chat_data import ChatData
+    from lm.preference import PreferenceData
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    for data in (ChatData, PreferenceData):
+        with pytest.raises(LMError, match="data.val_fraction does not apply to 'task:addition': its val problems"):
+            data(source="task:addition", val_fraction=0.5)
+        with pytest.raises(LMError, match="data.task_size and data.task_digits does not apply to .*: not a task"):
+            data(source=str(path), task_size=10, task_digits=3)
+        with pytest.raises(LMError, match="data.task_val_size does not apply"):
+            data(source=str(path), task_val_size=3)
+        data(source="task:addition", val_fraction=0.05, task_size=10)  # the default is no setting
+        data(source=str(path), task_size=5000, val_fraction=0.5)
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_problems_are_seeded_and_distinct(task):
     a = make_problems(task, "train", 300, seed=3)
