@@ -205,6 +205,12 @@ class TaskAccuracy(L.Callback):
         self.digits, self.seed = digits, seed
         self._validations = 0
 
+    @property
+    def state_key(self) -> str:
+        # One per task, as its metric eval/<task>/exact_match is: under the class name alone, a second TaskAccuracy
+        # (addition and count) made Lightning refuse to build the Trainer, since their saved counts would collide.
+        return self._generate_state_key(task=self.task)
+
     def state_dict(self) -> dict[str, int]:
         return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
 

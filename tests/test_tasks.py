@@ -175,6 +175,20 @@ def test_task_accuracy_keeps_its_count_of_validations_across_a_resume():
     assert fresh._validations == 0
 
 
+def test_two_task_accuracies_train_together_and_each_resumes_its_own_count():
+    """One per task: Lightning refused a second TaskAccuracy (their saved counts shared the class name's key)."""
+    import lightning as L
+
+    addition, count = TaskAccuracy("addition", every_n_validations=3), TaskAccuracy("count", every_n_validations=3)
+    trainer = L.Trainer(callbacks=[addition, count], logger=False, enable_checkpointing=False)
+    addition._validations, count._validations = 4, 2
+    saved = {callback.state_key: callback.state_dict() for callback in trainer.callbacks if callback.state_dict()}
+    resumed = [TaskAccuracy("addition"), TaskAccuracy("count")]
+    for callback in resumed:
+        callback.load_state_dict(saved[callback.state_key])
+    assert [callback._validations for callback in resumed] == [4, 2]
+
+
 def test_a_problem_found_on_the_last_allowed_draw_counts(monkeypatch):
     import lm.tasks as tasks
 
