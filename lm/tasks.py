@@ -131,6 +131,18 @@ def make_problems(task: str, split: str, num: int, *, seed: int = 0, digits: int
     raise LMError(f"task {task!r} has fewer than {num} distinct {split} problems (digits={digits}); ask for fewer")
 
 
+def check_tokenizer_writes(tokenizer, task: str, problems: list[Problem]) -> None:
+    """LMError when the tokenizer cannot encode these problems of `task` (a char vocabulary learned from other text)."""
+    try:
+        for problem in problems:
+            tokenizer.encode(problem.question + problem.answer)
+    except LMError as e:
+        raise LMError(
+            f"task {task}: the model's {tokenizer.kind} tokenizer cannot write its problems ({e}); train on the task "
+            "(experiments/pretrain_addition.yaml does) or use a byte-level tokenizer"
+        ) from None
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -146,14 +158,7 @@ def evaluate_task(
     from lm.generate import generate_texts
 
     problems = make_problems(task, "test", num_problems, seed=seed, digits=digits)
-    try:
-        for problem in problems:
-            tokenizer.encode(problem.question + problem.answer)
-    except LMError as e:  # a char vocabulary learned from other text: before any generation
-        raise LMError(
-            f"task {task}: the model's {tokenizer.kind} tokenizer cannot write its problems ({e}); train on the task "
-            "(experiments/pretrain_addition.yaml does) or use a byte-level tokenizer"
-        ) from None
+    check_tokenizer_writes(tokenizer, task, problems)  # before any generation
     stop_ids = reply_stop_ids(tokenizer)  # the answer is the reply `lm chat` would show
     max_new = max(len(tokenizer.encode(p.answer)) for p in problems) + 4  # enough to be wrong, but not much more
     was_training = model.training
@@ -216,6 +221,13 @@ class TaskAccuracy(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._validations = int(state_dict.get("validations", 0))
+
+    def on_fit_start(self, trainer, pl_module):
+        # A tokenizer that cannot write the problems (a char vocabulary from Shakespeare has no digits) stops the run
+        # before training, not at its first validation, val_check_interval steps later
+        if pl_module.tokenizer is not None:
+            problems = make_problems(self.task, "test", self.num_problems, seed=self.seed, digits=self.digits)
+            check_tokenizer_writes(pl_module.tokenizer, self.task, problems)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or pl_module.tokenizer is None:

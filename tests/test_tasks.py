@@ -163,6 +163,16 @@ def test_an_answer_is_scored_as_lm_chat_shows_it():
     assert evaluate_task(model, tok, "count", num_problems=50)["exact_match"] == ones / 50
 
 
+def test_task_accuracy_refuses_a_tokenizer_that_cannot_write_its_problems_before_training():
+    """A char vocabulary without digits (Shakespeare's) failed at the first validation, after training had run."""
+    from types import SimpleNamespace
+
+    shakespeare = SimpleNamespace(tokenizer=CharTokenizer.train(["To be, or not to be"]))
+    with pytest.raises(LMError, match="task addition: the model's char tokenizer cannot write its problems"):
+        TaskAccuracy("addition").on_fit_start(None, shakespeare)
+    TaskAccuracy("addition").on_fit_start(None, SimpleNamespace(tokenizer=CharTokenizer.train(["0123456789+"])))
+
+
 def test_task_accuracy_keeps_its_count_of_validations_across_a_resume():
     """every_n_validations counts validations; a resumed run used to count from 0 again."""
     callback = TaskAccuracy(every_n_validations=3)
