@@ -430,6 +430,16 @@ class ChatTask(Task):
     def num_items(self):
         return self.spec.num_problems
 
+    def prepare(self, tokenizer, block_size):
+        # A tokenizer that cannot write the problems (a char vocabulary without digits) stops a fit before training,
+        # as lm.tasks.TaskAccuracy does, not at its first evaluation
+        from lm.tasks import check_tokenizer_writes, make_problems
+
+        problems = make_problems(
+            self.spec.task, "test", self.spec.num_problems, seed=self.spec.seed, digits=self.spec.digits
+        )
+        check_tokenizer_writes(tokenizer, self.spec.task, problems)
+
     def score(self, model, tokenizer, *, rank=0, world_size=1):
         try:
             tasks = importlib.import_module("lm.tasks")
@@ -545,11 +555,24 @@ class EvalCallback(L.Callback):
         self._last_step = -1
         self._prepared = False
 
+    @property
+    def state_key(self) -> str:
+        # One per set of tasks, as their metrics eval/<name>/... are: under the class name alone, a second
+        # EvalCallback (another cadence for other tasks) made Lightning refuse to build the Trainer
+        return self._generate_state_key(tasks=[task.name for task in self.tasks])
+
     def state_dict(self) -> dict[str, int]:
         return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._validations = int(state_dict.get("validations", 0))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        # A checkpoint of an older lm keeps the count under the class name: move it to this callback's key, which
+        # Lightning reads next
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and "EvalCallback" in states:
+            states[self.state_key] = states.pop("EvalCallback")
 
     def on_fit_start(self, trainer, pl_module):
         # a missing or malformed data file stops the run before training, not at its first evaluation

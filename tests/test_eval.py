@@ -206,6 +206,7 @@ def test_chat_tasks_call_lm_tasks(ckpt, monkeypatch):
         return {"exact_match": 0.25, "num_problems": float(num_problems)}
 
     monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
+    monkeypatch.setattr(lm.tasks, "check_tokenizer_writes", lambda *args: None)  # this char vocabulary has no digits
     spec = EvalSpec(task="addition", num_problems=8, seed=3, digits=4, batch_size=2)
     metrics, n = evaluate(model, tokenizer, spec)
     assert calls == [("addition", 8, 3, 4, 2)] and n == 8 and metrics["exact_match"] == 0.25  # batch_size was dropped
@@ -557,11 +558,38 @@ def test_chat_tasks_in_training_run_eager_as_the_other_generating_callbacks_do(t
         return {"exact_match": 0.5, "num_problems": float(num_problems)}
 
     monkeypatch.setattr(lm.tasks, "evaluate_task", fake)
-    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20 + "0123456789+", encoding="utf-8")  # can write the problems
     callback = EvalCallback([{"task": "addition", "num_problems": 2}], every_n_validations=None, every_n_steps=2)
     trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", [callback], max_steps=2)
     trainer.fit(module, datamodule=data)
     assert stances == ["force_eager"] and torch._dynamo.eval_frame._stance.stance == "default"
+
+
+def test_a_chat_task_whose_tokenizer_cannot_write_its_problems_stops_the_fit_before_training(tmp_path):
+    """A char vocabulary without digits: the run trained until the first evaluation, then stopped with this error."""
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    callback = EvalCallback([{"task": "addition", "num_problems": 2}], every_n_steps=2)
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", [callback], max_steps=4)
+    with pytest.raises(LMError, match="^task addition: the model's char tokenizer cannot write its problems"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
+
+def test_two_eval_callbacks_train_together_and_an_older_checkpoint_s_count_is_read():
+    """Their saved counts shared the class name's key: Lightning refused a second EvalCallback (other tasks at
+    another cadence) with a RuntimeError. A checkpoint of an older lm holds the count under that name."""
+    from lightning.pytorch.trainer import call
+
+    often = EvalCallback([{"task": "addition"}], every_n_steps=10)
+    rarely = EvalCallback([{"task": "count"}, {"task": "lm", "data": "t.txt"}], every_n_validations=5)
+    trainer = L.Trainer(callbacks=[often, rarely], logger=False, enable_checkpointing=False)
+    assert often.state_key != rarely.state_key
+    older = EvalCallback([{"task": "addition"}])
+    trainer = L.Trainer(callbacks=[older], logger=False, enable_checkpointing=False)
+    checkpoint = {"callbacks": {"EvalCallback": {"validations": 3}}, "pytorch-lightning_version": L.__version__}
+    call._call_callbacks_on_load_checkpoint(trainer, checkpoint)
+    call._call_callbacks_load_state_dict(trainer, checkpoint)
+    assert older._validations == 3
 
 
 def test_an_evaluation_between_steps_is_logged_once_at_the_step_it_ran(tmp_path):
