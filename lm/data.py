@@ -284,7 +284,33 @@ def load_documents(
             f"data source {source!r}: {nulls} documents have no {text_field!r} (missing or null), the first is "
             f"document {first} (counting from 0)"
         )
+    if (bad := _first_not_utf8(column)) is not None:
+        raise LMError(
+            f"data source {source!r}: document {bad} (counting from 0) holds a {text_field!r} that is not UTF-8"
+        )
     return first_documents(ds.rename_column(text_field, "text") if text_field != "text" else ds)
+
+
+def _first_not_utf8(column) -> int | None:
+    """The index of the first value of an Arrow string column whose bytes are not UTF-8, or None. Arrow's JSON and
+    Parquet readers keep a string's bytes as they are, and Python's decoding of a bad one then stopped the run with a
+    UnicodeDecodeError traceback wherever the text was read (a vocabulary's training, the tokenizing)."""
+    import pyarrow as pa
+
+    try:
+        column.validate(full=True)  # in C++, GB/s: no pass over the text in Python
+        return None
+    except pa.ArrowInvalid:
+        pass
+    first = 0
+    for chunk in column.chunks:  # only on failure: find the value
+        for index in range(len(chunk)):
+            try:
+                chunk.slice(index, 1).validate(full=True)
+            except pa.ArrowInvalid:
+                return first + index
+        first += len(chunk)
+    return None
 
 
 def _documents_of_a_stream(stream, limit: int, text_field: str):

@@ -457,6 +457,24 @@ def test_user_errors(tmp_path, text_file):
         PretrainData(val_fraction=1.0)
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_text_that_is_not_utf8_in_a_jsonl_or_parquet_file_is_a_one_line_error(tmp_path, kind):
+    # Arrow's JSON and Parquet readers keep a string's bytes as they are: the first read of the text in Python (the
+    # char vocabulary's training) stopped the run with a UnicodeDecodeError traceback
+    path = tmp_path / f"rows.{kind}"
+    if kind == "jsonl":
+        path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        offsets = pa.py_buffer(np.array([0, 4, 8], dtype=np.int32).tobytes())
+        column = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"finecaf\xe9")])
+        pq.write_table(pa.table({"text": column}), path)
+    with pytest.raises(LMError, match=r"document 1 \(counting from 0\) holds a 'text' that is not UTF-8"):
+        make(tmp_path, path)
+
+
 def test_a_cache_or_hidden_folder_inside_a_corpus_folder_is_not_data(tmp_path):
     corpus = tmp_path / "corpus"
     for name in ("a.txt", "b.txt", ".git/notes.txt"):
