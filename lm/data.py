@@ -972,8 +972,14 @@ class PretrainData(L.LightningDataModule):
         if (path / "meta.json").is_file() and (damage := cache_damage(path)):
             # Truncated or deleted since it was built (a full disk, a crash before the data reached the disk, a
             # cleanup): a shorter file moved the train/val split silently. Built again, as if it had never been.
+            try:
+                (path / "meta.json").unlink(missing_ok=True)
+            except OSError as e:  # a read-only mount or another user's cache: one line, not a traceback
+                raise LMError(
+                    f"the cached tokens in {path} are damaged ({damage}), and this run cannot tokenize them again "
+                    f"there ({e.strerror or e}): delete {path}, or give another data.cache_dir"
+                ) from None
             rank_zero_warn(f"lm.data: the cached tokens in {path} are damaged ({damage}); tokenizing again")
-            (path / "meta.json").unlink(missing_ok=True)
         if (path / "meta.json").is_file():
             self.reused_cache = True
             rank_zero_info(f"lm.data: using cached tokens {path}")

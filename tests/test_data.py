@@ -536,6 +536,22 @@ def test_a_damaged_token_cache_is_built_again(tmp_path, text_file):
         assert not again.reused_cache and np.array_equal(all_tokens(again), expected)
 
 
+def test_a_damaged_token_cache_that_cannot_be_removed_is_a_one_line_error(tmp_path, text_file, monkeypatch):
+    """On a read-only mount (or another user's cache) removing the damaged cache's meta.json raised a traceback."""
+    first = make(tmp_path, text_file)
+    os.truncate(first.cache_path / "tokens.bin", 10)
+    unlink = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "meta.json":
+            raise OSError(30, "Read-only file system", str(self))
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(LMError, match=r"damaged .* cannot tokenize them again there \(Read-only file system\)"):
+        make(tmp_path, text_file)
+
+
 def test_hub_options_on_a_local_source_are_refused_or_dropped(tmp_path, text_file):
     """source_split: validation on a local file trained on that file, and config or revision keyed a second cache of
     the same tokens. A split is refused (it cannot mean anything here); a config or revision, which a hub recipe such
