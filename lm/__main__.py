@@ -606,9 +606,11 @@ def tokenizer_command(argv: list[str]) -> None:
     args = p.parse_args(argv)
 
     from lm.data import load_documents, refuse_hub_options_of_a_local_source
-    from lm.tokenizer import build_tokenizer
+    from lm.tokenizer import build_tokenizer, trained_tokenizer_size
 
     refuse_hub_options_of_a_local_source(args.source, args.source_config, args.source_split, args.source_revision)
+    spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
+    trained_tokenizer_size(spec)  # a vocab_size too small is refused now, not after reading (downloading) the source
 
     out = Path(args.out)
     created = not out.exists()
@@ -616,7 +618,6 @@ def tokenizer_command(argv: list[str]) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cannot_write(args.out, e) from None
-    spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
     try:
         documents = load_documents(
             args.source,

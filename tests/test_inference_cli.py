@@ -190,6 +190,20 @@ def test_tokenizer_train_on_unreadable_data_leaves_no_empty_folder(capsys, tmp_p
     assert code == 2 and (tmp_path / "mine").is_dir()
 
 
+def test_tokenizer_train_refuses_a_vocab_size_too_small_before_it_reads_the_source(capsys, tmp_path, monkeypatch):
+    """It read (for a hub id: downloaded) the whole source first, and only then refused the size."""
+    import datasets
+
+    def hub(source, **kwargs):
+        raise AssertionError("the source was read")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    code, _, err = run(capsys, "tokenizer", "train", "--source", "org/corpus", "--vocab_size", "100",
+                       "--out", str(tmp_path / "tok"))  # fmt: skip
+    assert code == 2 and err == "error: tokenizer 'bpe:100': vocab size must exceed 262 (6 specials + 256 bytes)"
+    assert not (tmp_path / "tok").exists()
+
+
 def test_tokenizer_train_reads_a_hub_dataset_s_config_split_and_revision(capsys, tmp_path, monkeypatch):
     """They were not passed on (a dataset that needs a config could not be read); with a local source, refused."""
     import datasets
