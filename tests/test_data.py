@@ -475,6 +475,13 @@ def test_text_that_is_not_utf8_in_a_jsonl_or_parquet_file_is_a_one_line_error(tm
         make(tmp_path, path)
 
 
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_an_empty_json_file_holds_no_text_as_an_empty_text_file_does(tmp_path, name):
+    (tmp_path / name).write_text("")  # datasets' JSON builder stopped with a bare StopIteration traceback
+    with pytest.raises(LMError, match="holds no text"):
+        make(tmp_path, tmp_path / name)
+
+
 def test_a_cache_or_hidden_folder_inside_a_corpus_folder_is_not_data(tmp_path):
     corpus = tmp_path / "corpus"
     for name in ("a.txt", "b.txt", ".git/notes.txt"):
