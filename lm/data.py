@@ -336,7 +336,8 @@ def _documents_of_a_stream(stream, limit: int, text_field: str):
 
 
 def _find_bad_record(paths: list[Path], builder: str) -> str | None:
-    """The first undecodable byte (text) or unparsable line (JSON Lines) among paths, as "file:line: problem"."""
+    """The first undecodable byte (text) or unparsable line (JSON Lines, or one Arrow refuses) among paths, as
+    "file:line: problem"."""
     for path in paths:
         if builder == "text":
             data = path.read_bytes()
@@ -356,6 +357,10 @@ def _find_bad_record(paths: list[Path], builder: str) -> str | None:
                         return f"{path}:{line_number}: not a JSON record ({e})"
                     if not isinstance(record, dict):
                         return f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}"
+                    try:  # Python reads an escaped lone surrogate ("\ud83d" of a cut emoji); Arrow refuses the file
+                        json.dumps(record, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError:
+                        return f"{path}:{line_number}: a lone surrogate escape (\\ud800-\\udfff without its pair)"
     return None
 
 

@@ -482,6 +482,15 @@ def test_an_empty_json_file_holds_no_text_as_an_empty_text_file_does(tmp_path, n
         make(tmp_path, tmp_path / name)
 
 
+def test_a_jsonl_line_with_a_lone_surrogate_escape_is_named(tmp_path):
+    # Arrow's JSON reader refuses the file, and the error named no line: "An error occurred while generating the
+    # dataset" (an escaped pair, a whole emoji, reads as usual)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "whole \\ud83d\\ude00"}\n{"text": "cut \\ud83d"}\n')
+    with pytest.raises(LMError, match=r"rows.jsonl:2: a lone surrogate escape"):
+        make(tmp_path, path)
+
+
 def test_a_cache_or_hidden_folder_inside_a_corpus_folder_is_not_data(tmp_path):
     corpus = tmp_path / "corpus"
     for name in ("a.txt", "b.txt", ".git/notes.txt"):
