@@ -228,9 +228,8 @@ def load_documents(
         # datasets opens the file in text mode: "\r\n" and a lone "\r" come back as "\n" (the README says so).
         # utf-8-sig: a byte-order mark (Windows editors) is not text, as the JSON builder already drops it
         kwargs: dict[str, Any] = {"sample_by": "document", "encoding": "utf-8-sig"} if builder == "text" else {}
-        if builder == "json" and all(p.stat().st_size == 0 for p in paths):
-            # no documents, which the callers report ("holds no text"); datasets' JSON builder stopped with a bare
-            # StopIteration traceback on them
+        if builder != "text" and not (paths := _files_with_rows(paths, builder)):
+            # no documents, which the callers report ("holds no text")
             return datasets.Dataset.from_dict(
                 {"text": []}, features=datasets.Features({"text": datasets.Value("string")})
             )
@@ -333,6 +332,25 @@ def _documents_of_a_stream(stream, limit: int, text_field: str):
     # those of every row (a key missing from the first row is a null there, as in a downloaded split)
     columns = stream.column_names or list(dict.fromkeys(key for row in rows for key in row))
     return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}, features=stream.features)
+
+
+def _files_with_rows(paths: list[Path], builder: str) -> list[Path]:
+    """JSON or Parquet files less those that hold no rows, on which datasets' readers stop: a Parquet file of no rows
+    (Spark writes such part files) failed the whole source with "An error occurred while generating the dataset"
+    (its batch size of 0), whichever of the files it was; a JSON file of no bytes, with a bare StopIteration where
+    every file was one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def has_rows(path: Path) -> bool:
+        if builder != "parquet":
+            return path.stat().st_size > 0
+        try:
+            return pq.read_metadata(path).num_rows > 0  # the file's footer only
+        except (OSError, pa.ArrowException):  # not Parquet: datasets says so, naming the source
+            return True
+
+    return [path for path in paths if has_rows(path)]
 
 
 def _find_bad_record(paths: list[Path], builder: str) -> str | None:

@@ -482,6 +482,23 @@ def test_an_empty_json_file_holds_no_text_as_an_empty_text_file_does(tmp_path, n
         make(tmp_path, tmp_path / name)
 
 
+def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
+    # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
+    # as "could not read it as parquet: An error occurred while generating the dataset"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), corpus / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["first document", "second document"]}), corpus / "part-1.parquet")
+    dm = make(tmp_path, corpus, block_size=4, val_fraction=0.5)
+    assert dm.meta["num_documents"] == 2
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == "first document<|eos|>second document<|eos|>"
+    with pytest.raises(LMError, match="holds no text"):
+        make(tmp_path, corpus / "part-0.parquet")
+
+
 def test_a_jsonl_line_with_a_lone_surrogate_escape_is_named(tmp_path):
     # Arrow's JSON reader refuses the file, and the error named no line: "An error occurred while generating the
     # dataset" (an escaped pair, a whole emoji, reads as usual)
