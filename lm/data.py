@@ -337,17 +337,22 @@ def _documents_of_a_stream(stream, limit: int, text_field: str):
 def _files_with_rows(paths: list[Path], builder: str) -> list[Path]:
     """JSON or Parquet files less those that hold no rows, on which datasets' readers stop: a Parquet file of no rows
     (Spark writes such part files) failed the whole source with "An error occurred while generating the dataset"
-    (its batch size of 0), whichever of the files it was; a JSON file of no bytes, with a bare StopIteration where
-    every file was one."""
+    (its batch size of 0), whichever of the files it was, and so did a JSON file of blank lines read first (its
+    columns, none, did not match the next file's); a JSON file of no bytes, with a bare StopIteration where every file
+    was one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def has_rows(path: Path) -> bool:
-        if builder != "parquet":
-            return path.stat().st_size > 0
         try:
-            return pq.read_metadata(path).num_rows > 0  # the file's footer only
-        except (OSError, pa.ArrowException):  # not Parquet: datasets says so, naming the source
+            if builder == "parquet":
+                return pq.read_metadata(path).num_rows > 0  # the file's footer only
+            with open(path, "rb") as f:  # a record's "{" or "[" comes first: one read for any file of data
+                while chunk := f.read(1 << 16):
+                    if chunk.strip():
+                        return True
+            return False
+        except (OSError, pa.ArrowException):  # unreadable, or not Parquet: datasets says so, naming the source
             return True
 
     return [path for path in paths if has_rows(path)]

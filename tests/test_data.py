@@ -482,6 +482,16 @@ def test_an_empty_json_file_holds_no_text_as_an_empty_text_file_does(tmp_path, n
         make(tmp_path, tmp_path / name)
 
 
+def test_a_jsonl_file_of_blank_lines_among_others_is_left_out(tmp_path):
+    # read first, its columns (none) did not match the next file's: "An error occurred while generating the dataset"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part-0.jsonl").write_text("\n\n")
+    (corpus / "part-1.jsonl").write_text('{"text": "first document"}\n{"text": "second document"}\n')
+    dm = make(tmp_path, corpus, block_size=4, val_fraction=0.5)
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == "first document<|eos|>second document<|eos|>"
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"
