@@ -53,6 +53,25 @@ def _init_params(class_path: str, nested: list[str]) -> list[str]:
     return [p for p in inspect.signature(target.__init__).parameters if p not in ("self", "args", "kwargs")]
 
 
+def _arguments_key(group: str, class_path: str) -> str:
+    """Where a class's arguments sit in the config: group.init_args, or the group itself for a dataclass, which is
+    written as its fields (EvalCallback's `tasks: [{task: lm, data: ...}]`, a list of EvalSpec)."""
+    return group if dataclasses.is_dataclass(import_class(class_path)) else f"{group}.init_args"
+
+
+def _nested_block(message: str, start: int) -> str:
+    """The error jsonargparse nests under a key: the line holding `start`, from there, and the lines after it that are
+    indented at least as deeply, dedented."""
+    line_start = message.rfind("\n", 0, start) + 1
+    indent = start - line_start
+    lines = [message[start:].split("\n")[0]]
+    for line in message[start:].split("\n")[1:]:
+        if len(line) - len(line.lstrip(" ")) < indent:
+            break
+        lines.append(line[indent:])
+    return "\n".join(lines)
+
+
 def _suggest(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -109,12 +128,22 @@ def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
     # A value error inside the class the user gave comes before an unknown-option error of a class they did not
     # give (a callback's bad float is also "not accepted" by the plain lightning.Callback of the union)
     if m := _CLASS_VALUE.search(message):
-        return f"bad value for {group}.init_args.{m.group(2)}: {m.group(3).strip()}"
+        key = f"{_arguments_key(group, m.group(1))}.{m.group(2)}"
+        inner = _nested_block(message, m.start(3))
+        if inner.startswith("Problem with given class_path"):
+            # a class inside the class's argument (EvalCallback's tasks, EvalSpecs): its key and problem, not "bad
+            # value for trainer.callbacks.init_args.tasks: Problem with given class_path 'lm.eval.EvalSpec':"
+            return explain(f'Parser key "{key}":\n{inner}', known_keys, args)
+        if (expected := _UNION_EXPECTED.findall(inner)) and (given := _GIVEN_VALUE.search(inner)):
+            # an optional argument (decay_steps: int | None): it read "Does not validate against any of the Union
+            # subtypes", without the value given or the type expected
+            return f"bad value for {key}: {given.group(1)}; expected one of {' | '.join(map(_type_name, expected))}"
+        return f"bad value for {key}: {m.group(3).strip()}"
     if m := _CLASS_OPTION.search(message):
         dotted = m.group(2) or m.group(3) or f"{m.group(4)}.{m.group(5)}"
         *nested, option = dotted.split(".")
         options = _init_params(m.group(1), nested)
-        key = ".".join([group, "init_args", *nested, option])
+        key = ".".join([_arguments_key(group, m.group(1)), *nested, option])
         owner = ".".join([m.group(1), *nested])
         if not options and not nested and group in _SUBCLASSES:  # the base class: no class_path was given
             return f"{key}: {group}.class_path is missing; give one of {', '.join(_SUBCLASSES[group])}"

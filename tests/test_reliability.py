@@ -19,6 +19,7 @@ from lm.tokenizer import CharTokenizer
 from tests.conftest import OPTIMIZERS, REPO, nan_loss_from_step
 
 DEBUG = str(REPO / "experiments" / "debug.yaml")
+EVAL_TASKS = "trainer:\n  callbacks:\n    - class_path: lm.eval.EvalCallback\n      init_args: {{tasks: [{}]}}\n"
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -45,8 +46,11 @@ def run_cli(capsys, *args) -> tuple[int, str]:
             "bad value for trainer.callbacks.init_args.decay: Expected a <class 'float'>. Got value: abc",
         ),
         (["--ckpt_path", "hpc"], "no HPC checkpoint was found"),  # Lightning's ValueError, was a traceback
+        # an optional argument's union read "Does not validate against any of the Union subtypes", no value nor type
+        (["--model.init_args.decay_steps", "abc"], "bad value for model.init_args.decay_steps: abc; expected one of "
+         "int | null"),
     ],
-)
+)  # fmt: skip
 def test_config_errors_are_one_line_naming_the_key(capsys, tmp_path, override, expected):
     code, err = run_cli(capsys, "fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), *override)
     assert code == 2
@@ -98,6 +102,12 @@ def test_unknown_key_lists_the_allowed_ones(capsys):
         ("model:\n  init_args:\n    arch:\n      n_layerz: 3\n",
          "unknown key model.init_args.arch.n_layerz (did you mean 'n_layer'?); lm.module.LanguageModel.arch accepts: "
          "vocab_size, block_size, n_layer,"),
+        # inside a callback's list of dataclasses (README's EvalCallback tasks) both read "bad value for
+        # trainer.callbacks.init_args.tasks: Problem with given class_path 'lm.eval.EvalSpec':", naming neither
+        (EVAL_TASKS.format("{task: hellaswag, data: x.jsonl, limt: 5}"),
+         "unknown key trainer.callbacks.init_args.tasks.limt (did you mean 'limit'?); lm.eval.EvalSpec accepts: "),
+        (EVAL_TASKS.format("{task: hellaswag, data: x.jsonl, limit: all}"),
+         "bad value for trainer.callbacks.init_args.tasks.limit: all; expected one of int | null"),
     ],
 )  # fmt: skip
 def test_unknown_key_in_a_yaml_file(capsys, tmp_path, yaml_text, expected):
