@@ -13,6 +13,8 @@ import sys
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from lm.errors import LMError
+
 _CLASS_OPTION = re.compile(
     r"Problem with given class_path '([\w.]+)':\s*"
     r"(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+)"
@@ -95,10 +97,10 @@ def _type_name(expected: str) -> str:
 
 
 def _config_files(args: list[str]) -> list[str]:
-    """The files given with --config FILE or --config=FILE, in order."""
+    """The files given with --config FILE (or -c FILE) or --config=FILE, in order."""
     files = []
     for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
             files.append(args[i + 1])
         elif arg.startswith("--config="):
             files.append(arg.partition("=")[2])
@@ -114,6 +116,19 @@ def _unparsable(files: list[str]) -> str | None:
             with open(file, encoding="utf-8") as f:
                 yaml.safe_load(f)
         except yaml.YAMLError:
+            return file
+        except OSError:
+            continue
+    return None
+
+
+def _not_text(files: list[str]) -> str | None:
+    """The first of the files that is not UTF-8 text."""
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                f.read()
+        except UnicodeDecodeError:
             return file
         except OSError:
             continue
@@ -177,7 +192,16 @@ class OneLineErrorParser(LightningArgumentParser):
 
     def parse_args(self, args=None, *rest, **kwargs):
         self._args = list(sys.argv[1:] if args is None else args)  # to name a config file in an error
-        return super().parse_args(args, *rest, **kwargs)
+        try:
+            return super().parse_args(args, *rest, **kwargs)
+        except UnicodeDecodeError as e:
+            # jsonargparse reads a config file as UTF-8 and lets the decode error through as a traceback: a checkpoint
+            # given as --config (for --ckpt_path), a YAML saved in another encoding
+            file = _not_text(_config_files(self._args)) or "a config file"
+            raise LMError(
+                f"{file}: not UTF-8 text ({e.reason} at byte {e.start}); a config is a YAML file (a checkpoint goes to "
+                "--ckpt_path)"
+            ) from None
 
     def error(self, message: str, ex: Exception | None = None):
         if self.verbose_errors or not getattr(self, "exit_on_error", True):

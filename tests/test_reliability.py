@@ -131,6 +131,21 @@ def test_unknown_yaml_key_under_print_config_names_its_group(capsys, tmp_path):
     assert code == 2 and "unknown key trainer.max_stepz (did you mean 'trainer.max_steps'?); trainer accepts:" in err
 
 
+def test_a_config_file_that_is_not_text_is_one_line(capsys, tmp_path):
+    """jsonargparse's UnicodeDecodeError came out as a traceback with exit code 1: a checkpoint given as --config
+    (meant for --ckpt_path), or a YAML saved in Latin-1."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("trainer:\n  default_root_dir: runs/café\n".encode("latin-1"))
+    for configs in (["--config", str(ckpt)], ["--config", DEBUG, "-c", str(latin1)]):
+        code, err = run_cli(capsys, "fit", *configs, "--print_config")
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {configs[-1]}: not UTF-8 text (") and err.endswith(
+            "a config is a YAML file (a checkpoint goes to --ckpt_path)"
+        )
+
+
 def test_a_missing_subcommand_is_one_sentence(capsys):
     code, err = run_cli(capsys, "--config", DEBUG)
     assert code == 2 and "but it was not provided. See `lm fit --help`." in err
