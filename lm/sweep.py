@@ -95,9 +95,14 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LMError(f"{path}: sweep file not found")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # a checkpoint or another binary file given as the sweep file
+        raise LMError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a sweep file is YAML") from None
     except yaml.YAMLError as e:
-        raise LMError(f"{path}: not valid YAML ({e})") from None
+        # yaml's own message takes several lines (the text and a caret under the spot): its problem and place in one
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise LMError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
     if not isinstance(config, dict):
         raise LMError(f"{path}: a sweep file is a mapping with method, metric, parameters and command")
     if config.get("method") not in METHODS:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -85,6 +86,23 @@ def test_wandb_distributions_translate_to_optuna():
     }
     with pytest.raises(LMError, match="continuous"):
         grid_space({"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}})
+
+
+def test_a_sweep_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
+    """A YAML syntax error printed yaml's four-line report (the text, a caret under the spot) inside the error, and a
+    file that is not UTF-8 text (a checkpoint) was a UnicodeDecodeError traceback."""
+    (tmp_path / "bad.yaml").write_text("method: grid\nparameters:\n  lr: 1\n   values: [1]\n")
+    torch.save({"state_dict": {}}, tmp_path / "last.ckpt")
+    expected = {
+        "bad.yaml": "not valid YAML (mapping values are not allowed here, line 4, column 10)",
+        "last.ckpt": "not UTF-8 text (invalid start byte at byte ",
+    }
+    for name, message in expected.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", str(tmp_path / name), "--local"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {tmp_path / name}: {message}"), err
 
 
 def test_bounds_yaml_reads_as_strings_are_numbers(tmp_path):
