@@ -122,6 +122,21 @@ def _unparsable(files: list[str]) -> str | None:
     return None
 
 
+def _not_a_mapping(files: list[str]) -> tuple[str, object] | None:
+    """The first of the files whose YAML is not a mapping of keys, with what it holds instead."""
+    import yaml
+
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                content = yaml.safe_load(f)
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: UnicodeDecodeError, reported elsewhere
+            continue
+        if not isinstance(content, dict):
+            return file, content
+    return None
+
+
 def _not_text(files: list[str]) -> str | None:
     """The first of the files that is not UTF-8 text."""
     for file in files:
@@ -176,6 +191,11 @@ def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
     if (expected := _UNION_EXPECTED.findall(message)) and (given := _GIVEN_VALUE.search(message)):
         # a union of types (Lightning's precision: int or str literals, or None): what was given, what would do
         return f"bad value for {group}: {given.group(1)}; expected one of {' | '.join(map(_type_name, expected))}"
+    if message.startswith("Unexpected config:") and (found := _not_a_mapping(_config_files(list(args)))):
+        # jsonargparse's "Unexpected config: # my overrides" named no file
+        file, content = found
+        holds = "nothing (only comments?)" if content is None else f"a {type(content).__name__}"
+        return f"{file} holds {holds}, not the keys of a config (trainer:, model:, data:, ...)"
     if message.startswith("Problems parsing config") and (mark := _YAML_MARK.search(message)):
         file = _unparsable(_config_files(list(args)))
         where = f"{file}, line" if file else "at line"

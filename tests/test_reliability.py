@@ -146,6 +146,19 @@ def test_a_config_file_that_is_not_text_is_one_line(capsys, tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    ("text", "holds"), [("# trainer:\n#   max_steps: 5\n", "nothing (only comments?)"), ("- 1\n- 2\n", "a list")]
+)
+def test_a_config_file_without_keys_is_named(capsys, tmp_path, text, holds):
+    """An overlay left with comments only read "Unexpected config: # trainer:", naming no file."""
+    overlay = tmp_path / "overrides.yaml"
+    overlay.write_text(text)
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(overlay), "--print_config")
+    assert code == 2 and err == (
+        f"error: {overlay} holds {holds}, not the keys of a config (trainer:, model:, data:, ...). See `lm fit --help`."
+    )
+
+
 def test_a_missing_subcommand_is_one_sentence(capsys):
     code, err = run_cli(capsys, "--config", DEBUG)
     assert code == 2 and "but it was not provided. See `lm fit --help`." in err
