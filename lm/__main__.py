@@ -74,7 +74,10 @@ def _differences(given: dict, saved: dict, *, skip: str, prefix: str = "", whose
 
 
 def _shows_help(argv: list[str]) -> bool:
-    return any(a in ("-h", "--help") or a.endswith(".help") or a.startswith("--print_config") for a in argv)
+    # `--model.help=LanguageModel` too: argparse takes an option's value after `=`, and that form showed no field docs
+    return any(
+        a in ("-h", "--help") or a.partition("=")[0].endswith(".help") or a.startswith("--print_config") for a in argv
+    )
 
 
 class LMCLI(LightningCLI):

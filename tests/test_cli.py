@@ -200,6 +200,15 @@ def test_help_shows_field_docs():
     assert "Query heads per attention layer" in out
 
 
+@pytest.mark.parametrize("argv", [["--model.help", "LanguageModel"], ["--model.help=LanguageModel"]])
+def test_help_shows_the_architecture_s_field_docs_in_either_form(argv, capsys):
+    """GPTConfig's field docs are attribute docstrings, parsed only when help is shown: `--model.help=LanguageModel`
+    was not taken for help, and listed the arch fields without their docs."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *argv])
+    assert exit_info.value.code == 0 and "Query heads per attention layer" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("env", "rank"),
     [
