@@ -15,11 +15,13 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lm.errors import LMError
 
+# An unknown key's characters take in "-": `--trainer.max-steps` was reported as the key trainer.max, with max_time as
+# the key meant
 _CLASS_OPTION = re.compile(
     r"Problem with given class_path '([\w.]+)':\s*"
-    r"(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+)"
+    r"(?:Option '([\w.-]+)' is not accepted|unrecognized arguments: --([\w.-]+)"
     # a YAML's unknown key inside a dataclass argument (model.init_args.arch.n_layerz)
-    r"|Group '([\w.]+)' does not accept option '(\w+)')"
+    r"|Group '([\w.]+)' does not accept option '([\w-]+)')"
 )
 _CLASS_VALUE = re.compile(r"Problem with given class_path '([\w.]+)':\s*Parser key \"([\w.]+)\":\s*(.+?)(?:\n|$)")
 _GROUP_KEY = re.compile(r"Parser key \"([\w.]+)\"")
@@ -27,7 +29,7 @@ _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':\s*(.+?)(
 _UNION_EXPECTED = re.compile(r"^\s*- Expected a (.+?)\s*$", re.M)
 _GIVEN_VALUE = re.compile(r"^\s*Given value: (.+?)\s*$", re.M)
 # "Group 'trainer' does not accept option 'max_stepz'": how --print_config reports a YAML's unknown key in a group
-_TOP_OPTION = re.compile(r"(?:Group '([\w.]+)' )?(?:does not accept option '|unrecognized arguments: --)([\w.]+)")
+_TOP_OPTION = re.compile(r"(?:Group '([\w.]+)' )?(?:does not accept option '|unrecognized arguments: --)([\w.-]+)")
 _TOP_VALUE = re.compile(r"Parser key \"([\w.]+)\":\s*(Expected .+?|File does not exist.+?)(?:\n|$)")
 
 

@@ -38,6 +38,10 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         (["--model.init_args.lr", "abc"], "bad value for model.init_args.lr: Expected a <class 'float'>"),
         (["--trainer.max_steps", "abc"], "bad value for trainer.max_steps: Expected a <class 'int'>"),
         (["--model.init_args.l", "3"], "unknown key model.init_args.l"),  # no silent abbreviation of `lr`
+        # a dashed spelling was cut at the dash: "unknown key trainer.max (did you mean 'trainer.max_time'?)"
+        (["--trainer.max-steps", "3"], "unknown key trainer.max-steps (did you mean 'trainer.max_steps'?)"),
+        (["--model.init_args.weight-decay", "0"], "unknown key model.init_args.weight-decay (did you mean "
+         "'weight_decay'?); lm.module.LanguageModel accepts: "),
         # errors inside a union of types used to come out empty: 'error: Parser key "trainer.precision":.'
         (["--trainer.precision", "17"], "bad value for trainer.precision: 17; expected one of 64, 32, 16 | "),
         (["--model.class_path", "lm.module.LanguageModle"], "module 'lm.module' has no attribute 'LanguageModle'"),
