@@ -29,7 +29,10 @@ _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':\s*(.+?)(
 _UNION_EXPECTED = re.compile(r"^\s*- Expected a (.+?)\s*$", re.M)
 _GIVEN_VALUE = re.compile(r"^\s*Given value: (.+?)\s*$", re.M)
 # "Group 'trainer' does not accept option 'max_stepz'": how --print_config reports a YAML's unknown key in a group
-_TOP_OPTION = re.compile(r"(?:Group '([\w.]+)' )?(?:does not accept option '|unrecognized arguments: --)([\w.-]+)")
+# and "Option 'checkpoints.monitor' is not accepted": how it reports a YAML's unknown group
+_TOP_OPTION = re.compile(
+    r"(?:Group '([\w.]+)' )?(?:does not accept option '|unrecognized arguments: --|^Option ')([\w.-]+)"
+)
 _TOP_VALUE = re.compile(r"Parser key \"([\w.]+)\":\s*(Expected .+?|File does not exist.+?)(?:\n|$)")
 
 
@@ -186,6 +189,13 @@ def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
         key = f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
         prefix = key.rpartition(".")[0]
         siblings = [k for k in known_keys if k.rpartition(".")[0] == prefix]
+        group, _, rest = key.partition(".")
+        top = [k for k in known_keys if "." not in k]
+        if not siblings and group not in top:
+            # a misspelt group (checkpoints.monitor, trainr.max_steps) has no siblings: the top level's keys instead
+            near = difflib.get_close_matches(group, top, n=1)
+            hint = f" (did you mean '{near[0]}.{rest}'?)" if near else ""
+            return f"unknown key {key}{hint}; top level accepts: {', '.join(top)}"
         allowed = f"; {prefix or 'top level'} accepts: {', '.join(s.rpartition('.')[2] for s in siblings)}"
         return f"unknown key {key}{_suggest(key, siblings)}{allowed if siblings else ''}"
     if m := _TOP_VALUE.search(message):
@@ -228,14 +238,16 @@ class OneLineErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if self.verbose_errors or not getattr(self, "exit_on_error", True):
             return super().error(message, ex)  # inner parsers raise, and the outer one reports
-        known = [a.dest for p in _parsers(self) for a in p._actions if a.dest and not a.dest.startswith("help")]
+        # the keys of the subcommands (fit, validate), where a config's keys go; not the root's own (subcommand, ...)
+        parsers = _parsers(self)[1:] or [self]
+        known = [a.dest for p in parsers for a in p._actions if a.dest and not a.dest.startswith("help")]
         known = list(dict.fromkeys(known))  # fit's and validate's parsers share most keys
         print(f"error: {explain(message, known, self._args).rstrip('.')}. See `lm fit --help`.", file=sys.stderr)
         sys.exit(2)
 
 
 def _parsers(parser) -> list:
-    """The parser and its subcommand parsers (`fit`, `validate`)."""
+    """The parser and its subcommand parsers (`fit`, `validate`), if any."""
     parsers = [parser]
     action = getattr(parser, "_subcommands_action", None)
     if action is not None:

@@ -110,6 +110,9 @@ def test_unknown_key_lists_the_allowed_ones(capsys):
         # trainer.callbacks.init_args.tasks: Problem with given class_path 'lm.eval.EvalSpec':", naming neither
         (EVAL_TASKS.format("{task: hellaswag, data: x.jsonl, limt: 5}"),
          "unknown key trainer.callbacks.init_args.tasks.limt (did you mean 'limit'?); lm.eval.EvalSpec accepts: "),
+        # a misspelt group had no suggestion, and the root parser's own keys (subcommand, print_shtab) were listed
+        ("checkpoints:\n  monitor: val/loss\n", "unknown key checkpoints.monitor (did you mean 'checkpoint.monitor'?); "
+         "top level accepts: config, print_config, seed_everything, trainer, model, data, checkpoint, snapshots, "),
         (EVAL_TASKS.format("{task: hellaswag, data: x.jsonl, limit: all}"),
          "bad value for trainer.callbacks.init_args.tasks.limit: all; expected one of int | null"),
     ],
@@ -133,6 +136,10 @@ def test_unknown_yaml_key_under_print_config_names_its_group(capsys, tmp_path):
     bad.write_text("trainer:\n  max_stepz: 3\n")
     code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(bad), "--print_config")
     assert code == 2 and "unknown key trainer.max_stepz (did you mean 'trainer.max_steps'?); trainer accepts:" in err
+    # a misspelt group: it read "Option 'trainr.max_steps' is not accepted"
+    bad.write_text("trainr:\n  max_steps: 3\n")
+    code, err = run_cli(capsys, "fit", "--config", DEBUG, "--config", str(bad), "--print_config")
+    assert code == 2 and "unknown key trainr.max_steps (did you mean 'trainer.max_steps'?); top level accepts:" in err
 
 
 def test_a_config_file_that_is_not_text_is_one_line(capsys, tmp_path):
