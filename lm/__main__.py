@@ -157,6 +157,10 @@ class LMCLI(LightningCLI):
                 value = config.get(key)
                 if isinstance(value, str) and value.startswith("~"):
                     config[key] = os.path.expanduser(value)
+            # Lightning's seed_everything refuses a seed numpy cannot take with a ValueError traceback
+            seed = config.get("seed_everything")
+            if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+                raise LMError(f"seed_everything must be in [0, {2**32 - 1}] (numpy's seeds) or true/false, got {seed}")
         sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
         if self.config.get("subcommand") == "fit" and sweep_id and run_id:
             # A trial started by `wandb agent` (lm sweep on the W&B server): every trial runs the sweep's one command,

@@ -85,6 +85,8 @@ def test_a_run_bounded_by_max_time_alone_is_refused_in_one_line_before_it_trains
         (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be >= 1 batch"),
         # trained without a word, every update reversed (gradient ascent)
         (["--trainer.gradient_clip_val=-1.0"], "trainer.gradient_clip_val must be >= 0"),
+        # Lightning's seed_everything raised its ValueError ("not in bounds, numpy accepts ...") as a traceback
+        (["--seed_everything", "-1"], "seed_everything must be in [0, 4294967295] (numpy's seeds) or true/false"),
     ],
 )
 def test_trainer_values_lightning_does_not_check_are_one_line_errors(capsys, tmp_path, override, expected):
