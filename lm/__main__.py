@@ -451,6 +451,12 @@ def _check_trainer_values(trainer) -> None:
     interval = trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
         raise LMError(f"trainer.val_check_interval must be >= 1 batch (or a fraction of an epoch), got {interval}")
+    # 0 failed with a ZeroDivisionError as training started (after the data was prepared)
+    epochs = trainer.get("check_val_every_n_epoch")
+    if epochs is not None and epochs < 1:
+        raise LMError(
+            f"trainer.check_val_every_n_epoch must be >= 1 (null: count val_check_interval across epochs), got {epochs}"
+        )
 
 
 def _note_arch_replaced_by_init_from(model) -> None:

@@ -83,6 +83,7 @@ def test_a_run_bounded_by_max_time_alone_is_refused_in_one_line_before_it_trains
         # Lightning divides by these at the first step (ZeroDivisionError traceback)
         (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
         (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be >= 1 batch"),
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be >= 1 (null: count "),
         # trained without a word, every update reversed (gradient ascent)
         (["--trainer.gradient_clip_val=-1.0"], "trainer.gradient_clip_val must be >= 0"),
         # Lightning's seed_everything raised its ValueError ("not in bounds, numpy accepts ...") as a traceback
