@@ -182,6 +182,9 @@ class LMCLI(LightningCLI):
         # <root>/config.yaml and the checkpoints' run_config record, so that a run started again from them with
         # another root writes there, not into this run's checkpoints, logs and W&B run.
         self._given_config = config.clone()
+        # `--ckpt_path last` as given, not the file it found: config.yaml held this root's last.ckpt, so a run started
+        # again from it with another root resumed this run's checkpoint (and trained nothing past its max_steps)
+        self._given_config["ckpt_path"] = self._ckpt_path_given
         self.save_config_kwargs = {**self.save_config_kwargs, "given": self._given_config}
         root = Path(config.trainer.default_root_dir)
         if self.subcommand == "fit":
@@ -253,6 +256,7 @@ class LMCLI(LightningCLI):
         self._resume_info = {}
         config = self.config.get(self.config.get("subcommand") or "", None)
         ckpt_path = config.get("ckpt_path") if config is not None else None
+        self._ckpt_path_given = ckpt_path  # `last` and `best` are resolved below, for this run only
         if ckpt_path is None and self.config.get("subcommand") == "validate":
             raise LMError("lm validate needs --ckpt_path (a .ckpt or last): without it the weights are untrained")
         if ckpt_path == "last":  # where our Checkpoint callback writes it (`checkpoint.dirpath` is not resolved yet)

@@ -597,6 +597,23 @@ def test_last_of_a_run_that_died_before_its_first_save_starts_from_scratch(tmp_p
     assert torch.load(checkpoints / "last.previous.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_a_resumed_run_s_config_records_ckpt_path_last_as_given(tmp_path, capsys, monkeypatch):
+    """config.yaml (and the checkpoints' run_config) held the file `--ckpt_path last` had found, this root's
+    last.ckpt: a run started again from it with another root resumed this run, at a step past its max_steps."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", str(REPO / "experiments/debug.yaml"), "--trainer.logger", "false"]
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    main(["fit", *run, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    first = tmp_path / "runs/debug"
+    assert yaml.safe_load((first / "config.yaml").read_text())["ckpt_path"] == "last"
+    run_config = torch.load(first / "checkpoints/last.ckpt", weights_only=True)["lm"]["run_config"]
+    assert yaml.safe_load(run_config)["ckpt_path"] == "last"
+    capsys.readouterr()
+    main(["fit", "--config", str(first / "config.yaml"), "--trainer.default_root_dir", "runs/again"])
+    assert "training starts from scratch" in capsys.readouterr().out  # the new root has no last.ckpt yet
+    assert torch.load(tmp_path / "runs/again/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_a_fresh_run_that_fails_before_it_trains_puts_the_earlier_last_ckpt_back(tmp_path, capsys, monkeypatch):
     """A fresh run with a typo (a missing data file) moved the earlier run's last.ckpt aside and stopped: the corrected
     command's --ckpt_path last then trained from scratch, and lm generate --ckpt .../last.ckpt found nothing. A run
