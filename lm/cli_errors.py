@@ -142,6 +142,41 @@ def _not_a_mapping(files: list[str]) -> tuple[str, object] | None:
     return None
 
 
+def _repeated_key(files: list[str]) -> str | None:
+    """`FILE, line N: ...` for the first key given twice in one mapping of the files. YAML loaders keep the last of
+    them without a word: a file with two `trainer:` sections (two configs pasted into one) dropped the first whole."""
+    import yaml
+
+    def first_repeat(node) -> tuple[str, int, int] | None:  # (key, its first line, the repeat's line), in file order
+        if isinstance(node, yaml.SequenceNode):
+            return next(filter(None, map(first_repeat, node.value)), None)
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # `<<` merges are meant to be overridden
+                if key.value in lines:
+                    return key.value, lines[key.value], key.start_mark.line + 1
+                lines[key.value] = key.start_mark.line + 1
+            if found := first_repeat(value):
+                return found
+        return None
+
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                found = first_repeat(yaml.compose(f, Loader=yaml.SafeLoader))
+        except (OSError, ValueError, yaml.YAMLError):  # reported as they are parsed (UnicodeDecodeError: ValueError)
+            continue
+        if found:
+            key, first, again = found
+            return (
+                f"{file}, line {again}: '{key}' is given a second time (first on line {first}), and YAML keeps only "
+                "the second: merge the two, or put one in another --config file"
+            )
+    return None
+
+
 def _not_text(files: list[str]) -> str | None:
     """The first of the files that is not UTF-8 text."""
     for file in files:
@@ -224,6 +259,8 @@ class OneLineErrorParser(LightningArgumentParser):
 
     def parse_args(self, args=None, *rest, **kwargs):
         self._args = list(sys.argv[1:] if args is None else args)  # to name a config file in an error
+        if repeated := _repeated_key(_config_files(self._args)):
+            raise LMError(repeated)
         try:
             return super().parse_args(args, *rest, **kwargs)
         except UnicodeDecodeError as e:

@@ -173,6 +173,20 @@ def test_a_config_file_without_keys_is_named(capsys, tmp_path, text, holds):
     )
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(capsys, tmp_path):
+    """YAML keeps the last of two equal keys without a word: two configs pasted into one file (debug.yaml, then the
+    bf16 overlay's `trainer:`) trained with bf16 but without debug's trainer section: no max_steps, another root."""
+    debug, bf16 = (open(path).read().splitlines() for path in (DEBUG, REPO / "experiments/trainer/bf16.yaml"))
+    pasted = tmp_path / "pasted.yaml"
+    pasted.write_text("\n".join(debug + bf16) + "\n")
+    first, again = debug.index("trainer:") + 1, len(debug) + bf16.index("trainer:") + 1
+    code, err = run_cli(capsys, "fit", "--config", str(pasted), "--print_config")
+    assert code == 2 and err == (
+        f"error: {pasted}, line {again}: 'trainer' is given a second time (first on line {first}), and YAML keeps "
+        "only the second: merge the two, or put one in another --config file"
+    )
+
+
 def test_a_missing_subcommand_is_one_sentence(capsys):
     code, err = run_cli(capsys, "--config", DEBUG)
     assert code == 2 and "but it was not provided. See `lm fit --help`." in err
