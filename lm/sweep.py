@@ -1037,13 +1037,16 @@ def summarize(study: Any, config: dict[str, Any], out: Path) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     short = [n.split(".")[-1] for n in names]  # model.init_args.lr -> lr
-    widths = [max(len(s), 10) for s in short]
+    cells = [[str(r["params"][n]) for n in names] for r in rows]
+    # As wide as the longest value too: a random or bayes draw (0.00027762939504459577) is wider than its header, and
+    # a column sized by the header alone pushed every later column out from under its own header
+    widths = [max([len(s), 10, *(len(row[i]) for row in cells)]) for i, s in enumerate(short)]
     print(f"\nlm sweep {study.study_name}: {len(rows)} trials, best {metric} first")
     print("  ".join(["trial", "state   ", *(s.rjust(w) for s, w in zip(short, widths, strict=True)), metric]))
-    for r in rows:
+    for r, row in zip(rows, cells, strict=True):
         value = f"{r[metric]:.4f}" if r[metric] is not None else (r["error"] or "")[:60]
-        cells = [str(r["params"][n]).rjust(w) for n, w in zip(names, widths, strict=True)]
-        print("  ".join([f"{r['trial']:>5}", f"{r['state']:<8}", *cells, value]))
+        padded = [cell.rjust(w) for cell, w in zip(row, widths, strict=True)]
+        print("  ".join([f"{r['trial']:>5}", f"{r['state']:<8}", *padded, value]))
     if best is not None:
         print(f"best: trial {best['trial']} {best['params']} {metric}={best[metric]:.4f} ({best['root']})")
     print(f"summary: {out / 'summary.json'}")

@@ -1285,3 +1285,21 @@ def test_a_trial_still_running_moves_the_next_bayes_draw_away_and_leaves_random_
         draws.append(suggest(trial, params)["x"])
     running, failed = draws
     assert (running != failed) == (method == "bayes")
+
+
+def test_summary_table_columns_line_up_under_their_headers_with_long_values(tmp_path, capsys):
+    """A log-uniform draw prints as ~20 characters: its column widens to it, so every later header stays above its
+    values (sized by the header alone, the lr column pushed the rest right of their headers)."""
+    lr = {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3}
+    config = _grid() | {"method": "random", "parameters": {"lr": lr, "n": {"values": [1]}}}
+    run_local(config, name="t", out=tmp_path, count=2, workers=1, storage=None, seed=0, extra=[],
+              run=lambda argv, root, metric, goal: 1.0)  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("trial  state"))
+    table = lines[header : header + 3]
+    for column in ("lr", "n"):  # right-aligned: a header and its values end at the same place
+        end = table[0].index(column) + len(column)
+        for row in table[1:]:
+            assert row[end - 1] != " " and row[end] == " ", (column, table)
+    for row in table[1:]:  # the metric, left-aligned, starts under its header
+        assert row[table[0].index("val/loss") :].startswith("1.0000"), table
