@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline: the environment pins HF/W&B to offline mode for every test."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def _offline(monkeypatch, tmp_path):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     # A test that forgets its tmp_path writes there, not into whatever directory pytest was started in (the checkout)
     monkeypatch.chdir(tmp_path)
+    yield
+    # An lm fit run in this process with W&B on (one that stops with an error, say) leaves its run open, as the CLI's
+    # process exit would close it, and its service named in $WANDB_SERVICE: a later test's logger took that run over,
+    # and the lm processes a later test started joined that service, their W&B files missing from their roots
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and "WANDB_SERVICE" in os.environ:
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
 
 
 def _checkout_files() -> set[str]:
