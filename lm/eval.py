@@ -578,6 +578,11 @@ class EvalCallback(L.Callback):
         # a missing or malformed data file stops the run before training, not at its first evaluation
         self._prepare(pl_module)
 
+    def on_validation_start(self, trainer, pl_module):
+        # lm validate: before its pass, not after it (whose loss the error then hid); not if it runs only between steps
+        if trainer.state.fn == "validate" and self.every_n_validations:
+            self._prepare(pl_module)
+
     def on_train_start(self, trainer, pl_module):
         # A resumed fit starts at the checkpoint's step, whose evaluation (if one was due) ran before the checkpoint
         # was written: under accumulation the next micro-batches end at that step too, and would run it again

@@ -232,6 +232,14 @@ class TaskAccuracy(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         # A tokenizer that cannot write the problems (a char vocabulary from Shakespeare has no digits) stops the run
         # before training, not at its first validation, val_check_interval steps later
+        self._check_tokenizer(pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        # lm validate: before its pass, not after it (whose loss the error then hid)
+        if trainer.state.fn == "validate":
+            self._check_tokenizer(pl_module)
+
+    def _check_tokenizer(self, pl_module) -> None:
         if pl_module.tokenizer is not None:
             problems = make_problems(self.task, "test", self.num_problems, seed=self.seed, digits=self.digits)
             check_tokenizer_writes(pl_module.tokenizer, self.task, problems)

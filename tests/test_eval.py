@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
 import lm.eval
+import lm.tasks
 from lm.__main__ import main
 from lm.config import GPTConfig, padded_vocab_size
 from lm.data import load_documents
@@ -573,6 +574,30 @@ def test_a_chat_task_whose_tokenizer_cannot_write_its_problems_stops_the_fit_bef
     with pytest.raises(LMError, match="^task addition: the model's char tokenizer cannot write its problems"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("make_callback", "expected"),
+    [
+        (lambda: EvalCallback([{"task": "lm", "data": "missing.txt"}]), "^data source 'missing.txt': no such file"),
+        (lambda: lm.tasks.TaskAccuracy("addition"), "^task addition: the model's char tokenizer cannot write"),
+    ],
+)
+def test_lm_validate_refuses_an_evaluation_that_cannot_run_before_its_pass(tmp_path, make_callback, expected):
+    """As at fit start: lm validate ran its whole pass first, then stopped at the evaluation, and its loss was lost.
+    An EvalCallback that runs only between steps is not prepared (validate never runs it)."""
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")  # a char vocabulary without digits
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", [make_callback()], limit_val_batches=2)
+    steps = []
+    validation_step = module.validation_step
+    module.validation_step = lambda batch, batch_idx: steps.append(batch_idx) or validation_step(batch, batch_idx)
+    with pytest.raises(LMError, match=expected):
+        trainer.validate(module, datamodule=data, verbose=False)
+    assert steps == []
+    between_steps = EvalCallback([{"task": "lm", "data": "missing.txt"}], every_n_validations=None, every_n_steps=5)
+    trainer, _, _ = _tiny_training(tmp_path, tmp_path / "t.txt", [between_steps], limit_val_batches=2)
+    trainer.validate(module, datamodule=data, verbose=False)
+    assert steps == [0, 1]
 
 
 def test_two_eval_callbacks_train_together_and_an_older_checkpoint_s_count_is_read():
