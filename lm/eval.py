@@ -558,7 +558,8 @@ class EvalCallback(L.Callback):
     @property
     def state_key(self) -> str:
         # One per set of tasks, as their metrics eval/<name>/... are: under the class name alone, a second
-        # EvalCallback (another cadence for other tasks) made Lightning refuse to build the Trainer
+        # EvalCallback (another cadence for other tasks) made Lightning refuse to build the Trainer. An older lm
+        # checkpoint's count, under the class name, is moved to this key by LanguageModel.on_load_checkpoint
         return self._generate_state_key(tasks=[task.name for task in self.tasks])
 
     def state_dict(self) -> dict[str, int]:
@@ -566,13 +567,6 @@ class EvalCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._validations = int(state_dict.get("validations", 0))
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        # A checkpoint of an older lm keeps the count under the class name: move it to this callback's key, which
-        # Lightning reads next
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states and "EvalCallback" in states:
-            states[self.state_key] = states.pop("EvalCallback")
 
     def on_fit_start(self, trainer, pl_module):
         # a missing or malformed data file stops the run before training, not at its first evaluation

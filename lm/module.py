@@ -240,6 +240,21 @@ def _init_from_config(info: dict, path: str) -> GPTConfig:
     return GPTConfig.from_dict(info["model_config"], path)
 
 
+def _adopt_callback_states_saved_under_class_names(callbacks: list[L.Callback], checkpoint: dict) -> None:
+    """An older lm saved TaskAccuracy's and EvalCallback's states under their class names, before their keys named
+    their tasks (so that two can train together): each goes to this run's callback of that class under its key.
+
+    Done in the module's hook, which Lightning calls before it compares the checkpoint's callback keys with the
+    run's: moved by the callbacks' own hooks, after that, the count was read but Lightning had asked to "add the
+    following callbacks: ['TaskAccuracy']", which the run had. (A callback keyed by its class name alone finds its
+    state there already and is left alone.)"""
+    states = checkpoint.get("callbacks") or {}
+    for callback in callbacks:
+        older = type(callback).__qualname__
+        if older in states and callback.state_key not in states:
+            states[callback.state_key] = states.pop(older)
+
+
 class LanguageModel(L.LightningModule):
     """A GPT trained on next-token prediction.
 
@@ -843,6 +858,8 @@ class LanguageModel(L.LightningModule):
             self._restored_scale_divisor = float(info.get("fp16_backward_divisor", 1.0))
         # lm validate restores no loop state, so trainer.global_step reads 0 there: this names the weights' step
         self.checkpoint_step = checkpoint.get("global_step")
+        if self._trainer is not None:  # not under load_from_checkpoint
+            _adopt_callback_states_saved_under_class_names(self.trainer.callbacks, checkpoint)
 
     def _check_architecture(self, info: dict) -> None:
         """Compare the checkpoint's model config with this run's, before Lightning loads the weights (a size mismatch

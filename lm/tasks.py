@@ -213,7 +213,8 @@ class TaskAccuracy(L.Callback):
     @property
     def state_key(self) -> str:
         # One per task, as its metric eval/<task>/exact_match is: under the class name alone, a second TaskAccuracy
-        # (addition and count) made Lightning refuse to build the Trainer, since their saved counts would collide.
+        # (addition and count) made Lightning refuse to build the Trainer, since their saved counts would collide. An
+        # older lm checkpoint's count, under the class name, is moved to this key by LanguageModel.on_load_checkpoint
         return self._generate_state_key(task=self.task)
 
     def state_dict(self) -> dict[str, int]:
@@ -221,13 +222,6 @@ class TaskAccuracy(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._validations = int(state_dict.get("validations", 0))
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        # A checkpoint of an older lm keeps the count under the class name (one TaskAccuracy per run then): move it to
-        # this task's key, which Lightning reads next, so the resumed run keeps its rhythm
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states and "TaskAccuracy" in states:
-            states[self.state_key] = states.pop("TaskAccuracy")
 
     def on_fit_start(self, trainer, pl_module):
         # A tokenizer that cannot write the problems (a char vocabulary from Shakespeare has no digits) stops the run

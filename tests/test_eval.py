@@ -4,6 +4,7 @@ plain re-implementation, the result JSON, the chat-task hook, and the callback i
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -600,21 +601,38 @@ def test_lm_validate_refuses_an_evaluation_that_cannot_run_before_its_pass(tmp_p
     assert steps == [0, 1]
 
 
-def test_two_eval_callbacks_train_together_and_an_older_checkpoint_s_count_is_read():
+def test_two_eval_callbacks_train_together():
     """Their saved counts shared the class name's key: Lightning refused a second EvalCallback (other tasks at
-    another cadence) with a RuntimeError. A checkpoint of an older lm holds the count under that name."""
-    from lightning.pytorch.trainer import call
-
+    another cadence) with a RuntimeError."""
     often = EvalCallback([{"task": "addition"}], every_n_steps=10)
     rarely = EvalCallback([{"task": "count"}, {"task": "lm", "data": "t.txt"}], every_n_validations=5)
-    trainer = L.Trainer(callbacks=[often, rarely], logger=False, enable_checkpointing=False)
+    L.Trainer(callbacks=[often, rarely], logger=False, enable_checkpointing=False)
     assert often.state_key != rarely.state_key
-    older = EvalCallback([{"task": "addition"}])
-    trainer = L.Trainer(callbacks=[older], logger=False, enable_checkpointing=False)
-    checkpoint = {"callbacks": {"EvalCallback": {"validations": 3}}, "pytorch-lightning_version": L.__version__}
-    call._call_callbacks_on_load_checkpoint(trainer, checkpoint)
-    call._call_callbacks_load_state_dict(trainer, checkpoint)
-    assert older._validations == 3
+
+
+def test_an_older_checkpoint_s_counts_under_the_class_names_are_resumed_without_a_warning(tmp_path):
+    """An older lm saved TaskAccuracy's and EvalCallback's counts of validations under their class names. They were
+    read, but Lightning compared the checkpoint's keys with the run's first, and asked to "add the following
+    callbacks: ['TaskAccuracy', 'EvalCallback']", which the run had."""
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20 + "0123456789+", encoding="utf-8")  # can write the problems
+
+    def callbacks():
+        return [lm.tasks.TaskAccuracy("addition"), EvalCallback([{"task": "addition"}], every_n_steps=100)]
+
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", callbacks(), max_steps=1)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    states = checkpoint["callbacks"]
+    states["TaskAccuracy"] = states.pop(trainer.callbacks[0].state_key) | {"validations": 5}
+    states["EvalCallback"] = states.pop(trainer.callbacks[1].state_key) | {"validations": 3}
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", callbacks(), max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "older.ckpt")
+    assert [callback._validations for callback in trainer.callbacks[:2]] == [5, 3]
+    assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)]
 
 
 def test_an_evaluation_between_steps_is_logged_once_at_the_step_it_ran(tmp_path):

@@ -197,15 +197,7 @@ def test_two_task_accuracies_train_together_and_each_resumes_its_own_count():
     for callback in resumed:
         callback.load_state_dict(saved[callback.state_key])
     assert [callback._validations for callback in resumed] == [4, 2]
-    # a checkpoint of an older lm, whose one TaskAccuracy saved under the class name, keeps its count too
-    from lightning.pytorch.trainer import call
-
-    older = TaskAccuracy("addition")
-    trainer = L.Trainer(callbacks=[older], logger=False, enable_checkpointing=False)
-    checkpoint = {"callbacks": {"TaskAccuracy": {"validations": 5}}, "pytorch-lightning_version": L.__version__}
-    call._call_callbacks_on_load_checkpoint(trainer, checkpoint)
-    call._call_callbacks_load_state_dict(trainer, checkpoint)
-    assert older._validations == 5
+    # an older lm checkpoint's count, under the class name: tests/test_eval.py::test_an_older_checkpoint_s_counts_...
 
 
 def test_a_problem_found_on_the_last_allowed_draw_counts(monkeypatch):
