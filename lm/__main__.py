@@ -290,10 +290,14 @@ class LMCLI(LightningCLI):
                     "--ckpt_path takes a .ckpt written by lm fit"
                 )
             if self.config.get("subcommand") == "fit" and "optimizer_states" not in ckpt:
-                # checkpoint.save_weights_only: Lightning's restore fails with a KeyError traceback after the set-up
+                # checkpoint.save_weights_only: Lightning's restore fails with a KeyError traceback after the set-up.
+                # A new run in this root moves its last.ckpt aside before the model reads init_from: not found there
+                this_last = Path(ckpt_path).resolve() == (_checkpoint_dir(config) / "last.ckpt").resolve()
+                elsewhere = " and another trainer.default_root_dir" if this_last else ""
                 raise LMError(
                     f"{ckpt_path}: holds the weights only (checkpoint.save_weights_only), not the optimizer and "
-                    f"schedule a resume continues; start a new run from it with --model.init_args.init_from {ckpt_path}"
+                    f"schedule a resume continues; start a new run from it with --model.init_args.init_from "
+                    f"{ckpt_path}{elsewhere}"
                 )
             self._resume_info = {**(ckpt.get("lm") or {}), "path": str(ckpt_path)}
             self._take_model_args_from(ckpt, ckpt_path)

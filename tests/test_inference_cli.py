@@ -125,6 +125,24 @@ def test_resume_from_a_weights_only_checkpoint_is_one_line(capsys, tmp_path):
     assert f"--model.init_args.init_from {path}" in err
 
 
+def test_a_weights_only_last_ckpt_names_another_root_for_the_new_run(capsys, tmp_path, monkeypatch):
+    """A new run in the same root moves its last.ckpt aside before the model reads init_from: the advice followed
+    as given ended in "runs/wo/checkpoints/last.ckpt: checkpoint not found"."""
+    monkeypatch.chdir(tmp_path)
+    run_args = ["fit", "--config", str(REPO / "experiments" / "debug.yaml"), "--trainer.logger", "false",
+                "--samples.max_new_tokens", "0", "--trainer.default_root_dir", "runs/wo", "--trainer.max_steps", "2",
+                "--trainer.val_check_interval", "2", "--checkpoint.save_weights_only", "true"]  # fmt: skip
+    assert run(capsys, *run_args)[0] == 0
+    code, _, err = run(capsys, *run_args, "--ckpt_path", "last")
+    assert code == 2 and err.endswith(
+        "--model.init_args.init_from runs/wo/checkpoints/last.ckpt and another trainer.default_root_dir"
+    )
+    code, _, err = run(capsys, *run_args, "--model.init_args.init_from", "runs/wo/checkpoints/last.ckpt",
+                       "--trainer.default_root_dir", "runs/new")  # fmt: skip
+    assert code == 0, err
+    assert torch.load(tmp_path / "runs/new/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_resume_keeps_the_checkpoints_model_arguments_for_a_file_and_for_last_alike(capsys, tmp_path, monkeypatch):
     """The restored optimizer holds the run's lr: a new one must not be written into the checkpoint unused (as it was
     with `last`), nor dropped without a word (as with a file). Runtime arguments (max_skipped_steps,
