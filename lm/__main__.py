@@ -408,6 +408,12 @@ class LMCLI(LightningCLI):
         keys = self._parser(self.subcommand).callback_keys
         if trainer_config.get("enable_checkpointing") is False:
             keys = [k for k in keys if k not in ("checkpoint", "snapshots")]
+        from lm.eval import refuse_evaluations_sharing_a_name  # (lm.eval stays off the path of the other verbs)
+
+        # Before the Trainer is built: two TaskAccuracy callbacks of one task share a state key, which Lightning
+        # refuses there with a RuntimeError traceback
+        callbacks = trainer_config.get("callbacks") or []
+        refuse_evaluations_sharing_a_name(callbacks if isinstance(callbacks, list) else [callbacks])
         return self._instantiate_trainer(trainer_config, [self._get(self.config_init, k) for k in keys])
 
     def _calm_default_progress_bar(self) -> None:

@@ -37,7 +37,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from lm.callbacks import EMA, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
-from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS
+from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS, TaskAccuracy
 from lm.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -517,6 +517,49 @@ def evaluate(model: GPT, tokenizer: Tokenizer, spec: EvalSpec) -> tuple[dict[str
 # In-training evaluation.
 
 
+def refuse_evaluations_sharing_a_name(callbacks: Sequence[L.Callback]) -> None:
+    """LMError for two evaluations of a run that log under one name, eval/<name>/..., but are not the same evaluation
+    (another file, num_problems, digits): their numbers mixed there (two EvalCallbacks' lm tasks on different files
+    logged the mean of both losses; a second task of one EvalCallback replaced the first's). And for two TaskAccuracy
+    callbacks of one task, or two EvalCallbacks of the same tasks, whose saved counts share a state key: Lightning
+    refused the Trainer with a RuntimeError traceback. The same evaluation in two places (an EvalCallback between
+    steps beside a TaskAccuracy at validation) logs the same numbers, and may."""
+    logged: dict[str, tuple[EvalSpec, str]] = {}
+    keys: set[str] = set()
+    for callback in callbacks:
+        if isinstance(callback, TaskAccuracy):
+            spec = EvalSpec(
+                callback.task, num_problems=callback.num_problems, seed=callback.seed, digits=callback.digits
+            )
+            evaluations = [(callback.task, spec, f"TaskAccuracy(task={callback.task})")]
+        elif isinstance(callback, EvalCallback):
+            evaluations = [(task.name, task.spec, f"an EvalCallback's task {task.name}") for task in callback.tasks]
+        else:
+            continue
+        if callback.state_key in keys and isinstance(callback, TaskAccuracy):
+            raise LMError(
+                f"trainer.callbacks: two TaskAccuracy callbacks of task {callback.task}: keep one per task (another "
+                f"setting of it goes in an EvalCallback task with a name of its own, as {{task: {callback.task}, "
+                f"num_problems: 500, name: {callback.task}_500}})"
+            )
+        if callback.state_key in keys:
+            raise LMError(
+                f"trainer.callbacks: two EvalCallbacks of the tasks {', '.join(name for name, _, _ in evaluations)}: "
+                "keep one (it can run both every_n_validations and every_n_steps)"
+            )
+        keys.add(callback.state_key)
+        for name, spec, what in evaluations:
+            spec = replace(spec, name=None, batch_size=None)  # neither changes the numbers
+            other, other_what = logged.setdefault(name, (spec, what))
+            differ = [f.name for f in fields(EvalSpec) if getattr(other, f.name) != getattr(spec, f.name)]
+            if differ:
+                values = ", ".join(f"{key} {getattr(other, key)} vs {getattr(spec, key)}" for key in differ)
+                raise LMError(
+                    f"trainer.callbacks: {other_what} and {what} both log eval/{name}/... but differ ({values}), so "
+                    "their numbers would mix there: give the EvalCallback's a name of its own (name: ... in its task)"
+                )
+
+
 class EvalCallback(L.Callback):
     """Runs evaluation tasks during training and logs `eval/<name>/<metric>` (so W&B and every other logger get
     them): at validation through `pl_module.log`, and between steps (`every_n_steps`) straight to the loggers, once,
@@ -549,6 +592,7 @@ class EvalCallback(L.Callback):
                 raise LMError(f"EvalCallback: {name} must be at least 1 (or null), got {value}")
         self.specs = [spec if isinstance(spec, EvalSpec) else EvalSpec(**spec) for spec in tasks]
         self.tasks = [build_task(spec) for spec in self.specs]
+        refuse_evaluations_sharing_a_name([self])
         self.every_n_validations = every_n_validations
         self.every_n_steps = every_n_steps
         self._validations = 0
@@ -567,6 +611,9 @@ class EvalCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._validations = int(state_dict.get("validations", 0))
+
+    def setup(self, trainer, pl_module, stage):
+        refuse_evaluations_sharing_a_name(trainer.callbacks)  # with another EvalCallback or a TaskAccuracy
 
     def on_fit_start(self, trainer, pl_module):
         # a missing or malformed data file stops the run before training, not at its first evaluation

@@ -610,6 +610,58 @@ def test_two_eval_callbacks_train_together():
     assert often.state_key != rarely.state_key
 
 
+def test_evaluations_that_log_under_one_name_must_be_the_same_evaluation(tmp_path):
+    """Two EvalCallbacks' lm tasks on different files logged the mean of both losses as eval/lm/loss, and a second task
+    of one name in one EvalCallback replaced the first's numbers. The same evaluation between steps and at validation
+    logs the same numbers, and may."""
+    with pytest.raises(LMError, match=re.escape("task lm both log eval/lm/... but differ (data a.txt vs b.txt)")):
+        EvalCallback([{"task": "lm", "data": "a.txt"}, {"task": "lm", "data": "b.txt"}])
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20 + "0123456789+", encoding="utf-8")  # can write the problems
+    mixed = {
+        "data a.txt vs b.txt": [
+            EvalCallback([{"task": "lm", "data": "a.txt"}], every_n_steps=5),
+            EvalCallback([{"task": "addition"}, {"task": "lm", "data": "b.txt"}]),
+        ],
+        "num_problems 200 vs 100": [lm.tasks.TaskAccuracy("addition"), EvalCallback([{"task": "addition"}])],
+    }
+    for differ, callbacks in mixed.items():
+        trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", callbacks, max_steps=1)
+        with pytest.raises(LMError, match=re.escape(f"but differ ({differ}), so their numbers would mix there")):
+            trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 0
+    same = [
+        lm.tasks.TaskAccuracy("addition", num_problems=2),
+        EvalCallback([{"task": "addition", "num_problems": 2}], every_n_validations=None, every_n_steps=5),
+    ]
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", same, max_steps=1)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("callback", "expected"),
+    [
+        (
+            "{class_path: lm.tasks.TaskAccuracy, init_args: {task: addition}}",
+            "two TaskAccuracy callbacks of task addition: keep one per task (another setting of it goes in an "
+            "EvalCallback task with a name of its own, as {task: addition, num_problems: 500, name: addition_500})",
+        ),
+        (
+            "{class_path: lm.eval.EvalCallback, init_args: {tasks: [{task: count}]}}",
+            "two EvalCallbacks of the tasks count: keep one (it can run both every_n_validations and every_n_steps)",
+        ),
+    ],
+)
+def test_two_evaluations_with_one_state_key_are_a_one_line_error(tmp_path, capsys, callback, expected):
+    """Lightning refused the Trainer with a RuntimeError traceback (exit 1): their saved counts share a key."""
+    (tmp_path / "twice.yaml").write_text(f"trainer:\n  callbacks:\n    - {callback}\n    - {callback}\n")
+    config = ["--config", str(REPO / "experiments/pretrain_addition.yaml"), "--config", str(tmp_path / "twice.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config, "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: trainer.callbacks: {expected}\n"
+
+
 def test_an_older_checkpoint_s_counts_under_the_class_names_are_resumed_without_a_warning(tmp_path):
     """An older lm saved TaskAccuracy's and EvalCallback's counts of validations under their class names. They were
     read, but Lightning compared the checkpoint's keys with the run's first, and asked to "add the following
@@ -617,7 +669,10 @@ def test_an_older_checkpoint_s_counts_under_the_class_names_are_resumed_without_
     (tmp_path / "t.txt").write_text("".join(DOCS) * 20 + "0123456789+", encoding="utf-8")  # can write the problems
 
     def callbacks():
-        return [lm.tasks.TaskAccuracy("addition"), EvalCallback([{"task": "addition"}], every_n_steps=100)]
+        return [
+            lm.tasks.TaskAccuracy("addition"),
+            EvalCallback([{"task": "addition", "num_problems": 200}], every_n_steps=100),
+        ]
 
     trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", callbacks(), max_steps=1)
     trainer.fit(module, datamodule=data)
