@@ -52,7 +52,7 @@ from lm.callbacks import EMA, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
-from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS, TaskAccuracy
+from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS, TaskAccuracy, check_tokenizer_writes_task
 from lm.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -433,12 +433,9 @@ class ChatTask(Task):
     def prepare(self, tokenizer, block_size):
         # A tokenizer that cannot write the problems (a char vocabulary without digits) stops a fit before training,
         # as lm.tasks.TaskAccuracy does, not at its first evaluation
-        from lm.tasks import check_tokenizer_writes, make_problems
-
-        problems = make_problems(
-            self.spec.task, "test", self.spec.num_problems, seed=self.spec.seed, digits=self.spec.digits
+        check_tokenizer_writes_task(
+            tokenizer, self.spec.task, self.spec.num_problems, seed=self.spec.seed, digits=self.spec.digits
         )
-        check_tokenizer_writes(tokenizer, self.spec.task, problems)
 
     def score(self, model, tokenizer, *, rank=0, world_size=1):
         try:

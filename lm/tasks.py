@@ -143,6 +143,12 @@ def check_tokenizer_writes(tokenizer, task: str, problems: list[Problem]) -> Non
         ) from None
 
 
+def check_tokenizer_writes_task(tokenizer, task: str, num_problems: int, *, seed: int, digits: int) -> None:
+    """check_tokenizer_writes on the test problems an evaluation of `task` draws: before a fit trains or a validation
+    runs (TaskAccuracy, lm.eval's chat tasks), not at the first evaluation."""
+    check_tokenizer_writes(tokenizer, task, make_problems(task, "test", num_problems, seed=seed, digits=digits))
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -235,8 +241,9 @@ class TaskAccuracy(L.Callback):
 
     def _check_tokenizer(self, pl_module) -> None:
         if pl_module.tokenizer is not None:
-            problems = make_problems(self.task, "test", self.num_problems, seed=self.seed, digits=self.digits)
-            check_tokenizer_writes(pl_module.tokenizer, self.task, problems)
+            check_tokenizer_writes_task(
+                pl_module.tokenizer, self.task, self.num_problems, seed=self.seed, digits=self.digits
+            )
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or pl_module.tokenizer is None:
