@@ -16,11 +16,15 @@ put the server behind something that checks.
 
 Both POSTs take max_tokens, temperature, top_p, stop (a string or a list), seed and stream (Server-Sent Events), plus
 top_k (0: no top-k filter) and repetition_penalty as extensions; what a request leaves out comes from the flags. The
-`model` field is not checked. Not supported, and a 400 when asked for: n > 1, logprobs, tools/functions, logit_bias,
-presence/frequency penalties, best_of, echo, suffix, a `prompt` list of more than one prompt (one in a
-list is read as itself). A completion's `prompt` may also be token ids of this model's tokenizer, as OpenAI's API
-takes them (`[15496, 995]`, or a list of one such list). A bad request is a 400 `{"error": {"message", "type"}}` and the
-server goes on.
+`model` field is not checked, nor are OpenAI's fields that leave the reply as it is (user, metadata, store,
+service_tier, ...). Not supported, and a 400 naming the field when asked for: n > 1, logprobs, tools/functions,
+logit_bias, presence/frequency penalties, best_of, echo, suffix, response_format other than text, audio, reasoning
+and web search, a `prompt` list of more than one prompt (one in a list is read as itself). A field serve does not
+know is a 400 too, as in OpenAI's API: ignored, another server's ignore_eos, min_tokens or min_p (or a chat's
+`messages` sent to /v1/completions) would give a reply that was not asked for. A field set to null is not set. A
+completion's `prompt` may also be token ids of this model's tokenizer, as OpenAI's API takes them (`[15496, 995]`, or
+a list of one such list). A bad request is a 400 `{"error": {"message", "type"}}` (plus "param" for a field serve
+does not take) and the server goes on.
 
 The engine is lm.generate's, with lm chat's conventions: a reply is at most half the context, the oldest exchanges
 are dropped until the conversation fits in the rest, and it ends at <|end|>, EOS, BOS or a role marker, whose text
@@ -79,20 +83,38 @@ from lm.generate import Finish, check_sampling, stream_text
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
-# Fields we cannot honour, with the value that asks for nothing: another value is refused rather than ignored.
+# The settings a request may give, besides its messages (chat) or prompt (completion).
+SETTINGS = (
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
+    "stream", "stream_options",
+)  # fmt: skip
+# OpenAI's fields that leave the reply as it is (the model's name, bookkeeping, caching, speed): taken and unused.
+NO_EFFECT = (
+    "model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+    "safety_identifier", "prediction",
+)  # fmt: skip
+# OpenAI's fields we cannot honour, with the values that ask for nothing (none: only null does): another value is
+# refused rather than ignored. Any other field is refused too, as OpenAI's API refuses a field it does not know.
 UNSUPPORTED = {
-    "n": 1,
-    "best_of": 1,
-    "logprobs": False,
-    "top_logprobs": 0,
-    "echo": False,
-    "suffix": "",
-    "tools": [],
-    "functions": [],
-    "logit_bias": {},
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "response_format": {"type": "text"},
+    "n": (1,),
+    "best_of": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # without tools, either is a plain reply
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
 }
 MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is read
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # per request (OpenAI allows 4 stop sequences)
@@ -147,8 +169,8 @@ class LMServer(ThreadingHTTPServer):
     # ---- requests -> jobs (an LMError is the client's mistake: a 400) ----
 
     def chat_job(self, body: dict) -> Job:
+        job = self._job(body, chat=True)  # first: a completion's prompt sent here is named as such
         messages = _messages(body.get("messages"))
-        job = self._job(body, chat=True)
         budget = self.model.config.block_size - job.sampling["max_new_tokens"]
         _, job.prompt_ids = fit_history(messages, self.tokenizer, budget)
         return job
@@ -176,11 +198,7 @@ class LMServer(ThreadingHTTPServer):
         return job
 
     def _job(self, body: dict, *, chat: bool) -> Job:
-        for name, neutral in UNSUPPORTED.items():
-            value = body.get(name)
-            # Equal is not enough: 0 == False, and the legacy API's "logprobs": 0 asks for the chosen tokens' logprobs
-            if value is not None and (value != neutral or isinstance(value, bool) != isinstance(neutral, bool)):
-                raise LMError(f"{name!r} is not supported by lm serve (got {json.dumps(body[name])})")
+        _check_fields(body, chat=chat)
         d = self.defaults
         max_tokens = _field(body, "max_completion_tokens", int, "an integer", None)  # OpenAI's newer name
         if max_tokens is None:
@@ -255,6 +273,29 @@ def api_key_digest(api_key: str | None) -> bytes | None:
     return hashlib.sha256(api_key.encode()).digest()
 
 
+def _check_fields(body: dict, *, chat: bool) -> None:
+    """RequestError naming the first field that asks for what lm serve does not do (a null field asks for nothing).
+
+    Ignoring it would answer another question than the one asked: another server's extension (vLLM's ignore_eos,
+    min_tokens, min_p), a chat's messages sent to /v1/completions, OpenAI's n or logprobs.
+    """
+    for name, value in body.items():
+        if value is None or name in SETTINGS or name in NO_EFFECT or name == ("messages" if chat else "prompt"):
+            continue
+        if name not in UNSUPPORTED:
+            if name == "messages":
+                hint = " (a conversation goes to /v1/chat/completions)"
+            elif name == "prompt":
+                hint = " (a prompt to continue goes to /v1/completions)"
+            else:
+                hint = f"; lm serve takes {', '.join(SETTINGS)}"
+            raise RequestError(400, f"unrecognized request argument {name!r}{hint}", param=name)
+        # Equal is not enough: 0 == False, and the legacy API's "logprobs": 0 asks for the chosen tokens' logprobs
+        asks_nothing = (value == n and isinstance(value, bool) == isinstance(n, bool) for n in UNSUPPORTED[name])
+        if not any(asks_nothing):
+            raise RequestError(400, f"{name!r} is not supported by lm serve (got {json.dumps(value)})", param=name)
+
+
 def _field(body: dict, name: str, types, what: str, default):
     """body[name] when it is set, of one of `types` (a JSON true is no number), else the default."""
     value = body.get(name)
@@ -271,11 +312,12 @@ def _token_ids(value) -> bool:
 
 
 class RequestError(LMError):
-    """A client error with its own HTTP status (411, 413); other LMErrors are 400s."""
+    """A client error with its own HTTP status (411, 413), or about one field (`param` in the error); other LMErrors
+    are 400s."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param = status, param
 
 
 def _log_traceback() -> None:
@@ -421,8 +463,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream(job)
             else:
                 self._respond(job)
+        except RequestError as e:
+            self._send_error(e.status, str(e), param=e.param)
         except LMError as e:
-            self._send_error(e.status if isinstance(e, RequestError) else 400, str(e))
+            self._send_error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the client went away or stalled; the lock is released and the next request goes on
         except Exception:  # a bug: the traceback goes to the server's log, never to the client
@@ -552,9 +596,12 @@ class Handler(BaseHTTPRequestHandler):
         kind: str = "invalid_request_error",
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         """The last thing a failed request writes; a client already gone is no news (and no traceback in the log)."""
-        error = {"message": message, "type": kind} | ({"code": code} if code else {})
+        error = (
+            {"message": message, "type": kind} | ({"param": param} if param else {}) | ({"code": code} if code else {})
+        )
         try:
             self._send_json(status, {"error": error}, headers)
         except OSError:

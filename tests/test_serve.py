@@ -289,6 +289,62 @@ def test_max_completion_tokens_is_openai_s_newer_name_for_max_tokens_and_wins(se
     assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        # other servers' extensions: each changes the reply, and was ignored without a word
+        ("/v1/completions", {"prompt": "ab", "ignore_eos": True}, "ignore_eos", "lm serve takes max_tokens, "),
+        ("/v1/completions", {"prompt": "ab", "min_tokens": 4}, "min_tokens", "unrecognized request argument"),
+        ("/v1/chat/completions", {"messages": HELLO, "min_p": 0.1}, "min_p", "unrecognized request argument"),
+        # the other endpoint's input: a conversation continued as an empty prompt
+        ("/v1/completions", {"messages": HELLO}, "messages", "(a conversation goes to /v1/chat/completions)"),
+        ("/v1/chat/completions", {"prompt": "ab"}, "prompt", "(a prompt to continue goes to /v1/completions)"),
+        # OpenAI's own fields, asking for what serve does not do
+        ("/v1/chat/completions", {"messages": HELLO, "tool_choice": "required"}, "tool_choice", "not supported"),
+        ("/v1/chat/completions", {"messages": HELLO, "modalities": ["text", "audio"]}, "modalities", "not supported"),
+        ("/v1/chat/completions", {"messages": HELLO, "reasoning_effort": "high"}, "reasoning_effort", "not supported"),
+        ("/v1/chat/completions", {"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+        ("/v1/completions", {"prompt": "ab", "n": 2}, "n", "'n' is not supported by lm serve (got 2)"),
+    ],
+)  # fmt: skip
+def test_a_field_serve_does_not_honour_is_a_400_naming_it(server, path, body, param, message):
+    """OpenAI's API refuses an argument it does not know; serve ignored any it did not know, so a client asking for
+    at least 4 tokens, or for a chat reply at the completions endpoint, got a reply it did not ask for."""
+    url, _ = server
+    status, reply = call(url + path, body)
+    assert status == 400 and reply["error"]["param"] == param and message in reply["error"]["message"], reply
+
+
+def test_fields_that_ask_for_nothing_serve_does_not_do_are_accepted(server):
+    """What clients send with their defaults: null for anything, OpenAI's neutral values, and the fields that leave
+    the reply as it is; the reply is the one without them."""
+    url, _ = server
+    plain = {"messages": HELLO, "max_tokens": 6, "seed": 3}
+    neutral = {
+        "model": "gpt-4o",
+        "n": 1,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0,
+        "logit_bias": {},
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "modalities": ["text"],
+        "user": "u1",
+        "metadata": {"run": "x"},
+        "store": False,
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "stream_options": None,
+        "audio": None,
+        "ignore_eos": None,
+    }
+    (status, reply), (_, expected) = (call(url + "/v1/chat/completions", b) for b in (plain | neutral, plain))
+    assert status == 200 and reply["choices"] == expected["choices"] and reply["usage"] == expected["usage"]
+
+
 def raw(url: str, request: bytes, *, half_close: bool = True) -> bytes:
     """Send raw bytes (for what urllib will not send) and read the whole answer."""
     host, port = url.removeprefix("http://").split(":")
