@@ -389,7 +389,7 @@ class Handler(BaseHTTPRequestHandler):
         length = self._content_length()
         # A small body is read, or closing on it could reset the 401 away; one the client holds back until it hears
         # "100 Continue" is not coming, and reading it would wait for the client's timeout
-        if self.command == "POST" and length is not None and length <= REFUSED_BODY_BYTES and not self._expects_100():
+        if length is not None and length <= REFUSED_BODY_BYTES and not self._expects_100():
             self.rfile.read(length)
         self.close_connection = True  # what is left of a larger body is never read
         self._send_error(
@@ -429,7 +429,10 @@ class Handler(BaseHTTPRequestHandler):
         return path.startswith("/v1/models/") and unquote(path.removeprefix("/v1/models/")) == self.server.model_name
 
     def _method_not_allowed(self):
-        self._no_such_endpoint(urlsplit(self.path).path)
+        """PUT, DELETE, PATCH, OPTIONS: a 405 or a 404, after the key, so that a stranger learns no endpoint list."""
+        path = urlsplit(self.path).path
+        if self._authorized(path):
+            self._no_such_endpoint(path)
 
     def _no_such_endpoint(self, path: str) -> None:
         """405 for an endpoint called with the wrong method, with the methods it takes (as RFC 9110 asks); else 404."""

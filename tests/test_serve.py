@@ -703,6 +703,21 @@ def test_with_an_api_key_every_request_but_health_needs_it(ckpt):
         )
 
 
+@pytest.mark.parametrize("method", [b"PUT", b"DELETE", b"PATCH", b"OPTIONS"])
+def test_with_an_api_key_other_methods_need_it_too(ckpt, method):
+    """They were answered before the key was checked: a 405 naming the endpoint's methods, or a 404, gave a stranger
+    the endpoint list that a GET or a POST keeps behind the 401."""
+    model, tokenizer, _, _ = load_for_inference(ckpt, "cpu")
+    with serving(model, tokenizer, api_key="s3cret") as (base, _):
+        for path in [b"/v1/models", b"/v1/chat/completions", b"/v1/nowhere"]:
+            answer = raw(base, method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 401") and b"Allow:" not in head, answer
+            assert json.loads(body)["error"]["code"] == "invalid_api_key"
+        with_key = method + b" /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\r\n"
+        assert raw(base, with_key).startswith(b"HTTP/1.0 405")
+
+
 @pytest.mark.parametrize("scheme", ["Basic", "Token", ""])
 def test_the_right_key_under_another_scheme_than_bearer_is_refused(ckpt, scheme):
     """The key goes in `Authorization: Bearer <key>`; the same key sent as Basic credentials (or with no scheme) is
