@@ -63,6 +63,8 @@ def lr_multiplier(
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "wsd":
+        if step >= total_steps:  # a window of no steps (decay_fraction 0) ended at 1.0 there too, one step late
+            return min_lr_ratio
         decay_start = total_steps - round(decay_fraction * total_steps)  # int() made 0.7 x 90 = 62.99... 62
         # A decay window reaching back into warmup starts where warmup ends: the LR must not jump from 1 to below it
         decay_start = max(decay_start, warmup_steps)

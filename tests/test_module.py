@@ -59,6 +59,15 @@ def test_wsd_decays_over_the_rounded_fraction():
     assert lr_multiplier(28, schedule="wsd", **args) == pytest.approx(1 - 1 / 63)
 
 
+def test_a_wsd_schedule_with_no_decay_window_is_at_its_minimum_from_its_end():
+    """decay_fraction 0 (or one that rounds to no step): flat at the peak, then min_lr_ratio from total_steps on, as
+    every schedule is; step total_steps was still at the peak, one step past the end of the schedule."""
+    for fraction in (0.0, 0.04):
+        values = [schedule(s, "wsd", total_steps=20, decay_fraction=fraction) for s in range(10, 23)]
+        assert values[:10] == [1.0] * 10  # steps 10-19
+        assert values[10:] == [pytest.approx(0.1)] * 3  # steps 20-22
+
+
 def test_a_wsd_decay_window_that_reaches_into_warmup_starts_where_warmup_ends():
     """Warmup 100 of 300 steps with decay_fraction 0.8 (from step 60): the LR went 0.99, 1.0, then 0.85 at step 100."""
     args = dict(warmup_steps=100, total_steps=300, min_lr_ratio=0.1, decay_fraction=0.8)
