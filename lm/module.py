@@ -271,7 +271,8 @@ class LanguageModel(L.LightningModule):
         warmup_steps: Optimizer steps of linear warmup.
         decay_steps: Optimizer step at which the schedule reaches its minimum; None means the Trainer's total steps
             (max_steps, or what max_epochs comes to).
-        wsd_decay_fraction: Fraction of training spent decaying at the end of a wsd schedule.
+        wsd_decay_fraction: Fraction of the wsd schedule spent decaying at its end: of decay_steps when set (a run
+            that stops before decay_steps may never decay), else of the run's steps.
         weight_decay: Weight decay, applied to 2-D matmul weights only (not norms or the embedding).
         betas: AdamW betas; nanoGPT uses beta2 0.99 for small models and 0.95 for GPT-2.
         optimizer: adamw for every parameter, or muon: Muon (torch.optim.Muon's update, batched by shape in
