@@ -577,7 +577,8 @@ class EvalCallback(L.Callback):
 
     Args:
         tasks: The evaluations to run (task, data, limit, ... per entry).
-        every_n_validations: Run after every Nth validation (None: never at validation).
+        every_n_validations: Run after every Nth validation of a fit, and in lm validate's pass (None: never at
+            validation).
         every_n_steps: Also run every N optimizer steps during training (None: only at validation).
     """
 
@@ -634,6 +635,11 @@ class EvalCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.every_n_validations:
+            return
+        if trainer.state.fn == "validate":
+            # lm validate's one pass is the evaluation asked for: counted, it ran or not by the parity of the count
+            # that the checkpoint restored (every_n_validations 2: a checkpoint after 1 validation ran it, after 2 not)
+            self.run(trainer, pl_module)
             return
         self._validations += 1
         if self._validations % self.every_n_validations == 0:

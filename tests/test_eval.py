@@ -601,6 +601,17 @@ def test_lm_validate_refuses_an_evaluation_that_cannot_run_before_its_pass(tmp_p
     assert steps == [0, 1]
 
 
+def test_lm_validate_runs_the_evaluation_whatever_the_count_of_validations(tmp_path):
+    """With every_n_validations 2, lm validate evaluated or not by the parity of the count the checkpoint restored
+    (each validate call counted one more validation: the first logged nothing, the second eval/texts/...)."""
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    callback = EvalCallback([{"task": "lm", "data": str(tmp_path / "t.txt"), "name": "texts"}], every_n_validations=2)
+    trainer, module, data = _tiny_training(tmp_path, tmp_path / "t.txt", [callback], limit_val_batches=1)
+    for _ in range(2):  # the counts 0 and 1 of a checkpoint, restored
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+        assert "eval/texts/bpb" in metrics
+
+
 def test_two_eval_callbacks_train_together():
     """Their saved counts shared the class name's key: Lightning refused a second EvalCallback (other tasks at
     another cadence) with a RuntimeError."""
