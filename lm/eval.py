@@ -45,6 +45,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
@@ -578,7 +579,7 @@ class EvalCallback(L.Callback):
     Args:
         tasks: The evaluations to run (task, data, limit, ... per entry).
         every_n_validations: Run after every Nth validation of a fit, and in lm validate's pass (None: never at
-            validation).
+            validation). A checkpoint or early stopping that monitors these metrics needs 1 (or every_n_steps).
         every_n_steps: Also run every N optimizer steps during training (None: only at validation).
     """
 
@@ -612,6 +613,34 @@ class EvalCallback(L.Callback):
 
     def setup(self, trainer, pl_module, stage):
         refuse_evaluations_sharing_a_name(trainer.callbacks)  # with another EvalCallback or a TaskAccuracy
+        if stage == "fit":
+            self._refuse_a_monitor_missing_at_some_validations(trainer.callbacks)
+
+    def _refuse_a_monitor_missing_at_some_validations(self, callbacks: Sequence[L.Callback]) -> None:
+        """LMError for a checkpoint or early stopping that monitors one of these metrics while they are not logged at
+        every validation: Lightning stopped the run at the first validation without them ("could not find the
+        monitored key ... Did you call log(...)?"), after training up to it. Fine where another evaluation of that name
+        (the same one, see refuse_evaluations_sharing_a_name) logs it at every validation."""
+        if self.every_n_validations in (None, 1) or self.every_n_steps is not None:
+            return  # (between steps, an evaluation may have left its numbers in the callback metrics Lightning reads)
+        at_every_validation = {c.task for c in callbacks if isinstance(c, TaskAccuracy) and c.every_n_validations == 1}
+        at_every_validation |= {
+            task.name
+            for c in callbacks
+            if isinstance(c, EvalCallback) and c.every_n_validations == 1
+            for task in c.tasks
+        }
+        for callback in callbacks:
+            monitor = (
+                getattr(callback, "monitor", None) if isinstance(callback, ModelCheckpoint | EarlyStopping) else None
+            )
+            task = next((t for t in self.tasks if monitor and monitor.startswith(f"eval/{t.name}/")), None)
+            if task is not None and task.name not in at_every_validation:
+                raise LMError(
+                    f"trainer.callbacks: {type(callback).__name__} monitors {monitor}, which the EvalCallback logs at "
+                    f"one validation in {self.every_n_validations}: give it every_n_validations: 1, or monitor another "
+                    "metric (val/loss)"
+                )
 
     def on_fit_start(self, trainer, pl_module):
         # a missing or malformed data file stops the run before training, not at its first evaluation

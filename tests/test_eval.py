@@ -612,6 +612,35 @@ def test_lm_validate_runs_the_evaluation_whatever_the_count_of_validations(tmp_p
         assert "eval/texts/bpb" in metrics
 
 
+def test_a_checkpoint_monitoring_an_evaluation_that_skips_validations_is_refused_before_training(tmp_path):
+    """Lightning stopped the run at the first validation without the metric ("could not find the monitored key"),
+    after training up to it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    task = {"task": "lm", "data": str(tmp_path / "t.txt"), "name": "texts"}
+    callback = EvalCallback([task], every_n_validations=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="eval/texts/bpb")
+    trainer, module, data = _tiny_training(
+        tmp_path,
+        tmp_path / "t.txt",
+        [callback, checkpoint],
+        enable_checkpointing=True,
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    expected = r"^trainer.callbacks: ModelCheckpoint monitors eval/texts/bpb, which .* logs at one validation in 2: "
+    with pytest.raises(LMError, match=expected):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+    # Logged at every validation by the same evaluation elsewhere, or another metric monitored: nothing to refuse
+    callback._refuse_a_monitor_missing_at_some_validations([callback, checkpoint, EvalCallback([task])])
+    callback._refuse_a_monitor_missing_at_some_validations([callback, ModelCheckpoint(monitor="val/loss")])
+
+
 def test_two_eval_callbacks_train_together():
     """Their saved counts shared the class name's key: Lightning refused a second EvalCallback (other tasks at
     another cadence) with a RuntimeError."""
