@@ -17,7 +17,8 @@ CHECKPOINT_FORMAT = 1  # bump when what LanguageModel.on_save_checkpoint writes 
 
 def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """The raw checkpoint dict, loaded without executing pickled code (weights_only=True). mmap: the tensors stay on
-    disk until read, for a caller that wants the metadata only. "~" is expanded: a YAML's paths meet no shell."""
+    disk until read, for a caller that wants the metadata or a part of the tensors (the weights, not the optimizer
+    state). "~" is expanded: a YAML's paths meet no shell."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise LMError(
@@ -59,8 +60,11 @@ def gpt_state_dict(ckpt: dict, where: str | Path = "the checkpoint") -> dict:
 
 def load_checkpoint(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
     """Build the GPT and tokenizer stored in an `lm` checkpoint, on the CPU; returns (model in eval mode, tokenizer,
-    info). `load_for_inference` moves it to a device."""
-    ckpt = read_checkpoint(path)
+    info). `load_for_inference` moves it to a device.
+
+    The file is memory-mapped: only the GPT's weights are read (and copied into the model), so the optimizer state a
+    training checkpoint carries (AdamW: twice the weights) never occupies memory."""
+    ckpt = read_checkpoint(path, mmap=True)
     info = ckpt.get("lm")
     if not isinstance(info, dict) or info.get("tokenizer") is None or "model_config" not in info:
         raise LMError(f"{path}: not an lm checkpoint (no model config/tokenizer inside)")

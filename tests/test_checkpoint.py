@@ -1,12 +1,17 @@
 """Reading checkpoints for inference: any file that is not an lm checkpoint is a one-line LMError, and the model
 lands on the device asked for."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from lm.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_for_inference, read_checkpoint
 from lm.errors import LMError
 from lm.tokenizer import CharTokenizer
+from tests.conftest import REPO, cli_env
 from tests.test_eval import write_checkpoint
 
 
@@ -117,3 +122,27 @@ def test_a_checkpoint_in_torch_s_older_format_reads_also_memory_mapped(tmp_path)
     path = tmp_path / "old.ckpt"
     torch.save({"lm": {"model_config": {"block_size": 32}}}, path, _use_new_zipfile_serialization=False)
     assert read_checkpoint(path, mmap=True) == read_checkpoint(path) == {"lm": {"model_config": {"block_size": 32}}}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+def test_inference_reads_the_weights_and_leaves_the_optimizer_state_on_disk(tmp_path):
+    """A training checkpoint carries AdamW's state, twice the weights: `lm generate`, chat, eval, export and serve read
+    all of it into memory before, three times the model's size at the peak. Measured in a fresh process, whose peak
+    resident memory is this load's."""
+    path = tmp_path / "model.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["optimizer_states"] = [{"state": {0: {"exp_avg": torch.zeros(32 * 2**20)}}}]  # 128 MiB
+    torch.save(ckpt, path)
+    del ckpt
+    # VmHWM, not ru_maxrss: Linux carries the parent's (this pytest's) ru_maxrss over into the child
+    measure = (
+        "import sys; from pathlib import Path; from lm.checkpoint import load_checkpoint\n"
+        "def peak_mib(): return int(Path('/proc/self/status').read_text().partition('VmHWM:')[2].split()[0]) // 1024\n"
+        "before = peak_mib()\n"
+        "load_checkpoint(sys.argv[1])\n"
+        "print(peak_mib() - before)"
+    )
+    run = subprocess.run([sys.executable, "-c", measure, path], env=cli_env(), cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 32, f"loading grew the peak resident memory by {run.stdout.strip()} MiB"
