@@ -99,10 +99,19 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(device), valid.to(device)
 
 
+def _cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in: under autocast (bf16-mixed: TaskAccuracy, EvalCallback) its dtype, as autocast
+    casts scaled_dot_product_attention's keys and values to it at every step. A cache of the fp32 weights' dtype held
+    twice the memory for the same bf16 attention, and was cast whole at every step."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.lm_head.weight.dtype
+
+
 def _prefill(model: GPT, rows: list[list[int]], device) -> tuple[KVCache, torch.Tensor]:
     """A fresh cache holding `rows` (left-padded when their lengths differ); returns it and the last logits (B, V)."""
     block_size = model.config.block_size
-    cache = KVCache(model.config, len(rows), block_size, device=device, dtype=model.lm_head.weight.dtype)
+    cache = KVCache(model.config, len(rows), block_size, device=device, dtype=_cache_dtype(model, device))
     ids, valid = _left_pad(rows, device)
     if not valid.all():  # only padded batches need the mask; one prompt keeps SDPA's fast causal path
         cache.valid = torch.ones(len(rows), block_size, dtype=torch.bool, device=device)

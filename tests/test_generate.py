@@ -127,6 +127,31 @@ def test_a_slide_frees_the_old_cache_before_it_builds_the_new_one(model, monkeyp
     assert most[0] == 1
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])  # qk_norm: fp32 keys (RMSNorm's fp32 gain) and bf16 values
+def test_under_autocast_the_cache_holds_the_attention_dtype(monkeypatch, qk_norm):
+    """Under bf16-mixed (TaskAccuracy, EvalCallback) the cache took the fp32 weights' dtype: twice the memory, for
+    keys and values that autocast casts to bf16 before attention at every step. Greedy tokens are the recomputed
+    prefix's, as attention reads the same bf16 values."""
+    dtypes = []
+
+    class Recorded(lm.generate.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            dtypes.append(self.k.dtype)
+
+    monkeypatch.setattr(lm.generate, "KVCache", Recorded)
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", n_kv_head=1, qk_norm=qk_norm)).eval()
+    prompts = [[1, 5, 9, 3], [7, 2]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = generate_batch(model, prompts, max_new_tokens=30, temperature=0)  # slides past the context
+        recomputed = generate_batch(model, prompts, max_new_tokens=30, temperature=0, use_cache=False)
+    assert set(dtypes) == {torch.bfloat16}
+    assert cached == recomputed
+    generate_batch(model, prompts, max_new_tokens=2, temperature=0)
+    assert dtypes[-1] == torch.float32  # without autocast: the weights' dtype
+
+
 def test_stop_token_ends_generation_and_is_not_yielded(model):
     prompt = [1, 2, 3]
     free = list(stream_tokens(model, prompt, max_new_tokens=10, temperature=0))
