@@ -3,14 +3,14 @@
     lm export --ckpt runs/x/checkpoints/last.ckpt --out exported/x
     python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('exported/x'))"
 
-The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with qk_norm), `model.safetensors`
-(fp32, as trained), `generation_config.json` (generation stops where lm chat's replies do: at EOS, `<|end|>`, BOS
-or a role marker) and the tokenizer files (`tokenizer.json`, `tokenizer_config.json` with lm's chat template, ...)
-that `AutoTokenizer.from_pretrained` loads. The weights are a renaming (see lm/model.py); RoPE already uses
-transformers' rotate-half layout, so nothing is permuted. The embedding keeps its padded size (a multiple of 64):
-ids past the tokenizer's vocabulary are never produced by the tokenizer, and `generation_config.json` suppresses
-them in `generate()`, as lm's engine never samples them. `tokenizer_config.json` names `PreTrainedTokenizerFast`, so
-transformers 4.x loads the tokenizer as 5.x does.
+The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with qk_norm), `model.safetensors` (fp32,
+as trained; an earlier sharded save's weights there are deleted), `generation_config.json` (generation stops where lm
+chat's replies do: at EOS, `<|end|>`, BOS or a role marker) and the tokenizer files (`tokenizer.json`,
+`tokenizer_config.json` with lm's chat template, ...) that `AutoTokenizer.from_pretrained` loads. The weights are a
+renaming (see lm/model.py); RoPE already uses transformers' rotate-half layout, so nothing is permuted. The embedding
+keeps its padded size (a multiple of 64): ids past the tokenizer's vocabulary are never produced by the tokenizer, and
+`generation_config.json` suppresses them in `generate()`, as lm's engine never samples them. `tokenizer_config.json`
+names `PreTrainedTokenizerFast`, so transformers 4.x loads the tokenizer as 5.x does.
 
 Tokenizers: every kind exports to a `tokenizer.json` that gives the same ids as `lm` on ordinary text.
 - bpe / hf: their own tokenizer.json;
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -212,8 +213,23 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# transformers' names for a sharded model's weights: save_pretrained's shards and the index that maps tensors to them
+SHARD_INDEX = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _remove_sharded_weights(out: Path) -> None:
+    """Delete an earlier sharded save's weights from the directory this export writes model.safetensors into. Left
+    there, they are another model beside ours: vLLM loads the files the index lists (the old shards, not ours), and a
+    loader that takes every *.safetensors gets both. Only files of transformers' shard names go."""
+    for path in out.iterdir():
+        if path.is_file() and (path.name == SHARD_INDEX or SHARD_NAME.fullmatch(path.name)):
+            path.unlink()
+
+
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write the checkpoint as a transformers directory; returns its path."""
+    """Write the checkpoint as a transformers directory; returns its path. An earlier sharded save's weights there
+    (model-0000X-of-0000Y.safetensors and their index) are deleted: this export's model.safetensors replaces them."""
     if importlib.util.find_spec("transformers") is None:
         raise LMError(INSTALL_HINT)
     from safetensors.torch import save_file
@@ -238,6 +254,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         if padding_ids:
             generation["suppress_tokens"] = padding_ids
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        _remove_sharded_weights(out)
         save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
         # safetensors >= 0.8 writes through a temporary file of mode 0600, whatever the umask: the model would be
         # readable by its owner alone (another user's vLLM, a container's non-root user). It gets config.json's mode.
@@ -275,7 +292,12 @@ def export_command(argv: list[str]) -> None:
     """lm export: write a checkpoint as a Hugging Face transformers directory."""
     p = ArgumentParser(prog="lm export", description="Export a checkpoint to a transformers directory.")
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit")
-    p.add_argument("--out", required=True, help="directory to write (created; existing files are overwritten)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory to write (created; existing files are overwritten, and an earlier sharded save's "
+        "model-*-of-*.safetensors and index deleted)",
+    )
     args = p.parse_args(argv)
     from lm.checkpoint import read_checkpoint
 

@@ -75,6 +75,21 @@ def test_the_exported_weights_are_as_readable_as_the_rest_of_the_directory(tmp_p
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
 
 
+def test_an_export_over_an_earlier_sharded_save_deletes_its_shards(tmp_path):
+    """The old shards and their index stayed beside the new model.safetensors: vLLM loads the files the index names,
+    i.e. the earlier model. Only transformers' shard names go; the user's other files stay."""
+    write_checkpoint(tmp_path / "c.ckpt", char_tokenizer(), block_size=8, n_layer=1, n_head=2, n_embd=16)
+    out = tmp_path / "hf"
+    out.mkdir()
+    stale = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    kept = ["notes.txt", "model-final.safetensors", "pytorch_model.bin"]
+    for name in stale + kept:
+        (out / name).write_text("x")
+    export_hf(tmp_path / "c.ckpt", out)
+    names = {p.name for p in out.iterdir()}
+    assert not names & set(stale) and set(kept) <= names and "model.safetensors" in names
+
+
 def test_qwen3_export_with_qk_norm_gqa_and_tied_embeddings(tmp_path):
     tokenizer = char_tokenizer()
     arch = dict(block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, qk_norm=True, tie_embeddings=True)
