@@ -281,7 +281,7 @@ class LMCLI(LightningCLI):
             # best model"); the run's last.ckpt records it
             config["ckpt_path"] = ckpt_path = self._best_checkpoint(config)
         if ckpt_path not in (None, "best", "hpc", "registry"):
-            ckpt = read_checkpoint(ckpt_path)
+            ckpt = read_checkpoint(ckpt_path, mmap=True)  # only its keys: Lightning's restore reads it again
             # Lightning's restore reads these two keys and fails with a bare KeyError (e.g. on an exported file).
             missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in ckpt]
             if missing:

@@ -440,7 +440,7 @@ class LanguageModel(L.LightningModule):
     def _read_init_checkpoint(self) -> dict[str, torch.Tensor]:
         """Weights of `init_from`; adopts its architecture (keeping this run's dropout) and checks the tokenizer."""
         path = self.hparams.init_from
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, mmap=True)  # a training checkpoint's optimizer state stays on disk
         info = ckpt.get("lm") or {}
         arch = _init_from_config(info, path)
         self._check_tokenizer(info, f"{path}: its tokenizer", f"set data.init_args.tokenizer to {path}")

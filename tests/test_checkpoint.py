@@ -146,3 +146,27 @@ def test_inference_reads_the_weights_and_leaves_the_optimizer_state_on_disk(tmp_
     run = subprocess.run([sys.executable, "-c", measure, path], env=cli_env(), cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) < 32, f"loading grew the peak resident memory by {run.stdout.strip()} MiB"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+def test_init_from_reads_the_weights_and_leaves_the_optimizer_state_on_disk(tmp_path):
+    """SFT and DPO start from a pretraining run's last.ckpt, AdamW's state included (twice the weights): the new run
+    needs only the weights. Measured in a fresh process, as above."""
+    path = tmp_path / "model.ckpt"
+    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["optimizer_states"] = [{"state": {0: {"exp_avg": torch.zeros(32 * 2**20)}}}]  # 128 MiB
+    torch.save(ckpt, path)
+    del ckpt
+    measure = (
+        "import sys; from pathlib import Path; from lm.config import get_config; from lm.module import LanguageModel\n"
+        "def peak_mib(): return int(Path('/proc/self/status').read_text().partition('VmHWM:')[2].split()[0]) // 1024\n"
+        "module = LanguageModel(get_config('tiny'), init_from=sys.argv[1])\n"
+        "before = peak_mib()\n"
+        "module.configure_model()\n"
+        "assert module.model.config.n_embd == 16, module.model.config\n"
+        "print(peak_mib() - before)"
+    )
+    run = subprocess.run([sys.executable, "-c", measure, path], env=cli_env(), cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 32, f"init_from grew the peak resident memory by {run.stdout.strip()} MiB"
