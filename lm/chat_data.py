@@ -6,7 +6,8 @@
                content may also be a list of text parts [{"type": "text", "text": ...}], read as their text joined)
     alpaca     {"instruction": ..., "input": ..., "output": ...}   (optional "system", and "history": [[question,
                answer], ...] of earlier exchanges, oldest first, as LLaMA-Factory writes multi-turn data)
-    sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}
+    sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}   (optional "system",
+               as LLaMA-Factory writes it, or a first {"from": "system"} turn)
 
 from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or a built-in task (`task:addition`,
 `task:reverse`, `task:count`; see lm.tasks). OpenAI's "developer" role is read as "system", and a system message with
@@ -159,7 +160,11 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
         turns = record.get("conversations")
         if not isinstance(turns, list):
             raise ValueError('no "conversations" list')
-        messages = []
+        # LLaMA-Factory's ShareGPT keeps the system prompt in a "system" field beside the turns, as its Alpaca does
+        system = record.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f'"system" is not a string (got {type(system).__name__})')
+        messages = [{"role": "system", "content": system}] if system and system.strip() else []
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 raise ValueError(f'turn {i} is not a {{"from", "value"}} object')
@@ -174,6 +179,11 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
                 weight = int(weight)
             if weight is not None and not (messages[-1]["role"] != "assistant" and weight == 0):
                 messages[-1]["weight"] = weight
+        # Both, each saying something: which one was meant is not ours to guess (a blank turn is left out, as ever)
+        if len(messages) > 1 and messages[0]["role"] == messages[1]["role"] == "system":
+            turn = messages[1]["content"]
+            if isinstance(turn, str) and turn.strip():
+                raise ValueError('a "system" field and a system turn: give the system message once')
         return messages
     raise LMError(f"unknown chat format {fmt!r}: expected auto or one of {FORMATS}")
 

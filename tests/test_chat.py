@@ -383,6 +383,27 @@ def test_multi_turn_alpaca_history_comes_before_the_last_exchange(tmp_path):
         ChatData(source=_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), tokenizer="char", block_size=64).setup()
 
 
+def test_a_sharegpt_system_field_is_the_system_message(tmp_path):
+    """LLaMA-Factory's ShareGPT keeps the system prompt in a "system" field beside "conversations": it was dropped,
+    and the conversations trained without it, without a word."""
+    sharegpt = [
+        {
+            "conversations": [{"from": "human", "value": f"say hi {i}"}, {"from": "gpt", "value": "hi"}],
+            "system": "be brief",
+        }
+        for i in range(4)
+    ]
+    data = ChatData(source=_write_jsonl(tmp_path / "s.jsonl", sharegpt), tokenizer="char", block_size=64)
+    data.setup()
+    assert data.tokenizer.decode(data.train_examples[0][0]).startswith("<|bos|><|system|>be brief<|end|><|user|>")
+    sharegpt[2]["conversations"].insert(0, {"from": "system", "value": "be long"})
+    with pytest.raises(LMError, match='s.jsonl:3: a "system" field and a system turn'):
+        ChatData(source=_write_jsonl(tmp_path / "s.jsonl", sharegpt), tokenizer="char", block_size=64).setup()
+    sharegpt[2]["system"] = ["be brief"]
+    with pytest.raises(LMError, match='s.jsonl:3: "system" is not a string .got list.'):
+        ChatData(source=_write_jsonl(tmp_path / "s.jsonl", sharegpt), tokenizer="char", block_size=64).setup()
+
+
 def test_file_suffixes_are_not_case_sensitive_and_jsonl_in_a_json_file_gets_a_hint(tmp_path):
     upper = _write_jsonl(tmp_path / "D.JSONL", [_messages(i) for i in range(4)])
     data = ChatData(source=upper, tokenizer="char", block_size=32)
