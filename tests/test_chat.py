@@ -67,6 +67,26 @@ def test_prompt_is_the_rendering_up_to_the_assistant_marker():
     assert full[: len(prompt)] == prompt
 
 
+def test_the_exported_chat_template_reads_messages_as_lm_serve_does(tmp_path):
+    """An exported model's template (vLLM, transformers) rendered OpenAI's "developer" role as the text
+    "<|developer|>" and a blank system message as "<|system|><|end|>", where lm serve reads them as the system role
+    and as no message; a prompt the model was never trained on, for the same request."""
+    import transformers
+
+    from lm.chat import tidy_messages
+    from lm.export import save_hf_tokenizer
+
+    save_hf_tokenizer(TOK, tmp_path)
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for system in ({"role": "developer", "content": "be brief"}, {"role": "system", "content": " "}):
+        chat = [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        chat += [{"role": "user", "content": "2+2?"}]
+        ids = exported.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        assert list(getattr(ids, "input_ids", ids)) == render_prompt(tidy_messages(chat), TOK)
+    with pytest.raises(Exception, match="unknown role tool"):  # lm refuses it too; not a "<|tool|>" of plain text
+        exported.apply_chat_template([{"role": "tool", "content": "4"}], tokenize=False)
+
+
 def test_marker_strings_in_user_text_stay_text():
     ids, mask = render_chat([{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "ok"}], TOK)
     assert ids.count(TOK.token_id(END)) == 2  # the user's END marker and the assistant's, not the typed string
