@@ -23,9 +23,11 @@ Conversations are tokenized in `setup()` (seconds for thousands of conversations
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import inspect
 import json
+import re
 import unicodedata
 from collections.abc import Callable
 from functools import partial
@@ -53,6 +55,7 @@ from lm.errors import LMError
 from lm.tokenizer import Tokenizer, build_tokenizer
 
 FORMATS = ("messages", "alpaca", "sharegpt")
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 Sourced = tuple[str, list[Message]]  # (where: "file:line" or "task:addition train problem 5", conversation)
@@ -196,9 +199,17 @@ def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
         records = []
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad, Excel) is not text
+        # -sig: a byte-order mark (Notepad, Excel) is not text. surrogateescape: a byte that is not UTF-8 (a Latin-1
+        # export) comes through as a lone surrogate, which only such a byte can give, and makes its line a bad record
+        # instead of a UnicodeDecodeError traceback for the whole file.
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
+                    continue
+                if bad := NOT_UTF8.search(line):
+                    byte = ord(bad.group()) - 0xDC00
+                    problem = f"not UTF-8 (byte {byte:#04x} at column {bad.start() + 1}); save the file as UTF-8"
+                    records.append((f"{path}:{n}", ValueError(problem)))
                     continue
                 try:
                     records.append((f"{path}:{n}", json.loads(line)))
@@ -208,8 +219,12 @@ def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
     if suffix == ".json":
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
+        raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Notepad, Excel) is not text
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise LMError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
         except json.JSONDecodeError as e:
             hint = " (one record per line is JSONL: name the file .jsonl)" if e.msg == "Extra data" else ""
             raise LMError(f"{path}: invalid JSON: {e}{hint}") from None

@@ -301,6 +301,22 @@ def test_a_byte_order_mark_at_the_start_of_a_json_or_jsonl_file_is_not_part_of_t
         assert data.train_examples == plain.train_examples and data.val_examples == plain.val_examples
 
 
+def test_a_line_that_is_not_utf8_is_a_bad_record_not_a_traceback(tmp_path):
+    """A Latin-1 "é" in a chat file stopped the run with a UnicodeDecodeError traceback (exit 1), naming no line."""
+    records = [json.dumps(_messages(i), ensure_ascii=False).encode() for i in range(5)]
+    records[2] = records[2].replace(b"answer", "réponse".encode("latin-1"))
+    (tmp_path / "latin.jsonl").write_bytes(b"\n".join(records) + b"\n")
+    path = str(tmp_path / "latin.jsonl")
+    with pytest.raises(LMError, match=rf"{path}:3: not UTF-8 \(byte 0xe9 at column \d+\); save the file as UTF-8"):
+        ChatData(source=path, tokenizer="char", block_size=64).setup()
+    data = ChatData(source=path, tokenizer="char", block_size=64, on_bad_record="skip")
+    data.setup()
+    assert data.counts["skipped_bad"] == 1 and len(data.train_examples) + len(data.val_examples) == 4
+    (tmp_path / "latin.json").write_bytes(b"[\n" + b",\n".join(records) + b"\n]")
+    with pytest.raises(LMError, match=r"latin.json:4: not UTF-8 \(byte 0xe9\)"):
+        ChatData(source=str(tmp_path / "latin.json"), tokenizer="char", block_size=64).setup()
+
+
 def test_conversations_with_nothing_to_learn_are_dropped_before_the_split(tmp_path):
     """A conversation whose every reply has weight 0 was counted into val, then dropped from it: val could be left
     with nothing ("no val conversation has a supervised token") or smaller than val_fraction."""
