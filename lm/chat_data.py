@@ -171,7 +171,7 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 raise ValueError(f'turn {i} is not a {{"from", "value"}} object')
-            if t["from"] not in SHAREGPT_ROLES:
+            if not isinstance(t["from"], str) or t["from"] not in SHAREGPT_ROLES:  # a list is no key: a TypeError
                 raise ValueError(f"turn {i} has unknown role {t['from']!r} (expected one of {list(SHAREGPT_ROLES)})")
             messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
             # A turn's "weight", as in the messages format (0: a reply shown, not learned). On a human or system turn

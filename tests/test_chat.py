@@ -419,6 +419,16 @@ def test_multi_turn_alpaca_history_comes_before_the_last_exchange(tmp_path):
         ChatData(source=_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), tokenizer="char", block_size=64).setup()
 
 
+def test_a_sharegpt_role_that_is_not_a_string_is_a_bad_record(tmp_path):
+    """A "from" holding a list or an object is no key of the role table: a TypeError traceback, naming no line."""
+    sharegpt = [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]} for i in range(4)
+    ]
+    sharegpt[1]["conversations"][0]["from"] = ["human"]
+    with pytest.raises(LMError, match=r"s.jsonl:2: turn 0 has unknown role \['human'\]"):
+        ChatData(source=_write_jsonl(tmp_path / "s.jsonl", sharegpt), tokenizer="char", block_size=64).setup()
+
+
 def test_a_sharegpt_system_field_is_the_system_message(tmp_path):
     """LLaMA-Factory's ShareGPT keeps the system prompt in a "system" field beside "conversations": it was dropped,
     and the conversations trained without it, without a word."""
