@@ -143,8 +143,11 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
         for key in ("instruction", "input", "output", "system"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise ValueError(f'"{key}" is not a string (got {type(record[key]).__name__})')
-        extra = record.get("input") or ""
-        question = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
+        # the instruction, then a blank line and the input; an empty one of the two leaves no blank line behind (a
+        # question put in "input" alone trained as "\n\nquestion", which no one types at inference)
+        question = "\n\n".join(
+            part for part in (record["instruction"] or "", record.get("input") or "") if part.strip()
+        )
         system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
         # Multi-turn Alpaca (LLaMA-Factory's): the earlier exchanges as [question, answer] pairs, oldest first
         history = record.get("history") or []

@@ -399,6 +399,16 @@ def test_alpaca_fields_must_be_strings_and_a_system_field_is_the_system_message(
         ChatData(source=path, tokenizer="char", block_size=64).setup()
 
 
+def test_an_alpaca_question_in_input_alone_trains_without_leading_blank_lines(tmp_path):
+    """With an empty instruction, the question in "input" trained as "\n\nquestion": a user turn no one types."""
+    records = [{"instruction": "", "input": f"say hi {i}", "output": "hi"} for i in range(4)]
+    records[1] = {"instruction": "say hi 1", "input": " ", "output": "hi"}
+    data = ChatData(source=_write_jsonl(tmp_path / "a.jsonl", records), tokenizer="char", block_size=64)
+    data.setup()
+    rendered = sorted(data.tokenizer.decode(ids) for ids, _ in data.train_examples + data.val_examples)
+    assert rendered == [f"<|bos|><|user|>say hi {i}<|end|><|assistant|>hi" for i in range(4)]
+
+
 def test_multi_turn_alpaca_history_comes_before_the_last_exchange(tmp_path):
     """LLaMA-Factory's `history` ([question, answer] pairs, oldest first) was ignored: the conversation trained
     without its earlier turns, and without a word."""
