@@ -260,11 +260,11 @@ class ChatData(L.LightningDataModule):
     spacing and Unicode form: NFKC) on the same side: HH-style data holds several transcripts branching from one opening
     exchange, and splitting them apart would put val replies' histories (and often the replies) in train. The groups,
     ordered by a hash of their opening and split_seed, fill val until it holds at least round(val_fraction * n)
-    conversations (at least 1), skipping any group that would take it past twice that, so val may be a little larger
-    than the fraction. The order is the same in every file, so SFT data and DPO pairs of the same conversations hold out
-    the same openings, but for a few at the margin (1 of 117 val pairs on the HH-RLHF files of ../shared/data). When
-    every group is larger, val is the smallest group, with a warning. `task:` sources draw their val problems from the
-    task's own test split instead.
+    conversations (at least 1, and at most n - 1), skipping any group that would take it past twice that, so val may be
+    a little larger than the fraction. The order is the same in every file, so SFT data and DPO pairs of the same
+    conversations hold out the same openings, but for a few at the margin (1 of 117 val pairs on the HH-RLHF files of
+    ../shared/data). When every group is larger, val is the smallest group, with a warning. `task:` sources draw their
+    val problems from the task's own test split instead.
 
     In the messages format, an assistant message with `"weight": 0` (OpenAI's fine-tuning format) carries no loss;
     `"weight": 1` is the default. A conversation with nothing left to learn is dropped and counted
@@ -464,7 +464,10 @@ class ChatData(L.LightningDataModule):
         # pairs were in SFT's training data. (surrogatepass: a lone surrogate, a JSON "\ud800", is hashed too)
         seeded = lambda key: f"{self.split_seed}:{key}".encode("utf-8", "surrogatepass")  # noqa: E731
         keys = sorted(groups, key=lambda key: hashlib.sha256(seeded(key)).digest())
-        n, n_val = len(conversations), max(1, round(self.val_fraction * len(conversations)))
+        n = len(conversations)
+        # at least 1, and at most n - 1: a fraction that rounds to all of them (0.9 of 3) left train empty, and the
+        # error then blamed the context ("no train conversation has a supervised token within the context")
+        n_val = min(n - 1, max(1, round(self.val_fraction * n)))
         val: set[int] = set()
         # A group may take val a little past n_val, never past twice it, nor past what leaves train n - n_val: one
         # large group (many conversations opening with "Hi") would otherwise put most of the data, or all of it, in val.

@@ -806,6 +806,14 @@ def test_pretrain_sft_chat_dpo_and_task_eval_through_the_cli(tmp_path):
     assert evaluated.stdout.startswith("eval/addition/exact_match ")
 
 
+def test_a_val_fraction_that_rounds_to_every_conversation_leaves_one_to_train(tmp_path):
+    """val_fraction 0.9 of 3 conversations rounds to 3: train was left empty, and the error blamed the context."""
+    path = _write_jsonl(tmp_path / "c.jsonl", [_messages(i) for i in range(3)])
+    data = ChatData(source=path, tokenizer="char", block_size=32, batch_size=1, val_fraction=0.9)
+    data.setup()
+    assert (len(data.train_examples), len(data.val_examples)) == (1, 2)
+
+
 def test_one_usable_record_is_too_few_to_split(tmp_path):
     from lm.preference import PreferenceData
 
