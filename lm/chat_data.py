@@ -268,7 +268,7 @@ class ChatData(L.LightningDataModule):
 
     In the messages format, an assistant message with `"weight": 0` (OpenAI's fine-tuning format) carries no loss;
     `"weight": 1` is the default. A conversation with nothing left to learn is dropped and counted
-    (`dropped_*_unsupervised`).
+    (`dropped_unsupervised`).
 
     Args:
         source: A local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or task:addition / task:reverse /
