@@ -118,6 +118,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         )
     ):
         raise LMError(f"{path}: metric must be {{name: val/loss, goal: minimize|maximize}}, got {metric!r}")
+    # Read later as a number: a string or a fraction was a TypeError traceback when the sweep began, and 0 or below
+    # ran no trial and then said that none finished
+    run_cap = config.get("run_cap")
+    if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
+        raise LMError(f"{path}: run_cap must be a whole number of trials, at least 1, got {run_cap!r}")
     parameters = config.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
         raise LMError(f"{path}: parameters must map lm fit keys to W&B parameter specs")

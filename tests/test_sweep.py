@@ -152,6 +152,15 @@ def test_bad_parameters_are_one_line_errors(tmp_path, spec, message):
     assert str(e.value).startswith(f"{path}: parameters.x")
 
 
+@pytest.mark.parametrize("run_cap", ["two", 2.5, 0, -1, True])
+def test_a_run_cap_that_is_not_a_positive_whole_number_is_a_one_line_error(tmp_path, run_cap):
+    """run_cap "two" was a TypeError traceback when the sweep began; 0 capped nothing in a grid and, in a random
+    sweep, ran no trial before saying that none finished."""
+    path = _write(tmp_path, _grid("1", "2") | {"run_cap": run_cap})
+    with pytest.raises(LMError, match=f"{path}: run_cap must be a whole number of trials, at least 1, got "):
+        load_sweep(path)
+
+
 def test_command_macros_expand_like_wandb():
     config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--x", "${args}"]}
     argv = trial_command(config, {"model.init_args.lr": 0.001, "flag": True, "none": None}, ["--config", "o.yaml"])
