@@ -105,6 +105,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise LMError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
     if not isinstance(config, dict):
         raise LMError(f"{path}: a sweep file is a mapping with method, metric, parameters and command")
+    # The study's name and its folder's: `name: 2024` (YAML reads an int) was a TypeError traceback
+    if config.get("name") is not None and not isinstance(config["name"], str):
+        raise LMError(f"{path}: name must be a string, got {config['name']!r} (quote it: name: '{config['name']}')")
     if config.get("method") not in METHODS:
         raise LMError(f"{path}: method must be one of {', '.join(METHODS)}, got {config.get('method')!r}")
     metric = config.get("metric")

@@ -161,6 +161,16 @@ def test_a_run_cap_that_is_not_a_positive_whole_number_is_a_one_line_error(tmp_p
         load_sweep(path)
 
 
+def test_a_sweep_name_that_yaml_reads_as_a_number_is_a_one_line_error(tmp_path, capsys):
+    """`name: 2024` reached re.fullmatch as an int: a TypeError traceback."""
+    path = _write(tmp_path, _grid("1") | {"name": 2024})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(path), "--local", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path}: name must be a string, got 2024 (quote it: name: '2024')"), err
+
+
 def test_command_macros_expand_like_wandb():
     config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--x", "${args}"]}
     argv = trial_command(config, {"model.init_args.lr": 0.001, "flag": True, "none": None}, ["--config", "o.yaml"])
