@@ -1128,6 +1128,8 @@ def sweep_command(argv: list[str]) -> None:
         raise LMError(f"--count must be at least 1, got {args.count}")
     if args.workers < 1:
         raise LMError(f"--workers must be at least 1, got {args.workers}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:  # Optuna's samplers seed numpy, which takes no other
+        raise LMError(f"--seed must be in [0, {2**32 - 1}] (numpy's seeds), got {args.seed}")
     # A swept key after `--` would be overridden by the sweep's value in every trial: refused, not silently ignored
     swept = [a for a in extra if a.startswith("--") and a[2:].split("=", 1)[0] in config["parameters"]]
     if swept:

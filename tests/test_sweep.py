@@ -171,6 +171,17 @@ def test_a_sweep_name_that_yaml_reads_as_a_number_is_a_one_line_error(tmp_path, 
     assert err.startswith(f"error: {path}: name must be a string, got 2024 (quote it: name: '2024')"), err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_a_one_line_error(tmp_path, capsys, seed):
+    """Optuna's sampler passed it to numpy: a ValueError traceback (Seed must be between 0 and 2**32 - 1)."""
+    path = _write(tmp_path, _grid("1"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(path), "--local", "--out", str(tmp_path / "o"), "--seed", seed])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --seed must be in [0, 4294967295] (numpy's seeds), got {seed}"), err
+
+
 def test_command_macros_expand_like_wandb():
     config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--x", "${args}"]}
     argv = trial_command(config, {"model.init_args.lr": 0.001, "flag": True, "none": None}, ["--config", "o.yaml"])
