@@ -1136,6 +1136,24 @@ def sweep_command(argv: list[str]) -> None:
         raise LMError(f"{swept[0].split('=', 1)[0]} after `--` is a parameter of the sweep; leave it to the sweep")
     # The sweep's name on W&B as locally (it got a null name, that the server left to its own naming)
     name = args.name or config.get("name") or Path(args.file).stem
+    # A flag of the other mode did nothing: `--workers 4` on W&B ran one agent, `--project` locally left the trials'
+    # W&B runs in their experiment's project
+    local_only = {
+        "--workers": args.workers != 1,
+        "--storage": args.storage is not None,
+        "--out": args.out is not None,
+        "--seed": args.seed is not None,
+        "--max_initial_failures": args.max_initial_failures != MAX_INITIAL_FAILURES,
+    }
+    given = [flag for flag, set_ in local_only.items() if set_]
+    if not args.local and given:
+        raise LMError(f"{given[0]} only applies to --local sweeps (on W&B, more agents: wandb agent SWEEP_PATH)")
+    wandb_only = [flag for flag, value in (("--project", args.project), ("--entity", args.entity)) if value]
+    if args.local and wandb_only:
+        raise LMError(
+            f"{wandb_only[0]} only applies to W&B sweeps; a local trial logs to its experiment's W&B project and "
+            "entity (trainer.logger.init_args.project, .entity)"
+        )
     if not args.local:
         if extra:
             raise LMError("arguments after `--` only apply to --local sweeps; put them in the file's command")

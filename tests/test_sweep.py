@@ -660,6 +660,30 @@ def test_a_wandb_sweep_is_named_like_a_local_one(tmp_path, monkeypatch):
     assert [(sweep["name"], project) for sweep, project in sent] == [("lr_grid", "lm-debug"), ("mine", "p")]
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "4"], "--workers only applies to --local sweeps"),  # it ran one agent
+        (["--out", "o"], "--out only applies to --local sweeps"),
+        (["--seed", "1"], "--seed only applies to --local sweeps"),
+        (["--max_initial_failures", "0"], "--max_initial_failures only applies to --local sweeps"),
+        (["--local", "--project", "p"], "--project only applies to W&B sweeps"),  # trials logged to the experiment's
+        (["--local", "--entity", "e"], "--entity only applies to W&B sweeps"),
+    ],
+)
+def test_a_flag_of_the_other_mode_is_refused_not_ignored(tmp_path, monkeypatch, capsys, flags, message):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr("lm.__main__._wandb_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "sweep", lambda *args, **kwargs: pytest.fail("a W&B sweep was created"))
+    monkeypatch.setattr(lm.sweep, "run_local", lambda *args, **kwargs: pytest.fail("a local sweep ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(_write(tmp_path, _grid("1"))), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
+
+
 @pytest.mark.slow
 def test_local_grid_sweep_of_the_debug_experiment(tmp_path, monkeypatch, capsys):
     """sweeps/debug.yaml as shipped (2 lr x 2 batch sizes), cut to 10 steps; stopped after 2 trials and resumed."""
