@@ -81,8 +81,9 @@ def _remove_if_writer_gone(files, separator: str) -> list[Path]:
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, except that `last.ckpt` always holds the final step when training ends, and that
-    every checkpoint holds whole optimizer steps.
+    """Lightning's ModelCheckpoint, except that `last.ckpt` always holds the final step when training ends, that
+    every checkpoint holds whole optimizer steps, and that with periodic saves each validation's score is ranked when
+    the validation ends (see _save_after_validation).
 
     (Lightning writes last.ckpt at train end only if it never wrote one before, so a run whose last validation came
     before its last step would leave a stale last.ckpt. And val_check_interval counts micro-batches, so a validation
@@ -109,13 +110,47 @@ class Checkpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         self._save_at_step_end = self._stop_at_step_end = False
 
+    def on_validation_start(self, trainer, pl_module):
+        super().on_validation_start(trainer, pl_module)
+        if self.monitor is not None and self._saves_periodically():
+            self._score_before_validation = self._monitor_candidates(trainer).get(self.monitor)
+
+    def _saves_periodically(self) -> bool:
+        return self._every_n_train_steps >= 1 or self._train_time_interval is not None
+
+    def _save_after_validation(self, trainer, pl_module) -> None:
+        """Lightning's saves at a validation's end, and with periodic saves (every_n_train_steps, train_time_interval)
+        the top-k ranking of the validation's score.
+
+        Lightning ranks such a checkpoint's top-k only at the periodic saves, by the score of the validation before
+        them: a validation's score counted only when a save came after it, at weights it had not scored, and a save
+        at the validation's own step, made just before it, kept Lightning from saving after it. So the run's last
+        validation never counted: the best score (what lm sweep ranks a trial by) and `best-*.ckpt` were an earlier
+        validation's."""
+        deferred = getattr(self, "_defer_save_until_validation", False)  # then Lightning ranks at this end itself
+        super().on_validation_end(trainer, pl_module)
+        if deferred or self.monitor is None or not self._saves_periodically() or self._every_n_epochs >= 1:
+            return
+        if trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if self._should_save_on_train_epoch_end(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        score = candidates.get(self.monitor)
+        before = self.__dict__.pop("_score_before_validation", None)
+        if score is None or (before is not None and torch.equal(score, before)):
+            return  # not a score this validation produced (a `step` or train metric): the periodic saves rank it
+        self._save_topk_checkpoint(trainer, candidates)
+        if self._last_global_step_saved == trainer.global_step:  # saved now, or last.ckpt just before: its best is old
+            self._save_last_checkpoint(trainer, candidates)
+
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit" and not trainer.sanity_checking and inside_accumulation_window(trainer):
             self._save_at_step_end = True
             if trainer.should_stop:  # EarlyStopping decides here, after this batch's on_train_batch_end below
                 trainer.should_stop, self._stop_at_step_end = False, True
             return
-        super().on_validation_end(trainer, pl_module)
+        self._save_after_validation(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Lightning runs checkpoint callbacks after the others, so a stop a callback (max_time's Timer) asked for in
@@ -131,7 +166,7 @@ class Checkpoint(ModelCheckpoint):
         self._save_last_before_any_validation(trainer)
         if self._save_at_step_end:
             self._save_at_step_end = False
-            super().on_validation_end(trainer, pl_module)  # the validation's scores are still the monitored ones
+            self._save_after_validation(trainer, pl_module)  # the validation's scores are still the monitored ones
         if self._stop_at_step_end:
             self._stop_at_step_end, trainer.should_stop = False, True
 
@@ -155,7 +190,7 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module):
         if self._save_at_step_end:  # the run ended inside the window after all (the data ran out): save what it has
             self._save_at_step_end = False
-            super().on_validation_end(trainer, pl_module)
+            self._save_after_validation(trainer, pl_module)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)

@@ -446,6 +446,43 @@ def test_last_ckpt_holds_the_final_step_when_the_last_validation_came_before_it(
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+class _Validations(L.Callback):
+    """Records (step, val/loss) at the end of each validation of a fit."""
+
+    def __init__(self):
+        self.scores = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.scores.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+
+
+def test_with_periodic_saves_every_validation_s_score_is_ranked_the_last_one_too(tmp_path):
+    """With checkpoint.every_n_train_steps Lightning ranked the best checkpoint only at the periodic saves, by the
+    previous validation's score: the run's last validation never counted (its step's periodic save came just before
+    it), so the best score, which lm sweep ranks a trial by, was an earlier validation's, on a file of other weights.
+    A periodic checkpoint that monitors the step (snapshots) still saves at its own steps only."""
+    from lm.reliability import Checkpoint
+
+    ids = torch.randint(0, 64, (8, 2, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    validations = _Validations()
+    best = Checkpoint(dirpath=tmp_path, save_last=True, monitor="val/loss", every_n_train_steps=2, filename="b-{step}")
+    steps = Checkpoint(dirpath=tmp_path / "s", monitor="step", mode="max", every_n_train_steps=4, save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0,
+        callbacks=[validations, best, steps], logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer.fit(LanguageModel(get_config("tiny"), lr=3e-2, warmup_steps=1), loader, val_dataloaders=loader)
+    step, score = min(validations.scores, key=lambda s: s[1])
+    assert [s for s, _ in validations.scores] == [3, 6] and step == 6  # the last validation is the best
+    assert float(best.best_model_score) == pytest.approx(score) and best.best_model_path.endswith(f"b-step={step}.ckpt")
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    recorded = [v["best_model_score"] for v in last["callbacks"].values() if v.get("monitor") == "val/loss"]
+    assert last["global_step"] == 6 and [float(r) for r in recorded] == [pytest.approx(score)]
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.ckpt")) == ["epoch=0-step=4.ckpt"]
+
+
 def test_init_from_refuses_a_different_tokenizer(tmp_path):
     theirs = CharTokenizer.train(["abc"])
     ckpt = tmp_path / "pretrained.ckpt"
