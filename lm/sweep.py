@@ -382,12 +382,14 @@ def run_trial(
     When `stop` is requested (the sweep got SIGINT/SIGTERM) the trial's `lm fit` gets SIGTERM, saves a checkpoint
     and exits; a second signal kills it."""
     root.mkdir(parents=True, exist_ok=True)
-    # the trial monitors the sweep's metric, so last.ckpt records the best value of exactly that metric
+    # the trial monitors the sweep's metric, so last.ckpt records the best value of exactly that metric; and writes
+    # last.ckpt, where best_metric reads it (with a config's save_last false every trial failed after training)
     argv = [
         *argv,
         f"--trainer.default_root_dir={root}",
         f"--checkpoint.monitor={metric}",
         f"--checkpoint.mode={'min' if goal == 'minimize' else 'max'}",
+        "--checkpoint.save_last=true",
     ]
     # Not the caller's W&B run: a sweep started from a job that set one (slurm/train.sbatch exports WANDB_RUN_ID) would
     # have every trial log to, and resume, that one run. A resumed trial gets its own id back from its checkpoint.

@@ -218,6 +218,8 @@ FAKE_FIT = textwrap.dedent(
     if args["x"] == "crash":  # the error, then wandb's closing hints in colour, as a real lm fit prints them
         print("RuntimeError: boom", file=sys.stderr, flush=True)
         sys.exit("\\x1b[1;34mwandb\\x1b[0m: \\x1b[1mwandb sync /tmp/offline-run\\x1b[0m")
+    if args.get("checkpoint.save_last") == "false":  # trained and validated, but wrote no last.ckpt
+        sys.exit(0)
     last = Path(args["trainer.default_root_dir"]) / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     state = {"monitor": args["checkpoint.monitor"], "best_model_score": torch.tensor(float(args["x"]))}
@@ -250,6 +252,18 @@ def test_crashing_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, ca
     config["parameters"]["x"]["values"] = ["crash"]
     with pytest.raises(LMError, match="no trial of sweep .* finished"):
         main(["sweep", str(_write(tmp_path, config)), "--local", "--out", str(tmp_path / "all-fail"), "--debug"])
+
+
+def test_a_trial_writes_the_last_ckpt_its_score_is_read_from_whatever_its_config_says(tmp_path):
+    """With checkpoint.save_last false (a config saving disk) every trial trained and validated, then failed with
+    "no last.ckpt under ...: did validation run?", and the sweep stopped after three of them."""
+    (tmp_path / "fake_fit.py").write_text(FAKE_FIT)
+    config = _grid("2.5", "1.5") | {"program": str(tmp_path / "fake_fit.py")}
+    config["command"] = ["${env}", "${interpreter}", "${program}", "${args}"]
+    out = tmp_path / "sweep"
+    main(["sweep", str(_write(tmp_path, config)), "--local", "--out", str(out), "--", "--checkpoint.save_last=false"])
+    trials = json.loads((out / "summary.json").read_text())["trials"]
+    assert [(t["state"], t["val/loss"]) for t in trials] == [("COMPLETE", 1.5), ("COMPLETE", 2.5)]
 
 
 def _grid(*values: str) -> dict:
