@@ -283,7 +283,9 @@ class LanguageModel(L.LightningModule):
         muon_momentum: Muon's momentum (torch's default 0.95).
         muon_nesterov: Nesterov momentum in Muon (torch's default).
         muon_ns_steps: Newton-Schulz iterations that orthogonalise each update (torch's default 5).
-        compile: Compile the GPT with torch.compile (on by default in GPU experiments; slow to start on CPU).
+        compile: Compile the GPT with torch.compile (off by default; gpt2_124m.yaml turns it on, while
+            shakespeare_char.yaml stays eager: compiling costs its one-minute GPU run more than it saves; slow to
+            start on CPU).
         fp8: Run the blocks' matmuls in float8 (torchao's float8 training, dynamic tensorwise scales; the head and
             everything else stay in bf16). Needs a GPU of CUDA compute capability >= 8.9 (Ada, Hopper, newer), the `fp8`
             extra (`pip install 'lm[fp8]'`), and layer widths and batch x sequence length that are multiples of 16 (chat

@@ -191,7 +191,9 @@ class TaskAccuracy(L.Callback):
     Args:
         task: Built-in task to score: addition, reverse or count.
         num_problems: Test problems per evaluation.
-        every_n_validations: Evaluate at every n-th validation run (generation is slower than a validation batch).
+        every_n_validations: Evaluate at the first validation and every n-th after it, validations 1, n + 1, 2n + 1,
+            ... (the first shows where the run starts; EvalCallback's runs at validations n, 2n, ...); generation is
+            slower than a validation batch.
         digits: Operand digits of the addition task (another value for reverse or count is refused).
         seed: Seed choosing the test problems (the same ones at every evaluation).
     """
