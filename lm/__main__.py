@@ -624,7 +624,9 @@ def tokenizer_command(argv: list[str]) -> None:
     t = sub.add_parser("train", help="train a char or byte-level BPE tokenizer")
     t.add_argument("--source", required=True, help="same forms as data.source: path/glob, hub id, builtin:NAME")
     t.add_argument("--kind", choices=["bpe", "char"], default="bpe")
-    t.add_argument("--vocab_size", type=int, default=8192, help="bpe only; includes the 6 special tokens")
+    t.add_argument(
+        "--vocab_size", type=int, default=None, help="bpe only (default 8192); includes the 6 special tokens"
+    )
     t.add_argument("--text_field", default="text")
     t.add_argument("--source_config", help="a hub dataset's configuration (e.g. sample-10BT), as data.source_config")
     t.add_argument("--source_split", default="train", help="a hub dataset's split (default: train)")
@@ -636,7 +638,9 @@ def tokenizer_command(argv: list[str]) -> None:
     from lm.tokenizer import build_tokenizer, trained_tokenizer_size
 
     refuse_hub_options_of_a_local_source(args.source, args.source_config, args.source_split, args.source_revision)
-    spec = "char" if args.kind == "char" else f"bpe:{args.vocab_size}"
+    if args.kind == "char" and args.vocab_size is not None:  # refused, not ignored: it trained the source's characters
+        raise LMError("--vocab_size is for --kind bpe: a char tokenizer has the source's characters + 6 special tokens")
+    spec = "char" if args.kind == "char" else f"bpe:{8192 if args.vocab_size is None else args.vocab_size}"
     trained_tokenizer_size(spec)  # a vocab_size too small is refused now, not after reading (downloading) the source
 
     out = Path(args.out)

@@ -222,6 +222,18 @@ def test_tokenizer_train_refuses_a_vocab_size_too_small_before_it_reads_the_sour
     assert not (tmp_path / "tok").exists()
 
 
+def test_tokenizer_train_refuses_a_vocab_size_for_a_char_tokenizer(capsys, tmp_path):
+    """--kind char --vocab_size 256 saved a char tokenizer of the source's characters without a word about the size."""
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    code, _, err = run(capsys, "tokenizer", "train", "--source", str(text), "--kind", "char", "--vocab_size", "256",
+                       "--out", str(tmp_path / "tok"))  # fmt: skip
+    assert code == 2 and err.startswith("error: --vocab_size is for --kind bpe") and not (tmp_path / "tok").exists()
+    code, out, _ = run(capsys, "tokenizer", "train", "--source", str(text), "--kind", "char",
+                       "--out", str(tmp_path / "tok"))  # fmt: skip
+    assert code == 0 and out.startswith("saved char tokenizer with 15 ids")
+
+
 def test_tokenizer_train_reads_a_hub_dataset_s_config_split_and_revision(capsys, tmp_path, monkeypatch):
     """They were not passed on (a dataset that needs a config could not be read); with a local source, refused."""
     import datasets
