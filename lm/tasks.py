@@ -191,9 +191,8 @@ class TaskAccuracy(L.Callback):
     Args:
         task: Built-in task to score: addition, reverse or count.
         num_problems: Test problems per evaluation.
-        every_n_validations: Evaluate at the first validation and every n-th after it, validations 1, n + 1, 2n + 1,
-            ... (the first shows where the run starts; EvalCallback's runs at validations n, 2n, ...); generation is
-            slower than a validation batch.
+        every_n_validations: Evaluate at every n-th validation run of a fit, and in lm validate's pass (generation is
+            slower than a validation batch).
         digits: Operand digits of the addition task (another value for reverse or count is refused).
         seed: Seed choosing the test problems (the same ones at every evaluation).
     """
@@ -250,9 +249,12 @@ class TaskAccuracy(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or pl_module.tokenizer is None:
             return
-        self._validations += 1
-        if (self._validations - 1) % self.every_n_validations:
-            return
+        # lm validate's one pass is the evaluation asked for, so it runs and is not counted: counted, it ran or not by
+        # the count the checkpoint restored (every_n_validations 2: a checkpoint after 1 validation logged nothing)
+        if trainer.state.fn != "validate":
+            self._validations += 1
+            if (self._validations - 1) % self.every_n_validations:
+                return
         # Every rank, as each forward is a collective under FSDP (root_weights_gathered); in the run's precision, as
         # validation and EvalCallback: under FSDP with bf16-mixed the gathered root's fp32 output met bf16 Blocks.
         with (

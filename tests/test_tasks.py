@@ -257,7 +257,8 @@ def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(mon
     )
     callback = TaskAccuracy(num_problems=5, every_n_validations=3, seed=4)
     precision = SimpleNamespace(forward_context=contextlib.nullcontext)
-    trainer = SimpleNamespace(sanity_checking=True, strategy=None, precision_plugin=precision)
+    fit = SimpleNamespace(fn="fit")
+    trainer = SimpleNamespace(sanity_checking=True, strategy=None, precision_plugin=precision, state=fit)
     logged = []
     module = SimpleNamespace(model=None, tokenizer=object(), log=lambda name, value, **kwargs: logged.append(name))
     callback.on_validation_epoch_end(trainer, module)  # the sanity check counts for nothing
@@ -269,3 +270,26 @@ def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(mon
             assert calls.pop() == ("addition", 5, 4) and not calls
             evaluated_at.append(validation)
     assert evaluated_at == [1, 4, 7] and logged == ["eval/addition/exact_match"] * 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TaskAccuracy's cadence: when it evaluates, in a fit and in lm validate, as lm.eval.EvalCallback does.
+
+
+def _tiny_training_on_digits(tmp_path, callbacks, **trainer_kwargs):
+    """tests/test_eval.py's tiny char model, on a text whose characters write the addition problems."""
+    from tests.test_eval import _tiny_training
+
+    (tmp_path / "t.txt").write_text((string.ascii_lowercase + string.digits + "+ \n") * 200, encoding="utf-8")
+    return _tiny_training(tmp_path, tmp_path / "t.txt", callbacks, **trainer_kwargs)
+
+
+def test_lm_validate_runs_task_accuracy_whatever_the_count_of_validations(tmp_path):
+    """With every_n_validations 2, lm validate evaluated or not by the count the checkpoint restored (each validate
+    call counted one more validation: the first logged eval/addition/exact_match, the second nothing)."""
+    callback = TaskAccuracy(num_problems=2, every_n_validations=2)
+    trainer, module, data = _tiny_training_on_digits(tmp_path, [callback], limit_val_batches=1)
+    for _ in range(2):  # the counts 0 and 1 of a checkpoint, restored
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+        assert "eval/addition/exact_match" in metrics
+    assert callback._validations == 0  # validate saves no checkpoint: its pass is not one of the fit's validations
