@@ -53,7 +53,7 @@ from lm.callbacks import EMA, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
-from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS, TaskAccuracy, check_tokenizer_writes_task
+from lm.tasks import DEFAULT_DIGITS, DIGIT_TASKS, EveryNValidations, TaskAccuracy, check_tokenizer_writes_task
 from lm.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ def refuse_evaluations_sharing_a_name(callbacks: Sequence[L.Callback]) -> None:
                 )
 
 
-class EvalCallback(L.Callback):
+class EvalCallback(EveryNValidations):
     """Runs evaluation tasks during training and logs `eval/<name>/<metric>` (so W&B and every other logger get
     them): at validation through `pl_module.log`, and between steps (`every_n_steps`) straight to the loggers, once,
     at the step it ran.
@@ -604,12 +604,6 @@ class EvalCallback(L.Callback):
         # EvalCallback (another cadence for other tasks) made Lightning refuse to build the Trainer. An older lm
         # checkpoint's count, under the class name, is moved to this key by LanguageModel.on_load_checkpoint
         return self._generate_state_key(tasks=[task.name for task in self.tasks])
-
-    def state_dict(self) -> dict[str, int]:
-        return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._validations = int(state_dict.get("validations", 0))
 
     def setup(self, trainer, pl_module, stage):
         refuse_evaluations_sharing_a_name(trainer.callbacks)  # with another EvalCallback or a TaskAccuracy
@@ -663,15 +657,7 @@ class EvalCallback(L.Callback):
             self._prepared = True
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self.every_n_validations:
-            return
-        if trainer.state.fn == "validate":
-            # lm validate's one pass is the evaluation asked for: counted, it ran or not by the parity of the count
-            # that the checkpoint restored (every_n_validations 2: a checkpoint after 1 validation ran it, after 2 not)
-            self.run(trainer, pl_module)
-            return
-        self._validations += 1
-        if self._validations % self.every_n_validations == 0:
+        if self.due_at_this_validation(trainer):
             self.run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

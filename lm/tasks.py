@@ -183,7 +183,36 @@ def evaluate_task(
     return {"exact_match": correct / len(problems), "num_problems": float(len(problems))}
 
 
-class TaskAccuracy(L.Callback):
+class EveryNValidations(L.Callback):
+    """Base of the evaluations that run at the end of a validation (TaskAccuracy here, lm.eval.EvalCallback): the
+    one rule of when they run, so that one `every_n_validations` means the same in both.
+
+    In a fit, after the Nth, 2Nth, 3Nth, ... validation (sanity checks aside), so that a run of k x N validations
+    ends on an evaluation of its final weights; the count is saved in checkpoints, and a resumed run keeps the
+    rhythm. In lm validate, its one pass, whatever the count (not counted: validate saves no checkpoint)."""
+
+    every_n_validations: int | None  # None: never at validation
+    _validations: int  # validations of fits so far, this run's and those of the checkpoint it resumed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
+    def due_at_this_validation(self, trainer: L.Trainer) -> bool:
+        """Whether to evaluate at the end of the validation that is ending (counting it, in a fit)."""
+        if trainer.sanity_checking or not self.every_n_validations:
+            return False
+        if trainer.state.fn == "validate":
+            # lm validate's one pass is the evaluation asked for: counted, it ran or not by the parity of the count
+            # that the checkpoint restored (every_n_validations 2: a checkpoint after 1 validation ran it, after 2 not)
+            return True
+        self._validations += 1
+        return self._validations % self.every_n_validations == 0
+
+
+class TaskAccuracy(EveryNValidations):
     """Logs `eval/<task>/exact_match`: greedy answers to held-out problems of a built-in task, at validation end.
 
     Every rank computes the same (deterministic) number, so logging needs no synchronisation.
@@ -191,8 +220,8 @@ class TaskAccuracy(L.Callback):
     Args:
         task: Built-in task to score: addition, reverse or count.
         num_problems: Test problems per evaluation.
-        every_n_validations: Evaluate at every n-th validation run of a fit, and in lm validate's pass (generation is
-            slower than a validation batch).
+        every_n_validations: Evaluate after every Nth validation of a fit (the Nth, 2Nth, ..., as EvalCallback), and
+            in lm validate's pass (generation is slower than a validation batch).
         digits: Operand digits of the addition task (another value for reverse or count is refused).
         seed: Seed choosing the test problems (the same ones at every evaluation).
     """
@@ -224,12 +253,6 @@ class TaskAccuracy(L.Callback):
         # older lm checkpoint's count, under the class name, is moved to this key by LanguageModel.on_load_checkpoint
         return self._generate_state_key(task=self.task)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._validations = int(state_dict.get("validations", 0))
-
     def on_fit_start(self, trainer, pl_module):
         # A tokenizer that cannot write the problems (a char vocabulary from Shakespeare has no digits) stops the run
         # before training, not at its first validation, val_check_interval steps later
@@ -247,14 +270,8 @@ class TaskAccuracy(L.Callback):
             )
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or pl_module.tokenizer is None:
+        if pl_module.tokenizer is None or not self.due_at_this_validation(trainer):
             return
-        # lm validate's one pass is the evaluation asked for, so it runs and is not counted: counted, it ran or not by
-        # the count the checkpoint restored (every_n_validations 2: a checkpoint after 1 validation logged nothing)
-        if trainer.state.fn != "validate":
-            self._validations += 1
-            if (self._validations - 1) % self.every_n_validations:
-                return
         # Every rank, as each forward is a collective under FSDP (root_weights_gathered); in the run's precision, as
         # validation and EvalCallback: under FSDP with bf16-mixed the gathered root's fp32 output met bf16 Blocks.
         with (

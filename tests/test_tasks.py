@@ -244,8 +244,8 @@ def test_a_wrong_answer_changes_one_digit_and_never_writes_a_leading_zero():
     assert "0" in {wrong_answer(Problem("q", "5"), rng) for _ in range(200)}  # a one-digit answer may become 0
 
 
-def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(monkeypatch):
-    """every_n_validations=3: at validations 1, 4, 7 (the first shows where the run starts); sanity checks aside."""
+def test_task_accuracy_evaluates_at_every_n_th_validation(monkeypatch):
+    """every_n_validations=3: at validations 3 and 6, as EvalCallback (it was 1, 4, 7); sanity checks aside."""
     import contextlib
     from types import SimpleNamespace
 
@@ -269,7 +269,7 @@ def test_task_accuracy_evaluates_at_the_first_validation_and_then_every_n_th(mon
         if calls:
             assert calls.pop() == ("addition", 5, 4) and not calls
             evaluated_at.append(validation)
-    assert evaluated_at == [1, 4, 7] and logged == ["eval/addition/exact_match"] * 3
+    assert evaluated_at == [3, 6] and logged == ["eval/addition/exact_match"] * 2
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -293,3 +293,35 @@ def test_lm_validate_runs_task_accuracy_whatever_the_count_of_validations(tmp_pa
         metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
         assert "eval/addition/exact_match" in metrics
     assert callback._validations == 0  # validate saves no checkpoint: its pass is not one of the fit's validations
+
+
+def test_task_accuracy_and_eval_callback_evaluate_at_the_same_validations(tmp_path):
+    """With one every_n_validations, TaskAccuracy ran at validations 1, N+1, ... and EvalCallback at N, 2N, ...: never
+    together, and a run of k x N validations ended without TaskAccuracy's score of its final weights."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lm.eval import EvalCallback
+
+    addition = TaskAccuracy("addition", num_problems=2, every_n_validations=2)
+    count = EvalCallback([{"task": "count", "num_problems": 2}], every_n_validations=2)
+    trainer, module, data = _tiny_training_on_digits(
+        tmp_path,
+        [addition, count],
+        max_steps=8,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path / "logs"),
+    )
+    trainer.fit(module, datamodule=data)
+    with (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+
+    def steps_logging(key):
+        return [int(row["step"]) + 1 for row in rows if row.get(key)]  # the step count after the logged step
+
+    assert steps_logging("val/loss") == [2, 4, 6, 8]
+    assert steps_logging("eval/addition/exact_match") == steps_logging("eval/count/exact_match") == [4, 8]
