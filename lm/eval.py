@@ -45,7 +45,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
@@ -605,36 +604,15 @@ class EvalCallback(EveryNValidations):
         # checkpoint's count, under the class name, is moved to this key by LanguageModel.on_load_checkpoint
         return self._generate_state_key(tasks=[task.name for task in self.tasks])
 
+    def logged_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
     def setup(self, trainer, pl_module, stage):
         refuse_evaluations_sharing_a_name(trainer.callbacks)  # with another EvalCallback or a TaskAccuracy
-        if stage == "fit":
-            self._refuse_a_monitor_missing_at_some_validations(trainer.callbacks)
-
-    def _refuse_a_monitor_missing_at_some_validations(self, callbacks: Sequence[L.Callback]) -> None:
-        """LMError for a checkpoint or early stopping that monitors one of these metrics while they are not logged at
-        every validation: Lightning stopped the run at the first validation without them ("could not find the
-        monitored key ... Did you call log(...)?"), after training up to it. Fine where another evaluation of that name
-        (the same one, see refuse_evaluations_sharing_a_name) logs it at every validation."""
-        if self.every_n_validations in (None, 1) or self.every_n_steps is not None:
-            return  # (between steps, an evaluation may have left its numbers in the callback metrics Lightning reads)
-        at_every_validation = {c.task for c in callbacks if isinstance(c, TaskAccuracy) and c.every_n_validations == 1}
-        at_every_validation |= {
-            task.name
-            for c in callbacks
-            if isinstance(c, EvalCallback) and c.every_n_validations == 1
-            for task in c.tasks
-        }
-        for callback in callbacks:
-            monitor = (
-                getattr(callback, "monitor", None) if isinstance(callback, ModelCheckpoint | EarlyStopping) else None
-            )
-            task = next((t for t in self.tasks if monitor and monitor.startswith(f"eval/{t.name}/")), None)
-            if task is not None and task.name not in at_every_validation:
-                raise LMError(
-                    f"trainer.callbacks: {type(callback).__name__} monitors {monitor}, which the EvalCallback logs at "
-                    f"one validation in {self.every_n_validations}: give it every_n_validations: 1, or monitor another "
-                    "metric (val/loss)"
-                )
+        # a monitor of a metric logged at some validations only is refused, unless it is also logged between steps
+        # (which may have left its numbers in the callback metrics Lightning reads)
+        if self.every_n_steps is None:
+            super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module):
         # a missing or malformed data file stops the run before training, not at its first evaluation

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lm.distributed import root_weights_gathered
 from lm.errors import ArgumentParser, LMError
@@ -194,6 +195,10 @@ class EveryNValidations(L.Callback):
     every_n_validations: int | None  # None: never at validation
     _validations: int  # validations of fits so far, this run's and those of the checkpoint it resumed
 
+    def logged_names(self) -> list[str]:
+        """The names its metrics are logged under, eval/<name>/..."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, int]:
         return {"validations": self._validations}  # a resumed run keeps every_n_validations' rhythm
 
@@ -211,6 +216,38 @@ class EveryNValidations(L.Callback):
         self._validations += 1
         return self._validations % self.every_n_validations == 0
 
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            self._refuse_a_monitor_missing_at_some_validations(trainer.callbacks)
+
+    def _refuse_a_monitor_missing_at_some_validations(self, callbacks: Sequence[L.Callback]) -> None:
+        """LMError for a checkpoint or early stopping that monitors one of these metrics while they are not logged at
+        every validation. Lightning keeps a fit's last logged value among the metrics it monitors: at a validation
+        without a new one, the checkpoint ranked (and named) its weights by the score of older ones, and early
+        stopping counted the stale score as no improvement; before the first value (a fresh run's first validation, a
+        resumed run's) it stopped the run, after training up to it ("could not find the monitored key ... Did you call
+        log(...)?"). Fine where another evaluation of that name (the same one, see
+        lm.eval.refuse_evaluations_sharing_a_name) logs it at every validation."""
+        if self.every_n_validations in (None, 1):
+            return
+        at_every_validation = {
+            name
+            for c in callbacks
+            if isinstance(c, EveryNValidations) and c.every_n_validations == 1
+            for name in c.logged_names()
+        }
+        for callback in callbacks:
+            monitor = (
+                getattr(callback, "monitor", None) if isinstance(callback, ModelCheckpoint | EarlyStopping) else None
+            )
+            name = next((n for n in self.logged_names() if monitor and monitor.startswith(f"eval/{n}/")), None)
+            if name is not None and name not in at_every_validation:
+                raise LMError(
+                    f"trainer.callbacks: {type(callback).__name__} monitors {monitor}, which the {type(self).__name__} "
+                    f"logs at one validation in {self.every_n_validations}: give it every_n_validations: 1, or monitor "
+                    "another metric (val/loss)"
+                )
+
 
 class TaskAccuracy(EveryNValidations):
     """Logs `eval/<task>/exact_match`: greedy answers to held-out problems of a built-in task, at validation end.
@@ -221,7 +258,8 @@ class TaskAccuracy(EveryNValidations):
         task: Built-in task to score: addition, reverse or count.
         num_problems: Test problems per evaluation.
         every_n_validations: Evaluate after every Nth validation of a fit (the Nth, 2Nth, ..., as EvalCallback), and
-            in lm validate's pass (generation is slower than a validation batch).
+            in lm validate's pass (generation is slower than a validation batch). A checkpoint or early stopping that
+            monitors eval/<task>/exact_match needs 1.
         digits: Operand digits of the addition task (another value for reverse or count is refused).
         seed: Seed choosing the test problems (the same ones at every evaluation).
     """
@@ -252,6 +290,9 @@ class TaskAccuracy(EveryNValidations):
         # (addition and count) made Lightning refuse to build the Trainer, since their saved counts would collide. An
         # older lm checkpoint's count, under the class name, is moved to this key by LanguageModel.on_load_checkpoint
         return self._generate_state_key(task=self.task)
+
+    def logged_names(self) -> list[str]:
+        return [self.task]
 
     def on_fit_start(self, trainer, pl_module):
         # A tokenizer that cannot write the problems (a char vocabulary from Shakespeare has no digits) stops the run

@@ -325,3 +325,41 @@ def test_task_accuracy_and_eval_callback_evaluate_at_the_same_validations(tmp_pa
 
     assert steps_logging("val/loss") == [2, 4, 6, 8]
     assert steps_logging("eval/addition/exact_match") == steps_logging("eval/count/exact_match") == [4, 8]
+
+
+def test_a_checkpoint_monitoring_task_accuracy_that_skips_validations_is_refused_before_training(tmp_path):
+    """Lightning keeps the last logged value: a checkpoint at a validation without a new one was ranked and named by
+    the score of older weights (and early stopping counted it as no improvement), and a resumed fit stopped at its
+    first such validation, after training up to it ("could not find the monitored key")."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from lm.eval import EvalCallback
+
+    callback = TaskAccuracy(num_problems=2, every_n_validations=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="eval/addition/exact_match", mode="max")
+    trainer, module, data = _tiny_training_on_digits(
+        tmp_path,
+        [callback, checkpoint],
+        enable_checkpointing=True,
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    expected = (
+        r"^trainer.callbacks: ModelCheckpoint monitors eval/addition/exact_match, which the TaskAccuracy logs at one "
+        "validation in 2: give it every_n_validations: 1"
+    )
+    with pytest.raises(LMError, match=expected):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+    stopping = EarlyStopping(monitor="eval/addition/exact_match", mode="max")
+    with pytest.raises(LMError, match="^trainer.callbacks: EarlyStopping monitors eval/addition/exact_match"):
+        callback._refuse_a_monitor_missing_at_some_validations([callback, stopping])
+    # Logged at every validation (by this callback, or the same evaluation in an EvalCallback), or another metric
+    # monitored: nothing to refuse
+    TaskAccuracy(num_problems=2)._refuse_a_monitor_missing_at_some_validations([stopping])
+    every_validation = EvalCallback([{"task": "addition", "num_problems": 2}])
+    callback._refuse_a_monitor_missing_at_some_validations([callback, stopping, every_validation])
+    callback._refuse_a_monitor_missing_at_some_validations([callback, ModelCheckpoint(monitor="val/loss")])
