@@ -79,7 +79,8 @@ def score_continuations(
 ) -> list[tuple[float, bool]]:
     """For each (context_ids, continuation_ids): the summed log-probability of the continuation given the context,
     and whether greedy decoding would have produced it. Contexts are cut from the left to fit block_size (as
-    lm-eval's HF model does); a continuation longer than block_size is scored in pieces. Batched longest first,
+    lm-eval's HF model does); a continuation longer than block_size is scored in pieces, an empty one is (0.0, True)
+    (nothing to predict; lm-eval's ONNX model says the same, its HF model fails an assert). Batched longest first,
     right-padded (causal attention never sees the padding)."""
     block_size = model.config.block_size
     if any(len(continuation) > block_size for _, continuation in requests):
@@ -97,11 +98,13 @@ def score_continuations(
     device = next(model.parameters()).device
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     sequences = []
-    for context, continuation in requests:
-        if not context or not continuation:
-            raise ValueError("score_continuations needs a non-empty context and continuation")
+    for i, (context, continuation) in enumerate(requests):
+        if not context:
+            raise ValueError("score_continuations needs a non-empty context")
+        if not continuation:  # an empty choice under lm-eval's --apply_chat_template (its delimiter is then "")
+            results[i] = (0.0, True)
         sequences.append((context + continuation)[-(block_size + 1) :][:-1])  # (<= block_size) inputs
-    order = sorted(range(len(requests)), key=lambda i: -len(sequences[i]))
+    order = sorted((i for i, result in enumerate(results) if result is None), key=lambda i: -len(sequences[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = len(sequences[rows[0]])
@@ -243,11 +246,12 @@ def shard(n: int, rank: int, world_size: int) -> list[int]:
 
 
 def continuation_passes(requests: Sequence[tuple[list[int], list[int]]], block_size: int, batch_size: int) -> int:
-    """How many forward passes `score_continuations` runs for these requests (pieces included)."""
+    """How many forward passes `score_continuations` runs for these requests (pieces included; an empty continuation
+    runs none)."""
     if any(len(continuation) > block_size for _, continuation in requests):
         rows = sum(math.ceil(len(continuation) / block_size) for _, continuation in requests)
     else:
-        rows = len(requests)
+        rows = sum(1 for _, continuation in requests if continuation)
     return math.ceil(rows / batch_size)
 
 

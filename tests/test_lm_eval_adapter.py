@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from lm.chat import render_chat, reply_stop_ids
-from lm.eval import EvalSpec, evaluate
+from lm.eval import EvalSpec, continuation_passes, evaluate
 from lm.generate import stream_tokens
 from lm.lm_eval_adapter import LMEvalAdapter, generation_args
 from lm.tokenizer import ASSISTANT, USER, CharTokenizer
@@ -320,3 +320,28 @@ def test_the_adapter_s_command_without_lm_eval_is_one_line():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr == 'error: the lm-evaluation-harness adapter needs lm-eval: pip install "lm[eval]"\n'
+
+
+def test_an_empty_continuation_scores_zero_as_nothing_to_predict(adapter, tmp_path):
+    """Under --apply_chat_template the harness puts no delimiter before a choice, so an empty choice is an empty
+    continuation: score_continuations raised a ValueError traceback and the whole run stopped."""
+    context = adapter.apply_chat_template([{"role": "user", "content": "The dog"}])
+    requests = [Instance("loglikelihood", {}, (context, choice), i) for i, choice in enumerate(["barks.", "", "sat"])]
+    scores = adapter.loglikelihood(requests)
+    assert scores[1] == (0.0, True)
+    assert [scores[0], scores[2]] == adapter.loglikelihood([requests[0], requests[2]])
+    # (counted as no forward pass, as it runs none: under FSDP a rank counting one more would wait for good)
+    assert continuation_passes([([1], [2]), ([1], [])], block_size=8, batch_size=1) == 1
+
+    data = tmp_path / "hs.jsonl"
+    # (not in the first row, whose choices the harness reads each first character of when it builds the task)
+    rows = [ROWS[0] | {"label": 0}, ROWS[1] | {"endings": ["a", "", "sits.", "ccc dd"], "label": 2}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_hellaswag.yaml").write_text(TASK_YAML.format(data=data))
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    out = simple_evaluate(
+        model=adapter, tasks=["tiny_hellaswag"], task_manager=manager, bootstrap_iters=0, apply_chat_template=True
+    )
+    assert "acc,none" in out["results"]["tiny_hellaswag"]
