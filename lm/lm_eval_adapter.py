@@ -178,8 +178,11 @@ class LMEvalAdapter(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each string on its own: EOS, then the tokens in windows of block_size, every token scored once with as
-        much context as fits (lm-eval's rolling windows, as its HF model does it)."""
+        """Each string on its own: EOS, then its tokens in disjoint windows of block_size predicted tokens, every
+        token scored once (lm-eval's rolling windows with context_len 1, as its HF model does it). Not with as much
+        context as fits: the k-th token of a full window is predicted from the k tokens before it, so the first of
+        each window after the first sees only the token before it; a last, shorter window reads back as far as
+        block_size allows."""
         windows, owner = [], []
         for i, request in enumerate(requests):
             (string,) = request.args
