@@ -277,8 +277,8 @@ def load_documents(
         first = next(((i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
         if first is not None and any(isinstance(v, str) for v in values):
             raise LMError(
-                f"data source {source!r}: column {text_field!r} mixes text with other types: document {first[0]} "
-                f"(counting from 0) holds a value of type {type(first[1]).__name__}, not text"
+                f"data source {source!r}: column {text_field!r} mixes text with other types: document {first[0] + 1} "
+                f"(counting from 1) holds a value of type {type(first[1]).__name__}, not text"
             )
     if dtype not in ("string", "large_string"):
         raise LMError(f"data source {source!r}: column {text_field!r} holds {dtype or 'lists/structs'}, not text")
@@ -287,11 +287,11 @@ def load_documents(
         first = column.is_null().to_pylist().index(True)
         raise LMError(
             f"data source {source!r}: {nulls} documents have no {text_field!r} (missing or null), the first is "
-            f"document {first} (counting from 0)"
+            f"document {first + 1} (counting from 1)"
         )
     if (bad := _first_not_utf8(column)) is not None:
         raise LMError(
-            f"data source {source!r}: document {bad} (counting from 0) holds a {text_field!r} that is not UTF-8"
+            f"data source {source!r}: document {bad + 1} (counting from 1) holds a {text_field!r} that is not UTF-8"
         )
     return first_documents(ds.rename_column(text_field, "text") if text_field != "text" else ds)
 

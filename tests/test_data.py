@@ -439,7 +439,9 @@ def test_user_errors(tmp_path, text_file):
     with pytest.raises(LMError, match="context longer than the data"):
         make(tmp_path, text_file, block_size=5_000)
     path.write_text('{"text": "hello"}\n{"text": null}\n{"other": "x"}\n')  # a null and a missing text
-    with pytest.raises(LMError, match=r"2 documents have no 'text' \(missing or null\), the first is document 1"):
+    with pytest.raises(
+        LMError, match=r"2 documents have no 'text' \(missing or null\), the first is document 2 \(counting from 1\)"
+    ):
         make(tmp_path, path)
     path.write_text('{"text": ["a", "list"]}\n')
     with pytest.raises(LMError, match="column 'text' holds lists/structs, not text"):
@@ -448,7 +450,7 @@ def test_user_errors(tmp_path, text_file):
     import datasets
 
     # datasets < 4.7 (no Json feature) cannot load such a column at all: a one-line error all the same
-    mixed = "mixes text with other types: document 1 .* holds a value of type int"
+    mixed = r"mixes text with other types: document 2 \(counting from 1\) holds a value of type int"
     with pytest.raises(LMError, match=mixed if hasattr(datasets.features, "Json") else "could not read it as json"):
         make(tmp_path, path)
     with pytest.raises(LMError, match="builtin:shakespeare"):
@@ -471,7 +473,7 @@ def test_text_that_is_not_utf8_in_a_jsonl_or_parquet_file_is_a_one_line_error(tm
         offsets = pa.py_buffer(np.array([0, 4, 8], dtype=np.int32).tobytes())
         column = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"finecaf\xe9")])
         pq.write_table(pa.table({"text": column}), path)
-    with pytest.raises(LMError, match=r"document 1 \(counting from 0\) holds a 'text' that is not UTF-8"):
+    with pytest.raises(LMError, match=r"document 2 \(counting from 1\) holds a 'text' that is not UTF-8"):
         make(tmp_path, path)
 
 

@@ -519,7 +519,7 @@ def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents
     with pytest.raises(LMError, match="no column 'text'"):
         prepare(limit=3)
     monkeypatch.setattr(datasets, "load_dataset", lambda source, **kwargs: hub(source, untitled=4, **kwargs))
-    with pytest.raises(LMError, match="1 documents have no 'content' .* the first is document 4"):
+    with pytest.raises(LMError, match=r"1 documents have no 'content' .* the first is document 5 \(counting from 1\)"):
         prepare(limit=5, text_field="content")
     prepare(limit=4, text_field="content")  # it comes after the documents read
     # datasets streams no sliced split ("Bad split"): such a split, the held-out end of a train-only dataset, is
