@@ -22,6 +22,7 @@ walks the val split in order.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import functools
 import glob
@@ -339,7 +340,7 @@ def _files_with_rows(paths: list[Path], builder: str) -> list[Path]:
     (Spark writes such part files) failed the whole source with "An error occurred while generating the dataset"
     (its batch size of 0), whichever of the files it was, and so did a JSON file of blank lines read first (its
     columns, none, did not match the next file's); a JSON file of no bytes, with a bare StopIteration where every file
-    was one."""
+    was one; a JSON file holding an empty list, `[]`, with datasets' "Instruction "train" corresponds to no data!"."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -347,11 +348,14 @@ def _files_with_rows(paths: list[Path], builder: str) -> list[Path]:
         try:
             if builder == "parquet":
                 return pq.read_metadata(path).num_rows > 0  # the file's footer only
-            with open(path, "rb") as f:  # a record's "{" or "[" comes first: one read for any file of data
-                while chunk := f.read(1 << 16):
-                    if chunk.strip():
-                        return True
-            return False
+            # The file's first three bytes that are not JSON whitespace (nor a byte-order mark): none, or exactly
+            # "[]", is no rows; a record's "{" or "[" comes first, so one read for any file of data
+            with open(path, "rb") as f:
+                chunk, head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8), b""
+                while chunk and len(head) < 3:
+                    head += re.sub(rb"[ \t\r\n]+", b"", chunk)[: 3 - len(head)]
+                    chunk = f.read(1 << 16)
+            return head not in (b"", b"[]")
         except (OSError, pa.ArrowException):  # unreadable, or not Parquet: datasets says so, naming the source
             return True
 

@@ -494,6 +494,25 @@ def test_a_jsonl_file_of_blank_lines_among_others_is_left_out(tmp_path):
     assert dm.tokenizer.decode(all_tokens(dm).tolist()) == "first document<|eos|>second document<|eos|>"
 
 
+@pytest.mark.parametrize("empty_list", ["[]", "\ufeff[ ]\n"])
+def test_a_json_file_holding_an_empty_list_holds_no_text(tmp_path, empty_list):
+    # datasets stopped with 'Instruction "train" corresponds to no data!' (one file) or "An error occurred while
+    # generating the dataset" (among others): no rows, as an empty file
+    (tmp_path / "empty.json").write_text(empty_list, encoding="utf-8")
+    with pytest.raises(LMError, match="holds no text"):
+        make(tmp_path, tmp_path / "empty.json")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part-0.json").write_text(empty_list, encoding="utf-8")
+    (corpus / "part-1.json").write_text('[{"text": "first document"}, {"text": "second document"}]')
+    dm = make(tmp_path, corpus, block_size=4, val_fraction=0.5)
+    assert dm.tokenizer.decode(all_tokens(dm).tolist()) == "first document<|eos|>second document<|eos|>"
+    # a list that is not empty, or JSON Lines that open with one, is read (and refused) as before
+    (corpus / "part-0.json").write_text("[]\n[1]\n")
+    with pytest.raises(LMError, match="could not read it as json"):
+        make(tmp_path, corpus, block_size=4, val_fraction=0.5)
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"
