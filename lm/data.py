@@ -245,6 +245,13 @@ def load_documents(
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
             if (full := _disk_full(err)) is not None:
                 raise full from err  # its copy into the cache folder filled the disk: the caller says cannot write
+            if (columns := _columns_that_differ(err)) is not None:  # a later file or record adds a column
+                found, expected = columns
+                where = _first_with_other_columns(paths, builder, expected) or f"a record with the columns {found}"
+                raise LMError(
+                    f"data source {source!r}: {where}, not those of the records read before it, {expected}: datasets "
+                    f"reads a source's files as one table, so give them the same columns (or only {text_field!r})"
+                ) from err
             where = _find_bad_record(paths, builder)  # only on failure: pinpoint the file and line
             raise LMError(f"data source {source!r}: could not read it as {builder}: {where or err}") from err
         if builder == "text":
@@ -389,6 +396,54 @@ def _find_bad_record(paths: list[Path], builder: str) -> str | None:
                     except UnicodeEncodeError:
                         return f"{path}:{line_number}: a lone surrogate escape (\\ud800-\\udfff without its pair)"
     return None
+
+
+def _columns_that_differ(error: BaseException) -> tuple[list[str], list[str]] | None:
+    """(columns found, columns expected) where datasets failed because a table's columns were not those it read first
+    (its CastError: "An error occurred while generating the dataset", which named neither the file nor the columns)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found, expected = getattr(error, "table_column_names", None), getattr(error, "requested_column_names", None)
+        if found is not None and expected is not None:
+            return list(found), list(expected)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _first_with_other_columns(paths: list[Path], builder: str, expected: list[str]) -> str | None:
+    """The first Parquet file or JSON record with a column beyond `expected`, as "file has the columns [...]"; one
+    that leaves a column out is read (as nulls there)."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        if builder == "parquet":
+            if not set(names := pq.read_schema(path).names) <= set(expected):
+                return f"{path} has the columns {names}"
+            continue
+        for where, record in _json_records(path):
+            if isinstance(record, dict) and not set(record) <= set(expected):
+                return f"{where} has the columns {list(record)}"
+    return None
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("file:line", record) for each line of a JSON Lines file that parses, or ("file, record N", record) for each
+    record of a .json file holding one list."""
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except ValueError:  # JSON Lines in a .json file (as Dolma's shards), or not JSON at all
+            data = None
+        if isinstance(data, list):
+            yield from ((f"{path}, record {i}", record) for i, record in enumerate(data, start=1))
+            return
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                yield f"{path}:{line_number}", json.loads(raw)
+            except ValueError:  # a blank line, or a bad one (not what this looks for)
+                continue
 
 
 # --------------------------------------------------------------------------------------------------------------------

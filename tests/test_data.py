@@ -513,6 +513,39 @@ def test_a_json_file_holding_an_empty_list_holds_no_text(tmp_path, empty_list):
         make(tmp_path, corpus, block_size=4, val_fraction=0.5)
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_a_file_that_adds_a_column_is_named_with_the_columns(tmp_path, kind):
+    # datasets reads a source's files as one table: a later file with another column stopped it with "An error
+    # occurred while generating the dataset", naming neither the file nor the columns
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    parts = [[{"text": "first document"}], [{"text": "second document"}, {"text": "third", "url": "u"}]]
+    for i, records in enumerate(parts):
+        path = corpus / f"part-{i}.{kind}"
+        if kind == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        elif kind == "json":
+            path.write_text(json.dumps(records))
+        else:  # a Parquet file has one set of columns: the second holds only the record that adds one
+            pq.write_table(pa.Table.from_pylist(records[-1:]), path)
+    where = {"jsonl": "part-1.jsonl:2", "json": "part-1.json, record 2", "parquet": "part-1.parquet"}[kind]
+    message = rf"{where} has the columns \['text', 'url'\], not those of the records read before it, \['text'\]"
+    with pytest.raises(LMError, match=message):
+        make(tmp_path, corpus)
+    # a file that leaves out a column the first has is read: its documents are all there
+    for i, records in enumerate(reversed(parts)):
+        path = corpus / f"part-{i}.{kind}"
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(records[-1:]), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dm = make(tmp_path, corpus, block_size=2, val_fraction=0.5)
+    assert "third<|eos|>" in dm.tokenizer.decode(all_tokens(dm).tolist())
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"
