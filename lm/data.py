@@ -16,21 +16,24 @@ walks the val split in order.
 
     lm fit --config experiments/debug.yaml --data.init_args.source builtin:shakespeare      # the offline corpus
     lm fit --config experiments/debug.yaml --data.init_args.source 'corpus/*.txt' \
-        --data.init_args.tokenizer gpt2                                      # local files (txt/md/jsonl/json/parquet)
+        --data.init_args.tokenizer gpt2                                   # local files (txt/md/jsonl/json/parquet, .gz)
     lm fit --config experiments/gpt2_124m.yaml   # HuggingFaceFW/fineweb-edu, source_config sample-10BT, gpt2
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import errno
 import functools
 import glob
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import itertools
 import json
+import lzma
 import os
 import re
 import shutil
@@ -58,6 +61,10 @@ IGNORE_INDEX = -100  # a label with no loss, as lm.module's (not imported: the d
 # and a key that names a local source by its files and a fixed tokenizer by its fingerprint, not by how they are spelt)
 FORMAT_VERSION = 3
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Compressed text and JSON files (a.jsonl.gz, as C4 and Dolma ship): datasets decompresses them itself, and these
+# openers read them where lm looks into a file (the Python standard library's codecs; zstd would need a package)
+OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError)  # a file that is not (or not all of) what its name says
 BUILTINS = ("shakespeare",)
 
 
@@ -127,11 +134,28 @@ def builtin_documents(name: str) -> list[str]:
 def _is_local(source: str) -> bool:
     """Paths and globs are local; hub ids are what is left (`org/name`, or a bare name without an extension)."""
     path = Path(source).expanduser()
-    if path.exists() or glob.has_magic(source) or path.suffix.lower() in BUILDERS:
+    if path.exists() or glob.has_magic(source) or file_builder(path) is not None:
         return True
     if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:  # no hub id looks like that
         return True
     return bool(path.suffix) and "/" not in source  # "notes.csv" is a (missing or unsupported) file, not a hub id
+
+
+def format_suffix(path: Path) -> str:
+    """A data file's extension that names its format, in lower case, past a compression's: "a.jsonl.gz" -> ".jsonl"."""
+    return (path.with_suffix("") if path.suffix.lower() in OPENERS else path).suffix.lower()
+
+
+def file_builder(path: Path) -> str | None:
+    """The datasets builder that reads a data file ("text", "json", "parquet"), or None for a file lm does not read.
+    Parquet compresses inside: a compressed Parquet file is none."""
+    builder = BUILDERS.get(format_suffix(path))
+    return None if builder == "parquet" and path.suffix.lower() in OPENERS else builder
+
+
+def open_data_file(path: Path):
+    """A data file's bytes, decompressed (a binary file object)."""
+    return OPENERS.get(path.suffix.lower(), open)(path, "rb")
 
 
 def local_files(source: str) -> list[Path]:
@@ -145,7 +169,7 @@ def local_files(source: str) -> list[Path]:
             p
             for p in root.rglob("*")
             if p.is_file()
-            and p.suffix.lower() in BUILDERS
+            and file_builder(p) is not None
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and not (p.parent / "tokens.bin").is_file()
         ]
@@ -163,12 +187,22 @@ def local_files(source: str) -> list[Path]:
     # Absolute, but symlinks kept: a content-addressed store (a hub snapshot folder, git-annex, DVC) links named files
     # to blobs without an extension, whose type would then be unknown
     paths = sorted(Path(os.path.abspath(p)) for p in paths)
-    kinds = {BUILDERS.get(p.suffix.lower()) for p in paths}
+    kinds = {file_builder(p) for p in paths}
     if None in kinds:
-        bad = next(p for p in paths if p.suffix.lower() not in BUILDERS)
-        raise LMError(f"data source {source!r}: unsupported file type {bad} (expected one of {', '.join(BUILDERS)})")
+        bad = next(p for p in paths if file_builder(p) is None)
+        raise LMError(
+            f"data source {source!r}: unsupported file type {bad} (expected one of {', '.join(BUILDERS)}; text and "
+            f"JSON files may be compressed, {'/'.join(OPENERS)})"
+        )
     if len(kinds) > 1:
         raise LMError(f"data source {source!r}: mixes file types {sorted(kinds)}; use one format per source")
+    # A folder that holds a.jsonl and a.jsonl.gz (kept after decompressing it) would give every document twice
+    named = set(paths)
+    if twice := next((p for p in paths if p.suffix.lower() in OPENERS and p.with_suffix("") in named), None):
+        raise LMError(
+            f"data source {source!r}: holds both {twice.with_suffix('')} and its compressed copy {twice.name}; "
+            "keep one, or name the files to read with a glob"
+        )
     return paths
 
 
@@ -224,7 +258,7 @@ def load_documents(
         return first_documents(datasets.Dataset.from_dict({"text": builtin_documents(source.removeprefix("builtin:"))}))
     if _is_local(source):
         paths = local_files(source)
-        builder = BUILDERS[paths[0].suffix.lower()]
+        builder = file_builder(paths[0])
         # sample_by="document": one row per file with its newlines kept (the default drops them, one row per line).
         # datasets opens the file in text mode: "\r\n" and a lone "\r" come back as "\n" (the README says so).
         # utf-8-sig: a byte-order mark (Windows editors) is not text, as the JSON builder already drops it
@@ -242,7 +276,7 @@ def load_documents(
                 cache_dir=hf_cache_dir,
                 **kwargs,
             )
-        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        except (ValueError, *DECOMPRESSION_ERRORS, datasets.exceptions.DatasetGenerationError) as err:
             if (full := _disk_full(err)) is not None:
                 raise full from err  # its copy into the cache folder filled the disk: the caller says cannot write
             if (columns := _columns_that_differ(err)) is not None:  # a later file or record adds a column
@@ -255,6 +289,10 @@ def load_documents(
             where = _find_bad_record(paths, builder)  # only on failure: pinpoint the file and line
             raise LMError(f"data source {source!r}: could not read it as {builder}: {where or err}") from err
         if builder == "text":
+            if any(p.suffix.lower() in OPENERS for p in paths):
+                # datasets reads a compressed file without the encoding given: its byte-order mark stays, at the start
+                # of the file's one document
+                ds = ds.map(lambda rows: {"text": [t.removeprefix("\ufeff") for t in rows["text"]]}, batched=True)
             return first_documents(ds)  # the text builder's column is already "text"
     else:
         try:
@@ -357,44 +395,52 @@ def _files_with_rows(paths: list[Path], builder: str) -> list[Path]:
                 return pq.read_metadata(path).num_rows > 0  # the file's footer only
             # The file's first three bytes that are not JSON whitespace (nor a byte-order mark): none, or exactly
             # "[]", is no rows; a record's "{" or "[" comes first, so one read for any file of data
-            with open(path, "rb") as f:
+            with open_data_file(path) as f:
                 chunk, head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8), b""
                 while chunk and len(head) < 3:
                     head += re.sub(rb"[ \t\r\n]+", b"", chunk)[: 3 - len(head)]
                     chunk = f.read(1 << 16)
             return head not in (b"", b"[]")
-        except (OSError, pa.ArrowException):  # unreadable, or not Parquet: datasets says so, naming the source
-            return True
+        except (*DECOMPRESSION_ERRORS, pa.ArrowException):
+            return True  # unreadable, cut short, or not Parquet: datasets says so, naming the source
 
     return [path for path in paths if has_rows(path)]
 
 
 def _find_bad_record(paths: list[Path], builder: str) -> str | None:
-    """The first undecodable byte (text) or unparsable line (JSON Lines, or one Arrow refuses) among paths, as
-    "file:line: problem"."""
+    """The first undecodable byte (text) or unparsable line (JSON Lines, or one Arrow refuses) among paths, or a
+    compressed file cut short or not compressed at all, as "file:line: problem"."""
     for path in paths:
-        if builder == "text":
-            data = path.read_bytes()
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = data.count(b"\n", 0, e.start) + 1
-                return f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})"
-        elif builder == "json" and path.suffix.lower() == ".jsonl":
-            with open(path, "rb") as f:
-                for line_number, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw.decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        return f"{path}:{line_number}: not a JSON record ({e})"
-                    if not isinstance(record, dict):
-                        return f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}"
-                    try:  # Python reads an escaped lone surrogate ("\ud83d" of a cut emoji); Arrow refuses the file
-                        json.dumps(record, ensure_ascii=False).encode("utf-8")
-                    except UnicodeEncodeError:
-                        return f"{path}:{line_number}: a lone surrogate escape (\\ud800-\\udfff without its pair)"
+        try:
+            if builder == "text":
+                with open_data_file(path) as f:
+                    data = f.read()
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    line = data.count(b"\n", 0, e.start) + 1
+                    return f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})"
+            elif builder == "json" and format_suffix(path) == ".jsonl":
+                with open_data_file(path) as f:
+                    for line_number, raw in enumerate(f, start=1):
+                        if not raw.strip():
+                            continue
+                        try:
+                            record = json.loads(raw.decode("utf-8"))
+                        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                            return f"{path}:{line_number}: not a JSON record ({e})"
+                        if not isinstance(record, dict):
+                            return f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}"
+                        try:  # Python reads an escaped lone surrogate ("\ud83d" of a cut emoji); Arrow refuses it
+                            json.dumps(record, ensure_ascii=False).encode("utf-8")
+                        except UnicodeEncodeError:
+                            return f"{path}:{line_number}: a lone surrogate escape (\\ud800-\\udfff without its pair)"
+            elif path.suffix.lower() in OPENERS:  # a compressed .json file: whether it decompresses at all
+                with open_data_file(path) as f:
+                    while f.read(1 << 24):
+                        pass
+        except DECOMPRESSION_ERRORS as e:  # "Compressed file ended before the end-of-stream marker was reached"
+            return f"{path}: {e}"
     return None
 
 
@@ -430,15 +476,16 @@ def _first_with_other_columns(paths: list[Path], builder: str, expected: list[st
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     """("file:line", record) for each line of a JSON Lines file that parses, or ("file, record N", record) for each
     record of a .json file holding one list."""
-    if path.suffix.lower() == ".json":
+    if format_suffix(path) == ".json":
         try:
-            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+            with open_data_file(path) as f:
+                data = json.loads(f.read().decode("utf-8-sig"))
         except ValueError:  # JSON Lines in a .json file (as Dolma's shards), or not JSON at all
             data = None
         if isinstance(data, list):
             yield from ((f"{path}, record {i}", record) for i, record in enumerate(data, start=1))
             return
-    with open(path, "rb") as f:
+    with open_data_file(path) as f:
         for line_number, raw in enumerate(f, start=1):
             try:
                 yield f"{path}:{line_number}", json.loads(raw)
@@ -938,7 +985,8 @@ class PretrainData(L.LightningDataModule):
 
     Args:
         source: Where text comes from: a local file/dir/glob (.txt/.md one document per file, .jsonl/.json/.parquet
-            one per row), a Hugging Face hub dataset id (e.g. HuggingFaceFW/fineweb-edu), or builtin:shakespeare.
+            one per row; text and JSON may be .gz/.bz2/.xz), a Hugging Face hub dataset id (e.g.
+            HuggingFaceFW/fineweb-edu), or builtin:shakespeare.
         source_config: Hub dataset config name (e.g. sample-10BT); ignored for local and builtin sources.
         source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
         source_revision: Hub dataset revision (a commit sha, tag or branch) to read, and part of the cache key. None:
@@ -1027,7 +1075,7 @@ class PretrainData(L.LightningDataModule):
     def _reads_text_field(self) -> bool:
         if self.source.startswith("builtin:"):
             return False
-        return not _is_local(self.source) or BUILDERS[local_files(self.source)[0].suffix.lower()] != "text"
+        return not _is_local(self.source) or file_builder(local_files(self.source)[0]) != "text"
 
     def _resolve_cache_path(self, fixed: Tokenizer | None) -> Path:
         # A trained tokenizer is keyed on its spec (it is a function of the spec and the source, both in the key);

@@ -546,6 +546,42 @@ def test_a_file_that_adds_a_column_is_named_with_the_columns(tmp_path, kind):
     assert "third<|eos|>" in dm.tokenizer.decode(all_tokens(dm).tolist())
 
 
+@pytest.mark.parametrize(("name", "compression"), [("corpus.txt", ".gz"), ("rows.jsonl", ".bz2"), ("rows.json", ".xz")])
+def test_compressed_text_and_json_files_are_read_as_the_files_themselves(tmp_path, name, compression):
+    # they were refused ("unsupported file type"), or a missing one taken for a hub id, though datasets reads them
+    import bz2
+    import gzip
+    import lzma
+
+    records = [{"text": "first document\n"}, {"text": "second document"}]
+    data = {
+        "corpus.txt": "\ufeffSpeaker 1:\r\nLine one.\n".encode(),  # the byte-order mark and \r\n go, as uncompressed
+        "rows.jsonl": "".join(json.dumps(r) + "\n" for r in records).encode(),
+        "rows.json": json.dumps(records).encode(),
+    }[name]
+    plain, compressed = tmp_path / "plain" / name, tmp_path / "compressed" / (name + compression)
+    for path, content in (
+        (plain, data),
+        (compressed, {".gz": gzip, ".bz2": bz2, ".xz": lzma}[compression].compress(data)),
+    ):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    expected = all_tokens(make(tmp_path, plain, block_size=2, val_fraction=0.5))
+    dm = make(tmp_path, compressed, block_size=2, val_fraction=0.5)
+    assert all_tokens(dm).tolist() == expected.tolist() and "\ufeff" not in dm.tokenizer.decode(expected.tolist())
+    compressed.write_bytes(compressed.read_bytes()[:20])  # cut short: named, in one line
+    with pytest.raises(LMError, match=rf"{re.escape(compressed.name)}: Compressed file ended before"):
+        make(tmp_path, compressed, block_size=2, val_fraction=0.5)
+    (compressed.parent / name).write_bytes(data)  # the same documents twice in one folder
+    with pytest.raises(LMError, match=rf"holds both .*{re.escape(name)} and its compressed copy"):
+        make(tmp_path, compressed.parent)
+    with pytest.raises(LMError, match="no such file"):  # a path, not a hub id
+        make(tmp_path, f"missing/{name}{compression}")
+    (tmp_path / "rows.parquet.gz").write_bytes(b"")  # Parquet compresses inside: none ships compressed again
+    with pytest.raises(LMError, match="unsupported file type .* text and JSON files may be compressed"):
+        make(tmp_path, tmp_path / "rows.parquet.gz")
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"
