@@ -246,8 +246,9 @@ def load_documents(
 
     `hf_cache_dir` is where datasets keeps its Arrow copy of local files (None = its own default cache); hub
     datasets always use the HF cache so a big download is shared by every tokenizer and run.
-    `limit`: only the first N documents. A hub dataset is then streamed and read no further than them (lm eval
-    --limit 1000 on fineweb-edu's sample-10BT downloaded all its tens of GB first); a local source is read whole.
+    `limit`: only the first N documents. A hub dataset, or local JSON or Parquet files, are then streamed and read
+    no further than them (lm eval --limit 1000 on fineweb-edu's sample-10BT downloaded all its tens of GB first, and
+    a local corpus was copied whole into datasets' cache); of text files, one document each, only the first N are read.
     """
     import datasets  # heavy import (~1 s): only prepare_data needs it
 
@@ -268,14 +269,20 @@ def load_documents(
             return datasets.Dataset.from_dict(
                 {"text": []}, features=datasets.Features({"text": datasets.Value("string")})
             )
+        if builder == "text" and limit is not None:
+            paths = paths[: max(limit, 1)]  # one document per file (datasets reads no data files as an error)
+        stream = limit is not None and builder != "text"  # rows of unknown count per file: read as far as needed
         try:
             ds = datasets.load_dataset(  # escaped: datasets reads data_files as globs ("part[1].txt" -> part1.txt)
                 builder,
                 data_files=[glob.escape(str(p)) for p in paths],
                 split="train",
                 cache_dir=hf_cache_dir,
+                streaming=stream,
                 **kwargs,
             )
+            if stream:  # inside the try: the files are read (and a bad record found) while the rows are taken
+                ds = _documents_of_a_stream(ds, limit, text_field)
         except (ValueError, *DECOMPRESSION_ERRORS, datasets.exceptions.DatasetGenerationError) as err:
             if (full := _disk_full(err)) is not None:
                 raise full from err  # its copy into the cache folder filled the disk: the caller says cannot write

@@ -178,8 +178,8 @@ class EvalSpec:
             ("addition", "reverse", "count").
         data: Text source for "lm" (path/glob/hub id/builtin:NAME), HellaSwag-format JSONL for "hellaswag".
         name: Name in the metric keys (`eval/<name>/<metric>`); defaults to the task.
-        limit: Evaluate only the first N documents (lm; of a hub dataset's plain split only they are streamed, a sliced
-            one such as train[90%:] is read whole, then cut) or items (hellaswag).
+        limit: Evaluate only the first N documents (lm; only they are read, from local files or a hub dataset's plain
+            split; a sliced one such as train[90%:] is read whole, then cut) or items (hellaswag).
         text_field: Column holding the text in JSONL/Parquet/hub sources (lm).
         source_config: A hub dataset's configuration (lm), as data.source_config in training (e.g. sample-10BT).
         source_split: A hub dataset's split (lm); a held-out metric wants the split training did not read.

@@ -582,6 +582,37 @@ def test_compressed_text_and_json_files_are_read_as_the_files_themselves(tmp_pat
         make(tmp_path, tmp_path / "rows.parquet.gz")
 
 
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_a_limit_reads_a_local_source_no_further_than_its_documents(tmp_path, kind):
+    # lm eval --limit 100 copied a whole local corpus (tens of GB) into datasets' cache before taking 100 documents
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lm.data import load_documents
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = ["first document", "second document", "third document"]
+    if kind == "txt":  # one document per file
+        for i, text in enumerate(texts):
+            (corpus / f"part-{i}.txt").write_text(text)
+    elif kind == "jsonl":
+        (corpus / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    else:
+        pq.write_table(pa.table({"text": texts}), corpus / "part-0.parquet")
+    # a last file that cannot be read: reading it at all fails the source
+    (corpus / f"part-9.{kind}").write_bytes(b"\xff\xfe not text, JSON or Parquet")
+    hf_cache = tmp_path / "hf"
+    documents = load_documents(str(corpus), limit=2, hf_cache_dir=str(hf_cache))
+    assert documents["text"] == texts[:2]
+    if kind != "txt":  # streamed: no Arrow copy of the files
+        assert not list(hf_cache.rglob("*.arrow"))
+    with pytest.raises(LMError, match="could not read it as"):  # read whole, it fails on the last file
+        load_documents(str(corpus), hf_cache_dir=str(hf_cache))
+    with pytest.raises(LMError, match="could not read it as"):  # and so does a limit past the documents before it
+        load_documents(str(corpus), limit=4, hf_cache_dir=str(hf_cache))
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"

@@ -531,7 +531,7 @@ def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents
     monkeypatch.setattr(datasets, "load_dataset", lambda source, **kwargs: hub(source, n=0, **kwargs))
     with pytest.raises(LMError, match="no non-empty documents to evaluate"):  # an empty split
         prepare(limit=3, text_field="content")
-    # a local file, read by datasets' own JSON builder as before: whole, then cut to the limit
+    # a local file: its first rows, streamed as a hub split's are
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     local = tmp_path / "docs.jsonl"
     local.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
