@@ -415,11 +415,19 @@ def _files_with_rows(paths: list[Path], builder: str) -> list[Path]:
 
 
 def _find_bad_record(paths: list[Path], builder: str) -> str | None:
-    """The first undecodable byte (text) or unparsable line (JSON Lines, or one Arrow refuses) among paths, or a
-    compressed file cut short or not compressed at all, as "file:line: problem"."""
+    """The first undecodable byte (text) or unparsable line (JSON Lines, or one Arrow refuses) among paths, a
+    Parquet file without its footer, or a compressed file cut short or not compressed at all, as "file:line: what"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     for path in paths:
         try:
-            if builder == "text":
+            if builder == "parquet":
+                try:  # a file cut short (a copy interrupted) or not Parquet: datasets' error named neither
+                    pq.read_metadata(path)
+                except pa.ArrowException as e:
+                    return f"{path}: not a Parquet file ({e})"
+            elif builder == "text":
                 with open_data_file(path) as f:
                     data = f.read()
                 try:

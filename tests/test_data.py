@@ -613,6 +613,20 @@ def test_a_limit_reads_a_local_source_no_further_than_its_documents(tmp_path, ki
         load_documents(str(corpus), limit=4, hf_cache_dir=str(hf_cache))
 
 
+def test_a_parquet_file_cut_short_is_named(tmp_path):
+    # "could not read it as parquet: An error occurred while generating the dataset", naming no file
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"text": ["first document"]}), corpus / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["second document"]}), corpus / "part-1.parquet")
+    (corpus / "part-1.parquet").write_bytes((corpus / "part-1.parquet").read_bytes()[:30])  # a copy interrupted
+    with pytest.raises(LMError, match=r"part-1\.parquet: not a Parquet file \(Parquet magic bytes not found"):
+        make(tmp_path, corpus)
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"
