@@ -1054,6 +1054,8 @@ class PretrainData(L.LightningDataModule):
             raise LMError(f"data.val_windows must be >= 1 (or null for the whole split), got {val_windows}")
         if num_workers < 0:
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
+        if num_proc is not None and num_proc < 1:  # 0 had meant every CPU (as None), a negative number one thread
+            raise LMError(f"data.num_proc must be >= 1 (or null for every CPU this process may use), got {num_proc}")
         # A local source has no split to pick (refused), and no config or revision: those are dropped, so that a hub
         # recipe (gpt2_124m.yaml names FineWeb's config) runs on a local file as it is, keyed as that file alone
         refuse_hub_options_of_a_local_source(source, None, source_split, None)

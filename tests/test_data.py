@@ -457,6 +457,9 @@ def test_user_errors(tmp_path, text_file):
         make(tmp_path, "builtin:nope")
     with pytest.raises(LMError, match="val_fraction"):
         PretrainData(val_fraction=1.0)
+    for threads in (0, -1):  # 0 ran on every CPU, as null does; -1 on one
+        with pytest.raises(LMError, match=rf"data.num_proc must be >= 1 \(or null for every CPU .*\), got {threads}"):
+            PretrainData(num_proc=threads)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
