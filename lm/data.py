@@ -163,6 +163,12 @@ def local_files(source: str) -> list[Path]:
     expanded = os.path.expanduser(source)
     if Path(expanded).is_dir():
         root = Path(expanded)
+        if (root / "dataset_dict.json").is_file() or ((root / "state.json").is_file() and any(root.glob("*.arrow"))):
+            # its JSON files are datasets' metadata, which were read as documents (and failed on their columns)
+            raise LMError(
+                f"data source {source!r}: a folder written by datasets' save_to_disk, whose Arrow files lm does not "
+                "read; write the dataset out with its to_parquet or to_json and give that file"
+            )
         # Not data: hidden files and folders (.git, lm's caches being written), and a finished lm cache kept inside
         # the corpus folder (its meta.json and tokenizer files would otherwise be read as documents).
         paths = [

@@ -630,6 +630,18 @@ def test_a_parquet_file_cut_short_is_named(tmp_path):
         make(tmp_path, corpus)
 
 
+def test_a_folder_written_by_save_to_disk_is_refused_in_one_line(tmp_path):
+    # its state.json and dataset_info.json were read as documents: "An error occurred while generating the dataset"
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"text": ["first document", "second document"]})
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved_dict"))
+    for folder in ("saved", "saved_dict"):
+        with pytest.raises(LMError, match="a folder written by datasets' save_to_disk, whose Arrow files lm does not"):
+            make(tmp_path, tmp_path / folder)
+
+
 def test_a_parquet_file_of_no_rows_among_others_is_left_out(tmp_path):
     # Spark writes such part files; datasets failed the whole source on one ("BatchSize must be greater than 0"),
     # as "could not read it as parquet: An error occurred while generating the dataset"
