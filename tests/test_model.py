@@ -62,6 +62,60 @@ def test_attention_matches_hand_written_reference():
     torch.testing.assert_close(ours, reference_attention(model, x), atol=1e-5, rtol=1e-5)
 
 
+def reference_forward(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The whole model written out from its weights and the papers, sharing no code with lm.model: RMSNorm with its
+    gain, QK-norm, RoPE tables from rope_theta, grouped heads, causal softmax, SwiGLU, two residuals per block, the
+    final norm and the head."""
+    c = model.config
+    B, T = x.shape
+
+    def rms_norm(h, gain):
+        return gain * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + c.norm_eps)
+
+    def rope(h):  # pair (i, i + head_dim/2) turns by position * theta^(-2i/head_dim)
+        half = c.head_dim // 2
+        angle = torch.arange(T)[:, None] * c.rope_theta ** (-2 * torch.arange(half) / c.head_dim)  # (T, half)
+        a, b = h[..., :half], h[..., half:]
+        return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+
+    h = model.embed_tokens.weight[x]  # (B, T, n_embd)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        a = rms_norm(h, layer.attn_norm.weight)
+        q = (a @ attn.q_proj.weight.T).view(B, T, c.n_head, c.head_dim)
+        k = (a @ attn.k_proj.weight.T).view(B, T, c.kv_heads, c.head_dim)
+        v = (a @ attn.v_proj.weight.T).view(B, T, c.kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = rms_norm(q, attn.q_norm.weight), rms_norm(k, attn.k_norm.weight)
+        q, k, v = rope(q.transpose(1, 2)), rope(k.transpose(1, 2)), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        group = c.n_head // c.kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)).masked_fill(~causal, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        h = h + y @ attn.o_proj.weight.T
+        m = rms_norm(h, layer.mlp_norm.weight)
+        h = h + (F.silu(m @ mlp.gate_proj.weight.T) * (m @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    return rms_norm(h, model.norm.weight) @ model.lm_head.weight.T
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"n_head": 4, "n_kv_head": 2, "qk_norm": True, "rope_theta": 100.0}, {"tie_embeddings": True}],
+    ids=["gqa_qk_norm_theta_100", "tied"],
+)
+def test_forward_matches_a_hand_written_reference(overrides):
+    """Every layer end to end, in eval mode with dropout configured (eval must not drop anything), and with norm gains
+    away from their initial 1 (a forward that dropped a gain would agree with the reference at init)."""
+    model = tiny(n_layer=2, dropout=0.1, **overrides).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(model(x), reference_forward(model, x), atol=1e-5, rtol=1e-5)
+
+
 def test_rope_rotates_pairs_by_position():
     cos, sin = rope_tables(head_dim=4, max_len=3, theta=10000.0)
     x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 3, 4)
@@ -110,6 +164,8 @@ def test_124m_parameter_count():
     tied = GPT(get_config("124m", tie_embeddings=True))
     assert tied.num_params() == 123_587_328  # GPT-2 small's 124M with RoPE instead of learned positions
     assert tied.num_params() == model.num_params() - 50304 * 768
+    # Without the input embedding: the untied head stays, and a tied one is that same table, counted once
+    assert model.num_params(non_embedding=True) == tied.num_params(non_embedding=True) == 123_587_328
 
 
 def test_hf_llama_layout():
@@ -200,6 +256,17 @@ def test_flops_per_token_holds_when_fsdp_hands_the_parameters_over_as_flat_shard
     shards = [p.detach().flatten()[: p.numel() // 2] for p in model.parameters()]  # one of two ranks' halves
     model.parameters = lambda recurse=True: iter(shards)
     assert model.flops_per_token(16) == expected
+
+
+def test_a_sequence_longer_than_the_context_says_so():
+    """A clear error, with or without a cache, rather than a shape mismatch from the RoPE tables deep in a layer."""
+    model = tiny().eval()
+    with pytest.raises(ValueError, match=r"sequence of 17 tokens is longer than the context \(16\)"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = KVCache(model.config, batch_size=1, max_len=32)
+    model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"sequence of 18 tokens is longer than the context \(16\)"):
+        model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
 
 
 def test_an_overfull_cache_with_a_padding_mask_says_so():
