@@ -90,6 +90,9 @@ def test_decode_accepts_arrays_and_skips_specials(tokenizers, kind):
     ids = tok.encode(TEXT, bos=True, eos=True)
     assert tok.decode(np.array(ids)) == tok.decode(torch.tensor(ids)) == tok.decode(ids)
     assert tok.decode(ids, skip_special=True) == TEXT
+    # the chat markers too, not only BOS/EOS: a reply decoded for lm chat or a task score must not show <|end|>
+    chat = [tok.token_id(t) for t in (SYSTEM, USER, ASSISTANT, END)]
+    assert tok.decode([*chat, *tok.encode("Speak"), *chat], skip_special=True) == "Speak"
     with pytest.raises(LMError):
         tok.decode([tok.vocab_size])
 
