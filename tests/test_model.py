@@ -227,6 +227,17 @@ def test_kv_cache_matches_full_forward_in_chunks():
     torch.testing.assert_close(torch.cat(chunks, dim=1), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_cached_forward_with_gradients_on_fills_the_cache_under_activation_checkpointing():
+    """Checkpointing runs a block without the cache: a cached forward (a caller's own decoding loop, gradients on)
+    must run the blocks as they are, or the cache stays empty and the later chunks attend to nothing before them."""
+    model = tiny(n_kv_head=1).eval()
+    model.checkpoint_layers = True
+    x = torch.randint(0, 64, (2, 14))
+    cache = KVCache(model.config, batch_size=2, max_len=16)
+    chunks = [model(x[:, a:b], cache=cache) for a, b in [(0, 9), (9, 14)]]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
