@@ -125,6 +125,13 @@ def test_answers_are_right():
         assert int(p.answer) == word.count(letter)
 
 
+def test_count_asks_for_a_letter_of_the_word_half_the_time():
+    """A random letter alone is missing from a word of 3-7 letters ~80% of the time: most answers would be "0", and
+    a model answering "0" to everything would score ~0.8. Half the questions take a letter of the word: ~40% zeros."""
+    answers = [p.answer for p in make_problems("count", "train", 400)]
+    assert 0.25 < answers.count("0") / len(answers) < 0.6
+
+
 def test_asking_for_more_problems_than_exist_is_a_user_error():
     with pytest.raises(LMError, match="fewer than"):
         make_problems("addition", "test", 50, digits=1)  # 100 one-digit pairs, ~10 held out
