@@ -452,6 +452,20 @@ def test_the_policy_ties_its_reference_before_training_in_every_precision(tmp_pa
     assert (module.reference._compiled_call_impl is not None) == compile
 
 
+def test_the_reference_drops_nothing_when_the_run_trains_with_dropout(tmp_path):
+    """The run's dropout (model.arch.dropout, kept over the SFT checkpoint's) is the policy's: the reference is the
+    fixed point the rewards are measured from. Lightning puts the module in eval mode for validation but never
+    reaches the reference (it is outside the module tree), so a reference built with dropout would still drop."""
+    path, _ = _sft_checkpoint(tmp_path)
+    data = PreferenceData(source=_pairs_file(tmp_path), tokenizer=str(path), batch_size=4, block_size=32)
+    module = PreferenceModel(get_config("tiny", dropout=0.5), init_from=str(path))
+    logger = MemoryLogger()
+    L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False).validate(module, datamodule=data)
+    metrics = logger.by_step()[0]
+    assert module.model.config.dropout == 0.5
+    assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["val/rewards/margin"] == 0
+
+
 def test_the_policy_ties_its_reference_in_the_first_training_step(tmp_path):
     """Training takes the policy's log-probabilities with gradients (lm.module's chunked cross-entropy) and the
     reference's without (then F.cross_entropy): the two rounded differently, so step 0 logged noise rewards (1e-8) and
