@@ -293,3 +293,20 @@ def test_the_fsdp_gradient_norm_counts_each_shard_once_whatever_the_sharding(tmp
     trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": ids, "labels": ids}], batch_size=None))
     one_process = float(trainer.callback_metrics["train/grad_norm"])
     assert norms == pytest.approx({"FULL_SHARD": one_process, "NO_SHARD": one_process}, rel=1e-5)
+
+
+def test_the_process_group_is_destroyed_when_the_trainer_tears_down(tmp_path):
+    """Lightning leaves it alive after fit, and gloo's threads then sometimes abort the interpreter at exit (code 134);
+    the CLI adds DestroyProcessGroup to every run for that. A one-process gloo group, as a run's would be."""
+    import torch.distributed as dist
+
+    from lm.distributed import DestroyProcessGroup
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        DestroyProcessGroup().teardown(None, None, "fit")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():  # never leave a group to the tests after this one
+            dist.destroy_process_group()
+    DestroyProcessGroup().teardown(None, None, "fit")  # and without a group (one device): nothing to do
