@@ -251,6 +251,24 @@ def test_a_wrong_answer_changes_one_digit_and_never_writes_a_leading_zero():
     assert "0" in {wrong_answer(Problem("q", "5"), rng) for _ in range(200)}  # a one-digit answer may become 0
 
 
+def test_a_wrong_word_swaps_two_neighbouring_different_letters():
+    """The near miss of a reverse answer: the same letters, two neighbours swapped (never two equal ones, which would
+    give the right answer back); a word of one letter repeated gets one more letter instead."""
+    import random
+
+    from lm.tasks import wrong_answer
+
+    rng = random.Random(0)
+    for answer in ("tolip", "abba", "ab"):
+        for _ in range(50):
+            wrong = wrong_answer(Problem("q", answer), rng)
+            i = next(i for i in range(len(answer)) if wrong[i] != answer[i])
+            assert wrong == answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :], (answer, wrong)
+    for _ in range(50):
+        wrong = wrong_answer(Problem("q", "aaa"), rng)
+        assert len(wrong) == 4 and wrong[:3] == "aaa" and wrong[3] != "a"
+
+
 def test_task_accuracy_evaluates_at_every_n_th_validation(monkeypatch):
     """every_n_validations=3: at validations 3 and 6, as EvalCallback (it was 1, 4, 7); sanity checks aside."""
     import contextlib
