@@ -9,7 +9,8 @@
     sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}   (optional "system",
                as LLaMA-Factory writes it, or a first {"from": "system"} turn)
 
-from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or a built-in task (`task:addition`,
+from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id (source_config, source_split and
+source_revision pick its config, split and revision, as for PretrainData), or a built-in task (`task:addition`,
 `task:reverse`, `task:count`; see lm.tasks). OpenAI's "developer" role is read as "system", and a system message with
 blank content is left out. An assistant message or "gpt" turn with `"weight": 0` is shown but not learned. Each
 conversation is rendered by `lm.chat.render_chat`; labels are the next token where the mask is 1 and -100 elsewhere,
@@ -46,9 +47,9 @@ from lm.data import (
     IGNORE_INDEX,
     ResumableBatchSampler,
     ResumableDataLoader,
+    hub_config_and_revision,
     leave_sigterm_to_the_run,
     rank_and_world_size,
-    refuse_hub_options_of_a_local_source,
     trained_batches,
 )
 from lm.errors import LMError
@@ -194,8 +195,11 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
     raise LMError(f"unknown chat format {fmt!r}: expected auto or one of {FORMATS}")
 
 
-def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
-    """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows."""
+def read_records(
+    source: str, *, split: str = "train", config: str | None = None, revision: str | None = None
+) -> list[tuple[str, Any]]:
+    """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows. `split`,
+    `config` and `revision` are a hub dataset's (as PretrainData's source_split, source_config, source_revision)."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -242,9 +246,12 @@ def read_records(source: str, *, split: str = "train") -> list[tuple[str, Any]]:
         if suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         else:
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, name=config, split=split, revision=revision)
     except Exception as e:  # datasets raises many types for a missing/unreachable dataset
-        raise LMError(f"could not load chat data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        options = "" if suffix == ".parquet" else f" (config={config}, split={split}, revision={revision})"
+        raise LMError(
+            f"could not load chat data {source!r}{options}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     return [(f"{source}:record {i + 1}", r) for i, r in enumerate(ds)]
 
 
@@ -275,7 +282,12 @@ class ChatData(L.LightningDataModule):
             task:count (built-in synthetic problems, see lm.tasks).
         format: Record format: messages (OpenAI), alpaca, sharegpt, or auto (detected from the first record that is
             valid JSON and has one of their shapes).
-        source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
+        source_config: Hub dataset config name (e.g. all for HuggingFaceTB/smoltalk); ignored for local and task
+            sources, as PretrainData's.
+        source_split: Hub dataset split to read (e.g. train_sft for HuggingFaceH4/ultrachat_200k); the train/val split
+            is made afterwards by val_fraction.
+        source_revision: Hub dataset revision (a commit sha, tag or branch) to read; None: the hub's default branch.
+            Ignored for local and task sources.
         tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
             Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
         block_size: Context length: longest example, in tokens. None: the model's context under the CLI, which sets
@@ -308,7 +320,9 @@ class ChatData(L.LightningDataModule):
         self,
         source: str = "task:addition",
         format: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto",
+        source_config: str | None = None,
         source_split: str = "train",
+        source_revision: str | None = None,
         tokenizer: str = "char",
         block_size: int | None = None,
         batch_size: int = 32,
@@ -330,7 +344,7 @@ class ChatData(L.LightningDataModule):
             raise LMError(f"data.block_size must be >= 2 and data.batch_size >= 1, got {block_size}, {batch_size}")
         if not 0 < val_fraction < 1:
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-        refuse_hub_options_of_a_local_source(source, None, source_split, None)
+        source_config, source_revision = hub_config_and_revision(source, source_config, source_split, source_revision)
         # Refused rather than ignored: a task: source takes its val problems from the task's test split (task_val_size
         # of them), not a val_fraction of its train problems, and a file or hub source has no task problems to size.
         # A value equal to the default is no setting, as for digits.
@@ -353,6 +367,7 @@ class ChatData(L.LightningDataModule):
 
             refuse_digits_of_a_word_task(source.removeprefix("task:"), task_digits, "data.task_digits")
         self.source, self.format, self.source_split = source, format, source_split
+        self.source_config, self.source_revision = source_config, source_revision
         self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise
         self.task_size, self.task_val_size, self.task_digits = task_size, task_val_size, task_digits
@@ -424,7 +439,9 @@ class ChatData(L.LightningDataModule):
         """(where, *parse(record, fmt)) for each record of a file or hub source. fmt is `format`, or detected from the
         first record that is valid JSON; a record whose parse raises ValueError goes to _bad (error, or skip and
         count), with the reason."""
-        records = read_records(self.source, split=self.source_split)
+        records = read_records(
+            self.source, split=self.source_split, config=self.source_config, revision=self.source_revision
+        )
         if not records:
             raise LMError(f"{self.source!r} holds no records")
         fmt = self.format

@@ -238,6 +238,19 @@ def refuse_hub_options_of_a_local_source(source: str, config: str | None, split:
         raise LMError(f"{', '.join(named)}: for hub datasets only; {source!r} is a local or builtin source")
 
 
+def hub_config_and_revision(
+    source: str, config: str | None, split: str, revision: str | None
+) -> tuple[str | None, str | None]:
+    """The hub config and revision a data module reads `source` with. A local, builtin or task source has no split to
+    pick (refused) and no config or revision: those are dropped, so that a hub recipe (gpt2_124m.yaml names FineWeb's
+    config) runs on a local file as it is, keyed as that file alone."""
+    refuse_hub_options_of_a_local_source(source, None, split, None)
+    if (config or revision) and not is_hub_source(source):
+        rank_zero_info(f"lm.data: source_config and source_revision are for hub datasets; {source!r} ignores them")
+        return None, None
+    return config, revision
+
+
 def load_documents(
     source: str,
     *,
@@ -1062,12 +1075,7 @@ class PretrainData(L.LightningDataModule):
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         if num_proc is not None and num_proc < 1:  # 0 had meant every CPU (as None), a negative number one thread
             raise LMError(f"data.num_proc must be >= 1 (or null for every CPU this process may use), got {num_proc}")
-        # A local source has no split to pick (refused), and no config or revision: those are dropped, so that a hub
-        # recipe (gpt2_124m.yaml names FineWeb's config) runs on a local file as it is, keyed as that file alone
-        refuse_hub_options_of_a_local_source(source, None, source_split, None)
-        if (source_config or source_revision) and not is_hub_source(source):
-            rank_zero_info(f"lm.data: source_config and source_revision are for hub datasets; {source!r} ignores them")
-            source_config = source_revision = None
+        source_config, source_revision = hub_config_and_revision(source, source_config, source_split, source_revision)
         self.source, self.source_config = source, source_config
         self.source_split, self.source_revision, self.text_field = source_split, source_revision, text_field
         self.tokenizer_spec = tokenizer

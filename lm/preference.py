@@ -171,7 +171,11 @@ class PreferenceData(ChatData):
             task:count (right answer chosen, a near miss rejected).
         format: Record format: conversational, standard, implicit, hh, or auto (detected from the first record that
             is valid JSON); see the module docstring.
-        source_split: Hub dataset split to read; the train/val split is made afterwards by val_fraction.
+        source_config: Hub dataset config name; ignored for local and task sources, as PretrainData's.
+        source_split: Hub dataset split to read (e.g. train_prefs for HuggingFaceH4/ultrafeedback_binarized); the
+            train/val split is made afterwards by val_fraction.
+        source_revision: Hub dataset revision (a commit sha, tag or branch) to read; None: the hub's default branch.
+            Ignored for local and task sources.
         tokenizer: Tokenizer spec: the fine-tuned checkpoint's `.ckpt` path (its tokenizer is used).
         block_size: Context length: longest sequence, in tokens. None: the model's context under the CLI, which sets
             it from the model and refuses any other value given (256 where the data module is built in Python).
@@ -197,7 +201,9 @@ class PreferenceData(ChatData):
         self,
         source: str = "task:addition",
         format: Literal["auto", "conversational", "standard", "implicit", "hh"] = "auto",
+        source_config: str | None = None,
         source_split: str = "train",
+        source_revision: str | None = None,
         tokenizer: str = "char",
         block_size: int | None = None,
         batch_size: int = 16,
@@ -215,7 +221,9 @@ class PreferenceData(ChatData):
     ):
         super().__init__(
             source=source,
+            source_config=source_config,
             source_split=source_split,
+            source_revision=source_revision,
             tokenizer=tokenizer,
             block_size=block_size,
             batch_size=batch_size,

@@ -317,6 +317,41 @@ def test_a_line_that_is_not_utf8_is_a_bad_record_not_a_traceback(tmp_path):
         ChatData(source=str(tmp_path / "latin.json"), tokenizer="char", block_size=64).setup()
 
 
+def test_a_hub_chat_dataset_is_read_with_its_config_split_and_revision(tmp_path, monkeypatch):
+    """HuggingFaceTB/smoltalk needs a config (all), and a pinned revision makes a run reproducible: ChatData took
+    neither (a TypeError), and read hub data with only a split. datasets.load_dataset stands in for the download;
+    a local source drops a config or revision, as PretrainData does, so a hub recipe runs on a local file."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list([_messages(i) for i in range(10)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub = ChatData(
+        source="HuggingFaceTB/smoltalk",
+        source_config="all",
+        source_split="train_sft",
+        source_revision="abc123",
+        tokenizer="char",
+        block_size=64,
+    )
+    hub.setup()
+    assert calls == [("HuggingFaceTB/smoltalk", {"name": "all", "split": "train_sft", "revision": "abc123"})]
+    local = ChatData(
+        source=_write_jsonl(tmp_path / "c.jsonl", [_messages(i) for i in range(10)]),
+        source_config="all",
+        source_revision="abc123",
+        tokenizer="char",
+        block_size=64,
+    )
+    local.setup()
+    assert (local.source_config, local.source_revision) == (None, None)
+    assert local.train_examples == hub.train_examples and local.val_examples == hub.val_examples
+
+
 def test_conversations_with_nothing_to_learn_are_dropped_before_the_split(tmp_path):
     """A conversation whose every reply has weight 0 was counted into val, then dropped from it: val could be left
     with nothing ("no val conversation has a supervised token") or smaller than val_fraction."""

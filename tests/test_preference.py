@@ -254,6 +254,33 @@ def test_dpo_ipo_and_label_smoothing_losses():
     assert reward_metrics(c, r).tolist() == [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
 
 
+def test_a_hub_preference_dataset_is_read_with_its_config_split_and_revision(monkeypatch):
+    """HuggingFaceH4/ultrafeedback_binarized keeps its pairs in train_prefs; a config and a pinned revision reach
+    datasets.load_dataset too (standing in for the download), as they do for PretrainData and ChatData."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        prompts = [[{"role": "user", "content": f"what is {i}+{i}?"}] for i in range(10)]
+        return datasets.Dataset.from_list([{"prompt": p, "chosen": CHOSEN, "rejected": REJECTED} for p in prompts])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = PreferenceData(
+        source="org/prefs",
+        source_config="default",
+        source_split="train_prefs",
+        source_revision="abc123",
+        tokenizer="char",
+        block_size=64,
+        batch_size=2,
+    )
+    data.setup()
+    assert calls == [("org/prefs", {"name": "default", "split": "train_prefs", "revision": "abc123"})]
+    assert len(data.train_examples) + len(data.val_examples) == 10
+
+
 def _sft_checkpoint(tmp_path, tokenizer=TOK):
     """An lm checkpoint of a tiny random GPT (context 32), as init_from reads it."""
     config = get_config("tiny", vocab_size=padded_vocab_size(tokenizer.vocab_size), block_size=32)
