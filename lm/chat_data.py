@@ -9,12 +9,12 @@
     sharegpt   {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}   (optional "system",
                as LLaMA-Factory writes it, or a first {"from": "system"} turn)
 
-from a local .jsonl/.json/.parquet file, a Hugging Face hub dataset id (source_config, source_split and
-source_revision pick its config, split and revision, as for PretrainData), or a built-in task (`task:addition`,
-`task:reverse`, `task:count`; see lm.tasks). OpenAI's "developer" role is read as "system", and a system message with
-blank content is left out. An assistant message or "gpt" turn with `"weight": 0` is shown but not learned. Each
-conversation is rendered by `lm.chat.render_chat`; labels are the next token where the mask is 1 and -100 elsewhere,
-so only the assistant's words (and their END) carry loss.
+from a local .jsonl/.json/.parquet file (JSONL and JSON may be compressed: .gz, .bz2, .xz), a Hugging Face hub
+dataset id (source_config, source_split and source_revision pick its config, split and revision, as for PretrainData),
+or a built-in task (`task:addition`, `task:reverse`, `task:count`; see lm.tasks). OpenAI's "developer" role is read as
+"system", and a system message with blank content is left out. An assistant message or "gpt" turn with `"weight": 0`
+is shown but not learned. Each conversation is rendered by `lm.chat.render_chat`; labels are the next token where the
+mask is 1 and -100 elsewhere, so only the assistant's words (and their END) carry loss.
 
     lm fit --config experiments/sft_hh.yaml --model.init_args.init_from runs/hh_base/checkpoints/last.ckpt \
         --data.init_args.tokenizer runs/hh_base/checkpoints/last.ckpt
@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import inspect
+import io
 import json
 import re
 import unicodedata
@@ -43,12 +44,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lm.chat import CHAT_TEMPLATE_VERSION, Message, check_messages, join_text_parts, render_chat, tidy_messages
 from lm.data import (
+    DECOMPRESSION_ERRORS,
     DEFAULT_BLOCK_SIZE,
     IGNORE_INDEX,
+    OPENERS,
     ResumableBatchSampler,
     ResumableDataLoader,
+    format_suffix,
     hub_config_and_revision,
     leave_sigterm_to_the_run,
+    open_data_file,
     rank_and_world_size,
     trained_batches,
 )
@@ -201,7 +206,14 @@ def read_records(
     """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows. `split`,
     `config` and `revision` are a hub dataset's (as PretrainData's source_split, source_config, source_revision)."""
     path = Path(source).expanduser()
-    suffix = path.suffix.lower()
+    # The format past a compression's, as PretrainData reads files: "chat.jsonl.gz" is JSONL, read through gzip (it
+    # was taken for a hub id, and failed as one)
+    suffix = format_suffix(path)
+    if path.suffix.lower() in OPENERS and suffix not in (".jsonl", ".json"):
+        raise LMError(
+            f"unsupported chat data file {path}: expected .jsonl, .json or .parquet (JSON and JSONL may be compressed, "
+            f"{'/'.join(OPENERS)}; Parquet compresses inside)"
+        )
     if suffix == ".jsonl":
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
@@ -209,24 +221,31 @@ def read_records(
         # -sig: a byte-order mark (Notepad, Excel) is not text. surrogateescape: a byte that is not UTF-8 (a Latin-1
         # export) comes through as a lone surrogate, which only such a byte can give, and makes its line a bad record
         # instead of a UnicodeDecodeError traceback for the whole file.
-        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if bad := NOT_UTF8.search(line):
-                    byte = ord(bad.group()) - 0xDC00
-                    problem = f"not UTF-8 (byte {byte:#04x} at column {bad.start() + 1}); save the file as UTF-8"
-                    records.append((f"{path}:{n}", ValueError(problem)))
-                    continue
-                try:
-                    records.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    records.append((f"{path}:{n}", ValueError(f"invalid JSON: {e}")))
+        try:
+            with io.TextIOWrapper(open_data_file(path), encoding="utf-8-sig", errors="surrogateescape") as f:
+                for n, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    if bad := NOT_UTF8.search(line):
+                        byte = ord(bad.group()) - 0xDC00
+                        problem = f"not UTF-8 (byte {byte:#04x} at column {bad.start() + 1}); save the file as UTF-8"
+                        records.append((f"{path}:{n}", ValueError(problem)))
+                        continue
+                    try:
+                        records.append((f"{path}:{n}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        records.append((f"{path}:{n}", ValueError(f"invalid JSON: {e}")))
+        except DECOMPRESSION_ERRORS as e:  # not (or not all of) the compressed file its name says
+            raise LMError(f"{path}: could not read it: {e}") from None
         return records
     if suffix == ".json":
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
-        raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Notepad, Excel) is not text
+        try:
+            with open_data_file(path) as f:
+                raw = f.read().removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Notepad, Excel) is not text
+        except DECOMPRESSION_ERRORS as e:
+            raise LMError(f"{path}: could not read it: {e}") from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -278,8 +297,8 @@ class ChatData(L.LightningDataModule):
     (`dropped_unsupervised`).
 
     Args:
-        source: A local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or task:addition / task:reverse /
-            task:count (built-in synthetic problems, see lm.tasks).
+        source: A local .jsonl/.json/.parquet file (.jsonl and .json may be .gz/.bz2/.xz), a Hugging Face hub dataset
+            id, or task:addition / task:reverse / task:count (built-in synthetic problems, see lm.tasks).
         format: Record format: messages (OpenAI), alpaca, sharegpt, or auto (detected from the first record that is
             valid JSON and has one of their shapes).
         source_config: Hub dataset config name (e.g. all for HuggingFaceTB/smoltalk); ignored for local and task

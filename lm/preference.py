@@ -18,10 +18,10 @@ reference) more than the rejected reply's:
     hh              {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}   (Anthropic/hh-rlhf)
                     or {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "chosen": " reply", "rejected": " reply"}
 
-from a local .jsonl/.json/.parquet file or a hub dataset id, or makes them from a built-in task (`task:addition`:
-the right answer is chosen, a near miss (`lm.tasks.wrong_answer`) rejected). A batch is the one batch shape of every
-data module, `{"input_ids": (2B, T), "labels": (2B, T)}`: the B chosen sequences, then the B rejected ones, with
-labels -100 everywhere but the reply's tokens.
+from a local .jsonl/.json/.parquet file (JSONL and JSON may be .gz/.bz2/.xz) or a hub dataset id, or makes them from
+a built-in task (`task:addition`: the right answer is chosen, a near miss (`lm.tasks.wrong_answer`) rejected). A batch
+is the one batch shape of every data module, `{"input_ids": (2B, T), "labels": (2B, T)}`: the B chosen sequences, then
+the B rejected ones, with labels -100 everywhere but the reply's tokens.
 
 `PreferenceModel` is a `LanguageModel` (same optimizer, schedule, clipping, non-finite guard, self-contained
 checkpoints, so `lm chat|eval|export|serve` take its checkpoints as they are) with the DPO loss instead of next-token
@@ -167,8 +167,8 @@ class PreferenceData(ChatData):
     train/val split keeps pairs that open with the same user message on one side, as ChatData does.
 
     Args:
-        source: A local .jsonl/.json/.parquet file, a Hugging Face hub dataset id, or task:addition / task:reverse /
-            task:count (right answer chosen, a near miss rejected).
+        source: A local .jsonl/.json/.parquet file (.jsonl and .json may be .gz/.bz2/.xz), a Hugging Face hub dataset
+            id, or task:addition / task:reverse / task:count (right answer chosen, a near miss rejected).
         format: Record format: conversational, standard, implicit, hh, or auto (detected from the first record that
             is valid JSON); see the module docstring.
         source_config: Hub dataset config name; ignored for local and task sources, as PretrainData's.

@@ -352,6 +352,29 @@ def test_a_hub_chat_dataset_is_read_with_its_config_split_and_revision(tmp_path,
     assert local.train_examples == hub.train_examples and local.val_examples == hub.val_examples
 
 
+@pytest.mark.parametrize("name", ["c.jsonl.gz", "c.jsonl.bz2", "c.jsonl.xz", "c.json.gz", "C.JSONL.GZ"])
+def test_a_compressed_chat_file_reads_as_the_plain_file(tmp_path, name):
+    """PretrainData reads .jsonl.gz (as C4 and Dolma ship); ChatData took such a file for a hub id and failed ("Couldn't
+    reach 'c.jsonl.gz' on the Hub"). A file that is not what its name says is one line naming it."""
+    import bz2
+    import gzip
+    import lzma
+
+    records = [_messages(i) for i in range(10)]
+    plain = ChatData(source=_write_jsonl(tmp_path / "plain.jsonl", records), tokenizer="char", block_size=64)
+    plain.setup()
+    text = json.dumps(records) if ".json." in name.lower() else (tmp_path / "plain.jsonl").read_text()
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[name[name.rindex(".") :].lower()]
+    with opener(tmp_path / name, "wt", encoding="utf-8") as f:
+        f.write(text)
+    data = ChatData(source=str(tmp_path / name), tokenizer="char", block_size=64)
+    data.setup()
+    assert data.train_examples == plain.train_examples and data.val_examples == plain.val_examples
+    (tmp_path / "not.jsonl.gz").write_text((tmp_path / "plain.jsonl").read_text())
+    with pytest.raises(LMError, match=r"not\.jsonl\.gz: could not read it: Not a gzipped file"):
+        ChatData(source=str(tmp_path / "not.jsonl.gz"), tokenizer="char", block_size=64).setup()
+
+
 def test_conversations_with_nothing_to_learn_are_dropped_before_the_split(tmp_path):
     """A conversation whose every reply has weight 0 was counted into val, then dropped from it: val could be left
     with nothing ("no val conversation has a supervised token") or smaller than val_fraction."""

@@ -281,6 +281,21 @@ def test_a_hub_preference_dataset_is_read_with_its_config_split_and_revision(mon
     assert len(data.train_examples) + len(data.val_examples) == 10
 
 
+def test_a_compressed_pairs_file_reads_as_the_plain_file(tmp_path):
+    """A .jsonl.gz of pairs was taken for a hub id and failed; it reads as ChatData and PretrainData read one."""
+    import gzip
+
+    records = [
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": CHOSEN, "rejected": REJECTED} for i in range(10)
+    ]
+    plain = PreferenceData(source=_write_jsonl(tmp_path / "p.jsonl", records), tokenizer="char", block_size=64)
+    plain.setup()
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress((tmp_path / "p.jsonl").read_bytes()))
+    data = PreferenceData(source=str(tmp_path / "p.jsonl.gz"), tokenizer="char", block_size=64)
+    data.setup()
+    assert data.train_examples == plain.train_examples and data.val_examples == plain.val_examples
+
+
 def _sft_checkpoint(tmp_path, tokenizer=TOK):
     """An lm checkpoint of a tiny random GPT (context 32), as init_from reads it."""
     config = get_config("tiny", vocab_size=padded_vocab_size(tokenizer.vocab_size), block_size=32)
