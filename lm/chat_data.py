@@ -209,11 +209,12 @@ def read_records(
     # The format past a compression's, as PretrainData reads files: "chat.jsonl.gz" is JSONL, read through gzip (it
     # was taken for a hub id, and failed as one)
     suffix = format_suffix(path)
+    unsupported = LMError(
+        f"unsupported chat data file {path}: expected .jsonl, .json or .parquet (JSON and JSONL may be compressed, "
+        f"{'/'.join(OPENERS)}; Parquet compresses inside)"
+    )
     if path.suffix.lower() in OPENERS and suffix not in (".jsonl", ".json"):
-        raise LMError(
-            f"unsupported chat data file {path}: expected .jsonl, .json or .parquet (JSON and JSONL may be compressed, "
-            f"{'/'.join(OPENERS)}; Parquet compresses inside)"
-        )
+        raise unsupported
     if suffix == ".jsonl":
         if not path.is_file():
             raise LMError(f"chat data file not found: {path}")
@@ -259,6 +260,10 @@ def read_records(
         return [(f"{path}:record {i + 1}", r) for i, r in enumerate(data)]
     if suffix == ".parquet" and not path.is_file():
         raise LMError(f"chat data file not found: {path}")
+    if (
+        suffix != ".parquet" and path.is_file()
+    ):  # a local .txt or .csv is no hub id ("Couldn't reach 'x.txt' on the Hub")
+        raise unsupported
     import datasets
 
     try:
@@ -268,9 +273,7 @@ def read_records(
             ds = datasets.load_dataset(source, name=config, split=split, revision=revision)
     except Exception as e:  # datasets raises many types for a missing/unreachable dataset
         options = "" if suffix == ".parquet" else f" (config={config}, split={split}, revision={revision})"
-        raise LMError(
-            f"could not load chat data {source!r}{options}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+        raise LMError(f"could not load {source!r}{options}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return [(f"{source}:record {i + 1}", r) for i, r in enumerate(ds)]
 
 

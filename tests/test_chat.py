@@ -375,6 +375,15 @@ def test_a_compressed_chat_file_reads_as_the_plain_file(tmp_path, name):
         ChatData(source=str(tmp_path / "not.jsonl.gz"), tokenizer="char", block_size=64).setup()
 
 
+@pytest.mark.parametrize("name", ["chats.txt", "chats.csv", "chats.parquet.gz"])
+def test_a_local_file_of_another_type_is_named_unsupported_not_looked_up_on_the_hub(tmp_path, name):
+    """A .txt or .csv file was taken for a hub id: "could not load chat data 'chats.txt': ... Couldn't reach
+    'chats.txt' on the Hub", which sends the user looking for a network problem."""
+    (tmp_path / name).write_text('{"messages": []}\n')
+    with pytest.raises(LMError, match=r"unsupported chat data file .*chats\..*: expected \.jsonl, \.json or \.parquet"):
+        ChatData(source=str(tmp_path / name), tokenizer="char", block_size=64).setup()
+
+
 def test_conversations_with_nothing_to_learn_are_dropped_before_the_split(tmp_path):
     """A conversation whose every reply has weight 0 was counted into val, then dropped from it: val could be left
     with nothing ("no val conversation has a supervised token") or smaller than val_fraction."""
