@@ -145,6 +145,41 @@ def test_hellaswag_acc_and_acc_norm_as_lm_eval_defines_them(ckpt, tmp_path):
     assert metrics == pytest.approx({"acc": acc, "acc_norm": 1.0})
 
 
+def test_continuations_are_read_back_from_the_device_once_per_batch(monkeypatch):
+    """On a GPU every read of a tensor's value (item, bool, tolist, ...) waits for the device: a read per request
+    ran HellaSwag's endings one after another. The scores stay those of one plain forward pass per request."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(64, (n,), generator=generator).tolist()
+
+    requests = [(tokens(1 + i % 9), tokens(1 + i % 5)) for i in range(40)]
+    reads = []
+
+    def counted(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    scores = lm.eval.score_continuations(model, requests, batch_size=16)
+    monkeypatch.undo()
+    assert len(reads) == 3  # 40 requests, batches of 16: three reads
+    with torch.no_grad():
+        for (context, continuation), (logprob, greedy) in zip(requests, scores, strict=True):
+            whole = context + continuation
+            logprobs = F.log_softmax(model(torch.tensor([whole[:-1]]))[0, len(context) - 1 :], dim=-1)
+            assert logprob == pytest.approx(logprobs[range(len(continuation)), continuation].sum().item(), abs=1e-5)
+            assert greedy == (logprobs.argmax(-1).tolist() == continuation)
+
+
 def _labelled_by_plain_scores(model, tokenizer) -> list[dict]:
     rows = []
     for row in HELLASWAG_ROWS:
