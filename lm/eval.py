@@ -591,7 +591,7 @@ class EvalCallback(EveryNValidations):
     Args:
         tasks: The evaluations to run (task, data, limit, ... per entry).
         every_n_validations: Run after every Nth validation of a fit, and in lm validate's pass (None: never at
-            validation). A checkpoint or early stopping that monitors these metrics needs 1 (or every_n_steps).
+            validation). A checkpoint or early stopping that monitors these metrics needs 1, every_n_steps or not.
         every_n_steps: Also run every N optimizer steps during training (None: only at validation).
     """
 
@@ -622,10 +622,9 @@ class EvalCallback(EveryNValidations):
 
     def setup(self, trainer, pl_module, stage):
         refuse_evaluations_sharing_a_name(trainer.callbacks)  # with another EvalCallback or a TaskAccuracy
-        # a monitor of a metric logged at some validations only is refused, unless it is also logged between steps
-        # (which may have left its numbers in the callback metrics Lightning reads)
-        if self.every_n_steps is None:
-            super().setup(trainer, pl_module, stage)
+        # a monitor of a metric logged at some validations only is refused, every_n_steps or not: a validation before
+        # the first evaluation between steps found no value, and a later one the value of older weights
+        super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module):
         # a missing or malformed data file stops the run before training, not at its first evaluation

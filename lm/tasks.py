@@ -226,9 +226,10 @@ class EveryNValidations(L.Callback):
         without a new one, the checkpoint ranked (and named) its weights by the score of older ones, and early
         stopping counted the stale score as no improvement; before the first value (a fresh run's first validation, a
         resumed run's) it stopped the run, after training up to it ("could not find the monitored key ... Did you call
-        log(...)?"). Fine where another evaluation of that name (the same one, see
-        lm.eval.refuse_evaluations_sharing_a_name) logs it at every validation."""
-        if self.every_n_validations in (None, 1):
+        log(...)?"). Evaluations between steps (EvalCallback's every_n_steps) do not make up for it: they leave a value
+        there only after the first of them, and of the weights of their step. Fine where another evaluation of that
+        name (the same one, see lm.eval.refuse_evaluations_sharing_a_name) logs it at every validation."""
+        if self.every_n_validations == 1:
             return
         at_every_validation = {
             name
@@ -242,10 +243,12 @@ class EveryNValidations(L.Callback):
             )
             name = next((n for n in self.logged_names() if monitor and monitor.startswith(f"eval/{n}/")), None)
             if name is not None and name not in at_every_validation:
+                cadence = (
+                    f"one validation in {self.every_n_validations}" if self.every_n_validations else "no validation"
+                )
                 raise LMError(
                     f"trainer.callbacks: {type(callback).__name__} monitors {monitor}, which the {type(self).__name__} "
-                    f"logs at one validation in {self.every_n_validations}: give it every_n_validations: 1, or monitor "
-                    "another metric (val/loss)"
+                    f"logs at {cadence}: give it every_n_validations: 1, or monitor another metric (val/loss)"
                 )
 
 

@@ -676,6 +676,35 @@ def test_a_checkpoint_monitoring_an_evaluation_that_skips_validations_is_refused
     callback._refuse_a_monitor_missing_at_some_validations([callback, ModelCheckpoint(monitor="val/loss")])
 
 
+@pytest.mark.parametrize("every_n_validations, cadence", [(2, "one validation in 2"), (None, "no validation")])
+def test_evaluations_between_steps_do_not_excuse_a_monitor_of_one_that_skips_validations(
+    tmp_path, every_n_validations, cadence
+):
+    """every_n_steps exempted the callback from the refusal above: the first validation before an evaluation between
+    steps stopped the run after training up to it, and a later one ranked its checkpoint by the score of an older
+    step (weights of step 9 saved as the best by step 8's bpb)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (tmp_path / "t.txt").write_text("".join(DOCS) * 20, encoding="utf-8")
+    task = {"task": "lm", "data": str(tmp_path / "t.txt"), "name": "texts"}
+    callback = EvalCallback([task], every_n_validations=every_n_validations, every_n_steps=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="eval/texts/bpb")
+    trainer, module, data = _tiny_training(
+        tmp_path,
+        tmp_path / "t.txt",
+        [callback, checkpoint],
+        enable_checkpointing=True,
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(LMError, match=f"monitors eval/texts/bpb, which the EvalCallback logs at {cadence}: "):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
+
 def test_two_eval_callbacks_train_together():
     """Their saved counts shared the class name's key: Lightning refused a second EvalCallback (other tasks at
     another cadence) with a RuntimeError."""
