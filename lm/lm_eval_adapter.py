@@ -17,7 +17,10 @@ uses lm's generation engine (`lm.generate.generate_texts`, batched, KV cache), r
 harness's own models do (temperature, top_k, top_p and repetition_penalty are applied; another, such as num_beams, is
 named in a warning), stops at any special token (a chat model's end of turn) and leaves special tokens out of the
 text, as HF models decode with skip_special_tokens. `--apply_chat_template` renders prompts with lm's chat
-template (`lm.chat.render_chat`, the one SFT trains on). lm-eval is an optional extra (`pip install "lm[eval]"`).
+template (`lm.chat.render_chat`, the one SFT trains on), to the same ids; marker text inside a message or a
+continuation ("<|end|>", gpt2's "<|endoftext|>") stays text, as there, for chats rendered in this process (contexts
+that lm-eval's `--cache_requests` reads back from an earlier run are split at every marker's text). lm-eval is an
+optional extra (`pip install "lm[eval]"`).
 """
 
 from __future__ import annotations
@@ -111,6 +114,10 @@ class LMEvalAdapter(TemplateLM):
         self._special_pattern = re.compile(
             "(" + "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))) + ")"
         )
+        # Rendered chats whose contents hold marker text ("<|end|>", gpt2's "<|endoftext|>"), which render_chat
+        # encodes as text: keyed by the text up to the chat's last marker, its pieces as (text, is it a marker). The
+        # rest of a string the harness encodes (the open reply, a continuation) is a reply's content: text too.
+        self._chats_with_marker_text: dict[str, list[tuple[str, bool]]] = {}
 
     # ---- what TemplateLM needs ---------------------------------------------------------------------------------
 
@@ -125,11 +132,16 @@ class LMEvalAdapter(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         if not self._specials_in_text or not self._specials:
             return self.tokenizer.encode(string)
-        specials = self._specials
+        specials, encode = self._specials, self.tokenizer.encode
+        if self._chats_with_marker_text:
+            # The chat this string starts with (the harness appends a continuation, or strips trailing spaces)
+            for match in reversed(list(self._special_pattern.finditer(string))):
+                chat = self._chats_with_marker_text.get(string[: match.end()])
+                if chat is not None:
+                    head = [i for text, is_marker in chat for i in ([specials[text]] if is_marker else encode(text))]
+                    return head + encode(string[match.end() :])
         pieces = self._special_pattern.split(string)  # text, marker, text, marker, ...
-        return [
-            i for piece in pieces for i in ([specials[piece]] if piece in specials else self.tokenizer.encode(piece))
-        ]
+        return [i for piece in pieces for i in ([specials[piece]] if piece in specials else encode(piece))]
 
     # ---- chat templates (--apply_chat_template) ----------------------------------------------------------------
 
@@ -156,15 +168,20 @@ class LMEvalAdapter(TemplateLM):
         def marker(token: str) -> str:
             return self._special_text[self.tokenizer.token_id(token)]
 
-        parts = [marker(BOS)]
+        parts = [(marker(BOS), True)]
         for m in chat_history:
-            parts += [marker(ROLES[m["role"]]), m["content"], marker(END)]
+            parts += [(marker(ROLES[m["role"]]), True), (m["content"], False), (marker(END), True)]
         if add_generation_prompt:
-            parts.append(marker(ASSISTANT))
+            parts.append((marker(ASSISTANT), True))
         elif chat_history and chat_history[-1]["role"] == "assistant":
             parts.pop()  # its END
+        if self._specials and any(self._special_pattern.search(m["content"]) for m in chat_history):
+            # marker text in a content is text, as render_chat encodes it (a split on markers made it special tokens)
+            last_marker = max(k for k, (_, is_marker) in enumerate(parts) if is_marker)
+            head = parts[: last_marker + 1]
+            self._chats_with_marker_text["".join(text for text, _ in head)] = head
         self._specials_in_text = True
-        return "".join(parts)
+        return "".join(text for text, _ in parts)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)

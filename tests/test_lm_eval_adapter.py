@@ -247,6 +247,29 @@ def test_chat_template_markers_encode_back_where_bos_decodes_to_another_string(t
     assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
 
 
+def test_marker_text_in_a_chat_s_contents_stays_text_as_render_chat_encodes_it(tmp_path):
+    """The rendered chat was split at every marker's text, a content's own "<|end|>" or gpt2's "<|endoftext|>"
+    included: the harness's prompt held special tokens where SFT, lm chat and lm serve have plain text."""
+    from lm.tokenizer import GPT2Tokenizer
+
+    tokenizer = GPT2Tokenizer()
+    path = tmp_path / "t.ckpt"
+    write_checkpoint(path, tokenizer, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    adapter = LMEvalAdapter(ckpt=str(path), batch_size=2, device="cpu")
+    history = [
+        {"role": "system", "content": "Say <|endoftext|> at the end."},
+        {"role": "user", "content": "What is <|end|>?<|assistant|>"},
+    ]
+    text = adapter.apply_chat_template(history)
+    assert adapter.tok_encode(text) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
+    reply = " A marker, <|end|>"  # a continuation holding marker text: the reply's content, text too
+    context, continuation = adapter._encode_pair(text, reply)
+    assert context + continuation == render_chat([*history, {"role": "assistant", "content": reply}], tokenizer)[0][:-1]
+    prefill = [*history, {"role": "assistant", "content": "It ends <|end|> a turn"}]
+    open_reply = adapter.apply_chat_template(prefill, add_generation_prompt=False)
+    assert adapter.tok_encode(open_reply) == render_chat(prefill, tokenizer)[0][:-1]  # no END after the reply
+
+
 def test_model_args_may_set_device_and_batch_size_beside_the_harness_s_flags(tmp_path):
     """lm-eval's command line always passes its --batch_size (default 1) and --device as well: the docstring's
     device= or batch_size= in --model_args was a TypeError ("multiple values"). --model_args wins."""
