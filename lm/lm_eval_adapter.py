@@ -17,10 +17,11 @@ uses lm's generation engine (`lm.generate.generate_texts`, batched, KV cache), r
 harness's own models do (temperature, top_k, top_p and repetition_penalty are applied; another, such as num_beams, is
 named in a warning), stops at any special token (a chat model's end of turn) and leaves special tokens out of the
 text, as HF models decode with skip_special_tokens. `--apply_chat_template` renders prompts with lm's chat
-template (`lm.chat.render_chat`, the one SFT trains on), to the same ids; marker text inside a message or a
-continuation ("<|end|>", gpt2's "<|endoftext|>") stays text, as there, for chats rendered in this process (contexts
-that lm-eval's `--cache_requests` reads back from an earlier run are split at every marker's text). lm-eval is an
-optional extra (`pip install "lm[eval]"`).
+template (`lm.chat.render_chat`, the one SFT trains on), to the same ids: a text that starts with BOS's text is read
+as a rendered chat, its markers as special tokens; marker text inside a message or a continuation ("<|end|>", gpt2's
+"<|endoftext|>") stays text, as there, for chats rendered in this process (contexts that lm-eval's `--cache_requests`
+reads back from an earlier run are split at every marker's text). Any other text is text, marker text included.
+lm-eval is an optional extra (`pip install "lm[eval]"`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from lm.errors import LMError
+from lm.tokenizer import BOS
 
 try:
     import lm_eval.models  # noqa: F401 - registers lm-eval's own models first (it only does so into an empty registry)
@@ -103,9 +105,6 @@ class LMEvalAdapter(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = max_gen_toks
         self._ignored_gen_kwargs: set[str] = set()  # generation arguments already warned about, each named once
-        # Set by apply_chat_template: the harness then encodes the rendered text, whose role markers must become the
-        # special tokens again (lm's tokenizers otherwise encode special-token strings as plain text, by design).
-        self._specials_in_text = False
         # Keyed by the text each special decodes to, which is what the rendered chat holds: gpt2's BOS is
         # "<|endoftext|>" and a Llama-style tokenizer.json's "<s>", not lm's "<|bos|>". Longest first, so that no
         # marker matches the start of a longer one.
@@ -114,6 +113,11 @@ class LMEvalAdapter(TemplateLM):
         self._special_pattern = re.compile(
             "(" + "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))) + ")"
         )
+        # A chat rendered by apply_chat_template starts with BOS's text, and the harness encodes it as text: its
+        # markers must become the special tokens again (lm's tokenizers otherwise encode special-token strings as
+        # plain text, by design). Told by its start, not by a call of apply_chat_template in this process: lm-eval's
+        # --cache_requests reads the rendered contexts of an earlier run back, and their markers were encoded as text.
+        self._chat_start = self._special_text[tokenizer.token_id(BOS)]
         # Rendered chats whose contents hold marker text ("<|end|>", gpt2's "<|endoftext|>"), which render_chat
         # encodes as text: keyed by the text up to the chat's last marker, its pieces as (text, is it a marker). The
         # rest of a string the harness encodes (the open reply, a continuation) is a reply's content: text too.
@@ -130,7 +134,7 @@ class LMEvalAdapter(TemplateLM):
         return self.model.config.block_size
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        if not self._specials_in_text or not self._specials:
+        if not self._chat_start or not string.startswith(self._chat_start):  # not a chat: text, markers' text too
             return self.tokenizer.encode(string)
         specials, encode = self._specials, self.tokenizer.encode
         if self._chats_with_marker_text:
@@ -159,7 +163,7 @@ class LMEvalAdapter(TemplateLM):
         with add_generation_prompt the assistant marker follows, and without it a last assistant message is left
         open (the harness prefills the reply's start). tok_encode turns it into `lm.chat.render_chat`'s ids."""
         from lm.chat import ROLES
-        from lm.tokenizer import ASSISTANT, BOS, END
+        from lm.tokenizer import ASSISTANT, END
 
         # Each content is put in as it is, not decoded from render_chat's ids: tok_encode encodes the text between
         # markers as render_chat encodes a content, and a decode does not always give back the text that encodes to
@@ -180,7 +184,6 @@ class LMEvalAdapter(TemplateLM):
             last_marker = max(k for k, (_, is_marker) in enumerate(parts) if is_marker)
             head = parts[: last_marker + 1]
             self._chats_with_marker_text["".join(text for text, _ in head)] = head
-        self._specials_in_text = True
         return "".join(text for text, _ in parts)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:

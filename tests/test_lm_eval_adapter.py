@@ -270,6 +270,24 @@ def test_marker_text_in_a_chat_s_contents_stays_text_as_render_chat_encodes_it(t
     assert adapter.tok_encode(open_reply) == render_chat(prefill, tokenizer)[0][:-1]  # no END after the reply
 
 
+def test_a_chat_rendered_by_an_earlier_run_encodes_to_its_markers_and_other_text_stays_text(tmp_path):
+    """lm-eval's --cache_requests reads the rendered contexts of an earlier run back without calling
+    apply_chat_template: the markers were restored only after such a call in this process, so a cached run scored
+    "<|endoftext|><|user|>..." as plain text. A text that is not a chat keeps marker text as text after one too."""
+    from lm.tokenizer import GPT2Tokenizer
+
+    tokenizer = GPT2Tokenizer()
+    path = tmp_path / "t.ckpt"
+    write_checkpoint(path, tokenizer, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    history = [{"role": "user", "content": "The dog"}]
+    cached = LMEvalAdapter(ckpt=str(path), device="cpu").apply_chat_template(history)
+    adapter = LMEvalAdapter(ckpt=str(path), device="cpu")  # the next run's
+    assert adapter.tok_encode(cached) == render_chat(history, tokenizer, add_generation_prompt=True)[0]
+    adapter.apply_chat_template(history)
+    document = "A page that quotes <|endoftext|> and <|end|>."  # a rolling (perplexity) request in the same run
+    assert adapter.tok_encode(document) == tokenizer.encode(document)
+
+
 def test_model_args_may_set_device_and_batch_size_beside_the_harness_s_flags(tmp_path):
     """lm-eval's command line always passes its --batch_size (default 1) and --device as well: the docstring's
     device= or batch_size= in --model_args was a TypeError ("multiple values"). --model_args wins."""
