@@ -546,10 +546,24 @@ class EMA(WeightAveraging):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if not self._has_average():
             return
-        if self._swapped:  # a save in the middle of validation, by any other path: the live weights are the state
-            self._put(pl_module, average=False)
-            checkpoint["state_dict"] = pl_module.state_dict()
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if not self._swapped:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # A save in the middle of validation (a callback's trainer.save_checkpoint in on_validation_epoch_end): the
+        # model holds the average and the copy the live weights, and the checkpoint takes each from where it is.
+        # Swapping them back for the save left the live weights in the model for the rest of the validation (the
+        # callbacks after the saving one sampled and evaluated them): no hook comes after the write to swap again.
+        copy = self._average_model.state_dict()  # the live weights under "module.", the averaging state beside them
+        model_state = checkpoint["state_dict"]  # the average, in the model's dtype
+        # the live weights in the model's dtype too, as outside validation (the copy holds them in the average's)
+        checkpoint["current_model_state"] = {k: copy[f"module.{k}"].to(v.dtype) for k, v in model_state.items()}
+        if self._kept_average is not None:  # the model holds the average rounded to its dtype; the whole one is kept
+            tensors = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
+            kept = {id(tensor): whole for tensor, whole in zip(tensors, self._kept_average, strict=True)}
+            by_name = self._average_model.module.state_dict(keep_vars=True)  # tied weights: one tensor, two names
+            model_state = {name: kept[id(by_name[name])] for name in model_state}
+        checkpoint["state_dict"] = model_state
+        checkpoint["averaging_state"] = {name: value for name, value in copy.items() if not name.startswith("module.")}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         # A checkpoint from before the first update holds only the live weights; the average starts from them when

@@ -273,3 +273,35 @@ def test_evaluations_between_steps_see_the_average_as_those_at_validation_do(tmp
             torch.testing.assert_close(weights[k], v, msg=f"step {step}: {k} is not the average")
     for k, v in record.after_step[3].items():  # the live weights came back for step 5 (0-based 4)
         assert torch.equal(record.before_step[4][k], v), k
+
+
+class SaveAroundValidation(L.Callback):
+    """Saves a checkpoint as a validation starts (before EMA puts the average in) and another at its epoch end (with
+    the average in the model), as a user's callback may."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def on_validation_start(self, trainer, pl_module):
+        trainer.save_checkpoint(self.root / f"before-{trainer.global_step}.ckpt")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.root / f"during-{trainer.global_step}.ckpt")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_a_save_in_the_middle_of_validation_leaves_the_average_in_and_saves_what_any_save_does(tmp_path, precision):
+    """trainer.save_checkpoint in on_validation_epoch_end swapped the live weights back for the save, and they stayed
+    in for the rest of that validation: the callbacks after the saving one (samples, evaluations) ran on them."""
+    after = Record()
+    _, record = fit(tmp_path, max_steps=6, precision=precision, extra=[SaveAroundValidation(tmp_path), after])
+    average = ema_of([{k: v.float() for k, v in step.items()} for step in record.after_step])
+    assert not torch.allclose(average["lm_head.weight"], record.after_step[-1]["lm_head.weight"].float())
+    for k, v in average.items():
+        seen = after.validation_epoch_end[k]  # the average in the model's dtype
+        torch.testing.assert_close(seen, v.to(seen.dtype), msg=f"the callback after the save saw a live {k}")
+    before, during = read_checkpoint(tmp_path / "before-6.ckpt"), read_checkpoint(tmp_path / "during-6.ckpt")
+    for key in ("state_dict", "current_model_state", "averaging_state"):  # the average, the live weights
+        assert before[key].keys() == during[key].keys(), key
+        for name, value in before[key].items():
+            assert value.dtype == during[key][name].dtype and torch.equal(value, during[key][name]), f"{key}: {name}"
