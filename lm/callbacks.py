@@ -459,6 +459,9 @@ class EMA(WeightAveraging):
             raise LMError(f"EMA decay must be in [0, 1], got {decay}")
         if update_every_n_steps < 1:
             raise LMError(f"EMA update_every_n_steps must be >= 1, got {update_every_n_steps}")
+        if update_starting_at_step is not None and update_starting_at_step < 0:
+            # counted from it, the updates would come at steps that depend on how far below 0 it is
+            raise LMError(f"EMA update_starting_at_step must be >= 0 (or None), got {update_starting_at_step}")
         super().__init__(use_buffers=False, multi_avg_fn=_ema_update(decay))
         self.decay = decay
         self.update_every_n_steps = update_every_n_steps

@@ -213,6 +213,8 @@ def test_bad_arguments_are_one_line_errors():
         EMA(decay=1.5)
     with pytest.raises(LMError, match="update_every_n_steps must be >= 1"):
         EMA(update_every_n_steps=0)
+    with pytest.raises(LMError, match="update_starting_at_step must be >= 0"):
+        EMA(update_every_n_steps=10, update_starting_at_step=-5)  # updated at steps 5, 15, ...
 
 
 def test_fsdp_is_refused_with_a_one_line_reason():
