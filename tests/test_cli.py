@@ -332,7 +332,9 @@ def test_progress_lines_time_training_only(monkeypatch, capsys):
     monkeypatch.setattr(lm.callbacks.time, "perf_counter", lambda: clock[0])
     bar = ProgressLines(every=10)
     monkeypatch.setattr(bar, "get_metrics", lambda trainer, module: {"loss": 2.5, "v_num": "x"})
-    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, sanity_checking=False, world_size=2)
+    trainer = SimpleNamespace(
+        global_step=0, estimated_stepping_batches=100, sanity_checking=False, world_size=2, accumulate_grad_batches=1
+    )
     batch = {"input_ids": torch.zeros(4, 16)}  # 64 tokens a step on each of 2 ranks: 1,280 tokens/s at 10 steps/s
     bar.on_train_start(trainer, None)
 

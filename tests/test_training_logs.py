@@ -1,6 +1,7 @@
 """What the throughput callback logs: train/tokens_per_sec measures training steps, not validation or checkpoints;
 and what the text samples leave in samples.txt."""
 
+import datetime
 import time
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lm.callbacks import SampleText, Throughput
+from lm.callbacks import ProgressLines, SampleText, Throughput
 from lm.config import get_config
 from lm.module import LanguageModel
 from lm.tokenizer import CharTokenizer
@@ -369,3 +370,30 @@ def test_lm_fit_counts_a_step_s_tokens_before_a_snapshot_of_that_step_is_saved(t
         for name in ("snapshot-step=10.ckpt", "last.ckpt")
     )
     assert snapshot == last and last  # both at step 10: 10 steps of 8 x 64 tokens
+
+
+def test_progress_lines_after_a_validation_inside_an_accumulation_window_count_the_part_of_the_step_left(
+    monkeypatch, capsys
+):
+    """val_check_interval counts micro-batches: a validation after 2 of a step's 4 left half the step to run, and the
+    next line counted the whole step in the time of that half (twice the speed, half the time left)."""
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    module.training_step = clock.taking(1.0, module.training_step)  # 4 micro-batches of 64 tokens: 4 s a step
+    module.validation_step = clock.taking(PAUSE, module.validation_step)
+    ids = torch.randint(0, 64, (32, 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=8, accumulate_grad_batches=4, val_check_interval=6, limit_val_batches=1,
+        num_sanity_val_steps=0, log_every_n_steps=1, logger=False, callbacks=[ProgressLines(every=1)],
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)  # validations inside steps 2, 5 and 8
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "/8:" in line]
+    assert [line.split(": ")[0] for line in lines] == [f"step {step}/8" for step in range(1, 9)]
+    for step, line in enumerate(lines, start=1):
+        left = datetime.timedelta(seconds=4 * (8 - step))
+        assert line.endswith(f", 64 tokens/s, 0.25 steps/s, {left} left"), line
