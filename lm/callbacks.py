@@ -240,6 +240,8 @@ class ProgressLines(ProgressBar):
         self._last: tuple[float, float] | None = None  # (step, time) of the previous line
         self._tokens = 0  # this rank's batch positions since then
         self._total: int | None = None  # the run's optimizer steps (max_steps, or what its epochs come to)
+        self._saves_at_step_end = False  # a validation inside an accumulation window: its saves come at the step's end
+        self._restart = False  # such a save came: the window starts again at the next batch, after the writes
 
     def disable(self) -> None:
         self._enabled = False
@@ -256,13 +258,25 @@ class ProgressLines(ProgressBar):
         self._total = int(total) if total != float("inf") else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._last is None:  # the first batch after a validation: its time and the saves' are not training's
+        micro = trainer.accumulate_grad_batches
+        done = batch_idx % micro  # micro-batches of this optimizer step run before this one
+        if done == 0:  # a new step: past the end of any step a validation fell inside
+            self._saves_at_step_end = False
+        if self._last is None or self._restart:  # after a validation: its time and the saves' are not training's
+            self._restart = False
             self._open_window(trainer)
             # A validation inside an accumulation window (val_check_interval counts micro-batches) comes with part of
             # the step done: the window starts that far into it. The next line counted a whole step in the time of
             # the micro-batches left (after 7 of 8: 8x the speed and an eighth of the time left).
-            micro = trainer.accumulate_grad_batches
-            self._last = (trainer.global_step + batch_idx % micro / micro, self._last[1])
+            self._last = (trainer.global_step + done / micro, self._last[1])
+            # lm's Checkpoint writes such a validation's checkpoints at the end of the step: left out too (below)
+            self._saves_at_step_end = done > 0
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # A flag rather than _last = None: a callback before this one may save in the batch's on_train_batch_end,
+        # which reads _last after it
+        if self._saves_at_step_end:
+            self._restart = True
 
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lm.callbacks import ProgressLines, SampleText, Throughput
+from lm.callbacks import ProgressLines, SampleText, Throughput, inside_accumulation_window
 from lm.config import get_config
 from lm.module import LanguageModel
+from lm.reliability import Checkpoint
 from lm.tokenizer import CharTokenizer
 from tests.conftest import MemoryLogger, nan_loss_from_step
 
@@ -372,11 +373,13 @@ def test_lm_fit_counts_a_step_s_tokens_before_a_snapshot_of_that_step_is_saved(t
     assert snapshot == last and last  # both at step 10: 10 steps of 8 x 64 tokens
 
 
-def test_progress_lines_after_a_validation_inside_an_accumulation_window_count_the_part_of_the_step_left(
-    monkeypatch, capsys
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["no-checkpoints", "checkpoints"])
+def test_progress_lines_after_a_validation_inside_an_accumulation_window_time_the_rest_of_its_step(
+    tmp_path, monkeypatch, capsys, checkpoints
 ):
     """val_check_interval counts micro-batches: a validation after 2 of a step's 4 left half the step to run, and the
-    next line counted the whole step in the time of that half (twice the speed, half the time left)."""
+    next line counted the whole step in the time of that half (twice the speed, half the time left). And lm's
+    Checkpoint writes such a validation's checkpoints at the end of the step: their time was the training's."""
     clock = Clock()
     monkeypatch.setattr("lm.callbacks.time", clock)
     torch.manual_seed(0)
@@ -385,11 +388,11 @@ def test_progress_lines_after_a_validation_inside_an_accumulation_window_count_t
     module.validation_step = clock.taking(PAUSE, module.validation_step)
     ids = torch.randint(0, 64, (32, 4, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    saving = [SlowSave(clock), Checkpoint(dirpath=tmp_path, monitor="val/loss", save_last=True)] if checkpoints else []
     trainer = L.Trainer(
         accelerator="cpu", max_steps=8, accumulate_grad_batches=4, val_check_interval=6, limit_val_batches=1,
-        num_sanity_val_steps=0, log_every_n_steps=1, logger=False, callbacks=[ProgressLines(every=1)],
-        enable_model_summary=False,
-        enable_checkpointing=False,
+        num_sanity_val_steps=0, log_every_n_steps=1, logger=False, callbacks=[ProgressLines(every=1), *saving],
+        enable_model_summary=False, enable_checkpointing=checkpoints,
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)  # validations inside steps 2, 5 and 8
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "/8:" in line]
@@ -397,3 +400,24 @@ def test_progress_lines_after_a_validation_inside_an_accumulation_window_count_t
     for step, line in enumerate(lines, start=1):
         left = datetime.timedelta(seconds=4 * (8 - step))
         assert line.endswith(f", 64 tokens/s, 0.25 steps/s, {left} left"), line
+
+
+def test_progress_lines_go_on_when_a_callback_saves_at_the_end_of_a_step_a_validation_fell_inside(tmp_path, capsys):
+    """A save by a callback that runs before ProgressLines, in the batch that ends such a step."""
+
+    class SaveAtStepEnds(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not inside_accumulation_window(trainer):
+                trainer.save_checkpoint(tmp_path / "mine.ckpt")
+
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    ids = torch.randint(0, 64, (16, 4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, accumulate_grad_batches=4, val_check_interval=6, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, callbacks=[SaveAtStepEnds(), ProgressLines(every=1)],
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)  # a validation inside step 2
+    lines = [line.split(": ")[0] for line in capsys.readouterr().out.splitlines() if "/4: " in line]
+    assert lines == [f"step {step}/4" for step in range(1, 5)]
