@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -181,6 +183,19 @@ def load_chat_checkpoint(args: argparse.Namespace):
 
 
 BLOCK = '"""'  # opens and closes a message of several lines at the chat prompt
+CHAT_COMMANDS = ("/reset", "/system", "/quit", "/exit", "/help")
+
+
+def _commands_answer(line: str) -> str:
+    """The one-line answer to /help, or to a line that is one slash word but no command (with the nearest one)."""
+    if line == "/help":
+        return (
+            "(/reset forgets the conversation, /system TEXT sets the system message and resets, /quit or /exit "
+            "(Ctrl-D) ends the chat; other lines are messages)"
+        )
+    near = difflib.get_close_matches(line, CHAT_COMMANDS, n=1)
+    hint = f", did you mean {near[0]}?" if near else "."
+    return f"(unknown command {line}{hint} The commands are /reset, /system TEXT, /quit, /exit, /help)"
 
 
 def read_message() -> str:
@@ -231,7 +246,7 @@ def chat_command(argv: list[str]) -> None:
     p = ArgumentParser(
         prog="lm chat",
         description="Chat with a fine-tuned checkpoint. Commands: /reset (forget the conversation), /system TEXT "
-        '(set the system message and reset), /quit. A line of three double quotes (""") starts a message of '
+        '(set the system message and reset), /quit, /help. A line of three double quotes (""") starts a message of '
         "several lines, and another ends it.",
     )
     p.add_argument("--ckpt", required=True, help="path to a .ckpt written by lm fit (an SFT run)")
@@ -294,7 +309,7 @@ def chat_command(argv: list[str]) -> None:
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):  # not on every platform's Python
             import readline  # noqa: F401 - input() then edits the line (arrows, Ctrl-A...) and recalls earlier ones
-    print(f"lm chat: /reset, /system TEXT, /quit (Ctrl-D); {BLOCK} starts and ends a message of several lines")
+    print(f"lm chat: /reset, /system TEXT, /quit (Ctrl-D), /help; {BLOCK} starts and ends a message of several lines")
     while True:
         try:
             line = read_message()
@@ -313,6 +328,11 @@ def chat_command(argv: list[str]) -> None:
             system = line[len("/system") :].strip() or None
             history = fresh()
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
+            continue
+        if re.fullmatch(r"/[^\s/]*", line):
+            # /help, or one slash word that is no command ("/qiut" for /quit): the commands, not a message to the model
+            # (a char model could not even encode the slash). More words ("/systemd fails") or a path are a message.
+            print(_commands_answer(line))
             continue
         # The turn works on a copy and is kept only once the reply is known to render in the next prompt, so a
         # failed turn leaves the conversation as it was: no user turn without its reply, no reply that would make

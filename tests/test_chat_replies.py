@@ -249,3 +249,20 @@ def test_read_message_takes_several_lines_between_triple_quotes(monkeypatch, cap
     assert read_message() == message
     assert next(lines, None) is None  # read exactly the message's lines
     assert ("(message dropped)" in capsys.readouterr().out) == (typed[-1] is KeyboardInterrupt)
+
+
+def test_a_slash_word_that_is_no_command_gets_the_commands_not_a_reply(monkeypatch, capsys):
+    """ "/qiut" (for /quit) and "/help" went to the model as messages: a reply to a typo, or with a char tokenizer
+    without "/" an error. A line of more words or a path is still a message."""
+    import string
+
+    tok = CharTokenizer.train([string.ascii_lowercase + string.digits + " /"])
+    model = scripted_model(tok, {ASSISTANT: "1", "1": "2"})
+    out, err = chat(monkeypatch, capsys, model, tok, ["/qiut", "/help", "/usr/bin 7"])
+    assert err == ""
+    unknown, help_line, reply = out.splitlines()[1:]
+    assert unknown == (
+        "(unknown command /qiut, did you mean /quit? The commands are /reset, /system TEXT, /quit, /exit, /help)"
+    )
+    assert help_line.startswith("(/reset forgets the conversation, /system TEXT sets the system message")
+    assert reply == "12"
