@@ -177,6 +177,69 @@ def _repeated_key(files: list[str]) -> str | None:
     return None
 
 
+def _keys_set(file: str) -> dict[tuple[str, ...], str]:
+    """The keys a config file sets, each as its path without `init_args` (`--model.lr` is `--model.init_args.lr`)
+    mapped to the key as written. A mapping is followed down; any other value (a list, a scalar) is one key."""
+    import yaml
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):  # reported as the file is parsed
+        return {}
+    keys = {}
+
+    def walk(node, path: tuple[str, ...]):
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, (*path, str(key)))
+        elif path:
+            keys[tuple(part for part in path if part != "init_args")] = ".".join(path)
+
+    walk(content, ())
+    return keys
+
+
+def _flag_a_later_config_overrides(args: list[str]) -> str | None:
+    """Why a flag given before a --config that sets the same key is refused, or None. Later arguments win, so
+    `--trainer.max_steps 5 --config debug.yaml` trained debug's 40 steps without a word."""
+    flags: list[tuple[str, str | None, str]] = []  # (the option, its value, both as typed), before the --config
+    for i, arg in enumerate(args):
+        option, has_value, value = arg.partition("=")
+        if option in ("--config", "-c"):
+            file = value if has_value else (args[i + 1] if i + 1 < len(args) else "")
+            keys = _keys_set(file)
+            for flag, flag_value, typed in flags:
+                key = tuple(part for part in flag[2:].rstrip("+").split(".") if part != "init_args")
+                for path, written in keys.items():
+                    # the same key, or a key holding the flag's (trainer.logger: false); or one inside the flag's, when
+                    # the flag gives a whole group: a mapping, or a class (the file's class_path replaces it)
+                    holds = key[: len(path)] == path
+                    inside = len(path) > len(key) and path[: len(key)] == key
+                    if holds or (inside and (path[len(key)] == "class_path" or _is_mapping(flag_value))):
+                        return (
+                            f"{typed} comes before --config {file}, which sets {written} and would override it (later "
+                            "arguments win): put it after the --config"
+                        )
+        elif option.startswith("--") and option != "--":
+            value_given = value if has_value else (args[i + 1] if i + 1 < len(args) else None)
+            if not has_value and value_given is not None and value_given.startswith("--"):
+                value_given = None  # a flag without a value (--print_config)
+            typed = arg if has_value or value_given is None else f"{arg} {value_given}"
+            flags.append((option, value_given, typed))
+    return None
+
+
+def _is_mapping(value: str | None) -> bool:
+    """Whether a flag's value is a mapping (`--model.init_args.arch '{n_layer: 4}'`), which sets the keys inside."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(value or ""), dict)
+    except yaml.YAMLError:
+        return False
+
+
 def _not_text(files: list[str]) -> str | None:
     """The first of the files that is not UTF-8 text."""
     for file in files:
@@ -261,6 +324,8 @@ class OneLineErrorParser(LightningArgumentParser):
         self._args = list(sys.argv[1:] if args is None else args)  # to name a config file in an error
         if repeated := _repeated_key(_config_files(self._args)):
             raise LMError(repeated)
+        if overridden := _flag_a_later_config_overrides(self._args):
+            raise LMError(overridden)
         try:
             return super().parse_args(args, *rest, **kwargs)
         except UnicodeDecodeError as e:

@@ -870,3 +870,40 @@ def test_a_strategy_the_accelerator_cannot_run_is_one_line(tmp_path, capsys, mon
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: The strategy `fsdp` requires a GPU accelerator") and len(err.splitlines()) == 1
+
+
+# ---- the order of flags and --config files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "configs", "sets"),
+    [
+        (["--trainer.max_steps", "5"], ["debug.yaml"], "trainer.max_steps"),
+        (["--model.lr=1e-3"], ["debug.yaml"], "model.init_args.lr"),  # jsonargparse's shorthand for init_args
+        (["--trainer.logger", "false"], ["debug.yaml"], "trainer.logger.class_path"),
+        (["--model.init_args.arch", "{n_layer: 4}"], ["debug.yaml"], "model.init_args.arch.n_layer"),
+        (["--trainer.precision", "32-true"], ["debug.yaml", "trainer/bf16.yaml"], "trainer.precision"),
+    ],
+)
+def test_a_flag_that_a_later_config_file_sets_is_refused(flags, configs, sets, capsys):
+    """Later arguments win: `--trainer.max_steps 5 --config debug.yaml` trained debug's 40 steps without a word."""
+    files = [str(REPO / "experiments" / name) for name in configs]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *flags, *(arg for file in files for arg in ("--config", file)), "--print_config"])
+    given = " ".join(flags)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {given} comes before --config {files[-1]}, which sets {sets} and would override it (later "
+        "arguments win): put it after the --config\n"
+    )
+
+
+def test_a_flag_before_a_config_file_that_leaves_its_key_alone_is_kept(capsys):
+    """Stacked files and flags after them work as before; a flag before a file that does not set its key stays."""
+    debug, bf16 = str(REPO / "experiments/debug.yaml"), str(REPO / "experiments/trainer/bf16.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--trainer.min_steps", "3", "--config", debug, "--trainer.max_steps", "5", "--config", bf16,
+              "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert (trainer["min_steps"], trainer["max_steps"], trainer["precision"]) == (3, 5, "bf16-mixed")
