@@ -10,11 +10,13 @@ Trainer and the callbacks below is a config key, shown with its doc by `lm fit -
 data or checkpoint) print one line and exit with code 2.
 """
 
+import ast
 import contextlib
 import difflib
 import inspect
 import netrc
 import os
+import re
 import signal
 import sys
 import warnings
@@ -148,6 +150,8 @@ class LMCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args):
+        for subcommand in self.subcommands():  # before parsing, which prints --help
+            _help_where_lm_differs(self._parser(subcommand), subcommand)
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "", None)
         if config is not None:
@@ -452,6 +456,46 @@ def _put_back_the_earlier_last() -> None:
         if previous.is_file() and not last.exists():
             os.replace(previous, last)
             print(f"lm: this run stopped before it trained; {last} is the earlier run's again")
+
+
+# `lm fit|validate --help` where lm does otherwise than Lightning's docstrings say: --ckpt_path described `last` as
+# the previous trainer.fit call's checkpoint (lm reads the run's last.ckpt) and said nothing of lm validate's `best`
+LM_HELP = {
+    ("fit", "ckpt_path"): "Resume training from this checkpoint: a .ckpt written by lm fit, or `last`, the run's "
+    "<checkpoint.dirpath>/last.ckpt (with none there yet, training starts from scratch and says so: a requeued job can "
+    "always pass it). The model keeps the checkpoint's model.init_args but for " + ", ".join(RUNTIME_ARGS) + ".",
+    ("validate", "ckpt_path"): "The weights to validate (required): a .ckpt written by lm fit; `last`, the run's "
+    "<checkpoint.dirpath>/last.ckpt; or `best`, the best checkpoint by checkpoint.monitor that the run's last.ckpt "
+    "records.",
+    (None, "checkpoint.save_on_exception"): "Whether to save a checkpoint and last.ckpt when training stops on an "
+    "exception, or on SIGTERM/SIGUSR1 (preemption: after the step in progress); --ckpt_path last resumes from it.",
+}
+_DOCUMENTED_DEFAULT = re.compile(r"\s*Default: ``([^`]*)``\.?")
+
+
+def _help_where_lm_differs(parser, subcommand: str) -> None:
+    """lm's help for the arguments whose meaning it changes (LM_HELP), and no "Default: ``X``" from Lightning's
+    docstrings where lm sets another default: `--checkpoint.save_on_exception` read "Default: ``False``. (type: bool,
+    default: True)". jsonargparse's own "(default: ...)" stays; it shows the value in force."""
+    for action in parser._actions:
+        help_text = LM_HELP.get((subcommand, action.dest)) or LM_HELP.get((None, action.dest))
+        if help_text is not None:
+            action.help = help_text
+            continue
+        documented = _DOCUMENTED_DEFAULT.search(action.help or "")
+        default = parser.get_default(action.dest) if documented else None
+        # None: a default Lightning leaves to resolve itself (precision, log_every_n_steps), which its docs name
+        if documented and default is not None and _literal(documented.group(1)) != default:
+            action.help = _DOCUMENTED_DEFAULT.sub("", action.help, count=1)
+
+
+def _literal(text: str):
+    """A docstring's default (``True``, ``"auto"``, ``1.0``) as a value; the text itself if it is code
+    (``os.getcwd()``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _check_trainer_values(trainer) -> None:

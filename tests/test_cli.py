@@ -907,3 +907,27 @@ def test_a_flag_before_a_config_file_that_leaves_its_key_alone_is_kept(capsys):
     assert exit_info.value.code == 0
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert (trainer["min_steps"], trainer["max_steps"], trainer["precision"]) == (3, 5, "bf16-mixed")
+
+
+# ---- help texts ------------------------------------------------------------------------------------------------------
+
+
+def test_help_describes_lm_s_ckpt_path_and_defaults_not_lightning_s(capsys):
+    """`lm fit --help` showed Lightning's docstrings where lm behaves otherwise: --ckpt_path's `last` as the newest
+    last*.ckpt of a previous fit and its registry keywords, and "Default: ``False``. (type: bool, default: True)" for
+    checkpoint.save_on_exception."""
+    helps = {}
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(SystemExit):
+            main([subcommand, "--help"])
+        helps[subcommand] = " ".join(capsys.readouterr().out.split())
+    fit, validate = helps["fit"], helps["validate"]
+    assert "--ckpt_path CKPT_PATH Resume training from this checkpoint: a .ckpt written by lm fit, or `last`" in fit
+    assert "--ckpt_path CKPT_PATH The weights to validate (required)" in validate
+    assert "from the previous ``trainer.fit`` call" not in fit + validate
+    save_on_exception = re.search(r"--checkpoint.save_on_exception \{true,false\} (.*?\(type: [^)]*\))", fit)[1]
+    assert "SIGTERM" in save_on_exception and "Default: ``False``" not in save_on_exception
+    assert save_on_exception.endswith("(type: bool, default: True)")
+    # where lm sets another default, Lightning's stated one is gone and jsonargparse's, the one in force, stays
+    assert "Default: ``os.getcwd()``" not in fit and "default: runs/default)" in fit
+    assert "Default: ``'32-true'``" in fit  # a default Lightning resolves itself (null) keeps its docs
