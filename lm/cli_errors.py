@@ -279,6 +279,10 @@ def explain(message: str, known_keys: list[str], args: list[str] = ()) -> str:
         key = ".".join([_arguments_key(group, m.group(1)), *nested, option])
         owner = ".".join([m.group(1), *nested])
         if not options and not nested and group in _SUBCLASSES:  # the base class: no class_path was given
+            # ... yet: `--data.init_args.num_workers 2 --config debug.yaml` was told to give a class_path the file gives
+            later = [f for f in _config_files(list(args)) if (group, "class_path") in _keys_set(f)]
+            if later:
+                return f"{key} is given before --config {later[0]}, which sets {group}.class_path: put it after that"
             return f"{key}: {group}.class_path is missing; give one of {', '.join(_SUBCLASSES[group])}"
         return f"unknown key {key}{_suggest(option, options)}; {owner} accepts: {', '.join(options)}"
     if m := _CLASS_PROBLEM.search(message):  # e.g. a class_path that does not import

@@ -931,3 +931,15 @@ def test_help_describes_lm_s_ckpt_path_and_defaults_not_lightning_s(capsys):
     # where lm sets another default, Lightning's stated one is gone and jsonargparse's, the one in force, stays
     assert "Default: ``os.getcwd()``" not in fit and "default: runs/default)" in fit
     assert "Default: ``'32-true'``" in fit  # a default Lightning resolves itself (null) keeps its docs
+
+
+def test_a_class_argument_before_the_config_file_giving_its_class_is_named_so(capsys):
+    """It was told that data.class_path is missing, which the file after it gives."""
+    debug = str(REPO / "experiments/debug.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.init_args.num_workers", "2", "--config", debug, "--print_config"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: data.init_args.num_workers is given before --config {debug}, which sets data.class_path: put it "
+        "after that. See `lm fit --help`.\n"
+    )
