@@ -286,6 +286,11 @@ def chat_command(argv: list[str]) -> None:
     )
     # A blank --system is no system message, as lm serve and the SFT data read a blank one (and as /system clears it)
     system = args.system if args.system and args.system.strip() else None
+    if system is not None:
+        try:  # checked now: it is rendered into every prompt, and each turn failed naming a character of no message
+            tokenizer.encode(system)
+        except LMError as e:
+            raise LMError(f"--system: {e}") from None
     undecodable_bytes_pass_through()
 
     def reply(history: list[Message]) -> str:
@@ -325,7 +330,13 @@ def chat_command(argv: list[str]) -> None:
             print("(conversation reset)")
             continue
         if line == "/system" or line.startswith("/system "):  # not "/systemd is broken", a message
-            system = line[len("/system") :].strip() or None
+            text = line[len("/system") :].strip() or None
+            try:  # as --system: one the tokenizer cannot encode would fail every turn after it
+                tokenizer.encode(text or "")
+            except LMError as e:
+                print(f"error: the system message is not set: {e}", file=sys.stderr)
+                continue
+            system = text
             history = fresh()
             print(f"(system message {'set' if system else 'cleared'}; conversation reset)")
             continue

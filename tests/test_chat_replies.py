@@ -266,3 +266,17 @@ def test_a_slash_word_that_is_no_command_gets_the_commands_not_a_reply(monkeypat
     )
     assert help_line.startswith("(/reset forgets the conversation, /system TEXT sets the system message")
     assert reply == "12"
+
+
+def test_a_system_message_the_tokenizer_cannot_encode_is_refused_when_given(monkeypatch, capsys):
+    """It was kept, and every turn after it failed naming a character at an offset of no message typed ("7" has no
+    "x"), until the next /system. /system refuses it and keeps the one before; --system stops at once."""
+    model = scripted_model(DIGITS, {ASSISTANT: "1", "1": "2"})
+    out, err = chat(monkeypatch, capsys, model, DIGITS, ["/system 1x", "7"])
+    reason = "character 'x' (at offset 1) is not in the char tokenizer's vocabulary"
+    assert err == f"error: the system message is not set: {reason}\n"
+    assert out.splitlines()[1:] == ["12"]
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", "--ckpt", "x.ckpt", "--system", "1x"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --system: {reason}\n"
