@@ -316,6 +316,7 @@ class LanguageModel(L.LightningModule):
             "_step_values",
             "_logged_step",
             "_nonfinite_steps",
+            "_skips_counted_to",
         }
     )
 
@@ -387,6 +388,7 @@ class LanguageModel(L.LightningModule):
         self._shard_copies: int | None = None
         self._param_dims: dict[str, int] = {}  # each parameter's dims as built, before a strategy flattens them
         self._nonfinite_steps: torch.Tensor | None = None  # skipped steps not yet counted on the host
+        self._skips_counted_to = 0  # the last step (from 1) whose skip, if any, the host has counted
         self._backward_divisor = 1.0  # fp16 only: the backward's loss is divided by it, the gradients multiplied back
         self._restored_scale_divisor: float | None = None  # the divisor a restored GradScaler's scale was found with
 
@@ -521,6 +523,7 @@ class LanguageModel(L.LightningModule):
         self._step_tokens = self._step_loss_sum = None
         self._logged_step, self._step_values = False, None
         self._backward_divisor = 1.0  # set by the first fp16 micro-batch
+        self._skips_counted_to = self.global_step  # a resumed fit counted those before it
         self.checkpoint_step = None  # a resume's: a later validate in this process scores weights trained on since
         # optimizer_zero_grad below does nothing: the first step must not add to gradients left from before the fit
         self.model.zero_grad(set_to_none=True)
@@ -640,7 +643,7 @@ class LanguageModel(L.LightningModule):
             # fp16: the GradScaler already decided from the unscaled gradients whether this step runs (a NaN factor
             # here makes NaN gradients only in a step it skips); non-finite losses were counted before the step.
             if self._host_may_read_device():
-                self._count_skipped_steps()
+                self._count_skipped_steps(self.global_step + 1)
             return
         # A loss can be inf with finite gradients (a label's logit at -inf): that step is dropped too. The loss sum is
         # all-reduced under DDP, so every rank agrees.
@@ -650,11 +653,13 @@ class LanguageModel(L.LightningModule):
             optimizer.found_inf = not_finite.float()
             self._nonfinite_steps_add(not_finite)
             if self._host_may_read_device():
-                self._count_skipped_steps()
-        elif not_finite:
+                self._count_skipped_steps(self.global_step + 1)
+            return
+        if not_finite:  # read on the host at every step: an optimizer without found_inf
             for p in self._model_parameters():
                 p.grad = None
-            self._add_skipped_steps(1)
+            self._add_skipped_steps(1, self.global_step + 1)
+        self._skips_counted_to = self.global_step + 1
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """The precision plugin's GradScaler (fp16 mixed precision), or None (bf16, fp32, or no Trainer)."""
@@ -665,19 +670,25 @@ class LanguageModel(L.LightningModule):
         counted = not_finite.int()
         self._nonfinite_steps = counted if self._nonfinite_steps is None else self._nonfinite_steps + counted
 
-    def _count_skipped_steps(self):
-        """Move the device-side count of skipped steps to the host (one sync), warning and stopping as needed."""
+    def _count_skipped_steps(self, step: int | None = None):
+        """Move the device-side count of skipped steps to the host (one sync), warning and stopping as needed. `step`:
+        the last step the count covers, numbered from 1 as the progress lines and last.ckpt count them (the step being
+        taken, before its optimizer step); None: the last step taken."""
+        step = self.global_step if step is None else step
         if self._nonfinite_steps is not None:
             new, self._nonfinite_steps = int(self._nonfinite_steps), None
             if new:
-                self._add_skipped_steps(new)
+                self._add_skipped_steps(new, step)
+        self._skips_counted_to = step
 
-    def _add_skipped_steps(self, new: int):
+    def _add_skipped_steps(self, new: int, step: int):
+        """Count `new` skipped steps among those after the last count, up to `step` (numbered from 1)."""
         self.skipped_steps += new
+        first = self._skips_counted_to + 1
+        # On CUDA the count reaches the host at logging steps only: which of the steps since then is not known
+        where = f"at step {step}" if first >= step else f"in {new} of steps {first}-{step}"
         rank_zero_warn(
-            f"non-finite loss or gradient at step {self.global_step}"
-            + (f" ({new} steps since the last check)" if new > 1 else "")
-            + f": update skipped ({self.skipped_steps} skipped so far, limit "
+            f"non-finite loss or gradient {where}: update skipped ({self.skipped_steps} skipped so far, limit "
             f"model.max_skipped_steps={self.hparams.max_skipped_steps})"
         )
         if self.skipped_steps > self.hparams.max_skipped_steps:
