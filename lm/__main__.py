@@ -675,13 +675,16 @@ def tokenizer_command(argv: list[str]) -> None:
     t.add_argument("--source_config", help="a hub dataset's configuration (e.g. sample-10BT), as data.source_config")
     t.add_argument("--source_split", default="train", help="a hub dataset's split (default: train)")
     t.add_argument("--source_revision", help="a hub dataset's revision (commit, tag or branch)")
+    t.add_argument("--source_data_dir", help="a folder of a hub dataset's repository (e.g. helpful-base)")
     t.add_argument("--out", required=True, help="directory to write")
     args = p.parse_args(argv)
 
     from lm.data import load_documents, refuse_hub_options_of_a_local_source
     from lm.tokenizer import build_tokenizer, trained_tokenizer_size
 
-    refuse_hub_options_of_a_local_source(args.source, args.source_config, args.source_split, args.source_revision)
+    refuse_hub_options_of_a_local_source(
+        args.source, args.source_config, args.source_split, args.source_revision, args.source_data_dir
+    )
     if args.kind == "char" and args.vocab_size is not None:  # refused, not ignored: it trained the source's characters
         raise LMError("--vocab_size is for --kind bpe: a char tokenizer has the source's characters + 6 special tokens")
     spec = "char" if args.kind == "char" else f"bpe:{8192 if args.vocab_size is None else args.vocab_size}"
@@ -699,6 +702,7 @@ def tokenizer_command(argv: list[str]) -> None:
             source_config=args.source_config,
             source_split=args.source_split,
             source_revision=args.source_revision,
+            source_data_dir=args.source_data_dir,
             text_field=args.text_field,
         )
         tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))

@@ -10,11 +10,11 @@
                as LLaMA-Factory writes it, or a first {"from": "system"} turn)
 
 from a local .jsonl/.json/.parquet file (JSONL and JSON may be compressed: .gz, .bz2, .xz), a Hugging Face hub
-dataset id (source_config, source_split and source_revision pick its config, split and revision, as for PretrainData),
-or a built-in task (`task:addition`, `task:reverse`, `task:count`; see lm.tasks). OpenAI's "developer" role is read as
-"system", and a system message with blank content is left out. An assistant message or "gpt" turn with `"weight": 0`
-is shown but not learned. Each conversation is rendered by `lm.chat.render_chat`; labels are the next token where the
-mask is 1 and -100 elsewhere, so only the assistant's words (and their END) carry loss.
+dataset id (source_config, source_split, source_revision and source_data_dir pick its config, split, revision and
+folder, as for PretrainData), or a built-in task (`task:addition`, `task:reverse`, `task:count`; see lm.tasks). OpenAI's
+"developer" role is read as "system", and a system message with blank content is left out. An assistant message or
+"gpt" turn with `"weight": 0` is shown but not learned. Each conversation is rendered by `lm.chat.render_chat`; labels
+are the next token where the mask is 1 and -100 elsewhere, so only the assistant's words (and their END) carry loss.
 
     lm fit --config experiments/sft_hh.yaml --model.init_args.init_from runs/hh_base/checkpoints/last.ckpt \
         --data.init_args.tokenizer runs/hh_base/checkpoints/last.ckpt
@@ -201,10 +201,16 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
 
 
 def read_records(
-    source: str, *, split: str = "train", config: str | None = None, revision: str | None = None
+    source: str,
+    *,
+    split: str = "train",
+    config: str | None = None,
+    revision: str | None = None,
+    data_dir: str | None = None,
 ) -> list[tuple[str, Any]]:
     """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows. `split`,
-    `config` and `revision` are a hub dataset's (as PretrainData's source_split, source_config, source_revision)."""
+    `config`, `revision` and `data_dir` are a hub dataset's (as PretrainData's source_split, source_config,
+    source_revision, source_data_dir)."""
     path = Path(source).expanduser()
     # The format past a compression's, as PretrainData reads files: "chat.jsonl.gz" is JSONL, read through gzip (it
     # was taken for a hub id, and failed as one)
@@ -270,9 +276,10 @@ def read_records(
         if suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         else:
-            ds = datasets.load_dataset(source, name=config, split=split, revision=revision)
+            ds = datasets.load_dataset(source, name=config, split=split, revision=revision, data_dir=data_dir)
     except Exception as e:  # datasets raises many types for a missing/unreachable dataset
-        options = "" if suffix == ".parquet" else f" (config={config}, split={split}, revision={revision})"
+        hub_options = f" (config={config}, split={split}, revision={revision}, data_dir={data_dir})"
+        options = "" if suffix == ".parquet" else hub_options
         raise LMError(f"could not load {source!r}{options}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return [(f"{source}:record {i + 1}", r) for i, r in enumerate(ds)]
 
@@ -310,6 +317,9 @@ class ChatData(L.LightningDataModule):
             is made afterwards by val_fraction.
         source_revision: Hub dataset revision (a commit sha, tag or branch) to read; None: the hub's default branch.
             Ignored for local and task sources.
+        source_data_dir: Folder of a hub dataset's repository to read (datasets' data_dir), for a repository
+            organised by folders rather than configs: without it every folder is read. Ignored for local and task
+            sources.
         tokenizer: Tokenizer spec; for fine-tuning the pretrained checkpoint's `.ckpt` path (its tokenizer is used).
             Also char, gpt2, bpe:N (trained on the conversations' text) or a tokenizer.json / saved directory.
         block_size: Context length: longest example, in tokens. None: the model's context under the CLI, which sets
@@ -345,6 +355,7 @@ class ChatData(L.LightningDataModule):
         source_config: str | None = None,
         source_split: str = "train",
         source_revision: str | None = None,
+        source_data_dir: str | None = None,
         tokenizer: str = "char",
         block_size: int | None = None,
         batch_size: int = 32,
@@ -366,7 +377,9 @@ class ChatData(L.LightningDataModule):
             raise LMError(f"data.block_size must be >= 2 and data.batch_size >= 1, got {block_size}, {batch_size}")
         if not 0 < val_fraction < 1:
             raise LMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-        source_config, source_revision = hub_config_and_revision(source, source_config, source_split, source_revision)
+        source_config, source_revision, source_data_dir = hub_config_and_revision(
+            source, source_config, source_split, source_revision, source_data_dir
+        )
         # Refused rather than ignored: a task: source takes its val problems from the task's test split (task_val_size
         # of them), not a val_fraction of its train problems, and a file or hub source has no task problems to size.
         # A value equal to the default is no setting, as for digits.
@@ -389,7 +402,7 @@ class ChatData(L.LightningDataModule):
 
             refuse_digits_of_a_word_task(source.removeprefix("task:"), task_digits, "data.task_digits")
         self.source, self.format, self.source_split = source, format, source_split
-        self.source_config, self.source_revision = source_config, source_revision
+        self.source_config, self.source_revision, self.source_data_dir = source_config, source_revision, source_data_dir
         self.tokenizer_spec, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.val_fraction, self.on_bad_record, self.supervise = val_fraction, on_bad_record, supervise
         self.task_size, self.task_val_size, self.task_digits = task_size, task_val_size, task_digits
@@ -462,7 +475,11 @@ class ChatData(L.LightningDataModule):
         first record that is valid JSON; a record whose parse raises ValueError goes to _bad (error, or skip and
         count), with the reason."""
         records = read_records(
-            self.source, split=self.source_split, config=self.source_config, revision=self.source_revision
+            self.source,
+            split=self.source_split,
+            config=self.source_config,
+            revision=self.source_revision,
+            data_dir=self.source_data_dir,
         )
         if not records:
             raise LMError(f"{self.source!r} holds no records")

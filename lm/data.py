@@ -229,26 +229,35 @@ def is_hub_source(source: str) -> bool:
     return not (source.startswith(("builtin:", "task:")) or _is_local(source))
 
 
-def refuse_hub_options_of_a_local_source(source: str, config: str | None, split: str, revision: str | None) -> None:
-    """LMError when a hub dataset's config, split (other than the default train) or revision comes with a local,
-    builtin or task source, which has none of them: refused rather than ignored (source_split: validation on a local
-    file trained on that file, and keyed a second cache of the same tokens)."""
-    given = {"source_config": config, "source_split": split if split != "train" else None, "source_revision": revision}
+def refuse_hub_options_of_a_local_source(
+    source: str, config: str | None, split: str, revision: str | None, data_dir: str | None = None
+) -> None:
+    """LMError when a hub dataset's config, split (other than the default train), revision or data folder comes with a
+    local, builtin or task source, which has none of them: refused rather than ignored (source_split: validation on a
+    local file trained on that file, and keyed a second cache of the same tokens)."""
+    given = {
+        "source_config": config,
+        "source_split": split if split != "train" else None,
+        "source_revision": revision,
+        "source_data_dir": data_dir,
+    }
     if (named := [k for k, v in given.items() if v is not None]) and not is_hub_source(source):
         raise LMError(f"{', '.join(named)}: for hub datasets only; {source!r} is a local or builtin source")
 
 
 def hub_config_and_revision(
-    source: str, config: str | None, split: str, revision: str | None
-) -> tuple[str | None, str | None]:
-    """The hub config and revision a data module reads `source` with. A local, builtin or task source has no split to
-    pick (refused) and no config or revision: those are dropped, so that a hub recipe (gpt2_124m.yaml names FineWeb's
-    config) runs on a local file as it is, keyed as that file alone."""
+    source: str, config: str | None, split: str, revision: str | None, data_dir: str | None = None
+) -> tuple[str | None, str | None, str | None]:
+    """The hub config, revision and data folder a data module reads `source` with. A local, builtin or task source has
+    no split to pick (refused) and no config, revision or folder: those are dropped, so that a hub recipe
+    (gpt2_124m.yaml names FineWeb's config) runs on a local file as it is, keyed as that file alone."""
     refuse_hub_options_of_a_local_source(source, None, split, None)
-    if (config or revision) and not is_hub_source(source):
-        rank_zero_info(f"lm.data: source_config and source_revision are for hub datasets; {source!r} ignores them")
-        return None, None
-    return config, revision
+    if (config or revision or data_dir) and not is_hub_source(source):
+        rank_zero_info(
+            f"lm.data: source_config, source_revision and source_data_dir are for hub datasets; {source!r} ignores them"
+        )
+        return None, None, None
+    return config, revision, data_dir
 
 
 def load_documents(
@@ -257,6 +266,7 @@ def load_documents(
     source_config: str | None = None,
     source_split: str = "train",
     source_revision: str | None = None,
+    source_data_dir: str | None = None,
     text_field: str = "text",
     hf_cache_dir: str | None = None,
     limit: int | None = None,
@@ -325,7 +335,12 @@ def load_documents(
             # A sliced split (train[90%:], the held-out end of a train-only dataset) cannot be streamed: read whole
             stream = limit is not None and "[" not in (source_split or "")
             ds = datasets.load_dataset(
-                source, name=source_config, split=source_split, revision=source_revision, streaming=stream
+                source,
+                name=source_config,
+                split=source_split,
+                revision=source_revision,
+                data_dir=source_data_dir,
+                streaming=stream,
             )
             if stream:  # inside the try: streaming reads the hub while the documents are taken
                 ds = _documents_of_a_stream(ds, limit, text_field)
@@ -333,8 +348,8 @@ def load_documents(
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
             why = "the hub is unreachable in offline mode (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)" if offline else err
             raise LMError(
-                f"data source {source!r} (config={source_config}, split={source_split}, revision={source_revision}): "
-                f"could not load it from the Hugging Face hub: {why}"
+                f"data source {source!r} (config={source_config}, split={source_split}, revision={source_revision}, "
+                f"data_dir={source_data_dir}): could not load it from the Hugging Face hub: {why}"
             ) from err
     if text_field not in ds.column_names:
         raise LMError(f"data source {source!r}: no column {text_field!r} (data.text_field); columns: {ds.column_names}")
@@ -1027,6 +1042,9 @@ class PretrainData(L.LightningDataModule):
             the hub's default branch when the data is first prepared; the cache is then reused as it is, even if the
             dataset changes on the hub later, so pin a revision to make a run reproducible elsewhere. Ignored for
             local and builtin sources.
+        source_data_dir: Folder of a hub dataset's repository to read (datasets' data_dir; e.g. helpful-base for
+            Anthropic/hh-rlhf, whose folders are not configs: without it every folder is read); part of the cache key.
+            Ignored for local and builtin sources.
         text_field: Column holding the text, for json/parquet files and hub datasets.
         tokenizer: Tokenizer spec: char, gpt2, bpe:N (trained on the source), or a tokenizer.json / saved directory.
         block_size: Context length T of each window. None: the model's context under the CLI, which sets it from the
@@ -1049,6 +1067,7 @@ class PretrainData(L.LightningDataModule):
         source_config: str | None = None,
         source_split: str = "train",
         source_revision: str | None = None,
+        source_data_dir: str | None = None,
         text_field: str = "text",
         tokenizer: str = "char",
         block_size: int | None = None,
@@ -1075,9 +1094,12 @@ class PretrainData(L.LightningDataModule):
             raise LMError(f"data.num_workers must be >= 0, got {num_workers}")
         if num_proc is not None and num_proc < 1:  # 0 had meant every CPU (as None), a negative number one thread
             raise LMError(f"data.num_proc must be >= 1 (or null for every CPU this process may use), got {num_proc}")
-        source_config, source_revision = hub_config_and_revision(source, source_config, source_split, source_revision)
+        source_config, source_revision, source_data_dir = hub_config_and_revision(
+            source, source_config, source_split, source_revision, source_data_dir
+        )
         self.source, self.source_config = source, source_config
         self.source_split, self.source_revision, self.text_field = source_split, source_revision, text_field
+        self.source_data_dir = source_data_dir
         self.tokenizer_spec = tokenizer
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.cache_dir, self.num_proc, self.num_workers, self.pin_memory = cache_dir, num_proc, num_workers, pin_memory
@@ -1124,8 +1146,11 @@ class PretrainData(L.LightningDataModule):
             "tokenizer": self.tokenizer_spec if fixed is None else None,
             "tokenizer_fingerprint": fixed.fingerprint if fixed is not None else None,
         }
-        if self.source_revision is not None:  # only then: caches prepared before this option keep their keys
+        # only when set: caches prepared before these options keep their keys
+        if self.source_revision is not None:
             key["source_revision"] = self.source_revision
+        if self.source_data_dir is not None:
+            key["source_data_dir"] = self.source_data_dir
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         # named by the tokenizer, not its spelling: gpt2 from a file or a .ckpt has gpt2's key and so its folder too
         tok_name = self.tokenizer_spec if fixed is None else "gpt2" if fixed.kind == "gpt2" else "file"
@@ -1206,6 +1231,7 @@ class PretrainData(L.LightningDataModule):
             source_config=self.source_config,
             source_split=self.source_split,
             source_revision=self.source_revision,
+            source_data_dir=self.source_data_dir,
             text_field=self.text_field,
             hf_cache_dir=str(scratch / "hf"),
         )
@@ -1248,6 +1274,7 @@ class PretrainData(L.LightningDataModule):
             "source_config": self.source_config,
             "source_split": self.source_split,
             "source_revision": self.source_revision,
+            "source_data_dir": self.source_data_dir,
             "text_field": self.text_field,
             "seconds": round(time.perf_counter() - t0, 3),
         }

@@ -193,6 +193,8 @@ class EvalSpec:
         source_config: A hub dataset's configuration (lm), as data.source_config in training (e.g. sample-10BT).
         source_split: A hub dataset's split (lm); a held-out metric wants the split training did not read.
         source_revision: A hub dataset's revision (lm): a commit, tag or branch.
+        source_data_dir: A folder of a hub dataset's repository (lm), as data.source_data_dir in training (e.g.
+            helpful-base for Anthropic/hh-rlhf).
         stride: Sliding-window stride in tokens for lm; None: block_size (non-overlapping windows).
         num_problems: Problems per synthetic chat task.
         seed: Seed of the synthetic chat problems.
@@ -209,6 +211,7 @@ class EvalSpec:
     source_config: str | None = None
     source_split: str = "train"
     source_revision: str | None = None
+    source_data_dir: str | None = None
     stride: int | None = None
     num_problems: int = 100
     seed: int = 0
@@ -273,7 +276,7 @@ def even_out_passes(model: GPT, mine: int, most: int) -> None:
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
 
-_HUB_OPTIONS = ("text_field", "source_config", "source_split", "source_revision")  # the lm task's text source
+_HUB_OPTIONS = ("text_field", "source_config", "source_split", "source_revision", "source_data_dir")  # lm's source
 _CHAT_OPTIONS = ("num_problems", "seed", "digits")  # the synthetic chat tasks' problems
 
 
@@ -287,12 +290,15 @@ class LanguageModelling(Task):
         spec = self.spec
         if not spec.data:
             raise LMError("task lm needs a text source (--data PATH | glob | hub id | builtin:shakespeare)")
-        refuse_hub_options_of_a_local_source(spec.data, spec.source_config, spec.source_split, spec.source_revision)
+        refuse_hub_options_of_a_local_source(
+            spec.data, spec.source_config, spec.source_split, spec.source_revision, spec.source_data_dir
+        )
         documents = load_documents(
             spec.data,
             source_config=spec.source_config,
             source_split=spec.source_split,
             source_revision=spec.source_revision,
+            source_data_dir=spec.source_data_dir,
             text_field=spec.text_field,
             limit=spec.limit,
         )

@@ -176,6 +176,8 @@ class PreferenceData(ChatData):
             train/val split is made afterwards by val_fraction.
         source_revision: Hub dataset revision (a commit sha, tag or branch) to read; None: the hub's default branch.
             Ignored for local and task sources.
+        source_data_dir: Folder of a hub dataset's repository to read (datasets' data_dir; e.g. helpful-base for
+            Anthropic/hh-rlhf: without it every folder is read). Ignored for local and task sources.
         tokenizer: Tokenizer spec: the fine-tuned checkpoint's `.ckpt` path (its tokenizer is used).
         block_size: Context length: longest sequence, in tokens. None: the model's context under the CLI, which sets
             it from the model and refuses any other value given (256 where the data module is built in Python).
@@ -204,6 +206,7 @@ class PreferenceData(ChatData):
         source_config: str | None = None,
         source_split: str = "train",
         source_revision: str | None = None,
+        source_data_dir: str | None = None,
         tokenizer: str = "char",
         block_size: int | None = None,
         batch_size: int = 16,
@@ -224,6 +227,7 @@ class PreferenceData(ChatData):
             source_config=source_config,
             source_split=source_split,
             source_revision=source_revision,
+            source_data_dir=source_data_dir,
             tokenizer=tokenizer,
             block_size=block_size,
             batch_size=batch_size,

@@ -339,7 +339,9 @@ def test_a_hub_chat_dataset_is_read_with_its_config_split_and_revision(tmp_path,
         block_size=64,
     )
     hub.setup()
-    assert calls == [("HuggingFaceTB/smoltalk", {"name": "all", "split": "train_sft", "revision": "abc123"})]
+    assert calls == [
+        ("HuggingFaceTB/smoltalk", {"name": "all", "split": "train_sft", "revision": "abc123", "data_dir": None})
+    ]
     local = ChatData(
         source=_write_jsonl(tmp_path / "c.jsonl", [_messages(i) for i in range(10)]),
         source_config="all",
@@ -349,6 +351,34 @@ def test_a_hub_chat_dataset_is_read_with_its_config_split_and_revision(tmp_path,
     )
     local.setup()
     assert (local.source_config, local.source_revision) == (None, None)
+    assert local.train_examples == hub.train_examples and local.val_examples == hub.val_examples
+
+
+def test_a_hub_chat_dataset_is_read_from_its_data_dir(tmp_path, monkeypatch, caplog):
+    """A hub repository organised by folders (as Anthropic/hh-rlhf's helpful-base/, harmless-base/, ...) could not be
+    narrowed to one: ChatData had no data_dir, and read every folder. It reaches load_dataset and the hub error; a
+    local source drops it with the log line of source_config and reads as before."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        if kwargs["data_dir"] == "missing":
+            raise FileNotFoundError("no such folder")
+        return datasets.Dataset.from_list([_messages(i) for i in range(10)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub = ChatData(source="org/chats", source_data_dir="helpful", tokenizer="char", block_size=64)
+    hub.setup()
+    assert calls == [("org/chats", {"name": None, "split": "train", "revision": None, "data_dir": "helpful"})]
+    with pytest.raises(LMError, match=r"'org/chats' \(config=None, split=train, revision=None, data_dir=missing\)"):
+        ChatData(source="org/chats", source_data_dir="missing", tokenizer="char", block_size=64).setup()
+    path = _write_jsonl(tmp_path / "c.jsonl", [_messages(i) for i in range(10)])
+    with caplog.at_level("INFO"):
+        local = ChatData(source=path, source_data_dir="helpful", tokenizer="char", block_size=64)
+    assert "source_data_dir are for hub datasets; " in caplog.text and local.source_data_dir is None
+    local.setup()
     assert local.train_examples == hub.train_examples and local.val_examples == hub.val_examples
 
 

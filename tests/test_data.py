@@ -772,7 +772,9 @@ def test_a_hub_revision_is_read_and_keys_the_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     pinned = make(tmp_path, "org/corpus", source_revision="abc123", text_field="content", source_config="en")
-    assert calls == [("org/corpus", {"name": "en", "split": "train", "revision": "abc123", "streaming": False})]
+    assert calls == [
+        ("org/corpus", {"name": "en", "split": "train", "revision": "abc123", "data_dir": None, "streaming": False})
+    ]
     assert pinned.meta["source_revision"] == "abc123"
     assert pinned.tokenizer.decode(pinned.train_tokens[:16].tolist()) == "text of abc123 t"
     other = make(tmp_path, "org/corpus", source_revision="def456", text_field="content", source_config="en")
@@ -784,6 +786,84 @@ def test_a_hub_revision_is_read_and_keys_the_cache(tmp_path, monkeypatch):
     # the key without the option's entry, as the code before it gave (format 3; format 2 named this
     # corpus-char-816349bec1cdf248, format 1 corpus-char-14717f724755f37c)
     assert default.cache_path.name == "corpus-char-00651d66181c4f0e"
+
+
+def test_a_hub_data_dir_is_read_and_keys_the_cache_only_when_set(tmp_path, text_file, monkeypatch, caplog):
+    """Anthropic/hh-rlhf keeps helpful-base in a folder, not a config: only load_dataset(..., data_dir="helpful-base")
+    reads it, and there was no setting for it (every folder was read, harmless-base too). It goes to load_dataset,
+    streamed or not, into the cache key only when set (the key without it is the one it had before the option) and into
+    the hub error; a local source drops it with the log line of source_config, and reads as before."""
+    import datasets
+
+    from lm.data import load_documents
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        text = f"text of {kwargs.get('data_dir')} " * 20
+        if kwargs.get("streaming"):
+            return datasets.IterableDataset.from_generator(lambda: iter([{"text": text}, {"text": text.upper()}]))
+        return datasets.Dataset.from_dict({"text": [text, text.upper()]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    folder = make(tmp_path, "org/hh", source_data_dir="helpful-base")
+    assert calls == [
+        ("org/hh", {"name": None, "split": "train", "revision": None, "data_dir": "helpful-base", "streaming": False})
+    ]
+    assert folder.meta["source_data_dir"] == "helpful-base"
+    assert folder.tokenizer.decode(folder.train_tokens[:20].tolist()) == "text of helpful-base"
+    whole = make(tmp_path, "org/hh")
+    assert calls[-1][1]["data_dir"] is None and whole.cache_path != folder.cache_path
+    assert whole.cache_path.name == "hh-char-9af8f9731abcac61"  # the key the code before the option gave
+    make(tmp_path, "org/hh", source_data_dir="helpful-base")
+    assert len(calls) == 2  # prepared once per folder
+    streamed = load_documents("org/hh", source_data_dir="harmless-base", limit=1)
+    assert calls[-1][1]["data_dir"] == "harmless-base" and calls[-1][1]["streaming"]
+    assert streamed["text"] == ["text of harmless-base " * 20]
+
+    monkeypatch.undo()  # offline: the hub error names the folder (one not prepared yet)
+    with pytest.raises(LMError, match=r"'org/hh' \(config=None, split=train, revision=None, data_dir=red-team\)"):
+        make(tmp_path, "org/hh", source_data_dir="red-team")
+
+    plain = make(tmp_path, text_file)
+    with caplog.at_level("INFO"):
+        local = make(tmp_path, text_file, source_data_dir="helpful-base")
+    assert local.source_data_dir is None and local.cache_path == plain.cache_path and local.reused_cache
+    assert "source_data_dir are for hub datasets; " in caplog.text and "ignores them" in caplog.text
+    for builtin_or_task in (
+        PretrainData(source="builtin:shakespeare", source_data_dir="x"),
+        ChatData(source_data_dir="x"),
+    ):
+        assert builtin_or_task.source_data_dir is None
+
+
+def test_tokenizer_train_reads_a_hub_dataset_s_data_dir(tmp_path, monkeypatch, capsys):
+    """lm tokenizer train had --source_config/--source_revision but no folder: helpful-base of Anthropic/hh-rlhf could
+    not be read alone ("unrecognized arguments"). With a local source it is refused, as those are."""
+    import datasets
+
+    from lm.__main__ import main
+
+    calls = []
+
+    def hub(source, **kwargs):
+        calls.append({"source": source, **kwargs})
+        return datasets.Dataset.from_dict({"text": ["hello world", "hello there"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    main(["tokenizer", "train", "--source", "org/hh", "--kind", "char", "--source_data_dir", "helpful-base",
+          "--out", str(tmp_path / "tok")])  # fmt: skip
+    (call,) = calls
+    assert (call["source"], call["data_dir"], call["name"], call["revision"]) == ("org/hh", "helpful-base", None, None)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "train", "--source", str(text), "--kind", "char", "--source_data_dir", "helpful-base",
+              "--out", str(tmp_path / "tok2")])  # fmt: skip
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: source_data_dir: for hub datasets only")
 
 
 def test_builtin_shakespeare(tmp_path):

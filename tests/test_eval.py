@@ -514,6 +514,33 @@ def test_lm_eval_reads_a_hub_dataset_s_config_split_and_revision(ckpt, text_dir,
     assert "source_split: for hub datasets only" in capsys.readouterr().err
 
 
+def test_an_lm_task_reads_a_hub_dataset_s_data_dir(monkeypatch, text_dir):
+    """An EvalCallback's lm task had no data_dir: a folder of a hub repository (as Anthropic/hh-rlhf's helpful-base)
+    could not be scored alone. It reaches load_dataset, streamed or not; a local source or another task refuses it, as
+    source_config."""
+    import datasets
+
+    from lm.eval import build_task
+
+    calls = []
+
+    def hub(source, **kwargs):
+        calls.append({"source": source, **kwargs})
+        rows = [{"text": "hello world"}, {"text": "hello there"}]
+        return datasets.IterableDataset.from_list(rows) if kwargs["streaming"] else datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    tokenizer = CharTokenizer.train(["hello world there"])
+    for limit in (None, 1):
+        task = build_task(EvalSpec(task="lm", data="org/hh", source_data_dir="helpful-base", limit=limit))
+        task.prepare(tokenizer, 16)
+        assert (calls[-1]["data_dir"], calls[-1]["streaming"]) == ("helpful-base", limit is not None)
+    with pytest.raises(LMError, match="source_data_dir: for hub datasets only"):
+        build_task(EvalSpec(task="lm", data=str(text_dir), source_data_dir="helpful-base")).prepare(tokenizer, 16)
+    with pytest.raises(LMError, match="source_data_dir"):
+        build_task(EvalSpec(task="addition", source_data_dir="helpful-base"))
+
+
 def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents_it_scores(monkeypatch, tmp_path):
     """--limit 1000 on a hub dataset (the README's fineweb-edu sample-10BT) downloaded and prepared the whole split,
     tens of GB, before taking the first 1000 documents. (The hub is stubbed: many rows, each read counted.)"""

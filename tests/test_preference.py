@@ -277,7 +277,31 @@ def test_a_hub_preference_dataset_is_read_with_its_config_split_and_revision(mon
         batch_size=2,
     )
     data.setup()
-    assert calls == [("org/prefs", {"name": "default", "split": "train_prefs", "revision": "abc123"})]
+    assert calls == [("org/prefs", {"name": "default", "split": "train_prefs", "revision": "abc123", "data_dir": None})]
+    assert len(data.train_examples) + len(data.val_examples) == 10
+
+
+def test_anthropic_hh_rlhf_s_helpful_base_is_read_from_its_folder(monkeypatch):
+    """Anthropic/hh-rlhf keeps helpful-base in a folder, not a config: only load_dataset(..., data_dir="helpful-base")
+    reads it. PreferenceData had no such setting, so dpo_hh.yaml on the hub trained on every folder's pairs, harmless
+    ones too. (datasets.load_dataset stands in for the download.)"""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        pairs = [([{"role": "user", "content": f"what is {i}+{i}?"}], CHOSEN, REJECTED) for i in range(10)]
+        return datasets.Dataset.from_list([{"chosen": _hh(p + c), "rejected": _hh(p + r)} for p, c, r in pairs])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = PreferenceData(
+        source="Anthropic/hh-rlhf", source_data_dir="helpful-base", source_split="test", tokenizer="char", block_size=64
+    )
+    data.setup()
+    assert calls == [
+        ("Anthropic/hh-rlhf", {"name": None, "split": "test", "revision": None, "data_dir": "helpful-base"})
+    ]
     assert len(data.train_examples) + len(data.val_examples) == 10
 
 
