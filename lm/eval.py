@@ -787,6 +787,7 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--source_config", help="lm: a hub dataset's configuration (e.g. sample-10BT)")
     p.add_argument("--source_split", default="train", help="lm: a hub dataset's split (default: train)")
     p.add_argument("--source_revision", help="lm: a hub dataset's revision (commit, tag or branch)")
+    p.add_argument("--source_data_dir", help="lm: a folder of the hub dataset to read (e.g. helpful-base)")
     p.add_argument("--stride", type=int, help="lm: sliding-window stride in tokens (default: block_size)")
     p.add_argument("--num_problems", type=int, default=100, help="chat tasks: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="chat tasks: seed of the problems")
@@ -814,6 +815,7 @@ def eval_command(argv: list[str]) -> None:
         source_config=args.source_config,
         source_split=args.source_split,
         source_revision=args.source_revision,
+        source_data_dir=args.source_data_dir,
         stride=args.stride,
         num_problems=args.num_problems,
         seed=args.seed,

@@ -541,6 +541,33 @@ def test_an_lm_task_reads_a_hub_dataset_s_data_dir(monkeypatch, text_dir):
         build_task(EvalSpec(task="addition", source_data_dir="helpful-base"))
 
 
+def test_lm_eval_takes_a_hub_dataset_s_data_dir(monkeypatch, tmp_path):
+    """EvalSpec's source_data_dir had no lm eval flag: the command line could not score one folder of a hub dataset."""
+    import lm.eval
+
+    specs = []
+
+    def build(spec):
+        specs.append(spec)
+        raise SystemExit(0)  # the spec as the command built it; nothing loaded
+
+    monkeypatch.setattr(lm.eval, "build_task", build)
+    with pytest.raises(SystemExit):
+        lm.eval.eval_command(
+            [
+                "--ckpt",
+                str(tmp_path / "m.ckpt"),
+                "--task",
+                "lm",
+                "--data",
+                "org/hh",
+                "--source_data_dir",
+                "helpful-base",
+            ]
+        )
+    assert specs[0].source_data_dir == "helpful-base"
+
+
 def test_lm_eval_with_a_limit_streams_a_hub_dataset_and_reads_only_the_documents_it_scores(monkeypatch, tmp_path):
     """--limit 1000 on a hub dataset (the README's fineweb-edu sample-10BT) downloaded and prepared the whole split,
     tens of GB, before taking the first 1000 documents. (The hub is stubbed: many rows, each read counted.)"""
