@@ -118,10 +118,12 @@ class LMEvalAdapter(TemplateLM):
         # plain text, by design). Told by its start, not by a call of apply_chat_template in this process: lm-eval's
         # --cache_requests reads the rendered contexts of an earlier run back, and their markers were encoded as text.
         self._chat_start = self._special_text[tokenizer.token_id(BOS)]
-        # Rendered chats whose contents hold marker text ("<|end|>", gpt2's "<|endoftext|>"), which render_chat
-        # encodes as text: keyed by the text up to the chat's last marker, its pieces as (text, is it a marker). The
-        # rest of a string the harness encodes (the open reply, a continuation) is a reply's content: text too.
-        self._chats_with_marker_text: dict[str, list[tuple[str, bool]]] = {}
+        # The chats apply_chat_template rendered: keyed by the text up to the chat's last marker, its pieces as (text,
+        # is it a marker). The rest of a string the harness encodes (the open reply, a continuation) is a reply's
+        # content, and marker text in it ("<|end|>", gpt2's "<|endoftext|>") is text, as render_chat encodes it; so
+        # is marker text in the chat's contents. Every chat, not only those with marker text in their messages: a
+        # continuation's marker text is only told from the chat's own markers by where the chat ends.
+        self._rendered_chats: dict[str, list[tuple[str, bool]]] = {}
 
     # ---- what TemplateLM needs ---------------------------------------------------------------------------------
 
@@ -137,10 +139,10 @@ class LMEvalAdapter(TemplateLM):
         if not self._chat_start or not string.startswith(self._chat_start):  # not a chat: text, markers' text too
             return self.tokenizer.encode(string)
         specials, encode = self._specials, self.tokenizer.encode
-        if self._chats_with_marker_text:
+        if self._rendered_chats:
             # The chat this string starts with (the harness appends a continuation, or strips trailing spaces)
             for match in reversed(list(self._special_pattern.finditer(string))):
-                chat = self._chats_with_marker_text.get(string[: match.end()])
+                chat = self._rendered_chats.get(string[: match.end()])
                 if chat is not None:
                     head = [i for text, is_marker in chat for i in ([specials[text]] if is_marker else encode(text))]
                     return head + encode(string[match.end() :])
@@ -179,11 +181,12 @@ class LMEvalAdapter(TemplateLM):
             parts.append((marker(ASSISTANT), True))
         elif chat_history and chat_history[-1]["role"] == "assistant":
             parts.pop()  # its END
-        if self._specials and any(self._special_pattern.search(m["content"]) for m in chat_history):
-            # marker text in a content is text, as render_chat encodes it (a split on markers made it special tokens)
+        if self._specials:
+            # marker text in a content or a continuation is text, as render_chat encodes it (a split on markers made it
+            # special tokens)
             last_marker = max(k for k, (_, is_marker) in enumerate(parts) if is_marker)
             head = parts[: last_marker + 1]
-            self._chats_with_marker_text["".join(text for text, _ in head)] = head
+            self._rendered_chats["".join(text for text, _ in head)] = head
         return "".join(text for text, _ in parts)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:

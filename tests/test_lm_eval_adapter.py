@@ -288,6 +288,28 @@ def test_a_chat_rendered_by_an_earlier_run_encodes_to_its_markers_and_other_text
     assert adapter.tok_encode(document) == tokenizer.encode(document)
 
 
+def test_marker_text_in_a_continuation_stays_text_when_the_chat_s_messages_hold_none(tmp_path):
+    """Only chats whose messages held marker text were remembered: a plain chat's continuation (a choice such as
+    " A marker, <|end|>") was split at its marker text, and scored with an <|end|> token that render_chat never
+    puts in a reply's content."""
+    from lm.tokenizer import GPT2Tokenizer
+
+    tokenizer = GPT2Tokenizer()
+    path = tmp_path / "t.ckpt"
+    write_checkpoint(path, tokenizer, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    adapter = LMEvalAdapter(ckpt=str(path), batch_size=2, device="cpu")
+    history = [{"role": "user", "content": "What ends a turn?"}]
+    text = adapter.apply_chat_template(history)
+    for reply in (" A marker, <|end|>", " <|endoftext|> ends documents"):
+        context, continuation = adapter._encode_pair(text, reply)
+        expected = render_chat([*history, {"role": "assistant", "content": reply}], tokenizer)[0][:-1]
+        assert context + continuation == expected
+    prefill = [*history, {"role": "assistant", "content": "It is"}]  # an open reply, continued with marker text
+    open_reply = adapter.apply_chat_template(prefill, add_generation_prompt=False)
+    whole = [*history, {"role": "assistant", "content": "It is <|end|>"}]
+    assert adapter.tok_encode(open_reply + " <|end|>") == render_chat(whole, tokenizer)[0][:-1]
+
+
 def test_model_args_may_set_device_and_batch_size_beside_the_harness_s_flags(tmp_path):
     """lm-eval's command line always passes its --batch_size (default 1) and --device as well: the docstring's
     device= or batch_size= in --model_args was a TypeError ("multiple values"). --model_args wins."""
