@@ -176,7 +176,8 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
         system = record.get("system")
         if system is not None and not isinstance(system, str):
             raise ValueError(f'"system" is not a string (got {type(system).__name__})')
-        messages = [{"role": "system", "content": system}] if system and system.strip() else []
+        system_from_field = bool(system and system.strip())
+        messages = [{"role": "system", "content": system}] if system_from_field else []
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 raise ValueError(f'turn {i} is not a {{"from", "value"}} object')
@@ -191,8 +192,9 @@ def to_messages(record: Any, fmt: str) -> list[Message]:
                 weight = int(weight)
             if weight is not None and not (messages[-1]["role"] != "assistant" and weight == 0):
                 messages[-1]["weight"] = weight
-        # Both, each saying something: which one was meant is not ours to guess (a blank turn is left out, as ever)
-        if len(messages) > 1 and messages[0]["role"] == messages[1]["role"] == "system":
+        # Both, each saying something: which one was meant is not ours to guess (a blank turn is left out, as ever).
+        # Only with the field: two system turns of their own are check_messages' to refuse, as they were
+        if system_from_field and len(messages) > 1 and messages[1]["role"] == "system":
             turn = messages[1]["content"]
             if isinstance(turn, str) and turn.strip():
                 raise ValueError('a "system" field and a system turn: give the system message once')

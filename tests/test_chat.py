@@ -557,6 +557,18 @@ def test_a_sharegpt_system_field_is_the_system_message(tmp_path):
         ChatData(source=_write_jsonl(tmp_path / "s.jsonl", sharegpt), tokenizer="char", block_size=64).setup()
 
 
+def test_two_sharegpt_system_turns_without_a_system_field_are_not_blamed_on_the_field(tmp_path):
+    """The check for a "system" field given beside a system turn also fired on a record with no such field: two
+    system turns of its own were reported as 'a "system" field and a system turn'."""
+    sharegpt = [
+        {"conversations": [{"from": "human", "value": f"say hi {i}"}, {"from": "gpt", "value": "hi"}]} for i in range(4)
+    ]
+    sharegpt[2]["conversations"][:0] = [{"from": "system", "value": "be brief"}, {"from": "system", "value": "be kind"}]
+    with pytest.raises(LMError, match="s.jsonl:3: turns do not alternate user/assistant: system where user was") as e:
+        ChatData(source=_write_jsonl(tmp_path / "s.jsonl", sharegpt), tokenizer="char", block_size=64).setup()
+    assert '"system" field' not in str(e.value)
+
+
 def test_file_suffixes_are_not_case_sensitive_and_jsonl_in_a_json_file_gets_a_hint(tmp_path):
     upper = _write_jsonl(tmp_path / "D.JSONL", [_messages(i) for i in range(4)])
     data = ChatData(source=upper, tokenizer="char", block_size=32)
