@@ -209,23 +209,24 @@ def read_records(
     config: str | None = None,
     revision: str | None = None,
     data_dir: str | None = None,
+    kind: str = "chat data",
 ) -> list[tuple[str, Any]]:
     """(where, raw record) pairs: `file:line` for local JSONL, `file:record N` for JSON/Parquet/hub rows. `split`,
     `config`, `revision` and `data_dir` are a hub dataset's (as PretrainData's source_split, source_config,
-    source_revision, source_data_dir)."""
+    source_revision, source_data_dir); `kind` names the data in errors (PreferenceData reads its pairs here too)."""
     path = Path(source).expanduser()
     # The format past a compression's, as PretrainData reads files: "chat.jsonl.gz" is JSONL, read through gzip (it
     # was taken for a hub id, and failed as one)
     suffix = format_suffix(path)
     unsupported = LMError(
-        f"unsupported chat data file {path}: expected .jsonl, .json or .parquet (JSON and JSONL may be compressed, "
+        f"unsupported {kind} file {path}: expected .jsonl, .json or .parquet (JSON and JSONL may be compressed, "
         f"{'/'.join(OPENERS)}; Parquet compresses inside)"
     )
     if path.suffix.lower() in OPENERS and suffix not in (".jsonl", ".json"):
         raise unsupported
     if suffix == ".jsonl":
         if not path.is_file():
-            raise LMError(f"chat data file not found: {path}")
+            raise LMError(f"{kind} file not found: {path}")
         records = []
         # -sig: a byte-order mark (Notepad, Excel) is not text. surrogateescape: a byte that is not UTF-8 (a Latin-1
         # export) comes through as a lone surrogate, which only such a byte can give, and makes its line a bad record
@@ -249,7 +250,7 @@ def read_records(
         return records
     if suffix == ".json":
         if not path.is_file():
-            raise LMError(f"chat data file not found: {path}")
+            raise LMError(f"{kind} file not found: {path}")
         try:
             with open_data_file(path) as f:
                 raw = f.read().removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Notepad, Excel) is not text
@@ -267,7 +268,7 @@ def read_records(
             raise LMError(f"{path}: expected a JSON list of records")
         return [(f"{path}:record {i + 1}", r) for i, r in enumerate(data)]
     if suffix == ".parquet" and not path.is_file():
-        raise LMError(f"chat data file not found: {path}")
+        raise LMError(f"{kind} file not found: {path}")
     if (
         suffix != ".parquet" and path.is_file()
     ):  # a local .txt or .csv is no hub id ("Couldn't reach 'x.txt' on the Hub")
@@ -482,6 +483,7 @@ class ChatData(L.LightningDataModule):
             config=self.source_config,
             revision=self.source_revision,
             data_dir=self.source_data_dir,
+            kind=self.kind,
         )
         if not records:
             raise LMError(f"{self.source!r} holds no records")

@@ -320,6 +320,17 @@ def test_a_compressed_pairs_file_reads_as_the_plain_file(tmp_path):
     assert data.train_examples == plain.train_examples and data.val_examples == plain.val_examples
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("missing.jsonl", "preference data file not found: "), ("pairs.csv", "unsupported preference data file ")],
+)
+def test_a_missing_or_unsupported_pairs_file_is_named_preference_data(tmp_path, name, message):
+    """The file errors of pairs said "chat data" (read_records wrote them for ChatData alone), as its load error did."""
+    (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(LMError, match=f"^{message}"):
+        PreferenceData(source=str(tmp_path / name), tokenizer="char", block_size=64).setup()
+
+
 def _sft_checkpoint(tmp_path, tokenizer=TOK):
     """An lm checkpoint of a tiny random GPT (context 32), as init_from reads it."""
     config = get_config("tiny", vocab_size=padded_vocab_size(tokenizer.vocab_size), block_size=32)
