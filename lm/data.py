@@ -362,10 +362,13 @@ def load_documents(
     if isinstance(feature, getattr(datasets.features, "Json", ())):  # name the first non-text
         values = ds[text_field]
         first = next(((i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
-        if first is not None and any(isinstance(v, str) for v in values):
+        # with no text at all (numbers and lists; or a limit's first documents, streamed with the Json type that
+        # the rest of the file gave) it is named too: the dtype check below said "lists/structs" of an int
+        if first is not None:
+            what = "mixes text with other types" if any(isinstance(v, str) for v in values) else "holds no text"
             raise LMError(
-                f"data source {source!r}: column {text_field!r} mixes text with other types: document {first[0] + 1} "
-                f"(counting from 1) holds a value of type {type(first[1]).__name__}, not text"
+                f"data source {source!r}: column {text_field!r} {what}: document {first[0] + 1} (counting from 1) "
+                f"holds a value of type {type(first[1]).__name__}, not text"
             )
     if dtype not in ("string", "large_string"):
         raise LMError(f"data source {source!r}: column {text_field!r} holds {dtype or 'lists/structs'}, not text")

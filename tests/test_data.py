@@ -462,6 +462,25 @@ def test_user_errors(tmp_path, text_file):
             PretrainData(num_proc=threads)
 
 
+def test_a_json_text_column_of_other_types_names_a_value_even_without_text_among_them(tmp_path):
+    """A column that datasets reads as Json (values of several types) was named "lists/structs" unless it also held
+    text: a number and a list, or a limit whose first documents are numbers (streamed, with the Json type the rest of
+    the file gives the column)."""
+    import datasets
+
+    from lm.data import load_documents
+
+    if not hasattr(datasets.features, "Json"):
+        pytest.skip("datasets < 4.7 cannot load such a column at all")
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": 5}\n{"text": [1]}\n')
+    with pytest.raises(LMError, match=r"column 'text' holds no text: document 1 \(counting from 1\) holds a value of"):
+        load_documents(str(path), hf_cache_dir=str(tmp_path / "hf"))
+    path.write_text('{"text": 5}\n{"text": "abc"}\n')
+    with pytest.raises(LMError, match=r"holds no text: document 1 \(counting from 1\) holds a value of type int"):
+        load_documents(str(path), limit=1, hf_cache_dir=str(tmp_path / "hf"))
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_text_that_is_not_utf8_in_a_jsonl_or_parquet_file_is_a_one_line_error(tmp_path, kind):
     # Arrow's JSON and Parquet readers keep a string's bytes as they are: the first read of the text in Python (the
