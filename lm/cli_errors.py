@@ -187,6 +187,11 @@ def _keys_set(file: str) -> dict[tuple[str, ...], str]:
             content = yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError):  # reported as the file is parsed
         return {}
+    return _keys_of(content)
+
+
+def _keys_of(node, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
+    """The keys a mapping sets, as _keys_set gives them, each under `path` (the keys as written from there)."""
     keys = {}
 
     def walk(node, path: tuple[str, ...]):
@@ -196,7 +201,7 @@ def _keys_set(file: str) -> dict[tuple[str, ...], str]:
         elif path:
             keys[tuple(part for part in path if part != "init_args")] = ".".join(path)
 
-    walk(content, ())
+    walk(node, path)
     return keys
 
 
@@ -210,13 +215,18 @@ def _flag_a_later_config_overrides(args: list[str]) -> str | None:
             file = value if has_value else (args[i + 1] if i + 1 < len(args) else "")
             keys = _keys_set(file)
             for flag, flag_value, typed in flags:
-                key = tuple(part for part in flag[2:].rstrip("+").split(".") if part != "init_args")
+                written_flag = tuple(flag[2:].rstrip("+").split("."))
+                key = tuple(part for part in written_flag if part != "init_args")
+                # A mapping (`--trainer '{max_steps: 3}'`) sets the keys inside it: a file's other keys in that group
+                # are merged with them (trainer.precision leaves max_steps 3), not put in their place
+                mapping = _mapping(flag_value)
+                flag_keys = list(_keys_of(mapping, written_flag)) if mapping else [key]
                 for path, written in keys.items():
-                    # the same key, or a key holding the flag's (trainer.logger: false); or one inside the flag's, when
-                    # the flag gives a whole group: a mapping, or a class (the file's class_path replaces it)
-                    holds = key[: len(path)] == path
+                    # a key the flag sets, or a key holding one (trainer.logger: false); or, inside the flag's group, a
+                    # class_path (the file's class replaces the flag's, and its arguments with it)
+                    holds = any(flag_key[: len(path)] == path for flag_key in flag_keys)
                     inside = len(path) > len(key) and path[: len(key)] == key
-                    if holds or (inside and (path[len(key)] == "class_path" or _is_mapping(flag_value))):
+                    if holds or (inside and path[len(key)] == "class_path"):
                         return (
                             f"{typed} comes before --config {file}, which sets {written} and would override it (later "
                             "arguments win): put it after the --config"
@@ -230,14 +240,15 @@ def _flag_a_later_config_overrides(args: list[str]) -> str | None:
     return None
 
 
-def _is_mapping(value: str | None) -> bool:
-    """Whether a flag's value is a mapping (`--model.init_args.arch '{n_layer: 4}'`), which sets the keys inside."""
+def _mapping(value: str | None) -> dict | None:
+    """A flag's value when it is a mapping (`--model.init_args.arch '{n_layer: 4}'`), which sets the keys inside."""
     import yaml
 
     try:
-        return isinstance(yaml.safe_load(value or ""), dict)
+        content = yaml.safe_load(value or "")
     except yaml.YAMLError:
-        return False
+        return None
+    return content if isinstance(content, dict) and content else None
 
 
 def _not_text(files: list[str]) -> str | None:

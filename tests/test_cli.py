@@ -909,6 +909,22 @@ def test_a_flag_before_a_config_file_that_leaves_its_key_alone_is_kept(capsys):
     assert (trainer["min_steps"], trainer["max_steps"], trainer["precision"]) == (3, 5, "bf16-mixed")
 
 
+def test_a_mapping_flag_before_a_config_file_setting_other_keys_of_its_group_is_kept(tmp_path, capsys):
+    """A mapping sets the keys inside it, and a later file's other keys in the group merge with them: it was refused
+    as overridden, though --trainer '{max_steps: 3}' before bf16.yaml trains 3 steps in bf16."""
+    debug, bf16 = str(REPO / "experiments/debug.yaml"), str(REPO / "experiments/trainer/bf16.yaml")
+    depth = tmp_path / "depth.yaml"
+    depth.write_text("model:\n  init_args:\n    arch:\n      n_layer: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", debug, "--trainer", "{max_steps: 3}", "--model.init_args.arch",
+              "{n_head: 1, n_embd: 32}", "--config", bf16, "--config", str(depth), "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    config = yaml.safe_load(capsys.readouterr().out)
+    arch = config["model"]["init_args"]["arch"]
+    assert (config["trainer"]["max_steps"], config["trainer"]["precision"]) == (3, "bf16-mixed")
+    assert (arch["n_layer"], arch["n_head"], arch["n_embd"]) == (3, 1, 32)
+
+
 # ---- help texts ------------------------------------------------------------------------------------------------------
 
 
