@@ -904,8 +904,8 @@ def _report_stop(cli: LMCLI) -> None:
     """A run stopped by too many non-finite steps exits non-zero, naming the step and the checkpoint kept."""
     if getattr(cli.model, "stopped_at_step", None) is not None:
         last = Path(cli.config[cli.subcommand].checkpoint.dirpath) / "last.ckpt"
-        # The steps done, as the progress and validation lines and last.ckpt count them; the module's stopped_at_step
-        # is the loop's count before the step that stopped it, one less (the run said "step 3" after "step 4: ...")
+        # The steps done, as the progress and validation lines and last.ckpt count them (a count that reached the
+        # host late, at a logging step on CUDA, stops the run there: past the module's stopped_at_step)
         step = cli.trainer.global_step
         print(
             f"error: training stopped at step {step}: {cli.model.skipped_steps} steps had a non-finite loss or "

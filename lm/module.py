@@ -379,7 +379,7 @@ class LanguageModel(L.LightningModule):
         self._logged_step = False  # whether the optimizer step just taken logged its metrics
         self._step_values: tuple | None = None  # (loss sum, tokens, LR) of the step just taken, until its batch ends
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
-        self.stopped_at_step: int | None = None  # set when too many steps were skipped; the CLI reports it
+        self.stopped_at_step: int | None = None  # the step (from 1) that went over max_skipped_steps, if one did
         self.checkpoint_step: int | None = None  # the global step of the checkpoint loaded, for lm validate's line
         self._loss = next_token_loss  # compiled in configure_model when `compile` is on
         self._grad_scale: torch.Tensor | None = None  # 1 / supervised tokens of the current optimizer step
@@ -692,7 +692,7 @@ class LanguageModel(L.LightningModule):
             f"model.max_skipped_steps={self.hparams.max_skipped_steps})"
         )
         if self.skipped_steps > self.hparams.max_skipped_steps:
-            self.stopped_at_step = self.global_step
+            self.stopped_at_step = step
             self.trainer.should_stop = True
 
     def on_train_epoch_end(self):

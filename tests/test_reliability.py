@@ -594,7 +594,7 @@ def test_under_fp16_an_infinite_loss_with_finite_gradients_is_skipped_not_only_c
 def test_too_many_nan_steps_stop_the_run_naming_the_step(optimizer):
     module, snapshots = fit_with_nan_steps({1, 2, 3, 4, 5}, max_skipped=2, optimizer=optimizer)
     assert module.skipped_steps == 3
-    assert module.stopped_at_step == 3
+    assert module.stopped_at_step == 4  # the 4th step (global_step 3) went over the limit, numbered as logged
     assert len(snapshots) == 4  # steps 0..3 ran; training stopped after the third skipped step
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
 
@@ -768,7 +768,7 @@ def test_fp16_still_counts_a_non_finite_loss():
     fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
         fit_quietly(module, 8, plugins=[fp16])
-    assert module.skipped_steps == 2 and module.stopped_at_step == 3
+    assert module.skipped_steps == 2 and module.stopped_at_step == 4
 
 
 def test_a_resumed_run_keeps_counting_its_skipped_steps(tmp_path):
@@ -785,7 +785,7 @@ def test_a_resumed_run_keeps_counting_its_skipped_steps(tmp_path):
     nan_loss_from_step(resumed, 4)
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
         fit_quietly(resumed, 8, ckpt_path=tmp_path / "last.ckpt")
-    assert resumed.skipped_steps == 2 and resumed.stopped_at_step == 4  # the first skip after the resume is the 2nd
+    assert resumed.skipped_steps == 2 and resumed.stopped_at_step == 5  # the first skip after the resume is the 2nd
 
 
 # ---- configuration errors -----------------------------------------------------------------------------------------
