@@ -527,7 +527,9 @@ def test_an_lm_task_reads_a_hub_dataset_s_data_dir(monkeypatch, text_dir):
     def hub(source, **kwargs):
         calls.append({"source": source, **kwargs})
         rows = [{"text": "hello world"}, {"text": "hello there"}]
-        return datasets.IterableDataset.from_list(rows) if kwargs["streaming"] else datasets.Dataset.from_list(rows)
+        if kwargs["streaming"]:  # from_generator: datasets 3.0 (the lower bound) has no IterableDataset.from_list
+            return datasets.IterableDataset.from_generator(lambda: iter(rows))
+        return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", hub)
     tokenizer = CharTokenizer.train(["hello world there"])
