@@ -124,49 +124,48 @@ def test_a_checkpoint_in_torch_s_older_format_reads_also_memory_mapped(tmp_path)
     assert read_checkpoint(path, mmap=True) == read_checkpoint(path) == {"lm": {"model_config": {"block_size": 32}}}
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
-def test_inference_reads_the_weights_and_leaves_the_optimizer_state_on_disk(tmp_path):
-    """A training checkpoint carries AdamW's state, twice the weights: `lm generate`, chat, eval, export and serve read
-    all of it into memory before, three times the model's size at the peak. Measured in a fresh process, whose peak
-    resident memory is this load's."""
+def _checkpoint_with_optimizer_state(tmp_path) -> Path:
+    """A tiny model's checkpoint carrying 128 MiB of optimizer state, as a training checkpoint carries AdamW's."""
     path = tmp_path / "model.ckpt"
     write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
     ckpt = torch.load(path, weights_only=True)
     ckpt["optimizer_states"] = [{"state": {0: {"exp_avg": torch.zeros(32 * 2**20)}}}]  # 128 MiB
     torch.save(ckpt, path)
-    del ckpt
-    # VmHWM, not ru_maxrss: Linux carries the parent's (this pytest's) ru_maxrss over into the child
+    return path
+
+
+def _peak_growth_mib(path: Path, setup: str, load: str) -> int:
+    """How much `load` grows the peak resident memory (MiB) of a fresh process, after `setup`; both see `sys.argv[1]`
+    = path. VmHWM, not ru_maxrss: Linux carries the parent's (this pytest's) ru_maxrss over into the child."""
     measure = (
-        "import sys; from pathlib import Path; from lm.checkpoint import load_checkpoint\n"
+        f"import sys; from pathlib import Path\n{setup}\n"
         "def peak_mib(): return int(Path('/proc/self/status').read_text().partition('VmHWM:')[2].split()[0]) // 1024\n"
-        "before = peak_mib()\n"
-        "load_checkpoint(sys.argv[1])\n"
-        "print(peak_mib() - before)"
+        f"before = peak_mib()\n{load}\nprint(peak_mib() - before)"
     )
     run = subprocess.run([sys.executable, "-c", measure, path], env=cli_env(), cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert int(run.stdout) < 32, f"loading grew the peak resident memory by {run.stdout.strip()} MiB"
+    return int(run.stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+def test_inference_reads_the_weights_and_leaves_the_optimizer_state_on_disk(tmp_path):
+    """A training checkpoint carries AdamW's state, twice the weights: `lm generate`, chat, eval, export and serve read
+    all of it into memory before, three times the model's size at the peak. Measured in a fresh process, whose peak
+    resident memory is this load's."""
+    path = _checkpoint_with_optimizer_state(tmp_path)
+    grown = _peak_growth_mib(path, "from lm.checkpoint import load_checkpoint", "load_checkpoint(sys.argv[1])")
+    assert grown < 32, f"loading grew the peak resident memory by {grown} MiB"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
 def test_init_from_reads_the_weights_and_leaves_the_optimizer_state_on_disk(tmp_path):
     """SFT and DPO start from a pretraining run's last.ckpt, AdamW's state included (twice the weights): the new run
     needs only the weights. Measured in a fresh process, as above."""
-    path = tmp_path / "model.ckpt"
-    write_checkpoint(path, CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["optimizer_states"] = [{"state": {0: {"exp_avg": torch.zeros(32 * 2**20)}}}]  # 128 MiB
-    torch.save(ckpt, path)
-    del ckpt
-    measure = (
-        "import sys; from pathlib import Path; from lm.config import get_config; from lm.module import LanguageModel\n"
-        "def peak_mib(): return int(Path('/proc/self/status').read_text().partition('VmHWM:')[2].split()[0]) // 1024\n"
-        "module = LanguageModel(get_config('tiny'), init_from=sys.argv[1])\n"
-        "before = peak_mib()\n"
-        "module.configure_model()\n"
-        "assert module.model.config.n_embd == 16, module.model.config\n"
-        "print(peak_mib() - before)"
+    path = _checkpoint_with_optimizer_state(tmp_path)
+    setup = (
+        "from lm.config import get_config; from lm.module import LanguageModel\n"
+        "module = LanguageModel(get_config('tiny'), init_from=sys.argv[1])"
     )
-    run = subprocess.run([sys.executable, "-c", measure, path], env=cli_env(), cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert int(run.stdout) < 32, f"init_from grew the peak resident memory by {run.stdout.strip()} MiB"
+    load = "module.configure_model()\nassert module.model.config.n_embd == 16, module.model.config"
+    grown = _peak_growth_mib(path, setup, load)
+    assert grown < 32, f"init_from grew the peak resident memory by {grown} MiB"
