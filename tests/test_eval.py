@@ -703,6 +703,17 @@ def test_lm_validate_runs_the_evaluation_whatever_the_count_of_validations(tmp_p
         assert "eval/texts/bpb" in metrics
 
 
+# A fit that validates (one batch) at steps 2 and 4 and saves checkpoints: where a monitor meets an evaluation's cadence
+VALIDATE_EVERY_2_OF_4_STEPS = dict(
+    enable_checkpointing=True,
+    max_steps=4,
+    val_check_interval=2,
+    check_val_every_n_epoch=None,
+    limit_val_batches=1,
+    num_sanity_val_steps=0,
+)
+
+
 def test_a_checkpoint_monitoring_an_evaluation_that_skips_validations_is_refused_before_training(tmp_path):
     """Lightning stopped the run at the first validation without the metric ("could not find the monitored key"),
     after training up to it."""
@@ -713,15 +724,7 @@ def test_a_checkpoint_monitoring_an_evaluation_that_skips_validations_is_refused
     callback = EvalCallback([task], every_n_validations=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="eval/texts/bpb")
     trainer, module, data = _tiny_training(
-        tmp_path,
-        tmp_path / "t.txt",
-        [callback, checkpoint],
-        enable_checkpointing=True,
-        max_steps=4,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
+        tmp_path, tmp_path / "t.txt", [callback, checkpoint], **VALIDATE_EVERY_2_OF_4_STEPS
     )
     expected = r"^trainer.callbacks: ModelCheckpoint monitors eval/texts/bpb, which .* logs at one validation in 2: "
     with pytest.raises(LMError, match=expected):
@@ -746,15 +749,7 @@ def test_evaluations_between_steps_do_not_excuse_a_monitor_of_one_that_skips_val
     callback = EvalCallback([task], every_n_validations=every_n_validations, every_n_steps=3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="eval/texts/bpb")
     trainer, module, data = _tiny_training(
-        tmp_path,
-        tmp_path / "t.txt",
-        [callback, checkpoint],
-        enable_checkpointing=True,
-        max_steps=4,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
+        tmp_path, tmp_path / "t.txt", [callback, checkpoint], **VALIDATE_EVERY_2_OF_4_STEPS
     )
     with pytest.raises(LMError, match=f"monitors eval/texts/bpb, which the EvalCallback logs at {cadence}: "):
         trainer.fit(module, datamodule=data)

@@ -359,19 +359,11 @@ def test_a_checkpoint_monitoring_task_accuracy_that_skips_validations_is_refused
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from lm.eval import EvalCallback
+    from tests.test_eval import VALIDATE_EVERY_2_OF_4_STEPS
 
     callback = TaskAccuracy(num_problems=2, every_n_validations=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="eval/addition/exact_match", mode="max")
-    trainer, module, data = _tiny_training_on_digits(
-        tmp_path,
-        [callback, checkpoint],
-        enable_checkpointing=True,
-        max_steps=4,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
+    trainer, module, data = _tiny_training_on_digits(tmp_path, [callback, checkpoint], **VALIDATE_EVERY_2_OF_4_STEPS)
     expected = (
         r"^trainer.callbacks: ModelCheckpoint monitors eval/addition/exact_match, which the TaskAccuracy logs at one "
         "validation in 2: give it every_n_validations: 1"
