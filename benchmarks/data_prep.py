@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from jsonargparse.typing import PositiveInt
 
 from lm.data import PretrainData, available_cpus
 from lm.tokenizer import build_tokenizer
@@ -76,17 +77,19 @@ def write_corpus(directory: Path, text: str, doc_chars: int | None) -> Path:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", nargs="?", default=str(DEFAULT_SOURCE), help="text file to repeat")
-    p.add_argument("--copies", type=int, default=10, help="the timed corpus is this many copies of source, one file")
-    p.add_argument("--doc_chars", type=int, default=None, help="JSON Lines documents of ~this many characters")
+    p.add_argument(
+        "--copies", type=PositiveInt, default=10, help="the timed corpus is this many copies of source, one file"
+    )
+    p.add_argument("--doc_chars", type=PositiveInt, default=None, help="JSON Lines documents of ~this many characters")
     p.add_argument("--tokenizers", nargs="+", default=["gpt2", "bpe"], choices=["gpt2", "bpe", "char"])
     p.add_argument("--bpe_vocab", type=int, default=4096, help="vocabulary of the bpe tokenizer")
-    p.add_argument("--threads", type=int, default=None, help="data.num_proc (default: every usable CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per tokenizer; the fastest is reported")
+    p.add_argument("--threads", type=PositiveInt, default=None, help="data.num_proc (default: every usable CPU)")
+    p.add_argument("--repeats", type=PositiveInt, default=3, help="runs per tokenizer; the fastest is reported")
     p.add_argument("--json", default=None, help="also write the results to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     datasets.disable_progress_bars()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # prepare_data's one-line summaries

@@ -13,6 +13,7 @@ import platform
 import time
 
 import torch
+from jsonargparse.typing import PositiveInt
 
 from lm.config import get_config
 from lm.generate import stream_tokens
@@ -30,15 +31,15 @@ def timed(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool) -> tu
     return ids, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="124m", help="a name of lm.config.SIZES")
-    p.add_argument("--prompt_len", type=int, default=128)
-    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prompt_len", type=PositiveInt, default=128)
+    p.add_argument("--new_tokens", type=PositiveInt, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
     config = get_config(args.size)

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm.config import SIZES
@@ -29,9 +30,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="default: the CPU recipe's 4-layer, 128-wide")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=50, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2, help="go through the rows this many times; report the best")
+    p.add_argument("--steps", type=PositiveInt, default=50, help="timed steps per row")
+    p.add_argument("--warmup", type=NonNegativeInt, default=5)
+    p.add_argument(
+        "--repeats", type=PositiveInt, default=2, help="go through the rows this many times; report the best"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,9 +46,9 @@ def seconds_per_step(config, batches, args, make_bar) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default=None, help="as train_throughput.py (default: the CPU recipe's model)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=PositiveInt, default=100, help="timed steps")
+    p.add_argument("--warmup", type=NonNegativeInt, default=10)
+    p.add_argument("--rounds", type=PositiveInt, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     shape = ["--size", args.size] if args.size else []

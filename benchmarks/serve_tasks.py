@@ -11,6 +11,8 @@ import json
 import time
 import urllib.request
 
+from jsonargparse.typing import PositiveInt
+
 from lm.tasks import make_problems
 
 
@@ -18,9 +20,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--task", default="addition")
-    p.add_argument("--num_problems", type=int, default=500)
+    p.add_argument("--num_problems", type=PositiveInt, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_tokens", type=int, default=8)
+    p.add_argument("--max_tokens", type=PositiveInt, default=8)
     args = p.parse_args(argv)
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from lm.__main__ import LMCLI
 from lm.callbacks import peak_flops
@@ -50,14 +51,14 @@ def parse_args(argv=None):
         help="a named size of lm.config (default: the CPU recipe's model, baby's vocabulary with 4 layers, 4 heads, "
         "128 wide, context 64)",
     )
-    p.add_argument("--n_layer", type=int, default=None, help="override the size's depth")
-    p.add_argument("--n_head", type=int, default=None, help="override the size's heads")
-    p.add_argument("--n_embd", type=int, default=None, help="override the size's width")
-    p.add_argument("--block_size", type=int, default=None, help="override the size's context")
-    p.add_argument("--vocab_size", type=int, default=None, help="default: the size's vocabulary")
-    p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--steps", type=int, default=60, help="timed steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--n_layer", type=PositiveInt, default=None, help="override the size's depth")
+    p.add_argument("--n_head", type=PositiveInt, default=None, help="override the size's heads")
+    p.add_argument("--n_embd", type=PositiveInt, default=None, help="override the size's width")
+    p.add_argument("--block_size", type=PositiveInt, default=None, help="override the size's context")
+    p.add_argument("--vocab_size", type=PositiveInt, default=None, help="default: the size's vocabulary")
+    p.add_argument("--batch", type=PositiveInt, default=12)
+    p.add_argument("--steps", type=PositiveInt, default=60, help="timed steps")
+    p.add_argument("--warmup", type=NonNegativeInt, default=10, help="untimed steps first (compilation, allocator)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     p.add_argument("--compile", action="store_true")
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=PositiveInt,
         default=2,
         help="run the paths this many times, in turns, each repeat starting one path further on (a multiple of the "
         "number of paths puts each in every place equally); report the best of each, and the median of each repeat's "

@@ -222,6 +222,28 @@ def test_train_throughput_interleave_is_cpu_only_and_without_bare(flags):
         bench.parse_args(["--interleave", *flags])
 
 
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("train_throughput", ["--steps", "0"]),  # divided None by 0 after a whole lm fit
+        ("train_throughput", ["--batch", "0"]),  # a table of 0 tokens/s and a Lightning "overhead"
+        ("train_throughput", ["--warmup", "-1"]),
+        ("generation", ["--new_tokens", "0"]),  # a table and a "speedup" of no tokens
+        ("data_prep", ["--copies", "0"]),  # "holds no text" as a traceback
+        ("optimizer_step", ["--repeats", "0"]),
+        ("progress_bar", ["--rounds", "0"]),
+        ("serve_tasks", ["http://127.0.0.1:1", "--num_problems", "0"]),
+    ],
+)
+def test_a_count_below_its_floor_is_refused_before_the_benchmark_runs(script, argv, capsys):
+    entry = load(script)
+    with pytest.raises(SystemExit) as exit_info:
+        (entry.parse_args if hasattr(entry, "parse_args") else entry.main)(argv)
+    assert exit_info.value.code == 2
+    flag = next(a for a in argv if a.startswith("--"))
+    assert f"argument {flag}: invalid" in capsys.readouterr().err
+
+
 def test_train_throughput_profile_needs_a_warmup_step():
     """With --warmup 0 the profiler had no warm-up step of its own (torch warned), so the first profiled step carried
     the profiler's start-up and, with --compile, the compilation."""
