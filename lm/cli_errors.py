@@ -205,7 +205,7 @@ def _keys_of(node, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
     return keys
 
 
-def _flag_a_later_config_overrides(args: list[str]) -> str | None:
+def flag_a_later_config_overrides(args: list[str]) -> str | None:
     """Why a flag given before a --config that sets the same key is refused, or None. Later arguments win, so
     `--trainer.max_steps 5 --config debug.yaml` trained debug's 40 steps without a word."""
     flags: list[tuple[str, str | None, str]] = []  # (the option, its value, both as typed), before the --config
@@ -339,7 +339,7 @@ class OneLineErrorParser(LightningArgumentParser):
         self._args = list(sys.argv[1:] if args is None else args)  # to name a config file in an error
         if repeated := _repeated_key(_config_files(self._args)):
             raise LMError(repeated)
-        if overridden := _flag_a_later_config_overrides(self._args):
+        if overridden := flag_a_later_config_overrides(self._args):
             raise LMError(overridden)
         try:
             return super().parse_args(args, *rest, **kwargs)

@@ -146,6 +146,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
                     f"{path}: command passes {key} after ${{args}}, where it overrides the swept values; "
                     "put ${args} after it"
                 )
+        # lm fit refuses a flag given before a --config that sets its key: every trial would have failed on it
+        from lm.cli_errors import flag_a_later_config_overrides  # here: it imports lightning, which lm sweep need not
+
+        if (overridden := flag_a_later_config_overrides(command)) is not None:
+            raise LMError(f"{path}: command: {overridden}")
     try:  # its macros (a ${program} with no program, say) now rather than when a trial starts
         trial_command(config, {}, [])
     except LMError as e:

@@ -1295,6 +1295,21 @@ def test_a_command_that_passes_a_config_after_the_swept_arguments_is_refused(tmp
     load_sweep(_write(tmp_path, _grid("1") | {"command": ["lm", "fit", "--config", "e.yaml", "${args}", "--y=3"]}))
 
 
+def test_a_command_with_a_flag_before_a_config_that_sets_it_is_refused(tmp_path):
+    """lm fit refuses `--trainer.max_steps 5 --config debug.yaml` (the file's 40 steps would win): the sweep started,
+    and every trial failed on it."""
+    debug = str(REPO / "experiments/debug.yaml")
+    command = ["lm", "fit", "--trainer.max_steps", "5", "--config", debug, "${args}"]
+    with pytest.raises(LMError, match=r"command: --trainer.max_steps 5 comes before --config .*put it after"):
+        load_sweep(_write(tmp_path, _grid("1") | {"command": command}))
+    # a flag the file leaves alone stays where it is
+    load_sweep(
+        _write(
+            tmp_path, _grid("1") | {"command": ["lm", "fit", "--seed_everything", "3", "--config", debug, "${args}"]}
+        )
+    )
+
+
 def test_a_list_or_mapping_value_holding_null_reaches_lm_fit_as_null():
     from lm.sweep import _cli_value
 
