@@ -177,17 +177,24 @@ def tokenizer_backend(tokenizer: Tokenizer):
 
 
 # lm.chat.render_chat as a transformers chat template: BOS, then each message as its role marker, its text and
-# <|end|>; the generation prompt is the assistant marker. Messages are read as lm serve reads them (tidy_messages):
-# "developer" is the system role and a blank system message is left out; any other role is an error, not a marker
-# the model never saw. (transformers parses the markers out of the rendered string, so a message that itself contains
-# "<|user|>" tokenizes differently there than in lm, which keeps it as text.)
+# <|end|>; the generation prompt is the assistant marker. Messages are read as lm serve reads them (join_text_parts,
+# tidy_messages): a content that is a list of OpenAI text parts is their text joined with nothing in between (a
+# template that read content as a string only failed on it in transformers, and vLLM joins such parts with newlines
+# for it), a part that is not text is an error; "developer" is the system role and a blank system message is left
+# out; any other role is an error, not a marker the model never saw. (transformers parses the markers out of the
+# rendered string, so a message that itself contains "<|user|>" tokenizes differently there than in lm, which keeps
+# it as text.)
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
     "{% if role not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' + role + ': expected system, user or assistant') }}{% endif %}"
-    "{% if not (role == 'system' and message['content'] | trim == '') %}"
-    "{{ '<|' + role + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}{% else %}"
+    "{% set joined = namespace(text='') %}{% for part in message['content'] %}"
+    "{% if part['type'] != 'text' %}{{ raise_exception('only text content parts are read') }}{% endif %}"
+    "{% set joined.text = joined.text + part['text'] %}{% endfor %}{% set content = joined.text %}{% endif %}"
+    "{% if not (role == 'system' and content | trim == '') %}"
+    "{{ '<|' + role + '|>' + content + '<|end|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 

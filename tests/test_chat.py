@@ -87,6 +87,27 @@ def test_the_exported_chat_template_reads_messages_as_lm_serve_does(tmp_path):
         exported.apply_chat_template([{"role": "tool", "content": "4"}], tokenize=False)
 
 
+def test_the_exported_chat_template_joins_text_parts_as_lm_serve_does(tmp_path):
+    """lm serve reads a content of OpenAI text parts as their text joined; the exported template concatenated the
+    list to a string, a TypeError in transformers (and vLLM, seeing a string-only template, joins them with "\\n")."""
+    import transformers
+
+    from lm.export import save_hf_tokenizer
+    from lm.serve import _messages
+
+    save_hf_tokenizer(TOK, tmp_path)
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    chat = [
+        {"role": "system", "content": [{"type": "text", "text": " "}]},  # blank once joined: left out
+        {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]},
+    ]
+    ids = exported.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(ids, "input_ids", ids)) == render_prompt(_messages(chat), TOK)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(Exception, match="only text content parts are read"):  # lm serve refuses it too
+        exported.apply_chat_template(image, tokenize=False)
+
+
 def test_marker_strings_in_user_text_stay_text():
     ids, mask = render_chat([{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "ok"}], TOK)
     assert ids.count(TOK.token_id(END)) == 2  # the user's END marker and the assistant's, not the typed string
