@@ -6,7 +6,8 @@
 The directory holds `config.json` (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with qk_norm), `model.safetensors` (fp32,
 as trained; an earlier sharded save's weights there are deleted), `generation_config.json` (generation stops where lm
 chat's replies do: at EOS, `<|end|>`, BOS or a role marker) and the tokenizer files (`tokenizer.json`,
-`tokenizer_config.json` with lm's chat template, ...) that `AutoTokenizer.from_pretrained` loads. The weights are a
+`tokenizer_config.json` with lm's chat template, ...; an earlier tokenizer's `special_tokens_map.json` and
+`added_tokens.json` are deleted) that `AutoTokenizer.from_pretrained` loads. The weights are a
 renaming (see lm/model.py); RoPE already uses transformers' rotate-half layout, so nothing is permuted. The embedding
 keeps its padded size (a multiple of 64): ids past the tokenizer's vocabulary are never produced by the tokenizer, and
 `generation_config.json` suppresses them in `generate()`, as lm's engine never samples them. `tokenizer_config.json`
@@ -199,11 +200,19 @@ CHAT_TEMPLATE = (
 )
 
 
+# Tokenizer files transformers still reads (as legacy) but 5.x no longer writes: an earlier save's copy in the directory
+# (transformers 4 writes special_tokens_map.json, another model's save added_tokens.json) would override this
+# tokenizer's BOS/EOS, or make its own words into tokens, so they are deleted (4.x writes a fresh map afterwards).
+LEGACY_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json")
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError:
         raise LMError(INSTALL_HINT) from None
+    for name in LEGACY_TOKENIZER_FILES:
+        (out / name).unlink(missing_ok=True)
     ids_to_token = {i: t for t, i in tokenizer_backend(tokenizer).get_vocab(with_added_tokens=True).items()}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer_backend(tokenizer),
@@ -242,7 +251,8 @@ def _remove_sharded_weights(out: Path) -> None:
 
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write the checkpoint as a transformers directory; returns its path. An earlier sharded save's weights there
-    (model-0000X-of-0000Y.safetensors and their index) are deleted: this export's model.safetensors replaces them."""
+    (model-0000X-of-0000Y.safetensors and their index) are deleted: this export's model.safetensors replaces them; so
+    are an earlier tokenizer's special_tokens_map.json and added_tokens.json (see LEGACY_TOKENIZER_FILES)."""
     if importlib.util.find_spec("transformers") is None:
         raise LMError(INSTALL_HINT)
     from safetensors.torch import save_file
@@ -309,7 +319,8 @@ def export_command(argv: list[str]) -> None:
         "--out",
         required=True,
         help="directory to write (created; existing files are overwritten, and an earlier sharded save's "
-        "model-*-of-*.safetensors and index deleted)",
+        "model-*-of-*.safetensors and index, and an earlier tokenizer's special_tokens_map.json and "
+        "added_tokens.json, deleted)",
     )
     args = p.parse_args(argv)
     from lm.checkpoint import read_checkpoint

@@ -90,6 +90,21 @@ def test_an_export_over_an_earlier_sharded_save_deletes_its_shards(tmp_path):
     assert not names & set(stale) and set(kept) <= names and "model.safetensors" in names
 
 
+def test_an_export_over_an_earlier_tokenizer_s_legacy_files_keeps_its_own_tokens(tmp_path):
+    """transformers still reads special_tokens_map.json and added_tokens.json, which 5.x no longer writes: an earlier
+    save's copies (transformers 4 writes the map; another model's tokens) made BOS "<s>", a string this tokenizer
+    does not have, and the word "hear" one token."""
+    tokenizer = char_tokenizer()
+    write_checkpoint(tmp_path / "c.ckpt", tokenizer, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (out / "added_tokens.json").write_text(json.dumps({"hear": 99}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export_hf(tmp_path / "c.ckpt", out)))
+    assert (hf_tok.bos_token, hf_tok.eos_token) == ("<|bos|>", "<|eos|>")
+    assert hf_tok.encode("hear me") == tokenizer.encode("hear me")
+
+
 def test_qwen3_export_with_qk_norm_gqa_and_tied_embeddings(tmp_path):
     tokenizer = char_tokenizer()
     arch = dict(block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, qk_norm=True, tie_embeddings=True)
