@@ -25,6 +25,10 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # No console capture: wandb < 0.19.8 captures it by setting sys.stderr.write to its own. The run this fixture
+    # finishes after capsys is gone put back the capsys stream's write, closed by then. So every later write to
+    # stderr, lightning's "Seed set to 0" say, failed with "--- Logging error ---".
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the data cache never leaks between tests
     # wandb-core's system monitor logs to $WANDB_CACHE_DIR, else $HOME/.cache/wandb/logs (it ignores XDG_CACHE_HOME);
     # its settings go to $WANDB_CONFIG_DIR, else ~/.config/wandb. Child processes inherit all three.
