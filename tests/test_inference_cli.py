@@ -208,6 +208,17 @@ def test_tokenizer_train_on_unreadable_data_leaves_no_empty_folder(capsys, tmp_p
     assert code == 2 and (tmp_path / "mine").is_dir()
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_tokenizer_train_refuses_a_source_with_no_text(capsys, tmp_path, kind):
+    """--kind bpe saved a tokenizer of the 256 bytes alone from an empty file and exited 0 (char refused it)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, out, err = run(capsys, "tokenizer", "train", "--source", str(empty), "--kind", kind,
+                         "--out", str(tmp_path / "tok"))  # fmt: skip
+    assert code == 2 and not out and not (tmp_path / "tok").exists()
+    assert err.splitlines()[-1] == f"error: data source {str(empty)!r} holds no text (empty files or 'text' fields)"
+
+
 def test_tokenizer_train_refuses_a_vocab_size_too_small_before_it_reads_the_source(capsys, tmp_path, monkeypatch):
     """It read (for a hub id: downloaded) the whole source first, and only then refused the size."""
     import datasets
