@@ -669,7 +669,10 @@ def tokenizer_command(argv: list[str]) -> None:
     t.add_argument("--source", required=True, help="same forms as data.source: path/glob, hub id, builtin:NAME")
     t.add_argument("--kind", choices=["bpe", "char"], default="bpe")
     t.add_argument(
-        "--vocab_size", type=int, default=None, help="bpe only (default 8192); includes the 6 special tokens"
+        "--vocab_size",
+        type=int,
+        default=None,
+        help="bpe only (default 8192); includes the 6 special tokens; a small source may give fewer",
     )
     t.add_argument("--text_field", default="text")
     t.add_argument("--source_config", help="a hub dataset's configuration (e.g. sample-10BT), as data.source_config")
@@ -688,7 +691,7 @@ def tokenizer_command(argv: list[str]) -> None:
     if args.kind == "char" and args.vocab_size is not None:  # refused, not ignored: it trained the source's characters
         raise LMError("--vocab_size is for --kind bpe: a char tokenizer has the source's characters + 6 special tokens")
     spec = "char" if args.kind == "char" else f"bpe:{8192 if args.vocab_size is None else args.vocab_size}"
-    trained_tokenizer_size(spec)  # a vocab_size too small is refused now, not after reading (downloading) the source
+    asked = trained_tokenizer_size(spec)  # a vocab_size too small is refused now, not after reading the source
 
     out = Path(args.out)
     created = not out.exists()
@@ -718,7 +721,11 @@ def tokenizer_command(argv: list[str]) -> None:
         tok.save(args.out)
     except OSError as e:
         raise cannot_write(args.out, e) from None
-    print(f"saved {tok.kind} tokenizer with {tok.vocab_size} ids to {args.out}")
+    # HF's BPE trainer stops early, without a word, once every word of the source is a single token
+    short = (
+        f" (not the {asked} asked: no pair of tokens within a word is left to merge)" if tok.vocab_size < asked else ""
+    )
+    print(f"saved {tok.kind} tokenizer with {tok.vocab_size} ids to {args.out}{short}")
 
 
 COMMANDS = {

@@ -6,7 +6,7 @@ import torch
 
 import lm.generate
 from lm.__main__ import main
-from lm.tokenizer import CharTokenizer, GPT2Tokenizer
+from lm.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 from tests.conftest import REPO
 from tests.test_eval import write_checkpoint
 
@@ -217,6 +217,18 @@ def test_tokenizer_train_refuses_a_source_with_no_text(capsys, tmp_path, kind):
                          "--out", str(tmp_path / "tok"))  # fmt: skip
     assert code == 2 and not out and not (tmp_path / "tok").exists()
     assert err.splitlines()[-1] == f"error: data source {str(empty)!r} holds no text (empty files or 'text' fields)"
+
+
+def test_tokenizer_train_says_when_the_bpe_has_fewer_ids_than_asked(capsys, tmp_path):
+    """HF's trainer stops once every word is one token: 300 asked of a two-word source saved fewer without a word."""
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    code, out, _ = run(capsys, "tokenizer", "train", "--source", str(text), "--vocab_size", "300",
+                       "--out", str(tmp_path / "tok"))  # fmt: skip
+    ids = Tokenizer.load(tmp_path / "tok").vocab_size
+    assert code == 0 and ids < 300
+    short = "(not the 300 asked: no pair of tokens within a word is left to merge)"
+    assert out == f"saved bpe tokenizer with {ids} ids to {tmp_path / 'tok'} {short}\n"
 
 
 def test_tokenizer_train_refuses_a_vocab_size_too_small_before_it_reads_the_source(capsys, tmp_path, monkeypatch):
