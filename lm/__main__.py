@@ -711,7 +711,8 @@ def tokenizer_command(argv: list[str]) -> None:
         # Refused as PretrainData refuses it: --kind bpe saved a tokenizer of the 256 bytes alone, and exited 0
         if not any(document_texts(documents)):
             raise LMError(f"data source {args.source!r} holds no text (empty files or {args.text_field!r} fields)")
-        tok = build_tokenizer(spec, texts=lambda: iter(documents["text"]))
+        # in batches, as PretrainData trains one: documents["text"] made one Python list of the whole column
+        tok = build_tokenizer(spec, texts=lambda: document_texts(documents))
     except BaseException:  # a source without the text field, Ctrl-C: no empty folder left behind
         if created:
             with contextlib.suppress(OSError):
