@@ -27,8 +27,19 @@ _PRECISION_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.flo
 # faster memory. Lightning reads "NVIDIA H100 NVL" as twice an H100 SXM (a two-card NVL pair's figure), has no entry
 # for "NVIDIA H200 NVL", parses "NVIDIA L40S" and "NVIDIA L40" as an L4, and finds no peak for a Grace Hopper
 # superchip ("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e": the H100 SXM's tensor cores, whatever the memory).
+# For the GeForce RTX 30 and 40 cards in its table (3070 to 4090), the RTX A6000 and the A40, its bf16 and fp16 are the
+# non-tensor fp32 figure: MFU read 2x (GeForce) to 4x (A6000, A40) too high. Theirs are the tensor cores' bf16/fp16
+# with fp32 accumulation, as PyTorch's matmuls run (NVIDIA's GA102 and Ada whitepapers; for the 3090 Ti, 3080 Ti and
+# 4080 SUPER, which came after them, a quarter of the dense INT8 figure, the ratio every GeForce part there shows).
 _NVL = {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tfloat32": 417.5e12, torch.float32: 60e12}
 _HOPPER_SXM = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+
+
+def _tensor_cores(half: float, fp32: float, tf32: float | None = None) -> dict:
+    """A card's dense peaks: bf16 = fp16 (fp32 accumulation), TF32 (on GeForce parts the fp32 figure), fp32."""
+    return {torch.bfloat16: half, torch.float16: half, "tfloat32": tf32 or fp32, torch.float32: fp32}
+
+
 _MORE_PEAK_FLOPS = {
     "nvidia h200": _HOPPER_SXM,
     "nvidia gh200": _HOPPER_SXM,  # any memory size: matched by the start of the name
@@ -36,6 +47,16 @@ _MORE_PEAK_FLOPS = {
     "nvidia h200 nvl": _NVL,
     "nvidia l40s": {torch.bfloat16: 362.05e12, torch.float16: 362.05e12, "tfloat32": 183e12, torch.float32: 91.6e12},
     "nvidia l40": {torch.bfloat16: 181.05e12, torch.float16: 181.05e12, "tfloat32": 90.5e12, torch.float32: 90.5e12},
+    "nvidia geforce rtx 4090": _tensor_cores(165.2e12, 82.6e12),
+    "nvidia geforce rtx 4080 super": _tensor_cores(104.4e12, 52.2e12),
+    "nvidia geforce rtx 4080": _tensor_cores(97.5e12, 48.7e12),
+    "nvidia geforce rtx 3090 ti": _tensor_cores(80e12, 40e12),
+    "nvidia geforce rtx 3090": _tensor_cores(71e12, 35.6e12),
+    "nvidia geforce rtx 3080 ti": _tensor_cores(68.2e12, 34.1e12),
+    "nvidia geforce rtx 3080": _tensor_cores(59.5e12, 29.8e12),
+    "nvidia geforce rtx 3070": _tensor_cores(40.6e12, 20.3e12),
+    "nvidia rtx a6000": _tensor_cores(154.8e12, 38.7e12, tf32=77.4e12),
+    "nvidia a40": _tensor_cores(149.7e12, 37.4e12, tf32=74.8e12),
 }
 
 

@@ -350,6 +350,10 @@ def test_peak_flops_knows_the_plain_h200_name(monkeypatch):
         ("NVIDIA GH200 480GB", 989.4e12),  # Lightning's table: none (no MFU logged)
         ("NVIDIA GH200 144G HBM3e", 989.4e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
+        # Lightning's table: the non-tensor fp32 figure (82.6e12, 35.6e12, 38.7e12), MFU read 2x to 4x too high
+        ("NVIDIA GeForce RTX 4090", 165.2e12),
+        ("NVIDIA GeForce RTX 3090", 71e12),
+        ("NVIDIA RTX A6000", 154.8e12),
     ],
 )
 def test_peak_flops_is_one_gpus_dense_bf16_peak(monkeypatch, name, bf16):
