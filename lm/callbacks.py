@@ -242,9 +242,10 @@ class ProgressLines(ProgressBar):
     """The progress bar of a run whose output is not a terminal (a Slurm log, `nohup`, a sweep's trial.log): one plain
     line every `every` optimizer steps, `step 200/5000: loss 1.8312, 91,750 tokens/s, 11.2 steps/s, 0:07:08 left`, with
     the metrics a bar would show (what was last logged) and the training speed since the previous line (tokens are
-    batch positions of all ranks, padding included, as train/tokens_per_sec counts them; validation and the
-    checkpoints saved after it left out, as is their time from the time left). A bar's redraws end in carriage
-    returns and cursor codes, and put lm's own lines (`step N: val/loss ...`) in the middle of a line in a file.
+    batch positions of all ranks, padding included, as train/tokens_per_sec counts them; validation, the checkpoints
+    saved after it and lm.eval.EvalCallback's every_n_steps evaluations left out, as is their time from the time
+    left). A bar's redraws end in carriage returns and cursor codes, and put lm's own lines (`step N: val/loss ...`)
+    in the middle of a line in a file.
     A validation (fit's, or `lm validate`'s) that runs longer than `validation_seconds` gets a line that often,
     `validation 120/400 batches, 0:01:02 so far, 0:02:05 left`: a short one stays quiet, and a long one (a large
     held-out set on a cluster) no longer looks like a hung job. lm prints each validation's result itself."""
@@ -272,6 +273,19 @@ class ProgressLines(ProgressBar):
 
     def _open_window(self, trainer) -> None:
         self._last, self._tokens = (trainer.global_step, time.perf_counter()), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the block's time out of the lines' speed and time left, as Throughput.paused leaves it out of
+        train/tokens_per_sec: work between steps that is not training (lm.eval.EvalCallback's every_n_steps
+        evaluations), whichever side of this callback's batch end it runs on."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._last is not None:  # the window's start moves on by the block's time
+                step, since = self._last
+                self._last = (step, since + time.perf_counter() - start)
 
     def on_train_start(self, trainer, pl_module):
         self._open_window(trainer)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 
 import lm
-from lm.callbacks import EMA, Throughput
+from lm.callbacks import EMA, ProgressLines, Throughput
 from lm.distributed import root_weights_gathered, sum_over_ranks
 from lm.errors import ArgumentParser, LMError, cannot_write
 from lm.model import GPT
@@ -664,11 +664,14 @@ class EvalCallback(EveryNValidations):
             # Between steps the model holds the live weights; under lm.callbacks.EMA the numbers logged under these
             # keys at validation are the average's, so these must be too (one model behind each curve)
             ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-            # Not training time: train/tokens_per_sec and train/mfu leave it out, as they leave out validation
+            # Not training time: train/tokens_per_sec and train/mfu leave it out, as they leave out validation, and so
+            # do the plain progress lines' speed and time left (a dip to a fraction of the speed at every evaluation)
             throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+            lines = trainer.progress_bar_callback
             with (
                 ema.average_in(trainer, pl_module) if ema is not None else contextlib.nullcontext(),
                 throughput.paused(pl_module) if throughput is not None else contextlib.nullcontext(),
+                lines.paused() if isinstance(lines, ProgressLines) else contextlib.nullcontext(),
             ):
                 self.run(trainer, pl_module)
 

@@ -354,6 +354,33 @@ def test_tokens_per_sec_leaves_out_evaluations_run_between_steps(monkeypatch, th
     assert all(rate == pytest.approx(64 / STEP) for rate in rates.values()), rates
 
 
+@pytest.mark.parametrize("lines_first", [False, True])
+def test_progress_lines_leave_out_evaluations_run_between_steps(monkeypatch, capsys, lines_first):
+    """The plain progress lines counted EvalCallback(every_n_steps=N)'s evaluations as training time, which
+    train/tokens_per_sec leaves out: the line after each read 11 tokens/s for 64, and 6x the time left."""
+    from lm.eval import EvalCallback
+
+    clock = Clock()
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    torch.manual_seed(0)
+    module = LanguageModel(get_config("tiny"), lr=1e-3, warmup_steps=1, decay_steps=20)
+    module.training_step = clock.taking(1.0, module.training_step)  # 64 tokens a second
+    evals = EvalCallback(tasks=[], every_n_validations=None, every_n_steps=4)  # evaluates after steps 4 and 8
+    monkeypatch.setattr(evals, "run", lambda trainer, pl_module: setattr(clock, "now", clock.now + 10.0))
+    ids = torch.randint(0, 64, (8, 4, 16), generator=torch.Generator().manual_seed(0))
+    lines = ProgressLines(every=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=8, limit_val_batches=0, logger=False,
+        callbacks=[lines, evals] if lines_first else [evals, lines],  # the CLI's order: the bar after the user's
+        enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=None))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "/8:" in line]
+    assert len(printed) == 4
+    for step, line in zip((2, 4, 6, 8), printed, strict=True):
+        assert line == f"step {step}/8: 64 tokens/s, 1 steps/s, {datetime.timedelta(seconds=8 - step)} left"
+
+
 def test_lm_fit_counts_a_step_s_tokens_before_a_snapshot_of_that_step_is_saved(tmp_path, monkeypatch):
     """lm fit appended Throughput after Lightning had put the checkpoint callbacks last: a snapshot saved at a step's
     end held the token count without that step's batch (each resume from one lost a batch per device), and its write
