@@ -101,7 +101,9 @@ class Throughput(L.Callback):
     which includes compilation and warm-up, is skipped. MFU = the window's model FLOPs (`train_flops_per_token` at
     each batch's own length, x its tokens) per second per device / the device's peak for the training precision,
     from Lightning's table of chips; it is not logged where the peak is unknown (CPUs). Tokens are positions of the
-    batches, padding included (chat and preference batches pad each to its longest row).
+    batches, padding included (chat and preference batches pad each to its longest row). "All ranks" is this rank's
+    count times the world size, with no collective: exact where every batch has one shape (pretraining), an estimate
+    for chat and preference data, whose ranks pad to their own longest rows.
     """
 
     def __init__(self):
