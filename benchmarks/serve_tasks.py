@@ -22,11 +22,20 @@ def main(argv=None):
     p.add_argument("--task", default="addition")
     p.add_argument("--num_problems", type=PositiveInt, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_tokens", type=PositiveInt, default=8)
+    p.add_argument(
+        "--max_tokens",
+        type=PositiveInt,
+        default=None,
+        help="the reply's budget (default: as lm tasks eval gives it with a char tokenizer, the longest answer's "
+        "characters + 4; give eval's own, its longest answer's tokens + 4, for another tokenizer)",
+    )
     args = p.parse_args(argv)
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     problems = make_problems(args.task, "test", args.num_problems, seed=args.seed)
+    # lm tasks eval's budget, counted in characters (each is one token of the task recipes' char tokenizer): the fixed
+    # 8 of before was one more than eval's 7 for addition's default 2 digits
+    max_tokens = args.max_tokens or max(len(p.answer) for p in problems) + 4
     correct, latencies, tokens = 0, [], 0
     for problem in problems:
         # lm tasks eval's decoding: greedy, and no repetition penalty (the server's default is lm chat's 1.1, which
@@ -36,7 +45,7 @@ def main(argv=None):
             "temperature": 0,
             "repetition_penalty": 1.0,
         }
-        body["max_tokens"] = args.max_tokens
+        body["max_tokens"] = max_tokens
         request = urllib.request.Request(
             args.url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
         )

@@ -280,6 +280,13 @@ def test_serve_tasks_asks_for_lm_tasks_eval_s_decoding(monkeypatch):
     bench.main(["http://127.0.0.1:1", "--task", "addition", "--num_problems", "3"])
     assert len(bodies) == 3
     assert all(b["temperature"] == 0 and b["repetition_penalty"] == 1.0 for b in bodies)
+    # and its budget: evaluate_task's, with the task recipes' char tokenizer (a fixed 8 was one more for 2 digits)
+    from lm.tasks import make_problems
+    from lm.tokenizer import build_tokenizer
+
+    problems = make_problems("addition", "test", 3, seed=0)
+    char = build_tokenizer("char", texts=lambda: [p.question + p.answer for p in problems])
+    assert {b["max_tokens"] for b in bodies} == {max(len(char.encode(p.answer)) for p in problems) + 4}
 
 
 @needs_muon
