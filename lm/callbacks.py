@@ -135,6 +135,7 @@ class Throughput(L.Callback):
         # timed from the end of the previous fit
         self._open_window(None)
         self._intervals = 0
+        self._flops_per_token = {}  # the model's: a second fit with this callback may train another one
 
     def _open_window(self, start: float | None) -> None:
         self._start, self._tokens, self._flops, self._paused = start, 0, 0.0, 0.0

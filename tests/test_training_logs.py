@@ -328,6 +328,37 @@ def test_a_second_fit_with_the_same_throughput_callback_skips_its_own_warm_up_wi
         assert logged == ["train/tokens_per_sec", "train/tokens_per_sec"]
 
 
+def test_a_second_fit_with_the_same_throughput_callback_counts_the_flops_of_its_own_model(monkeypatch):
+    """The FLOPs per token were kept by sequence length across fits: a second fit of a larger model with the same
+    callback was measured with the first model's count."""
+    clock, peak = Clock(), 1e12
+    monkeypatch.setattr("lm.callbacks.time", clock)
+    monkeypatch.setattr("lm.callbacks.peak_flops", lambda device, dtype: peak)
+    trainer = SimpleNamespace(
+        world_size=1,
+        precision="32-true",
+        log_every_n_steps=1,
+        global_step=0,
+        accumulate_grad_batches=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
+    )
+    callback = Throughput()
+    batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long)}
+    for flops_per_token in (1e6, 3e6):  # the second fit's model: three times the FLOPs
+        mfu = []
+        module = SimpleNamespace(
+            device=torch.device("cpu"),
+            log=lambda name, value, mfu=mfu, **kwargs: mfu.append(value) if name == "train/mfu" else None,
+            train_flops_per_token=lambda seq_len, f=flops_per_token: f,
+        )
+        callback.on_train_start(trainer, module)
+        for step in range(2):  # the first window is the warm-up, not logged
+            trainer.global_step = step
+            clock.now += STEP
+            callback.on_train_batch_end(trainer, module, None, batch, step)
+        assert mfu == [pytest.approx(4 * 16 * flops_per_token / STEP / peak)]
+
+
 @pytest.mark.parametrize("throughput_first", [False, True])
 def test_tokens_per_sec_leaves_out_evaluations_run_between_steps(monkeypatch, throughput_first):
     """EvalCallback(every_n_steps=N) evaluates between steps, outside validation: its time fell into the window, and
