@@ -377,7 +377,7 @@ class LanguageModel(L.LightningModule):
         self._step_tokens = None  # supervised tokens seen by the micro-batches of the current optimizer step
         self._step_loss_sum = None  # their summed loss (loss x tokens), for train/loss over the whole step
         self._logged_step = False  # whether the optimizer step just taken logged its metrics
-        self._step_values: tuple | None = None  # (loss sum, tokens, LR) of the step just taken, until its batch ends
+        self._step_values: tuple | None = None  # (loss sum, tokens, LR) of the step just taken (all ranks' sums)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (saved in checkpoints)
         self.stopped_at_step: int | None = None  # the step (from 1) that went over max_skipped_steps, if one did
         self.checkpoint_step: int | None = None  # the global step of the checkpoint loaded, for lm validate's line
@@ -572,13 +572,17 @@ class LanguageModel(L.LightningModule):
             scaler.unscale_(optimizer)
         tokens = self._step_tokens.detach().float()
         loss_sum = self._step_loss_sum.float()
-        if self.trainer.world_size > 1:
+        world_size = self.trainer.world_size
+        if world_size > 1:
             # DDP averages gradients over ranks; the mean must be over all ranks' tokens instead. The same all-reduce
             # carries the summed loss: train/loss is over all ranks, and every rank sees a non-finite loss on any.
-            both = sum_over_ranks(torch.stack([tokens, loss_sum]))
-            tokens, loss_sum = (both / self.trainer.world_size).unbind()
-        # Gradients are scaled (here by tokens, then by clipping) in one pass, in configure_gradient_clipping.
-        self._grad_scale = self.trainer.accumulate_grad_batches * self._backward_divisor / tokens.clamp(min=1)
+            tokens, loss_sum = sum_over_ranks(torch.stack([tokens, loss_sum])).unbind()
+        # Gradients are scaled (here by tokens, then by clipping) in one pass, in configure_gradient_clipping; the
+        # world size undoes DDP's average. The clamp only keeps a step with no supervised token (zero gradients) from
+        # dividing by 0: on the ranks' total, since their average (1 token on one of 2 ranks: 0.5) went up to 1.
+        self._grad_scale = (
+            self.trainer.accumulate_grad_batches * self._backward_divisor * world_size / tokens.clamp(min=1)
+        )
         self._step_tokens = self._step_loss_sum = None
         grads = [p.grad for p in self._model_parameters() if p.grad is not None]
         norm_squared = torch.stack(torch._foreach_norm(grads)).float().square().sum()

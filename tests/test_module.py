@@ -284,6 +284,38 @@ def test_clipping_uses_the_step_norm_like_clip_grad_norm(clip):
     assert optimizer.found_inf.item() == 0.0  # fused AdamW: a finite step is taken
 
 
+def test_a_step_with_fewer_supervised_tokens_than_ranks_is_still_the_mean_over_them(monkeypatch):
+    """Under DDP the step's token count was averaged over the ranks before the clamp that keeps a step with none from
+    dividing by 0: 1 supervised token on one of 2 ranks averaged 0.5, was taken for 1, and the gradient, grad_norm and
+    train/loss came out half the token's. Two ranks in one process: rank 1 holds no supervised token, so the
+    all-reduce adds nothing to this rank's sums, and DDP's average halves this rank's gradients."""
+    module = LanguageModel(get_config("tiny"), lr=1e-3, decay_steps=10)
+    module.configure_model()
+    module.trainer = L.Trainer(
+        accelerator="cpu", log_every_n_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: float(value)})  # hooks called by hand
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr("lm.module.sum_over_ranks", lambda tensor: tensor)  # plus rank 1's zeros
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -1] = 5  # the step's one supervised token
+    expected_loss, _ = next_token_loss(module.model(ids), labels)
+    module.training_step({"input_ids": ids, "labels": labels}, 0).backward()
+    reference = [p.grad.clone() for p in module.model.parameters()]  # of one token: its sum is its mean
+    for p in module.model.parameters():
+        p.grad /= 2  # DDP's average with rank 1's zero gradients
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_before_optimizer_step(optimizer)
+    module.configure_gradient_clipping(optimizer)
+    for p, ref in zip(module.model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.grad, ref)
+    assert logged["train/loss"] == pytest.approx(expected_loss.item(), rel=1e-6)
+    expected_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in reference]))
+    assert logged["train/grad_norm"] == pytest.approx(expected_norm.item(), rel=1e-5)
+
+
 @needs_muon
 def test_clipping_flags_a_non_finite_muon_step_for_the_optimizer_to_skip_without_a_host_read():
     import lightning as L
