@@ -62,6 +62,17 @@ def test_without_the_cache_generation_past_the_context_is_the_same(prompts):
     assert generate_batch(model, prompts, **kwargs) == generate_batch(model, prompts, use_cache=False, **kwargs)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_prompt_longer_than_the_context_starts_from_its_last_block_size_tokens(use_cache):
+    """A prompt past block_size is read from its last block_size tokens, as if they were the whole prompt, not from the
+    half window a later slide keeps: the first tokens depend on the whole context the model can see."""
+    model = sharp_model()  # 16-token context
+    long_prompt = list(range(1, 25))
+    kwargs = dict(max_new_tokens=4, temperature=0, use_cache=use_cache)
+    assert generate_batch(model, [long_prompt], **kwargs) == generate_batch(model, [long_prompt[-16:]], **kwargs)
+    assert generate_batch(model, [long_prompt], **kwargs) != generate_batch(model, [long_prompt[-8:]], **kwargs)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 3])
 def test_the_shortest_contexts_slide_to_a_window_that_is_not_empty(block_size):
     """block_size // 2 is 0 for a context of 1: the slide kept no token and the next step failed on an empty window."""
@@ -230,6 +241,8 @@ def test_top_p_zero_is_taken_as_greedy(model):
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -2.0),
         ("repetition_penalty", float("nan")),
+        ("repetition_penalty", 1e-4),  # positive, but dividing a logit by it overflows towards inf
+        ("repetition_penalty", 1e4),
     ],
 )
 def test_bad_sampling_arguments_are_user_errors(model, argument, value):
@@ -405,6 +418,17 @@ def test_stop_string_cuts_the_text_and_streaming_agrees():
     assert batch[0] == free
 
 
+def test_an_empty_stop_string_stops_nothing():
+    """An empty stop string (in a request, or a task config) is skipped, as lm-eval skips it: found
+    at 0 in every text, it cut every reply to nothing."""
+    tok, model = _text_setup()
+    free = generate_text(model, tok, "abc", max_new_tokens=10, temperature=0)
+    assert free
+    assert generate_text(model, tok, "abc", max_new_tokens=10, temperature=0, stop_strings=[""]) == free
+    batch = generate_texts(model, tok, [tok.encode("abc")], max_new_tokens=10, temperature=0, stop_strings=[""])
+    assert batch == [free]
+
+
 def test_stop_string_is_cut_when_the_stream_ends_mid_character(monkeypatch):
     """The loop skips text that ends in a partial character, so the stop string before it is found only in the final
     flush: it must be cut there too."""
@@ -540,6 +564,8 @@ def test_a_continuation_keeps_the_space_a_metaspace_decoder_strips_from_a_text_s
     # After a special token (a chat marker, or EOS for an empty prompt) the text starts afresh, as it was encoded
     assert generate_text(None, tok, "") == "world"
     assert generate_texts(None, tok, [[tok.eos_id]]) == ["world"]
+    # and the text before that token is no context for it: a reply after a chat marker begins with no space
+    assert generate_texts(None, tok, [tok.encode("Hello") + [tok.eos_id]]) == ["world"]
 
 
 def test_a_stream_cut_by_the_length_limit_inside_a_character_leaves_the_partial_character_out(monkeypatch):
