@@ -382,6 +382,16 @@ def test_a_stop_id_outside_the_vocabulary_is_harmless_under_a_repetition_penalty
     assert len(out[0]) == 3
 
 
+def test_generation_builds_no_autograd_graph(model):
+    """Called where gradients are on (a notebook, a callback outside validation), decoding records no graph: one kept
+    through the KV cache would hold every step's activations until generation ends."""
+    grads = []
+    model.register_forward_hook(lambda module, args, output: grads.append(output.requires_grad))
+    assert torch.is_grad_enabled()
+    generate_batch(model, [[1, 2, 3]], max_new_tokens=3)
+    assert grads == [False, False, False]
+
+
 def test_prefill_computes_the_last_position_s_logits_only(model):
     """The head over every prompt position was thrown away but for the last: 64 windows of 1024 at GPT-2's vocabulary
     are 13 GB of fp32 logits."""
@@ -416,6 +426,15 @@ def test_stop_string_cuts_the_text_and_streaming_agrees():
     assert "".join(pieces) == cut and all(pieces)
     batch = generate_texts(model, tok, [tok.encode("abc"), tok.encode("h")], max_new_tokens=30, temperature=0)
     assert batch[0] == free
+
+
+def test_an_empty_prompt_starts_a_fresh_document_after_eos():
+    """generate_text("") continues EOS, where every packed pretraining document begins (SampleText's default prompt is
+    ""): an empty prompt holds no token to decode from."""
+    tok, model = _text_setup()
+    from_eos = "".join(stream_text(model, tok, [tok.eos_id], max_new_tokens=8, temperature=0))
+    assert from_eos
+    assert generate_text(model, tok, "", max_new_tokens=8, temperature=0) == from_eos
 
 
 def test_an_empty_stop_string_stops_nothing():
