@@ -103,12 +103,21 @@ def _broken(tmp_path, change) -> str:
         (lambda c: c["state_dict"].pop("model.norm.weight"), 'Missing key.*"norm.weight"'),
         (lambda c: c["lm"]["model_config"].update(n_embd=32), "size mismatch for"),
         (lambda c: c.update(lm="an lm checkpoint"), "not an lm checkpoint"),
+        (lambda c: c["lm"].pop("tokenizer"), "not an lm checkpoint"),  # the model alone cannot turn text into ids
     ],
 )
 def test_a_checkpoint_from_elsewhere_or_a_newer_lm_is_a_one_line_error(tmp_path, change, message):
     with pytest.raises(LMError, match=message) as info:
         load_for_inference(_broken(tmp_path, change), "cpu")
     assert "\n" not in str(info.value)
+
+
+def test_a_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    """A YAML's `~/runs/.../last.ckpt` meets no shell to expand it: read as written, it was "not found"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_checkpoint(tmp_path / "model.ckpt", CharTokenizer("abc"), n_layer=1, n_head=2, n_embd=16, block_size=8)
+    _, _, info = load_checkpoint("~/model.ckpt")
+    assert info["global_step"] == 3
 
 
 def test_a_directory_is_named_as_one(tmp_path):
