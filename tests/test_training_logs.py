@@ -10,8 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lm.callbacks
 from lm.callbacks import ProgressLines, SampleText, Throughput, inside_accumulation_window
 from lm.config import get_config
+from lm.model import GPT
 from lm.module import LanguageModel
 from lm.reliability import Checkpoint
 from lm.tokenizer import CharTokenizer
@@ -292,6 +294,38 @@ def test_samples_txt_keeps_the_samples_of_every_validation(tmp_path):
     assert (tmp_path / "samples.txt").read_text() == (
         "--- sample at step 2 ---\nabcab\n--- sample at step 4 ---\nabcab\n"
     )
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_samples_are_seeded_by_the_step_and_leave_the_model_in_the_mode_they_found(tmp_path, monkeypatch, training):
+    """A validation's samples are reproducible (seeded by the step of the weights), differ from one step to the next,
+    are drawn in eval mode (no dropout), and the model goes back to the mode it was in: the callbacks after this one
+    validate in eval mode."""
+    modes = []  # the model's mode at each sample
+    generate_text = lm.callbacks.generate_text
+
+    def recording_mode(model, *args, **kwargs):
+        modes.append(model.training)
+        return generate_text(model, *args, **kwargs)
+
+    monkeypatch.setattr(lm.callbacks, "generate_text", recording_mode)
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.train(["abcdefgh"])
+    module = SimpleNamespace(
+        model=GPT(get_config("tiny", vocab_size=64)).train(training), tokenizer=tokenizer, device=torch.device("cpu")
+    )
+    trainer = SimpleNamespace(
+        sanity_checking=False, strategy=None, state=SimpleNamespace(fn="fit"), default_root_dir=tmp_path, loggers=[]
+    )
+    samples = SampleText(prompts=["a"], max_new_tokens=12, temperature=1.0, top_k=None)
+    for step in (2, 2, 3):
+        trainer.global_step = step
+        samples.on_validation_epoch_end(trainer, module)
+        assert all(m.training == training for m in module.model.modules())
+    assert modes == [False, False, False]
+    texts = (tmp_path / "samples.txt").read_text().split("--- sample at step ")[1:]
+    assert texts[0] == texts[1]  # step 2 twice: the same sample
+    assert texts[1].partition("\n")[2] != texts[2].partition("\n")[2]  # step 3: another draw
 
 
 def test_a_second_fit_with_the_same_throughput_callback_skips_its_own_warm_up_window(monkeypatch):
