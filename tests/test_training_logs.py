@@ -276,6 +276,15 @@ def test_train_tokens_go_on_from_the_checkpoint_s_total_on_another_number_of_dev
     assert callback.state_dict() == {"tokens_all_ranks": 1000 + 3 * 2 * 64}  # and a resume on 1 device goes on from it
 
 
+def test_a_resume_with_a_callback_that_already_trained_goes_on_from_the_checkpoint_s_total():
+    """A Throughput reused for a second fit (in one process) that resumes a checkpoint: its count is the checkpoint's
+    total, not that plus what the callback counted in the first fit."""
+    callback = Throughput()
+    callback.tokens_trained = 500  # counted in a first fit
+    callback.load_state_dict({"tokens_all_ranks": 1000})
+    assert callback.tokens_all_ranks() == 1000
+
+
 def test_samples_txt_keeps_the_samples_of_every_validation(tmp_path):
     """Each validation appends its samples: the file is the run's history of them, not the last validation's."""
     from tests.test_chat_replies import scripted_model
