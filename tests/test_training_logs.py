@@ -45,6 +45,26 @@ class Clock:
         return timed
 
 
+def trainer_stepping_every_batch(world_size: int = 1) -> SimpleNamespace:
+    """The parts of a Trainer that Throughput reads, for a fit where every batch is an optimizer step and every step
+    a logging step; the test sets global_step as it goes."""
+    return SimpleNamespace(
+        world_size=world_size,
+        precision="32-true",
+        log_every_n_steps=1,
+        global_step=0,
+        accumulate_grad_batches=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
+    )
+
+
+def trainer_validating_a_fit(root) -> SimpleNamespace:
+    """The parts of a Trainer that SampleText reads, at the end of a fit's validation; the test sets global_step."""
+    return SimpleNamespace(
+        sanity_checking=False, strategy=None, state=SimpleNamespace(fn="fit"), default_root_dir=root, loggers=[]
+    )
+
+
 class SlowSave(L.Callback):
     """Makes every checkpoint save take PAUSE seconds longer, as writing a large one would."""
 
@@ -234,12 +254,7 @@ def test_tokens_per_sec_counts_every_rank_s_tokens(monkeypatch, world_size):
     train/tokens the run's count."""
     clock = Clock()
     monkeypatch.setattr("lm.callbacks.time", clock)
-    trainer = SimpleNamespace(
-        world_size=world_size,
-        log_every_n_steps=1,
-        global_step=0,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),  # every batch a step
-    )
+    trainer = trainer_stepping_every_batch(world_size)
     logged = {}
     module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.update({name: value}))
     callback = Throughput()
@@ -258,12 +273,7 @@ def test_train_tokens_go_on_from_the_checkpoint_s_total_on_another_number_of_dev
     holds one rank's count, taken as of a run on as many devices as the resumed one.)"""
     clock = Clock()
     monkeypatch.setattr("lm.callbacks.time", clock)
-    trainer = SimpleNamespace(
-        world_size=2,
-        log_every_n_steps=1,
-        global_step=0,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
-    )
+    trainer = trainer_stepping_every_batch(world_size=2)
     logged = {}
     module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.update({name: value}))
     callback = Throughput()
@@ -293,9 +303,7 @@ def test_samples_txt_keeps_the_samples_of_every_validation(tmp_path):
     module = SimpleNamespace(
         model=scripted_model(tokenizer, {"a": "b", "b": "c", "c": "a"}), tokenizer=tokenizer, device=torch.device("cpu")
     )
-    trainer = SimpleNamespace(
-        sanity_checking=False, strategy=None, state=SimpleNamespace(fn="fit"), default_root_dir=tmp_path, loggers=[]
-    )
+    trainer = trainer_validating_a_fit(tmp_path)
     samples = SampleText(prompts=["a"], max_new_tokens=4)
     for step in (2, 4):
         trainer.global_step = step
@@ -323,9 +331,7 @@ def test_samples_are_seeded_by_the_step_and_leave_the_model_in_the_mode_they_fou
     module = SimpleNamespace(
         model=GPT(get_config("tiny", vocab_size=64)).train(training), tokenizer=tokenizer, device=torch.device("cpu")
     )
-    trainer = SimpleNamespace(
-        sanity_checking=False, strategy=None, state=SimpleNamespace(fn="fit"), default_root_dir=tmp_path, loggers=[]
-    )
+    trainer = trainer_validating_a_fit(tmp_path)
     samples = SampleText(prompts=["a"], max_new_tokens=12, temperature=1.0, top_k=None)
     for step in (2, 2, 3):
         trainer.global_step = step
@@ -342,14 +348,7 @@ def test_a_second_fit_with_the_same_throughput_callback_skips_its_own_warm_up_wi
     window, timed from the end of the previous fit."""
     clock = Clock()
     monkeypatch.setattr("lm.callbacks.time", clock)
-    trainer = SimpleNamespace(
-        world_size=1,
-        precision="32-true",
-        log_every_n_steps=1,
-        global_step=0,
-        accumulate_grad_batches=1,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
-    )
+    trainer = trainer_stepping_every_batch()
     logged = []
 
     def log(name, value, **kwargs):
@@ -377,14 +376,7 @@ def test_a_second_fit_with_the_same_throughput_callback_counts_the_flops_of_its_
     clock, peak = Clock(), 1e12
     monkeypatch.setattr("lm.callbacks.time", clock)
     monkeypatch.setattr("lm.callbacks.peak_flops", lambda device, dtype: peak)
-    trainer = SimpleNamespace(
-        world_size=1,
-        precision="32-true",
-        log_every_n_steps=1,
-        global_step=0,
-        accumulate_grad_batches=1,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),
-    )
+    trainer = trainer_stepping_every_batch()
     callback = Throughput()
     batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long)}
     for flops_per_token in (1e6, 3e6):  # the second fit's model: three times the FLOPs
