@@ -682,7 +682,12 @@ def tokenizer_command(argv: list[str]) -> None:
     t.add_argument("--out", required=True, help="directory to write")
     args = p.parse_args(argv)
 
-    from lm.data import document_texts, load_documents, refuse_hub_options_of_a_local_source
+    from lm.data import (
+        document_texts,
+        load_documents,
+        refuse_a_source_without_text,
+        refuse_hub_options_of_a_local_source,
+    )
     from lm.tokenizer import build_tokenizer, trained_tokenizer_size
 
     refuse_hub_options_of_a_local_source(
@@ -709,8 +714,7 @@ def tokenizer_command(argv: list[str]) -> None:
             text_field=args.text_field,
         )
         # Refused as PretrainData refuses it: --kind bpe saved a tokenizer of the 256 bytes alone, and exited 0
-        if not any(document_texts(documents)):
-            raise LMError(f"data source {args.source!r} holds no text (empty files or {args.text_field!r} fields)")
+        refuse_a_source_without_text(documents, args.source, args.text_field)
         # in batches, as PretrainData trains one: documents["text"] made one Python list of the whole column
         tok = build_tokenizer(spec, texts=lambda: document_texts(documents))
     except BaseException:  # a source without the text field, Ctrl-C: no empty folder left behind

@@ -684,6 +684,13 @@ def document_texts(ds) -> Iterator[str]:
         yield from (text for text in rows["text"] if text)
 
 
+def refuse_a_source_without_text(ds, source: str, text_field: str) -> None:
+    """LMError unless `ds` (load_documents') holds a non-empty document: the tokenizer trained on it would hold the
+    256 bytes alone, and the token file nothing but EOS. Stops at the first document with text."""
+    if len(ds) == 0 or not any(document_texts(ds)):
+        raise LMError(f"data source {source!r} holds no text (empty files or {text_field!r} fields)")
+
+
 def count_empty_documents(ds) -> int:
     """Empty texts in `ds`'s "text" column, counted on the Arrow column (no pass over the text in Python)."""
     import pyarrow.compute as pc
@@ -1248,8 +1255,7 @@ class PretrainData(L.LightningDataModule):
             text_field=self.text_field,
             hf_cache_dir=str(scratch / "hf"),
         )
-        if len(ds) == 0 or not any(document_texts(ds)):
-            raise LMError(f"data source {self.source!r} holds no text (empty files or {self.text_field!r} fields)")
+        refuse_a_source_without_text(ds, self.source, self.text_field)
         texts = functools.partial(document_texts, ds)  # a fresh pass over the documents per call (BPE training)
         tok = fixed if fixed is not None else build_tokenizer(self.tokenizer_spec, texts=texts)
         dtype = token_dtype(tok.vocab_size)
